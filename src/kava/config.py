@@ -1,0 +1,391 @@
+"""Typed, validated run configuration: dataclasses + YAML presets + `key=value` overrides.
+
+Every section is a dataclass; `load_config` builds them from YAML with strict checks: an unknown key,
+a wrong type or a value outside its allowed set is a `ConfigError` whose message names the full key
+(`optim.lr`) and what is allowed. Cross-field checks (`validate`) run before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import yaml
+
+METHODS = ("cot", "nocot", "pccot", "codi", "kava")
+LATENT_METHODS = ("pccot", "codi", "kava")
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message names the key."""
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str | None = None  # hub id or local dir of a HF causal LM (or of a kava run's model/)
+    tokenizer: str | None = None  # defaults to name_or_path
+    # Build a model from scratch (random init, full training): a dict of HF config fields plus
+    # `family: llama|qwen2|gpt2`. Used for the synthetic backbone and for speed benchmarks.
+    from_scratch: dict | None = None
+    init_from: str | None = None  # a kava run dir whose final weights initialise this model (e.g. a CoT backbone)
+    attn_implementation: str = "sdpa"
+    trust_remote_code: bool = False
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class LoraSection:
+    r: int = 128
+    alpha: int = 32
+    dropout: float = 0.1
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+
+@dataclass
+class LatentConfig:
+    num_latents: int = 24  # M
+    num_sweeps: int = 3  # T (0 = pause tokens)
+    projection: Literal["mlp", "identity"] = "mlp"
+    proj_hidden: int | None = None  # MLP width; None = the model's hidden size
+    proj_layernorm: bool = True  # CODI's projection ends with a LayerNorm
+
+
+@dataclass
+class EvictionConfig:
+    method: Literal["rkv", "attention", "cosine", "crop", "random", "uniform"] = "rkv"
+    lam: float = 0.1  # λ: weight of importance vs redundancy
+    importance_queries: Literal["answer", "cot_tail"] = "answer"
+    cot_tail_window: int = 8  # α: the last α CoT positions as queries when importance_queries=cot_tail
+
+
+@dataclass
+class LossConfig:
+    ce_student: float = 1.0
+    ce_teacher: float = 1.0
+    alpha_codi: float = 10.0  # α1
+    alpha_kv: float = 1.0  # α2
+    kv_loss: Literal["l1", "mse", "smooth_l1"] = "smooth_l1"
+    kv_layer_std: bool = True
+    kv_supervision: Literal["last", "all"] = "last"
+    kv_key_space: Literal["cache", "pre_rope"] = "cache"
+    codi_loss: Literal["l1", "mse", "smooth_l1"] = "smooth_l1"
+    codi_std: Literal["layer", "global", "none"] = "layer"
+    codi_layers: list[int] | None = None  # None = all transformer layers
+
+
+@dataclass
+class DataConfig:
+    source: str = "synthetic"  # hub id, local file, or "synthetic" (generated into the run dir)
+    format: Literal["auto", "icot", "gsm8k", "gsm_hard", "svamp", "jsonl", "hub"] = "auto"
+    split: str = "train"
+    valid_source: str | None = None  # None: the source's validation split (hub) or `synthetic`
+    valid_split: str = "validation"
+    question_field: str = "question"
+    steps_field: str = "steps"
+    answer_field: str = "answer"
+    cot_style: Literal["equation", "nl"] = "equation"  # for synthetic data and GSM8k-style JSONL
+    drop_last_step: bool = True
+    answer_prompt: str = "The answer is:"
+    max_question_tokens: int = 256
+    max_cot_tokens: int = 256
+    max_answer_tokens: int = 16
+    strict: bool = False
+    limit: int | None = None  # use the first N training records
+    valid_limit: int | None = 200
+    # synthetic task generation (used when source == "synthetic")
+    synth_train_size: int = 20000
+    synth_eval_size: int = 500
+    synth_min_steps: int = 2
+    synth_max_steps: int = 4
+    synth_max_value: int = 99
+    synth_seed: int = 0
+    tokenizer_vocab_size: int = 512  # local tokenizer for from_scratch models
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 8e-4
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.1
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    effective_batch: int = 128
+    micro_batch: int = 32
+    grad_clip: float = 2.0
+    epochs: float = 10.0
+    max_steps: int | None = None  # optimizer steps; overrides epochs when set
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
+    compile: bool = False
+
+
+@dataclass
+class RunConfig:
+    seed: int = 42
+    output_dir: str = "runs"
+    name: str | None = None  # run dir name; default <preset or method>-s<seed>
+    log: list[str] = field(default_factory=lambda: ["jsonl", "tensorboard"])  # + "wandb"
+    log_every: int = 10
+    eval_every: int | None = None  # optimizer steps; None = once per epoch
+    save_every: int | None = None  # optimizer steps; None = at each evaluation
+    eval_max_new_tokens: int = 16
+    eval_max_cot_tokens: int = 128
+    eval_batch_size: int = 64
+    nan_policy: Literal["stop", "skip"] = "stop"
+    deterministic: bool = False
+
+
+@dataclass
+class Config:
+    method: Literal["cot", "nocot", "pccot", "codi", "kava"] = "kava"
+    preset: str | None = None
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraSection | None = field(default_factory=LoraSection)  # null = full fine-tuning
+    latent: LatentConfig = field(default_factory=LatentConfig)
+    eviction: EvictionConfig = field(default_factory=EvictionConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def hash(self) -> str:
+        """Short hash of the resolved config (for eval summaries)."""
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
+
+    @property
+    def is_latent(self) -> bool:
+        return self.method in LATENT_METHODS
+
+
+# --------------------------------------------------------------------------------------------------
+# Building dataclasses from plain dicts, with type checks that name the key.
+
+
+def _type_name(tp) -> str:
+    origin = get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in get_args(tp))
+    if origin in (types.UnionType, typing.Union):
+        return " or ".join(_type_name(a) for a in get_args(tp))
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(tp, value: Any, key: str):
+    origin = get_origin(tp)
+    if origin in (types.UnionType, typing.Union):
+        args = get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(a, value, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        allowed = get_args(tp)
+        if value not in allowed:
+            raise ConfigError(f"{key}: {value!r} is not allowed; allowed values: {', '.join(map(str, allowed))}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping of {tp.__name__} fields, got {value!r}")
+        return _from_dict(tp, value, key + ".")
+    if origin is list:
+        (item,) = get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(item, v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads `8e-4` (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported type {tp}")
+
+
+def _from_dict(cls, data: dict, prefix: str = ""):
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(
+            f"unknown key{'s' if len(unknown) > 1 else ''} {', '.join(prefix + u for u in unknown)}; "
+            f"allowed keys in {prefix.rstrip('.') or 'the top level'}: {', '.join(sorted(names))}"
+        )
+    kwargs = {name: _coerce(hints[name], value, prefix + name) for name, value in data.items()}
+    return cls(**kwargs)
+
+
+# --------------------------------------------------------------------------------------------------
+# Presets, YAML and overrides.
+
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def resolve_config_path(name_or_path: str) -> Path:
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml") or p.exists():
+        if not p.exists():
+            raise ConfigError(f"config file not found: {p}")
+        return p
+    cand = CONFIG_DIR / f"{name_or_path}.yaml"
+    if cand.exists():
+        return cand
+    raise ConfigError(f"unknown preset {name_or_path!r}; presets: {', '.join(preset_names())} (or give a YAML path)")
+
+
+def _set_nested(d: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    cur = d
+    for i, p in enumerate(parts[:-1]):
+        nxt = cur.get(p)
+        if nxt is None:
+            nxt = {}
+            cur[p] = nxt
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"{'.'.join(parts[: i + 1])}: is not a section, cannot set {dotted}")
+        cur = nxt
+    cur[parts[-1]] = value
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """`optim.lr=1e-4` -> ("optim.lr", 1e-4); the value is parsed as YAML (numbers, bools, lists, null)."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like key=value (e.g. optim.lr=1e-4)")
+    key, raw = item.split("=", 1)
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    return key.strip(), value
+
+
+def config_from_dict(data: dict, overrides: list[str] | None = None) -> Config:
+    data = copy.deepcopy(data or {})
+    for item in overrides or []:
+        key, value = parse_override(item)
+        _set_nested(data, key, value)
+    cfg = _from_dict(Config, data)
+    validate(cfg)
+    return cfg
+
+
+def load_config(name_or_path: str | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a preset name (`llama1b_aug`) or a YAML path, apply `key=value` overrides, validate."""
+    data: dict = {}
+    if name_or_path:
+        path = resolve_config_path(name_or_path)
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: invalid YAML: {e}") from e
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: top level must be a mapping")
+        data.setdefault("preset", path.stem)
+    return config_from_dict(data, overrides)
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks; each error names the key(s) and the allowed values."""
+
+    def need(cond: bool, msg: str) -> None:
+        if not cond:
+            raise ConfigError(msg)
+
+    lat, ev, lo, d, o, r = cfg.latent, cfg.eviction, cfg.loss, cfg.data, cfg.optim, cfg.run
+    need(lat.num_latents >= 1, f"latent.num_latents: must be >= 1, got {lat.num_latents}")
+    need(lat.num_sweeps >= 0, f"latent.num_sweeps: must be >= 0, got {lat.num_sweeps}")
+    need(lat.proj_hidden is None or lat.proj_hidden >= 1, "latent.proj_hidden: must be >= 1 or null")
+    need(0.0 <= ev.lam <= 1.0, f"eviction.lam: must be in [0, 1], got {ev.lam}")
+    need(ev.cot_tail_window >= 1, f"eviction.cot_tail_window: must be >= 1, got {ev.cot_tail_window}")
+    for k in ("ce_student", "ce_teacher", "alpha_codi", "alpha_kv"):
+        need(getattr(lo, k) >= 0, f"loss.{k}: must be >= 0, got {getattr(lo, k)}")
+    if lo.codi_layers is not None:
+        need(len(lo.codi_layers) > 0, "loss.codi_layers: must be null (all layers) or a non-empty list")
+    if cfg.method != "kava" and lo.kv_supervision == "all":
+        raise ConfigError(
+            f"loss.kv_supervision: 'all' supervises latent KV, which only method 'kava' has (method is {cfg.method!r}); "
+            "use kv_supervision: last or method: kava"
+        )
+    for k in ("max_question_tokens", "max_cot_tokens", "max_answer_tokens"):
+        need(getattr(d, k) >= 1, f"data.{k}: must be >= 1")
+    need(d.synth_min_steps >= 1 and d.synth_max_steps >= d.synth_min_steps,
+         "data.synth_min_steps / data.synth_max_steps: need 1 <= min <= max")
+    need(o.lr > 0, f"optim.lr: must be > 0, got {o.lr}")
+    need(0 <= o.warmup_ratio < 1, f"optim.warmup_ratio: must be in [0, 1), got {o.warmup_ratio}")
+    need(o.weight_decay >= 0, "optim.weight_decay: must be >= 0")
+    need(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas: two numbers in [0, 1)")
+    need(o.micro_batch >= 1, "optim.micro_batch: must be >= 1")
+    need(o.effective_batch >= o.micro_batch and o.effective_batch % o.micro_batch == 0,
+         f"optim.effective_batch ({o.effective_batch}) must be a multiple of optim.micro_batch ({o.micro_batch})")
+    need(o.grad_clip >= 0, "optim.grad_clip: must be >= 0 (0 disables)")
+    need(o.epochs > 0, "optim.epochs: must be > 0")
+    need(o.max_steps is None or o.max_steps >= 1, "optim.max_steps: must be >= 1 or null")
+    allowed_logs = {"jsonl", "tensorboard", "wandb", "stdout"}
+    bad = [x for x in r.log if x not in allowed_logs]
+    need(not bad, f"run.log: unknown backend(s) {bad}; allowed values: {', '.join(sorted(allowed_logs))}")
+    need(r.log_every >= 1, "run.log_every: must be >= 1")
+    need(cfg.model.name_or_path or cfg.model.from_scratch or cfg.model.init_from,
+         "model: set model.name_or_path (hub id or local dir), model.from_scratch, or model.init_from")
+    if cfg.model.from_scratch is not None:
+        fam = cfg.model.from_scratch.get("family")
+        need(fam in ("llama", "qwen2", "gpt2"),
+             f"model.from_scratch.family: {fam!r} is not allowed; allowed values: llama, qwen2, gpt2")
+    if cfg.lora is not None:
+        need(cfg.lora.r >= 1, "lora.r: must be >= 1")
+        need(0 <= cfg.lora.dropout < 1, "lora.dropout: must be in [0, 1)")
+        need(len(cfg.lora.target_modules) > 0, "lora.target_modules: must not be empty")
+
+
+def check_world_size(cfg: Config, world_size: int) -> int:
+    """Gradient-accumulation steps that keep the configured effective batch on `world_size` processes."""
+    per_step = cfg.optim.micro_batch * world_size
+    if cfg.optim.effective_batch % per_step:
+        raise ConfigError(
+            f"optim.effective_batch ({cfg.optim.effective_batch}) is not divisible by optim.micro_batch "
+            f"({cfg.optim.micro_batch}) x {world_size} processes; change one of them"
+        )
+    return cfg.optim.effective_batch // per_step
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(cfg.to_yaml())
