@@ -1,0 +1,257 @@
+"""Records -> token ids -> padded teacher / student batches, with every index later steps need.
+
+This module is the one place that builds tensor indices (CoT span, answer-prompt position, latent slots,
+answer query rows); the model, eviction and losses read them from the batch.
+
+Sequences (SPEC §1):
+    teacher: [bos] question · CoT · answer prompt · answer · eos        (labels on CoT, prompt, answer, eos)
+    student: [bos] question · <bot> · z_1..z_M · <eot> · answer prompt · answer · eos   (labels on answer, eos)
+    nocot:   [bos] question · answer prompt · answer · eos              (labels on answer, eos)
+
+Each segment is tokenised on its own and concatenated, so the answer prompt and the answer are the same
+token ids in every mode. Padding is on the right of each *block*: the student's question block
+(`question · <bot>`) is padded to a common width Qb, so the M latent slots sit in the same columns
+[Qb, Qb+M) for every example, and the answer block follows. Pads inside a sequence are masked out and
+position ids count real tokens only (`position = cumsum(mask) - 1`), so padding never changes a result.
+No sequence starts with padding, so no attention row is ever fully masked.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kava.data.records import Record, SkipLog
+
+IGNORE = -100
+SPECIAL_TOKENS = ("<bot>", "<eot>", "<latent>")
+
+
+@dataclass(frozen=True)
+class SpecialIds:
+    bot: int
+    eot: int
+    latent: int
+    pad: int
+    eos: int
+    bos: int | None
+
+
+def add_special_tokens(tokenizer) -> SpecialIds:
+    """Add `<bot>`, `<eot>`, `<latent>` to the tokenizer (idempotent) and return the ids we use."""
+    missing = [t for t in SPECIAL_TOKENS if t not in tokenizer.get_vocab()]
+    if missing:
+        tokenizer.add_special_tokens({"additional_special_tokens": list(SPECIAL_TOKENS)})
+    return special_ids(tokenizer)
+
+
+def special_ids(tokenizer) -> SpecialIds:
+    """The ids of the special tokens; an error that says the fix if the tokenizer lacks them."""
+    vocab = tokenizer.get_vocab()
+    missing = [t for t in SPECIAL_TOKENS if t not in vocab]
+    if missing:
+        raise ValueError(f"tokenizer lacks the special tokens {missing}; it was not saved by kava "
+                         "(call kava.data.format.add_special_tokens on it first)")
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError("tokenizer has no eos token: kava needs one to end answers (set tokenizer.eos_token)")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos  # pads are masked anyway
+    return SpecialIds(vocab["<bot>"], vocab["<eot>"], vocab["<latent>"], pad, eos, tokenizer.bos_token_id)
+
+
+@dataclass
+class Tokenized:
+    """One record as token-id segments."""
+
+    question: list[int]  # includes bos if the model uses one
+    cot: list[int]
+    prompt: list[int]
+    answer: list[int]  # includes eos
+    index: int  # position in the record list
+
+
+class Formatter:
+    """Tokenises records into segments, enforcing the length limits (counted skips)."""
+
+    def __init__(self, tokenizer, *, answer_prompt: str = "The answer is:", drop_last_step: bool = True,
+                 max_question_tokens: int = 256, max_cot_tokens: int = 256, max_answer_tokens: int = 16):
+        self.tok = tokenizer
+        self.ids = special_ids(tokenizer)
+        self.drop_last_step = drop_last_step
+        self.max_q, self.max_c, self.max_a = max_question_tokens, max_cot_tokens, max_answer_tokens
+        self.prompt_ids = self._enc(" " + answer_prompt.strip())
+        if not self.prompt_ids:
+            raise ValueError("data.answer_prompt tokenises to nothing")
+
+    def _enc(self, text: str) -> list[int]:
+        return self.tok(text, add_special_tokens=False)["input_ids"] if text else []
+
+    def cot_text(self, steps) -> str:
+        steps = list(steps)
+        if self.drop_last_step and steps:
+            steps = steps[:-1]  # the last step usually restates the answer (SPEC §1)
+        return " ".join(s.strip() for s in steps if s.strip())
+
+    def question_ids(self, question: str) -> list[int]:
+        bos = [self.ids.bos] if self.ids.bos is not None else []
+        return bos + self._enc(question.strip())
+
+    def tokenize(self, rec: Record, index: int = 0, skips: SkipLog | None = None, *,
+                 need_answer: bool = True) -> Tokenized | None:
+        """Segments of one record, or None (and a counted skip) when a limit is exceeded."""
+        where = rec.source or f"record {index}"
+        q = self.question_ids(rec.question)
+        cot_text = self.cot_text(rec.steps)
+        c = self._enc(" " + cot_text) if cot_text else []
+        a = (self._enc(" " + rec.answer.strip()) + [self.ids.eos]) if need_answer else []
+        reason = None
+        if len(q) > self.max_q:
+            reason = "question too long"
+        elif len(c) > self.max_c:
+            reason = "CoT too long"
+        elif len(a) > self.max_a + 1:
+            reason = "answer too long"
+        if reason:
+            if skips is None:
+                raise ValueError(f"{where}: {reason}")
+            skips.skip(reason, where)
+            return None
+        return Tokenized(q, c, list(self.prompt_ids), a, index)
+
+    def tokenize_all(self, records: list[Record], skips: SkipLog, **kw) -> list[Tokenized]:
+        out = []
+        for i, r in enumerate(records):
+            t = self.tokenize(r, i, skips, **kw)
+            if t is not None:
+                out.append(t)
+        return out
+
+
+def _positions(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that count real tokens only: [B, S] -> [B, S]."""
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def _pad(rows: list[list[int]], width: int, value: int) -> torch.Tensor:
+    return torch.tensor([r + [value] * (width - len(r)) for r in rows], dtype=torch.long)
+
+
+@dataclass
+class TeacherBatch:
+    """Teacher (or No-CoT) batch. B examples, S columns, C = longest CoT, A = most answer query rows.
+
+    ids, mask, pos, targets: [B, S]; targets[b, i] is the token position i must predict, or IGNORE.
+    cot_idx: [B, C] column of each CoT token (clamped for padding); cot_valid: [B, C].
+    prompt_last: [B] column of the last answer-prompt token (its hidden state predicts the first answer token).
+    query_idx, query_valid: [B, A] columns whose attention over the CoT keys defines importance.
+    answer_start: [B] column of the first answer token.
+    """
+
+    ids: torch.Tensor
+    mask: torch.Tensor
+    pos: torch.Tensor
+    targets: torch.Tensor
+    cot_idx: torch.Tensor
+    cot_valid: torch.Tensor
+    prompt_last: torch.Tensor
+    query_idx: torch.Tensor
+    query_valid: torch.Tensor
+    answer_start: torch.Tensor
+
+    def to(self, device) -> "TeacherBatch":
+        return TeacherBatch(**{k: v.to(device, non_blocking=True) for k, v in self.__dict__.items()})
+
+
+@dataclass
+class StudentBatch:
+    """Latent student batch. Columns: question block [0, Qb) (question · <bot>, right-padded),
+    latent slots [Qb, Qb+M), answer block [Qb+M, S) (<eot> · prompt · answer · eos, right-padded).
+
+    ids, mask, pos, targets: [B, S] (latent columns hold the `<latent>` placeholder id).
+    prompt_last: [B] column of the last answer-prompt token. q_block = Qb, num_latents = M (ints).
+    """
+
+    ids: torch.Tensor
+    mask: torch.Tensor
+    pos: torch.Tensor
+    targets: torch.Tensor
+    prompt_last: torch.Tensor
+    q_block: int
+    num_latents: int
+
+    @property
+    def answer_start(self) -> int:
+        return self.q_block + self.num_latents
+
+    def to(self, device) -> "StudentBatch":
+        d = {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in self.__dict__.items()}
+        return StudentBatch(**d)
+
+
+def build_teacher_batch(items: list[Tokenized], ids: SpecialIds, *, with_cot: bool = True,
+                        query_mode: str = "answer", tail_window: int = 8) -> TeacherBatch:
+    """Right-padded teacher batch (`with_cot=False` gives the No-CoT sequence)."""
+    seqs, lab, cot_cols, p_last, q_cols, a_start = [], [], [], [], [], []
+    for it in items:
+        cot = it.cot if with_cot else []
+        seq = it.question + cot + it.prompt + it.answer
+        n_q, n_c, n_p = len(it.question), len(cot), len(it.prompt)
+        labelled = [False] * n_q + [True] * (n_c + n_p + len(it.answer)) if with_cot else \
+            [False] * (n_q + n_p) + [True] * len(it.answer)
+        seqs.append(seq)
+        lab.append(labelled)
+        cot_cols.append(list(range(n_q, n_q + n_c)))
+        p_last.append(n_q + n_c + n_p - 1)
+        a_start.append(n_q + n_c + n_p)
+        if query_mode == "answer":  # answer prompt + answer tokens (not eos)
+            q_cols.append(list(range(n_q + n_c, n_q + n_c + n_p + len(it.answer) - 1)))
+        elif query_mode == "cot_tail":  # the last α CoT positions, as R-KV does at decode time
+            q_cols.append(list(range(max(n_q, n_q + n_c - tail_window), n_q + n_c)))
+        else:
+            raise ValueError(f"eviction.importance_queries: {query_mode!r}; allowed values: answer, cot_tail")
+    S = max(len(s) for s in seqs)
+    C = max(1, max(len(c) for c in cot_cols))
+    A = max(1, max(len(q) for q in q_cols))
+    B = len(items)
+    t_ids = _pad(seqs, S, ids.pad)
+    mask = _pad([[1] * len(s) for s in seqs], S, 0)
+    targets = torch.full((B, S), IGNORE, dtype=torch.long)
+    for b, (s, l) in enumerate(zip(seqs, lab)):
+        for i in range(len(s) - 1):
+            if l[i + 1]:
+                targets[b, i] = s[i + 1]
+    cot_valid = _pad([[1] * len(c) for c in cot_cols], C, 0).bool()
+    cot_idx = _pad(cot_cols, C, 0)
+    query_valid = _pad([[1] * len(q) for q in q_cols], A, 0).bool()
+    query_idx = _pad(q_cols, A, 0)
+    return TeacherBatch(t_ids, mask, _positions(mask), targets, cot_idx, cot_valid,
+                        torch.tensor(p_last), query_idx, query_valid, torch.tensor(a_start))
+
+
+def build_student_batch(items: list[Tokenized], ids: SpecialIds, num_latents: int, *,
+                        with_answer: bool = True) -> StudentBatch:
+    """Student batch with M latent placeholder slots in common columns (see `StudentBatch`).
+
+    `with_answer=False` builds only `question · <bot> · slots · <eot> · prompt` for inference.
+    """
+    q_rows = [it.question + [ids.bot] for it in items]
+    a_rows = [[ids.eot] + it.prompt + (it.answer if with_answer else []) for it in items]
+    Qb = max(len(q) for q in q_rows)
+    Ab = max(len(a) for a in a_rows)
+    B, M = len(items), num_latents
+    q_ids = _pad(q_rows, Qb, ids.pad)
+    q_mask = _pad([[1] * len(q) for q in q_rows], Qb, 0)
+    a_ids = _pad(a_rows, Ab, ids.pad)
+    a_mask = _pad([[1] * len(a) for a in a_rows], Ab, 0)
+    s_ids = torch.cat([q_ids, torch.full((B, M), ids.latent, dtype=torch.long), a_ids], 1)
+    mask = torch.cat([q_mask, torch.ones(B, M, dtype=torch.long), a_mask], 1)
+    targets = torch.full_like(s_ids, IGNORE)
+    p_last = []
+    for b, it in enumerate(items):
+        start = Qb + M + 1 + len(it.prompt)  # first answer column
+        p_last.append(start - 1)
+        if with_answer:
+            for j, tok in enumerate(it.answer):
+                targets[b, start - 1 + j] = tok
+    return StudentBatch(s_ids, mask, _positions(mask), targets, torch.tensor(p_last), Qb, M)

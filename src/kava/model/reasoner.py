@@ -1,0 +1,309 @@
+"""One backbone, two modes (SPEC §1–§2): the CoT teacher pass and the latent student passes.
+
+`LatentReasoner` wraps any HF causal LM (optionally with LoRA adapters). It owns two small trainable
+pieces besides the adapters: the embedding rows of `<bot>`, `<eot>`, `<latent>` (`special_rows`, so the
+frozen vocabulary embedding and a tied LM head never receive gradient), and the latent projection.
+
+All passes feed `inputs_embeds`, explicit `position_ids` and a 2D attention mask (pads may sit inside a
+sequence; see `kava.data.format`). Logits are computed only at the positions that have a target, so the
+[tokens × vocabulary] GEMM is paid for labelled tokens only.
+
+Shapes: B batch, S columns, L layers, Hkv KV heads, D head dim, d hidden, C CoT tokens, M latent slots.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from transformers import DynamicCache
+
+from kava.data.format import IGNORE, SpecialIds, StudentBatch, TeacherBatch
+from kava.model.capture import ImportanceCapture
+
+
+class Projection(nn.Module):
+    """Maps a last-layer hidden state to the next latent's input embedding (CODI/PCCoT style MLP)."""
+
+    def __init__(self, d: int, kind: str = "mlp", hidden: int | None = None, layernorm: bool = True):
+        super().__init__()
+        self.kind = kind
+        if kind == "identity":
+            self.net = nn.Identity()
+        elif kind == "mlp":
+            w = hidden or d
+            layers = [nn.Linear(d, w), nn.GELU(), nn.Linear(w, d)]
+            if layernorm:
+                layers.append(nn.LayerNorm(d))
+            self.net = nn.Sequential(*layers)
+        else:
+            raise ValueError(f"latent.projection: {kind!r}; allowed values: mlp, identity")
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.net(h)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def unrotate_keys(k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Undo HF's rotary embedding: k_pre = k·cos − rotate_half(k)·sin (a rotation by −θ).
+
+    k: [B, Hkv, N, D]; cos, sin: [B, N, D] (as the model's rotary module returns them for those positions).
+    """
+    cos, sin = cos.unsqueeze(1).to(k.dtype), sin.unsqueeze(1).to(k.dtype)
+    return k * cos - rotate_half(k) * sin
+
+
+def truncate_cache(cache: DynamicCache, length: int) -> None:
+    """Keep the first `length` columns (negative `crop` means "remove n" in every transformers 5.x)."""
+    extra = cache.get_seq_length() - length
+    if extra > 0:
+        cache.crop(-extra)
+
+
+@dataclass
+class TeacherOut:
+    logits: torch.Tensor  # [N, V] at the N labelled positions (row order: targets != IGNORE, row-major)
+    targets: torch.Tensor  # [N]
+    hidden: torch.Tensor  # [L, B, d] every layer's output at the answer-prompt position
+    cot_k: torch.Tensor | None = None  # [L, B, Hkv, C, D]
+    cot_v: torch.Tensor | None = None  # [L, B, Hkv, C, D]
+    importance: torch.Tensor | None = None  # [L, B, Hkv, C]
+
+
+@dataclass
+class StudentOut:
+    logits: torch.Tensor  # [N, V] at labelled answer positions
+    targets: torch.Tensor  # [N]
+    hidden: torch.Tensor  # [L, B, d] at the answer-prompt position
+    latent_k: list[torch.Tensor] = field(default_factory=list)  # per sweep: [L, B, Hkv, M, D]
+    latent_v: list[torch.Tensor] = field(default_factory=list)
+    latents: torch.Tensor | None = None  # [B, M, d] the latent embeddings the answer pass saw
+    forward_passes: int = 0
+    cache: DynamicCache | None = None  # question · <bot> · latents (· answer block, if it ran)
+
+
+class LatentReasoner(nn.Module):
+    def __init__(self, lm: nn.Module, ids: SpecialIds, *, projection: str = "mlp", proj_hidden: int | None = None,
+                 proj_layernorm: bool = True):
+        super().__init__()
+        self.lm = lm
+        self.ids = ids
+        base = lm.get_base_model() if hasattr(lm, "get_base_model") else lm  # unwrap peft
+        self.causal_lm = base
+        self.decoder = base.base_model  # LlamaModel / Qwen2Model / GPT2Model: returns hidden states
+        self.head = base.get_output_embeddings()
+        emb = base.get_input_embeddings()
+        self.embed_tokens = emb
+        d = emb.weight.shape[1]
+        self.hidden_size = d
+        # Trainable rows for <bot>, <eot>, <latent>, initialised at the mean embedding (plus small noise so
+        # the three differ); the vocabulary embedding itself may stay frozen.
+        with torch.no_grad():
+            mean = emb.weight.float().mean(0)
+            g = torch.Generator().manual_seed(0)
+            init = mean.unsqueeze(0) + 0.02 * torch.randn(3, d, generator=g).to(mean.device) * emb.weight.float().std()
+        self.special_rows = nn.Parameter(init.to(emb.weight.dtype))
+        self.proj = Projection(d, projection, proj_hidden, proj_layernorm)
+        cfg = base.config
+        self.num_layers = cfg.num_hidden_layers
+        self.rotary = getattr(self.decoder, "rotary_emb", None)  # None for absolute-position models (GPT-2)
+
+    # ---------------------------------------------------------------------------------- basic pieces
+    @property
+    def config(self):
+        return self.causal_lm.config
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """Token ids [B, S] -> embeddings [B, S, d]; special tokens come from `special_rows`."""
+        V = self.embed_tokens.weight.shape[0]
+        x = self.embed_tokens(ids.clamp(max=V - 1))
+        slot = torch.full_like(ids, -1)
+        for j, tid in enumerate((self.ids.bot, self.ids.eot, self.ids.latent)):
+            slot = torch.where(ids == tid, j, slot)
+        rows = self.special_rows.to(x.dtype)[slot.clamp(min=0)]
+        return torch.where((slot >= 0).unsqueeze(-1), rows, x)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """LM head on selected hidden states [N, d] -> [N, V]."""
+        return self.head(h)
+
+    def _run(self, embeds, mask, pos, cache, hidden_states: bool = False):
+        return self.decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, past_key_values=cache,
+                            use_cache=True, output_hidden_states=hidden_states)
+
+    def new_cache(self) -> DynamicCache:
+        return DynamicCache(config=self.config)
+
+    @staticmethod
+    def cache_kv(cache: DynamicCache, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Columns [start, end) of every layer: ([L, B, Hkv, end-start, D], same)."""
+        ks = torch.stack([layer.keys[:, :, start:end] for layer in cache.layers])
+        vs = torch.stack([layer.values[:, :, start:end] for layer in cache.layers])
+        return ks, vs
+
+    def unrotate(self, k: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """Keys as stored in the cache -> keys before the rotary embedding. k: [L, B, Hkv, N, D]; pos: [B, N]."""
+        if self.rotary is None:
+            return k
+        cos, sin = self.rotary(k[0], pos)
+        return torch.stack([unrotate_keys(k[l], cos, sin) for l in range(k.shape[0])])
+
+    def _labelled(self, h: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        sel = targets != IGNORE
+        return self.logits(h[sel]), targets[sel]
+
+    @staticmethod
+    def _at(hs: tuple[torch.Tensor, ...], cols: torch.Tensor) -> torch.Tensor:
+        """Every layer's output at one column per example: hidden_states[1:] -> [L, B, d]."""
+        B = cols.shape[0]
+        ar = torch.arange(B, device=cols.device)
+        return torch.stack([h[ar, cols] for h in hs[1:]])
+
+    # ---------------------------------------------------------------------------------- teacher
+    def teacher_forward(self, tb: TeacherBatch, *, need_kv: bool = True, need_importance: bool = True,
+                        key_space: str = "cache") -> TeacherOut:
+        """One pass over the teacher batch: CE logits, hidden states at the prompt, CoT KV, importance."""
+        cache = self.new_cache() if need_kv else None
+        x = self.embed(tb.ids)
+        if need_importance:
+            with ImportanceCapture(tb.query_idx, tb.query_valid) as cap:
+                out = self._run(x, tb.mask, tb.pos, cache, hidden_states=True)
+        else:
+            out = self._run(x, tb.mask, tb.pos, cache, hidden_states=True)
+        logits, targets = self._labelled(out.last_hidden_state, tb.targets)
+        res = TeacherOut(logits, targets, self._at(out.hidden_states, tb.prompt_last))
+        if need_kv:
+            L = len(cache.layers)
+            B, C = tb.cot_idx.shape
+            k_all = torch.stack([layer.keys for layer in cache.layers])  # [L, B, Hkv, S, D]
+            v_all = torch.stack([layer.values for layer in cache.layers])
+            _, _, Hkv, S, D = k_all.shape
+            gidx = tb.cot_idx.view(1, B, 1, C, 1).expand(L, B, Hkv, C, D)
+            res.cot_k = torch.gather(k_all, 3, gidx)
+            res.cot_v = torch.gather(v_all, 3, gidx)
+            if key_space == "pre_rope":
+                res.cot_k = self.unrotate(res.cot_k, torch.gather(tb.pos, 1, tb.cot_idx))
+        if need_importance:
+            imp = cap.stacked()  # [L, B, Hkv, S]
+            res.importance = torch.gather(imp, 3, tb.cot_idx.view(1, B, 1, C).expand(imp.shape[0], B, imp.shape[2], C))
+        return res
+
+    # ---------------------------------------------------------------------------------- student
+    def _shift_project(self, h_bot: torch.Tensor, h_slots: torch.Tensor) -> torch.Tensor:
+        """Jacobi update: slot 1 <- proj(h at <bot>), slot i+1 <- proj(h at slot i). [B,d],[B,M,d] -> [B,M,d]."""
+        return self.proj(torch.cat([h_bot.unsqueeze(1), h_slots[:, :-1]], 1))
+
+    def student_forward(self, sb: StudentBatch, num_sweeps: int, *, mode: str = "jacobi",
+                        key_space: str = "cache", keep_sweeps: str = "all", with_answer: bool = True) -> StudentOut:
+        """Latent student (SPEC §2): prefix pass, T Jacobi sweeps on the cached question, answer pass.
+
+        mode="jacobi": prefix over question·<bot>·M placeholders gives z⁰ (shifted, projected); sweep t runs
+        all M latents z^{t-1} at once on top of the question's cache and yields z^t; the answer pass runs on
+        the cache of the last sweep. T=0: the answer attends to the placeholders (pause tokens).
+        mode="sequential" (CODI): one latent per pass, z_{k+1} = proj(h_k), M passes after the prefix.
+        keep_sweeps: "all" returns the latent KV of every sweep, "last" only the final one.
+        """
+        B, M, Qb = sb.ids.shape[0], sb.num_latents, sb.q_block
+        ar = torch.arange(B, device=sb.ids.device)
+        bot_col = sb.mask[:, :Qb].sum(1) - 1  # <bot> is the last real token of the question block
+        cache = self.new_cache()
+        lat_pos = sb.pos[:, Qb:Qb + M]
+        lk, lv = [], []
+        passes = 0
+
+        def record(z_cols_end: int):
+            k, v = self.cache_kv(cache, Qb, z_cols_end)
+            if key_space == "pre_rope":
+                k = self.unrotate(k, lat_pos[:, : z_cols_end - Qb])
+            lk.append(k)
+            lv.append(v)
+
+        if mode == "jacobi":
+            pre = self._run(self.embed(sb.ids[:, :Qb + M]), sb.mask[:, :Qb + M], sb.pos[:, :Qb + M], cache)
+            passes += 1
+            h = pre.last_hidden_state
+            if num_sweeps == 0:
+                z = self.embed(sb.ids[:, Qb:Qb + M])
+                record(Qb + M)
+            else:
+                z = self._shift_project(h[ar, bot_col], h[:, Qb:Qb + M])
+                for t in range(num_sweeps):
+                    truncate_cache(cache, Qb)
+                    out = self._run(z, sb.mask[:, :Qb + M], lat_pos, cache)
+                    passes += 1
+                    if keep_sweeps == "all" or t == num_sweeps - 1:
+                        record(Qb + M)
+                    if t < num_sweeps - 1:
+                        h = out.last_hidden_state
+                        z = torch.cat([z[:, :1], self.proj(h[:, :-1])], 1)  # slot 1 stays
+        elif mode == "sequential":
+            pre = self._run(self.embed(sb.ids[:, :Qb]), sb.mask[:, :Qb], sb.pos[:, :Qb], cache)
+            passes += 1
+            z_k = self.proj(pre.last_hidden_state[ar, bot_col]).unsqueeze(1)  # [B, 1, d]
+            zs = []
+            for k in range(M):
+                zs.append(z_k)
+                out = self._run(z_k, sb.mask[:, :Qb + k + 1], lat_pos[:, k:k + 1], cache)
+                passes += 1
+                z_k = self.proj(out.last_hidden_state)
+            z = torch.cat(zs, 1)
+            record(Qb + M)
+        else:
+            raise ValueError(f"student mode {mode!r}; allowed values: jacobi, sequential")
+
+        res = StudentOut(logits=None, targets=None, hidden=None, latent_k=lk, latent_v=lv, latents=z,
+                         forward_passes=passes)
+        if with_answer:
+            A0 = Qb + M
+            out = self._run(self.embed(sb.ids[:, A0:]), sb.mask, sb.pos[:, A0:], cache, hidden_states=True)
+            res.logits, res.targets = self._labelled(out.last_hidden_state, sb.targets[:, A0:])
+            res.hidden = self._at(out.hidden_states, sb.prompt_last - A0)
+            res.forward_passes += 1
+        res.cache = cache
+        return res
+
+    def student_forward_naive(self, sb: StudentBatch, num_sweeps: int, key_space: str = "cache") -> StudentOut:
+        """Reference for tests and benchmarks: every sweep recomputes the whole sequence, no cache reuse."""
+        B, M, Qb = sb.ids.shape[0], sb.num_latents, sb.q_block
+        ar = torch.arange(B, device=sb.ids.device)
+        bot_col = sb.mask[:, :Qb].sum(1) - 1
+        P = Qb + M
+        q_emb = self.embed(sb.ids[:, :Qb])
+        z = self.embed(sb.ids[:, Qb:P])
+        lk, lv = [], []
+
+        def full(zz, hidden=False, with_answer=False):
+            x = torch.cat([q_emb, zz] + ([self.embed(sb.ids[:, P:])] if with_answer else []), 1)
+            end = x.shape[1]
+            cache = self.new_cache()
+            out = self._run(x, sb.mask[:, :end], sb.pos[:, :end], cache, hidden_states=hidden)
+            return out, cache
+
+        out, cache = full(z)
+        if num_sweeps > 0:
+            h = out.last_hidden_state
+            z = self._shift_project(h[ar, bot_col], h[:, Qb:P])
+            for t in range(num_sweeps):
+                out, cache = full(z)
+                k, v = self.cache_kv(cache, Qb, P)
+                if key_space == "pre_rope":
+                    k = self.unrotate(k, sb.pos[:, Qb:P])
+                lk.append(k)
+                lv.append(v)
+                if t < num_sweeps - 1:
+                    h = out.last_hidden_state
+                    z = torch.cat([z[:, :1], self.proj(h[:, Qb:P - 1])], 1)
+        else:
+            k, v = self.cache_kv(cache, Qb, P)
+            lk.append(self.unrotate(k, sb.pos[:, Qb:P]) if key_space == "pre_rope" else k)
+            lv.append(v)
+        out, _ = full(z, hidden=True, with_answer=True)
+        logits, targets = self._labelled(out.last_hidden_state[:, P:], sb.targets[:, P:])
+        hidden = self._at(out.hidden_states, sb.prompt_last)
+        return StudentOut(logits, targets, hidden, lk, lv, z, forward_passes=num_sweeps + 2)

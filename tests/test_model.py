@@ -1,0 +1,155 @@
+"""Teacher / student passes against naive references: full recomputation, eager attention, one-by-one."""
+
+import pytest
+import torch
+
+from kava.data.format import Formatter, build_student_batch, build_teacher_batch
+from kava.data.records import SkipLog
+from kava.model.reasoner import unrotate_keys, rotate_half
+from tiny import RECORDS, tiny_reasoner
+
+FAMILIES = ["llama", "qwen2", "gpt2"]
+TOL = 1e-5
+
+
+def batches(m, tok, M=5, records=RECORDS, **kw):
+    items = Formatter(tok, **kw).tokenize_all(records, SkipLog())
+    return items, build_teacher_batch(items, m.ids), build_student_batch(items, m.ids, M)
+
+
+def close(a, b, tol=TOL):
+    assert a.shape == b.shape, (a.shape, b.shape)
+    if a.numel() == 0:
+        return
+    assert (a - b).abs().max().item() <= tol, (a - b).abs().max().item()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("T", [0, 1, 3])
+def test_jacobi_fast_path_equals_full_recomputation(family, T):
+    m, tok = tiny_reasoner(family)
+    _, _, sb = batches(m, tok)
+    with torch.no_grad():
+        fast = m.student_forward(sb, T)
+        ref = m.student_forward_naive(sb, T)
+    close(fast.logits, ref.logits)
+    close(fast.latents, ref.latents)
+    close(fast.hidden, ref.hidden)
+    assert len(fast.latent_k) == len(ref.latent_k) == max(T, 1)
+    for a, b in zip(fast.latent_k + fast.latent_v, ref.latent_k + ref.latent_v):
+        close(a, b)
+    assert fast.forward_passes == 1 + T + 1
+    if T == 3:  # sweeps really change the latents (the test would be vacuous otherwise)
+        assert (fast.latent_k[0] - fast.latent_k[-1]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_jacobi_with_T_equal_M_matches_sequential_latents(family):
+    """Jacobi on a causal chain is exact after M sweeps: it reproduces CODI's one-latent-per-pass result."""
+    m, tok = tiny_reasoner(family)
+    M = 4
+    _, _, sb = batches(m, tok, M=M)
+    with torch.no_grad():
+        jac = m.student_forward(sb, num_sweeps=M, mode="jacobi")
+        seq = m.student_forward(sb, num_sweeps=0, mode="sequential")
+        short = m.student_forward(sb, num_sweeps=1, mode="jacobi")
+    close(jac.latents, seq.latents, 1e-4)
+    close(jac.logits, seq.logits, 1e-4)
+    close(jac.latent_k[-1], seq.latent_k[-1], 1e-4)
+    assert seq.forward_passes == 1 + M + 1
+    assert (short.latents - seq.latents).abs().max() > 1e-3  # one sweep is not enough
+
+
+def eager_importance(family, tb):
+    """Importance from `output_attentions=True` with eager attention: the independent reference."""
+    m, _ = tiny_reasoner(family, attn="eager")
+    with torch.no_grad():
+        out = m.causal_lm(input_ids=None, inputs_embeds=m.embed(tb.ids), attention_mask=tb.mask,
+                          position_ids=tb.pos, output_attentions=True)
+    H = out.attentions[0].shape[1]
+    Hkv = m.config.num_key_value_heads if family != "gpt2" else H
+    g = H // Hkv
+    B, C = tb.cot_idx.shape
+    res = torch.zeros(len(out.attentions), B, Hkv, C)
+    for l, att in enumerate(out.attentions):
+        for b in range(B):
+            qs = tb.query_idx[b][tb.query_valid[b]]
+            for kv in range(Hkv):
+                per_head = []
+                for h in range(kv * g, (kv + 1) * g):
+                    rows = att[b, h][qs][:, tb.cot_idx[b]]  # [A, C]
+                    per_head.append(rows.mean(0))
+                res[l, b, kv] = torch.stack(per_head).max(0).values
+    return res
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_captured_importance_equals_eager_attention(family):
+    m, tok = tiny_reasoner(family)
+    _, tb, _ = batches(m, tok)
+    with torch.no_grad():
+        t = m.teacher_forward(tb)
+    ref = eager_importance(family, tb)
+    valid = tb.cot_valid.view(1, *tb.cot_valid.shape, 1).transpose(-1, -2).expand_as(ref)
+    close(t.importance * valid, ref * valid)
+    assert ref.max() > 0.01
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_batch_of_four_equals_one_by_one(family):
+    m, tok = tiny_reasoner(family)
+    items, tb, sb = batches(m, tok)
+    with torch.no_grad():
+        tfull = m.teacher_forward(tb)
+        sfull = m.student_forward(sb, 3)
+        off_t = off_s = 0
+        for b, it in enumerate(items):
+            t1 = m.teacher_forward(build_teacher_batch([it], m.ids))
+            s1 = m.student_forward(build_student_batch([it], m.ids, 5), 3)
+            n_t, n_s = t1.logits.shape[0], s1.logits.shape[0]
+            close(tfull.logits[off_t:off_t + n_t], t1.logits)
+            close(sfull.logits[off_s:off_s + n_s], s1.logits)
+            off_t, off_s = off_t + n_t, off_s + n_s
+            close(tfull.hidden[:, b:b + 1], t1.hidden)
+            close(sfull.hidden[:, b:b + 1], s1.hidden)
+            c = len(it.cot)
+            close(tfull.cot_k[:, b:b + 1, :, :c], t1.cot_k[:, :, :, :c])
+            close(tfull.cot_v[:, b:b + 1, :, :c], t1.cot_v[:, :, :, :c])
+            close(tfull.importance[:, b:b + 1, :, :c], t1.importance[:, :, :, :c])
+            close(sfull.latents[b:b + 1], s1.latents)
+            for k_full, k_one in zip(sfull.latent_k, s1.latent_k):
+                close(k_full[:, b:b + 1], k_one)
+        assert off_t == tfull.logits.shape[0] and off_s == sfull.logits.shape[0]
+
+
+def test_unrotate_inverts_rope_and_matches_pre_rope_projection():
+    m, tok = tiny_reasoner("llama")
+    _, tb, sb = batches(m, tok)
+    captured = {}
+    layer0 = m.decoder.layers[0].self_attn
+    h = layer0.k_proj.register_forward_hook(lambda mod, i, o: captured.setdefault("k", o))
+    with torch.no_grad():
+        t = m.teacher_forward(tb, key_space="pre_rope")
+    h.remove()
+    B, C = tb.cot_idx.shape
+    D = m.config.head_dim
+    k_pre = captured["k"].view(B, -1, m.config.num_key_value_heads, D).transpose(1, 2)  # [B, Hkv, S, D]
+    ref = torch.gather(k_pre, 2, tb.cot_idx.view(B, 1, C, 1).expand(B, k_pre.shape[1], C, D))
+    close(t.cot_k[0], ref)
+    # and the plain math: rotate then unrotate is the identity
+    k = torch.randn(2, 2, 7, D)
+    cos, sin = m.rotary(k, torch.arange(7).expand(2, 7))
+    rot = k * cos.unsqueeze(1) + rotate_half(k) * sin.unsqueeze(1)
+    close(unrotate_keys(rot, cos, sin), k)
+
+
+def test_special_rows_replace_embeddings_and_padding_columns():
+    m, tok = tiny_reasoner("llama")
+    items, tb, sb = batches(m, tok)
+    x = m.embed(sb.ids)
+    Qb, M = sb.q_block, sb.num_latents
+    for b in range(len(items)):
+        assert torch.equal(x[b, Qb], m.special_rows[2])  # first latent placeholder
+        bot = len(items[b].question)
+        assert torch.equal(x[b, bot], m.special_rows[0])
+        assert torch.equal(x[b, Qb + M], m.special_rows[1])  # <eot>
