@@ -1,0 +1,722 @@
+"""Readers for every data format KaVa trains or evaluates on, all producing `Record`s.
+
+Formats: the iCoT text format (``question||<<a=b>> <<c=d>> #### N``), GSM8k JSONL (``#### N`` answers
+with ``<<expr=result>>`` calculator annotations), GSM-Hard / PAL JSONL (``input``/``target``), SVAMP
+(``SVAMP.json`` or PAL's ``svamp.jsonl``), generic JSONL, and Hugging Face Hub datasets.
+
+Every reader reports a bad record to a `SkipLog` under a fixed reason string (or raises `DataError`
+naming ``<path>:<line>`` in strict mode); nothing is dropped silently, because a silently shrunken
+evaluation set makes accuracies incomparable with published ones. Answers are normalised once, here,
+by `normalize_number`, so every later comparison sees the same canonical string.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from decimal import Decimal, localcontext
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+from kava.data.records import DataError, Record, SkipLog
+
+FORMATS = ("auto", "icot", "gsm8k", "gsm_hard", "svamp", "jsonl", "hub")
+ANSWER_PROMPT = "The answer is:"
+
+EQUATION_RE = re.compile(r"<<[^>]*>>")
+_NUMBER_RE = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
+_FRACTION_RE = re.compile(r"([-+]?\d+)/(\d+)")
+_HUB_ID_RE = re.compile(r"[\w.-]+/[\w.-]+")
+# Words ending in '.' that do not end a sentence ("Mr. Trent", "e.g. 5").
+_ABBREVIATIONS = frozenset(
+    "mr mrs ms dr st jr sr prof mt ft vs etc e.g i.e approx no inc ltd co".split()
+)
+_SENTENCE_END_RE = re.compile(r"[.!?]+[\"'’”)\]]*(?=\s)")
+# iCoT's train_no_aug.txt joins GSM8k solution lines with spaces and most lines lack a final period
+# ("... = $6 The total price ..."): a number followed by a capitalised word marks such a lost break.
+_LOST_BREAK_RE = re.compile(r"(?<=[\d%])\s+(?=[A-Z][a-z]+\b)")
+
+
+# ----------------------------------------------------------------------------------------------------
+# answers and chains of thought
+
+
+def normalize_number(value: Any) -> str | None:
+    """Canonical string for a numeric answer, or None if it is not a number.
+
+    Thousands separators are removed and floats lose a zero fraction (``"2,125"`` -> ``"2125"``,
+    ``3431580.0`` -> ``"3431580"``, ``-12.5`` -> ``"-12.5"``, ``2.0107e-06`` -> ``"0.0000020107"``,
+    ``"36."`` -> ``"36"``). A simple fraction with a terminating decimal (``"2/5"``) becomes that decimal
+    (``"0.4"``); a non-terminating one (``"1/3"``) is None, because any decimal for it is lossy.
+    """
+    if value is None or isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return None
+        text = repr(value)
+    elif isinstance(value, str):
+        text = value.strip().replace(",", "")
+    else:
+        return None
+    frac = _FRACTION_RE.fullmatch(text)
+    if frac:
+        if int(frac.group(2)) == 0:
+            return None
+        f = Fraction(int(frac.group(1)), int(frac.group(2)))
+        den = f.denominator
+        for p in (2, 5):
+            while den % p == 0:
+                den //= p
+        if den != 1:
+            return None
+        with localcontext() as ctx:
+            ctx.prec = 100
+            d = Decimal(f.numerator) / Decimal(f.denominator)
+    elif _NUMBER_RE.fullmatch(text):
+        d = Decimal(text)
+    else:
+        return None
+    out = format(d, "f")
+    if "." in out:
+        out = out.rstrip("0").rstrip(".")
+    if out in ("-0", "+0", ""):
+        out = "0"
+    return out.lstrip("+")
+
+
+def split_sentences(text: str) -> list[str]:
+    """Split natural-language CoT into sentences, keeping punctuation.
+
+    A break needs whitespace after ``.!?``, so decimals (``3.5``) and prices (``$4.50``) never split;
+    titles such as ``Mr.`` and a following lowercase word do not end a sentence either. A number then
+    a capitalised word (``= $6 The total``) is also a break: see `_LOST_BREAK_RE`.
+    """
+    out, start = [], 0
+    for m in _SENTENCE_END_RE.finditer(text):
+        before = text[start : m.start()].split()
+        word = before[-1].lower().lstrip("(\"'") if before else ""
+        rest = text[m.end() :].lstrip()
+        if word in _ABBREVIATIONS or (rest and rest[0].islower()):
+            continue
+        out.append(text[start : m.end()])
+        start = m.end()
+    out.append(text[start:])
+    return [s.strip() for piece in out for s in _LOST_BREAK_RE.split(piece) if s.strip()]
+
+
+def split_cot(cot: str) -> tuple[str, ...]:
+    """Steps of a CoT string: its ``<<...>>`` equations if it has any, else its sentences."""
+    cot = cot.strip()
+    if not cot:
+        return ()
+    if "<<" in cot:
+        eqs = EQUATION_RE.findall(cot)
+        if eqs:
+            return tuple(eqs)
+    return tuple(split_sentences(cot))
+
+
+def _steps_from_list(value: list, where: str, skips: SkipLog, name: str) -> tuple[str, ...] | None:
+    if not all(isinstance(s, str) for s in value):
+        skips.skip(f"bad field type: {name}", where)
+        return None
+    return tuple(s.strip() for s in value if s.strip())
+
+
+def _make_record(question: Any, steps: tuple[str, ...], answer: Any, where: str, skips: SkipLog) -> Record | None:
+    """Validate question/answer and build the record; every reader ends here so the checks agree."""
+    if not isinstance(question, str) or not question.strip():
+        skips.skip("empty question", where)
+        return None
+    if answer is None or (isinstance(answer, str) and not answer.strip()):
+        skips.skip("empty answer", where)
+        return None
+    norm = normalize_number(answer)
+    if norm is None:
+        skips.skip("non-numeric answer", where)
+        return None
+    return Record(question=question.strip(), steps=steps, answer=norm, source=where)
+
+
+def _split_hashes(text: str, where: str, skips: SkipLog) -> tuple[str, str] | None:
+    """``solution #### answer`` -> (solution, answer); exactly one ``####`` is allowed."""
+    n = text.count("####")
+    if n == 0:
+        skips.skip("missing ####", where)
+        return None
+    if n > 1:
+        skips.skip("duplicated ####", where)
+        return None
+    sol, ans = text.split("####")
+    return sol, ans
+
+
+# ----------------------------------------------------------------------------------------------------
+# one row (a dict from JSON or the hub) -> Record, one function per schema
+
+
+def _require(obj: dict, names: Iterable[str], where: str, skips: SkipLog) -> bool:
+    for name in names:
+        if name not in obj:
+            skips.skip(f"missing field: {name}", where)
+            return False
+    return True
+
+
+def _row_gsm8k(obj: dict, where: str, skips: SkipLog, cot_style: str = "equation", **_: Any) -> Record | None:
+    """GSM8k: ``answer`` is the solution text with ``<<expr=result>>`` annotations then ``#### N``."""
+    if not _require(obj, ("question", "answer"), where, skips):
+        return None
+    if not isinstance(obj["answer"], str):
+        skips.skip("bad field type: answer", where)
+        return None
+    parts = _split_hashes(obj["answer"], where, skips)
+    if parts is None:
+        return None
+    sol, ans = parts
+    if cot_style == "equation":
+        steps = tuple(EQUATION_RE.findall(sol))
+    else:
+        lines = (EQUATION_RE.sub("", line).strip() for line in sol.split("\n"))
+        steps = tuple(line for line in lines if line)
+    return _make_record(obj["question"], steps, ans, where, skips)
+
+
+def _row_pal(obj: dict, where: str, skips: SkipLog, **_: Any) -> Record | None:
+    """PAL's flattened format (GSM-Hard, svamp.jsonl): ``input`` question, numeric ``target``."""
+    if not _require(obj, ("input", "target"), where, skips):
+        return None
+    return _make_record(obj["input"], (), obj["target"], where, skips)
+
+
+def svamp_question(body: str, question: str) -> str:
+    """SVAMP question text joined exactly as PAL's svamp.jsonl does, so both files give equal records."""
+    b = body.strip()
+    return b + ("" if b.endswith(".") else ".") + " " + question.strip()
+
+
+def _row_svamp(obj: dict, where: str, skips: SkipLog, **_: Any) -> Record | None:
+    """SVAMP: ``Body`` + ``Question`` and a float ``Answer``; PAL rows (``input``) are accepted too."""
+    if "input" in obj and "Body" not in obj:
+        return _row_pal(obj, where, skips)
+    if not _require(obj, ("Body", "Question", "Answer"), where, skips):
+        return None
+    body, q = obj["Body"], obj["Question"]
+    if not isinstance(body, str) or not isinstance(q, str):
+        skips.skip("bad field type: Body/Question", where)
+        return None
+    if not (body.strip() or q.strip()):
+        skips.skip("empty question", where)
+        return None
+    return _make_record(svamp_question(body, q), (), obj["Answer"], where, skips)
+
+
+def _row_fields(
+    obj: dict,
+    where: str,
+    skips: SkipLog,
+    question_field: str = "question",
+    steps_field: str | None = "steps",
+    answer_field: str = "answer",
+    **_: Any,
+) -> Record | None:
+    """Generic row: steps are a list of strings, a CoT string (split like iCoT), or absent (None field)."""
+    names = [question_field, answer_field] + ([steps_field] if steps_field else [])
+    if not _require(obj, names, where, skips):
+        return None
+    steps: tuple[str, ...] | None = ()
+    value = obj[steps_field] if steps_field else None
+    if isinstance(value, str):
+        steps = split_cot(value)
+    elif isinstance(value, (list, tuple)):
+        steps = _steps_from_list(list(value), where, skips, str(steps_field))
+    elif value is not None:
+        skips.skip(f"bad field type: {steps_field}", where)
+        return None
+    if steps is None:
+        return None
+    return _make_record(obj[question_field], steps, obj[answer_field], where, skips)
+
+
+_ROW_PARSERS: dict[str, Callable[..., Record | None]] = {
+    "gsm8k": _row_gsm8k,
+    "gsm_hard": _row_pal,
+    "svamp": _row_svamp,
+    "fields": _row_fields,
+    "steps": lambda o, w, s, **kw: _row_fields(o, w, s, "question", "steps", "answer"),
+    "cot": lambda o, w, s, **kw: _row_fields(o, w, s, "question", "cot", "answer"),
+}
+HUB_SCHEMAS = tuple(_ROW_PARSERS)
+
+
+# ----------------------------------------------------------------------------------------------------
+# files
+
+
+def _check_file(path: str | Path) -> Path:
+    p = Path(path)
+    if not p.exists():
+        raise DataError(f"{path}: file not found")
+    if p.is_dir():
+        raise DataError(f"{path}: is a directory, expected a file")
+    return p
+
+
+def _finish(records: list[Record], where: str, skips: SkipLog, limit: int | None) -> list[Record]:
+    if not records and limit != 0:
+        extra = f" ({skips.summary()})" if skips.total else ""
+        raise DataError(f"{where}: no records{extra}")
+    return records
+
+
+def _iter_lines(path: Path, skips: SkipLog) -> Iterator[tuple[int, str]]:
+    """(line number, text) of each non-blank line; undecodable lines are skipped as invalid utf-8."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                skips.skip("invalid utf-8", f"{path}:{lineno}")
+                continue
+            if lineno == 1:
+                line = line.removeprefix("\ufeff")
+            line = line.rstrip("\r\n")
+            if line.strip():
+                yield lineno, line
+
+
+def _iter_json_array(path: Path) -> Iterator[tuple[int, Any]]:
+    """(line number, element) of a JSON array file; a broken array cannot be resynchronised, so it raises."""
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8").removeprefix("\ufeff")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise DataError(f"{path}:{line}: invalid utf-8") from e
+    dec = json.JSONDecoder()
+    ws = re.compile(r"\s*")
+    i = ws.match(text, text.index("[") + 1).end()
+    line, counted = 1, 0
+    try:
+        while i < len(text) and text[i] != "]":
+            obj, j = dec.raw_decode(text, i)
+            line += text.count("\n", counted, i)
+            counted = i
+            yield line, obj
+            i = ws.match(text, j).end()
+            if i < len(text) and text[i] == ",":
+                i = ws.match(text, i + 1).end()
+            elif i >= len(text) or text[i] != "]":
+                raise json.JSONDecodeError("expected ',' or ']'", text, i)
+        if i >= len(text):
+            raise json.JSONDecodeError("unterminated array", text, i)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{e.lineno}: invalid json ({e.msg}); a JSON array cannot skip a bad element") from e
+
+
+def _is_json_array(path: Path) -> bool:
+    with open(path, "rb") as f:
+        head = f.read(4096).decode("utf-8", errors="replace").lstrip("\ufeff \t\r\n")
+    return head.startswith("[")
+
+
+def iter_json_objects(path: str | Path, skips: SkipLog) -> Iterator[tuple[str, dict]]:
+    """(``"<path>:<line>"``, object) for a JSONL file or a JSON array file."""
+    p = _check_file(path)
+    if _is_json_array(p):
+        for lineno, obj in _iter_json_array(p):
+            where = f"{path}:{lineno}"
+            if isinstance(obj, dict):
+                yield where, obj
+            else:
+                skips.skip("not a json object", where)
+        return
+    for lineno, line in _iter_lines(p, skips):
+        where = f"{path}:{lineno}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError:
+            skips.skip("invalid json", where)
+            continue
+        if isinstance(obj, dict):
+            yield where, obj
+        else:
+            skips.skip("not a json object", where)
+
+
+def _read_objects(
+    path: str | Path, parser: Callable[..., Record | None], skips: SkipLog | None, limit: int | None, **opts: Any
+) -> list[Record]:
+    skips = SkipLog() if skips is None else skips
+    out: list[Record] = []
+    if limit == 0:
+        _check_file(path)
+        return out
+    for where, obj in iter_json_objects(path, skips):
+        rec = parser(obj, where, skips, **opts)
+        if rec is not None:
+            out.append(rec)
+            if limit is not None and len(out) >= limit:
+                break
+    return _finish(out, str(path), skips, limit)
+
+
+def read_icot(path: str | Path, skips: SkipLog | None = None, limit: int | None = None) -> list[Record]:
+    """iCoT text format, one ``question||cot #### answer`` per line (gsm8k-aug test/valid/train)."""
+    skips = SkipLog() if skips is None else skips
+    p = _check_file(path)
+    out: list[Record] = []
+    if limit == 0:
+        return out
+    for lineno, line in _iter_lines(p, skips):
+        where = f"{path}:{lineno}"
+        if "||" not in line:
+            skips.skip("missing ||", where)
+            continue
+        question, rest = line.split("||", 1)
+        parts = _split_hashes(rest, where, skips)
+        if parts is None:
+            continue
+        rec = _make_record(question, split_cot(parts[0]), parts[1], where, skips)
+        if rec is not None:
+            out.append(rec)
+            if limit is not None and len(out) >= limit:
+                break
+    return _finish(out, str(path), skips, limit)
+
+
+def read_gsm8k_jsonl(
+    path: str | Path, cot_style: str = "equation", skips: SkipLog | None = None, limit: int | None = None
+) -> list[Record]:
+    """GSM8k JSONL. ``equation``: the ``<<expr=result>>`` annotations; ``nl``: solution lines without them."""
+    if cot_style not in ("equation", "nl"):
+        raise DataError(f"cot_style must be 'equation' or 'nl', got {cot_style!r}")
+    return _read_objects(path, _row_gsm8k, skips, limit, cot_style=cot_style)
+
+
+def read_gsm_hard(path: str | Path, skips: SkipLog | None = None, limit: int | None = None) -> list[Record]:
+    """GSM-Hard (PAL ``gsmhardv2.jsonl``): ``input`` and float ``target``; no CoT. ``code`` is never run."""
+    return _read_objects(path, _row_pal, skips, limit)
+
+
+def read_svamp(path: str | Path, skips: SkipLog | None = None, limit: int | None = None) -> list[Record]:
+    """SVAMP from ``SVAMP.json`` (Body/Question/Answer) or PAL's ``svamp.jsonl`` (input/target)."""
+    return _read_objects(path, _row_svamp, skips, limit)
+
+
+def read_jsonl(
+    path: str | Path,
+    question_field: str = "question",
+    steps_field: str | None = "steps",
+    answer_field: str = "answer",
+    skips: SkipLog | None = None,
+    limit: int | None = None,
+) -> list[Record]:
+    """Generic JSONL (or JSON array). Steps are a list of strings or one CoT string; None means no CoT."""
+    return _read_objects(
+        path, _row_fields, skips, limit,
+        question_field=question_field, steps_field=steps_field, answer_field=answer_field,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------
+# Hugging Face Hub
+
+# hub id (lower case) -> (row schema, config name)
+HUB_DATASETS: dict[str, tuple[str, str | None]] = {
+    "whynlp/gsm8k-aug": ("steps", None),
+    "whynlp/gsm8k-aug-nl": ("steps", None),
+    "zen-e/gsm8k-aug": ("cot", None),
+    "zen-e/gsm8k-aug-nl": ("cot", None),
+    "openai/gsm8k": ("gsm8k", "main"),
+    "gsm8k": ("gsm8k", "main"),
+    "reasoning-machines/gsm-hard": ("gsm_hard", None),
+    "chilled/svamp": ("svamp", None),
+}
+
+
+def infer_schema(columns: Iterable[str]) -> str:
+    """Row schema from column names, for hub ids not in `HUB_DATASETS`."""
+    cols = set(columns)
+    if {"Body", "Question", "Answer"} <= cols:
+        return "svamp"
+    if {"input", "target"} <= cols:
+        return "gsm_hard"
+    if {"question", "steps", "answer"} <= cols:
+        return "steps"
+    if {"question", "cot", "answer"} <= cols:
+        return "cot"
+    if {"question", "answer"} <= cols:
+        return "gsm8k"
+    raise DataError(f"cannot infer the schema from columns {sorted(cols)}; pass fields=")
+
+
+def records_from_rows(
+    rows: Iterable[dict],
+    schema: str,
+    where_prefix: str,
+    *,
+    fields: dict | None = None,
+    cot_style: str = "equation",
+    skips: SkipLog | None = None,
+    limit: int | None = None,
+) -> list[Record]:
+    """Map rows (e.g. a `datasets.Dataset`) of a known schema to records; ``where`` is ``prefix:index``.
+
+    schema: ``steps`` (question/steps list/answer: whynlp), ``cot`` (question/cot string/answer: zen-E),
+    ``gsm8k`` (question/answer with ``####``), ``gsm_hard`` (input/target), ``svamp`` (Body/Question/
+    Answer), or ``fields`` (the `fields` mapping with keys question/steps/answer).
+    """
+    if schema not in _ROW_PARSERS:
+        raise DataError(f"unknown row schema {schema!r}; expected one of {HUB_SCHEMAS}")
+    skips = SkipLog() if skips is None else skips
+    opts: dict[str, Any] = {"cot_style": cot_style}
+    if schema == "fields":
+        opts.update(_field_opts(fields))
+    parser = _ROW_PARSERS[schema]
+    out: list[Record] = []
+    if limit == 0:
+        return out
+    for i, row in enumerate(rows):
+        where = f"{where_prefix}:{i}"
+        if not isinstance(row, dict):
+            skips.skip("not a json object", where)
+            continue
+        rec = parser(row, where, skips, **opts)
+        if rec is not None:
+            out.append(rec)
+            if limit is not None and len(out) >= limit:
+                break
+    return _finish(out, where_prefix, skips, limit)
+
+
+def _field_opts(fields: dict | None) -> dict[str, Any]:
+    fields = dict(fields or {})
+    unknown = set(fields) - {"question", "steps", "answer"}
+    if unknown:
+        raise DataError(f"fields= takes keys question/steps/answer, got {sorted(unknown)}")
+    return {
+        "question_field": fields.get("question", "question"),
+        "steps_field": fields.get("steps", "steps"),
+        "answer_field": fields.get("answer", "answer"),
+    }
+
+
+def read_hub(
+    hub_id: str,
+    split: str,
+    *,
+    config: str | None = None,
+    fields: dict | None = None,
+    cot_style: str = "equation",
+    skips: SkipLog | None = None,
+    limit: int | None = None,
+) -> list[Record]:
+    """Load a Hugging Face dataset split (``datasets`` imported only here) and map its rows to records."""
+    try:
+        import datasets
+    except ImportError as e:
+        raise ImportError(
+            f"reading {hub_id!r} from the Hugging Face Hub needs the optional `datasets` package: "
+            "pip install kava[hub]"
+        ) from e
+    known_schema, known_config = HUB_DATASETS.get(hub_id.lower(), (None, None))
+    config = config if config is not None else known_config
+    try:
+        ds = datasets.load_dataset(hub_id, config, split=split)
+    except Exception as e:  # network, auth, unknown split: report it as a data problem with the id
+        raise DataError(f"{hub_id}: could not load split {split!r} (config {config!r}): {e}") from e
+    schema = "fields" if fields else (known_schema or infer_schema(ds.column_names))
+    prefix = f"{hub_id}[{split}]"
+    return records_from_rows(ds, schema, prefix, fields=fields, cot_style=cot_style, skips=skips, limit=limit)
+
+
+# ----------------------------------------------------------------------------------------------------
+# one entry point
+
+
+def _peek_object(path: Path) -> dict | None:
+    """First JSON object of a JSONL/JSON-array file, or None if the first record is unreadable."""
+    try:
+        if _is_json_array(path):
+            for _, obj in _iter_json_array(path):
+                return obj if isinstance(obj, dict) else None
+            return None
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.strip():
+                    obj = json.loads(line.lstrip("\ufeff"))
+                    return obj if isinstance(obj, dict) else None
+    except (json.JSONDecodeError, DataError):
+        return None
+    return None
+
+
+def detect_format(source: str | Path) -> str:
+    """The reader `load_records` would use for `source` (an existing file or a hub id)."""
+    p = Path(source)
+    if not p.exists():
+        if isinstance(source, str) and _HUB_ID_RE.fullmatch(source) and p.suffix not in (".txt", ".json", ".jsonl"):
+            return "hub"
+        raise DataError(f"{source}: file not found")
+    if p.is_dir():
+        raise DataError(f"{source}: is a directory; pass split= to pick <split>.jsonl/.txt/.json inside it")
+    if p.suffix == ".txt":
+        return "icot"
+    obj = _peek_object(p)
+    if obj is None:
+        if p.suffix in (".json", ".jsonl"):
+            return "jsonl"  # the reader will report what is wrong with the first record
+        return "icot"
+    if "Body" in obj and "Question" in obj:
+        return "svamp"
+    if "target" in obj and ("code" in obj or "input" in obj):
+        return "gsm_hard"  # PAL's format: GSM-Hard, and svamp.jsonl, which read_svamp reads identically
+    if isinstance(obj.get("answer"), str) and "####" in obj["answer"]:
+        return "gsm8k"
+    return "jsonl"
+
+
+def _resolve_dir(p: Path, split: str | None) -> Path:
+    if split is None:
+        raise DataError(f"{p}: is a directory; pass split= to pick <split>.jsonl/.txt/.json inside it")
+    for ext in (".jsonl", ".txt", ".json"):
+        if (p / f"{split}{ext}").exists():
+            return p / f"{split}{ext}"
+    raise DataError(f"{p}: no file {split}.jsonl, {split}.txt or {split}.json")
+
+
+def load_records(
+    source: str | Path,
+    format: str = "auto",
+    split: str | None = None,
+    *,
+    fields: dict | None = None,
+    skips: SkipLog | None = None,
+    strict: bool = False,
+    limit: int | None = None,
+    cot_style: str = "equation",
+) -> list[Record]:
+    """Read `source` (a file, a directory plus `split`, or a hub id plus `split`) into records.
+
+    format: one of `FORMATS`; ``auto`` picks by extension and first record (see `detect_format`).
+    fields: for ``jsonl``/``hub``, a mapping with keys question/steps/answer naming the columns.
+    cot_style: ``equation`` or ``nl``; picks GSM8k's CoT form and the synthetic files' steps_eq/steps_nl.
+    strict: raise `DataError` at the first bad record instead of counting it in `skips`.
+    """
+    if format not in FORMATS:
+        raise DataError(f"unknown data format {format!r}; expected one of {FORMATS}")
+    if cot_style not in ("equation", "nl"):
+        raise DataError(f"cot_style must be 'equation' or 'nl', got {cot_style!r}")
+    if skips is None:
+        skips = SkipLog(strict=strict)
+    elif strict:
+        skips.strict = True
+    src = str(source)
+    p = Path(src)
+    if format == "hub" or (format == "auto" and not p.exists() and detect_format(src) == "hub"):
+        if split is None:
+            raise DataError(f"{src}: a hub dataset needs split= (e.g. train, validation, test)")
+        return read_hub(src, split, fields=fields, cot_style=cot_style, skips=skips, limit=limit)
+    if p.is_dir():
+        p = _resolve_dir(p, split)
+    fmt = detect_format(p) if format == "auto" else format
+    if fmt == "icot":
+        return read_icot(p, skips, limit)
+    if fmt == "gsm8k":
+        return read_gsm8k_jsonl(p, cot_style, skips, limit)
+    if fmt == "gsm_hard":
+        return read_gsm_hard(p, skips, limit)
+    if fmt == "svamp":
+        return read_svamp(p, skips, limit)
+    opts = _field_opts(fields)
+    if not (fields and "steps" in fields):
+        obj = _peek_object(_check_file(p)) or {}
+        if "steps_eq" in obj or "steps_nl" in obj:  # the synthetic generator's files
+            opts["steps_field"] = "steps_eq" if cot_style == "equation" else "steps_nl"
+        elif opts["steps_field"] not in obj and "cot" in obj:
+            opts["steps_field"] = "cot"
+    return read_jsonl(p, skips=skips, limit=limit, **opts)
+
+
+# ----------------------------------------------------------------------------------------------------
+# evaluation sets
+
+
+@dataclass(frozen=True)
+class EvalDataset:
+    """Where an evaluation set lives locally and on the hub, and how big it must be."""
+
+    name: str
+    label: str
+    local: str  # path relative to data_dir
+    format: str
+    hub_id: str | None
+    hub_config: str | None
+    hub_split: str | None
+    expected: int | None
+
+
+EVAL_DATASETS: dict[str, EvalDataset] = {
+    "gsm8k": EvalDataset("gsm8k", "gsm8k test", "gsm8k/test.jsonl", "gsm8k", "openai/gsm8k", "main", "test", 1319),
+    # The hub copy of GSM-Hard has a single `train` split holding all 1,319 problems.
+    "gsm8k-hard": EvalDataset(
+        "gsm8k-hard", "GSM-Hard", "gsm8k-hard/gsmhardv2.jsonl", "gsm_hard",
+        "reasoning-machines/gsm-hard", None, "train", 1319,
+    ),
+    # ChilleD/SVAMP splits the 1,000 problems 700/300; the paper evaluates on all 1,000.
+    "svamp": EvalDataset("svamp", "SVAMP", "svamp/SVAMP.json", "svamp", "ChilleD/SVAMP", None, "train+test", 1000),
+    "gsm8k-aug-valid": EvalDataset(
+        "gsm8k-aug-valid", "gsm8k-aug valid", "gsm8k-aug/valid.txt", "icot", "whynlp/gsm8k-aug", None, "validation", 500,
+    ),
+    **{
+        f"synth-{s}": EvalDataset(f"synth-{s}", f"synthetic {s}", f"{s}.jsonl", "jsonl", None, None, None, None)
+        for s in ("test", "hard", "varied", "valid")
+    },
+}
+
+
+def load_eval_dataset(
+    name: str,
+    data_dir: str | Path | None = None,
+    hub: bool = False,
+    *,
+    skips: SkipLog | None = None,
+    cot_style: str = "equation",
+) -> tuple[list[Record], str]:
+    """Records of a named evaluation set and a line naming the exact file/split and count.
+
+    data_dir defaults to ``$KAVA_DATA_DIR`` or ``./data``. Synthetic splits are read from
+    ``data_dir/<split>.jsonl`` (or ``data_dir/synthetic/<split>.jsonl``). A count that differs from the
+    published size is flagged in the description rather than hidden.
+    """
+    if name not in EVAL_DATASETS:
+        raise DataError(f"unknown evaluation set {name!r}; expected one of {sorted(EVAL_DATASETS)}")
+    spec = EVAL_DATASETS[name]
+    skips = SkipLog() if skips is None else skips
+    if hub:
+        if spec.hub_id is None:
+            raise DataError(f"{name}: the synthetic sets exist only locally (write them with write_synthetic)")
+        records = read_hub(spec.hub_id, spec.hub_split or "test", config=spec.hub_config, cot_style=cot_style, skips=skips)
+        where = f"hub {spec.hub_id}" + (f" {spec.hub_config}" if spec.hub_config else "") + f", split {spec.hub_split}"
+    else:
+        root = Path(data_dir if data_dir is not None else os.environ.get("KAVA_DATA_DIR", "data"))
+        path = root / spec.local
+        if spec.name.startswith("synth-") and not path.exists() and (root / "synthetic" / spec.local).exists():
+            path = root / "synthetic" / spec.local
+        records = load_records(path, spec.format, skips=skips, cot_style=cot_style)
+        where = str(path)
+    desc = f"{spec.label} ({where}), {len(records)} problems"
+    if spec.expected is not None and len(records) != spec.expected:
+        desc += f" (expected {spec.expected})"
+    if skips.total:
+        desc += f"; {skips.summary()}"
+    return records, desc

@@ -1,0 +1,381 @@
+"""Readers: exact record counts on the shared data, answer normalisation, and every bad-record path."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+
+import pytest
+
+from kava.data import readers
+from kava.data.readers import (
+    EVAL_DATASETS,
+    detect_format,
+    load_eval_dataset,
+    load_records,
+    normalize_number,
+    read_gsm8k_jsonl,
+    read_gsm_hard,
+    read_hub,
+    read_icot,
+    read_jsonl,
+    read_svamp,
+    records_from_rows,
+    split_cot,
+    split_sentences,
+)
+from kava.data.records import DataError, Record, SkipLog
+
+COUNTS = [
+    ("gsm8k/test.jsonl", "gsm8k", 1319),
+    ("gsm8k/train.jsonl", "gsm8k", 7473),
+    ("gsm8k-aug/test.txt", "icot", 1319),
+    ("gsm8k-aug/valid.txt", "icot", 500),
+    ("gsm8k-aug/train_no_aug.txt", "icot", 6973),
+    ("gsm8k-aug/partial_train_sample/middletrain.txt", "icot", 3000),
+    ("gsm8k-hard/gsmhardv2.jsonl", "gsm_hard", 1319),
+    ("svamp/SVAMP.json", "svamp", 1000),
+    ("svamp/svamp_pal.jsonl", "gsm_hard", 1000),  # PAL format; read_svamp reads it identically
+]
+
+
+@pytest.mark.parametrize("rel,fmt,n", COUNTS)
+def test_counts_match_source_md(data_dir, rel, fmt, n):
+    skips = SkipLog()
+    path = data_dir / rel
+    assert detect_format(path) == fmt
+    recs = load_records(path, skips=skips)
+    assert len(recs) == n
+    assert skips.total == 0, skips.summary()
+    assert all(r.question and r.answer and normalize_number(r.answer) == r.answer for r in recs)
+    assert recs[0].source == f"{path}:{2 if rel.endswith('SVAMP.json') else 1}"
+
+
+def test_gsm8k_first_record(data_dir):
+    r = read_gsm8k_jsonl(data_dir / "gsm8k/test.jsonl", limit=1)
+    assert len(r) == 1
+    assert r[0].steps == ("<<16-3-4=9>>", "<<9*2=18>>")
+    assert r[0].answer == "18"
+    assert r[0].question.startswith("Janet’s ducks lay 16 eggs per day.")
+    nl = read_gsm8k_jsonl(data_dir / "gsm8k/test.jsonl", cot_style="nl", limit=1)[0]
+    assert nl.steps == (
+        "Janet sells 16 - 3 - 4 = 9 duck eggs a day.",
+        "She makes 9 * 2 = $18 every day at the farmer’s market.",
+    )
+
+
+def test_gsm8k_comma_answers_normalised(data_dir):
+    path = data_dir / "gsm8k/test.jsonl"
+    raw = [json.loads(line)["answer"].rsplit("####", 1)[1].strip() for line in path.open(encoding="utf-8")]
+    recs = read_gsm8k_jsonl(path)
+    with_comma = [(a, r.answer) for a, r in zip(raw, recs) if "," in a]
+    assert len(with_comma) == 14
+    assert ("2,125", "2125") in with_comma
+    assert all(norm == a.replace(",", "") and "," not in norm for a, norm in with_comma)
+
+
+def test_gsm8k_aug_test_matches_gsm8k_test(data_dir):
+    aug = read_icot(data_dir / "gsm8k-aug/test.txt")
+    gsm = read_gsm8k_jsonl(data_dir / "gsm8k/test.jsonl")
+    assert [r.question for r in aug] == [r.question for r in gsm]
+    assert [r.answer for r in aug] == [r.answer for r in gsm]
+    # test.txt's CoT is GSM8k's own annotations joined by spaces, so the equation steps agree too
+    assert [r.steps for r in aug] == [r.steps for r in gsm]
+    assert sum(1 for r in aug if not r.steps) == 18
+
+
+def test_gsm_hard_floats_and_negatives(data_dir):
+    recs = read_gsm_hard(data_dir / "gsm8k-hard/gsmhardv2.jsonl")
+    assert len(recs) == 1319
+    assert sum("." in r.answer for r in recs) == 303
+    assert sum(r.answer.startswith("-") for r in recs) == 146
+    assert recs[0].answer == "-9867630" and recs[1].answer == "3431580"
+    assert all(r.steps == () and "e" not in r.answer for r in recs)
+    assert recs[1].question.startswith("A robe takes 2287720 bolts")
+
+
+def test_svamp_two_files_agree(data_dir):
+    a = read_svamp(data_dir / "svamp/SVAMP.json")
+    b = read_svamp(data_dir / "svamp/svamp_pal.jsonl")
+    c = read_gsm_hard(data_dir / "svamp/svamp_pal.jsonl")
+    assert len(a) == len(b) == 1000
+    key = lambda r: (r.question, r.steps, r.answer)  # noqa: E731 - sources differ by file name only
+    assert [key(r) for r in a] == [key(r) for r in b] == [key(r) for r in c]
+    assert key(a[0]) == (
+        "Each pack of dvds costs 76 dollars. If there is a discount of 25 dollars on each pack. "
+        "How much do you have to pay to buy each pack?",
+        (),
+        "51",
+    )
+    assert a[1].source == f"{data_dir / 'svamp/SVAMP.json'}:10"  # line numbers inside the JSON array
+
+
+def test_icot_nl_and_equation_steps(data_dir):
+    nl = read_icot(data_dir / "gsm8k-aug/train_no_aug.txt", limit=2)
+    assert nl[0].steps == (
+        "The annual budget for policing is 32 / 2 = $16 million.",
+        "The combined budget for education and policing is 16 + 12 = $28 million.",
+        "There is 32 - 28 = $4 million to manage public spaces.",
+    )
+    # lines were joined without periods: "... = $6 The total ..." still breaks into 7 steps
+    assert len(nl[1].steps) == 7 and nl[1].steps[1].startswith("The total price")
+    assert nl[1].question.startswith("Due to the restrictions of Coronavirus, Mr. Trent")
+    eq = read_icot(data_dir / "gsm8k-aug/partial_train_sample/middletrain.txt", limit=1)[0]
+    assert eq.steps == ("<<600*30/100=180>>", "<<600*10/100=60>>", "<<180+60=240>>", "<<600-240=360>>")
+    assert eq.answer == "360"
+
+
+@pytest.mark.parametrize(
+    "value,expected",
+    [
+        ("2,125", "2125"), ("18", "18"), (" 18 ", "18"), (3431580.0, "3431580"), ("3431580.0", "3431580"),
+        (-12.5, "-12.5"), ("-12.50", "-12.5"), (2.0107e-06, "0.0000020107"), ("1e3", "1000"), ("36.", "36"),
+        (".45", "0.45"), ("2/5", "0.4"), ("-0.0", "0"), (7, "7"), ("+5", "5"), ("007", "7"),
+        ("1/3", None), ("abc", None), ("", None), ("12 apples", None), (float("nan"), None), (None, None),
+        (True, None), ("5/0", None),
+    ],
+)
+def test_normalize_number(value, expected):
+    assert normalize_number(value) == expected
+
+
+def test_split_sentences_and_cot():
+    assert split_sentences("It costs $3.50 each. He buys 2.5 kg! Mr. Lee pays 7. Done") == [
+        "It costs $3.50 each.", "He buys 2.5 kg!", "Mr. Lee pays 7.", "Done",
+    ]
+    assert split_cot("  ") == ()
+    assert split_cot("<<1+2=3>> <<3*2=6>>") == ("<<1+2=3>>", "<<3*2=6>>")
+    assert split_cot("He has 3. She has 4.") == ("He has 3.", "She has 4.")
+
+
+# ----------------------------------------------------------------------------------------------------
+# bad records: one good line then one bad line, counted under its reason, or DataError at <path>:2
+
+GOOD_ICOT = b"Tom has 2 apples. How many?||<<1+1=2>> #### 2\n"
+GOOD_GSM8K = json.dumps({"question": "Q?", "answer": "a <<1+1=2>>2\n#### 2"}).encode() + b"\n"
+
+BAD = [
+    ("icot", GOOD_ICOT + b"Q?||<<1+1=2>> 2\n", "missing ####"),
+    ("icot", GOOD_ICOT + b"Q?||<<1+1=2>> #### 2 #### 3\n", "duplicated ####"),
+    ("icot", GOOD_ICOT + b"Q? <<1+1=2>> #### 2\n", "missing ||"),
+    ("icot", GOOD_ICOT + b"Q?||<<1+1=2>> #### two\n", "non-numeric answer"),
+    ("icot", GOOD_ICOT + b"Q?||<<1+1=2>> ####   \n", "empty answer"),
+    ("icot", GOOD_ICOT + b"   ||<<1+1=2>> #### 2\n", "empty question"),
+    ("icot", GOOD_ICOT + b"Q \xff\xfe?||<<1+1=2>> #### 2\n", "invalid utf-8"),
+    ("gsm8k", GOOD_GSM8K + b'{"question": "Q?", "answer": "#### 2"', "invalid json"),
+    ("gsm8k", GOOD_GSM8K + b'{"problem": "Q?", "solution": "#### 2"}\n', "missing field: question"),
+    ("gsm8k", GOOD_GSM8K + b'{"question": "Q?", "solution": "#### 2"}\n', "missing field: answer"),
+    ("gsm8k", GOOD_GSM8K + b'{"question": "Q?", "answer": "x 2"}\n', "missing ####"),
+    ("gsm8k", GOOD_GSM8K + b'{"question": "Q?", "answer": "#### 1 #### 2"}\n', "duplicated ####"),
+    ("gsm8k", GOOD_GSM8K + b'{"question": "Q?", "answer": "#### n/a"}\n', "non-numeric answer"),
+    ("gsm8k", GOOD_GSM8K + b'{"question": "", "answer": "#### 2"}\n', "empty question"),
+    ("gsm8k", GOOD_GSM8K + b'{"question": "Q\xc3?", "answer": "#### 2"}\n', "invalid utf-8"),
+    ("gsm8k", GOOD_GSM8K + b"[1, 2]\n", "not a json object"),
+    ("gsm_hard", b'{"input": "Q?", "target": 2.0}\n{"input": "Q?", "answer": 2.0}\n', "missing field: target"),
+    ("gsm_hard", b'{"input": "Q?", "target": 2.0}\n{"input": "Q?", "target": null}\n', "empty answer"),
+    ("jsonl", b'{"question": "Q?", "steps": [], "answer": 2}\n{"question": "Q?", "answer": 2}\n', "missing field: steps"),
+    ("jsonl", b'{"question": "Q?", "steps": [], "answer": 2}\n{"question": "Q?", "steps": [1], "answer": 2}\n',
+     "bad field type: steps"),
+]
+
+
+@pytest.mark.parametrize("fmt,content,reason", BAD, ids=[f"{f}-{r}" for f, _, r in BAD])
+def test_bad_record_counted_or_raised(tmp_path, fmt, content, reason):
+    path = tmp_path / ("data.txt" if fmt == "icot" else "data.jsonl")
+    path.write_bytes(content)
+    skips = SkipLog()
+    recs = load_records(path, fmt, skips=skips)
+    assert len(recs) == 1 and recs[0].answer == "2"
+    assert skips.counts == {reason: 1}
+    assert skips.examples[reason] == [f"{path}:2"]
+    with pytest.raises(DataError) as e:
+        load_records(path, fmt, strict=True)
+    assert f"{path}:2: {reason}" in str(e.value)
+
+
+def test_svamp_json_array_bad_element(tmp_path):
+    path = tmp_path / "SVAMP.json"
+    rows = [{"Body": "He has 3 pens", "Question": "How many?", "Answer": 3.0}, {"Body": "x", "Question": "y?"}]
+    path.write_text(json.dumps(rows, indent=1))
+    skips = SkipLog()
+    recs = load_records(path, skips=skips)
+    assert [(r.question, r.answer) for r in recs] == [("He has 3 pens. How many?", "3")]
+    assert skips.counts == {"missing field: Answer": 1}
+    assert skips.examples["missing field: Answer"] == [f"{path}:7"]
+    path.write_text(json.dumps(rows)[:-5])  # truncated array: cannot resynchronise, so always an error
+    with pytest.raises(DataError, match="invalid json"):
+        load_records(path)
+
+
+@pytest.mark.parametrize("name", ["data.txt", "data.jsonl", "SVAMP.json"])
+def test_empty_and_missing_files(tmp_path, name):
+    path = tmp_path / name
+    with pytest.raises(DataError, match=re.escape(f"{path}: file not found")):
+        load_records(path)
+    path.write_text("\n")
+    with pytest.raises(DataError, match=re.escape(f"{path}: no records")):
+        load_records(path)
+    for reader in (read_icot, read_gsm8k_jsonl, read_gsm_hard, read_svamp, read_jsonl):
+        with pytest.raises(DataError, match="no records"):
+            reader(path)
+    (tmp_path / "missing").mkdir()
+    with pytest.raises(DataError, match="file not found"):
+        read_icot(tmp_path / "missing" / name)
+
+
+def test_all_bad_records_is_no_records(tmp_path):
+    path = tmp_path / "bad.txt"
+    path.write_text("a||b #### x\nc||d\n")
+    skips = SkipLog()
+    with pytest.raises(DataError, match=r"no records \(skipped 2 records"):
+        read_icot(path, skips)
+    assert skips.counts == {"non-numeric answer": 1, "missing ####": 1}
+
+
+def test_generic_jsonl_and_dispatch(tmp_path):
+    path = tmp_path / "mine.jsonl"
+    rows = [
+        {"q": "A?", "cot": "<<2*3=6>> <<6+1=7>>", "a": "7"},
+        {"q": "B?", "cot": "He has 2.5 kg. Then 3 more.", "a": 5.5},
+        {"q": "C?", "cot": ["<<1+1=2>>", " "], "a": "1,002"},
+        {"q": "D?", "cot": None, "a": "4"},
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    recs = read_jsonl(path, question_field="q", steps_field="cot", answer_field="a")
+    assert [(r.question, r.steps, r.answer) for r in recs] == [
+        ("A?", ("<<2*3=6>>", "<<6+1=7>>"), "7"),
+        ("B?", ("He has 2.5 kg.", "Then 3 more."), "5.5"),
+        ("C?", ("<<1+1=2>>",), "1002"),
+        ("D?", (), "4"),
+    ]
+    assert detect_format(path) == "jsonl"
+    via = load_records(path, fields={"question": "q", "steps": "cot", "answer": "a"}, limit=2)
+    assert via == recs[:2]
+    assert read_jsonl(path, "q", None, "a")[0].steps == ()
+    with pytest.raises(DataError, match="unknown data format"):
+        load_records(path, "csv")
+
+
+def test_directory_with_split_and_limit(data_dir):
+    recs = load_records(data_dir / "gsm8k-aug", split="valid", limit=3)
+    assert len(recs) == 3 and recs[0].source.endswith("valid.txt:1")
+    with pytest.raises(DataError, match="split="):
+        load_records(data_dir / "gsm8k-aug")
+    with pytest.raises(DataError, match="no file nope"):
+        load_records(data_dir / "gsm8k-aug", split="nope")
+
+
+def test_hub_detection():
+    assert detect_format("whynlp/gsm8k-aug") == "hub"
+    assert detect_format("openai/gsm8k") == "hub"
+    with pytest.raises(DataError, match="file not found"):
+        detect_format("data/train.txt")  # looks like owner/name, but has a file extension
+    with pytest.raises(DataError, match="needs split="):
+        load_records("whynlp/gsm8k-aug")
+
+
+# ----------------------------------------------------------------------------------------------------
+# hub schema mapping, with locally built datasets (no network)
+
+HUB_ROWS = {
+    "steps": [{"question": "Q1?", "steps": ["<<16-3-4=9>>", "<<9*2=18>>"], "answer": "18"}],
+    "cot": [{"question": "Q1?", "cot": "<<16-3-4=9>> <<9*2=18>>", "answer": "18"}],
+    "gsm8k": [{"question": "Q1?", "answer": "She sells 16 - 3 - 4 = <<16-3-4=9>>9.\nShe makes 9*2 = <<9*2=18>>18.\n#### 18"}],
+    "gsm_hard": [{"input": "Q1?", "code": "def solution(): ...", "target": 18.0}],
+    "svamp": [{"ID": "chal-1", "Body": "Q1", "Question": "How many?", "Equation": "( 9.0 * 2.0 )", "Answer": 18.0,
+               "Type": "Multiplication"}],
+}
+HUB_EXPECTED = {
+    "steps": Record("Q1?", ("<<16-3-4=9>>", "<<9*2=18>>"), "18", "hub[train]:0"),
+    "cot": Record("Q1?", ("<<16-3-4=9>>", "<<9*2=18>>"), "18", "hub[train]:0"),
+    "gsm8k": Record("Q1?", ("<<16-3-4=9>>", "<<9*2=18>>"), "18", "hub[train]:0"),
+    "gsm_hard": Record("Q1?", (), "18", "hub[train]:0"),
+    "svamp": Record("Q1. How many?", (), "18", "hub[train]:0"),
+}
+
+
+@pytest.mark.parametrize("schema", sorted(HUB_ROWS))
+def test_records_from_dataset_rows(schema):
+    datasets = pytest.importorskip("datasets")
+    ds = datasets.Dataset.from_list(HUB_ROWS[schema])
+    assert readers.infer_schema(ds.column_names) == schema
+    assert records_from_rows(ds, schema, "hub[train]") == [HUB_EXPECTED[schema]]
+
+
+def test_records_from_rows_skips_and_nl():
+    datasets = pytest.importorskip("datasets")
+    rows = HUB_ROWS["gsm8k"] + [{"question": "Q2?", "answer": "no marker"}]
+    skips = SkipLog()
+    recs = records_from_rows(datasets.Dataset.from_list(rows), "gsm8k", "openai/gsm8k[test]", cot_style="nl", skips=skips)
+    assert recs[0].steps == ("She sells 16 - 3 - 4 = 9.", "She makes 9*2 = 18.")
+    assert skips.examples == {"missing ####": ["openai/gsm8k[test]:1"]}
+    with pytest.raises(DataError, match=r"openai/gsm8k\[test\]:1: missing ####"):
+        records_from_rows(rows, "gsm8k", "openai/gsm8k[test]", skips=SkipLog(strict=True))
+    fields = [{"problem": "P?", "solution": ["s1", "s2"], "final": 3}]
+    out = records_from_rows(fields, "fields", "x", fields={"question": "problem", "steps": "solution", "answer": "final"})
+    assert out == [Record("P?", ("s1", "s2"), "3", "x:0")]
+
+
+def test_read_hub_uses_schema_and_config(monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    calls = []
+
+    def fake_load(hub_id, config=None, split=None):
+        calls.append((hub_id, config, split))
+        schema = {"openai/gsm8k": "gsm8k", "whynlp/gsm8k-aug-nl": "steps", "ChilleD/SVAMP": "svamp"}.get(hub_id, "cot")
+        return datasets.Dataset.from_list(HUB_ROWS[schema])
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load)
+    assert read_hub("openai/gsm8k", "test")[0].steps == ("<<16-3-4=9>>", "<<9*2=18>>")
+    assert read_hub("whynlp/gsm8k-aug-nl", "validation")[0].source == "whynlp/gsm8k-aug-nl[validation]:0"
+    assert read_hub("someone/unknown", "train")[0].steps == ("<<16-3-4=9>>", "<<9*2=18>>")  # schema inferred: cot
+    assert load_records("openai/gsm8k", split="test")[0].answer == "18"
+    recs, desc = load_eval_dataset("svamp", hub=True)
+    assert recs[0].question == "Q1. How many?" and desc == "SVAMP (hub ChilleD/SVAMP, split train+test), 1 problems (expected 1000)"
+    assert calls[0] == ("openai/gsm8k", "main", "test") and calls[-1] == ("ChilleD/SVAMP", None, "train+test")
+
+    def failing(*a, **k):
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr(datasets, "load_dataset", failing)
+    with pytest.raises(DataError, match="whynlp/gsm8k-aug: could not load split 'train'.*no network"):
+        read_hub("whynlp/gsm8k-aug", "train")
+
+
+def test_read_hub_without_datasets(monkeypatch):
+    monkeypatch.setitem(sys.modules, "datasets", None)  # makes `import datasets` raise ImportError
+    with pytest.raises(ImportError, match=re.escape("pip install kava[hub]")):
+        read_hub("whynlp/gsm8k-aug", "train")
+
+
+# ----------------------------------------------------------------------------------------------------
+# evaluation sets
+
+
+@pytest.mark.parametrize(
+    "name,n,rel",
+    [
+        ("gsm8k", 1319, "gsm8k/test.jsonl"),
+        ("gsm8k-hard", 1319, "gsm8k-hard/gsmhardv2.jsonl"),
+        ("svamp", 1000, "svamp/SVAMP.json"),
+        ("gsm8k-aug-valid", 500, "gsm8k-aug/valid.txt"),
+    ],
+)
+def test_load_eval_dataset(data_dir, name, n, rel):
+    recs, desc = load_eval_dataset(name, data_dir)
+    assert len(recs) == n
+    assert desc == f"{EVAL_DATASETS[name].label} ({data_dir / rel}), {n} problems"
+    assert desc.startswith({"gsm8k": "gsm8k test (", "gsm8k-hard": "GSM-Hard (", "svamp": "SVAMP (",
+                            "gsm8k-aug-valid": "gsm8k-aug valid ("}[name])
+
+
+def test_load_eval_dataset_env_and_errors(data_dir, monkeypatch, tmp_path):
+    monkeypatch.setenv("KAVA_DATA_DIR", str(data_dir))
+    assert len(load_eval_dataset("gsm8k")[0]) == 1319
+    with pytest.raises(DataError, match="unknown evaluation set"):
+        load_eval_dataset("mmlu", data_dir)
+    with pytest.raises(DataError, match="only locally"):
+        load_eval_dataset("synth-test", hub=True)
+    with pytest.raises(DataError, match="file not found"):
+        load_eval_dataset("synth-test", tmp_path)
