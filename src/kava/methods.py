@@ -1,0 +1,98 @@
+"""Which passes and loss terms each method uses (SPEC §5); methods differ by switches, not by forks.
+
+| method | teacher pass | student pass            | terms                                  |
+|--------|--------------|-------------------------|----------------------------------------|
+| cot    | CoT sequence | –                       | ce_teacher                             |
+| nocot  | no CoT       | –                       | ce_teacher (on the answer)             |
+| pccot  | CoT sequence | Jacobi sweeps           | ce_student, ce_teacher, codi           |
+| codi   | CoT sequence | sequential latents      | ce_student, ce_teacher, codi           |
+| kava   | CoT sequence | Jacobi sweeps           | ce_student, ce_teacher, codi, kv       |
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kava import eviction, losses
+from kava.config import Config
+from kava.data.format import Tokenized, build_student_batch, build_teacher_batch
+from kava.model.reasoner import LatentReasoner
+
+
+@dataclass
+class MethodSpec:
+    teacher_cot: bool  # teacher sequence contains the CoT
+    student: str | None  # None | "jacobi" | "sequential"
+    codi: bool
+    kv: bool
+
+
+METHOD_SPECS = {
+    "cot": MethodSpec(True, None, False, False),
+    "nocot": MethodSpec(False, None, False, False),
+    "pccot": MethodSpec(True, "jacobi", True, False),
+    "codi": MethodSpec(True, "sequential", True, False),
+    "kava": MethodSpec(True, "jacobi", True, True),
+}
+
+
+@dataclass
+class Batch:
+    teacher: object
+    student: object | None
+    num_tokens: int  # real tokens across both sequences (for tokens/s)
+
+
+def make_batch(items: list[Tokenized], model_ids, cfg: Config) -> Batch:
+    spec = METHOD_SPECS[cfg.method]
+    tb = build_teacher_batch(items, model_ids, with_cot=spec.teacher_cot, query_mode=cfg.eviction.importance_queries,
+                             tail_window=cfg.eviction.cot_tail_window)
+    sb = build_student_batch(items, model_ids, cfg.latent.num_latents) if spec.student else None
+    n = int(tb.mask.sum()) + (int(sb.mask.sum()) if sb is not None else 0)
+    return Batch(tb, sb, n)
+
+
+def loss_step(model: LatentReasoner, batch: Batch, cfg: Config, generator: torch.Generator | None = None):
+    """Forward passes + every loss term of `cfg.method` on one micro-batch.
+
+    Returns (total, log) where log maps names to detached 0-dim tensors: `loss/<term>` for each term,
+    `loss/total`, `kv_sweep_<t>` when supervising every sweep, `evict/*` statistics for kava.
+    """
+    spec = METHOD_SPECS[cfg.method]
+    lc, tb, sb = cfg.loss, batch.teacher, batch.student
+    need_importance = spec.kv and cfg.eviction.method in ("rkv", "attention")
+    t = model.teacher_forward(tb, need_kv=spec.kv, need_importance=need_importance, key_space=lc.kv_key_space)
+    terms = {"ce_teacher": losses.token_cross_entropy(t.logits, t.targets)}
+    weights = {"ce_teacher": lc.ce_teacher if spec.student else 1.0}
+    extra: dict[str, torch.Tensor] = {}
+    if spec.student:
+        keep = "all" if lc.kv_supervision == "all" else "last"
+        s = model.student_forward(sb, cfg.latent.num_sweeps, mode=spec.student, key_space=lc.kv_key_space,
+                                  keep_sweeps=keep)
+        terms["ce_student"] = losses.token_cross_entropy(s.logits, s.targets)
+        weights["ce_student"] = lc.ce_student
+        terms["codi"] = losses.codi_loss(s.hidden, t.hidden, kind=lc.codi_loss, std=lc.codi_std,
+                                         layers=lc.codi_layers)
+        weights["codi"] = lc.alpha_codi
+        if spec.kv:
+            with torch.no_grad():
+                idx, slot_mask = eviction.select_indices(
+                    cfg.eviction.method, keys=t.cot_k.detach(), importance=t.importance, valid=tb.cot_valid,
+                    num_slots=sb.num_latents, lam=cfg.eviction.lam, generator=generator)
+            tk, tv = eviction.gather_slots(t.cot_k, idx), eviction.gather_slots(t.cot_v, idx)
+            kv, per_sweep = losses.kv_loss_over_sweeps(
+                s.latent_k, s.latent_v, tk, tv, slot_mask, supervision=lc.kv_supervision, kind=lc.kv_loss,
+                layer_std=lc.kv_layer_std)
+            terms["kv"] = kv
+            weights["kv"] = lc.alpha_kv
+            if lc.kv_supervision == "all":
+                for i, v in enumerate(per_sweep):
+                    extra[f"kv_sweep_{i + 1}"] = v.detach()
+            for k, v in eviction.eviction_stats(idx, slot_mask, tb.cot_valid).items():
+                extra[f"evict/{k}"] = v
+    total, log = losses.combine_losses(terms, weights)
+    out = {f"loss/{k}": v for k, v in log.items()}
+    out.update(extra)
+    return total, out

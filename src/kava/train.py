@@ -1,0 +1,455 @@
+"""The training loop: one trainer for cot / nocot / pccot / codi / kava (SPEC §5).
+
+Reads top to bottom like nanoGPT's: lr for this step -> micro-batches (loss / accumulation) -> clip ->
+step -> log -> validate / checkpoint. Plumbing (DDP, autocast, no-sync) is `accelerate`'s.
+
+Run directory:
+    config.yaml  resolved config          meta.json     versions, git revision, method, data, seed
+    skips.json   skipped records          metrics.jsonl one JSON object per logged step (train and val)
+    tb/          TensorBoard              checkpoints/step_<n>/  trainable.safetensors, optimizer.safetensors,
+    best/, final/  loadable models (model/, tokenizer/, kava_extra.safetensors)        state.json
+    DONE         written when the run finished
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from kava.config import Config, check_world_size, load_config, save_config
+from kava.data.format import Formatter
+from kava.data.pipeline import load_train_valid, train_data_label
+from kava.data.records import SkipLog
+from kava.methods import loss_step, make_batch
+from kava.model.loading import build_reasoner, load_tokenizer, save_model
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+# ------------------------------------------------------------------------------------------------ schedule
+def lr_at(step: int, total: int, base: float, warmup: int, schedule: str) -> float:
+    """Learning rate of optimizer step `step` (0-based): linear warmup, then cosine / linear / constant."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    if schedule == "constant":
+        return base
+    progress = (step - warmup) / max(1, total - warmup)
+    if schedule == "linear":
+        return base * max(0.0, 1.0 - progress)
+    return base * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+# ------------------------------------------------------------------------------------------------ logging
+class MetricLogger:
+    """JSONL (always) + TensorBoard + W&B + stdout backends; writes on the main process only."""
+
+    def __init__(self, run_dir: Path, backends: list[str], enabled: bool, cfg: Config):
+        self.enabled = enabled
+        self.path = run_dir / "metrics.jsonl"
+        self.tb = self.wandb = None
+        self.stdout = "stdout" in backends
+        if not enabled:
+            return
+        if "tensorboard" in backends:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(run_dir / "tb"))
+        if "wandb" in backends:
+            import wandb
+
+            self.wandb = wandb.init(project="kava", name=run_dir.name, config=cfg.to_dict(), dir=str(run_dir))
+
+    def log(self, payload: dict, step: int) -> None:
+        if not self.enabled:
+            return
+        row = {"step": step, **payload}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        for k, v in payload.items():
+            if isinstance(v, (int, float)) and self.tb is not None:
+                self.tb.add_scalar(k, v, step)
+        if self.wandb is not None:
+            self.wandb.log(payload, step=step)
+        if self.stdout:
+            print(json.dumps(row))
+
+    def truncate_after(self, step: int) -> None:
+        """On resume: drop lines logged after the checkpoint, so metrics equal an uninterrupted run's."""
+        if not self.enabled or not self.path.exists():
+            return
+        keep = [ln for ln in self.path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+        self.path.write_text("".join(ln + "\n" for ln in keep))
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+# ------------------------------------------------------------------------------------------------ run meta
+def git_revision() -> str | None:
+    try:
+        here = Path(__file__).resolve().parent
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=here, capture_output=True, text=True, timeout=5)
+        return rev.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "") if rev.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def versions() -> dict:
+    import accelerate
+    import peft
+    import transformers
+
+    import kava
+
+    return {"kava": kava.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "peft": peft.__version__, "accelerate": accelerate.__version__,
+            "cuda": torch.version.cuda, "python": os.sys.version.split()[0]}
+
+
+def run_name(cfg: Config) -> str:
+    return cfg.run.name or f"{cfg.preset or cfg.method}-s{cfg.run.seed}"
+
+
+# ------------------------------------------------------------------------------------------------ checkpoints
+def _atomic_dir_write(final: Path, write) -> None:
+    """Write into `<final>.tmp`, then rename: a crash mid-write never replaces the last good checkpoint."""
+    tmp = final.with_name(final.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    write(tmp)
+    old = final.with_name(final.name + ".old")
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    sd = opt.state_dict()
+    tensors, scalars = {}, {}
+    for pid, st in sd["state"].items():
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"{pid}.{k}"] = v.detach().contiguous().cpu()
+            else:
+                scalars[f"{pid}.{k}"] = v
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    state: dict[int, dict] = {}
+    for key, v in tensors.items():
+        pid, k = key.split(".", 1)
+        state.setdefault(int(pid), {})[k] = v
+    for key, v in meta["scalars"].items():
+        pid, k = key.split(".", 1)
+        state.setdefault(int(pid), {})[k] = v
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def rng_tensors() -> dict[str, torch.Tensor]:
+    out = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            out[f"cuda_{i}"] = s
+    return out
+
+
+def restore_rng(t: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(t["torch_cpu"])
+    if torch.cuda.is_available():
+        states = [t[k] for k in sorted(t) if k.startswith("cuda_")]
+        if len(states) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(states)
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    ck = run_dir / "checkpoints"
+    steps = sorted((int(p.name.split("_")[1]), p) for p in ck.glob("step_*") if p.name.split("_")[1].isdigit()
+                   and (p / "state.json").exists()) if ck.exists() else []
+    return steps[-1][1] if steps else None
+
+
+# ------------------------------------------------------------------------------------------------ trainer
+class Objective(torch.nn.Module):
+    """The module DDP wraps: forward(batch) = every pass and loss term of the method."""
+
+    def __init__(self, model, cfg: Config):
+        super().__init__()
+        self.model, self.cfg = model, cfg
+        self.generator = torch.Generator().manual_seed(cfg.run.seed)  # random eviction (a control)
+
+    def forward(self, batch):
+        return loss_step(self.model, batch, self.cfg, self.generator)
+
+
+@dataclass
+class Plan:
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+    accum: int
+
+
+def make_plan(cfg: Config, n_train: int, world: int) -> Plan:
+    accum = check_world_size(cfg, world)
+    spe = max(1, n_train // cfg.optim.effective_batch)
+    total = cfg.optim.max_steps or max(1, int(round(cfg.optim.epochs * spe)))
+    return Plan(spe, total, int(cfg.optim.warmup_ratio * total), accum)
+
+
+def example_order(n: int, seed: int, epoch: int) -> list[int]:
+    """Shuffle for one epoch; a pure function of (seed, epoch), so resume needs no sampler state."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=g).tolist()
+
+
+def train(cfg: Config, *, resume: str | Path | None = None, progress: bool = True, stop_after: int | None = None,
+          data_root: str | Path | None = None) -> Path:
+    """Train `cfg` (or resume RUN_DIR) and return the run directory.
+
+    stop_after: stop (without finishing) after this many optimizer steps in total — for tests and sweeps.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from tqdm.auto import tqdm
+
+    use_bf16 = torch.cuda.is_available() and cfg.optim.precision in ("auto", "bf16")
+    acc = Accelerator(mixed_precision="bf16" if use_bf16 else "no", cpu=not torch.cuda.is_available())
+    main = acc.is_main_process
+    world = acc.num_processes
+    set_seed(cfg.run.seed, deterministic=cfg.run.deterministic)
+
+    run_dir = Path(resume) if resume else Path(cfg.run.output_dir) / run_name(cfg)
+    if not resume and (run_dir / "config.yaml").exists():
+        if (run_dir / "DONE").exists():
+            raise FileExistsError(f"{run_dir} holds a finished run; choose another run.name or delete it")
+        raise FileExistsError(f"{run_dir} holds an unfinished run; continue it with `kava train --resume {run_dir}`")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write_test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise OSError(f"cannot write to the output directory {run_dir}: {e}") from e
+
+    # data
+    skips = SkipLog(strict=cfg.data.strict)
+    root = Path(data_root) if data_root else Path(cfg.run.output_dir) / "_data"
+    train_recs, valid_recs, data_desc = load_train_valid(cfg, root, skips)
+    if cfg.model.from_scratch is not None and not cfg.model.tokenizer and not cfg.model.init_from:
+        tok_dir = run_dir / "tokenizer_src"
+        if not (tok_dir / "tokenizer_config.json").exists() and main:
+            from kava.data.tokenizer import build_tokenizer, tokenizer_texts
+
+            build_tokenizer(tokenizer_texts(train_recs, cfg.data.answer_prompt), tok_dir,
+                            vocab_size=cfg.data.tokenizer_vocab_size)
+        acc.wait_for_everyone()
+        tokenizer = load_tokenizer(cfg, str(tok_dir))
+    else:
+        tokenizer = load_tokenizer(cfg)
+    fmt = Formatter(tokenizer, answer_prompt=cfg.data.answer_prompt, drop_last_step=cfg.data.drop_last_step,
+                    max_question_tokens=cfg.data.max_question_tokens, max_cot_tokens=cfg.data.max_cot_tokens,
+                    max_answer_tokens=cfg.data.max_answer_tokens)
+    items = fmt.tokenize_all(train_recs, skips)
+    if not items:
+        raise ValueError(f"no usable training records ({skips.summary()})")
+    plan = make_plan(cfg, len(items), world)
+
+    # model, optimizer
+    model = build_reasoner(cfg, tokenizer)
+    decay, no_decay = [], []
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 and n != "special_rows" else no_decay).append(p)
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.optim.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}],
+                            lr=cfg.optim.lr, betas=tuple(cfg.optim.betas))
+    objective = Objective(model, cfg)
+    objective, opt = acc.prepare(objective, opt)
+    raw = acc.unwrap_model(objective).model
+    if cfg.optim.compile:
+        raw.decoder.compile()
+
+    logger = MetricLogger(run_dir, cfg.run.log + ["jsonl"], main, cfg)
+    start_step, best = 0, {"val/accuracy": -1.0, "step": -1}
+    if resume:
+        ck = latest_checkpoint(run_dir)
+        if ck is None:
+            raise FileNotFoundError(f"{run_dir}: no checkpoint to resume from")
+        state = json.loads((ck / "state.json").read_text())
+        if state["method"] != cfg.method:
+            raise ValueError(f"checkpoint method {state['method']!r} != config method {cfg.method!r}")
+        saved = load_file(str(ck / "trainable.safetensors"))
+        mine = dict((n, p) for n, p in raw.named_parameters() if p.requires_grad)
+        missing, unexpected = sorted(set(mine) - set(saved)), sorted(set(saved) - set(mine))
+        if missing or unexpected:
+            raise RuntimeError(f"{ck}: checkpoint keys do not match the model: missing {missing[:5]}, "
+                               f"unexpected {unexpected[:5]} (different model or method?)")
+        with torch.no_grad():
+            for n, p in mine.items():
+                p.copy_(saved[n])
+        load_optimizer(opt.optimizer if hasattr(opt, "optimizer") else opt,
+                       load_file(str(ck / "optimizer.safetensors")), state["optimizer"])
+        restore_rng(load_file(str(ck / "rng.safetensors")))
+        objective_gen = load_file(str(ck / "rng.safetensors")).get("eviction")
+        if objective_gen is not None:
+            acc.unwrap_model(objective).generator.set_state(objective_gen)
+        start_step, best = state["step"], state["best"]
+        logger.truncate_after(start_step)
+    elif main:
+        save_config(cfg, run_dir / "config.yaml")
+        meta = {"method": cfg.method, "preset": cfg.preset, "train_data": train_data_label(cfg),
+                "data": data_desc, "seed": cfg.run.seed, "model": cfg.model.name_or_path or "from_scratch",
+                "init_from": cfg.model.init_from, "world_size": world, "git": git_revision(), "versions": versions(),
+                "train_examples": len(items), "plan": plan.__dict__}
+        (run_dir / "meta.json").write_text(json.dumps(meta, indent=2))
+        skips.save(run_dir / "skips.json")
+        if skips.total:
+            print(f"[kava] {skips.summary()} (saved in {run_dir / 'skips.json'})")
+
+    def save_checkpoint(step: int) -> None:
+        if not main:
+            return
+        ck = run_dir / "checkpoints" / f"step_{step}"
+
+        def write(d: Path):
+            save_file(trainable_state(raw), str(d / "trainable.safetensors"))
+            ot, ometa = optimizer_tensors(opt.optimizer if hasattr(opt, "optimizer") else opt)
+            save_file(ot, str(d / "optimizer.safetensors"))
+            rng = rng_tensors()
+            rng["eviction"] = acc.unwrap_model(objective).generator.get_state()
+            save_file(rng, str(d / "rng.safetensors"))
+            (d / "state.json").write_text(json.dumps({"step": step, "method": cfg.method, "best": best,
+                                                       "optimizer": ometa}))
+
+        _atomic_dir_write(ck, write)
+        for old in sorted((p for p in ck.parent.glob("step_*") if p.name.split("_")[1].isdigit()),
+                          key=lambda p: int(p.name.split("_")[1]))[:-2]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def validate(step: int) -> float:
+        from accelerate.utils import gather_object
+
+        from kava.evaluate import evaluate_records
+
+        rows, _ = evaluate_records(raw, tokenizer, cfg, valid_recs, rank=acc.process_index, world=world)
+        rows = gather_object(rows)
+        acc_v = sum(r["correct"] for r in rows) / max(1, len(rows))
+        raw.train()
+        return acc_v
+
+    eval_every = cfg.run.eval_every or plan.steps_per_epoch
+    save_every = cfg.run.save_every or eval_every
+    bar = tqdm(total=plan.total_steps, initial=start_step, desc=f"train {cfg.method}", disable=not main or not progress
+               or None, dynamic_ncols=True)
+    raw.train()
+    skipped_nonfinite = 0
+    t_last, tokens = time.perf_counter(), 0
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    end_step = plan.total_steps if stop_after is None else min(plan.total_steps, stop_after)
+    for step in range(start_step, end_step):
+        lr = lr_at(step, plan.total_steps, cfg.optim.lr, plan.warmup_steps, cfg.optim.schedule)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        epoch, within = divmod(step, plan.steps_per_epoch)
+        order = example_order(len(items), cfg.run.seed, epoch)
+        global_batch = order[within * cfg.optim.effective_batch:(within + 1) * cfg.optim.effective_batch]
+        mb = cfg.optim.micro_batch
+        micro = [global_batch[i:i + mb] for i in range(0, len(global_batch), mb)][acc.process_index::world]
+        sums: dict[str, torch.Tensor] = {}
+        for i, idx in enumerate(micro):
+            batch = make_batch([items[j] for j in idx], raw.ids, cfg)
+            batch.teacher = batch.teacher.to(acc.device)
+            if batch.student is not None:
+                batch.student = batch.student.to(acc.device)
+            tokens += batch.num_tokens
+            sync = acc.no_sync(objective) if i < len(micro) - 1 else _null()
+            with sync, acc.autocast():
+                total, log = objective(batch)
+                acc.backward(total / plan.accum)
+            for k, v in log.items():
+                sums[k] = sums.get(k, 0.0) + v.float() / len(micro)
+        finite = torch.isfinite(sums["loss/total"])
+        gnorm = acc.clip_grad_norm_(raw.parameters(), cfg.optim.grad_clip) if cfg.optim.grad_clip > 0 else \
+            torch.sqrt(sum((p.grad.float() ** 2).sum() for p in raw.parameters() if p.grad is not None))
+        if not bool(finite):  # the one host sync per optimizer step
+            bad = [k for k, v in sums.items() if k.startswith("loss/") and k != "loss/total"
+                   and not torch.isfinite(v)]
+            if cfg.run.nan_policy == "skip":
+                skipped_nonfinite += 1
+                opt.zero_grad(set_to_none=True)
+                logger.log({"split": "train", "nonfinite_skipped": skipped_nonfinite, "bad_terms": bad}, step + 1)
+                bar.update(1)
+                continue
+            save_checkpoint(step)
+            raise NonFiniteLoss(f"non-finite loss at optimizer step {step + 1} in term(s) {bad or ['total']}; "
+                                f"last good state saved in {run_dir / 'checkpoints' / f'step_{step}'}; "
+                                "set run.nan_policy=skip to skip such batches")
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        done_steps = step + 1
+        bar.update(1)
+        if done_steps % cfg.run.log_every == 0 or done_steps == plan.total_steps:
+            now = time.perf_counter()
+            payload = {"split": "train", "epoch": done_steps / plan.steps_per_epoch, "lr": lr,
+                       "grad_norm": float(gnorm), "tokens_per_s": tokens * world / max(now - t_last, 1e-9)}
+            payload.update({k: float(v) for k, v in sums.items()})
+            if torch.cuda.is_available():
+                payload["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+            logger.log(payload, done_steps)
+            bar.set_postfix(loss=f"{payload['loss/total']:.3f}")
+            t_last, tokens = now, 0
+        if done_steps % eval_every == 0 or done_steps == plan.total_steps:
+            v = validate(done_steps)
+            logger.log({"split": "val", "val/accuracy": v}, done_steps)
+            if main and v > best["val/accuracy"]:
+                best = {"val/accuracy": v, "step": done_steps}
+                save_model(raw, tokenizer, run_dir / "best", meta={"step": done_steps, "val/accuracy": v})
+        if done_steps % save_every == 0 or done_steps == plan.total_steps:
+            save_checkpoint(done_steps)
+    bar.close()
+    if end_step == plan.total_steps and main:
+        save_model(raw, tokenizer, run_dir / "final", meta={"step": plan.total_steps, "best": best})
+        (run_dir / "DONE").write_text(json.dumps({"steps": plan.total_steps, "best": best,
+                                                  "nonfinite_skipped": skipped_nonfinite}))
+    logger.close()
+    acc.wait_for_everyone()
+    return run_dir
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def resume_config(run_dir: str | Path) -> Config:
+    p = Path(run_dir) / "config.yaml"
+    if not p.exists():
+        raise FileNotFoundError(f"{run_dir}: no config.yaml (not a kava run directory)")
+    return load_config(str(p))
