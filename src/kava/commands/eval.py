@@ -1,0 +1,82 @@
+"""`kava eval --checkpoint RUN_DIR --datasets gsm8k,gsm8k-hard,svamp [--data-dir DIR] [--mode ...]`.
+
+Shards the questions across processes when launched with `accelerate launch` / `torchrun`; rank 0
+gathers and writes `RUN_DIR/eval/<dataset>/{predictions.jsonl, summary.json}`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("eval", help="evaluate a trained run on GSM8k / GSM8k-Hard / SVAMP / synthetic splits")
+    p.add_argument("--checkpoint", required=True, help="run dir (uses best/, else final/) or a checkpoint dir")
+    p.add_argument("--datasets", default="gsm8k,gsm8k-hard,svamp",
+                   help="comma list of: gsm8k, gsm8k-hard, svamp, gsm8k-aug-valid, synth-test, synth-hard, synth-varied")
+    p.add_argument("--data-dir", help="local data root (../shared/data layout); default $KAVA_DATA_DIR or ./data")
+    p.add_argument("--hub", action="store_true", help="load the datasets from the Hugging Face hub")
+    p.add_argument("--mode", choices=["latent", "cot", "nocot"], help="default: the method's own mode")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--max-new-tokens", type=int)
+    p.add_argument("--limit", type=int, help="first N questions only (smoke tests)")
+    p.add_argument("--output", help="where to write results (default RUN_DIR/eval)")
+    p.set_defaults(func=run)
+
+
+def checkpoint_dir(path: str) -> Path:
+    p = Path(path)
+    for c in (p / "best", p / "final", p):
+        if (c / "model").exists():
+            return c
+    raise FileNotFoundError(f"{path}: no best/ or final/ model in this run directory")
+
+
+def evaluate_run(checkpoint: str, datasets: list[str], *, data_dir=None, hub=False, mode=None, batch_size=None,
+                 max_new_tokens=None, limit=None, output=None, progress=True) -> dict[str, dict]:
+    import torch
+    from accelerate import PartialState
+    from accelerate.utils import gather_object
+
+    from kava.data.readers import load_eval_dataset
+    from kava.evaluate import evaluate_records, hardware, summarize, write_eval
+    from kava.model.loading import load_for_eval
+
+    state = PartialState()
+    ck = checkpoint_dir(checkpoint)
+    dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    model, tok, cfg = load_for_eval(ck, device=state.device, dtype=dtype)
+    run_dir = ck.parent if (ck.parent / "config.yaml").exists() else ck
+    out_root = Path(output) if output else run_dir / "eval"
+    results = {}
+    for name in datasets:
+        records, desc = load_eval_dataset(name, data_dir, hub=hub)
+        if limit:
+            records = records[:limit]
+            desc += f" (first {limit})"
+        rows, s = evaluate_records(model, tok, cfg, records, mode=mode, batch_size=batch_size,
+                                   max_new_tokens=max_new_tokens, rank=state.process_index,
+                                   world=state.num_processes, progress=progress and state.is_main_process)
+        rows = gather_object(rows)
+        walls = gather_object([s["wall_s"]])
+        if state.is_main_process:
+            assert len({r["index"] for r in rows}) == len(rows) == len(records), "sharding counted an example twice"
+            summary = summarize(rows, max(walls), s["mode"])
+            summary.update({"dataset": name, "description": desc, "hardware": hardware(),
+                            "processes": state.num_processes, "checkpoint": str(ck), "config_hash": cfg.hash(),
+                            "method": cfg.method})
+            write_eval(out_root / name, rows, summary)
+            results[name] = summary
+            print(f"{name}: accuracy {summary['accuracy']:.4f} ({summary['count']} problems: {desc}); "
+                  f"forward passes/question {summary['mean_forward_passes']:.1f}; "
+                  f"{summary['questions_per_s']:.1f} questions/s")
+    return results
+
+
+def run(args) -> int:
+    names = [d.strip() for d in args.datasets.split(",") if d.strip()]
+    evaluate_run(args.checkpoint, names, data_dir=args.data_dir, hub=args.hub, mode=args.mode,
+                 batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, limit=args.limit,
+                 output=args.output)
+    return 0
