@@ -1,0 +1,332 @@
+"""Aggregate run directories into a results table (mean ± sample std over seeds) and plots.
+
+A run dir holds ``meta.json`` (method, preset, train_data, seed), ``config.yaml``, ``metrics.jsonl``
+(train lines with ``loss/*`` terms, val lines with ``val/accuracy``) and ``eval/<dataset>/summary.json``.
+Runs are grouped by (preset or method, train_data), or by (method, train_data) with ``group_by="method"``.
+Missing pieces (no eval, a dataset absent for some runs, unreadable files) become "–" cells and notes,
+never an exception: a report over a half-finished sweep is still worth reading.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+METHOD_ORDER = ("nocot", "cot", "pccot", "codi", "kava")
+DATASET_ORDER = ("gsm8k", "gsm8k-hard", "svamp", "gsm8k-aug-valid")
+DASH = "–"
+
+
+@dataclass
+class Run:
+    path: Path
+    method: str
+    preset: str | None
+    train_data: str
+    seed: int | None
+    evals: dict[str, dict] = field(default_factory=dict)  # dataset -> summary.json
+    metrics: list[dict] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def _read_json(path: Path, notes: list[str]) -> dict | None:
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        notes.append(f"{path}: unreadable ({e.__class__.__name__})")
+        return None
+    if not isinstance(obj, dict):
+        notes.append(f"{path}: not a JSON object")
+        return None
+    return obj
+
+
+def load_run(path: str | Path) -> Run:
+    """Everything a report needs from one run dir; what is missing is noted, not raised."""
+    path = Path(path)
+    notes: list[str] = []
+    meta = _read_json(path / "meta.json", notes) if (path / "meta.json").exists() else None
+    if meta is None:  # fall back on the resolved config so a run killed before meta.json still shows up
+        notes.append(f"{path}: no usable meta.json; method, preset, seed and data read from config.yaml")
+        try:
+            cfg = yaml.safe_load((path / "config.yaml").read_text(encoding="utf-8")) or {}
+        except (OSError, yaml.YAMLError):
+            cfg = {}
+        cfg = cfg if isinstance(cfg, dict) else {}
+        meta = {"method": cfg.get("method"), "preset": cfg.get("preset"),
+                "train_data": (cfg.get("data") or {}).get("source"), "seed": (cfg.get("run") or {}).get("seed")}
+    run = Run(path, str(meta.get("method") or "unknown"), meta.get("preset"), str(meta.get("train_data") or "?"),
+              meta.get("seed"), notes=notes)
+    for summ in sorted(path.glob("eval/*/summary.json")):
+        s = _read_json(summ, notes)
+        if s is not None and isinstance(s.get("accuracy"), (int, float)):
+            run.evals[str(s.get("dataset") or summ.parent.name)] = s
+        elif s is not None:
+            notes.append(f"{summ}: no numeric 'accuracy'")
+    if not run.evals:
+        notes.append(f"{path}: no eval results")
+    mpath = path / "metrics.jsonl"
+    if mpath.exists():
+        bad = 0
+        for line in mpath.read_text(encoding="utf-8").splitlines():
+            try:
+                obj = json.loads(line) if line.strip() else None
+            except ValueError:
+                obj = None
+                bad += 1
+            if isinstance(obj, dict) and isinstance(obj.get("step"), (int, float)):
+                run.metrics.append(obj)
+        if bad:
+            notes.append(f"{mpath}: {bad} unreadable line(s) skipped")
+    return run
+
+
+def find_run_dirs(paths: list[str | Path]) -> tuple[list[Path], list[str]]:
+    """Run dirs among `paths`; a dir that is not a run (no meta.json/config.yaml/eval) but has runs below
+    it (one level) is expanded, so ``kava report runs/`` works."""
+    out, notes = [], []
+    is_run = lambda p: any((p / n).exists() for n in ("meta.json", "config.yaml", "eval", "metrics.jsonl"))
+    for p in map(Path, paths):
+        if not p.is_dir():
+            notes.append(f"{p}: not a directory, skipped")
+        elif is_run(p):
+            out.append(p)
+        else:
+            subs = sorted(c for c in p.iterdir() if c.is_dir() and is_run(c))
+            out.extend(subs)
+            if not subs:
+                notes.append(f"{p}: no run found, skipped")
+    return out, notes
+
+
+def mean_std(xs: list[float]) -> tuple[float, float | None]:
+    """Mean and sample standard deviation (n-1); std is None for a single value."""
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else None)
+
+
+def _method_rank(method: str) -> int:
+    return METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER)
+
+
+def _dataset_key(ds: str) -> tuple[int, str]:
+    return (DATASET_ORDER.index(ds) if ds in DATASET_ORDER else len(DATASET_ORDER), ds)
+
+
+def aggregate(run_dirs: list[str | Path], group_by: str = "preset") -> list[dict]:
+    """One row per group, ordered nocot, cot, pccot, codi, kava, then others.
+
+    Row: ``group, method, preset, train_data, runs, seeds, notes`` and ``datasets[ds]`` with
+    ``accuracy`` and ``accuracy_flexible`` (mean, std in %, std None for n=1), ``n``,
+    ``forward_passes`` / ``forward_passes_std``, ``values`` (per-run accuracy %), and ``run_data`` (the
+    loaded `Run`s, for plotting).
+    """
+    if group_by not in ("preset", "method"):
+        raise ValueError(f"group_by must be 'preset' or 'method', got {group_by!r}")
+    groups: dict[tuple[str, str], list[Run]] = {}
+    for d in run_dirs:
+        r = load_run(d)
+        name = (r.preset or r.method) if group_by == "preset" else r.method
+        groups.setdefault((name, r.train_data), []).append(r)
+    rows = []
+    for (name, train_data), runs in groups.items():
+        runs.sort(key=lambda r: (r.seed is None, r.seed if isinstance(r.seed, int) else 0, str(r.path)))
+        notes = [n for r in runs for n in r.notes]
+        datasets = {}
+        for ds in sorted({ds for r in runs for ds in r.evals}, key=_dataset_key):
+            have = [r for r in runs if ds in r.evals]
+            if len(have) < len(runs):
+                lacking = ", ".join(str(r.path) for r in runs if ds not in r.evals)
+                notes.append(f"{name} ({train_data}): {ds} missing for {lacking}; shown over n={len(have)}")
+            acc = mean_std([100 * float(r.evals[ds]["accuracy"]) for r in have])
+            flex = [100 * float(r.evals[ds]["accuracy_flexible"]) for r in have
+                    if isinstance(r.evals[ds].get("accuracy_flexible"), (int, float))]
+            passes = [float(r.evals[ds]["mean_forward_passes"]) for r in have
+                      if isinstance(r.evals[ds].get("mean_forward_passes"), (int, float))]
+            fp = mean_std(passes) if passes else (None, None)
+            datasets[ds] = {
+                "accuracy": acc[0], "accuracy_std": acc[1], "n": len(have),
+                "accuracy_flexible": mean_std(flex)[0] if flex else None,
+                "forward_passes": fp[0], "forward_passes_std": fp[1],
+                "values": [100 * float(r.evals[ds]["accuracy"]) for r in have],
+            }
+        rows.append({
+            "group": name, "method": runs[0].method, "preset": runs[0].preset, "train_data": train_data,
+            "runs": [str(r.path) for r in runs], "seeds": [r.seed for r in runs],
+            "datasets": datasets, "notes": notes, "run_data": runs,
+        })
+    rows.sort(key=lambda r: (_method_rank(r["method"]), r["group"], r["train_data"]))
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------
+# writing
+
+
+def fmt_acc(cell: dict | None) -> str:
+    """``56.5 ± 1.2 (n=3)``; a single seed shows ``56.5 (n=1)``; missing shows a dash."""
+    if cell is None:
+        return DASH
+    if cell["accuracy_std"] is None:
+        return f"{cell['accuracy']:.1f} (n={cell['n']})"
+    return f"{cell['accuracy']:.1f} ± {cell['accuracy_std']:.1f} (n={cell['n']})"
+
+
+def _fmt(x: float | None, nd: int = 1) -> str:
+    return DASH if x is None else f"{x:.{nd}f}"
+
+
+def datasets_of(rows: list[dict]) -> list[str]:
+    return sorted({ds for r in rows for ds in r["datasets"]}, key=_dataset_key)
+
+
+def _md_table(rows: list[dict], datasets: list[str], cell) -> list[str]:
+    head = ["group", "method", "train data", "runs"] + datasets
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["group"], r["method"], r["train_data"], str(len(r["runs"]))]
+        cells += [cell(r["datasets"].get(ds)) for ds in datasets]
+        out.append("| " + " | ".join(cells) + " |")
+    return out
+
+
+def render_markdown(rows: list[dict], notes: list[str], group_by: str) -> str:
+    datasets = datasets_of(rows)
+    n_runs = sum(len(r["runs"]) for r in rows)
+    lines = [
+        "# KaVa results", "",
+        f"{n_runs} run(s) in {len(rows)} group(s), grouped by "
+        f"({'preset or method' if group_by == 'preset' else 'method'}, train data).", "",
+        "## Accuracy (%), strict match", "",
+        "Mean ± sample standard deviation over seeds; n = number of runs with that dataset.", "",
+        *_md_table(rows, datasets, fmt_acc), "",
+        "## Accuracy (%), flexible extract (last number)", "",
+        *_md_table(rows, datasets, lambda c: _fmt(c and c["accuracy_flexible"])), "",
+        "## Forward passes per question (mean over seeds)", "",
+        *_md_table(rows, datasets, lambda c: _fmt(c and c["forward_passes"])), "",
+        "## Plots", "", "![accuracy vs forward passes](accuracy_vs_passes.png)", "",
+        "![training curves](training_curves.png)", "",
+        "## Runs", "",
+    ]
+    for r in rows:
+        for path, seed in zip(r["runs"], r["seeds"]):
+            lines.append(f"- {r['group']} ({r['train_data']}), seed {seed}: `{path}`")
+    all_notes = notes + [n for r in rows for n in r["notes"]]
+    if all_notes:
+        lines += ["", "## Notes", "", *[f"- {n}" for n in all_notes]]
+    return "\n".join(lines) + "\n"
+
+
+def write_csv(rows: list[dict], path: Path) -> None:
+    """Machine-readable twin of the table: numbers unformatted (accuracy in %), empty cells where missing."""
+    datasets = datasets_of(rows)
+    head = ["group", "method", "preset", "train_data", "n_runs", "seeds"]
+    for ds in datasets:
+        head += [f"{ds}/accuracy_mean", f"{ds}/accuracy_std", f"{ds}/n", f"{ds}/accuracy_flexible_mean", f"{ds}/forward_passes"]
+    num = lambda x: "" if x is None else f"{x:.4f}"
+    with path.open("w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(head)
+        for r in rows:
+            line = [r["group"], r["method"], r["preset"] or "", r["train_data"], len(r["runs"]),
+                    " ".join(str(s) for s in r["seeds"])]
+            for ds in datasets:
+                c = r["datasets"].get(ds)
+                line += ["", "", 0, "", ""] if c is None else [
+                    num(c["accuracy"]), num(c["accuracy_std"]), c["n"], num(c["accuracy_flexible"]), num(c["forward_passes"])]
+            w.writerow(line)
+
+
+def _figure(n_panels: int, width: float = 5.0, height: float = 4.0):
+    """A Figure without pyplot (no global backend state; renders with Agg)."""
+    from matplotlib.figure import Figure
+
+    ncols = min(n_panels, 3) or 1
+    nrows = max(1, math.ceil(n_panels / ncols))
+    fig = Figure(figsize=(width * ncols, height * nrows), dpi=100)
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    for ax in axes[n_panels:]:
+        ax.set_visible(False)
+    return fig, axes
+
+
+def _color(i: int) -> str:
+    return f"C{i % 10}"
+
+
+def plot_accuracy_vs_passes(rows: list[dict], path: Path) -> None:
+    """One panel per dataset: x forward passes per question, y accuracy %, one marker per group with
+    seed std as error bars; the paper's point is latent methods sit left of CoT at similar height."""
+    datasets = datasets_of(rows)
+    fig, axes = _figure(max(1, len(datasets)))
+    if not datasets:
+        axes[0].text(0.5, 0.5, "no evaluation results", ha="center", va="center")
+    for ax, ds in zip(axes, datasets):
+        for i, r in enumerate(rows):
+            c = r["datasets"].get(ds)
+            if c is None or c["forward_passes"] is None:
+                continue
+            ax.errorbar(c["forward_passes"], c["accuracy"], yerr=c["accuracy_std"] or 0, xerr=c["forward_passes_std"] or 0,
+                        fmt="o", capsize=4, color=_color(i), label=f"{r['group']} ({r['train_data']}, n={c['n']})")
+        ax.set_title(ds)
+        ax.set_xlabel("forward passes per question")
+        ax.set_ylabel("accuracy (%)")
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize="small")
+    fig.suptitle("Accuracy vs forward passes (mean ± std over seeds)")
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def plot_training_curves(rows: list[dict], path: Path) -> None:
+    """One panel per loss term found in the runs' metrics.jsonl (plus val/accuracy), one line per run."""
+    runs = [(i, r["group"], run) for i, r in enumerate(rows) for run in r["run_data"]]
+    keys = sorted({k for _, _, run in runs for m in run.metrics if m.get("split", "train") == "train"
+                   for k in m if k.startswith("loss/")}, key=lambda k: (k != "loss/total", k))
+    if any("val/accuracy" in m for _, _, run in runs for m in run.metrics):
+        keys.append("val/accuracy")
+    fig, axes = _figure(max(1, len(keys)))
+    if not keys:
+        axes[0].text(0.5, 0.5, "no training metrics", ha="center", va="center")
+    styles = ["-", "--", ":", "-."]
+    for ax, key in zip(axes, keys):
+        seen: dict[int, int] = {}
+        for gi, group, run in runs:
+            pts = [(m["step"], m[key]) for m in run.metrics if isinstance(m.get(key), (int, float))
+                   and (key.startswith("val/") or m.get("split", "train") == "train")]
+            if not pts:
+                continue
+            k = seen[gi] = seen.get(gi, -1) + 1
+            xs, ys = zip(*sorted(pts))
+            ax.plot(xs, ys, styles[k % len(styles)], color=_color(gi), marker="o" if len(xs) < 3 else None,
+                    label=f"{group} seed {run.seed}")
+        ax.set_title(key)
+        ax.set_xlabel("step")
+        ax.set_ylabel(key)
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize="small")
+    fig.suptitle("Training curves")
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def write_report(run_paths: list[str | Path], output: str | Path, group_by: str = "preset") -> dict:
+    """Write report.md, report.csv, accuracy_vs_passes.png and training_curves.png into `output`;
+    return the rows and the paths written."""
+    dirs, notes = find_run_dirs(run_paths)
+    rows = aggregate(dirs, group_by)
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {n: out / n for n in ("report.md", "report.csv", "accuracy_vs_passes.png", "training_curves.png")}
+    paths["report.md"].write_text(render_markdown(rows, notes, group_by), encoding="utf-8")
+    write_csv(rows, paths["report.csv"])
+    plot_accuracy_vs_passes(rows, paths["accuracy_vs_passes.png"])
+    plot_training_curves(rows, paths["training_curves.png"])
+    return {"rows": rows, "notes": notes, "paths": paths}

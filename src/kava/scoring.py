@@ -1,0 +1,182 @@
+"""Answer extraction and accuracy, the way lm-evaluation-harness scores GSM8k.
+
+Two extractions per generation, both reported (STYLE.md, lm-eval section):
+- strict: the first number after the LAST ``answer_prompt`` ("The answer is:"). A text without the prompt
+  is taken to be the answer segment itself (latent and no-CoT generations are just ``" 18<eos>"`` after
+  the prompt), so strict is its first number; pass ``require_prompt=True`` to make such a text invalid.
+- flexible: the last number anywhere in the text.
+A text with no number gives None, which counts as wrong: nothing is skipped.
+
+Numbers: ``1,234`` (thousands groups of exactly three), ``$18.00``, ``-3``, ``18.`` (the period ends the
+sentence), ``.5``, ``0.5``, ``1e3`` and ``2.0107e-06`` (scientific notation is accepted because GSM-Hard
+answers come from Python floats and models that imitate them print it), ``50%`` (-> 50). A minus sign
+counts only when it does not follow a word character, so ``5-3`` reads as 5 and 3 and ``pages 10-12``
+ends with 12, not -12.
+
+Matching (`numbers_match`): an integer gold needs the exact value (``18.00`` matches ``18``); a relative
+tolerance would accept 9867631 for GSM-Hard's 9867630. A non-integer gold (GSM-Hard) allows
+``max(abs_tol, rel_tol*|gold|)`` for float noise and modest rounding, capped at ``max_tol`` so that a
+large answer that is off by a cent or more is still wrong.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Sequence
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+
+from kava.data.readers import ANSWER_PROMPT
+from kava.data.readers import normalize_number as canonical_number
+from kava.data.records import Record
+
+# sign (not after a word char) | optional "$ " | 1,234 groups or plain digits, optional fraction | or .5 | exponent
+_DIGITS = r"(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?|\.\d+"
+NUMBER_RE = re.compile(rf"(?:(?<![\w.])-)?(?:\$\s?)?(?:{_DIGITS})(?:[eE][-+]?\d+)?")
+
+
+# ----------------------------------------------------------------------------------------------------
+# filters: tiny named steps applied in order to a matched number (lm-eval style)
+
+
+def strip_whitespace(s: str) -> str:
+    return "".join(s.split())
+
+
+def strip_dollar(s: str) -> str:
+    return s.replace("$", "")
+
+
+def strip_commas(s: str) -> str:
+    return s.replace(",", "")
+
+
+def strip_trailing_period(s: str) -> str:
+    return s.rstrip(".")
+
+
+FILTERS: tuple[Callable[[str], str], ...] = (strip_whitespace, strip_dollar, strip_commas, strip_trailing_period)
+
+
+def clean_number(text: str) -> str | None:
+    """Run the filters, then the canonical form the readers give gold answers (``"18.00"`` -> ``"18"``,
+    ``"1e3"`` -> ``"1000"``), so that predictions and gold compare as equal strings; None if not a number."""
+    for f in FILTERS:
+        text = f(text)
+    return canonical_number(text)
+
+
+def find_numbers(text: str) -> list[str]:
+    """All numbers in `text`, cleaned, in order."""
+    out = []
+    for m in NUMBER_RE.finditer(text):
+        n = clean_number(m.group(0))
+        if n is not None:
+            out.append(n)
+    return out
+
+
+def extract_answer(text: str, answer_prompt: str = ANSWER_PROMPT, require_prompt: bool = False) -> dict[str, str | None]:
+    """``{"strict": first number after the last answer prompt (or of the bare answer segment),
+    "flexible": last number in the text}``; either is None when there is no such number."""
+    nums = find_numbers(text)
+    flexible = nums[-1] if nums else None
+    at = text.rfind(answer_prompt) if answer_prompt else -1
+    if at >= 0:
+        after = find_numbers(text[at + len(answer_prompt):])
+        strict = after[0] if after else None
+    else:
+        strict = None if require_prompt else (nums[0] if nums else None)
+    return {"strict": strict, "flexible": flexible}
+
+
+def _decimal(s: str | None) -> Decimal | None:
+    if s is None:
+        return None
+    try:
+        d = Decimal(s.strip().replace(",", ""))
+    except InvalidOperation:
+        return None
+    return d if d.is_finite() else None
+
+
+def numbers_match(pred: str | None, gold: str, rel_tol: float = 1e-4, abs_tol: float = 1e-6, max_tol: float = 0.01) -> bool:
+    """Whether a predicted number equals the gold answer (see the module docstring for the tolerance rule)."""
+    p, g = _decimal(pred), _decimal(gold)
+    if p is None or g is None:
+        return False
+    if p == g:
+        return True
+    if g == g.to_integral_value():
+        return False
+    tol = min(max(abs_tol, rel_tol * abs(float(g))), max_tol)
+    return abs(float(p) - float(g)) <= tol
+
+
+# ----------------------------------------------------------------------------------------------------
+# scoring a set of predictions
+
+
+def score_predictions(
+    predictions: Sequence[str], records: Sequence[Record], answer_prompt: str = ANSWER_PROMPT, require_prompt: bool = False
+) -> dict:
+    """Accuracy of `predictions[i]` against `records[i].answer`, strict and flexible, with the per-item
+    extractions so a report can show what was read."""
+    if len(predictions) != len(records):
+        raise ValueError(f"{len(predictions)} predictions for {len(records)} records")
+    if not records:
+        raise ValueError("no predictions to score")
+    extracted = [extract_answer(p, answer_prompt, require_prompt) for p in predictions]
+    correct = [numbers_match(e["strict"], r.answer) for e, r in zip(extracted, records)]
+    correct_flex = [numbers_match(e["flexible"], r.answer) for e, r in zip(extracted, records)]
+    n = len(records)
+    return {
+        "accuracy": sum(correct) / n,
+        "accuracy_flexible": sum(correct_flex) / n,
+        "count": n,
+        "correct": correct,
+        "correct_flexible": correct_flex,
+        "extracted": extracted,
+    }
+
+
+def read_predictions(pred_path: str | Path, n_records: int) -> list[str]:
+    """Predictions from JSONL lines ``{"index": int, "prediction": str}``, ordered by index; every index in
+    ``range(n_records)`` must appear exactly once. Errors name the file, line and index."""
+    path = Path(pred_path)
+    preds: dict[int, str] = {}
+    first_line: dict[int, int] = {}
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
+            if not isinstance(obj, dict):
+                raise ValueError(f"{where}: expected an object {{\"index\": int, \"prediction\": str}}")
+            idx, pred = obj.get("index"), obj.get("prediction")
+            if not isinstance(idx, int) or isinstance(idx, bool):
+                raise ValueError(f"{where}: 'index' must be an integer, got {idx!r}")
+            if not isinstance(pred, str):
+                raise ValueError(f"{where}: 'prediction' must be a string, got {type(pred).__name__}")
+            if not 0 <= idx < n_records:
+                raise ValueError(f"{where}: index {idx} out of range for {n_records} records")
+            if idx in preds:
+                raise ValueError(f"{where}: index {idx} duplicated (first on line {first_line[idx]})")
+            preds[idx], first_line[idx] = pred, lineno
+    missing = [i for i in range(n_records) if i not in preds]
+    if missing:
+        shown = ", ".join(map(str, missing[:10])) + (", ..." if len(missing) > 10 else "")
+        raise ValueError(f"{path}: predictions missing for {len(missing)} of {n_records} indices: {shown}")
+    return [preds[i] for i in range(n_records)]
+
+
+def score_file(
+    pred_path: str | Path, records: Sequence[Record], answer_prompt: str = ANSWER_PROMPT, require_prompt: bool = False
+) -> dict:
+    """`score_predictions` on a predictions JSONL file (see `read_predictions` for its format)."""
+    return score_predictions(read_predictions(pred_path, len(records)), records, answer_prompt, require_prompt)

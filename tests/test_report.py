@@ -1,0 +1,144 @@
+"""Report: hand-built run dirs, aggregated numbers checked against hand-computed mean / sample std, the
+markdown and CSV carry them, missing pieces show as "–" with a note, and both plots are real PNGs."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import struct
+
+import pytest
+
+from kava.cli import main
+from kava.report import aggregate, write_report
+
+KAVA = {"method": "kava", "preset": "llama1b_aug", "train_data": "whynlp/gsm8k-aug"}
+COT = {"method": "cot", "preset": None, "train_data": "whynlp/gsm8k-aug"}
+NOCOT = {"method": "nocot", "preset": None, "train_data": "whynlp/gsm8k-aug"}
+
+
+def make_run(root, name, meta, seed, evals, n_steps=6, bad_metrics_line=False):
+    """A run dir as training + evaluation write it. evals: dataset -> (accuracy, flexible, forward passes)."""
+    d = root / name
+    (d / "eval").mkdir(parents=True)
+    (d / "meta.json").write_text(json.dumps({**meta, "seed": seed}))
+    (d / "config.yaml").write_text(f"method: {meta['method']}\nrun:\n  seed: {seed}\n")
+    lines = []
+    for step in range(0, n_steps * 10, 10):
+        lo = {"step": step, "split": "train", "loss/total": 5.0 / (1 + step) + seed * 1e-3, "loss/ce_teacher": 2.0 / (1 + step), "lr": 1e-4}
+        if meta["method"] == "kava":
+            lo |= {"loss/ce_student": 3.0 / (1 + step), "loss/codi": 0.5 / (1 + step), "loss/kv": 1.0 / (1 + step)}
+        lines.append(json.dumps(lo))
+        if step % 20 == 0:
+            lines.append(json.dumps({"step": step, "split": "val", "val/accuracy": step / 100}))
+    if bad_metrics_line:
+        lines.insert(2, "{not json")
+    (d / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    for ds, (acc, flex, passes) in evals.items():
+        (d / "eval" / ds).mkdir()
+        (d / "eval" / ds / "summary.json").write_text(json.dumps({
+            "dataset": ds, "description": f"{ds} (local)", "count": 100, "accuracy": acc, "accuracy_flexible": flex,
+            "mean_forward_passes": passes, "mean_generated_tokens": passes - 1, "questions_per_s": 10.0, "wall_s": 10.0,
+            "hardware": "cpu", "checkpoint": str(d / "best"), "config_hash": "abc", "mode": "latent"}))
+    return d
+
+
+@pytest.fixture
+def runs(tmp_path):
+    root = tmp_path / "runs"
+    return [
+        make_run(root, "kava-s42", KAVA, 42, {"gsm8k": (0.50, 0.55, 7.0), "gsm8k-hard": (0.10, 0.10, 7.0), "svamp": (0.40, 0.40, 7.0)}),
+        make_run(root, "kava-s123", KAVA, 123, {"gsm8k": (0.60, 0.65, 7.0), "gsm8k-hard": (0.20, 0.20, 7.0), "svamp": (0.45, 0.50, 7.0)},
+                 bad_metrics_line=True),
+        make_run(root, "kava-s456", KAVA, 456, {"gsm8k": (0.70, 0.75, 7.3), "gsm8k-hard": (0.30, 0.30, 7.0)}),  # no svamp
+        make_run(root, "cot-s42", COT, 42, {"gsm8k": (0.616, 0.62, 65.0), "gsm8k-hard": (0.25, 0.25, 80.0)}),
+        make_run(root, "nocot-s42", NOCOT, 42, {}),  # trained, never evaluated
+    ]
+
+
+def test_aggregate_numbers(runs):
+    rows = aggregate(runs)
+    assert [r["group"] for r in rows] == ["nocot", "cot", "llama1b_aug"]  # nocot, cot, ..., kava order
+    nocot, cot, kava = rows
+    assert kava["seeds"] == [42, 123, 456] and len(kava["runs"]) == 3
+    g = kava["datasets"]["gsm8k"]
+    assert g["n"] == 3 and g["accuracy"] == pytest.approx(60.0) and g["accuracy_std"] == pytest.approx(10.0)
+    assert g["accuracy_flexible"] == pytest.approx(65.0)
+    assert g["forward_passes"] == pytest.approx(7.1) and g["forward_passes_std"] == pytest.approx(math.sqrt(0.03))
+    s = kava["datasets"]["svamp"]
+    assert s["n"] == 2 and s["accuracy"] == pytest.approx(42.5) and s["accuracy_std"] == pytest.approx(math.sqrt(12.5))
+    assert any("svamp missing" in n and "kava-s456" in n for n in kava["notes"])
+    c = cot["datasets"]["gsm8k"]
+    assert c["n"] == 1 and c["accuracy"] == pytest.approx(61.6) and c["accuracy_std"] is None
+    assert "svamp" not in cot["datasets"]
+    assert nocot["datasets"] == {} and any("no eval results" in n for n in nocot["notes"])
+    assert any("unreadable line" in n for n in kava["notes"])
+
+
+def test_group_by_method_and_train_data(runs, tmp_path):
+    other = make_run(tmp_path / "more", "kava-nl-s42", {**KAVA, "preset": "llama1b_aug_nl", "train_data": "synthetic:nl"}, 42,
+                     {"gsm8k": (0.3, 0.3, 7.0)})
+    rows = aggregate(runs + [other], group_by="method")
+    assert [(r["group"], r["train_data"]) for r in rows] == [
+        ("nocot", "whynlp/gsm8k-aug"), ("cot", "whynlp/gsm8k-aug"), ("kava", "synthetic:nl"), ("kava", "whynlp/gsm8k-aug")]
+    assert rows[3]["datasets"]["gsm8k"]["n"] == 3
+    with pytest.raises(ValueError, match="group_by"):
+        aggregate(runs, group_by="seed")
+
+
+def png_size(path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR", f"{path} is not a PNG"
+    return struct.unpack(">II", data[16:24])
+
+
+def test_write_report(runs, tmp_path):
+    res = write_report([runs[0].parent], tmp_path / "out")  # a folder of runs is expanded
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "| llama1b_aug | kava | whynlp/gsm8k-aug | 3 | 60.0 ± 10.0 (n=3) | 20.0 ± 10.0 (n=3) | 42.5 ± 3.5 (n=2) |" in md
+    assert "| cot | cot | whynlp/gsm8k-aug | 1 | 61.6 (n=1) | 25.0 (n=1) | – |" in md
+    assert "| nocot | nocot | whynlp/gsm8k-aug | 1 | – | – | – |" in md
+    assert "| cot | cot | whynlp/gsm8k-aug | 1 | 65.0 | 80.0 | – |" in md  # forward passes table
+    assert "## Notes" in md and "no eval results" in md and "svamp missing" in md
+    assert md.index("| nocot |") < md.index("| cot |") < md.index("| llama1b_aug |")
+
+    with open(tmp_path / "out" / "report.csv", newline="") as f:
+        rows = {r["group"]: r for r in csv.DictReader(f)}
+    k = rows["llama1b_aug"]
+    assert (k["gsm8k/accuracy_mean"], k["gsm8k/accuracy_std"], k["gsm8k/n"]) == ("60.0000", "10.0000", "3")
+    assert k["svamp/accuracy_std"] == f"{math.sqrt(12.5):.4f}" and k["gsm8k/forward_passes"] == "7.1000"
+    assert rows["cot"]["svamp/accuracy_mean"] == "" and rows["cot"]["gsm8k/accuracy_std"] == ""
+    assert k["seeds"] == "42 123 456"
+
+    for name in ("accuracy_vs_passes.png", "training_curves.png"):
+        p = res["paths"][name]
+        w, h = png_size(p)
+        assert w >= 400 and h >= 300 and p.stat().st_size > 10_000, (name, w, h, p.stat().st_size)
+    # five loss terms + val/accuracy -> two rows of three panels; one dataset row of three panels
+    assert png_size(res["paths"]["training_curves.png"])[1] > png_size(res["paths"]["accuracy_vs_passes.png"])[1]
+
+
+def test_report_survives_missing_pieces(tmp_path):
+    """Empty run dirs, unreadable meta, nonexistent paths: notes, a table of dashes, still two PNGs."""
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "config.yaml").write_text("method: codi\nrun:\n  seed: 7\ndata:\n  source: synthetic\n")
+    broken = tmp_path / "broken"
+    (broken / "eval" / "gsm8k").mkdir(parents=True)
+    (broken / "meta.json").write_text("{")
+    (broken / "eval" / "gsm8k" / "summary.json").write_text('{"dataset": "gsm8k"}')
+    res = write_report([bare, broken, tmp_path / "nope"], tmp_path / "out")
+    md = res["paths"]["report.md"].read_text()
+    assert "| codi | codi | synthetic | 1 |" in md and "| unknown | unknown | ? | 1 |" in md
+    assert "nope: not a directory" in md and "no numeric 'accuracy'" in md and "no usable meta.json" in md
+    for name in ("accuracy_vs_passes.png", "training_curves.png"):
+        png_size(res["paths"][name])
+
+
+def test_cli_report(runs, tmp_path, capsys):
+    out = tmp_path / "cli"
+    assert main(["report", *map(str, runs), "--output", str(out), "--group-by", "method"]) == 0
+    text = capsys.readouterr().out
+    assert "| kava | kava | whynlp/gsm8k-aug | 3 | 60.0 ± 10.0 (n=3) |" in text
+    assert (out / "report.csv").exists() and (out / "training_curves.png").exists()
