@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -54,37 +55,51 @@ def make_batch(items: list[Tokenized], model_ids, cfg: Config) -> Batch:
     return Batch(tb, sb, n)
 
 
-def loss_step(model: LatentReasoner, batch: Batch, cfg: Config, generator: torch.Generator | None = None):
+class _NoTimer:
+    def __call__(self, name: str):
+        return contextlib.nullcontext()
+
+
+def loss_step(model: LatentReasoner, batch: Batch, cfg: Config, generator: torch.Generator | None = None,
+              timer=None):
     """Forward passes + every loss term of `cfg.method` on one micro-batch.
 
     Returns (total, log) where log maps names to detached 0-dim tensors: `loss/<term>` for each term,
     `loss/total`, `kv_sweep_<t>` when supervising every sweep, `evict/*` statistics for kava.
+    timer: optional callable name -> context manager, used by benchmarks for the per-phase breakdown.
     """
+    timer = timer or _NoTimer()
     spec = METHOD_SPECS[cfg.method]
     lc, tb, sb = cfg.loss, batch.teacher, batch.student
     need_importance = spec.kv and cfg.eviction.method in ("rkv", "attention")
-    t = model.teacher_forward(tb, need_kv=spec.kv, need_importance=need_importance, key_space=lc.kv_key_space)
+    with timer("teacher"):
+        t = model.teacher_forward(tb, need_kv=spec.kv, need_importance=need_importance, key_space=lc.kv_key_space)
     terms = {"ce_teacher": losses.token_cross_entropy(t.logits, t.targets)}
     weights = {"ce_teacher": lc.ce_teacher if spec.student else 1.0}
     extra: dict[str, torch.Tensor] = {}
     if spec.student:
         keep = "all" if lc.kv_supervision == "all" else "last"
-        s = model.student_forward(sb, cfg.latent.num_sweeps, mode=spec.student, key_space=lc.kv_key_space,
-                                  keep_sweeps=keep)
-        terms["ce_student"] = losses.token_cross_entropy(s.logits, s.targets)
-        weights["ce_student"] = lc.ce_student
-        terms["codi"] = losses.codi_loss(s.hidden, t.hidden, kind=lc.codi_loss, std=lc.codi_std,
-                                         layers=lc.codi_layers)
-        weights["codi"] = lc.alpha_codi
+        with timer("student_latents"):
+            s = model.student_forward(sb, cfg.latent.num_sweeps, mode=spec.student, key_space=lc.kv_key_space,
+                                      keep_sweeps=keep, with_answer=False)
+        with timer("student_answer"):
+            model.answer_pass(sb, s)
+        with timer("losses"):
+            terms["ce_student"] = losses.token_cross_entropy(s.logits, s.targets)
+            weights["ce_student"] = lc.ce_student
+            terms["codi"] = losses.codi_loss(s.hidden, t.hidden, kind=lc.codi_loss, std=lc.codi_std,
+                                             layers=lc.codi_layers)
+            weights["codi"] = lc.alpha_codi
         if spec.kv:
-            with torch.no_grad():
+            with timer("eviction"), torch.no_grad():
                 idx, slot_mask = eviction.select_indices(
                     cfg.eviction.method, keys=t.cot_k.detach(), importance=t.importance, valid=tb.cot_valid,
                     num_slots=sb.num_latents, lam=cfg.eviction.lam, generator=generator)
-            tk, tv = eviction.gather_slots(t.cot_k, idx), eviction.gather_slots(t.cot_v, idx)
-            kv, per_sweep = losses.kv_loss_over_sweeps(
-                s.latent_k, s.latent_v, tk, tv, slot_mask, supervision=lc.kv_supervision, kind=lc.kv_loss,
-                layer_std=lc.kv_layer_std)
+            with timer("kv_loss"):
+                tk, tv = eviction.gather_slots(t.cot_k, idx), eviction.gather_slots(t.cot_v, idx)
+                kv, per_sweep = losses.kv_loss_over_sweeps(
+                    s.latent_k, s.latent_v, tk, tv, slot_mask, supervision=lc.kv_supervision, kind=lc.kv_loss,
+                    layer_std=lc.kv_layer_std)
             terms["kv"] = kv
             weights["kv"] = lc.alpha_kv
             if lc.kv_supervision == "all":

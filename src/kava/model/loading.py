@@ -31,7 +31,8 @@ def scratch_config(spec: dict, vocab_size: int):
     spec = dict(spec)
     fam = spec.pop("family")
     cls = FAMILIES[fam]
-    spec["vocab_size"] = vocab_size
+    # a larger vocab_size in the spec pads the embedding (e.g. real-model shapes with a small local tokenizer)
+    spec["vocab_size"] = max(vocab_size, spec.get("vocab_size") or 0)
     if fam == "gpt2":
         spec.setdefault("n_positions", 1024)
     return cls(**spec)

@@ -258,14 +258,18 @@ class LatentReasoner(nn.Module):
             raise ValueError(f"student mode {mode!r}; allowed values: jacobi, sequential")
 
         res = StudentOut(logits=None, targets=None, hidden=None, latent_k=lk, latent_v=lv, latents=z,
-                         forward_passes=passes)
+                         forward_passes=passes, cache=cache)
         if with_answer:
-            A0 = Qb + M
-            out = self._run(self.embed(sb.ids[:, A0:]), sb.mask, sb.pos[:, A0:], cache, hidden_states=True)
-            res.logits, res.targets = self._labelled(out.last_hidden_state, sb.targets[:, A0:])
-            res.hidden = self._at(out.hidden_states, sb.prompt_last - A0)
-            res.forward_passes += 1
-        res.cache = cache
+            self.answer_pass(sb, res)
+        return res
+
+    def answer_pass(self, sb: StudentBatch, res: StudentOut) -> StudentOut:
+        """<eot> · prompt · answer on top of the latents' cache; fills logits, targets, hidden in `res`."""
+        A0 = sb.answer_start
+        out = self._run(self.embed(sb.ids[:, A0:]), sb.mask, sb.pos[:, A0:], res.cache, hidden_states=True)
+        res.logits, res.targets = self._labelled(out.last_hidden_state, sb.targets[:, A0:])
+        res.hidden = self._at(out.hidden_states, sb.prompt_last - A0)
+        res.forward_passes += 1
         return res
 
     def student_forward_naive(self, sb: StudentBatch, num_sweeps: int, key_space: str = "cache") -> StudentOut:
