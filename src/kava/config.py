@@ -198,6 +198,8 @@ def _coerce(tp, value: Any, key: str):
                 return _coerce(a, value, key)
             except ConfigError as e:
                 errors.append(str(e))
+        if len(errors) == 1 and not errors[0].startswith(f"{key}: "):
+            raise ConfigError(errors[0])  # a nested error (e.g. lora.rank in an optional section) names its key
         raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
     if origin is Literal:
         allowed = get_args(tp)
