@@ -297,7 +297,16 @@ def parse_override(item: str) -> tuple[str, Any]:
     if "=" not in item:
         raise ConfigError(f"override {item!r} must look like key=value (e.g. optim.lr=1e-4)")
     key, raw = item.split("=", 1)
-    value = yaml.safe_load(raw) if raw.strip() else ""
+    text = raw.strip()
+    try:
+        value = yaml.safe_load(raw) if text else ""
+    except yaml.YAMLError:
+        value = text
+    # Plain text that YAML would misread stays text: `The answer is:` is not a mapping, `####` not a comment.
+    if isinstance(value, dict) and not text.startswith("{"):
+        value = text
+    if value is None and text not in ("null", "~", "Null", "NULL"):
+        value = text
     return key.strip(), value
 
 
