@@ -1,0 +1,105 @@
+"""`kava ask --checkpoint RUN_DIR [--question "..."] [--show-latents] [--mode latent|cot|nocot]`.
+
+Answers one question, or each line read from stdin until EOF (a `> ` prompt when stdin is a terminal):
+the generated answer segment, the extracted number, forward passes and time. Uses the same checkpoint
+`kava eval` scores (best/, else final/).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("ask", help="answer a question with a trained run (interactive without --question)")
+    p.add_argument("--checkpoint", required=True, help="run dir (uses best/, else final/) or a checkpoint dir")
+    p.add_argument("--question", help="the question; without it, one question per stdin line until EOF")
+    p.add_argument("--mode", choices=["latent", "cot", "nocot"], help="default: the method's own mode")
+    p.add_argument("--show-latents", action="store_true",
+                   help="top-5 vocabulary tokens of each latent slot through the LM head (latent mode)")
+    p.add_argument("--max-new-tokens", type=int, help="answer tokens (default: the config's run.eval_max_new_tokens)")
+    p.add_argument("--device", help="default: cuda if available, else cpu")
+    p.set_defaults(func=run)
+
+
+def answer(model, tok, cfg, question: str, *, mode: str, max_new_tokens: int | None = None,
+           show_latents: bool = False) -> list[str]:
+    """The printed lines for one question (a function, so the REPL and --question share it)."""
+    import torch
+
+    from kava.data.format import Formatter, build_student_batch
+    from kava.data.records import Record
+    from kava.evaluate import generate
+    from kava.inspect_latents import nearest_tokens
+
+    try:
+        from kava.scoring import extract_answer
+    except ImportError:  # scoring is optional for this command
+        extract_answer = None
+    fmt = Formatter(tok, answer_prompt=cfg.data.answer_prompt, max_question_tokens=10**9)
+    item = fmt.tokenize(Record(question, (), "", "ask"), need_answer=False)
+    student_mode = "sequential" if cfg.method == "codi" else "jacobi"
+    T, M = cfg.latent.num_sweeps, cfg.latent.num_latents
+    t0 = time.perf_counter()
+    g = generate(model, [item], mode=mode, num_latents=M, num_sweeps=T, student_mode=student_mode,
+                 max_new_tokens=max_new_tokens or cfg.run.eval_max_new_tokens,
+                 max_cot_tokens=cfg.run.eval_max_cot_tokens, tokenizer=tok)[0]
+    if model.special_rows.is_cuda:
+        torch.cuda.synchronize()
+    dt = time.perf_counter() - t0
+    steps = len(g.token_ids)  # decode steps: forward calls that emitted a token (eos included)
+    if mode != "latent":  # the prefill's logits give the first token: every pass is a decode step
+        pre, how = 0, ""
+    elif cfg.method == "codi":
+        pre, how = 1 + M, f"1 prefix + {M} sequential latents + "
+    else:
+        pre, how = 1 + T, f"1 prefix + {T} sweeps + "
+    extracted = extract_answer(g.text, cfg.data.answer_prompt)["strict"] if extract_answer else None
+    lines = [f"answer: {g.text.strip()}", f"extracted: {extracted}",
+             f"forward passes: {g.forward_passes} ({how}{steps} decode steps)", f"time: {dt:.3f} s"]
+    assert g.forward_passes == pre + steps, "forward-pass accounting disagrees with evaluate.generate"
+    if show_latents:
+        if mode != "latent":
+            lines.append(f"(no latents in mode {mode})")
+        else:
+            sb = build_student_batch([item], model.ids, M, with_answer=False).to(model.special_rows.device)
+            with torch.no_grad():
+                s = model.student_forward(sb, T, mode=student_mode, with_answer=False)
+            for i, toks in enumerate(nearest_tokens(model, tok, s.latents[0], k=5), 1):
+                lines.append(f"latent {i:>2}: " + "  ".join(f"{t!r} {p:.3f}" for t, p in toks))
+    return lines
+
+
+def run(args) -> int:
+    import torch
+
+    from kava.commands.eval import checkpoint_dir
+    from kava.evaluate import default_mode
+    from kava.model.loading import load_for_eval
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    model, tok, cfg = load_for_eval(checkpoint_dir(args.checkpoint), device=device, dtype=dtype)
+    mode = args.mode or default_mode(cfg.method)
+    if mode == "latent" and not cfg.is_latent:
+        print(f"kava ask: a {cfg.method!r} checkpoint has no latent mode; use --mode cot or nocot")
+        return 2
+
+    def one(q: str) -> None:
+        print("\n".join(answer(model, tok, cfg, q, mode=mode, max_new_tokens=args.max_new_tokens,
+                               show_latents=args.show_latents)), flush=True)
+
+    if args.question is not None:
+        one(args.question)
+        return 0
+    tty = sys.stdin.isatty()
+    while True:
+        if tty:
+            print("> ", end="", flush=True)
+        line = sys.stdin.readline()
+        if not line:
+            break
+        if line.strip():
+            one(line.strip())
+    return 0

@@ -1,0 +1,51 @@
+"""`kava inspect --checkpoint RUN_DIR --question "..." --cot "<<a=b>> <<c=d>>" --answer N [--output PNG]`.
+
+Heatmaps of the cosine similarity between the student's latent KV (final sweep) and the teacher's CoT KV,
+per layer, keys and values, with the CoT tokens eviction keeps marked; prints, per layer, the CoT tokens
+kept by the most KV heads.
+"""
+
+from __future__ import annotations
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("inspect", help="plot latent-KV vs teacher-CoT-KV similarity for one question")
+    p.add_argument("--checkpoint", required=True, help="run dir (uses best/, else final/) of a latent method")
+    p.add_argument("--question", required=True)
+    p.add_argument("--cot", required=True, help='the chain of thought, e.g. "<<3+4=7>> <<7*2=14>>"')
+    p.add_argument("--answer", required=True)
+    p.add_argument("--output", help="PNG path (default RUN_DIR/inspect.png)")
+    p.add_argument("--layers", help="comma list of layers to draw (default all; printing covers all)")
+    p.add_argument("--key-space", choices=["cache", "pre_rope"], help="default: the config's loss.kv_key_space")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from pathlib import Path
+
+    import torch
+
+    from kava.commands.eval import checkpoint_dir
+    from kava.inspect_latents import inspect_example, most_kept, plot_similarity
+    from kava.model.loading import load_for_eval
+
+    ck = checkpoint_dir(args.checkpoint)
+    model, tok, cfg = load_for_eval(ck, device="cuda" if torch.cuda.is_available() else "cpu")
+    if not cfg.is_latent:
+        print(f"kava inspect: a {cfg.method!r} checkpoint has no latents; use a pccot, codi or kava run")
+        return 2
+    ins = inspect_example(model, tok, cfg, args.question, args.cot, args.answer, key_space=args.key_space)
+    L = ins.sim_k.shape[0]
+    layers = [int(x) for x in args.layers.split(",")] if args.layers else None
+    if layers and not all(0 <= x < L for x in layers):
+        print(f"kava inspect: --layers must be in 0..{L - 1}")
+        return 2
+    run_dir = ck.parent if (ck.parent / "config.yaml").exists() else ck
+    out = plot_similarity(ins, args.output or Path(run_dir) / "inspect.png", layers)
+    print(f"saved {out}")
+    M = ins.sim_k.shape[1]
+    print(f"CoT tokens kept most often ({ins.eviction}, {M} slots, {ins.num_kv_heads} KV heads):")
+    for layer in range(L):
+        kept = most_kept(ins, layer)
+        print(f"layer {layer}: " + "  ".join(f"{t!r}@{p}×{c}" for p, t, c in kept))
+    return 0

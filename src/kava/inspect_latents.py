@@ -1,0 +1,150 @@
+"""Looking inside the latents: nearest vocabulary tokens, and latent-KV vs teacher-CoT-KV similarity.
+
+Why: KaVa claims the student's M latent slots take over the role of the teacher's compressed CoT cache.
+Two cheap views test that on one question: which tokens each latent embedding resembles (through the LM
+head), and per layer how similar each latent slot's keys/values are to every CoT token's keys/values,
+next to which CoT tokens eviction kept as the slots' targets.
+
+Shapes: L layers, Hkv KV heads, D head dim, M latent slots, C CoT tokens, d hidden size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from kava import eviction
+from kava.data.format import Formatter, build_student_batch, build_teacher_batch
+from kava.data.records import Record
+
+
+@torch.no_grad()
+def nearest_tokens(model, tokenizer, latents: torch.Tensor, k: int = 5) -> list[list[tuple[str, float]]]:
+    """Top-k tokens of each latent decoded through the LM head: latents [M, d] -> M lists of (text, prob).
+
+    The latent is an input embedding (the projection's output), so `head(latent)` with tied embeddings is
+    its similarity to each vocabulary embedding; the softmax makes the scores comparable across slots.
+    """
+    probs = torch.softmax(model.logits(latents.reshape(-1, latents.shape[-1])).float(), dim=-1)  # [M, V]
+    top = probs.topk(k, dim=-1)
+    return [[(token_text(tokenizer, i), p) for i, p in zip(ids, ps)]
+            for ids, ps in zip(top.indices.tolist(), top.values.tolist())]
+
+
+def token_text(tokenizer, i: int) -> str:
+    """A token's text; its raw vocabulary entry when it is a partial UTF-8 byte sequence (decodes to �)."""
+    text = tokenizer.decode([i])
+    return tokenizer.convert_ids_to_tokens(i) if "\ufffd" in text else text
+
+
+def latent_cot_similarity(latent: torch.Tensor, cot: torch.Tensor) -> torch.Tensor:
+    """Per-layer cosine similarity of latent slots and CoT tokens, heads concatenated.
+
+    latent: [L, Hkv, M, D] (keys or values of one example); cot: [L, Hkv, C, D] -> [L, M, C] fp32, where
+    sim[l, i, j] = cos(concat_h latent[l, h, i], concat_h cot[l, h, j]).
+    """
+    L, H, M, D = latent.shape
+    a = F.normalize(latent.float().permute(0, 2, 1, 3).reshape(L, M, H * D), dim=-1)  # [L, M, H*D]
+    b = F.normalize(cot.float().permute(0, 2, 1, 3).reshape(L, -1, H * D), dim=-1)  # [L, C, H*D]
+    return a @ b.transpose(1, 2)
+
+
+@dataclass
+class Inspection:
+    cot_tokens: list[str]  # C decoded CoT tokens
+    sim_k: torch.Tensor  # [L, M, C]
+    sim_v: torch.Tensor  # [L, M, C]
+    kept: torch.Tensor  # [L, C] number of KV heads whose eviction kept each CoT token
+    num_kv_heads: int
+    eviction: str  # "rkv λ=0.1"
+    key_space: str
+
+
+@torch.no_grad()
+def inspect_example(model, tokenizer, cfg, question: str, cot: str, answer: str,
+                    key_space: str | None = None) -> Inspection:
+    """Teacher on question·cot·answer, student (final sweep) on the question, similarity and eviction.
+
+    The CoT is used as given (no last-step dropping): the user chose what to look at.
+    key_space defaults to the config's `loss.kv_key_space`, the space the KV loss compared keys in.
+    """
+    if not cfg.is_latent:
+        raise ValueError(f"kava inspect needs a latent method's checkpoint; this one is {cfg.method!r}")
+    key_space = key_space or cfg.loss.kv_key_space
+    fmt = Formatter(tokenizer, answer_prompt=cfg.data.answer_prompt, drop_last_step=False,
+                    max_question_tokens=10**9, max_cot_tokens=10**9, max_answer_tokens=10**9)
+    item = fmt.tokenize(Record(question, (cot,), str(answer), "inspect"))
+    if not item.cot:
+        raise ValueError("--cot is empty: nothing to compare the latents with")
+    ev = cfg.eviction
+    tb = build_teacher_batch([item], model.ids, query_mode=ev.importance_queries, tail_window=ev.cot_tail_window)
+    t = model.teacher_forward(tb, need_kv=True, need_importance=ev.method in ("rkv", "attention"),
+                              key_space=key_space)
+    sb = build_student_batch([item], model.ids, cfg.latent.num_latents, with_answer=False)
+    s = model.student_forward(sb, cfg.latent.num_sweeps, mode="sequential" if cfg.method == "codi" else "jacobi",
+                              key_space=key_space, keep_sweeps="last", with_answer=False)
+    lk, lv = s.latent_k[-1][:, 0], s.latent_v[-1][:, 0]  # [L, Hkv, M, D]
+    ck, cv = t.cot_k[:, 0], t.cot_v[:, 0]  # [L, Hkv, C, D]
+    idx, slot_mask = eviction.select_indices(ev.method, keys=t.cot_k, importance=t.importance, valid=tb.cot_valid,
+                                             num_slots=cfg.latent.num_latents, lam=ev.lam,
+                                             generator=torch.Generator(device=t.cot_k.device).manual_seed(0))
+    L, _, H, M = idx.shape
+    C = ck.shape[2]
+    hit = F.one_hot(idx[:, 0], C) * slot_mask[0, None, None, :, None]  # [L, Hkv, M, C]
+    kept = hit.sum(2).clamp(max=1).sum(1)  # [L, C] heads that kept the token
+    desc = f"{ev.method} λ={ev.lam:g}" if ev.method == "rkv" else ev.method
+    return Inspection([token_text(tokenizer, i) for i in item.cot], latent_cot_similarity(lk, ck).cpu(),
+                      latent_cot_similarity(lv, cv).cpu(), kept.cpu(), H, desc, key_space)
+
+
+def most_kept(ins: Inspection, layer: int, n: int | None = None) -> list[tuple[int, str, int]]:
+    """The (n) CoT tokens kept by the most heads in `layer`: (position, text, heads), ties in time order."""
+    counts = ins.kept[layer].tolist()
+    order = sorted((p for p, c in enumerate(counts) if c > 0), key=lambda p: (-counts[p], p))[:n]
+    return [(p, ins.cot_tokens[p], counts[p]) for p in order]
+
+
+def plot_similarity(ins: Inspection, path: str | Path, layers: list[int] | None = None) -> Path:
+    """Keys (top row) and values (bottom row), one heatmap per layer; kept CoT tokens in bold red, with a
+    marker row above each heatmap whose shade is the fraction of KV heads that kept the token."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layers = list(range(ins.sim_k.shape[0])) if layers is None else layers
+    M, C = ins.sim_k.shape[1:]
+    w, h = max(3.5, 0.28 * C + 1.2), max(2.8, 0.3 * M + 2.2)
+    fig, axes = plt.subplots(2, len(layers), figsize=(w * len(layers) + 1.2, 2 * h), squeeze=False,
+                             constrained_layout=True)
+    labels = [repr(t)[1:-1].replace(" ", "␣") or "∅" for t in ins.cot_tokens]  # spaces visible
+    rotation = 0 if max(map(len, labels)) <= 3 else 90
+    for col, layer in enumerate(layers):
+        frac = (ins.kept[layer].float() / ins.num_kv_heads).numpy()
+        for row, (kind, sim) in enumerate((("keys", ins.sim_k), ("values", ins.sim_v))):
+            ax = axes[row, col]
+            im = ax.imshow(sim[layer].numpy(), cmap="RdBu_r", vmin=-1, vmax=1, aspect="auto",
+                           extent=(-0.5, C - 0.5, M + 0.5, 0.5))
+            ax.scatter(range(C), [0.1] * C, c=frac, cmap="Greens", vmin=0, vmax=1, marker="v", s=40,
+                       edgecolors="k", linewidths=0.3, clip_on=False)
+            ax.set_ylim(M + 0.5, -0.3)
+            ax.set_xticks(range(C), labels, rotation=rotation, fontsize=8, fontfamily="monospace")
+            for tick, f in zip(ax.get_xticklabels(), frac):
+                if f > 0:
+                    tick.set_fontweight("bold")
+                    tick.set_color("firebrick")
+            ax.set_yticks(range(1, M + 1))
+            ax.set_ylabel("latent slot")
+            ax.set_xlabel("teacher CoT token")
+            ax.set_title(f"layer {layer} {kind}")
+        fig.colorbar(im, ax=axes[:, col], shrink=0.6, label="cosine similarity")
+    fig.suptitle(f"student latent KV vs teacher CoT KV ({ins.key_space} keys); bold red / ▼ = kept by "
+                 f"{ins.eviction} eviction (▼ shade: fraction of {ins.num_kv_heads} KV heads)")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
