@@ -135,14 +135,15 @@ def _sbatch_lines(text: str) -> list[str]:
 
 
 def _fake_bin(tmp_path: Path) -> Path:
-    """torchrun / srun / python record their argv (one per line); scontrol lists two hosts."""
+    """torchrun / srun / python record their argv (one per line); scontrol lists more hosts than a pipe
+    buffer holds, so `| head -n1` cuts it off by SIGPIPE as it can on a large allocation."""
     b = tmp_path / "bin"
     if b.exists():
         return b
     b.mkdir()
     for name in ("torchrun", "srun", "python"):
         (b / name).write_text(f'#!/bin/bash\nprintf "%s\\n" "$@" > "$REC/{name}"\n')
-    (b / "scontrol").write_text('#!/bin/bash\nprintf "node001\\nnode002\\n"\n')
+    (b / "scontrol").write_text('#!/bin/bash\nprintf "node%05d\\n" $(seq 1 20000)\n')
     for p in b.iterdir():
         p.chmod(0o755)
     return b
@@ -154,7 +155,8 @@ def _run_script(script: Path, tmp_path: Path, env: dict) -> dict[str, list[str]]
     for p in rec.iterdir():
         p.unlink()
     e = {**os.environ, **env, "REC": str(rec), "PATH": f"{_fake_bin(tmp_path)}:{os.environ['PATH']}"}
-    subprocess.run(["bash", str(script)], env=e, check=True, capture_output=True, text=True)
+    res = subprocess.run(["bash", str(script)], env=e, capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout + res.stderr
     return {p.name: p.read_text().splitlines() for p in rec.iterdir()}
 
 
@@ -233,7 +235,7 @@ def test_slurm_multi_node(tmp_path, capsys):
                                              "SLURM_JOB_NODELIST": "node[001-002]", "SLURM_CPUS_PER_TASK": "16"})
     assert rec["srun"][:17] == ["--nodes", "2", "--ntasks-per-node", "1", "--cpus-per-task", "16", "torchrun",
                                 "--nnodes", "2", "--nproc_per_node", "2", "--rdzv_backend", "c10d",
-                                "--rdzv_endpoint", "node001:29500", "--rdzv_id", "777"]
+                                "--rdzv_endpoint", "node00001:29500", "--rdzv_id", "777"]
     assert _kava_args(rec["srun"])[:3] == ["train", "--config", "llama1b_aug"]
     # 128 = effective batch; micro 32 x 8 GPUs does not divide it: refused before writing anything
     rc = main(["sweep", "--configs", "llama1b_aug", "--seeds", "1", "--slurm", "--script-dir", str(tmp_path / "x"),

@@ -299,7 +299,8 @@ def slurm_script(run: SweepRun, opts: SlurmOptions, log_dir: Path, *, eval_datas
     env = default_env_setup() if opts.env_setup is None else opts.env_setup
     lines = ["#!/bin/bash", *(f"#SBATCH {s}" for s in sb), "",
              f"# kava sweep run {run.name}: trains, resumes after a requeue, skips when DONE.",
-             "set -eo pipefail", f"cd {q(str(Path.cwd().resolve()))}", *([env] if env else []),
+             "set -e  # no pipefail: `scontrol ... | head -n1` ends scontrol by SIGPIPE on large allocations",
+             f"cd {q(str(Path.cwd().resolve()))}", *([env] if env else []),
              "set -u  # after the environment setup: `module load` and some activate scripts read unset variables",
              f"RUN_DIR={run_dir}",
              'if [ -f "$RUN_DIR/DONE" ]; then echo "$RUN_DIR is DONE"; else',
