@@ -67,6 +67,14 @@ def generate(model: LatentReasoner, items: list[Tokenized], *, mode: str, num_la
              num_sweeps: int = 3, student_mode: str = "jacobi", max_new_tokens: int = 16,
              max_cot_tokens: int = 128, tokenizer=None) -> list[Generation]:
     """Greedy generations for a batch of question-only items (see module docstring for the modes)."""
+    with model.autocast():
+        return _generate(model, items, mode=mode, num_latents=num_latents, num_sweeps=num_sweeps,
+                         student_mode=student_mode, max_new_tokens=max_new_tokens, max_cot_tokens=max_cot_tokens,
+                         tokenizer=tokenizer)
+
+
+def _generate(model, items, *, mode, num_latents, num_sweeps, student_mode, max_new_tokens, max_cot_tokens,
+              tokenizer) -> list[Generation]:
     ids = model.ids
     dev = model.special_rows.device
     if mode == "latent":

@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import numbers
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -98,6 +100,13 @@ def answer_attention_importance(
             f"allowed must be [B,A,K]={(B, A, K)} and query_valid [B,A]={(B, A)}; "
             f"got {tuple(allowed.shape)} and {tuple(query_valid.shape)}"
         )
+    with torch.autocast(query.device.type, enabled=False):  # fp32 math even inside a bf16 autocast region
+        return _importance_fp32(query, key, allowed, query_valid, scaling)
+
+
+def _importance_fp32(query, key, allowed, query_valid, scaling: float) -> torch.Tensor:
+    B, H, A, D = query.shape
+    Hkv = key.shape[1]
     G = H // Hkv
     q = query.float().reshape(B, Hkv, G, A, D)  # head h = g*G + j  ->  [b, g, j]  (HF repeat_kv grouping)
     k = key.float()
@@ -117,6 +126,18 @@ def answer_attention_importance(
 # ----------------------------------------------------------------------------------------------------------
 
 
+def _no_autocast(fn):
+    """Run `fn` in fp32 even when called inside a bf16 autocast region (its matmuls must not downcast)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with torch.autocast("cuda", enabled=False), torch.autocast("cpu", enabled=False):
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
+@_no_autocast
 def redundancy_scores(keys: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """Redundancy score R: high for a key unlike the other CoT keys.
 
@@ -181,6 +202,7 @@ def _uniform_scores(valid: torch.Tensor, num_slots: int) -> torch.Tensor:
 
 
 @torch.no_grad()
+@_no_autocast
 def select_indices(
     method: str,
     *,

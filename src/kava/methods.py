@@ -55,6 +55,11 @@ def make_batch(items: list[Tokenized], model_ids, cfg: Config) -> Batch:
     return Batch(tb, sb, n)
 
 
+def _fp32(like: torch.Tensor):
+    """Eviction and losses do their own fp32 math; autocast must not push their matmuls back to bf16."""
+    return torch.autocast(like.device.type, enabled=False)
+
+
 class _NoTimer:
     def __call__(self, name: str):
         return contextlib.nullcontext()
@@ -74,7 +79,8 @@ def loss_step(model: LatentReasoner, batch: Batch, cfg: Config, generator: torch
     need_importance = spec.kv and cfg.eviction.method in ("rkv", "attention")
     with timer("teacher"):
         t = model.teacher_forward(tb, need_kv=spec.kv, need_importance=need_importance, key_space=lc.kv_key_space)
-    terms = {"ce_teacher": losses.token_cross_entropy(t.logits, t.targets)}
+    with _fp32(tb.ids):
+        terms = {"ce_teacher": losses.token_cross_entropy(t.logits, t.targets)}
     weights = {"ce_teacher": lc.ce_teacher if spec.student else 1.0}
     extra: dict[str, torch.Tensor] = {}
     if spec.student:
@@ -84,18 +90,18 @@ def loss_step(model: LatentReasoner, batch: Batch, cfg: Config, generator: torch
                                       keep_sweeps=keep, with_answer=False)
         with timer("student_answer"):
             model.answer_pass(sb, s)
-        with timer("losses"):
+        with timer("losses"), _fp32(sb.ids):
             terms["ce_student"] = losses.token_cross_entropy(s.logits, s.targets)
             weights["ce_student"] = lc.ce_student
             terms["codi"] = losses.codi_loss(s.hidden, t.hidden, kind=lc.codi_loss, std=lc.codi_std,
                                              layers=lc.codi_layers)
             weights["codi"] = lc.alpha_codi
         if spec.kv:
-            with timer("eviction"), torch.no_grad():
+            with timer("eviction"), torch.no_grad(), _fp32(sb.ids):
                 idx, slot_mask = eviction.select_indices(
                     cfg.eviction.method, keys=t.cot_k.detach(), importance=t.importance, valid=tb.cot_valid,
                     num_slots=sb.num_latents, lam=cfg.eviction.lam, generator=generator)
-            with timer("kv_loss"):
+            with timer("kv_loss"), _fp32(sb.ids):
                 tk, tv = eviction.gather_slots(t.cot_k, idx), eviction.gather_slots(t.cot_v, idx)
                 kv, per_sweep = losses.kv_loss_over_sweeps(
                     s.latent_k, s.latent_v, tk, tv, slot_mask, supervision=lc.kv_supervision, kind=lc.kv_loss,

@@ -278,7 +278,10 @@ def train(cfg: Config, *, resume: str | Path | None = None, progress: bool = Tru
     plan = make_plan(cfg, len(items), world)
 
     # model, optimizer
-    model = build_reasoner(cfg, tokenizer)
+    # Frozen LoRA base weights live in bf16 on GPU (adapters, projection and special rows stay fp32);
+    # full fine-tuning keeps fp32 master weights under bf16 autocast.
+    base_dtype = torch.bfloat16 if use_bf16 and cfg.lora is not None else torch.float32
+    model = build_reasoner(cfg, tokenizer, dtype=base_dtype)
     decay, no_decay = [], []
     for n, p in model.named_parameters():
         if p.requires_grad:
@@ -290,7 +293,7 @@ def train(cfg: Config, *, resume: str | Path | None = None, progress: bool = Tru
     objective, opt = acc.prepare(objective, opt)
     raw = acc.unwrap_model(objective).model
     if cfg.optim.compile:
-        raw.decoder.compile()
+        raw.compile_layers()
 
     logger = MetricLogger(run_dir, cfg.run.log + ["jsonl"], main, cfg)
     start_step, best = 0, {"val/accuracy": -1.0, "step": -1}

@@ -85,11 +85,28 @@ def build_reasoner(cfg: Config, tokenizer, *, dtype: torch.dtype = torch.float32
 
         lm = get_peft_model(lm, LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
                                            target_modules=list(cfg.lora.target_modules), bias="none"))
+        if dtype != torch.float32:
+            keep_adapter_inputs_in_compute_dtype(lm)
     model = LatentReasoner(lm, ids, projection=cfg.latent.projection, proj_hidden=cfg.latent.proj_hidden,
                            proj_layernorm=cfg.latent.proj_layernorm)
     if extra is not None:
         load_extra(model, extra, strict_proj=False)
     return model
+
+
+def keep_adapter_inputs_in_compute_dtype(lm) -> None:
+    """Stop peft from casting every adapter input to the fp32 adapter dtype (and back).
+
+    Over a bf16 backbone peft keeps LoRA weights in fp32 and, by default, copies each input activation
+    [B, S, d] to fp32 for the adapter and the result back: several full-size copies per module per pass.
+    Under autocast the fp32 adapter weights are cast once per step instead (autocast caches leaf casts),
+    so the activations never leave bf16. Requires running under autocast (`LatentReasoner.autocast`).
+    """
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for m in lm.modules():
+        if isinstance(m, BaseTunerLayer):
+            m.cast_input_dtype_enabled = False
 
 
 def extra_state(model: LatentReasoner) -> dict[str, torch.Tensor]:

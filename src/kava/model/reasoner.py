@@ -13,6 +13,7 @@ Shapes: B batch, S columns, L layers, Hkv KV heads, D head dim, d hidden, C CoT 
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import torch
@@ -108,7 +109,7 @@ class LatentReasoner(nn.Module):
             mean = emb.weight.float().mean(0)
             g = torch.Generator().manual_seed(0)
             init = mean.unsqueeze(0) + 0.02 * torch.randn(3, d, generator=g).to(mean.device) * emb.weight.float().std()
-        self.special_rows = nn.Parameter(init.to(emb.weight.dtype))
+        self.special_rows = nn.Parameter(init)  # fp32 master copy even over a bf16 backbone (cast in `embed`)
         self.proj = Projection(d, projection, proj_hidden, proj_layernorm)
         cfg = base.config
         self.num_layers = cfg.num_hidden_layers
@@ -118,6 +119,19 @@ class LatentReasoner(nn.Module):
     @property
     def config(self):
         return self.causal_lm.config
+
+    def autocast(self):
+        """bf16 autocast when the backbone weights are bf16 (GPU inference and LoRA training), else a no-op."""
+        dtype = self.embed_tokens.weight.dtype
+        if dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.embed_tokens.weight.device.type, dtype=dtype)
+
+    def compile_layers(self) -> None:
+        """torch.compile each decoder layer (dynamic shapes): fuses the norm / RoPE / LoRA elementwise work
+        and cuts kernel launches; the passes themselves stay eager Python."""
+        for layer in self.decoder.layers:
+            layer.compile(dynamic=True)
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """Token ids [B, S] -> embeddings [B, S, d]; special tokens come from `special_rows`."""

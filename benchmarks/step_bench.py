@@ -1,0 +1,431 @@
+"""Training-step and evaluation throughput at real model shapes (random weights), fast path vs naive reference.
+
+    python benchmarks/step_bench.py --shapes llama1b --cot eq,nl --out benchmarks/results/step_bench.json
+
+For each model shape and CoT style: the time of one optimizer step (forward + backward + AdamW) at
+micro-batch 32 with LoRA r=128 for `cot`, `pccot` and `kava`, a per-phase breakdown, tokens/s, MFU and
+peak memory; the naive reference step (every sweep recomputes the whole sequence; importance read from
+`output_attentions` under eager attention) measured in the same process; and a loss-equality check
+between the fast and naive steps in float32. Evaluation: questions/s on 1,319 GSM8k-length questions in
+latent mode vs cot mode (a fixed 65-token CoT).
+
+FLOPs (for MFU) count the matmuls of every pass: per processed token 2·N_linear (forward) + 2·N_linear
+(backward, input gradients; frozen base weights get no weight gradient) + 6·N_lora (adapter forward,
+input and weight gradients) + attention (4·ctx·d_model forward, 8·ctx·d_model backward), plus the LM head
+on labelled tokens only (3 × 2·d·V). Peak: 989 TFLOP/s (H100 SXM dense bf16).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import statistics
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from kava import eviction, losses
+from kava.config import config_from_dict
+from kava.data.format import SpecialIds, Tokenized
+from kava.methods import loss_step, make_batch
+from kava.model import capture
+from kava.model.reasoner import LatentReasoner
+
+SHAPES = {
+    "llama1b": dict(family="llama", hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                    num_attention_heads=32, num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True,
+                    head_dim=64),
+    "qwen05b": dict(family="qwen2", hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                    num_attention_heads=14, num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
+    "llama3b": dict(family="llama", hidden_size=3072, intermediate_size=8192, num_hidden_layers=28,
+                    num_attention_heads=24, num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True,
+                    head_dim=128),
+}
+SHAPES["tiny"] = dict(family="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, vocab_size=1000, tie_word_embeddings=True)
+PEAK_TFLOPS = 989.0
+COMPILE = False  # --compile: also time cot and kava with torch.compile'd decoder layers
+NAIVE_CASTS = False  # --peft-casts: keep peft's default fp32 adapter-input casts (to measure their cost)
+DEV = "cuda" if torch.cuda.is_available() else "cpu"  # CPU only for a smoke test of the script
+
+
+def reset_peak():
+    if DEV == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_gib() -> float:
+    return torch.cuda.max_memory_allocated() / 2**30 if DEV == "cuda" else 0.0
+
+
+def empty_cache():
+    if DEV == "cuda":
+        torch.cuda.empty_cache()
+
+
+def sync():
+    if DEV == "cuda":
+        torch.cuda.synchronize()
+LORA_BAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+LORA_PRESET = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+def build(shape: str, targets: list[str], dtype=torch.bfloat16, lora_dropout: float = 0.1, eos_never: bool = False):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from kava.model.loading import keep_adapter_inputs_in_compute_dtype, scratch_config
+
+    spec = dict(SHAPES[shape])
+    hf = scratch_config(spec, spec["vocab_size"])
+    torch.manual_seed(0)
+    with torch.device(DEV):
+        lm = AutoModelForCausalLM.from_config(hf, dtype=dtype, attn_implementation=capture.ATTN_IMPL)
+    lm = get_peft_model(lm, LoraConfig(r=128, lora_alpha=32, lora_dropout=lora_dropout, target_modules=targets))
+    if dtype != torch.float32 and not NAIVE_CASTS:
+        keep_adapter_inputs_in_compute_dtype(lm)
+    V = hf.vocab_size
+    # eval: an eos id outside the vocabulary is never generated, so every question decodes the same length
+    ids = SpecialIds(bot=V, eot=V + 1, latent=V + 2, pad=0, eos=V + 7 if eos_never else V - 1, bos=None)
+    m = LatentReasoner(lm, ids).to(DEV)
+    return m
+
+
+def sample_items(n: int, style: str, lengths: dict, V: int, eos: int, seed: int = 0) -> list[Tokenized]:
+    rng = random.Random(seed)
+    items = []
+    for i in range(n):
+        j = rng.randrange(len(lengths["question"]))
+        q = [rng.randrange(100, V) for _ in range(lengths["question"][j])]
+        c = [rng.randrange(100, V) for _ in range(lengths["cot_" + style][j])]
+        prompt = [100 + (x % (V - 100)) for x in (791, 4320, 374, 25, 220)]  # 5 fixed tokens (any ids work)
+        ans = [rng.randrange(100, V - 1) for _ in range(2)] + [eos]
+        items.append(Tokenized(q, c, prompt, ans, i))
+    return items
+
+
+def cfg_for(method: str, **kw):
+    d = {"method": method, "model": {"name_or_path": "bench"},
+         "loss": {"kv_loss": "smooth_l1", "kv_layer_std": True, "alpha_codi": 10, "alpha_kv": 1}}
+    for k, v in kw.items():
+        sec, key = k.split(".")
+        d.setdefault(sec, {})[key] = v
+    return config_from_dict(d)
+
+
+class PhaseTimer:
+    """Synchronising per-phase timer (only for the breakdown run; the timed steps never sync)."""
+
+    def __init__(self):
+        self.t: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name):
+        sync()
+        t0 = time.perf_counter()
+        yield
+        sync()
+        self.t[name] = self.t.get(name, 0.0) + time.perf_counter() - t0
+
+
+def naive_loss_step(model: LatentReasoner, batch, cfg):
+    """Reference: eager attention + output_attentions for importance, full recomputation for each sweep."""
+    tb, sb = batch.teacher, batch.student
+    lm = model.causal_lm
+    lm.set_attn_implementation("eager")
+    try:
+        out = model.decoder(inputs_embeds=model.embed(tb.ids), attention_mask=tb.mask, position_ids=tb.pos,
+                            use_cache=True, output_hidden_states=True, output_attentions=True)
+    finally:
+        lm.set_attn_implementation(capture.ATTN_IMPL)
+    B, C = tb.cot_idx.shape
+    cache = out.past_key_values
+    k_all = torch.stack([layer.keys for layer in cache.layers])
+    v_all = torch.stack([layer.values for layer in cache.layers])
+    L, _, Hkv, S, D = k_all.shape
+    gidx = tb.cot_idx.view(1, B, 1, C, 1).expand(L, B, Hkv, C, D)
+    cot_k, cot_v = torch.gather(k_all, 3, gidx), torch.gather(v_all, 3, gidx)
+    imp = []
+    for att in out.attentions:  # [B, H, S, S]
+        H = att.shape[1]
+        rows = torch.gather(att.float(), 2, tb.query_idx.view(B, 1, -1, 1).expand(B, H, tb.query_idx.shape[1], S))
+        cols = torch.gather(rows, 3, tb.cot_idx.view(B, 1, 1, C).expand(B, H, rows.shape[2], C))
+        w = tb.query_valid.float().view(B, 1, -1, 1)
+        mean = (cols * w).sum(2) / w.sum(2).clamp(min=1)
+        imp.append(mean.view(B, Hkv, H // Hkv, C).amax(2))
+    importance = torch.stack(imp)
+    sel = tb.targets != -100
+    ce_t = losses.token_cross_entropy(model.logits(out.last_hidden_state[sel]), tb.targets[sel])
+    t_hidden = model._at(out.hidden_states, tb.prompt_last)
+    s = model.student_forward_naive(sb, cfg.latent.num_sweeps)
+    idx, slot_mask = eviction.select_indices("rkv", keys=cot_k.detach(), importance=importance, valid=tb.cot_valid,
+                                             num_slots=sb.num_latents, lam=cfg.eviction.lam)
+    kv, _ = losses.kv_loss_over_sweeps(s.latent_k[-1:], s.latent_v[-1:], eviction.gather_slots(cot_k, idx),
+                                       eviction.gather_slots(cot_v, idx), slot_mask, kind=cfg.loss.kv_loss,
+                                       layer_std=cfg.loss.kv_layer_std)
+    terms = {"ce_teacher": ce_t, "ce_student": losses.token_cross_entropy(s.logits, s.targets),
+             "codi": losses.codi_loss(s.hidden, t_hidden), "kv": kv}
+    total, log = losses.combine_losses(terms, {"ce_teacher": 1.0, "ce_student": 1.0, "codi": 10.0, "kv": 1.0})
+    return total, {f"loss/{k}": v for k, v in log.items()}
+
+
+def count_flops(model: LatentReasoner, batch, method: str, cfg) -> float:
+    """Matmul FLOPs of one training micro-step (see module docstring)."""
+    c = model.config
+    d, L, V = c.hidden_size, c.num_hidden_layers, c.vocab_size
+    n_lin = sum(p.numel() for n, p in model.decoder.named_parameters()
+                if p.dim() == 2 and "embed" not in n and "lora" not in n)
+    n_lora = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+
+    def pass_flops(tokens: int, ctx: float) -> float:
+        return tokens * (4 * n_lin + 6 * n_lora + 12 * ctx * d * L)
+
+    tb = batch.teacher
+    T_len = tb.mask.sum(1).float()
+    f = pass_flops(int(T_len.sum()), float(T_len.mean()) / 2)
+    f += 6 * d * V * int((tb.targets != -100).sum())
+    if batch.student is not None:
+        sb = batch.student
+        B, M, Qb = sb.ids.shape[0], sb.num_latents, sb.q_block
+        q = sb.mask[:, :Qb].sum(1).float().mean()
+        f += pass_flops(B * (Qb + M), float(q + M) / 2)  # prefix
+        f += cfg.latent.num_sweeps * pass_flops(B * M, float(q + M / 2))
+        A = sb.ids.shape[1] - Qb - M
+        f += pass_flops(B * A, float(q + M + A / 2))
+        f += 6 * d * V * int((sb.targets != -100).sum())
+    return f
+
+
+def time_steps(fn, n: int, warmup: int = 3) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    sync()
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def bench_train(shape, style, targets, lengths, reps, micro_batch, methods, naive=True, check_equal=True):
+    model = build(shape, targets)
+    model.train()
+    V = model.config.vocab_size
+    items = sample_items(micro_batch, style, lengths, V, model.ids.eos, seed=1)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-5, fused=DEV == "cuda")
+    rows = {}
+    for method in methods:
+        cfg = cfg_for(method)
+        batch = make_batch(items, model.ids, cfg)
+        batch.teacher, batch.student = batch.teacher.to(DEV), batch.student.to(DEV) if batch.student else None
+
+        def step():
+            with torch.autocast(DEV, dtype=torch.bfloat16):
+                total, _ = loss_step(model, batch, cfg)
+            total.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        reset_peak()
+        times = time_steps(step, reps)
+        peak = peak_gib()
+        timer = PhaseTimer()
+        with torch.autocast(DEV, dtype=torch.bfloat16):
+            total, _ = loss_step(model, batch, cfg, timer=timer)
+        with timer("backward"):
+            total.backward()
+        with timer("optimizer"):
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        med = statistics.median(times)
+        flops = count_flops(model, batch, method, cfg)
+        ntok = batch.num_tokens
+        rows[method] = {"median_s": med, "min_s": min(times), "max_s": max(times), "reps": len(times),
+                        "tokens_per_s": ntok / med, "mfu": flops / med / (PEAK_TFLOPS * 1e12),
+                        "tflops_per_step": flops / 1e12, "peak_gib": peak,
+                        "breakdown_s": {k: round(v, 4) for k, v in timer.t.items()}}
+        print(f"  {shape:8s} {style:2s} {method:6s} median {med:.3f}s [{min(times):.3f}, {max(times):.3f}] "
+              f"MFU {rows[method]['mfu']:.1%} peak {peak:.1f} GiB  {rows[method]['breakdown_s']}", flush=True)
+    if COMPILE:
+        model.compile_layers()
+        for method in [m for m in methods if m in ("cot", "kava")]:
+            cfg = cfg_for(method)
+            batch = make_batch(items, model.ids, cfg)
+            batch.teacher = batch.teacher.to(DEV)
+            batch.student = batch.student.to(DEV) if batch.student else None
+
+            def cstep():
+                with torch.autocast(DEV, dtype=torch.bfloat16):
+                    total, _ = loss_step(model, batch, cfg)
+                total.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+
+            reset_peak()
+            times = time_steps(cstep, reps, warmup=4)
+            med = statistics.median(times)
+            rows[method + "+compile"] = {"median_s": med, "min_s": min(times), "max_s": max(times),
+                                         "reps": len(times), "peak_gib": peak_gib(),
+                                         "mfu": count_flops(model, batch, method, cfg) / med / (PEAK_TFLOPS * 1e12)}
+            print(f"  {shape:8s} {style:2s} {method}+compile median {med:.3f}s [{min(times):.3f}, {max(times):.3f}] "
+                  f"MFU {rows[method + '+compile']['mfu']:.1%} peak {peak_gib():.1f} GiB", flush=True)
+    if naive:
+        cfg = cfg_for("kava")
+        batch = make_batch(items, model.ids, cfg)
+        batch.teacher, batch.student = batch.teacher.to(DEV), batch.student.to(DEV)
+
+        def nstep():
+            with torch.autocast(DEV, dtype=torch.bfloat16):
+                total, _ = naive_loss_step(model, batch, cfg)
+            total.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        reset_peak()
+        times = time_steps(nstep, max(3, reps // 2), warmup=1)
+        med = statistics.median(times)
+        rows["naive_kava"] = {"median_s": med, "min_s": min(times), "max_s": max(times), "reps": len(times),
+                              "peak_gib": peak_gib()}
+        rows["speedup_vs_naive"] = med / rows["kava"]["median_s"]
+        print(f"  {shape:8s} {style:2s} naive  median {med:.3f}s  -> kava is {rows['speedup_vs_naive']:.2f}x faster",
+              flush=True)
+    if check_equal:
+        rows["equality_fp32"] = loss_equality(shape, targets, lengths, style)
+    del model, opt
+    empty_cache()
+    return rows
+
+
+def loss_equality(shape, targets, lengths, style, n=8):
+    """Fast vs naive loss terms in float32, dropout off: relative differences."""
+    model = build(shape, targets, dtype=torch.float32, lora_dropout=0.0)
+    model.eval()
+    items = sample_items(n, style, lengths, model.config.vocab_size, model.ids.eos, seed=2)
+    cfg = cfg_for("kava")
+    batch = make_batch(items, model.ids, cfg)
+    batch.teacher, batch.student = batch.teacher.to(DEV), batch.student.to(DEV)
+    with torch.no_grad():
+        _, fast = loss_step(model, batch, cfg)
+        _, ref = naive_loss_step(model, batch, cfg)
+    out = {k: abs(float(fast[k]) - float(ref[k])) / max(abs(float(ref[k])), 1e-12) for k in ref}
+    print(f"  {shape:8s} {style:2s} fast vs naive relative diff (fp32): {out}", flush=True)
+    del model
+    empty_cache()
+    return out
+
+
+def profile_kava(shape, style, lengths, micro_batch, out_path):
+    """One profiled kava step: top kernels by CUDA time, kernel-launch count, GPU busy fraction."""
+    from torch.profiler import ProfilerActivity, profile
+
+    model = build(shape, LORA_BAR)
+    model.train()
+    items = sample_items(micro_batch, style, lengths, model.config.vocab_size, model.ids.eos, seed=1)
+    cfg = cfg_for("kava")
+    batch = make_batch(items, model.ids, cfg)
+    batch.teacher, batch.student = batch.teacher.to(DEV), batch.student.to(DEV)
+
+    def step():
+        with torch.autocast(DEV, dtype=torch.bfloat16):
+            total, _ = loss_step(model, batch, cfg)
+        total.backward()
+        model.zero_grad(set_to_none=True)
+
+    for _ in range(3):
+        step()
+    sync()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        step()
+        sync()
+        wall = time.perf_counter() - t0
+    ka = prof.key_averages()
+    table = ka.table(sort_by="cuda_time_total" if DEV == "cuda" else "cpu_time_total", row_limit=30)
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    busy = sum(e.device_time for e in kernels) / 1e6 if kernels else 0.0
+    summary = f"wall {wall:.3f}s, {len(kernels)} kernels, kernel time {busy:.3f}s ({busy / wall:.0%} busy)\n"
+    Path(out_path).write_text(summary + table)
+    print("  profile:", summary, flush=True)
+    del model
+    empty_cache()
+
+
+def bench_eval(shape, lengths, n_questions=1319, batch_size=128, cot_tokens=65):
+    from kava.evaluate import generate
+
+    model = build(shape, LORA_PRESET, eos_never=True)
+    model.eval()
+    V = model.config.vocab_size
+    items = sample_items(n_questions, "eq", lengths, V, model.ids.eos, seed=3)
+    res = {}
+    for mode, kw in (("latent", dict(max_new_tokens=4)), ("cot", dict(max_new_tokens=4, max_cot_tokens=cot_tokens))):
+        passes = 0
+        sync()
+        t0 = time.perf_counter()
+        for i in range(0, n_questions, batch_size):
+            with torch.autocast(DEV, dtype=torch.bfloat16):
+                gens = generate(model, items[i:i + batch_size], mode=mode, num_latents=24, num_sweeps=3, **kw)
+            passes += sum(g.forward_passes for g in gens)
+        sync()
+        wall = time.perf_counter() - t0
+        res[mode] = {"questions_per_s": n_questions / wall, "wall_s": wall, "forward_passes_per_q": passes / n_questions}
+        print(f"  eval {shape} {mode:6s} {n_questions / wall:8.1f} q/s  {passes / n_questions:.1f} passes/q", flush=True)
+    res["latent_speedup"] = res["latent"]["questions_per_s"] / res["cot"]["questions_per_s"]
+    del model
+    empty_cache()
+    return res
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shapes", default="llama1b")
+    ap.add_argument("--cot", default="eq,nl")
+    ap.add_argument("--methods", default="cot,pccot,kava")
+    ap.add_argument("--targets", default="bar,preset")
+    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--micro-batch", type=int, default=32)
+    ap.add_argument("--no-naive", action="store_true")
+    ap.add_argument("--eval", action="store_true")
+    ap.add_argument("--profile", help="write a profiler table of one LLaMA-shape kava step here")
+    ap.add_argument("--lengths", default=str(Path(__file__).with_name("gsm8k_lengths.json")))
+    ap.add_argument("--out", default="benchmarks/results/step_bench.json")
+    ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--peft-casts", action="store_true")
+    a = ap.parse_args()
+    global COMPILE, NAIVE_CASTS
+    COMPILE, NAIVE_CASTS = a.compile, a.peft_casts
+    lengths = json.load(open(a.lengths))
+    import transformers, peft
+
+    result = {"device": torch.cuda.get_device_name(0) if DEV == "cuda" else "cpu", "torch": torch.__version__,
+              "transformers": transformers.__version__, "peft": peft.__version__, "command": " ".join(sys.argv),
+              "micro_batch": a.micro_batch, "train": {}, "eval": {}}
+    if a.profile:
+        profile_kava(a.shapes.split(",")[0], "nl", lengths, a.micro_batch, a.profile)
+    for shape in a.shapes.split(","):
+        for tname in a.targets.split(","):
+            targets = LORA_BAR if tname == "bar" else LORA_PRESET
+            for style in a.cot.split(","):
+                first = tname == a.targets.split(",")[0]
+                key = f"{shape}/{style}/{tname}"
+                result["train"][key] = bench_train(shape, style, targets, lengths, a.reps, a.micro_batch,
+                                                   a.methods.split(","), naive=first and not a.no_naive,
+                                                   check_equal=first and not a.no_naive)
+                Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+                json.dump(result, open(a.out, "w"), indent=2)
+        if a.eval:
+            result["eval"][shape] = bench_eval(shape, lengths)
+            json.dump(result, open(a.out, "w"), indent=2)
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
