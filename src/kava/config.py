@@ -90,7 +90,8 @@ class DataConfig:
     question_field: str = "question"
     steps_field: str = "steps"
     answer_field: str = "answer"
-    cot_style: Literal["equation", "nl"] = "equation"  # for synthetic data and GSM8k-style JSONL
+    # for synthetic data and GSM8k-style JSONL; "both" (synthetic only) trains on each problem in both styles
+    cot_style: Literal["equation", "nl", "both"] = "equation"
     drop_last_step: bool = True
     answer_prompt: str = "The answer is:"
     max_question_tokens: int = 256
@@ -357,6 +358,8 @@ def validate(cfg: Config) -> None:
             f"loss.kv_supervision: 'all' supervises latent KV, which only method 'kava' has (method is {cfg.method!r}); "
             "use kv_supervision: last or method: kava"
         )
+    need(d.cot_style != "both" or d.source == "synthetic",
+         "data.cot_style: 'both' is only available for data.source: synthetic; allowed values: equation, nl")
     for k in ("max_question_tokens", "max_cot_tokens", "max_answer_tokens"):
         need(getattr(d, k) >= 1, f"data.{k}: must be >= 1")
     need(d.synth_min_steps >= 1 and d.synth_max_steps >= d.synth_min_steps,

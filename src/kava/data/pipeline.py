@@ -29,10 +29,11 @@ def load_train_valid(cfg: Config, data_root: Path, skips: SkipLog) -> tuple[list
     fields = {"question": d.question_field, "steps": d.steps_field, "answer": d.answer_field}
     if d.source == "synthetic":
         root = synthetic_dir(cfg, data_root)
-        train = load_records(root / "train.jsonl", "jsonl", skips=skips, strict=d.strict, limit=d.limit,
-                             cot_style=d.cot_style)
+        styles = ["equation", "nl"] if d.cot_style == "both" else [d.cot_style]
+        train = [r for st in styles for r in load_records(root / "train.jsonl", "jsonl", skips=skips, strict=d.strict,
+                                                          limit=d.limit, cot_style=st)]
         valid = load_records(root / "valid.jsonl", "jsonl", skips=SkipLog(), limit=d.valid_limit,
-                             cot_style=d.cot_style)
+                             cot_style=styles[0])
         desc = f"synthetic ({root}, {d.cot_style} CoT)"
     else:
         fld = fields if d.format in ("jsonl", "hub") else None
