@@ -44,11 +44,18 @@ EVAL_SETS = "synth-test,synth-hard,synth-varied"
 KAVA = [sys.executable, "-m", "kava.cli"]
 
 
+DEADLINE: float | None = None  # time.time() after which no new job starts (--time-limit)
+
+
 def run_jobs(jobs: list[tuple[str, list[str], Path]], parallel: int) -> list[str]:
-    """Run (name, argv, log) jobs, `parallel` at a time; returns names that failed."""
+    """Run (name, argv, log) jobs, `parallel` at a time; returns names that failed or were not started."""
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     pending, running, failed = list(jobs), [], []
     while pending or running:
+        if DEADLINE is not None and time.time() > DEADLINE and pending:
+            print(f"time limit: {len(pending)} job(s) not started: {', '.join(n for n, _, _ in pending)}")
+            failed += [n for n, _, _ in pending]
+            pending = []
         while pending and len(running) < parallel:
             name, argv, log = pending.pop(0)
             log.parent.mkdir(parents=True, exist_ok=True)
@@ -89,8 +96,10 @@ def student_runs(out: Path, steps: int | None) -> dict[str, list[str]]:
     for st, style in STYLES.items():
         for m in METHODS:
             for seed in SEEDS:
-                runs[f"{m}-{st}-s{seed}"] = base + [f"method={m}", f"data.cot_style={style}", f"run.seed={seed}",
-                                                   f"preset={m}"]
+                # CODI runs one pass per latent: it uses CODI's own 6 latents rather than 24 (see README)
+                extra = ["latent.num_latents=6"] if m == "codi" else []
+                runs[f"{m}-{st}-s{seed}"] = base + extra + [f"method={m}", f"data.cot_style={style}",
+                                                           f"run.seed={seed}", f"preset={m}"]
     return runs
 
 
@@ -114,8 +123,12 @@ def main() -> int:
     ap.add_argument("--student-set", action="append", default=[], help="extra --set for every student")
     ap.add_argument("--only", help="comma list of run-name prefixes to restrict main/ablations to")
     ap.add_argument("--results", default="results/synthetic")
+    ap.add_argument("--time-limit", type=float, default=None, help="seconds; stop starting new jobs after this")
     a = ap.parse_args()
     out = Path(a.out)
+    global DEADLINE
+    if a.time_limit:
+        DEADLINE = time.time() + a.time_limit
     failed: list[str] = []
     stages = ["backbone", "main", "ablations", "eval", "report"] if a.stage == "all" else [a.stage]
 
@@ -127,6 +140,10 @@ def main() -> int:
         failed += run_jobs([job] if job else [], 1)
     for stage, runs in (("main", student_runs(out, a.student_steps)), ("ablations", ablation_runs(out, a.student_steps))):
         if stage in stages:
+            from kava.config import load_config
+            from kava.data.pipeline import synthetic_dir
+
+            synthetic_dir(load_config("synth_student", a.student_set), out / "_data")  # once, before the jobs
             jobs = [train_job(out, n, "synth_student", s + a.student_set) for n, s in runs.items() if keep(n)]
             failed += run_jobs([j for j in jobs if j], a.parallel)
     if "eval" in stages:

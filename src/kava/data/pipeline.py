@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
 from kava.config import Config
@@ -16,10 +18,16 @@ def synthetic_dir(cfg: Config, root: Path) -> Path:
     name = f"synth_s{d.synth_seed}_n{d.synth_train_size}_e{d.synth_eval_size}_st{d.synth_min_steps}-{d.synth_max_steps}_v{d.synth_max_value}"
     out = root / name
     if not (out / "meta.json").exists():
+        # write to a private temp dir, then rename: concurrent runs never read a half-written split
+        tmp = root / f".{name}.{os.getpid()}.tmp"
         e = d.synth_eval_size
-        write_synthetic(out, {"train": d.synth_train_size, "valid": e, "test": e, "hard": e, "varied": e},
+        write_synthetic(tmp, {"train": d.synth_train_size, "valid": e, "test": e, "hard": e, "varied": e},
                         seed=d.synth_seed, min_steps=d.synth_min_steps, max_steps=d.synth_max_steps,
                         max_value=d.synth_max_value)
+        try:
+            tmp.rename(out)
+        except OSError:  # another process finished first; its files are identical (deterministic generator)
+            shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
