@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -51,6 +52,13 @@ def run_jobs(jobs: list[tuple[str, list[str], Path]], parallel: int) -> list[str
     """Run (name, argv, log) jobs, `parallel` at a time; returns names that failed or were not started."""
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     pending, running, failed = list(jobs), [], []
+
+    def stop(signum, frame):  # `timeout` / scancel: take the running jobs down with us
+        for _, proc, _ in running:
+            proc.terminate()
+        sys.exit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
     while pending or running:
         if DEADLINE is not None and time.time() > DEADLINE and pending:
             print(f"time limit: {len(pending)} job(s) not started: {', '.join(n for n, _, _ in pending)}")
