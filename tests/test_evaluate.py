@@ -1,0 +1,250 @@
+"""Greedy inference: batched == one-by-one, exact forward-pass counts, and cache-free naive decoding.
+
+The tiny random model never emits eos on its own, so `eos_models` copies the LM-head row of a token it does
+generate into the eos row: the two logits tie and argmax takes the lower id (eos), so eos is emitted exactly
+where that token would have been. Examples then stop at different steps (and some not at all): the case
+where batching and per-example counting can go wrong.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kava.config import config_from_dict
+from kava.data.format import Formatter, build_student_batch
+from kava.evaluate import evaluate_records, generate
+from kava.data.records import Record
+from tiny import RECORDS, tiny_reasoner
+
+M, T = 4, 2
+MAX_NEW, MAX_COT = 8, 10
+EXTRA = [  # more question lengths (short and long) than RECORDS has
+    Record("Tom has 5 .", ("<<5+1=6>>", "<<6+1=7>>"), "7", "t:5"),
+    Record("Tom has 3 apples and then 4 more apples and then 5 more apples . He gives away 2 . How many does "
+           "Tom have now ?", ("<<3+4=7>>", "<<7+5=12>>", "<<12-2=10>>"), "10", "t:6"),
+]
+ALL = RECORDS + EXTRA
+CASES = [("latent", "jacobi"), ("latent", "sequential"), ("cot", None), ("nocot", None)]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models: one intra-op thread is as fast as two, and much faster when the CI's CPUs are shared
+    (two spinning OpenMP threads on a busy 2-CPU machine made a 2 s run take minutes)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def kw(mode, student_mode):
+    return dict(mode=mode, num_latents=M, num_sweeps=T, student_mode=student_mode or "jacobi",
+                max_new_tokens=MAX_NEW, max_cot_tokens=MAX_COT)
+
+
+def question_items(tok, records=ALL):
+    fmt = Formatter(tok)
+    return [fmt.tokenize(r, i, need_answer=False) for i, r in enumerate(records)]
+
+
+@pytest.fixture(scope="module")
+def eos_models():
+    """Per mode: a tiny llama whose eos row copies the head row of a token it generates, chosen so the
+    examples stop at as many different steps as possible."""
+    out = {}
+    for mode, sm in CASES:
+        m, tok = tiny_reasoner("llama", seed=1)
+        items = question_items(tok)
+        with torch.no_grad():
+            plain = generate(m, items, **kw(mode, sm))
+        eos = m.ids.eos
+        best, best_score = None, -1
+        for t in sorted({t for g in plain for t in g.token_ids}):
+            firsts = [g.token_ids.index(t) if t in g.token_ids else None for g in plain]
+            score = len(set(firsts)) + (None in firsts)
+            if score > best_score:
+                best, best_score = t, score
+        with torch.no_grad():
+            m.head.weight[eos] = m.head.weight[best]
+        assert eos < best
+        out[(mode, sm)] = m, tok
+    return out
+
+
+def check_stops_vary(gens, eos):
+    stopped = [g.token_ids[-1] == eos for g in gens]
+    assert any(stopped) and not all(stopped), [g.token_ids for g in gens]  # the test is not vacuous
+    assert len({len(g.token_ids) for g in gens if g.token_ids[-1] == eos}) >= 2 or sum(stopped) == 1
+
+
+class CountCalls:
+    """Counts forward calls of the decoder (the independent pass counter)."""
+
+    def __init__(self, model):
+        self.n = 0
+        self.h = model.decoder.register_forward_hook(self._hook)
+
+    def _hook(self, *a):
+        self.n += 1
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        self.h.remove()
+
+
+def capture_logits(m, monkeypatch) -> list[torch.Tensor]:
+    seen: list[torch.Tensor] = []
+    real = m.logits
+    monkeypatch.setattr(m, "logits", lambda h: seen.append(real(h)) or seen[-1])
+    return seen
+
+
+@pytest.mark.parametrize("mode, student_mode", CASES)
+def test_batched_generation_equals_one_by_one(eos_models, mode, student_mode, monkeypatch):
+    m, tok = eos_models[(mode, student_mode)]
+    items = question_items(tok)
+    assert len({len(it.question) for it in items}) == len(items)  # all question lengths differ
+    seen = capture_logits(m, monkeypatch)
+    batched = generate(m, items, tokenizer=tok, **kw(mode, student_mode))
+    batched_logits = list(seen)
+    check_stops_vary(batched, m.ids.eos)
+    for b, (it, g) in enumerate(zip(items, batched)):
+        seen.clear()
+        (one,) = generate(m, [it], tokenizer=tok, **kw(mode, student_mode))
+        assert g.token_ids == one.token_ids
+        assert g.text == one.text
+        assert g.forward_passes == one.forward_passes and g.generated_tokens == one.generated_tokens
+        # padding never leaks in: the logits each token was picked from agree too
+        assert len(seen) == len(one.token_ids)
+        for k, lg in enumerate(seen):
+            assert (batched_logits[k][b] - lg[0]).abs().max().item() <= 1e-4
+    # also in another batch composition / order
+    rev = generate(m, items[::-1], **kw(mode, student_mode))
+    assert [g.token_ids for g in rev[::-1]] == [g.token_ids for g in batched]
+
+
+@pytest.mark.parametrize("mode, student_mode", CASES)
+def test_forward_pass_counts_are_exact(eos_models, mode, student_mode):
+    m, tok = eos_models[(mode, student_mode)]
+    items = question_items(tok)
+    eos = m.ids.eos
+    counted = []
+    for it in items:
+        with CountCalls(m) as c:
+            (g,) = generate(m, [it], **kw(mode, student_mode))
+        counted.append(c.n)
+        ids = g.token_ids
+        stopped = ids[-1] == eos
+        assert g.generated_tokens == len(ids) - stopped
+        decode_steps = len(ids)  # one emitted token (eos included) per decode step
+        if mode == "latent":
+            setup = 1 + (T if student_mode == "jacobi" else M)
+            assert c.n == setup + decode_steps
+        elif mode == "cot":
+            budget = MAX_NEW + MAX_COT + len(it.prompt)
+            assert len(ids) <= budget
+            assert c.n == decode_steps
+            if stopped:
+                assert c.n == 1 + g.generated_tokens
+            else:
+                assert len(ids) == budget
+        else:
+            assert c.n == decode_steps and len(ids) <= MAX_NEW
+        assert g.forward_passes == c.n
+    # batched per-example accounting equals the one-by-one decoder calls
+    with CountCalls(m) as c:
+        batched = generate(m, items, **kw(mode, student_mode))
+    assert [g.forward_passes for g in batched] == counted
+    assert c.n == max(counted)  # the batch runs until its last example is done
+
+
+def naive_decode(m, prefix_embeds: torch.Tensor, budget: int) -> tuple[list[int], list[torch.Tensor]]:
+    """Greedy decoding that recomputes the whole sequence from scratch (no cache) for every token.
+    Returns the tokens and the logits each one was picked from."""
+    out: list[int] = []
+    logits: list[torch.Tensor] = []
+    x = prefix_embeds
+    for _ in range(budget):
+        S = x.shape[1]
+        h = m.decoder(inputs_embeds=x, attention_mask=torch.ones(1, S, dtype=torch.long),
+                      position_ids=torch.arange(S)[None], use_cache=False).last_hidden_state
+        logits.append(m.logits(h[:, -1]))
+        tok = int(logits[-1].argmax(-1))
+        out.append(tok)
+        if tok == m.ids.eos:
+            break
+        x = torch.cat([x, m.embed(torch.tensor([[tok]]))], 1)
+    return out, logits
+
+
+def naive_latents(m, it, student_mode):
+    """Latent embeddings by full recomputation: Jacobi (the model's naive reference) or one latent at a time."""
+    sb = build_student_batch([it], m.ids, M, with_answer=False)
+    if student_mode == "jacobi":
+        return m.student_forward_naive(sb, T).latents
+    q = m.embed(sb.ids[:, :sb.q_block])
+    zs = []
+    for _ in range(M):
+        x = torch.cat([q] + zs, 1)
+        S = x.shape[1]
+        h = m.decoder(inputs_embeds=x, attention_mask=torch.ones(1, S, dtype=torch.long),
+                      position_ids=torch.arange(S)[None], use_cache=False).last_hidden_state
+        zs.append(m.proj(h[:, -1:]))
+    return torch.cat(zs, 1)
+
+
+@pytest.mark.parametrize("mode, student_mode", CASES)
+def test_greedy_decoding_equals_naive_recomputation(eos_models, mode, student_mode, monkeypatch):
+    m, tok = eos_models[(mode, student_mode)]
+    items = question_items(tok)
+    ids = m.ids
+    with torch.no_grad():
+        gens = generate(m, items, **kw(mode, student_mode))
+        for it, g in zip(items, gens):
+            if mode == "cot":
+                ref, ref_logits = naive_decode(m, m.embed(torch.tensor([it.question])),
+                                               MAX_NEW + MAX_COT + len(it.prompt))
+            elif mode == "nocot":
+                ref, ref_logits = naive_decode(m, m.embed(torch.tensor([it.question + it.prompt])), MAX_NEW)
+            else:
+                z = naive_latents(m, it, student_mode)
+                prefix = torch.cat([m.embed(torch.tensor([it.question + [ids.bot]])), z,
+                                    m.embed(torch.tensor([[ids.eot] + it.prompt]))], 1)
+                ref, ref_logits = naive_decode(m, prefix, MAX_NEW)
+            assert g.token_ids == ref
+            # the cached decoder sees the same inputs at the same positions: the same logits, not just argmax
+            seen = capture_logits(m, monkeypatch)
+            (one,) = generate(m, [it], **kw(mode, student_mode))
+            monkeypatch.undo()
+            assert one.token_ids == ref and len(seen) == len(ref_logits)
+            for a, b in zip(seen, ref_logits):
+                assert (a - b).abs().max().item() <= 1e-4
+    check_stops_vary(gens, ids.eos)
+    assert max(len(g.token_ids) for g in gens) > 3
+
+
+@pytest.mark.parametrize("method", ["kava", "codi", "cot", "nocot"])
+def test_evaluate_records_batched_equals_one_by_one(eos_models, method):
+    mode = {"kava": "latent", "codi": "latent"}.get(method, method)
+    sm = {"kava": "jacobi", "codi": "sequential"}.get(method)
+    m, tok = eos_models[(mode, sm)]
+    cfg = config_from_dict({"method": method, "model": {"name_or_path": "tiny"},
+                            "latent": {"num_latents": M, "num_sweeps": T},
+                            "run": {"eval_max_new_tokens": MAX_NEW, "eval_max_cot_tokens": MAX_COT}})
+    rows_b, summ_b = evaluate_records(m, tok, cfg, ALL, batch_size=4)
+    rows_1, summ_1 = evaluate_records(m, tok, cfg, ALL, batch_size=1)
+    assert rows_b == rows_1
+    assert [r["index"] for r in rows_b] == list(range(len(ALL)))
+    assert summ_b["mode"] == mode and summ_b["count"] == len(ALL)
+    for k in ("accuracy", "mean_forward_passes", "mean_generated_tokens"):
+        assert summ_b[k] == summ_1[k]
+    gens = generate(m, question_items(tok), tokenizer=tok, **kw(mode, sm))
+    assert [r["forward_passes"] for r in rows_b] == [g.forward_passes for g in gens]
+    assert [r["generated"] for r in rows_b] == [g.text for g in gens]
+    assert summ_b["mean_forward_passes"] == pytest.approx(sum(g.forward_passes for g in gens) / len(gens))
+    # sharding over ranks covers every record once, with the same rows
+    shards = [evaluate_records(m, tok, cfg, ALL, batch_size=2, rank=r, world=3)[0] for r in range(3)]
+    assert sorted((r for s in shards for r in s), key=lambda r: r["index"]) == rows_b

@@ -1,0 +1,527 @@
+"""The trainer end to end on tiny from-scratch models (CPU): every method learns and writes a complete run
+directory; exact resume after SIGKILL; seeds; gradient accumulation; where gradients flow; NaN handling."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import kava.losses
+import kava.train as kt
+from kava.config import load_config
+from kava.data.format import Formatter, build_student_batch, build_teacher_batch
+from kava.data.records import SkipLog
+from kava.methods import loss_step, make_batch
+from kava.model.loading import build_reasoner
+from tiny import RECORDS, tiny_tokenizer
+
+TINY = [
+    "model.from_scratch.hidden_size=32", "model.from_scratch.intermediate_size=64",
+    "model.from_scratch.num_hidden_layers=2",
+    "data.synth_train_size=600", "data.synth_eval_size=20", "data.valid_limit=10",
+    "optim.effective_batch=8", "optim.micro_batch=4", "latent.num_latents=4",
+    "run.log=[jsonl]", "run.log_every=1", "run.eval_max_cot_tokens=24", "run.eval_max_new_tokens=6",
+]
+
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models: one intra-op thread is as fast as two, and much faster when the CI's CPUs are shared
+    (two spinning OpenMP threads on a busy 2-CPU machine made a 2 s run take minutes)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def synth_root(tmp_path_factory) -> Path:
+    """Synthetic data generated once for the session (train() writes it on first use)."""
+    return tmp_path_factory.mktemp("synth")
+
+
+def tiny_cfg(out: Path, *extra: str):
+    return load_config("tiny_synth", TINY + [f"run.output_dir={out}", *extra])
+
+
+def metrics(run_dir: Path, split: str = "train") -> list[dict]:
+    rows = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+    return [r for r in rows if r.get("split") == split]
+
+
+def trainable(run_dir: Path, step: int) -> dict[str, torch.Tensor]:
+    return load_file(str(run_dir / "checkpoints" / f"step_{step}" / "trainable.safetensors"))
+
+
+def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+
+
+# ------------------------------------------------------------------------------------------ every method
+LATENT_KEYS = {"loss/ce_student", "loss/codi"}
+METHOD_RUNS = {
+    "cot": ([], {"loss/ce_teacher"}),
+    "nocot": ([], {"loss/ce_teacher"}),
+    "pccot": ([], {"loss/ce_teacher"} | LATENT_KEYS),
+    "codi": ([], {"loss/ce_teacher"} | LATENT_KEYS),
+    "kava": ([], {"loss/ce_teacher", "loss/kv"} | LATENT_KEYS),
+    "kava-all": (["loss.kv_supervision=all"], {"loss/ce_teacher", "loss/kv"} | LATENT_KEYS),
+}
+STEPS = 20
+
+
+@pytest.mark.parametrize("name", list(METHOD_RUNS))
+def test_method_trains_and_writes_a_complete_run_dir(name, tmp_path, synth_root):
+    method = name.split("-")[0]
+    extra, loss_keys = METHOD_RUNS[name]
+    cfg = tiny_cfg(tmp_path, f"method={method}", f"optim.max_steps={STEPS}", "run.save_every=10", *extra)
+    run_dir = kt.train(cfg, progress=False, data_root=synth_root)
+    assert run_dir == tmp_path / f"tiny_synth-s{cfg.run.seed}"
+
+    # files
+    for f in ("config.yaml", "meta.json", "skips.json", "metrics.jsonl", "DONE", "final/kava_extra.safetensors",
+              "final/model/config.json", "final/model/model.safetensors", "final/tokenizer/tokenizer_config.json"):
+        assert (run_dir / f).is_file(), f
+    for step in (10, STEPS):
+        ck = run_dir / "checkpoints" / f"step_{step}"
+        for f in ("trainable.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json"):
+            assert (ck / f).is_file(), (step, f)
+        state = json.loads((ck / "state.json").read_text())
+        assert state["step"] == step and state["method"] == method
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_10", f"step_{STEPS}"]
+    assert load_config(str(run_dir / "config.yaml")) == cfg
+    meta = json.loads((run_dir / "meta.json").read_text())
+    assert meta["method"] == method and meta["seed"] == 42 and meta["train_data"] == "synthetic:equation"
+    assert {"torch", "transformers", "peft", "accelerate", "kava", "python"} <= set(meta["versions"])
+    assert meta["versions"]["torch"] == torch.__version__
+    assert "git" in meta and (meta["git"] is None or len(meta["git"]) >= 40)
+    assert meta["train_examples"] == 600
+    assert json.loads((run_dir / "skips.json").read_text())["total"] == 0
+    done = json.loads((run_dir / "DONE").read_text())
+    assert done["steps"] == STEPS and done["nonfinite_skipped"] == 0
+    # the final model equals the last checkpoint's trainable weights
+    final = load_file(str(run_dir / "final" / "model" / "model.safetensors"))
+    last = trainable(run_dir, STEPS)
+    for k, v in final.items():
+        key = "lm." + k
+        assert key in last and torch.equal(last[key], v), k
+
+    # metrics: one train line per step, every term, and the right combination
+    rows = metrics(run_dir)
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
+    for r in rows:
+        keys = {k for k in r if k.startswith("loss/")}
+        assert keys == loss_keys | {"loss/total"}, keys
+        assert all(math.isfinite(r[k]) for k in keys)
+        assert r["grad_norm"] > 0 and r["tokens_per_s"] > 0 and r["lr"] > 0
+        lc = cfg.loss
+        expect = (r["loss/ce_teacher"] * (lc.ce_teacher if method in ("pccot", "codi", "kava") else 1.0)
+                  + r.get("loss/ce_student", 0) * lc.ce_student + r.get("loss/codi", 0) * lc.alpha_codi
+                  + r.get("loss/kv", 0) * lc.alpha_kv)
+        assert r["loss/total"] == pytest.approx(expect, rel=1e-5)
+        evict = {k for k in r if k.startswith("evict/")}
+        sweeps = sorted(k for k in r if k.startswith("kv_sweep_"))
+        if method == "kava":
+            assert evict, r
+            assert 0 <= r["evict/masked_slot_frac"] <= 1
+        else:
+            assert not evict
+        if name == "kava-all":
+            assert sweeps == [f"kv_sweep_{t}" for t in range(1, cfg.latent.num_sweeps + 1)]
+            assert r["loss/kv"] == pytest.approx(sum(r[k] for k in sweeps) / len(sweeps), rel=1e-5)
+        else:
+            assert not sweeps
+    # the logged lr follows warmup + cosine (independent formula)
+    warm = int(cfg.optim.warmup_ratio * STEPS)
+    for r in rows:
+        s = r["step"] - 1
+        lr = cfg.optim.lr * (s + 1) / warm if s < warm else \
+            cfg.optim.lr * 0.5 * (1 + math.cos(math.pi * (s - warm) / (STEPS - warm)))
+        assert r["lr"] == pytest.approx(lr, rel=1e-9)
+    # training loss falls: the total, and every term on its own
+    for k in sorted(loss_keys | {"loss/total"}):
+        first = sum(r[k] for r in rows[:3]) / 3
+        final_loss = sum(r[k] for r in rows[-3:]) / 3
+        assert final_loss < 0.85 * first, (k, first, final_loss)
+    # validation ran at the end and was logged
+    val = metrics(run_dir, "val")
+    assert [v["step"] for v in val] == [STEPS] and 0 <= val[0]["val/accuracy"] <= 1
+
+
+# ------------------------------------------------------------------------------------------ exact resume
+CHILD = r"""
+import json, sys, time
+import torch
+import kava.train as kt
+from kava.config import load_config
+
+overrides, data_root, hang_after = json.loads(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+torch.set_num_threads(int(sys.argv[4]))  # as the parent: the same float summation order
+log = kt.MetricLogger.log
+
+def log_then_hang(self, payload, step):
+    log(self, payload, step)
+    if step > hang_after:  # mid-run, past the checkpoint: the parent SIGKILLs us while we wait here
+        (self.path.parent / "HANGING").write_text(str(step))
+        time.sleep(600)
+
+kt.MetricLogger.log = log_then_hang
+kt.train(load_config("tiny_synth", overrides), progress=False, data_root=data_root)
+"""
+
+
+def kill_mid_run(overrides: list[str], data_root: Path, run_dir: Path, after_step: int) -> None:
+    """Train in a subprocess and SIGKILL it once it has checkpointed `after_step` and logged the next step."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    args = [json.dumps(overrides), str(data_root), str(after_step), str(torch.get_num_threads())]
+    proc = subprocess.Popen([sys.executable, "-c", CHILD, *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 300
+        while not (run_dir / "HANGING").exists():
+            if proc.poll() is not None:
+                raise AssertionError(f"child exited early ({proc.returncode}): {proc.stdout.read().decode()[-3000:]}")
+            assert time.time() < deadline, "child did not reach the kill point"
+            time.sleep(0.05)
+        assert (run_dir / "checkpoints" / f"step_{after_step}" / "state.json").exists()
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+
+
+def strip_timing(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in rows]
+
+
+@pytest.mark.parametrize("method, extra", [
+    ("kava", ["eviction.method=random"]),  # random eviction: the generator state must be restored
+    ("cot", ["model.from_scratch.attention_dropout=0.2"]),  # dropout: the torch RNG state must be restored
+])
+def test_exact_resume_after_sigkill(method, extra, tmp_path, synth_root, monkeypatch):
+    common = TINY + [f"run.output_dir={tmp_path}", f"method={method}", "optim.max_steps=12", "run.save_every=4",
+                     *extra]
+    cfg_a = load_config("tiny_synth", common + ["run.name=A"])
+    run_a = kt.train(cfg_a, progress=False, data_root=synth_root)
+
+    run_b = tmp_path / "B"
+    kill_mid_run(common + ["run.name=B"], synth_root, run_b, after_step=8)
+    assert not (run_b / "DONE").exists() and not (run_b / "checkpoints" / "step_12").exists()
+    assert max(r["step"] for r in metrics(run_b)) == 9  # a step past the checkpoint was logged
+    (run_b / "HANGING").unlink()
+    # a checkpoint write the crash interrupted leaves a .tmp dir: it must be ignored and replaced
+    (run_b / "checkpoints" / "step_12.tmp").mkdir()
+    (run_b / "checkpoints" / "step_12.tmp" / "state.json").write_text("{}")
+
+    calls = []
+    real_loss_step = kt.loss_step
+    monkeypatch.setattr(kt, "loss_step", lambda *a, **k: calls.append(1) or real_loss_step(*a, **k))
+    cfg_b = kt.resume_config(run_b)
+    assert cfg_b == load_config("tiny_synth", common + ["run.name=B"])
+    assert kt.train(cfg_b, resume=run_b, progress=False, data_root=synth_root) == run_b
+    assert len(calls) == 4 * 2  # only steps 9..12 ran (2 micro-batches each)
+
+    assert (run_b / "DONE").exists() and not (run_b / "checkpoints" / "step_12.tmp").exists()
+    assert max_diff(trainable(run_a, 12), trainable(run_b, 12)) <= 1e-6
+    fa = load_file(str(run_a / "final" / "model" / "model.safetensors"))
+    fb = load_file(str(run_b / "final" / "model" / "model.safetensors"))
+    assert max_diff(fa, fb) <= 1e-6
+    ea = load_file(str(run_a / "final" / "kava_extra.safetensors"))
+    eb = load_file(str(run_b / "final" / "kava_extra.safetensors"))
+    assert max_diff(ea, eb) <= 1e-6
+    # the optimizer state matches too (a later step would diverge otherwise)
+    oa = load_file(str(run_a / "checkpoints" / "step_12" / "optimizer.safetensors"))
+    ob = load_file(str(run_b / "checkpoints" / "step_12" / "optimizer.safetensors"))
+    assert max_diff(oa, ob) <= 1e-6
+    ma, mb = metrics(run_a), metrics(run_b)
+    assert [r["step"] for r in mb] == list(range(1, 13))  # no duplicated lines from the killed run
+    assert strip_timing(ma) == strip_timing(mb)
+    assert metrics(run_a, "val") == metrics(run_b, "val")
+
+
+def test_resume_checks(tmp_path, synth_root):
+    cfg = tiny_cfg(tmp_path, "method=cot", "optim.max_steps=4", "run.save_every=2", "run.name=r")
+    run = kt.train(cfg, progress=False, data_root=synth_root, stop_after=2)
+    assert not (run / "DONE").exists() and (run / "checkpoints" / "step_2" / "state.json").exists()
+    with pytest.raises(FileExistsError, match="--resume"):  # an unfinished run is not silently overwritten
+        kt.train(cfg, progress=False, data_root=synth_root)
+    other = tiny_cfg(tmp_path, "method=nocot", "optim.max_steps=4", "run.name=r")
+    with pytest.raises(ValueError, match="method"):
+        kt.train(other, resume=run, progress=False, data_root=synth_root)
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        kt.train(tiny_cfg(tmp_path, "method=cot", "run.name=empty"), resume=tmp_path / "empty", progress=False,
+                 data_root=synth_root)
+    kt.train(cfg, resume=run, progress=False, data_root=synth_root)
+    with pytest.raises(FileExistsError, match="finished"):
+        kt.train(cfg, progress=False, data_root=synth_root)
+
+
+# ------------------------------------------------------------------------------------------ seeds
+def test_same_seed_same_curve_other_seed_other_curve(tmp_path, synth_root):
+    def run(name, seed):
+        cfg = tiny_cfg(tmp_path, "method=kava", "optim.max_steps=5", f"run.seed={seed}", f"run.name={name}",
+                       "eviction.method=random")
+        d = kt.train(cfg, progress=False, data_root=synth_root)
+        return [r["loss/total"] for r in metrics(d)], trainable(d, 5)
+
+    a, wa = run("a", 42)
+    b, wb = run("b", 42)
+    c, wc = run("c", 7)
+    assert len(a) == 5 and a == b and max_diff(wa, wb) == 0.0
+    assert all(x != y for x, y in zip(a, c)) and max_diff(wa, wc) > 1e-3
+
+
+# ------------------------------------------------------------------------------------------ accumulation
+def write_equal_length_data(path: Path, n: int = 64) -> None:
+    """Records whose every segment has the same token count (two-digit numbers, one token per digit)."""
+    g = torch.Generator().manual_seed(0)
+    with open(path, "w") as f:
+        for _ in range(n):
+            a, b = (int(x) for x in torch.randint(10, 50, (2,), generator=g))
+            c = a + b
+            f.write(json.dumps({"question": f"Sam has {a} pens and buys {b} more . How many pens ?",
+                                "steps": [f"<<{a}+{b}={c}>>", f"<<{c}-0={c}>>"], "answer": str(c)}) + "\n")
+
+
+def one_step(tmp_path, data: Path | None, method: str, micro: int, name: str, extra=()):
+    """One optimizer step (effective batch 8): (gradients the optimizer saw, parameter updates, step-1 weights,
+    the logged metrics)."""
+    grads, updates = [], []
+    real_step = torch.optim.AdamW.step
+
+    def spy(self, *a, **k):
+        params = [p for group in self.param_groups for p in group["params"]]
+        grads.extend(None if p.grad is None else p.grad.detach().clone() for p in params)
+        before = [p.detach().clone() for p in params]
+        out = real_step(self, *a, **k)
+        updates.extend(p.detach() - b for p, b in zip(params, before))
+        return out
+
+    src = [f"data.source={data}", "data.format=jsonl", "data.valid_limit=4"] if data else []
+    cfg = tiny_cfg(tmp_path, f"method={method}", "optim.max_steps=1", "optim.effective_batch=8",
+                   f"optim.micro_batch={micro}", "optim.grad_clip=0", f"run.name={name}", *src, *extra)
+    torch.optim.AdamW.step = spy
+    try:
+        d = kt.train(cfg, progress=False, data_root=tmp_path / "synth" if data else None)
+    finally:
+        torch.optim.AdamW.step = real_step
+    return grads, updates, trainable(d, 1), metrics(d)[0]
+
+
+@pytest.mark.parametrize("method, extra", [
+    ("cot", []),
+    # batch statistics (std over the micro-batch) are per micro-batch by definition: turn them off
+    ("kava", ["loss.codi_std=none", "loss.kv_layer_std=false"]),
+])
+def test_gradient_accumulation_equals_one_big_batch(method, extra, tmp_path):
+    data = tmp_path / "equal.jsonl"
+    write_equal_length_data(data)
+    g8, u8, w8, m8 = one_step(tmp_path, data, method, 8, "mb8", extra)
+    g2, u2, w2, m2 = one_step(tmp_path, data, method, 2, "mb2", extra)
+    assert len(g8) == len(g2) > 0
+    # precondition: every micro-batch has the same number of labels (per-micro-batch losses are means)
+    from kava.model.loading import load_tokenizer
+    from kava.data.readers import load_records
+
+    tok = load_tokenizer(load_config("tiny_synth"), str(tmp_path / "mb2" / "tokenizer_src"))
+    items = Formatter(tok, drop_last_step=False).tokenize_all(load_records(data, "jsonl"), SkipLog())
+    assert len({(len(i.question), len(i.cot), len(i.answer)) for i in items}) == 1
+    assert [g is None for g in g8] == [g is None for g in g2]  # (cot never uses the latent-only parameters)
+    pairs = [(a, b, u, v) for a, b, u, v in zip(g8, g2, u8, u2) if a is not None]
+    # (cot: the special rows get an all-zero gradient; every other parameter learns)
+    assert sum(bool(a.abs().max() > 0) for a, *_ in pairs) >= len(pairs) - (method == "cot")
+    for a, b, _, _ in pairs:  # the same gradient, parameter by parameter
+        assert (a - b).abs().max().item() <= 1e-5 * a.abs().max().item()
+    for a, _, u, v in pairs:  # ... hence the same update. (Adam's first step is lr * g / (|g| + eps): where
+        big = a.abs() > 1e-5  # |g| is float noise its sign may flip, so compare where the gradient is real)
+        if big.any():
+            assert (u - v)[big].abs().max().item() <= 1e-5
+    assert sum(int((a.abs() > 1e-5).sum()) for a, *_ in pairs) > 0.5 * sum(a.numel() for a, *_ in pairs)
+    assert max(u.abs().max().item() for _, _, u, _ in pairs) > 1e-4  # the step really moved the weights
+    assert m8["grad_norm"] == pytest.approx(m2["grad_norm"], rel=1e-5)
+    for k in m8:
+        if k.startswith("loss/"):
+            assert m8[k] == pytest.approx(m2[k], rel=1e-5), k
+
+
+# ------------------------------------------------------------------------------------------ gradient flow
+def lora_model(method="kava", extra=()):
+    cfg = load_config("tiny_synth", TINY + [f"method={method}", "lora.r=4", "lora.alpha=8", "lora.dropout=0.0",
+                                            "lora.target_modules=[q_proj,v_proj]", *extra])
+    tok = tiny_tokenizer()
+    torch.manual_seed(0)
+    m = build_reasoner(cfg, tok)
+    with torch.no_grad():  # LoRA B starts at zero, which would hide the gradient of A
+        for n, p in m.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.02)
+    items = Formatter(tok, drop_last_step=False).tokenize_all(RECORDS, SkipLog())
+    return cfg, m, make_batch(items, m.ids, cfg)
+
+
+def test_gradients_reach_lora_projection_and_special_rows_only():
+    cfg, m, batch = lora_model()
+    m.train()
+    total, log = loss_step(m, batch, cfg)
+    total.backward()
+    names = dict(m.named_parameters())
+    trainable_names = {n for n, p in names.items() if p.requires_grad}
+    lora = {n for n in trainable_names if "lora_" in n}
+    assert lora and all(("q_proj" in n or "v_proj" in n) for n in lora)
+    assert len(lora) == 2 * 2 * cfg.model.from_scratch["num_hidden_layers"]  # A, B x q, v x layers
+    assert trainable_names == lora | {"special_rows"} | {n for n in names if n.startswith("proj.")}
+    for n in trainable_names:
+        g = names[n].grad
+        assert g is not None and g.abs().sum() > 0, n
+    assert (m.special_rows.grad.abs().sum(1) > 0).all()  # <bot>, <eot> and <latent> rows all learn
+    for n, p in names.items():
+        if n not in trainable_names:
+            assert p.grad is None, n
+    emb, head = m.embed_tokens.weight, m.head.weight
+    assert emb is head or emb.data_ptr() == head.data_ptr()  # tied in tiny_synth
+    assert not emb.requires_grad and emb.grad is None
+
+
+def test_full_finetuning_trains_the_backbone_and_tied_embedding():
+    """Without LoRA (tiny_synth) every parameter trains, the tied embedding/head included."""
+    cfg = load_config("tiny_synth", TINY + ["method=kava"])
+    tok = tiny_tokenizer()
+    m = build_reasoner(cfg, tok)
+    items = Formatter(tok).tokenize_all(RECORDS, SkipLog())
+    total, _ = loss_step(m, make_batch(items, m.ids, cfg), cfg)
+    total.backward()
+    assert m.embed_tokens.weight is m.head.weight
+    for n, p in m.named_parameters():
+        assert p.requires_grad and p.grad is not None and p.grad.abs().sum() > 0, n
+
+
+def test_teacher_targets_get_no_gradient_from_kv_and_codi(monkeypatch):
+    # only the distillation terms: CE weights 0 (combine_losses then leaves them out of the total)
+    cfg, m, batch = lora_model("kava", ["loss.ce_student=0", "loss.ce_teacher=0"])
+    seen = {}
+    real_t, real_s = m.teacher_forward, m.student_forward
+
+    def teacher(*a, **k):
+        seen["t"] = real_t(*a, **k)
+        return seen["t"]
+
+    def student(*a, **k):
+        seen["s"] = real_s(*a, **k)
+        return seen["s"]
+
+    monkeypatch.setattr(m, "teacher_forward", teacher)
+    monkeypatch.setattr(m, "student_forward", student)
+    total, log = loss_step(m, batch, cfg)
+    assert log["loss/kv"] > 0 and log["loss/codi"] > 0
+    t, s = seen["t"], seen["s"]
+    assert t.cot_k.requires_grad and t.hidden.requires_grad  # the teacher pass itself is differentiable ...
+    g = torch.autograd.grad(total, [t.cot_k, t.cot_v, t.hidden, s.latent_k[-1], s.latent_v[-1], s.hidden],
+                            allow_unused=True, retain_graph=True)
+    for x in g[:3]:  # ... but the targets are detached
+        assert x is None or x.abs().max() == 0
+    for x in g[3:]:  # while the student side gets gradient
+        assert x is not None and x.abs().max() > 0
+    # so no parameter gets gradient through the teacher: the gradient equals the student-only one
+    params = [p for p in m.parameters() if p.requires_grad]
+    full = torch.autograd.grad(total, params, allow_unused=True, retain_graph=True)
+    # reference: the same losses against fully detached copies of the teacher outputs
+    from kava import eviction, losses
+    with torch.no_grad():
+        idx, mask = eviction.select_indices(cfg.eviction.method, keys=t.cot_k, importance=t.importance,
+                                            valid=batch.teacher.cot_valid, num_slots=cfg.latent.num_latents,
+                                            lam=cfg.eviction.lam)
+        tk, tv = eviction.gather_slots(t.cot_k, idx), eviction.gather_slots(t.cot_v, idx)
+    lc = cfg.loss
+    kv, _ = losses.kv_loss_over_sweeps(s.latent_k, s.latent_v, tk.clone(), tv.clone(), mask, kind=lc.kv_loss,
+                                       layer_std=lc.kv_layer_std)
+    codi = losses.codi_loss(s.hidden, t.hidden.detach().clone(), kind=lc.codi_loss, std=lc.codi_std)
+    ref = torch.autograd.grad(lc.alpha_kv * kv + lc.alpha_codi * codi, params, allow_unused=True)
+    for a, b in zip(full, ref):
+        if a is None or b is None:
+            assert a is None and b is None or (a if a is not None else b).abs().max() == 0
+        else:
+            assert (a - b).abs().max() <= 1e-6 * max(1.0, b.abs().max().item())
+
+
+# ------------------------------------------------------------------------------------------ speed
+def test_one_kava_step_is_fast_and_finite():
+    cfg, m, batch = lora_model("kava", ["loss.kv_supervision=all"])
+    opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-3)
+    m.train()
+    loss_step(m, batch, cfg)[0].backward()  # warm-up (first-call overheads)
+    opt.zero_grad()
+    t0 = time.perf_counter()
+    total, log = loss_step(m, batch, cfg)
+    total.backward()
+    opt.step()
+    dt = time.perf_counter() - t0
+    assert dt < 5.0, dt
+    assert {"loss/ce_student", "loss/ce_teacher", "loss/codi", "loss/kv", "loss/total", "kv_sweep_1"} <= set(log)
+    for k, v in log.items():
+        assert torch.isfinite(v).all(), k
+    for p in m.parameters():
+        if p.grad is not None:
+            assert torch.isfinite(p.grad).all()
+
+
+# ------------------------------------------------------------------------------------------ NaN
+def nan_codi_at(monkeypatch, bad_calls: set[int]):
+    real = kava.losses.codi_loss
+    calls = []
+
+    def codi(*a, **k):
+        calls.append(1)
+        out = real(*a, **k)
+        return out * float("nan") if len(calls) in bad_calls else out
+
+    monkeypatch.setattr(kava.losses, "codi_loss", codi)
+    return calls
+
+
+def test_nan_stops_with_the_step_and_term_and_keeps_the_last_good_state(tmp_path, synth_root, monkeypatch):
+    common = ["method=pccot", "optim.max_steps=8", "run.save_every=100"]
+    ref = kt.train(tiny_cfg(tmp_path, *common, "run.name=ref"), progress=False, data_root=synth_root, stop_after=4)
+    nan_codi_at(monkeypatch, {10})  # 2 micro-batches per step: call 10 is in optimizer step 5
+    with pytest.raises(kt.NonFiniteLoss) as e:
+        kt.train(tiny_cfg(tmp_path, *common, "run.name=bad"), progress=False, data_root=synth_root)
+    msg = str(e.value)
+    assert "step 5" in msg and "loss/codi" in msg and "nan_policy" in msg
+    run = tmp_path / "bad"
+    assert kt.latest_checkpoint(run) == run / "checkpoints" / "step_4"
+    assert json.loads((run / "checkpoints" / "step_4" / "state.json").read_text())["step"] == 4
+    assert not (run / "DONE").exists()
+    # the saved state is the state after 4 good steps (an uninterrupted run stopped there agrees)
+    kt.train(tiny_cfg(tmp_path, *common, "run.name=ref2", "run.save_every=4"), progress=False,
+             data_root=synth_root, stop_after=4)
+    good = trainable(tmp_path / "ref2", 4)
+    assert max_diff(trainable(run, 4), good) <= 1e-6
+    assert all(torch.isfinite(v).all() for v in good.values())
+    assert [r["step"] for r in metrics(run)] == [1, 2, 3, 4]
+    assert strip_timing(metrics(run)) == strip_timing(metrics(ref))
+
+
+def test_nan_policy_skip_finishes_and_counts(tmp_path, synth_root, monkeypatch):
+    nan_codi_at(monkeypatch, {5, 12})  # steps 3 and 6
+    cfg = tiny_cfg(tmp_path, "method=pccot", "optim.max_steps=8", "run.nan_policy=skip", "run.save_every=100")
+    run = kt.train(cfg, progress=False, data_root=synth_root)
+    done = json.loads((run / "DONE").read_text())
+    assert done["nonfinite_skipped"] == 2 and done["steps"] == 8
+    rows = metrics(run)
+    skipped = [r for r in rows if "nonfinite_skipped" in r]
+    assert [r["step"] for r in skipped] == [3, 6] and all(r["bad_terms"] == ["loss/codi"] for r in skipped)
+    assert [r["step"] for r in rows if "loss/total" in r] == [1, 2, 4, 5, 7, 8]
+    assert all(math.isfinite(r["loss/total"]) for r in rows if "loss/total" in r)
+    final = load_file(str(run / "final" / "model" / "model.safetensors"))
+    assert all(torch.isfinite(v).all() for v in final.values())
