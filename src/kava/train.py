@@ -297,6 +297,7 @@ def train(cfg: Config, *, resume: str | Path | None = None, progress: bool = Tru
 
     logger = MetricLogger(run_dir, cfg.run.log + ["jsonl"], main, cfg)
     start_step, best = 0, {"val/accuracy": -1.0, "step": -1}
+    skipped_nonfinite = 0
     if resume:
         ck = latest_checkpoint(run_dir)
         if ck is None:
@@ -320,6 +321,7 @@ def train(cfg: Config, *, resume: str | Path | None = None, progress: bool = Tru
         if objective_gen is not None:
             acc.unwrap_model(objective).generator.set_state(objective_gen)
         start_step, best = state["step"], state["best"]
+        skipped_nonfinite = state.get("nonfinite_skipped", 0)
         logger.truncate_after(start_step)
     elif main:
         save_config(cfg, run_dir / "config.yaml")
@@ -345,6 +347,7 @@ def train(cfg: Config, *, resume: str | Path | None = None, progress: bool = Tru
             rng["eviction"] = acc.unwrap_model(objective).generator.get_state()
             save_file(rng, str(d / "rng.safetensors"))
             (d / "state.json").write_text(json.dumps({"step": step, "method": cfg.method, "best": best,
+                                                       "nonfinite_skipped": skipped_nonfinite,
                                                        "optimizer": ometa}))
 
         _atomic_dir_write(ck, write)
@@ -368,7 +371,6 @@ def train(cfg: Config, *, resume: str | Path | None = None, progress: bool = Tru
     bar = tqdm(total=plan.total_steps, initial=start_step, desc=f"train {cfg.method}", disable=not main or not progress
                or None, dynamic_ncols=True)
     raw.train()
-    skipped_nonfinite = 0
     t_last, tokens = time.perf_counter(), 0
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
