@@ -525,3 +525,11 @@ def test_nan_policy_skip_finishes_and_counts(tmp_path, synth_root, monkeypatch):
     assert all(math.isfinite(r["loss/total"]) for r in rows if "loss/total" in r)
     final = load_file(str(run / "final" / "model" / "model.safetensors"))
     assert all(torch.isfinite(v).all() for v in final.values())
+
+
+def test_skip_count_survives_resume(tmp_path, synth_root, monkeypatch):
+    nan_codi_at(monkeypatch, {5})  # step 3
+    cfg = tiny_cfg(tmp_path, "method=pccot", "optim.max_steps=6", "run.nan_policy=skip", "run.save_every=4")
+    run = kt.train(cfg, progress=False, data_root=synth_root, stop_after=4)
+    kt.train(cfg, resume=run, progress=False, data_root=synth_root)
+    assert json.loads((run / "DONE").read_text())["nonfinite_skipped"] == 1
