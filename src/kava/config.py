@@ -378,6 +378,11 @@ def validate(cfg: Config) -> None:
     bad = [x for x in r.log if x not in allowed_logs]
     need(not bad, f"run.log: unknown backend(s) {bad}; allowed values: {', '.join(sorted(allowed_logs))}")
     need(r.log_every >= 1, "run.log_every: must be >= 1")
+    for k in ("eval_every", "save_every"):
+        need(getattr(r, k) is None or getattr(r, k) >= 1, f"run.{k}: must be >= 1 or null, got {getattr(r, k)}")
+    need(r.eval_batch_size >= 1, f"run.eval_batch_size: must be >= 1, got {r.eval_batch_size}")
+    need(r.eval_max_new_tokens >= 1, f"run.eval_max_new_tokens: must be >= 1, got {r.eval_max_new_tokens}")
+    need(r.eval_max_cot_tokens >= 0, f"run.eval_max_cot_tokens: must be >= 0, got {r.eval_max_cot_tokens}")
     need(cfg.model.name_or_path or cfg.model.from_scratch or cfg.model.init_from,
          "model: set model.name_or_path (hub id or local dir), model.from_scratch, or model.init_from")
     if cfg.model.from_scratch is not None:
