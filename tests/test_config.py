@@ -165,6 +165,13 @@ def test_wrong_types_name_the_key_and_expected_type(override, key, expected):
     ("model.from_scratch={family: mamba}", "model.from_scratch.family", "llama, qwen2, gpt2"),
     ("lora.dropout=1.0", "lora.dropout", "[0, 1)"),
     ("loss.codi_layers=[]", "loss.codi_layers", "non-empty"),
+    # these used to pass and fail much later (eval_batch_size=0 at the first validation, after an epoch)
+    # or act oddly (eval_every=-1 evaluated every step, 0 meant "per epoch")
+    ("run.eval_every=0", "run.eval_every", ">= 1 or null"),
+    ("run.save_every=-1", "run.save_every", ">= 1 or null"),
+    ("run.eval_batch_size=0", "run.eval_batch_size", ">= 1"),
+    ("run.eval_max_new_tokens=0", "run.eval_max_new_tokens", ">= 1"),
+    ("run.eval_max_cot_tokens=-1", "run.eval_max_cot_tokens", ">= 0"),
 ])
 def test_invalid_values_name_the_key_and_allowed_values(override, key, allowed):
     msg = err(overrides=[override])
