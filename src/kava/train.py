@@ -334,7 +334,13 @@ def train(cfg: Config, *, resume: str | Path | None = None, progress: bool = Tru
         if skips.total:
             print(f"[kava] {skips.summary()} (saved in {run_dir / 'skips.json'})")
 
-    def save_checkpoint(step: int) -> None:
+    def rng_now() -> dict[str, torch.Tensor]:
+        rng = rng_tensors()
+        rng["eviction"] = acc.unwrap_model(objective).generator.get_state()
+        return rng
+
+    def save_checkpoint(step: int, rng: dict[str, torch.Tensor] | None = None) -> None:
+        """rng: the RNG state to store (default: now; a NaN stop passes the state from before the bad step)."""
         if not main:
             return
         ck = run_dir / "checkpoints" / f"step_{step}"
@@ -343,9 +349,7 @@ def train(cfg: Config, *, resume: str | Path | None = None, progress: bool = Tru
             save_file(trainable_state(raw), str(d / "trainable.safetensors"))
             ot, ometa = optimizer_tensors(opt.optimizer if hasattr(opt, "optimizer") else opt)
             save_file(ot, str(d / "optimizer.safetensors"))
-            rng = rng_tensors()
-            rng["eviction"] = acc.unwrap_model(objective).generator.get_state()
-            save_file(rng, str(d / "rng.safetensors"))
+            save_file(rng if rng is not None else rng_now(), str(d / "rng.safetensors"))
             (d / "state.json").write_text(json.dumps({"step": step, "method": cfg.method, "best": best,
                                                        "nonfinite_skipped": skipped_nonfinite,
                                                        "optimizer": ometa}))
@@ -376,6 +380,7 @@ def train(cfg: Config, *, resume: str | Path | None = None, progress: bool = Tru
         torch.cuda.reset_peak_memory_stats()
     end_step = plan.total_steps if stop_after is None else min(plan.total_steps, stop_after)
     for step in range(start_step, end_step):
+        step_rng = rng_now() if cfg.run.nan_policy == "stop" else None  # the last good state, if this step fails
         lr = lr_at(step, plan.total_steps, cfg.optim.lr, plan.warmup_steps, cfg.optim.schedule)
         for g in opt.param_groups:
             g["lr"] = lr
@@ -409,7 +414,7 @@ def train(cfg: Config, *, resume: str | Path | None = None, progress: bool = Tru
                 logger.log({"split": "train", "nonfinite_skipped": skipped_nonfinite, "bad_terms": bad}, step + 1)
                 bar.update(1)
                 continue
-            save_checkpoint(step)
+            save_checkpoint(step, step_rng)
             raise NonFiniteLoss(f"non-finite loss at optimizer step {step + 1} in term(s) {bad or ['total']}; "
                                 f"last good state saved in {run_dir / 'checkpoints' / f'step_{step}'}; "
                                 "set run.nan_policy=skip to skip such batches")
