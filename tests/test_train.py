@@ -533,3 +533,18 @@ def test_skip_count_survives_resume(tmp_path, synth_root, monkeypatch):
     run = kt.train(cfg, progress=False, data_root=synth_root, stop_after=4)
     kt.train(cfg, resume=run, progress=False, data_root=synth_root)
     assert json.loads((run / "DONE").read_text())["nonfinite_skipped"] == 1
+
+
+def test_resume_after_a_nan_stop_is_exact(tmp_path, synth_root, monkeypatch):
+    """The 'last good state' written on a NaN stop must let a resumed run continue exactly (RNG included),
+    even when it replaces a regular checkpoint of the same step."""
+    common = ["method=kava", "eviction.method=random", "optim.max_steps=8", "run.save_every=4"]
+    ref = kt.train(tiny_cfg(tmp_path, *common, "run.name=ref"), progress=False, data_root=synth_root)
+    with monkeypatch.context() as mp:
+        nan_codi_at(mp, {10})  # optimizer step 5
+        with pytest.raises(kt.NonFiniteLoss):
+            kt.train(tiny_cfg(tmp_path, *common, "run.name=bad"), progress=False, data_root=synth_root)
+    run = tmp_path / "bad"
+    kt.train(kt.resume_config(run), resume=run, progress=False, data_root=synth_root)
+    assert max_diff(trainable(ref, 8), trainable(run, 8)) <= 1e-6
+    assert strip_timing(metrics(ref)) == strip_timing(metrics(run))
