@@ -236,7 +236,14 @@ def train(cfg: Config, *, resume: str | Path | None = None, progress: bool = Tru
     from tqdm.auto import tqdm
 
     use_bf16 = torch.cuda.is_available() and cfg.optim.precision in ("auto", "bf16")
-    acc = Accelerator(mixed_precision="bf16" if use_bf16 else "no", cpu=not torch.cuda.is_available())
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    from kava.methods import METHOD_SPECS
+
+    # cot / nocot never touch the projection or the special-token rows: DDP must be told
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=METHOD_SPECS[cfg.method].student is None)
+    acc = Accelerator(mixed_precision="bf16" if use_bf16 else "no", cpu=not torch.cuda.is_available(),
+                      kwargs_handlers=[ddp])
     main = acc.is_main_process
     world = acc.num_processes
     set_seed(cfg.run.seed, deterministic=cfg.run.deterministic)
@@ -402,7 +409,9 @@ def train(cfg: Config, *, resume: str | Path | None = None, progress: bool = Tru
                 acc.backward(total / plan.accum)
             for k, v in log.items():
                 sums[k] = sums.get(k, 0.0) + v.float() / len(micro)
-        finite = torch.isfinite(sums["loss/total"])
+        finite = torch.isfinite(sums["loss/total"]).float()
+        if world > 1:  # every rank must take the same branch below
+            finite = acc.reduce(finite.to(acc.device), reduction="sum") == world
         gnorm = acc.clip_grad_norm_(raw.parameters(), cfg.optim.grad_clip) if cfg.optim.grad_clip > 0 else \
             torch.sqrt(sum((p.grad.float() ** 2).sum() for p in raw.parameters() if p.grad is not None))
         if not bool(finite):  # the one host sync per optimizer step
@@ -426,7 +435,11 @@ def train(cfg: Config, *, resume: str | Path | None = None, progress: bool = Tru
             now = time.perf_counter()
             payload = {"split": "train", "epoch": done_steps / plan.steps_per_epoch, "lr": lr,
                        "grad_norm": float(gnorm), "tokens_per_s": tokens * world / max(now - t_last, 1e-9)}
-            payload.update({k: float(v) for k, v in sums.items()})
+            keys = sorted(sums)
+            vals = torch.stack([sums[k].to(acc.device) for k in keys])
+            if world > 1:  # log the mean over all ranks' micro-batches, as one process would see it
+                vals = acc.reduce(vals, reduction="mean")
+            payload.update({k: float(v) for k, v in zip(keys, vals.tolist())})
             if torch.cuda.is_available():
                 payload["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
             logger.log(payload, done_steps)
