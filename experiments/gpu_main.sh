@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Device call: backbone (brought back as bf16 chunks for later calls), the main table, eval, report.
 set -uo pipefail
-export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
+export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 O=/tmp/synth
 R="python experiments/synthetic_replication.py --out $O --results $O/results"
-STUD="--student-steps ${STEPS:-250} --student-set optim.effective_batch=256 --student-set optim.micro_batch=256 --student-set run.eval_every=${STEPS:-250} --student-set optim.lr=5e-4"
+STUD="--student-steps ${STEPS:-250} --student-set optim.effective_batch=${EB:-128} --student-set optim.micro_batch=${MB:-64} --student-set run.eval_every=${STEPS:-250} --student-set optim.lr=5e-4"
 if [ -d .data/backbone ]; then   # carried from an earlier call
   mkdir -p $O && cp -r .data/backbone $O/ && cat .data/backbone_parts/part* > $O/backbone/final/model/model.safetensors
   $R --stage backbone --backbone-set optim.max_steps=1000 --backbone-set run.eval_every=1000 | tail -2  # data only
