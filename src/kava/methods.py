@@ -44,6 +44,26 @@ class Batch:
     teacher: object
     student: object | None
     num_tokens: int  # real tokens across both sequences (for tokens/s)
+    # Per-term CE denominators shared by all micro-batches of one optimizer step (see `ce_denominators`);
+    # None: each micro-batch's CE is a plain mean over its own labels.
+    ce_den: dict[str, float] | None = None
+
+
+def label_counts(items: list[Tokenized], cfg: Config) -> dict[str, int]:
+    """Labelled tokens of each CE term over `items` (the layout of `kava.data.format`)."""
+    spec = METHOD_SPECS[cfg.method]
+    teacher = sum((len(i.cot) + len(i.prompt) if spec.teacher_cot else 0) + len(i.answer) for i in items)
+    out = {"ce_teacher": teacher}
+    if spec.student:
+        out["ce_student"] = sum(len(i.answer) for i in items)
+    return out
+
+
+def ce_denominators(step_items: list[Tokenized], cfg: Config, num_micro: int) -> dict[str, float]:
+    """Gradient accumulation that does not change the gradient: every micro-batch divides its summed CE by
+    (labelled tokens in the whole optimizer step) / (micro-batches in the step), so the mean over
+    micro-batches (and ranks) is exactly the token mean over the full effective batch."""
+    return {k: max(v, 1) / num_micro for k, v in label_counts(step_items, cfg).items()}
 
 
 def make_batch(items: list[Tokenized], model_ids, cfg: Config) -> Batch:
@@ -58,6 +78,12 @@ def make_batch(items: list[Tokenized], model_ids, cfg: Config) -> Batch:
 def _fp32(like: torch.Tensor):
     """Eviction and losses do their own fp32 math; autocast must not push their matmuls back to bf16."""
     return torch.autocast(like.device.type, enabled=False)
+
+
+def _ce(logits: torch.Tensor, targets: torch.Tensor, den: dict | None, term: str) -> torch.Tensor:
+    """Token-mean CE of this micro-batch, or its sum over the step-wide denominator (`ce_denominators`)."""
+    ce = losses.token_cross_entropy(logits, targets)
+    return ce if den is None else ce * (targets.numel() / den[term])  # targets hold labelled tokens only
 
 
 class _NoTimer:
@@ -80,7 +106,7 @@ def loss_step(model: LatentReasoner, batch: Batch, cfg: Config, generator: torch
     with timer("teacher"):
         t = model.teacher_forward(tb, need_kv=spec.kv, need_importance=need_importance, key_space=lc.kv_key_space)
     with _fp32(tb.ids):
-        terms = {"ce_teacher": losses.token_cross_entropy(t.logits, t.targets)}
+        terms = {"ce_teacher": _ce(t.logits, t.targets, batch.ce_den, "ce_teacher")}
     weights = {"ce_teacher": lc.ce_teacher if spec.student else 1.0}
     extra: dict[str, torch.Tensor] = {}
     if spec.student:
@@ -91,7 +117,7 @@ def loss_step(model: LatentReasoner, batch: Batch, cfg: Config, generator: torch
         with timer("student_answer"):
             model.answer_pass(sb, s)
         with timer("losses"), _fp32(sb.ids):
-            terms["ce_student"] = losses.token_cross_entropy(s.logits, s.targets)
+            terms["ce_student"] = _ce(s.logits, s.targets, batch.ce_den, "ce_student")
             weights["ce_student"] = lc.ce_student
             terms["codi"] = losses.codi_loss(s.hidden, t.hidden, kind=lc.codi_loss, std=lc.codi_std,
                                              layers=lc.codi_layers)

@@ -29,7 +29,7 @@ from kava.config import Config, check_world_size, load_config, save_config
 from kava.data.format import Formatter
 from kava.data.pipeline import load_train_valid, train_data_label
 from kava.data.records import SkipLog
-from kava.methods import loss_step, make_batch
+from kava.methods import ce_denominators, loss_step, make_batch
 from kava.model.loading import build_reasoner, load_tokenizer, save_model
 
 
@@ -395,10 +395,13 @@ def train(cfg: Config, *, resume: str | Path | None = None, progress: bool = Tru
         order = example_order(len(items), cfg.run.seed, epoch)
         global_batch = order[within * cfg.optim.effective_batch:(within + 1) * cfg.optim.effective_batch]
         mb = cfg.optim.micro_batch
-        micro = [global_batch[i:i + mb] for i in range(0, len(global_batch), mb)][acc.process_index::world]
+        all_micro = [global_batch[i:i + mb] for i in range(0, len(global_batch), mb)]
+        micro = all_micro[acc.process_index::world]
+        ce_den = ce_denominators([items[j] for j in global_batch], cfg, len(all_micro))
         sums: dict[str, torch.Tensor] = {}
         for i, idx in enumerate(micro):
             batch = make_batch([items[j] for j in idx], raw.ids, cfg)
+            batch.ce_den = ce_den
             batch.teacher = batch.teacher.to(acc.device)
             if batch.student is not None:
                 batch.student = batch.student.to(acc.device)
