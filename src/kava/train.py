@@ -246,6 +246,7 @@ def train(cfg: Config, *, resume: str | Path | None = None, progress: bool = Tru
                       kwargs_handlers=[ddp])
     main = acc.is_main_process
     world = acc.num_processes
+    check_world_size(cfg, world)  # before reading (and tokenizing) the data or loading a model
     set_seed(cfg.run.seed, deterministic=cfg.run.deterministic)
 
     run_dir = Path(resume) if resume else Path(cfg.run.output_dir) / run_name(cfg)
