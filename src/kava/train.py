@@ -13,6 +13,7 @@ Run directory:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -30,7 +31,7 @@ from kava.data.format import Formatter
 from kava.data.pipeline import load_train_valid, train_data_label
 from kava.data.records import SkipLog
 from kava.methods import ce_denominators, loss_step, make_batch
-from kava.model.loading import build_reasoner, load_tokenizer, save_model
+from kava.model.loading import CheckpointError, build_reasoner, load_tokenizer, save_model
 
 
 class NonFiniteLoss(RuntimeError):
@@ -184,6 +185,26 @@ def restore_rng(t: dict[str, torch.Tensor]) -> None:
             torch.cuda.set_rng_state_all(states)
 
 
+def model_identity(cfg: Config) -> dict:
+    """What a checkpoint's trainable tensors belong to: the backbone, its tokenizer and the LoRA shape."""
+    m = cfg.model
+    ident = {"name_or_path": m.name_or_path, "tokenizer": m.tokenizer, "from_scratch": m.from_scratch,
+             "init_from": m.init_from, "lora": dataclasses.asdict(cfg.lora) if cfg.lora is not None else None}
+    return json.loads(json.dumps(ident))  # as state.json stores it
+
+
+def check_resume_state(state: dict, cfg: Config, ck: Path) -> None:
+    """Refuse a checkpoint written for another method or model (before any data or model is loaded)."""
+    if state.get("method") != cfg.method:
+        raise ValueError(f"{ck}: checkpoint method {state.get('method')!r} != config method {cfg.method!r} "
+                         "(config.yaml was edited?); a checkpoint resumes only the method that wrote it")
+    saved, mine = state.get("model"), model_identity(cfg)  # "model" is absent in older checkpoints
+    if saved is not None and saved != mine:
+        diff = sorted(k for k in set(saved) | set(mine) if saved.get(k) != mine.get(k))
+        raise ValueError(f"{ck}: checkpoint is from a different model: model.{', model.'.join(diff)} differ "
+                         f"(checkpoint {({k: saved.get(k) for k in diff})}, config {({k: mine.get(k) for k in diff})})")
+
+
 def latest_checkpoint(run_dir: Path) -> Path | None:
     ck = run_dir / "checkpoints"
     steps = sorted((int(p.name.split("_")[1]), p) for p in ck.glob("step_*") if p.name.split("_")[1].isdigit()
@@ -254,6 +275,8 @@ def train(cfg: Config, *, resume: str | Path | None = None, progress: bool = Tru
         if (run_dir / "DONE").exists():
             raise FileExistsError(f"{run_dir} holds a finished run; choose another run.name or delete it")
         raise FileExistsError(f"{run_dir} holds an unfinished run; continue it with `kava train --resume {run_dir}`")
+    if resume and not (run_dir / "config.yaml").exists():
+        raise FileNotFoundError(f"{run_dir}: no checkpoint to resume from (no config.yaml: not a kava run directory)")
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         probe = run_dir / ".write_test"
@@ -261,6 +284,13 @@ def train(cfg: Config, *, resume: str | Path | None = None, progress: bool = Tru
         probe.unlink()
     except OSError as e:
         raise OSError(f"cannot write to the output directory {run_dir}: {e}") from e
+    # a resume is checked before any data or model is loaded; a run killed before its first checkpoint
+    # starts over (from step 0 the result equals an uninterrupted run)
+    resume_ck = latest_checkpoint(run_dir) if resume else None
+    if resume and resume_ck is None and main:
+        print(f"[kava] {run_dir}: no checkpoint yet (stopped before the first one); starting from step 0")
+    if resume_ck is not None:
+        check_resume_state(json.loads((resume_ck / "state.json").read_text()), cfg, resume_ck)
 
     # data
     skips = SkipLog(strict=cfg.data.strict)
@@ -306,19 +336,21 @@ def train(cfg: Config, *, resume: str | Path | None = None, progress: bool = Tru
     logger = MetricLogger(run_dir, cfg.run.log + ["jsonl"], main, cfg)
     start_step, best = 0, {"val/accuracy": -1.0, "step": -1}
     skipped_nonfinite = 0
-    if resume:
-        ck = latest_checkpoint(run_dir)
-        if ck is None:
-            raise FileNotFoundError(f"{run_dir}: no checkpoint to resume from")
+    if resume_ck is not None:
+        ck = resume_ck
         state = json.loads((ck / "state.json").read_text())
-        if state["method"] != cfg.method:
-            raise ValueError(f"checkpoint method {state['method']!r} != config method {cfg.method!r}")
         saved = load_file(str(ck / "trainable.safetensors"))
         mine = dict((n, p) for n, p in raw.named_parameters() if p.requires_grad)
         missing, unexpected = sorted(set(mine) - set(saved)), sorted(set(saved) - set(mine))
         if missing or unexpected:
-            raise RuntimeError(f"{ck}: checkpoint keys do not match the model: missing {missing[:5]}, "
-                               f"unexpected {unexpected[:5]} (different model or method?)")
+            raise CheckpointError(f"{ck}: checkpoint keys do not match the model: missing {len(missing)} "
+                                  f"{missing[:5]}, unexpected {len(unexpected)} {unexpected[:5]} "
+                                  "(different model or method?)")
+        shapes = [f"{n}: checkpoint {tuple(saved[n].shape)}, model {tuple(p.shape)}" for n, p in mine.items()
+                  if saved[n].shape != p.shape]
+        if shapes:
+            raise CheckpointError(f"{ck}: checkpoint shapes do not match the model ({len(shapes)} tensors): "
+                                  f"{'; '.join(shapes[:5])} (different model?)")
         with torch.no_grad():
             for n, p in mine.items():
                 p.copy_(saved[n])
@@ -332,6 +364,8 @@ def train(cfg: Config, *, resume: str | Path | None = None, progress: bool = Tru
         skipped_nonfinite = state.get("nonfinite_skipped", 0)
         logger.truncate_after(start_step)
     elif main:
+        if resume:  # starting over: drop what the stopped attempt logged
+            logger.truncate_after(0)
         save_config(cfg, run_dir / "config.yaml")
         meta = {"method": cfg.method, "preset": cfg.preset, "train_data": train_data_label(cfg),
                 "data": data_desc, "seed": cfg.run.seed, "model": cfg.model.name_or_path or "from_scratch",
@@ -358,7 +392,8 @@ def train(cfg: Config, *, resume: str | Path | None = None, progress: bool = Tru
             ot, ometa = optimizer_tensors(opt.optimizer if hasattr(opt, "optimizer") else opt)
             save_file(ot, str(d / "optimizer.safetensors"))
             save_file(rng if rng is not None else rng_now(), str(d / "rng.safetensors"))
-            (d / "state.json").write_text(json.dumps({"step": step, "method": cfg.method, "best": best,
+            (d / "state.json").write_text(json.dumps({"step": step, "method": cfg.method,
+                                                       "model": model_identity(cfg), "best": best,
                                                        "nonfinite_skipped": skipped_nonfinite,
                                                        "optimizer": ometa}))
 
