@@ -128,13 +128,26 @@ def run_name(cfg: Config) -> str:
 
 # ------------------------------------------------------------------------------------------------ checkpoints
 def _atomic_dir_write(final: Path, write) -> None:
-    """Write into `<final>.tmp`, then rename: a crash mid-write never replaces the last good checkpoint."""
+    """Write into `<final>.tmp`, then rename: a crash mid-write never replaces the last good checkpoint.
+
+    A failed write (disk full, unwritable directory, ...) removes the partial `.tmp` directory and raises an
+    OSError naming the directory; whatever `final` held before is untouched.
+    """
     tmp = final.with_name(final.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    write(tmp)
     old = final.with_name(final.name + ".old")
+    if old.exists() and not final.exists():  # a crash between the two renames below: the old copy is good
+        old.rename(final)
+    try:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        write(tmp)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise OSError(f"could not write {final}: {e} (disk full or not writable?); nothing was replaced: "
+                          f"the previous {final.name} and the earlier checkpoints are intact") from e
+        raise
     if final.exists():
         final.rename(old)
     tmp.rename(final)
@@ -301,8 +314,8 @@ def train(cfg: Config, *, resume: str | Path | None = None, progress: bool = Tru
         if not (tok_dir / "tokenizer_config.json").exists() and main:
             from kava.data.tokenizer import build_tokenizer, tokenizer_texts
 
-            build_tokenizer(tokenizer_texts(train_recs, cfg.data.answer_prompt), tok_dir,
-                            vocab_size=cfg.data.tokenizer_vocab_size)
+            _atomic_dir_write(tok_dir, lambda d: build_tokenizer(tokenizer_texts(train_recs, cfg.data.answer_prompt),
+                                                                 d, vocab_size=cfg.data.tokenizer_vocab_size))
         acc.wait_for_everyone()
         tokenizer = load_tokenizer(cfg, str(tok_dir))
     else:
@@ -489,12 +502,14 @@ def train(cfg: Config, *, resume: str | Path | None = None, progress: bool = Tru
             logger.log({"split": "val", "val/accuracy": v}, done_steps)
             if main and v > best["val/accuracy"]:
                 best = {"val/accuracy": v, "step": done_steps}
-                save_model(raw, tokenizer, run_dir / "best", meta={"step": done_steps, "val/accuracy": v})
+                _atomic_dir_write(run_dir / "best", lambda d: save_model(raw, tokenizer, d, meta={
+                    "step": done_steps, "val/accuracy": v}))
         if done_steps % save_every == 0 or done_steps == plan.total_steps:
             save_checkpoint(done_steps)
     bar.close()
     if end_step == plan.total_steps and main:
-        save_model(raw, tokenizer, run_dir / "final", meta={"step": plan.total_steps, "best": best})
+        _atomic_dir_write(run_dir / "final", lambda d: save_model(raw, tokenizer, d, meta={
+            "step": plan.total_steps, "best": best}))
         (run_dir / "DONE").write_text(json.dumps({"steps": plan.total_steps, "best": best,
                                                   "nonfinite_skipped": skipped_nonfinite}))
     logger.close()
