@@ -461,14 +461,19 @@ def train(cfg: Config, *, resume: str | Path | None = None, progress: bool = Tru
                 acc.backward(total / plan.accum)
             for k, v in log.items():
                 sums[k] = sums.get(k, 0.0) + v.float() / len(micro)
-        finite = torch.isfinite(sums["loss/total"]).float()
-        if world > 1:  # every rank must take the same branch below
-            finite = acc.reduce(finite.to(acc.device), reduction="sum") == world
         gnorm = acc.clip_grad_norm_(raw.parameters(), cfg.optim.grad_clip) if cfg.optim.grad_clip > 0 else \
             torch.sqrt(sum((p.grad.float() ** 2).sum() for p in raw.parameters() if p.grad is not None))
+        # a finite loss can still have an inf/NaN gradient (overflow in backward): stepping on it would make
+        # every weight NaN, and the next step's "last good state" would be that NaN state
+        finite = (torch.isfinite(sums["loss/total"]) & torch.isfinite(torch.as_tensor(gnorm).to(
+            sums["loss/total"].device))).float()
+        if world > 1:  # every rank must take the same branch below
+            finite = acc.reduce(finite.to(acc.device), reduction="sum") == world
         if not bool(finite):  # the one host sync per optimizer step
             bad = [k for k, v in sums.items() if k.startswith("loss/") and k != "loss/total"
                    and not torch.isfinite(v)]
+            if not bad and torch.isfinite(sums["loss/total"]):
+                bad = ["grad_norm"]
             if cfg.run.nan_policy == "skip":
                 skipped_nonfinite += 1
                 opt.zero_grad(set_to_none=True)
@@ -476,7 +481,8 @@ def train(cfg: Config, *, resume: str | Path | None = None, progress: bool = Tru
                 bar.update(1)
                 continue
             save_checkpoint(step, step_rng)
-            raise NonFiniteLoss(f"non-finite loss at optimizer step {step + 1} in term(s) {bad or ['total']}; "
+            what = "gradient" if bad == ["grad_norm"] else "loss"
+            raise NonFiniteLoss(f"non-finite {what} at optimizer step {step + 1} in term(s) {bad or ['total']}; "
                                 f"last good state saved in {run_dir / 'checkpoints' / f'step_{step}'}; "
                                 "set run.nan_policy=skip to skip such batches")
         opt.step()
