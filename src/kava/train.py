@@ -517,7 +517,10 @@ def train(cfg: Config, *, resume: str | Path | None = None, progress: bool = Tru
         _atomic_dir_write(run_dir / "final", lambda d: save_model(raw, tokenizer, d, meta={
             "step": plan.total_steps, "best": best}))
         (run_dir / "DONE").write_text(json.dumps({"steps": plan.total_steps, "best": best,
-                                                  "nonfinite_skipped": skipped_nonfinite}))
+                                                  "nonfinite_skipped": skipped_nonfinite,
+                                                  "skipped_records": skips.total}))
+    if main and skips.total:  # again at the end: the first report has long scrolled away
+        print(f"[kava] training data: {skips.summary()}; where: {run_dir / 'skips.json'}")
     logger.close()
     acc.wait_for_everyone()
     return run_dir
