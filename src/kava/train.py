@@ -326,6 +326,18 @@ def train(cfg: Config, *, resume: str | Path | None = None, progress: bool = Tru
     items = fmt.tokenize_all(train_recs, skips)
     if not items:
         raise ValueError(f"no usable training records ({skips.summary()})")
+    # An empty CoT is legitimate (a one-step solution loses its only step to data.drop_last_step: 17-21% of the
+    # GSM8k-Aug problems), so such examples are kept, counted and reported; data in which *no* example has a
+    # CoT (a wrong data.steps_field, an evaluation file) would train a CoT method on nothing: refuse it.
+    no_cot = sum(1 for it in items if not it.cot)
+    if METHOD_SPECS[cfg.method].teacher_cot and no_cot:
+        if no_cot == len(items):
+            raise ValueError(f"none of the {len(items)} training examples has a CoT (data.drop_last_step="
+                             f"{cfg.data.drop_last_step}); method {cfg.method!r} learns from it: check "
+                             f"data.steps_field / data.source, or use method nocot")
+        if main:
+            print(f"[kava] {no_cot} of {len(items)} training examples have an empty CoT "
+                  f"(data.drop_last_step={cfg.data.drop_last_step}); kept, counted in meta.json")
     plan = make_plan(cfg, len(items), world)
 
     # model, optimizer
@@ -383,7 +395,7 @@ def train(cfg: Config, *, resume: str | Path | None = None, progress: bool = Tru
         meta = {"method": cfg.method, "preset": cfg.preset, "train_data": train_data_label(cfg),
                 "data": data_desc, "seed": cfg.run.seed, "model": cfg.model.name_or_path or "from_scratch",
                 "init_from": cfg.model.init_from, "world_size": world, "git": git_revision(), "versions": versions(),
-                "train_examples": len(items), "plan": plan.__dict__}
+                "train_examples": len(items), "train_examples_without_cot": no_cot, "plan": plan.__dict__}
         (run_dir / "meta.json").write_text(json.dumps(meta, indent=2))
         skips.save(run_dir / "skips.json")
         if skips.total:
