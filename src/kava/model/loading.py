@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GPT2Config, LlamaConfig, Qwen2Config
 
 from kava.config import Config
-from kava.data.format import SpecialIds, add_special_tokens
+from kava.data.format import SPECIAL_TOKENS, SpecialIds, add_special_tokens, special_ids
 from kava.model import capture  # noqa: F401  (registers the kava_sdpa attention implementation)
 from kava.model.reasoner import LatentReasoner
 
@@ -47,15 +47,59 @@ def resolve_init_dir(path: str) -> Path:
     raise CheckpointError(f"{path}: no kava model found (expected {p}/final/model/config.json)")
 
 
+def saved_tokenizer_ids(tok, where) -> SpecialIds:
+    """The special ids of a tokenizer kava saved next to trained weights; it must already hold the tokens.
+
+    (Adding them again would give ids that need not be the ones `special_rows` was trained for.)
+    """
+    missing = [t for t in SPECIAL_TOKENS if t not in tok.get_vocab()]
+    if missing:
+        raise CheckpointError(f"{where}: tokenizer lacks kava's special tokens {missing}: it was not saved with "
+                              "these weights by kava (replaced or from another model?)")
+    return special_ids(tok)
+
+
 def load_tokenizer(cfg: Config, tokenizer_dir: str | None = None):
     src = tokenizer_dir or cfg.model.tokenizer or cfg.model.name_or_path
+    trained = None  # a kava model's tokenizer: must carry the special tokens its weights were trained with
     if cfg.model.init_from and not tokenizer_dir:
-        src = str(resolve_init_dir(cfg.model.init_from) / "tokenizer")
+        init_dir = resolve_init_dir(cfg.model.init_from)
+        src = str(init_dir / "tokenizer")
+        trained = src if (init_dir / EXTRA_FILE).exists() else None
     if src is None:
         raise ValueError("no tokenizer: set model.tokenizer (or model.name_or_path), or build one for from_scratch")
     tok = AutoTokenizer.from_pretrained(src, trust_remote_code=cfg.model.trust_remote_code)
+    if trained:
+        saved_tokenizer_ids(tok, trained)
     add_special_tokens(tok)
     return tok
+
+
+def load_saved_lm(model_dir: Path, **kw):
+    """A full model kava saved: safetensors only, every tensor present and expected (HF itself only warns
+    about missing tensors and initialises them at random, which would give silently wrong numbers)."""
+    if not list(Path(model_dir).glob("*.safetensors")):
+        raise CheckpointError(f"{model_dir}: no .safetensors weights (kava loads only safetensors checkpoints)")
+    lm, info = AutoModelForCausalLM.from_pretrained(model_dir, use_safetensors=True, output_loading_info=True, **kw)
+    missing, unexpected = sorted(info.get("missing_keys", ())), sorted(info.get("unexpected_keys", ()))
+    mismatched = sorted(str(k) for k in info.get("mismatched_keys", ()))
+    if missing or unexpected or mismatched:
+        raise CheckpointError(f"{model_dir}: weights do not match the model's config.json: missing {missing}, "
+                              f"unexpected {unexpected}" + (f", wrong shape {mismatched}" if mismatched else ""))
+    return lm
+
+
+def check_adapter_keys(lm, model_dir: Path) -> None:
+    """A LoRA adapter kava saved must hold exactly the adapter tensors of the model (peft only warns)."""
+    from peft import get_peft_model_state_dict
+
+    f = Path(model_dir) / "adapter_model.safetensors"
+    saved = set(load_file(str(f)))
+    expected = set(get_peft_model_state_dict(lm))
+    missing, unexpected = sorted(expected - saved), sorted(saved - expected)
+    if missing or unexpected:
+        raise CheckpointError(f"{f}: adapter tensors do not match adapter_config.json: missing {missing}, "
+                              f"unexpected {unexpected}")
 
 
 def build_reasoner(cfg: Config, tokenizer, *, dtype: torch.dtype = torch.float32) -> LatentReasoner:
@@ -65,7 +109,10 @@ def build_reasoner(cfg: Config, tokenizer, *, dtype: torch.dtype = torch.float32
     extra = None
     if m.init_from:
         src = resolve_init_dir(m.init_from)
-        lm = AutoModelForCausalLM.from_pretrained(src / "model", dtype=dtype, attn_implementation=capture.ATTN_IMPL)
+        if (src / "model" / "adapter_config.json").exists():
+            lm = AutoModelForCausalLM.from_pretrained(src / "model", dtype=dtype, attn_implementation=capture.ATTN_IMPL)
+        else:
+            lm = load_saved_lm(src / "model", dtype=dtype, attn_implementation=capture.ATTN_IMPL)
         if (src / EXTRA_FILE).exists():
             extra = load_file(str(src / EXTRA_FILE))
     elif m.from_scratch is not None:
@@ -159,10 +206,13 @@ def load_for_eval(run_or_ckpt: str | Path, *, device: str | torch.device = "cpu"
         raise CheckpointError(f"{p}: no config.yaml next to the checkpoint")
     cfg = config_from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
     tok = AutoTokenizer.from_pretrained(ck / "tokenizer")
-    ids = add_special_tokens(tok)
+    ids = saved_tokenizer_ids(tok, ck / "tokenizer")
     model_dir = ck / "model"
     if (model_dir / "adapter_config.json").exists():
         from peft import PeftModel
+
+        if not (model_dir / "adapter_model.safetensors").exists():
+            raise CheckpointError(f"{model_dir}: no adapter_model.safetensors (kava loads only safetensors checkpoints)")
 
         base_src = cfg.model.name_or_path
         if cfg.model.init_from:
@@ -172,8 +222,9 @@ def load_for_eval(run_or_ckpt: str | Path, *, device: str | torch.device = "cpu"
         base = AutoModelForCausalLM.from_pretrained(base_src, dtype=dtype, attn_implementation=capture.ATTN_IMPL,
                                                     trust_remote_code=cfg.model.trust_remote_code)
         lm = PeftModel.from_pretrained(base, model_dir)
+        check_adapter_keys(lm, model_dir)
     else:
-        lm = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation=capture.ATTN_IMPL)
+        lm = load_saved_lm(model_dir, dtype=dtype, attn_implementation=capture.ATTN_IMPL)
     model = LatentReasoner(lm, ids, projection=cfg.latent.projection, proj_hidden=cfg.latent.proj_hidden,
                            proj_layernorm=cfg.latent.proj_layernorm)
     load_extra(model, load_file(str(ck / EXTRA_FILE)))
