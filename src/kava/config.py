@@ -385,6 +385,10 @@ def validate(cfg: Config) -> None:
     need(r.eval_max_cot_tokens >= 0, f"run.eval_max_cot_tokens: must be >= 0, got {r.eval_max_cot_tokens}")
     need(cfg.model.name_or_path or cfg.model.from_scratch or cfg.model.init_from,
          "model: set model.name_or_path (hub id or local dir), model.from_scratch, or model.init_from")
+    if cfg.model.gradient_checkpointing and cfg.method in LATENT_METHODS:
+        raise ConfigError(
+            f"model.gradient_checkpointing: HF decoders drop the KV cache under gradient checkpointing, and "
+            f"method {cfg.method!r} needs it for its latent passes; use it only with method cot or nocot")
     if cfg.model.from_scratch is not None:
         fam = cfg.model.from_scratch.get("family")
         need(fam in ("llama", "qwen2", "gpt2"),

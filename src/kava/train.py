@@ -353,6 +353,8 @@ def train(cfg: Config, *, resume: str | Path | None = None, progress: bool = Tru
                              {"params": no_decay, "weight_decay": 0.0}],
                             lr=cfg.optim.lr, betas=tuple(cfg.optim.betas))
     objective = Objective(model, cfg)
+    # random eviction draws on the model's device, so its generator must live there too
+    objective.generator = torch.Generator(device=acc.device).manual_seed(cfg.run.seed)
     objective, opt = acc.prepare(objective, opt)
     raw = acc.unwrap_model(objective).model
     if cfg.optim.compile:
