@@ -30,9 +30,10 @@ def stage_config(name: str, out: Path, extra: list[str]):
     method, sets = STAGES[name]
     common = [f"method={method}", f"run.output_dir={out}", f"run.name={name}", "run.log=[jsonl,tensorboard]",
               "run.log_every=10", f"preset={name}"]
-    if name != "backbone":
-        common += ["model.from_scratch=null", f"model.init_from={out / 'backbone'}"]
-    return load_config("tiny_synth", common + sets + extra)
+    tail = []
+    if name != "backbone":  # students start from the backbone's weights (last, so `extra` can't undo it)
+        tail = ["model.from_scratch=null", f"model.init_from={out / 'backbone'}"]
+    return load_config("tiny_synth", common + sets + extra + tail)
 
 
 def run_demo(output: str | Path = "runs/demo", extra: list[str] | None = None, eval_limit: int | None = 300,

@@ -1,0 +1,89 @@
+"""End-to-end paths on tiny models: `kava demo`, and train x 3 seeds -> eval -> report."""
+
+import json
+import struct
+
+import pytest
+
+from kava.cli import main as cli
+
+TINY = ["model.from_scratch.hidden_size=32", "model.from_scratch.intermediate_size=64",
+        "model.from_scratch.num_hidden_layers=2", "data.synth_train_size=300", "data.synth_eval_size=12",
+        "data.valid_limit=4", "optim.effective_batch=8", "optim.micro_batch=8", "latent.num_latents=4",
+        "run.eval_max_cot_tokens=24", "run.eval_max_new_tokens=4"]
+
+
+def png_size(path):
+    head = path.read_bytes()[:24]
+    assert head[:8] == b"\x89PNG\r\n\x1a\n"
+    return struct.unpack(">II", head[16:24])
+
+
+def test_demo_end_to_end(tmp_path, capsys):
+    from kava.demo import run_demo
+
+    rows = run_demo(tmp_path / "demo", TINY + ["optim.max_steps=3", "run.eval_every=3"], eval_limit=6,
+                    progress=False)
+    out = capsys.readouterr().out
+    assert [r["run"] for r in rows] == ["backbone", "nocot", "kava"]
+    assert [r["mode"] for r in rows] == ["cot", "nocot", "latent"]
+    for r in rows:
+        assert r["count"] == 6 and 0.0 <= r["accuracy"] <= 1.0
+        assert f"{100 * r['accuracy']:8.1f}%" in out  # the printed table is the run's own numbers
+    # latent mode: 1 prefix + T=3 sweeps + 1..4 decode steps; nocot: 1..4 decode steps
+    assert 5 <= rows[2]["mean_forward_passes"] <= 8
+    assert 1 <= rows[1]["mean_forward_passes"] <= 4
+    summary = json.loads((tmp_path / "demo" / "demo_summary.json").read_text())
+    assert [r["accuracy"] for r in summary["rows"]] == [r["accuracy"] for r in rows]
+    for name in ("accuracy_vs_passes.png", "training_curves.png"):
+        w, h = png_size(tmp_path / "demo" / "report" / name)
+        assert w >= 400 and h >= 300
+    # a second call reuses the finished runs
+    run_demo(tmp_path / "demo", TINY + ["optim.max_steps=3", "run.eval_every=3"], eval_limit=6, progress=False)
+    assert out.count("training") >= 3 and "reusing the finished run" in capsys.readouterr().out
+
+
+def test_three_seeds_train_eval_report(tmp_path, capsys):
+    """Three real (tiny) training runs, evaluated, then `kava report`: mean ± std over the seeds."""
+    from kava.config import load_config
+    from kava.data.pipeline import synthetic_dir
+
+    runs = []
+    for seed in (1, 2, 3):
+        assert cli(["train", "--config", "tiny_synth", "--no-progress", *sum((["--set", s] for s in TINY + [
+            "method=kava", "optim.max_steps=3", "run.eval_every=3", f"run.seed={seed}", f"run.name=kava-s{seed}",
+            f"run.output_dir={tmp_path}", "run.log=[jsonl]"]), [])]) == 0
+        runs.append(tmp_path / f"kava-s{seed}")
+    data_dir = synthetic_dir(load_config("tiny_synth", TINY), tmp_path / "_data")
+    accs = []
+    for rd in runs:
+        assert cli(["eval", "--checkpoint", str(rd), "--datasets", "synth-test,synth-hard", "--data-dir",
+                    str(data_dir), "--limit", "6"]) == 0
+        s = json.loads((rd / "eval" / "synth-test" / "summary.json").read_text())
+        assert s["count"] == 6 and s["mode"] == "latent" and s["config_hash"]
+        accs.append(100 * s["accuracy"])
+        lines = (rd / "eval" / "synth-test" / "predictions.jsonl").read_text().splitlines()
+        assert sorted(json.loads(x)["index"] for x in lines) == list(range(6))
+    assert cli(["report", *map(str, runs), "--output", str(tmp_path / "rep"), "--group-by", "method"]) == 0
+    md = (tmp_path / "rep" / "report.md").read_text()
+    mean = sum(accs) / 3
+    assert f"{mean:.1f}" in md and "n=3" in md
+    for name in ("accuracy_vs_passes.png", "training_curves.png"):
+        w, h = png_size(tmp_path / "rep" / name)
+        assert w >= 400 and h >= 300
+    capsys.readouterr()
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["presets", "check"]])
+def test_cli_entry_points(argv, capsys):
+    try:
+        rc = cli(argv)
+    except SystemExit as e:  # argparse exits 0 after --help
+        rc = e.code
+    assert rc == 0
+    out = capsys.readouterr().out
+    if argv == ["--help"]:
+        for cmd in ("demo", "train", "eval", "score", "report", "ask", "inspect", "sweep", "presets", "data"):
+            assert cmd in out
+    else:
+        assert "0 mismatch(es)" in out
