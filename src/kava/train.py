@@ -27,7 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from kava.config import Config, check_world_size, load_config, save_config
-from kava.data.format import Formatter
+from kava.data.format import Formatter, special_ids
 from kava.data.pipeline import load_train_valid, train_data_label
 from kava.data.records import SkipLog
 from kava.methods import ce_denominators, loss_step, make_batch
@@ -206,6 +206,11 @@ def model_identity(cfg: Config) -> dict:
     return json.loads(json.dumps(ident))  # as state.json stores it
 
 
+def tokenizer_identity(tokenizer) -> dict:
+    """Vocabulary size and the ids kava uses (bot, eot, latent, pad, eos, bos)."""
+    return {"size": len(tokenizer), "special_ids": list(special_ids(tokenizer).__dict__.values())}
+
+
 def check_resume_state(state: dict, cfg: Config, ck: Path) -> None:
     """Refuse a checkpoint written for another method or model (before any data or model is loaded)."""
     if state.get("method") != cfg.method:
@@ -320,6 +325,12 @@ def train(cfg: Config, *, resume: str | Path | None = None, progress: bool = Tru
         tokenizer = load_tokenizer(cfg, str(tok_dir))
     else:
         tokenizer = load_tokenizer(cfg)
+    if resume_ck is not None:  # the special rows were trained for these ids: the tokenizer must not have changed
+        saved_tok = json.loads((resume_ck / "state.json").read_text()).get("tokenizer")  # absent in older ones
+        if saved_tok is not None and saved_tok != tokenizer_identity(tokenizer):
+            raise CheckpointError(f"{resume_ck}: the tokenizer changed since the checkpoint was written "
+                                  f"(checkpoint {saved_tok}, now {tokenizer_identity(tokenizer)}); the trained "
+                                  "special-token rows and embeddings would meet other ids")
     fmt = Formatter(tokenizer, answer_prompt=cfg.data.answer_prompt, drop_last_step=cfg.data.drop_last_step,
                     max_question_tokens=cfg.data.max_question_tokens, max_cot_tokens=cfg.data.max_cot_tokens,
                     max_answer_tokens=cfg.data.max_answer_tokens)
@@ -420,7 +431,8 @@ def train(cfg: Config, *, resume: str | Path | None = None, progress: bool = Tru
             save_file(ot, str(d / "optimizer.safetensors"))
             save_file(rng if rng is not None else rng_now(), str(d / "rng.safetensors"))
             (d / "state.json").write_text(json.dumps({"step": step, "method": cfg.method,
-                                                       "model": model_identity(cfg), "best": best,
+                                                       "model": model_identity(cfg),
+                                                       "tokenizer": tokenizer_identity(tokenizer), "best": best,
                                                        "nonfinite_skipped": skipped_nonfinite,
                                                        "optimizer": ometa}))
 
