@@ -799,6 +799,18 @@ def test_resume_refuses_a_checkpoint_of_another_method_or_model_before_loading(b
         kt.train(kt.resume_config(run), resume=run, progress=False)
 
 
+def test_resume_refuses_a_changed_tokenizer_before_the_model_loads(bad_run, tmp_path, monkeypatch):
+    """On resume the tokenizer is rebuilt from its source (the special tokens are added again): if the source
+    changed, the trained special rows / embeddings would meet other ids."""
+    run = tmp_path / "run"
+    shutil.copytree(bad_run[0], run)
+    shutil.rmtree(run / "tokenizer_src")
+    save_tokenizer_without(bad_run[0] / "tokenizer_src", run / "tokenizer_src", pad=False, eos=True)
+    forbid(monkeypatch, "build_reasoner")
+    with pytest.raises(CheckpointError, match="step_2: the tokenizer changed since the checkpoint was written"):
+        kt.train(kt.resume_config(run), resume=run, progress=False)
+
+
 def test_older_checkpoint_without_model_identity_still_fails_clearly(bad_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(bad_run[0], run)
