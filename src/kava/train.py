@@ -75,8 +75,12 @@ class MetricLogger:
         if not self.enabled:
             return
         row = {"step": step, **payload}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+        except OSError as e:  # e.g. disk full: Python's message would not say which file
+            raise OSError(f"could not append to {self.path}: {e} (disk full?); the last checkpoint is intact: "
+                          f"free space, then `kava train --resume {self.path.parent}`") from e
         for k, v in payload.items():
             if isinstance(v, (int, float)) and self.tb is not None:
                 self.tb.add_scalar(k, v, step)
@@ -89,7 +93,13 @@ class MetricLogger:
         """On resume: drop lines logged after the checkpoint, so metrics equal an uninterrupted run's."""
         if not self.enabled or not self.path.exists():
             return
-        keep = [ln for ln in self.path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+        def kept(ln: str) -> bool:
+            try:
+                return json.loads(ln)["step"] <= step
+            except (ValueError, KeyError, TypeError):  # a line cut short by a kill or a full disk
+                return False
+
+        keep = [ln for ln in self.path.read_text(errors="replace").splitlines() if ln.strip() and kept(ln)]
         self.path.write_text("".join(ln + "\n" for ln in keep))
 
     def close(self) -> None:
