@@ -530,6 +530,8 @@ def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(files, tmp_path
     state = json.loads((ck / "step_6.tmp" / "state.json").read_text())
     (ck / "step_6.tmp" / "state.json").write_text(json.dumps({**state, "step": 6}))
     assert kt.latest_checkpoint(run) == ck / "step_2"
+    with open(run / "metrics.jsonl", "ab") as f:  # a full disk also cuts the last metrics line short
+        f.write(b'{"step": 5, "split": "train", "loss/to')
     resumed_equals_reference(run, ref_run)  # ... and exactly the state an uninterrupted run had at step 2
     assert not (ck / "step_6.tmp").exists()
 
@@ -587,6 +589,17 @@ def test_sigkill_while_writing_a_checkpoint_then_resume(files, tmp_path, ref_run
     assert kt.latest_checkpoint(run) == ck / "step_2"
     resumed_equals_reference(run, ref_run)
     assert not (ck / "step_4.tmp").exists()
+
+
+def test_metrics_write_failure_names_the_file(tmp_path):
+    cfg = load_config("tiny_synth")
+    logger = kt.MetricLogger(tmp_path, ["jsonl"], True, cfg)
+    logger.log({"loss/total": 1.0}, 1)
+    (tmp_path / "metrics.jsonl").unlink()
+    (tmp_path / "metrics.jsonl").mkdir()  # any OSError on append (ENOSPC, EIO, ...) takes the same path
+    with pytest.raises(OSError, match=re.escape(f"could not append to {tmp_path / 'metrics.jsonl'}: ") +
+                       ".*" + re.escape(f"kava train --resume {tmp_path}")):
+        logger.log({"loss/total": 1.0}, 2)
 
 
 def test_atomic_dir_write_never_replaces_the_last_good_copy(tmp_path):
