@@ -699,8 +699,11 @@ def inject(monkeypatch, term: str, at_calls: set[int], value: float = float("inf
         monkeypatch.setattr(kt, "loss_step", step)
 
 
-@pytest.mark.parametrize("term,value", [("ce_teacher", "inf"), ("ce_student", "-inf"), ("codi", "inf"),
-                                        ("kv", "inf"), ("kv", "nan"), ("grad_norm", "inf")])
+NONFINITE = [("ce_teacher", "inf"), ("ce_student", "-inf"), ("codi", "inf"), ("kv", "inf"), ("kv", "nan"),
+             ("grad_norm", "inf")]
+
+
+@pytest.mark.parametrize("term,value", NONFINITE)
 def test_nonfinite_term_stops_with_step_term_and_last_good_state(files, tmp_path, monkeypatch, term, value):
     inject(monkeypatch, term, {2}, float(value))
     cfg = tiny_cfg(tmp_path, files["good"], files["good"], "optim.max_steps=3", "run.save_every=100")
@@ -895,3 +898,19 @@ def test_trust_remote_code_is_off_unless_turned_on(monkeypatch):
         assert seen[-2:] == [on, on]
     assert load_config("tiny_synth").model.trust_remote_code is False
     assert all(load_config(p).model.trust_remote_code is False for p in ("llama1b_aug", "qwen05b_aug"))
+
+
+# =========================================================================================== the failure-modes doc
+def test_failure_modes_doc_names_only_existing_tests():
+    root = Path(__file__).resolve().parents[1]
+    doc = (root / "docs" / "failure_modes.md").read_text()
+    cited = set(re.findall(r"(test_\w+\.py)::(test_\w+)(\[[^\]]*\])?", doc))
+    assert len(cited) > 40
+    ids = {p[0] + "-" + p[1] for p in LINE_PARAMS} | {f"{t}-{v}" for t, v in NONFINITE}
+    for file, name, param in cited:
+        src = (root / "tests" / file).read_text()
+        assert re.search(rf"^def {name}\(", src, re.M), f"docs/failure_modes.md cites {file}::{name}, which is gone"
+        if param and file == "test_reliability.py" and name != "test_svamp_json_array_bad_element":
+            assert param[1:-1] in ids, param
+    for name in re.findall(r"^def (test_\w+)\(", Path(__file__).read_text(), re.M):  # and every test here is listed
+        assert name in doc or name == "test_failure_modes_doc_names_only_existing_tests", name
