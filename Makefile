@@ -19,7 +19,7 @@ demo: setup
 	$(BIN)/kava demo
 
 test: setup
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest tests
 
 clean:
 	rm -rf $(VENV) runs
