@@ -201,6 +201,26 @@ def count_flops(model: LatentReasoner, batch, method: str, cfg) -> float:
     return f
 
 
+def device_batch(items, model, cfg):
+    batch = make_batch(items, model.ids, cfg)
+    batch.teacher = batch.teacher.to(DEV)
+    batch.student = batch.student.to(DEV) if batch.student else None
+    return batch
+
+
+def optimizer_step_fn(model, opt, batch, cfg, loss_fn=loss_step):
+    """One training step (bf16 autocast forward, backward, AdamW) as a closure to time."""
+
+    def step():
+        with torch.autocast(DEV, dtype=torch.bfloat16):
+            total, _ = loss_fn(model, batch, cfg)
+        total.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
 def time_steps(fn, n: int, warmup: int = 3) -> list[float]:
     for _ in range(warmup):
         fn()
@@ -224,18 +244,9 @@ def bench_train(shape, style, targets, lengths, reps, micro_batch, methods, naiv
     rows = {}
     for method in methods:
         cfg = cfg_for(method)
-        batch = make_batch(items, model.ids, cfg)
-        batch.teacher, batch.student = batch.teacher.to(DEV), batch.student.to(DEV) if batch.student else None
-
-        def step():
-            with torch.autocast(DEV, dtype=torch.bfloat16):
-                total, _ = loss_step(model, batch, cfg)
-            total.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-
+        batch = device_batch(items, model, cfg)
         reset_peak()
-        times = time_steps(step, reps)
+        times = time_steps(optimizer_step_fn(model, opt, batch, cfg), reps)
         peak = peak_gib()
         timer = PhaseTimer()
         with torch.autocast(DEV, dtype=torch.bfloat16):
@@ -258,19 +269,9 @@ def bench_train(shape, style, targets, lengths, reps, micro_batch, methods, naiv
         model.compile_layers()
         for method in [m for m in methods if m in ("cot", "kava")]:
             cfg = cfg_for(method)
-            batch = make_batch(items, model.ids, cfg)
-            batch.teacher = batch.teacher.to(DEV)
-            batch.student = batch.student.to(DEV) if batch.student else None
-
-            def cstep():
-                with torch.autocast(DEV, dtype=torch.bfloat16):
-                    total, _ = loss_step(model, batch, cfg)
-                total.backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-
+            batch = device_batch(items, model, cfg)
             reset_peak()
-            times = time_steps(cstep, reps, warmup=4)
+            times = time_steps(optimizer_step_fn(model, opt, batch, cfg), reps, warmup=4)
             med = statistics.median(times)
             rows[method + "+compile"] = {"median_s": med, "min_s": min(times), "max_s": max(times),
                                          "reps": len(times), "peak_gib": peak_gib(),
@@ -279,18 +280,9 @@ def bench_train(shape, style, targets, lengths, reps, micro_batch, methods, naiv
                   f"MFU {rows[method + '+compile']['mfu']:.1%} peak {peak_gib():.1f} GiB", flush=True)
     if naive:
         cfg = cfg_for("kava")
-        batch = make_batch(items, model.ids, cfg)
-        batch.teacher, batch.student = batch.teacher.to(DEV), batch.student.to(DEV)
-
-        def nstep():
-            with torch.autocast(DEV, dtype=torch.bfloat16):
-                total, _ = naive_loss_step(model, batch, cfg)
-            total.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-
+        batch = device_batch(items, model, cfg)
         reset_peak()
-        times = time_steps(nstep, max(3, reps // 2), warmup=1)
+        times = time_steps(optimizer_step_fn(model, opt, batch, cfg, naive_loss_step), max(3, reps // 2), warmup=1)
         med = statistics.median(times)
         rows["naive_kava"] = {"median_s": med, "min_s": min(times), "max_s": max(times), "reps": len(times),
                               "peak_gib": peak_gib()}
@@ -310,8 +302,7 @@ def loss_equality(shape, targets, lengths, style, n=8):
     model.eval()
     items = sample_items(n, style, lengths, model.config.vocab_size, model.ids.eos, seed=2)
     cfg = cfg_for("kava")
-    batch = make_batch(items, model.ids, cfg)
-    batch.teacher, batch.student = batch.teacher.to(DEV), batch.student.to(DEV)
+    batch = device_batch(items, model, cfg)
     with torch.no_grad():
         _, fast = loss_step(model, batch, cfg)
         _, ref = naive_loss_step(model, batch, cfg)
@@ -330,8 +321,7 @@ def profile_kava(shape, style, lengths, micro_batch, out_path):
     model.train()
     items = sample_items(micro_batch, style, lengths, model.config.vocab_size, model.ids.eos, seed=1)
     cfg = cfg_for("kava")
-    batch = make_batch(items, model.ids, cfg)
-    batch.teacher, batch.student = batch.teacher.to(DEV), batch.student.to(DEV)
+    batch = device_batch(items, model, cfg)
 
     def step():
         with torch.autocast(DEV, dtype=torch.bfloat16):
