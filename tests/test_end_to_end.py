@@ -87,3 +87,33 @@ def test_cli_entry_points(argv, capsys):
             assert cmd in out
     else:
         assert "0 mismatch(es)" in out
+
+
+def test_sharded_eval_over_two_processes_equals_one(tmp_path):
+    """`kava eval` under torchrun with 2 CPU processes: every question scored once, same predictions."""
+    import os
+    import subprocess
+    import sys
+
+    from kava.config import load_config
+    from kava.data.pipeline import synthetic_dir
+
+    sets = sum((["--set", s] for s in TINY + ["method=kava", "optim.max_steps=2", "run.eval_every=2",
+                                               "run.name=k", f"run.output_dir={tmp_path}", "run.log=[jsonl]"]), [])
+    assert cli(["train", "--config", "tiny_synth", "--no-progress", *sets]) == 0
+    data_dir = synthetic_dir(load_config("tiny_synth", TINY), tmp_path / "_data")
+    common = ["eval", "--checkpoint", str(tmp_path / "k"), "--datasets", "synth-test", "--data-dir", str(data_dir),
+              "--limit", "11", "--batch-size", "4"]
+    assert cli(common + ["--output", str(tmp_path / "one")]) == 0
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        "-m", "kava.cli", *common, "--output", str(tmp_path / "two")],
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    one = [json.loads(x) for x in (tmp_path / "one" / "synth-test" / "predictions.jsonl").read_text().splitlines()]
+    two = [json.loads(x) for x in (tmp_path / "two" / "synth-test" / "predictions.jsonl").read_text().splitlines()]
+    assert [x["index"] for x in two] == list(range(11))  # 11 questions over 2 ranks: none lost, none twice
+    assert [x["generated"] for x in two] == [x["generated"] for x in one]
+    assert [x["forward_passes"] for x in two] == [x["forward_passes"] for x in one]
+    s2 = json.loads((tmp_path / "two" / "synth-test" / "summary.json").read_text())
+    assert s2["count"] == 11 and s2["processes"] == 2

@@ -43,7 +43,7 @@ def evaluate_run(checkpoint: str, datasets: list[str], *, data_dir=None, hub=Fal
     from kava.evaluate import evaluate_records, hardware, summarize, write_eval
     from kava.model.loading import load_for_eval
 
-    state = PartialState()
+    state = PartialState(cpu=not torch.cuda.is_available())  # multi-process CPU runs shard too
     ck = checkpoint_dir(checkpoint)
     dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
     model, tok, cfg = load_for_eval(ck, device=state.device, dtype=dtype)
