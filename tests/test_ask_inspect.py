@@ -28,13 +28,9 @@ COT = "<<26+5=31>> <<31*2=62>>"
 def run_dir(tmp_path_factory):
     from kava.train import train
 
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)  # two CPUs shared with other jobs: threads make tiny matmuls much slower
-    d = tmp_path_factory.mktemp("ask")
-    rd = train(load_config("tiny_synth", TINY + ["method=kava", f"run.output_dir={d}", "run.name=kava"]),
-               progress=False)
-    yield rd
-    torch.set_num_threads(old)
+    d = tmp_path_factory.mktemp("ask")  # (one torch thread: tests/conftest.py)
+    return train(load_config("tiny_synth", TINY + ["method=kava", f"run.output_dir={d}", "run.name=kava"]),
+                 progress=False)
 
 
 @pytest.fixture(scope="module")

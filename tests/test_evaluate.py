@@ -28,15 +28,6 @@ ALL = RECORDS + EXTRA
 CASES = [("latent", "jacobi"), ("latent", "sequential"), ("cot", None), ("nocot", None)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one intra-op thread is as fast as two, and much faster when the CI's CPUs are shared
-    (two spinning OpenMP threads on a busy 2-CPU machine made a 2 s run take minutes)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def kw(mode, student_mode):
     return dict(mode=mode, num_latents=M, num_sweeps=T, student_mode=student_mode or "jacobi",

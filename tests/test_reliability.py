@@ -43,13 +43,6 @@ from kava.model.loading import CheckpointError, build_reasoner, load_extra, load
 torch.set_num_threads(1)  # the CI's 2 CPUs are shared; tiny models run as fast on one thread
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 # =========================================================================================== 1. bad data, every reader
 # One good record on line 1, then the bad one on line 2: counted under its reason (default) or a DataError

@@ -11,7 +11,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-import torch
 
 from kava.cli import build_parser, main
 from kava.config import ConfigError, load_config, save_config
@@ -23,14 +22,6 @@ TINY = ("model.from_scratch.hidden_size=32 model.from_scratch.intermediate_size=
         "data.valid_limit=5 optim.effective_batch=8 optim.micro_batch=8 optim.max_steps=3 latent.num_latents=4 "
         "run.log=[jsonl]").split()
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Two CPUs shared with other jobs: intra-op threads make tiny matmuls ~50x slower."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 @pytest.fixture

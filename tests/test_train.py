@@ -35,15 +35,6 @@ TINY = [
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one intra-op thread is as fast as two, and much faster when the CI's CPUs are shared
-    (two spinning OpenMP threads on a busy 2-CPU machine made a 2 s run take minutes)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture(scope="session")
 def synth_root(tmp_path_factory) -> Path:
