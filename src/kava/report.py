@@ -273,15 +273,20 @@ def plot_accuracy_vs_passes(rows: list[dict], path: Path) -> None:
                 continue
             ax.errorbar(c["forward_passes"], c["accuracy"], yerr=c["accuracy_std"] or 0, xerr=c["forward_passes_std"] or 0,
                         fmt="o", capsize=4, color=_color(i), label=f"{r['group']} ({r['train_data']}, n={c['n']})")
-        ax.set_title(ds)
-        ax.set_xlabel("forward passes per question")
-        ax.set_ylabel("accuracy (%)")
-        ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize="small")
+        _label_axes(ax, ds, "forward passes per question", "accuracy (%)")
     fig.suptitle("Accuracy vs forward passes (mean ± std over seeds)")
     fig.tight_layout()
     fig.savefig(path)
+
+
+def _label_axes(ax, title: str, xlabel: str, ylabel: str) -> None:
+    """Title, axis labels, grid, and a legend when something was labelled."""
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize="small")
 
 
 def plot_training_curves(rows: list[dict], path: Path) -> None:
@@ -306,12 +311,7 @@ def plot_training_curves(rows: list[dict], path: Path) -> None:
             xs, ys = zip(*sorted(pts))
             ax.plot(xs, ys, styles[k % len(styles)], color=_color(gi), marker="o" if len(xs) < 3 else None,
                     label=f"{group} seed {run.seed}")
-        ax.set_title(key)
-        ax.set_xlabel("step")
-        ax.set_ylabel(key)
-        ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize="small")
+        _label_axes(ax, key, "step", key)
     fig.suptitle("Training curves")
     fig.tight_layout()
     fig.savefig(path)
