@@ -104,8 +104,10 @@ def student_runs(out: Path, steps: int | None) -> dict[str, list[str]]:
     for st, style in STYLES.items():
         for m in METHODS:
             for seed in SEEDS:
-                # CODI runs one pass per latent: it uses CODI's own 6 latents rather than 24 (see README)
-                extra = ["latent.num_latents=6"] if m == "codi" else []
+                # CODI runs one pass per latent: it uses CODI's own 6 latents rather than 24 (see README).
+                # The CoT baseline writes the whole chain (the upper bound); the latent students' teachers
+                # drop the last step (SPEC §1), as the student configs say.
+                extra = {"codi": ["latent.num_latents=6"], "cot": ["data.drop_last_step=false"]}.get(m, [])
                 runs[f"{m}-{st}-s{seed}"] = base + extra + [f"method={m}", f"data.cot_style={style}",
                                                            f"run.seed={seed}", f"preset={m}"]
     return runs
@@ -122,6 +124,7 @@ def ablation_runs(out: Path, steps: int | None) -> dict[str, list[str]]:
 
 
 def main() -> int:
+    global DEADLINE, METHODS, STYLES, SEEDS, EVAL_SETS
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/synth")
     ap.add_argument("--stage", default="all", choices=["backbone", "main", "ablations", "eval", "report", "all"])
@@ -132,9 +135,21 @@ def main() -> int:
     ap.add_argument("--only", help="comma list of run-name prefixes to restrict main/ablations to")
     ap.add_argument("--results", default="results/synthetic")
     ap.add_argument("--time-limit", type=float, default=None, help="seconds; stop starting new jobs after this")
+    ap.add_argument("--backbone-config", default="synth_backbone")
+    ap.add_argument("--student-config", default="synth_student")
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--styles", default=",".join(STYLES), help="comma list of eq, nl")
+    ap.add_argument("--seeds", default=",".join(map(str, SEEDS)))
+    ap.add_argument("--eval-sets", default=EVAL_SETS)
+    ap.add_argument("--eval-args", default="", help="extra arguments for every `kava eval` (one string)")
+    ap.add_argument("--eval-unfinished", action="store_true",
+                    help="also evaluate runs stopped before their last step (their validation-selected best/)")
     a = ap.parse_args()
     out = Path(a.out)
-    global DEADLINE
+    METHODS = a.methods.split(",")
+    STYLES = {k: v for k, v in STYLES.items() if k in a.styles.split(",")}
+    SEEDS = [int(x) for x in a.seeds.split(",")]
+    EVAL_SETS = a.eval_sets
     if a.time_limit:
         DEADLINE = time.time() + a.time_limit
     failed: list[str] = []
@@ -144,15 +159,15 @@ def main() -> int:
         return not a.only or any(name.startswith(p) for p in a.only.split(","))
 
     if "backbone" in stages:
-        job = train_job(out, "backbone", "synth_backbone", a.backbone_set)
+        job = train_job(out, "backbone", a.backbone_config, a.backbone_set)
         failed += run_jobs([job] if job else [], 1)
     for stage, runs in (("main", student_runs(out, a.student_steps)), ("ablations", ablation_runs(out, a.student_steps))):
         if stage in stages:
             from kava.config import load_config
             from kava.data.pipeline import synthetic_dir
 
-            synthetic_dir(load_config("synth_student", a.student_set), out / "_data")  # once, before the jobs
-            jobs = [train_job(out, n, "synth_student", s + a.student_set) for n, s in runs.items() if keep(n)]
+            synthetic_dir(load_config(a.student_config, a.student_set), out / "_data")  # once, before the jobs
+            jobs = [train_job(out, n, a.student_config, s + a.student_set) for n, s in runs.items() if keep(n)]
             failed += run_jobs([j for j in jobs if j], a.parallel)
     if "eval" in stages:
         names = [n for n in list(student_runs(out, None)) + list(ablation_runs(out, None)) if keep(n)]
@@ -160,19 +175,26 @@ def main() -> int:
         jobs = []
         for n in names:
             rd = out / n
-            if (rd / "DONE").exists() and not all((rd / "eval" / d / "summary.json").exists()
+            ready = (rd / "DONE").exists() or (a.eval_unfinished and (rd / "best" / "meta.json").exists())
+            if ready and not all((rd / "eval" / d / "summary.json").exists()
                                                   for d in EVAL_SETS.split(",")):
                 jobs.append((f"eval {n}", KAVA + ["eval", "--checkpoint", str(rd), "--datasets", EVAL_SETS,
-                                                  "--data-dir", str(data_dir), "--batch-size", "250"],
+                                                  "--data-dir", str(data_dir), "--batch-size", "250"]
+                             + a.eval_args.split(),
                              out / "logs" / f"eval-{n}.log"))
         failed += run_jobs(jobs, a.parallel)
     if "report" in stages:
         res = Path(a.results)
-        main_runs = [str(out / n) for n in student_runs(out, None) if (out / n / "DONE").exists()]
+        main_runs = [str(out / n) for n in student_runs(out, None) if (out / n / "eval").is_dir()]
         abl_runs = [str(out / n) for n in ablation_runs(out, None) if (out / n / "DONE").exists()]
         abl_runs += [str(out / f"kava-nl-s{s}") for s in ABLATION_SEEDS if (out / f"kava-nl-s{s}" / "DONE").exists()]
         if main_runs:
             subprocess.run(KAVA + ["report", *main_runs, "--output", str(res / "main"), "--group-by", "method"])
+            data_dir = next((p for p in (out / "_data").glob("synth_*")), None)
+            if data_dir is not None:
+                from per_depth import write_depth_table
+
+                write_depth_table([Path(r) for r in main_runs], data_dir, res / "main")
         if abl_runs:
             subprocess.run(KAVA + ["report", *abl_runs, "--output", str(res / "ablations"), "--group-by", "preset"])
     if failed:

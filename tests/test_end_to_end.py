@@ -117,3 +117,25 @@ def test_sharded_eval_over_two_processes_equals_one(tmp_path):
     assert [x["forward_passes"] for x in two] == [x["forward_passes"] for x in one]
     s2 = json.loads((tmp_path / "two" / "synth-test" / "summary.json").read_text())
     assert s2["count"] == 11 and s2["processes"] == 2
+
+
+def test_pause_tokens_train_under_two_process_ddp(tmp_path):
+    """T=0 (pause tokens) under DDP on 2 CPU processes: the projection gets no gradient, which DDP with
+    find_unused_parameters off refuses at the second step unless the projection is frozen."""
+    import os
+    import subprocess
+    import sys
+
+    sets = sum((["--set", s] for s in TINY + ["method=kava", "latent.num_sweeps=0", "optim.max_steps=3",
+                                               "optim.effective_batch=8", "optim.micro_batch=4",
+                                               "run.eval_every=3", "run.name=t0", f"run.output_dir={tmp_path}",
+                                               "run.log=[jsonl]"]), [])
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        "-m", "kava.cli", "train", "--config", "tiny_synth", "--no-progress", *sets],
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    steps = [json.loads(x) for x in (tmp_path / "t0" / "metrics.jsonl").read_text().splitlines()]
+    train_steps = [s["step"] for s in steps if "loss/total" in s]
+    assert train_steps and max(train_steps) == 3
+    assert (tmp_path / "t0" / "DONE").exists()

@@ -265,3 +265,55 @@ def test_single_example_batches_have_no_padding(tok):
         assert tb.mask.all() and sb.mask.all()
         assert torch.equal(tb.pos[0], torch.arange(tb.ids.shape[1]))
         assert torch.equal(sb.pos[0], torch.arange(sb.ids.shape[1]))
+
+
+def gpt2_style_tokenizer():
+    """Byte-level word tokenizer in which ' 18' is one token ('Ġ18'), as GPT-2's BPE does."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = "Tom has 3 apples . How many ? The answer is : 18 19 <<3+15=18>>".split()
+    vocab = {"<|pad|>": 0, "<|eos|>": 1, "<|bos|>": 2, "<|unk|>": 3}
+    for w in words:
+        vocab.setdefault("Ġ" + w, len(vocab))
+        vocab.setdefault(w, len(vocab))
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<|unk|>"))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tk.decoder = decoders.ByteLevel()
+    t = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<|pad|>", eos_token="<|eos|>", bos_token="<|bos|>",
+                                unk_token="<|unk|>")
+    add_special_tokens(t)
+    return t
+
+
+@pytest.mark.parametrize("kind", ["splits_space", "gpt2_style", "no_space_token"])
+@pytest.mark.parametrize("position", ["answer", "prompt"])
+def test_codi_column_predicts_the_first_answer_digit(kind, position, tmp_path):
+    """L_CODI compares the hidden states that predict the first non-whitespace answer token (SPEC §4).
+
+    Reference: the label at that column, decoded. With a BPE that splits ' 18' into ' ', '1', '8' (the
+    synthetic tokenizer, as LLaMA-3 / Qwen2.5 / SmolLM2) it is one past the prompt; with 'Ġ18' (GPT-2) or
+    no space token at all it is the prompt's last token. codi_position=prompt keeps the prompt column."""
+    rec = Record("Tom has 3 apples . How many ?", ("<<3+15=18>>", "<<18+1=19>>"), "18", "t")
+    if kind == "splits_space":
+        t = build_tokenizer(tokenizer_texts([rec] * 20), tmp_path / "tok", vocab_size=300)
+        add_special_tokens(t)
+    else:
+        t = gpt2_style_tokenizer() if kind == "gpt2_style" else tiny_tokenizer()
+    ids = special_ids(t)
+    it = Formatter(t, answer_prompt=PROMPT).tokenize(rec)
+    first = t.decode(it.answer[:1])
+    assert (first == " ") == (kind == "splits_space"), repr(first)  # the premise of each case
+    assert it.answer_lead == (1 if kind == "splits_space" else 0)
+    tb = build_teacher_batch([it], ids, codi_position=position)
+    sb = build_student_batch([it], ids, M, codi_position=position)
+    for b in (tb, sb):
+        col = int(b.codi_col[0])
+        assert col == int(b.prompt_last[0]) + (it.answer_lead if position == "answer" else 0)
+        predicted = t.decode([int(b.targets[0, col])]).strip()
+        if position == "answer":
+            assert predicted in ("1", "18"), predicted  # the first digit (or the whole number for 'Ġ18')
+        else:
+            assert int(b.targets[0, col]) == it.answer[0]
+    with pytest.raises(ValueError, match="codi_position"):
+        build_teacher_batch([it], ids, codi_position="middle")

@@ -60,8 +60,12 @@ def test_jacobi_with_T_equal_M_matches_sequential_latents(family):
     assert (short.latents - seq.latents).abs().max() > 1e-3  # one sweep is not enough
 
 
-def eager_importance(family, tb):
-    """Importance from `output_attentions=True` with eager attention: the independent reference."""
+def eager_importance(family, tb, softmax="cot"):
+    """Importance from `output_attentions=True` with eager attention: the independent reference.
+
+    softmax="cot" (the paper's Listing 1): the answer rows' logits softmaxed over the CoT keys only, which
+    is the eager probabilities of the CoT columns renormalised to sum to 1 per row.
+    softmax="prefix": the eager probabilities of the CoT columns as they are."""
     m, _ = tiny_reasoner(family, attn="eager")
     with torch.no_grad():
         out = m.causal_lm(input_ids=None, inputs_embeds=m.embed(tb.ids), attention_mask=tb.mask,
@@ -77,22 +81,40 @@ def eager_importance(family, tb):
             for kv in range(Hkv):
                 per_head = []
                 for h in range(kv * g, (kv + 1) * g):
-                    rows = att[b, h][qs][:, tb.cot_idx[b]]  # [A, C]
+                    rows = att[b, h][qs][:, tb.cot_idx[b][tb.cot_valid[b]]]  # [A, C_b]
+                    if softmax == "cot":
+                        rows = rows / rows.sum(-1, keepdim=True)
+                    rows = torch.nn.functional.pad(rows, (0, C - rows.shape[1]))
                     per_head.append(rows.mean(0))
                 res[l, b, kv] = torch.stack(per_head).max(0).values
     return res
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_captured_importance_equals_eager_attention(family):
+@pytest.mark.parametrize("softmax", ["cot", "prefix"])
+def test_captured_importance_equals_eager_attention(family, softmax):
     m, tok = tiny_reasoner(family)
     _, tb, _ = batches(m, tok)
     with torch.no_grad():
-        t = m.teacher_forward(tb)
-    ref = eager_importance(family, tb)
+        t = m.teacher_forward(tb, importance_softmax=softmax)
+    ref = eager_importance(family, tb, softmax)
     valid = tb.cot_valid.view(1, *tb.cot_valid.shape, 1).transpose(-1, -2).expand_as(ref)
     close(t.importance * valid, ref * valid)
     assert ref.max() > 0.01
+    if softmax == "cot":  # Listing 1: each (layer, example, KV head) row is a max of distributions over the CoT
+        sums = (t.importance * valid).sum(-1)[:, tb.cot_valid.any(1)]  # examples that have a CoT
+        assert sums.numel() and (sums >= 1 - 1e-5).all()
+
+
+def test_listing1_importance_differs_from_the_prefix_softmax():
+    """The two scores are different quantities (else the option would be vacuous): the prefix softmax
+    leaves mass on the question keys, so its CoT slice sums to less than 1."""
+    m, tok = tiny_reasoner("llama")
+    _, tb, _ = batches(m, tok)
+    with torch.no_grad():
+        cot = m.teacher_forward(tb, importance_softmax="cot").importance
+        pre = m.teacher_forward(tb, importance_softmax="prefix").importance
+    assert (pre.sum(-1) < 0.99).any() and (cot - pre).abs().max() > 1e-2
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -63,6 +63,9 @@ class EvictionConfig:
     lam: float = 0.1  # λ: weight of importance vs redundancy
     importance_queries: Literal["answer", "cot_tail"] = "answer"
     cot_tail_window: int = 8  # α: the last α CoT positions as queries when importance_queries=cot_tail
+    # "cot": the paper's Listing 1 (softmax of the query rows' logits over the CoT keys only);
+    # "prefix": the model's own softmax over every visible key, restricted to the CoT columns afterwards.
+    importance_softmax: Literal["cot", "prefix"] = "cot"
 
 
 @dataclass
@@ -78,6 +81,9 @@ class LossConfig:
     codi_loss: Literal["l1", "mse", "smooth_l1"] = "smooth_l1"
     codi_std: Literal["layer", "global", "none"] = "layer"
     codi_layers: list[int] | None = None  # None = all transformer layers
+    # Where L_CODI compares teacher and student: "answer" = the position that predicts the first
+    # non-whitespace answer token (as the official CODI code); "prompt" = the last answer-prompt token.
+    codi_position: Literal["answer", "prompt"] = "answer"
 
 
 @dataclass

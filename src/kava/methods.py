@@ -69,8 +69,9 @@ def ce_denominators(step_items: list[Tokenized], cfg: Config, num_micro: int) ->
 def make_batch(items: list[Tokenized], model_ids, cfg: Config) -> Batch:
     spec = METHOD_SPECS[cfg.method]
     tb = build_teacher_batch(items, model_ids, with_cot=spec.teacher_cot, query_mode=cfg.eviction.importance_queries,
-                             tail_window=cfg.eviction.cot_tail_window)
-    sb = build_student_batch(items, model_ids, cfg.latent.num_latents) if spec.student else None
+                             tail_window=cfg.eviction.cot_tail_window, codi_position=cfg.loss.codi_position)
+    sb = build_student_batch(items, model_ids, cfg.latent.num_latents,
+                             codi_position=cfg.loss.codi_position) if spec.student else None
     n = int(tb.mask.sum()) + (int(sb.mask.sum()) if sb is not None else 0)
     return Batch(tb, sb, n)
 
@@ -104,7 +105,8 @@ def loss_step(model: LatentReasoner, batch: Batch, cfg: Config, generator: torch
     lc, tb, sb = cfg.loss, batch.teacher, batch.student
     need_importance = spec.kv and cfg.eviction.method in ("rkv", "attention")
     with timer("teacher"):
-        t = model.teacher_forward(tb, need_kv=spec.kv, need_importance=need_importance, key_space=lc.kv_key_space)
+        t = model.teacher_forward(tb, need_kv=spec.kv, need_importance=need_importance, key_space=lc.kv_key_space,
+                                  importance_softmax=cfg.eviction.importance_softmax)
     with _fp32(tb.ids):
         terms = {"ce_teacher": _ce(t.logits, t.targets, batch.ce_den, "ce_teacher")}
     weights = {"ce_teacher": lc.ce_teacher if spec.student else 1.0}

@@ -368,6 +368,10 @@ def train(cfg: Config, *, resume: str | Path | None = None, progress: bool = Tru
     # full fine-tuning keeps fp32 master weights under bf16 autocast.
     base_dtype = torch.bfloat16 if use_bf16 and cfg.lora is not None else torch.float32
     model = build_reasoner(cfg, tokenizer, dtype=base_dtype)
+    if METHOD_SPECS[cfg.method].student == "jacobi" and cfg.latent.num_sweeps == 0:
+        # T=0 (pause tokens) never calls the projection: a trainable parameter without a gradient makes
+        # DDP (find_unused_parameters off) fail at the next step, and AdamW would decay it for nothing
+        model.proj.requires_grad_(False)
     decay, no_decay = [], []
     for n, p in model.named_parameters():
         if p.requires_grad:

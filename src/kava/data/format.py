@@ -69,6 +69,9 @@ class Tokenized:
     prompt: list[int]
     answer: list[int]  # includes eos
     index: int  # position in the record list
+    # Answer tokens before the first non-whitespace one: BPE tokenizers that split " 18" into
+    # ' ', '1', '8' (LLaMA-3, Qwen2.5, SmolLM2, the synthetic tokenizer) give 1; GPT-2 ('Ġ18') gives 0.
+    answer_lead: int = 0
 
 
 class Formatter:
@@ -117,7 +120,14 @@ class Formatter:
                 raise ValueError(f"{where}: {reason}")
             skips.skip(reason, where)
             return None
-        return Tokenized(q, c, list(self.prompt_ids), a, index)
+        return Tokenized(q, c, list(self.prompt_ids), a, index, self.answer_lead(a))
+
+    def answer_lead(self, answer: list[int]) -> int:
+        """How many leading answer tokens decode to whitespace only (the eos is never counted)."""
+        n = 0
+        while n < len(answer) - 1 and not self.tok.decode(answer[n:n + 1]).strip():
+            n += 1
+        return n
 
     def tokenize_all(self, records: list[Record], skips: SkipLog, **kw) -> list[Tokenized]:
         out = []
@@ -144,6 +154,7 @@ class TeacherBatch:
     ids, mask, pos, targets: [B, S]; targets[b, i] is the token position i must predict, or IGNORE.
     cot_idx: [B, C] column of each CoT token (clamped for padding); cot_valid: [B, C].
     prompt_last: [B] column of the last answer-prompt token (its hidden state predicts the first answer token).
+    codi_col: [B] column whose hidden states L_CODI compares (see `codi_columns`).
     query_idx, query_valid: [B, A] columns whose attention over the CoT keys defines importance.
     answer_start: [B] column of the first answer token.
     """
@@ -155,6 +166,7 @@ class TeacherBatch:
     cot_idx: torch.Tensor
     cot_valid: torch.Tensor
     prompt_last: torch.Tensor
+    codi_col: torch.Tensor
     query_idx: torch.Tensor
     query_valid: torch.Tensor
     answer_start: torch.Tensor
@@ -170,6 +182,7 @@ class StudentBatch:
 
     ids, mask, pos, targets: [B, S] (latent columns hold the `<latent>` placeholder id).
     prompt_last: [B] column of the last answer-prompt token. q_block = Qb, num_latents = M (ints).
+    codi_col: [B] column whose hidden states L_CODI compares (see `codi_columns`).
     """
 
     ids: torch.Tensor
@@ -177,6 +190,7 @@ class StudentBatch:
     pos: torch.Tensor
     targets: torch.Tensor
     prompt_last: torch.Tensor
+    codi_col: torch.Tensor
     q_block: int
     num_latents: int
 
@@ -189,8 +203,23 @@ class StudentBatch:
         return StudentBatch(**d)
 
 
+def codi_columns(items: list[Tokenized], prompt_last: list[int], codi_position: str) -> torch.Tensor:
+    """The column whose hidden states L_CODI compares, per example: [B].
+
+    "answer": the position that predicts the first non-whitespace answer token, i.e. the last prompt
+    token plus the whitespace-only answer tokens before the digits (`Tokenized.answer_lead`). Comparing
+    at the position that predicts a constant ' ' distils nothing about the answer.
+    "prompt": the last answer-prompt token, whatever it predicts.
+    """
+    if codi_position not in ("answer", "prompt"):
+        raise ValueError(f"loss.codi_position: {codi_position!r}; allowed values: answer, prompt")
+    lead = [it.answer_lead if codi_position == "answer" else 0 for it in items]
+    return torch.tensor([p + n for p, n in zip(prompt_last, lead)])
+
+
 def build_teacher_batch(items: list[Tokenized], ids: SpecialIds, *, with_cot: bool = True,
-                        query_mode: str = "answer", tail_window: int = 8) -> TeacherBatch:
+                        query_mode: str = "answer", tail_window: int = 8,
+                        codi_position: str = "answer") -> TeacherBatch:
     """Right-padded teacher batch (`with_cot=False` gives the No-CoT sequence)."""
     seqs, lab, cot_cols, p_last, q_cols, a_start = [], [], [], [], [], []
     for it in items:
@@ -225,12 +254,12 @@ def build_teacher_batch(items: list[Tokenized], ids: SpecialIds, *, with_cot: bo
     cot_idx = _pad(cot_cols, C, 0)
     query_valid = _pad([[1] * len(q) for q in q_cols], A, 0).bool()
     query_idx = _pad(q_cols, A, 0)
-    return TeacherBatch(t_ids, mask, _positions(mask), targets, cot_idx, cot_valid,
-                        torch.tensor(p_last), query_idx, query_valid, torch.tensor(a_start))
+    return TeacherBatch(t_ids, mask, _positions(mask), targets, cot_idx, cot_valid, torch.tensor(p_last),
+                        codi_columns(items, p_last, codi_position), query_idx, query_valid, torch.tensor(a_start))
 
 
 def build_student_batch(items: list[Tokenized], ids: SpecialIds, num_latents: int, *,
-                        with_answer: bool = True) -> StudentBatch:
+                        with_answer: bool = True, codi_position: str = "answer") -> StudentBatch:
     """Student batch with M latent placeholder slots in common columns (see `StudentBatch`).
 
     `with_answer=False` builds only `question · <bot> · slots · <eot> · prompt` for inference.
@@ -254,4 +283,5 @@ def build_student_batch(items: list[Tokenized], ids: SpecialIds, num_latents: in
         if with_answer:
             for j, tok in enumerate(it.answer):
                 targets[b, start - 1 + j] = tok
-    return StudentBatch(s_ids, mask, _positions(mask), targets, torch.tensor(p_last), Qb, M)
+    return StudentBatch(s_ids, mask, _positions(mask), targets, torch.tensor(p_last),
+                        codi_columns(items, p_last, codi_position), Qb, M)

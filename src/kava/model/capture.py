@@ -26,12 +26,15 @@ class ImportanceCapture:
     """Context manager: while active, `kava_sdpa` attention records, per layer, [B, Hkv, S] importance.
 
     query_idx, query_valid: [B, A] columns (of the current forward's queries) and their validity.
+    key_mask: optional [B, K] bool, the only key columns the importance softmax runs over (the CoT span
+        for the paper's Listing 1); None = every key the query may attend to (the model's own softmax).
     After the forward, `per_layer[l]` holds [B, Hkv, K] (K = keys seen by that layer).
     """
 
-    def __init__(self, query_idx: torch.Tensor, query_valid: torch.Tensor):
+    def __init__(self, query_idx: torch.Tensor, query_valid: torch.Tensor, key_mask: torch.Tensor | None = None):
         self.query_idx = query_idx
         self.query_valid = query_valid
+        self.key_mask = key_mask
         self.per_layer: dict[int, torch.Tensor] = {}
 
     def __enter__(self):
@@ -78,6 +81,8 @@ def kava_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0, 
         idx = cap.query_idx
         q_sel = torch.gather(query, 2, idx.view(B, 1, -1, 1).expand(B, H, idx.shape[1], D))
         allowed = allowed_rows(attention_mask, idx, q_len, key.shape[2])
+        if cap.key_mask is not None:  # Listing 1: renormalise over these columns only
+            allowed = allowed & cap.key_mask[:, None, : key.shape[2]].bool()
         scale = scaling if scaling is not None else D ** -0.5
         with torch.no_grad():  # importance is a selection signal: it never carries gradient
             cap.per_layer[module.layer_idx] = answer_attention_importance(

@@ -71,7 +71,7 @@ def truncate_cache(cache: DynamicCache, length: int) -> None:
 class TeacherOut:
     logits: torch.Tensor  # [N, V] at the N labelled positions (row order: targets != IGNORE, row-major)
     targets: torch.Tensor  # [N]
-    hidden: torch.Tensor  # [L, B, d] every layer's output at the answer-prompt position
+    hidden: torch.Tensor  # [L, B, d] every layer's output at the CoDI column (`TeacherBatch.codi_col`)
     cot_k: torch.Tensor | None = None  # [L, B, Hkv, C, D]
     cot_v: torch.Tensor | None = None  # [L, B, Hkv, C, D]
     importance: torch.Tensor | None = None  # [L, B, Hkv, C]
@@ -81,7 +81,7 @@ class TeacherOut:
 class StudentOut:
     logits: torch.Tensor  # [N, V] at labelled answer positions
     targets: torch.Tensor  # [N]
-    hidden: torch.Tensor  # [L, B, d] at the answer-prompt position
+    hidden: torch.Tensor  # [L, B, d] at the CoDI column (`StudentBatch.codi_col`)
     latent_k: list[torch.Tensor] = field(default_factory=list)  # per sweep: [L, B, Hkv, M, D]
     latent_v: list[torch.Tensor] = field(default_factory=list)
     latents: torch.Tensor | None = None  # [B, M, d] the latent embeddings the answer pass saw
@@ -181,17 +181,28 @@ class LatentReasoner(nn.Module):
 
     # ---------------------------------------------------------------------------------- teacher
     def teacher_forward(self, tb: TeacherBatch, *, need_kv: bool = True, need_importance: bool = True,
-                        key_space: str = "cache") -> TeacherOut:
-        """One pass over the teacher batch: CE logits, hidden states at the prompt, CoT KV, importance."""
+                        key_space: str = "cache", importance_softmax: str = "cot") -> TeacherOut:
+        """One pass over the teacher batch: CE logits, hidden states at the CoDI column, CoT KV, importance.
+
+        importance_softmax: "cot" (the paper's Listing 1) softmaxes the query rows' logits over the CoT
+        keys only; "prefix" keeps the model's own probabilities over every visible key, CoT columns sliced.
+        """
         cache = self.new_cache() if need_kv else None
         x = self.embed(tb.ids)
         if need_importance:
-            with ImportanceCapture(tb.query_idx, tb.query_valid) as cap:
+            if importance_softmax == "cot":
+                key_mask = torch.zeros_like(tb.mask, dtype=torch.bool)  # [B, S]: True on the CoT columns
+                key_mask.scatter_(1, tb.cot_idx, tb.cot_valid)
+            elif importance_softmax == "prefix":
+                key_mask = None
+            else:
+                raise ValueError(f"eviction.importance_softmax: {importance_softmax!r}; allowed values: cot, prefix")
+            with ImportanceCapture(tb.query_idx, tb.query_valid, key_mask) as cap:
                 out = self._run(x, tb.mask, tb.pos, cache, hidden_states=True)
         else:
             out = self._run(x, tb.mask, tb.pos, cache, hidden_states=True)
         logits, targets = self._labelled(out.last_hidden_state, tb.targets)
-        res = TeacherOut(logits, targets, self._at(out.hidden_states, tb.prompt_last))
+        res = TeacherOut(logits, targets, self._at(out.hidden_states, tb.codi_col))
         if need_kv:
             L = len(cache.layers)
             B, C = tb.cot_idx.shape
@@ -282,7 +293,7 @@ class LatentReasoner(nn.Module):
         A0 = sb.answer_start
         out = self._run(self.embed(sb.ids[:, A0:]), sb.mask, sb.pos[:, A0:], res.cache, hidden_states=True)
         res.logits, res.targets = self._labelled(out.last_hidden_state, sb.targets[:, A0:])
-        res.hidden = self._at(out.hidden_states, sb.prompt_last - A0)
+        res.hidden = self._at(out.hidden_states, sb.codi_col - A0)
         res.forward_passes += 1
         return res
 
@@ -323,5 +334,5 @@ class LatentReasoner(nn.Module):
             lv.append(v)
         out, _ = full(z, hidden=True, with_answer=True)
         logits, targets = self._labelled(out.last_hidden_state[:, P:], sb.targets[:, P:])
-        hidden = self._at(out.hidden_states, sb.prompt_last)
+        hidden = self._at(out.hidden_states, sb.codi_col)
         return StudentOut(logits, targets, hidden, lk, lv, z, forward_passes=num_sweeps + 2)
