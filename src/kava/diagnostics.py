@@ -344,7 +344,7 @@ def format_diagnostics(name: str, summary: dict) -> list[str]:
         lines.append(f"{name}: accuracy with the latents replaced: " + ", ".join(cells))
     if "oracle" in summary:
         o = summary["oracle"]
-        skipped = ", ".join(f"{n} {r}" for r, n in o["skipped"].items()) or "none"
+        skipped = ", ".join(f"{n} ({r})" for r, n in o["skipped"].items()) or "none"
         if o["count"]:
             lines.append(f"{name}: oracle (teacher's compressed CoT KV in the latent slots): accuracy "
                          f"{o['accuracy']:.4f} on {o['count']} problems (student {o['student_accuracy']:.4f} on the "
