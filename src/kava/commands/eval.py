@@ -2,6 +2,11 @@
 
 Shards the questions across processes when launched with `accelerate launch` / `torchrun`; rank 0
 gathers and writes `RUN_DIR/eval/<dataset>/{predictions.jsonl, summary.json}`.
+
+Latent runs (pccot, codi, kava) can add diagnostics (docs/method.md §5, `kava.diagnostics`):
+`--latent-ablations zeros,placeholder,shuffle` (accuracy with the latents replaced), `--oracle` (the
+teacher's compressed CoT KV in the latent slots), `--kv-match` (student latent KV vs eviction targets per
+layer), or `--diagnostics` for all three.
 """
 
 from __future__ import annotations
