@@ -342,3 +342,16 @@ def test_cli_flags_build_the_spec():
     assert diagnostics_spec(everything=True) == DiagnosticsSpec.everything()
     with pytest.raises(ValueError, match="allowed values: zeros, placeholder, shuffle"):
         diagnostics_spec("zero")
+
+
+def test_data_without_cot_is_skipped_and_counted():
+    m, tok = tiny_reasoner("llama", seed=9)
+    recs = [Record("Tom has 5 .", (), "5", "s:1"), Record("Tom has 7 apples .", (), "7", "s:2"),
+            Record("He buys 3 .", (), "3", "s:3")]
+    rows, s = evaluate_records(m, tok, eval_cfg("kava"), recs, batch_size=2,
+                               diagnostics=DiagnosticsSpec(oracle=True, kv_match=True))
+    assert s["oracle"] == {"accuracy": None, "count": 0, "student_accuracy": None, "skipped": {NO_COT: 3}}
+    assert s["kv_match"]["pairs"] == 0 and s["kv_match"]["k_rel"] is None
+    text = "\n".join(format_diagnostics("svamp", s))
+    assert "oracle: no problem has a CoT; skipped: 3 (no CoT in the record)" in text
+    assert "KV match: no example has a CoT target" in text

@@ -246,6 +246,15 @@ def _diagnose(model, tokenizer, cfg, records, chunk, fmt, spec, max_new_tokens) 
                 o.setdefault("ablations", {})[kind] = r
     if spec.oracle or spec.kv_match:
         a_items = [fmt.tokenize(records[i], i) for i in chunk]
+        skip = [NO_COT if not records[i].steps else EMPTY_COT if not it.cot else None for i, it in zip(chunk, a_items)]
+        if all(skip):  # no CoT target in this batch (e.g. SVAMP): nothing to compare or splice
+            for o, reason in zip(out, skip):
+                if spec.kv_match:
+                    o["kv_match"] = {"pairs": 0, "key_space": key_space, "k_rel": None, "k_cos": None,
+                                     "v_rel": None, "v_cos": None}
+                if spec.oracle:
+                    o["oracle"] = {"skipped": reason}
+            return out
         tb = build_teacher_batch(a_items, ids, with_cot=True, query_mode=cfg.eviction.importance_queries,
                                  tail_window=cfg.eviction.cot_tail_window).to(dev)
         gen = torch.Generator(device=dev).manual_seed(cfg.run.seed * 1_000_003 + chunk[0])  # eviction: random
@@ -264,14 +273,8 @@ def _diagnose(model, tokenizer, cfg, records, chunk, fmt, spec, max_new_tokens) 
             # student's slots are trained to hold); pre_rope: rotated at the slots' positions.
             slot_k = model.rotate(tk, sb.pos[:, Qb:Qb + M]) if key_space == "pre_rope" else tk
             cache, mask = oracle_cache(model, sb, s.cache, slot_k, tv, slot_mask)
-            n_cot = tb.cot_valid.sum(-1).tolist()
-            for b, (o, r) in enumerate(zip(out, decode_and_score(cache, mask))):
-                if not records[chunk[b]].steps:
-                    o["oracle"] = {"skipped": NO_COT}
-                elif n_cot[b] == 0:
-                    o["oracle"] = {"skipped": EMPTY_COT}
-                else:
-                    o["oracle"] = r
+            for o, r, reason in zip(out, decode_and_score(cache, mask), skip):
+                o["oracle"] = r if reason is None else {"skipped": reason}
     return out
 
 
@@ -357,8 +360,8 @@ def format_diagnostics(name: str, summary: dict) -> list[str]:
             per = " ".join(f"{x:.3f}" for x in k["k_rel"])
             m = k["mean"]
             lines.append(f"{name}: KV match (final sweep vs eviction targets, {k['key_space']} keys, {k['pairs']} "
-                         f"slot-heads): K rel.err {m['k_rel']:.3f} cos {m['k_cos']:.3f}, V rel.err {m['v_rel']:.3f} "
-                         f"cos {m['v_cos']:.3f}; K rel.err per layer: {per}")
+                         f"(example, KV head, slot) pairs): K rel.err {m['k_rel']:.3f} cos {m['k_cos']:.3f}, "
+                         f"V rel.err {m['v_rel']:.3f} cos {m['v_cos']:.3f}; K rel.err per layer: {per}")
         else:
             lines.append(f"{name}: KV match: no example has a CoT target")
     return lines
