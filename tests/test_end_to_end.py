@@ -52,15 +52,20 @@ def test_three_seeds_train_eval_report(tmp_path, capsys):
     for seed in (1, 2, 3):
         assert cli(["train", "--config", "tiny_synth", "--no-progress", *sum((["--set", s] for s in TINY + [
             "method=kava", "optim.max_steps=3", "run.eval_every=3", f"run.seed={seed}", f"run.name=kava-s{seed}",
-            f"run.output_dir={tmp_path}", "run.log=[jsonl]"]), [])]) == 0
+            f"run.output_dir={tmp_path}", "run.log=[jsonl]", "run.grad_share_every=1"]), [])]) == 0
         runs.append(tmp_path / f"kava-s{seed}")
     data_dir = synthetic_dir(load_config("tiny_synth", TINY), tmp_path / "_data")
     accs = []
     for rd in runs:
         assert cli(["eval", "--checkpoint", str(rd), "--datasets", "synth-test,synth-hard", "--data-dir",
-                    str(data_dir), "--limit", "6"]) == 0
+                    str(data_dir), "--limit", "6", "--diagnostics"]) == 0
         s = json.loads((rd / "eval" / "synth-test" / "summary.json").read_text())
         assert s["count"] == 6 and s["mode"] == "latent" and s["config_hash"]
+        assert set(s["ablations"]) == {"none", "zeros", "placeholder", "shuffle"} and s["ablations"]["none"] == s["accuracy"]
+        assert s["oracle"]["count"] + sum(s["oracle"]["skipped"].values()) == 6
+        assert s["kv_match"]["pairs"] > 0 and len(s["kv_match"]["k_rel"]) == 2  # two layers
+        out = capsys.readouterr().out
+        assert "accuracy with the latents replaced" in out and "oracle" in out and "KV match" in out
         accs.append(100 * s["accuracy"])
         lines = (rd / "eval" / "synth-test" / "predictions.jsonl").read_text().splitlines()
         assert sorted(json.loads(x)["index"] for x in lines) == list(range(6))
@@ -68,7 +73,8 @@ def test_three_seeds_train_eval_report(tmp_path, capsys):
     md = (tmp_path / "rep" / "report.md").read_text()
     mean = sum(accs) / 3
     assert f"{mean:.1f}" in md and "n=3" in md
-    for name in ("accuracy_vs_passes.png", "training_curves.png"):
+    assert "## Latent ablations and oracle check" in md and "## KV match" in md and "## Gradient share" in md
+    for name in ("accuracy_vs_passes.png", "training_curves.png", "kv_match.png", "grad_shares.png"):
         w, h = png_size(tmp_path / "rep" / name)
         assert w >= 400 and h >= 300
     capsys.readouterr()

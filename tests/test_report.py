@@ -142,3 +142,62 @@ def test_cli_report(runs, tmp_path, capsys):
     text = capsys.readouterr().out
     assert "| kava | kava | whynlp/gsm8k-aug | 3 | 60.0 ± 10.0 (n=3) |" in text
     assert (out / "report.csv").exists() and (out / "training_curves.png").exists()
+
+
+def add_diagnostics(run_dir, ds, ablations, oracle, kv, shares):
+    """Write latent diagnostics into a run as `kava eval --diagnostics` and `run.grad_share_every` do.
+    kv: stat -> per-layer list; shares: step -> {term: share}."""
+    p = run_dir / "eval" / ds / "summary.json"
+    s = json.loads(p.read_text())
+    s["ablations"] = ablations
+    s["oracle"] = {"accuracy": oracle[0], "count": 40, "student_accuracy": oracle[1], "skipped": {"no CoT in the record": 2}}
+    s["kv_match"] = {"key_space": "cache", "pairs": 100, "examples": 40, **kv,
+                     "mean": {k: sum(v) / len(v) for k, v in kv.items()}}
+    p.write_text(json.dumps(s))
+    with open(run_dir / "metrics.jsonl", "a") as f:
+        for step, sh in shares.items():
+            f.write(json.dumps({"step": step, "split": "train", **{f"grad_share/{t}": v for t, v in sh.items()},
+                                **{f"grad/{t}": 10 * v for t, v in sh.items()}}) + "\n")
+
+
+def test_report_diagnostics_tables_and_plots(runs, tmp_path):
+    kv1 = {"k_rel": [1.0, 0.5], "k_cos": [0.2, 0.4], "v_rel": [0.9, 0.8], "v_cos": [0.1, 0.3]}
+    kv2 = {"k_rel": [0.8, 0.3], "k_cos": [0.4, 0.6], "v_rel": [0.7, 0.6], "v_cos": [0.3, 0.5]}
+    add_diagnostics(runs[0], "gsm8k", {"none": 0.5, "zeros": 0.2, "placeholder": 0.3, "shuffle": 0.1}, (0.8, 0.55), kv1,
+                    {50: {"ce_student": 0.7, "ce_teacher": 0.2, "codi": 0.06, "kv": 0.04},
+                     100: {"ce_student": 0.6, "ce_teacher": 0.2, "codi": 0.1, "kv": 0.1}})
+    add_diagnostics(runs[1], "gsm8k", {"none": 0.6, "zeros": 0.4, "placeholder": 0.3, "shuffle": 0.2}, (0.9, 0.65), kv2,
+                    {50: {"ce_student": 0.5, "ce_teacher": 0.3, "codi": 0.1, "kv": 0.1}})
+    rows = aggregate(runs)
+    kava = rows[2]
+    g = kava["datasets"]["gsm8k"]
+    a = g["ablations"]
+    assert list(a) == ["none", "zeros", "placeholder", "shuffle"]
+    assert a["zeros"]["mean"] == pytest.approx(30.0) and a["zeros"]["std"] == pytest.approx(math.sqrt(200))
+    assert a["zeros"]["n"] == 2 and a["placeholder"]["std"] == pytest.approx(0.0)
+    assert g["oracle"]["mean"] == pytest.approx(85.0) and g["oracle_student"]["mean"] == pytest.approx(60.0)
+    assert g["kv_match"]["k_rel"] == pytest.approx([0.9, 0.4]) and g["kv_match"]["v_cos"] == pytest.approx([0.2, 0.4])
+    assert g["kv_match_mean"]["k_cos"]["mean"] == pytest.approx((0.3 + 0.5) / 2)
+    assert "ablations" not in kava["datasets"]["svamp"] and "ablations" not in rows[1]["datasets"]["gsm8k"]
+    shares = kava["grad_shares"]
+    assert list(shares) == ["ce_student", "ce_teacher", "codi", "kv"]
+    assert shares["kv"]["steps"] == [50, 100] and shares["kv"]["mean"] == pytest.approx([0.07, 0.1])
+    assert shares["kv"]["n"] == [2, 1] and shares["kv"]["std"][1] is None
+    assert rows[1]["grad_shares"] == {}  # cot: nothing logged
+
+    res = write_report(runs, tmp_path / "out")
+    md = res["paths"]["report.md"].read_text()
+    assert ("| llama1b_aug | whynlp/gsm8k-aug | gsm8k | 55.0 ± 7.1 (n=2) | 30.0 ± 14.1 (n=2) | 30.0 ± 0.0 (n=2) "
+            "| 15.0 ± 7.1 (n=2) | 85.0 ± 7.1 (n=2) | 60.0 ± 7.1 (n=2) |") in md
+    assert "| llama1b_aug | gsm8k | 1 | 0.400 | 0.500 | 0.700 | 0.400 |" in md  # per-layer KV match, layer 1
+    assert "| llama1b_aug | whynlp/gsm8k-aug | kv | 50 | 0.070 | 100 | 0.100 | 0.085 |" in md
+    with open(res["paths"]["report.csv"], newline="") as f:
+        row = {r["group"]: r for r in csv.DictReader(f)}["llama1b_aug"]
+    assert row["gsm8k/ablation_zeros_mean"] == "30.0000" and row["gsm8k/oracle_mean"] == "85.0000"
+    assert row["gsm8k/kv_k_rel_mean"] == f"{(0.75 + 0.55) / 2:.4f}" and "svamp/ablation_zeros_mean" not in row
+    for name in ("kv_match.png", "grad_shares.png"):
+        w, h = png_size(res["paths"][name])
+        assert w >= 400 and h >= 300
+    plain = write_report([runs[3]], tmp_path / "plain")  # a cot run: no diagnostics, no such plots
+    assert "kv_match.png" not in plain["paths"] and not (tmp_path / "plain" / "grad_shares.png").exists()
+    assert "Latent ablations" not in plain["paths"]["report.md"].read_text()

@@ -145,6 +145,7 @@ class RunConfig:
     eval_max_cot_tokens: int = 128
     eval_batch_size: int = 64
     nan_policy: Literal["stop", "skip"] = "stop"
+    grad_share_every: int = 50  # per-term gradient norms every N optimizer steps (latent methods); 0 = off
     deterministic: bool = False
 
 
@@ -386,6 +387,7 @@ def validate(cfg: Config) -> None:
     need(r.log_every >= 1, "run.log_every: must be >= 1")
     for k in ("eval_every", "save_every"):
         need(getattr(r, k) is None or getattr(r, k) >= 1, f"run.{k}: must be >= 1 or null, got {getattr(r, k)}")
+    need(r.grad_share_every >= 0, f"run.grad_share_every: must be >= 0 (0 = off), got {r.grad_share_every}")
     need(r.eval_batch_size >= 1, f"run.eval_batch_size: must be >= 1, got {r.eval_batch_size}")
     need(r.eval_max_new_tokens >= 1, f"run.eval_max_new_tokens: must be >= 1, got {r.eval_max_new_tokens}")
     need(r.eval_max_cot_tokens >= 0, f"run.eval_max_cot_tokens: must be >= 0, got {r.eval_max_cot_tokens}")

@@ -62,6 +62,21 @@ def _greedy(model: LatentReasoner, cache, logits: torch.Tensor, mask: torch.Tens
     return out, steps
 
 
+def answer_from_cache(model: LatentReasoner, sb, cache, mask: torch.Tensor,
+                      max_new: int) -> tuple[list[list[int]], torch.Tensor]:
+    """Run the answer block `<eot> · prompt` of a question-only student batch on `cache` (which holds the
+    question block and the M latent slots), then decode greedily (see `_greedy`).
+
+    mask: [B, Qb+M+Ab] attention mask of the whole student sequence (`sb.mask`, or with latent slots
+    switched off, as the oracle check does). The answer block is never padded (`<eot>` and the prompt are
+    the same ids for every example), so its last column predicts the first answer token.
+    """
+    A0 = sb.answer_start
+    out = model._run(model.embed(sb.ids[:, A0:]), mask, sb.pos[:, A0:], cache)
+    logits = model.logits(out.last_hidden_state[:, -1])
+    return _greedy(model, cache, logits, mask, sb.pos[:, -1] + 1, max_new, model.ids.eos)
+
+
 @torch.no_grad()
 def generate(model: LatentReasoner, items: list[Tokenized], *, mode: str, num_latents: int = 24,
              num_sweeps: int = 3, student_mode: str = "jacobi", max_new_tokens: int = 16,
@@ -80,11 +95,7 @@ def _generate(model, items, *, mode, num_latents, num_sweeps, student_mode, max_
     if mode == "latent":
         sb = build_student_batch(items, ids, num_latents, with_answer=False).to(dev)
         s = model.student_forward(sb, num_sweeps, mode=student_mode, with_answer=False)
-        A0 = sb.answer_start
-        out = model._run(model.embed(sb.ids[:, A0:]), sb.mask, sb.pos[:, A0:], s.cache)
-        logits = model.logits(out.last_hidden_state[:, -1])
-        next_pos = sb.pos[:, -1] + 1
-        toks, steps = _greedy(model, s.cache, logits, sb.mask, next_pos, max_new_tokens, ids.eos)
+        toks, steps = answer_from_cache(model, sb, s.cache, sb.mask, max_new_tokens)
         base_passes = s.forward_passes
     elif mode in ("cot", "nocot"):
         rows = [it.question + (it.prompt if mode == "nocot" else []) for it in items]
@@ -115,32 +126,39 @@ def default_mode(method: str) -> str:
 
 def evaluate_records(model: LatentReasoner, tokenizer, cfg, records: list[Record], *, mode: str | None = None,
                      batch_size: int | None = None, max_new_tokens: int | None = None, rank: int = 0,
-                     world: int = 1, progress: bool = False) -> tuple[list[dict], dict]:
+                     world: int = 1, progress: bool = False, diagnostics=None) -> tuple[list[dict], dict]:
     """Generate and score `records` (this rank's shard: indices rank, rank+world, ...).
 
+    diagnostics: a `kava.diagnostics.DiagnosticsSpec` (latent ablations, oracle check, KV match; latent
+    methods only): its per-example fields join the rows and its numbers the summary.
     Returns (rows, summary) for this shard; rows carry `index` so shards merge without double counting.
     """
+    from kava.diagnostics import diagnose_batch, eval_chunks, student_mode_of
     from kava.scoring import extract_answer, numbers_match
 
     mode = mode or default_mode(cfg.method)
+    diag = diagnostics if diagnostics is not None and diagnostics.active else None
+    if diag is not None:
+        student_mode_of(cfg.method)  # refuses cot / nocot runs
+        if mode != "latent":
+            raise ValueError(f"latent diagnostics need the latent mode; got mode {mode!r}")
     fmt = Formatter(tokenizer, answer_prompt=cfg.data.answer_prompt, drop_last_step=cfg.data.drop_last_step,
                     max_question_tokens=10**9, max_cot_tokens=10**9, max_answer_tokens=10**9)
     idx = list(range(rank, len(records), world))
     bs = batch_size or cfg.run.eval_batch_size
+    max_new = max_new_tokens or cfg.run.eval_max_new_tokens
     student_mode = "sequential" if cfg.method == "codi" else "jacobi"
     rows: list[dict] = []
-    t0 = time.perf_counter()
+    t0, diag_wall = time.perf_counter(), 0.0
     from tqdm.auto import tqdm
 
     bar = tqdm(total=len(idx), desc=f"eval {mode}", disable=not progress or None, leave=False)
     model.eval()
-    for start in range(0, len(idx), bs):
-        chunk = idx[start:start + bs]
+    for chunk in eval_chunks(idx, bs, diag.min_batch if diag is not None else 1):
         items = [fmt.tokenize(records[i], i, need_answer=False) for i in chunk]
         gens = generate(model, items, mode=mode, num_latents=cfg.latent.num_latents,
                         num_sweeps=cfg.latent.num_sweeps, student_mode=student_mode,
-                        max_new_tokens=max_new_tokens or cfg.run.eval_max_new_tokens,
-                        max_cot_tokens=cfg.run.eval_max_cot_tokens, tokenizer=tokenizer)
+                        max_new_tokens=max_new, max_cot_tokens=cfg.run.eval_max_cot_tokens, tokenizer=tokenizer)
         for i, g in zip(chunk, gens):
             ext = extract_answer(g.text, cfg.data.answer_prompt)
             r = records[i]
@@ -149,13 +167,22 @@ def evaluate_records(model: LatentReasoner, tokenizer, cfg, records: list[Record
                          "correct": numbers_match(ext["strict"], r.answer),
                          "correct_flexible": numbers_match(ext["flexible"], r.answer),
                          "forward_passes": g.forward_passes, "generated_tokens": g.generated_tokens})
+        if diag is not None:  # its time is not part of the throughput (wall_s, questions_per_s)
+            t_d = time.perf_counter()
+            for row, extra in zip(rows[-len(chunk):], diagnose_batch(model, tokenizer, cfg, records, chunk, fmt,
+                                                                     diag, max_new)):
+                row.update(extra)
+            diag_wall += time.perf_counter() - t_d
         bar.update(len(chunk))
     bar.close()
-    wall = time.perf_counter() - t0
+    wall = time.perf_counter() - t0 - diag_wall
     return rows, summarize(rows, wall, mode)
 
 
 def summarize(rows: list[dict], wall: float, mode: str) -> dict:
+    """Dataset-level numbers of scored rows, plus the latent diagnostics when the rows carry them."""
+    from kava.diagnostics import summarize_diagnostics
+
     n = len(rows)
     return {
         "mode": mode,
@@ -166,6 +193,7 @@ def summarize(rows: list[dict], wall: float, mode: str) -> dict:
         "mean_generated_tokens": sum(r["generated_tokens"] for r in rows) / max(n, 1),
         "wall_s": wall,
         "questions_per_s": n / wall if wall > 0 else 0.0,
+        **summarize_diagnostics(rows),
     }
 
 

@@ -93,12 +93,14 @@ class _NoTimer:
 
 
 def loss_step(model: LatentReasoner, batch: Batch, cfg: Config, generator: torch.Generator | None = None,
-              timer=None):
+              timer=None, terms_out: dict | None = None):
     """Forward passes + every loss term of `cfg.method` on one micro-batch.
 
     Returns (total, log) where log maps names to detached 0-dim tensors: `loss/<term>` for each term,
     `loss/total`, `kv_sweep_<t>` when supervising every sweep, `evict/*` statistics for kava.
     timer: optional callable name -> context manager, used by benchmarks for the per-phase breakdown.
+    terms_out: optional dict, filled with term name -> (0-dim term with its graph, weight in the total)
+    (for `kava.gradshare`).
     """
     timer = timer or _NoTimer()
     spec = METHOD_SPECS[cfg.method]
@@ -141,6 +143,8 @@ def loss_step(model: LatentReasoner, batch: Batch, cfg: Config, generator: torch
                     extra[f"kv_sweep_{i + 1}"] = v.detach()
             for k, v in eviction.eviction_stats(idx, slot_mask, tb.cot_valid).items():
                 extra[f"evict/{k}"] = v
+    if terms_out is not None:
+        terms_out.update({k: (terms[k], weights[k]) for k in terms})
     total, log = losses.combine_losses(terms, weights)
     out = {f"loss/{k}": v for k, v in log.items()}
     out.update(extra)

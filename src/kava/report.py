@@ -3,6 +3,9 @@
 A run dir holds ``meta.json`` (method, preset, train_data, seed), ``config.yaml``, ``metrics.jsonl``
 (train lines with ``loss/*`` terms, val lines with ``val/accuracy``) and ``eval/<dataset>/summary.json``.
 Runs are grouped by (preset or method, train_data), or by (method, train_data) with ``group_by="method"``.
+Latent diagnostics, when present, get their own tables and plots: latent ablations and the oracle check
+(``ablations`` / ``oracle`` in summary.json), KV match per layer (``kv_match``, ``kv_match.png``) and the
+per-term gradient shares over steps (``grad_share/*`` lines of metrics.jsonl, ``grad_shares.png``).
 Missing pieces (no eval, a dataset absent for some runs, unreadable files) become "–" cells and notes,
 never an exception: a report over a half-finished sweep is still worth reading.
 """
@@ -154,14 +157,192 @@ def aggregate(run_dirs: list[str | Path], group_by: str = "preset") -> list[dict
                 "accuracy_flexible": mean_std(flex)[0] if flex else None,
                 "forward_passes": fp[0], "forward_passes_std": fp[1],
                 "values": [100 * float(r.evals[ds]["accuracy"]) for r in have],
+                **diagnostics_cell([r.evals[ds] for r in have]),
             }
         rows.append({
             "group": name, "method": runs[0].method, "preset": runs[0].preset, "train_data": train_data,
             "runs": [str(r.path) for r in runs], "seeds": [r.seed for r in runs],
-            "datasets": datasets, "notes": notes, "run_data": runs,
+            "datasets": datasets, "notes": notes, "run_data": runs, "grad_shares": grad_share_curves(runs),
         })
     rows.sort(key=lambda r: (_method_rank(r["method"]), r["group"], r["train_data"]))
     return rows
+
+
+# ----------------------------------------------------------------------------------------------------
+# latent diagnostics (kava.diagnostics in eval summaries, kava.gradshare in metrics.jsonl)
+
+ABLATION_KINDS = ("none", "zeros", "placeholder", "shuffle")
+KV_STATS = ("k_rel", "k_cos", "v_rel", "v_cos")
+
+
+def _num(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _stat(xs: list[float]) -> dict | None:
+    """``{mean, std, n}`` of the values (std None for one value), None for none."""
+    if not xs:
+        return None
+    m, sd = mean_std(xs)
+    return {"mean": m, "std": sd, "n": len(xs)}
+
+
+def diagnostics_cell(summaries: list[dict]) -> dict:
+    """Latent diagnostics of one (group, dataset) over its runs' eval summaries (those that have them).
+
+    ``ablations``: kind -> ``{mean, std, n}`` of the accuracy in % with the latents replaced (``none`` = the
+    normal accuracy of the same runs); ``oracle`` and ``oracle_student``: the oracle's accuracy in % and the
+    student's on the same problems; ``kv_match``: stat -> per-layer mean over runs (runs with the most layers
+    decide L; a run with another layer count is left out of the per-layer mean) and ``kv_match_mean``:
+    stat -> ``{mean, std, n}`` of each run's mean over layers. Empty when no summary carries diagnostics.
+    """
+    out: dict = {}
+    abl = [s["ablations"] for s in summaries if isinstance(s.get("ablations"), dict)]
+    if abl:
+        out["ablations"] = {k: _stat([100 * a[k] for a in abl if _num(a.get(k))]) for k in ABLATION_KINDS
+                            if any(_num(a.get(k)) for a in abl)}
+    orc = [s["oracle"] for s in summaries if isinstance(s.get("oracle"), dict)]
+    if orc:
+        out["oracle"] = _stat([100 * o["accuracy"] for o in orc if _num(o.get("accuracy"))])
+        out["oracle_student"] = _stat([100 * o["student_accuracy"] for o in orc if _num(o.get("student_accuracy"))])
+        out["oracle_count"] = [o.get("count") for o in orc]
+    kvm = [s["kv_match"] for s in summaries if isinstance(s.get("kv_match"), dict)
+           and isinstance(s["kv_match"].get("k_rel"), list)]
+    if kvm:
+        L = max(len(k["k_rel"]) for k in kvm)
+        same = [k for k in kvm if all(isinstance(k.get(st), list) and len(k[st]) == L for st in KV_STATS)]
+        out["kv_match"] = {st: [statistics.fmean(k[st][layer] for k in same) for layer in range(L)]
+                           for st in KV_STATS}
+        out["kv_match_mean"] = {st: _stat([statistics.fmean(k[st]) for k in same]) for st in KV_STATS}
+        out["kv_key_space"] = same[0].get("key_space") if same else None
+    return out
+
+
+def grad_share_curves(runs: list[Run]) -> dict[str, dict]:
+    """``grad_share/<term>`` over steps from the runs' metrics.jsonl: term -> ``{steps, mean, std, n}``
+    (mean and sample std over the runs that logged that step; lists aligned with ``steps``)."""
+    per: dict[str, dict[int, list[float]]] = {}
+    for run in runs:
+        for m in run.metrics:
+            for k, v in m.items():
+                if k.startswith("grad_share/") and _num(v):
+                    per.setdefault(k.split("/", 1)[1], {}).setdefault(int(m["step"]), []).append(float(v))
+    out = {}
+    for term in sorted(per, key=lambda t: (t not in ("ce_student", "ce_teacher", "codi", "kv"), t)):
+        steps = sorted(per[term])
+        stats = [mean_std(per[term][st]) for st in steps]
+        out[term] = {"steps": steps, "mean": [m for m, _ in stats], "std": [sd for _, sd in stats],
+                     "n": [len(per[term][st]) for st in steps]}
+    return out
+
+
+def _pm(st: dict | None, nd: int = 1) -> str:
+    if st is None:
+        return DASH
+    return f"{st['mean']:.{nd}f}" + ("" if st["std"] is None else f" ± {st['std']:.{nd}f}") + f" (n={st['n']})"
+
+
+def _diagnostic_tables(rows: list[dict]) -> list[str]:
+    """Markdown sections for the latent ablations, oracle check, KV match and gradient shares (only those
+    some run has)."""
+    lines: list[str] = []
+    cells = [(r, ds, c) for r in rows for ds, c in sorted(r["datasets"].items(), key=lambda x: _dataset_key(x[0]))]
+    abl = [(r, ds, c) for r, ds, c in cells if c.get("ablations") or c.get("oracle")]
+    if abl:
+        head = ["group", "train data", "dataset", *ABLATION_KINDS, "oracle", "student on the oracle's problems"]
+        lines += ["## Latent ablations and oracle check (accuracy %)", "",
+                  "`none` is the normal accuracy; the other columns replace the latent embeddings the answer reads "
+                  "(zeros, the `<latent>` placeholder, another example's latents) and recompute the slots' KV. "
+                  "The oracle puts the teacher's compressed CoT KV (the `L_KV` targets) into the latent slots; it "
+                  "counts only problems with a CoT, next to the student's accuracy on those problems "
+                  "(definitions: kava docs/method.md §5).", "",
+                  "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for r, ds, c in abl:
+            a = c.get("ablations") or {}
+            lines.append("| " + " | ".join([r["group"], r["train_data"], ds, *[_pm(a.get(k)) for k in ABLATION_KINDS],
+                                              _pm(c.get("oracle")), _pm(c.get("oracle_student"))]) + " |")
+        lines.append("")
+    kv = [(r, ds, c) for r, ds, c in cells if c.get("kv_match")]
+    if kv:
+        head = ["group", "train data", "dataset", "keys", "K rel. error", "K cosine", "V rel. error", "V cosine"]
+        lines += ["## KV match: student's final-sweep latent KV vs its eviction targets", "",
+                  "Per (example, KV head, valid slot) vector: relative error |s − t| / |t| and cosine, averaged, then "
+                  "averaged over layers (mean ± std over runs). Per layer: the table below and `kv_match.png`.", "",
+                  "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for r, ds, c in kv:
+            mm = c["kv_match_mean"]
+            lines.append("| " + " | ".join([r["group"], r["train_data"], ds, str(c.get("kv_key_space") or DASH),
+                                              *[_pm(mm[st], 3) for st in KV_STATS]]) + " |")
+        lines += ["", "| group | dataset | layer | K rel. error | K cosine | V rel. error | V cosine |",
+                  "|---|---|---|---|---|---|---|"]
+        for r, ds, c in kv:
+            for layer in range(len(c["kv_match"]["k_rel"])):
+                lines.append(f"| {r['group']} | {ds} | {layer} | " + " | ".join(
+                    f"{c['kv_match'][st][layer]:.3f}" for st in KV_STATS) + " |")
+        lines += ["", "![KV match per layer](kv_match.png)", ""]
+    gs = [r for r in rows if r.get("grad_shares")]
+    if gs:
+        lines += ["## Gradient share of each loss term", "",
+                  "Share of each term in the sum of per-term gradient norms, |g_term| / Σ |g|, on the trainable "
+                  "parameters (`run.grad_share_every`), mean over runs: at the "
+                  "first and last measured step and averaged over all measured steps.", "",
+                  "| group | train data | term | first step | share | last step | share | mean over steps |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in gs:
+            for term, cur in r["grad_shares"].items():
+                lines.append(f"| {r['group']} | {r['train_data']} | {term} | {cur['steps'][0]} | {cur['mean'][0]:.3f} "
+                             f"| {cur['steps'][-1]} | {cur['mean'][-1]:.3f} | {statistics.fmean(cur['mean']):.3f} |")
+        lines += ["", "![gradient shares](grad_shares.png)", ""]
+    return lines
+
+
+def plot_kv_match(rows: list[dict], path: Path) -> bool:
+    """Four panels (K/V relative error, K/V cosine), x layer, one line per (group, dataset). False (nothing
+    written) when no run has KV-match numbers."""
+    series = [(i, f"{r['group']} ({r['train_data']}) {ds}", c["kv_match"]) for i, r in enumerate(rows)
+              for ds, c in sorted(r["datasets"].items(), key=lambda x: _dataset_key(x[0])) if c.get("kv_match")]
+    if not series:
+        return False
+    titles = {"k_rel": "K relative error", "k_cos": "K cosine", "v_rel": "V relative error", "v_cos": "V cosine"}
+    from matplotlib.ticker import MaxNLocator
+
+    fig, axes = _figure(4, max_cols=2)
+    styles = ["-", "--", ":", "-."]
+    for ax, st in zip(axes, KV_STATS):
+        for k, (gi, label, kv) in enumerate(series):
+            ax.plot(range(len(kv[st])), kv[st], styles[k % len(styles)], color=_color(gi), marker="o", label=label)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        _label_axes(ax, titles[st], "layer", titles[st])
+    fig.suptitle("KV match: final-sweep latent KV vs eviction targets (mean over runs)")
+    fig.tight_layout()
+    fig.savefig(path)
+    return True
+
+
+def plot_grad_shares(rows: list[dict], path: Path) -> bool:
+    """One panel per group: gradient share of each loss term vs step (mean over runs, ± std band). False
+    (nothing written) when no run logged gradient shares."""
+    gs = [r for r in rows if r.get("grad_shares")]
+    if not gs:
+        return False
+    fig, axes = _figure(len(gs))
+    positive = [m for r in gs for cur in r["grad_shares"].values() for m in cur["mean"] if m > 0]
+    floor = min(0.1, 0.5 * min(positive)) if positive else 1e-3
+    for ax, r in zip(axes, gs):
+        for k, (term, cur) in enumerate(r["grad_shares"].items()):
+            xs, ys = cur["steps"], cur["mean"]
+            ax.plot(xs, ys, color=_color(k), marker="o" if len(xs) < 3 else None, label=term)
+            if any(sd is not None for sd in cur["std"]):
+                lo = [m - (sd or 0.0) for m, sd in zip(ys, cur["std"])]
+                hi = [m + (sd or 0.0) for m, sd in zip(ys, cur["std"])]
+                ax.fill_between(xs, lo, hi, color=_color(k), alpha=0.2)
+        ax.set_yscale("log")  # the KV term's share can be < 1%: a linear axis would hide it
+        ax.set_ylim(floor, 1.0)
+        _label_axes(ax, f"{r['group']} ({r['train_data']}, {len(r['runs'])} run(s))", "step", "gradient share")
+    fig.suptitle("Per-term gradient share |g_term| / Σ|g| (log scale)")
+    fig.tight_layout()
+    fig.savefig(path)
+    return True
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -209,6 +390,7 @@ def render_markdown(rows: list[dict], notes: list[str], group_by: str) -> str:
         *_md_table(rows, datasets, lambda c: _fmt(c and c["accuracy_flexible"])), "",
         "## Forward passes per question (mean over seeds)", "",
         *_md_table(rows, datasets, lambda c: _fmt(c and c["forward_passes"])), "",
+        *_diagnostic_tables(rows),
         "## Plots", "", "![accuracy vs forward passes](accuracy_vs_passes.png)", "",
         "![training curves](training_curves.png)", "",
         "## Runs", "",
@@ -222,12 +404,31 @@ def render_markdown(rows: list[dict], notes: list[str], group_by: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _diag_columns(rows: list[dict], ds: str) -> list[tuple[str, object]]:
+    """(column suffix, getter of a dataset cell) for the latent diagnostics some row has on `ds`."""
+    cells = [r["datasets"][ds] for r in rows if ds in r["datasets"]]
+    mean = lambda st: None if st is None else st["mean"]  # noqa: E731
+    cols: list[tuple[str, object]] = []
+    if any(c.get("ablations") for c in cells):
+        cols += [(f"ablation_{k}_mean", lambda c, k=k: mean((c.get("ablations") or {}).get(k)))
+                 for k in ABLATION_KINDS]
+    if any(c.get("oracle") for c in cells):
+        cols += [("oracle_mean", lambda c: mean(c.get("oracle"))),
+                 ("oracle_student_mean", lambda c: mean(c.get("oracle_student")))]
+    if any(c.get("kv_match") for c in cells):
+        cols += [(f"kv_{st}_mean", lambda c, st=st: mean((c.get("kv_match_mean") or {}).get(st))) for st in KV_STATS]
+    return cols
+
+
 def write_csv(rows: list[dict], path: Path) -> None:
-    """Machine-readable twin of the table: numbers unformatted (accuracy in %), empty cells where missing."""
+    """Machine-readable twin of the table: numbers unformatted (accuracy in %), empty cells where missing;
+    latent-diagnostic columns (ablations, oracle, KV match means over layers) for datasets that have them."""
     datasets = datasets_of(rows)
     head = ["group", "method", "preset", "train_data", "n_runs", "seeds"]
+    diag = {ds: _diag_columns(rows, ds) for ds in datasets}
     for ds in datasets:
         head += [f"{ds}/accuracy_mean", f"{ds}/accuracy_std", f"{ds}/n", f"{ds}/accuracy_flexible_mean", f"{ds}/forward_passes"]
+        head += [f"{ds}/{name}" for name, _ in diag[ds]]
     num = lambda x: "" if x is None else f"{x:.4f}"
     with path.open("w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
@@ -239,14 +440,15 @@ def write_csv(rows: list[dict], path: Path) -> None:
                 c = r["datasets"].get(ds)
                 line += ["", "", 0, "", ""] if c is None else [
                     num(c["accuracy"]), num(c["accuracy_std"]), c["n"], num(c["accuracy_flexible"]), num(c["forward_passes"])]
+                line += ["" if c is None else num(get(c)) for _, get in diag[ds]]
             w.writerow(line)
 
 
-def _figure(n_panels: int, width: float = 5.0, height: float = 4.0):
+def _figure(n_panels: int, width: float = 5.0, height: float = 4.0, max_cols: int = 3):
     """A Figure without pyplot (no global backend state; renders with Agg)."""
     from matplotlib.figure import Figure
 
-    ncols = min(n_panels, 3) or 1
+    ncols = min(n_panels, max_cols) or 1
     nrows = max(1, math.ceil(n_panels / ncols))
     fig = Figure(figsize=(width * ncols, height * nrows), dpi=100)
     axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
@@ -318,8 +520,8 @@ def plot_training_curves(rows: list[dict], path: Path) -> None:
 
 
 def write_report(run_paths: list[str | Path], output: str | Path, group_by: str = "preset") -> dict:
-    """Write report.md, report.csv, accuracy_vs_passes.png and training_curves.png into `output`;
-    return the rows and the paths written."""
+    """Write report.md, report.csv, accuracy_vs_passes.png and training_curves.png into `output` (and
+    kv_match.png, grad_shares.png when a run has those diagnostics); return the rows and the paths written."""
     dirs, notes = find_run_dirs(run_paths)
     rows = aggregate(dirs, group_by)
     out = Path(output)
@@ -329,4 +531,7 @@ def write_report(run_paths: list[str | Path], output: str | Path, group_by: str 
     write_csv(rows, paths["report.csv"])
     plot_accuracy_vs_passes(rows, paths["accuracy_vs_passes.png"])
     plot_training_curves(rows, paths["training_curves.png"])
+    for name, plot in (("kv_match.png", plot_kv_match), ("grad_shares.png", plot_grad_shares)):
+        if plot(rows, out / name):  # only when some run has these diagnostics
+            paths[name] = out / name
     return {"rows": rows, "notes": notes, "paths": paths}

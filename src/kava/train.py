@@ -31,6 +31,7 @@ from kava.config import Config, check_world_size, load_config, save_config
 from kava.data.format import Formatter, special_ids
 from kava.data.pipeline import load_train_valid, train_data_label
 from kava.data.records import SkipLog
+from kava.gradshare import grad_share_due, measure
 from kava.methods import ce_denominators, loss_step, make_batch
 from kava.model.loading import CheckpointError, build_reasoner, load_tokenizer, save_model
 
@@ -503,6 +504,8 @@ def train(cfg: Config, *, resume: str | Path | None = None, progress: bool = Tru
                 acc.backward(total / plan.accum)
             for k, v in log.items():
                 sums[k] = sums.get(k, 0.0) + v.float() / len(micro)
+            if i == 0 and main and grad_share_due(cfg, step + 1):  # per-term gradient norms (kava.gradshare)
+                logger.log({"split": "train", **measure(raw, batch, cfg, acc.device, acc.autocast())}, step + 1)
         gnorm = acc.clip_grad_norm_(raw.parameters(), cfg.optim.grad_clip) if cfg.optim.grad_clip > 0 else \
             torch.sqrt(sum((p.grad.float() ** 2).sum() for p in raw.parameters() if p.grad is not None))
         # a finite loss can still have an inf/NaN gradient (overflow in backward): stepping on it would make

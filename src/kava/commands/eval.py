@@ -2,6 +2,11 @@
 
 Shards the questions across processes when launched with `accelerate launch` / `torchrun`; rank 0
 gathers and writes `RUN_DIR/eval/<dataset>/{predictions.jsonl, summary.json}`.
+
+Latent runs (pccot, codi, kava) can add diagnostics (docs/method.md §5, `kava.diagnostics`):
+`--latent-ablations zeros,placeholder,shuffle` (accuracy with the latents replaced), `--oracle` (the
+teacher's compressed CoT KV in the latent slots), `--kv-match` (student latent KV vs eviction targets per
+layer), or `--diagnostics` for all three.
 """
 
 from __future__ import annotations
@@ -22,6 +27,14 @@ def add_parser(sub) -> None:
     p.add_argument("--max-new-tokens", type=int)
     p.add_argument("--limit", type=int, help="first N questions only (smoke tests)")
     p.add_argument("--output", help="where to write results (default RUN_DIR/eval)")
+    g = p.add_argument_group("latent diagnostics (pccot, codi, kava runs; docs/method.md §5)")
+    g.add_argument("--latent-ablations", metavar="LIST",
+                   help="comma list of zeros, placeholder, shuffle (or 'all'): accuracy with the latents replaced")
+    g.add_argument("--oracle", action="store_true",
+                   help="accuracy with the teacher's compressed CoT KV in the latent slots (needs the CoT in the data)")
+    g.add_argument("--kv-match", action="store_true",
+                   help="per-layer relative error and cosine of the student's latent KV vs its eviction targets")
+    g.add_argument("--diagnostics", action="store_true", help="all of the above")
     p.set_defaults(func=run)
 
 
@@ -33,13 +46,27 @@ def checkpoint_dir(path: str) -> Path:
     raise FileNotFoundError(f"{path}: no best/ or final/ model in this run directory")
 
 
+def diagnostics_spec(ablations: str | None = None, oracle: bool = False, kv_match: bool = False,
+                     everything: bool = False):
+    """The `kava.diagnostics.DiagnosticsSpec` of the command-line flags."""
+    from kava.diagnostics import ABLATIONS, DiagnosticsSpec
+
+    if everything:
+        return DiagnosticsSpec.everything()
+    names = [a.strip() for a in (ablations or "").split(",") if a.strip()]
+    if names == ["all"]:
+        names = list(ABLATIONS)
+    return DiagnosticsSpec(tuple(names), oracle, kv_match)
+
+
 def evaluate_run(checkpoint: str, datasets: list[str], *, data_dir=None, hub=False, mode=None, batch_size=None,
-                 max_new_tokens=None, limit=None, output=None, progress=True) -> dict[str, dict]:
+                 max_new_tokens=None, limit=None, output=None, progress=True, diagnostics=None) -> dict[str, dict]:
     import torch
     from accelerate import PartialState
     from accelerate.utils import gather_object
 
     from kava.data.readers import load_eval_dataset
+    from kava.diagnostics import format_diagnostics
     from kava.evaluate import evaluate_records, hardware, summarize, write_eval
     from kava.model.loading import load_for_eval
 
@@ -57,7 +84,8 @@ def evaluate_run(checkpoint: str, datasets: list[str], *, data_dir=None, hub=Fal
             desc += f" (first {limit})"
         rows, s = evaluate_records(model, tok, cfg, records, mode=mode, batch_size=batch_size,
                                    max_new_tokens=max_new_tokens, rank=state.process_index,
-                                   world=state.num_processes, progress=progress and state.is_main_process)
+                                   world=state.num_processes, progress=progress and state.is_main_process,
+                                   diagnostics=diagnostics)
         rows = gather_object(rows)
         walls = gather_object([s["wall_s"]])
         if state.is_main_process:
@@ -71,6 +99,8 @@ def evaluate_run(checkpoint: str, datasets: list[str], *, data_dir=None, hub=Fal
             print(f"{name}: accuracy {summary['accuracy']:.4f} ({summary['count']} problems: {desc}); "
                   f"forward passes/question {summary['mean_forward_passes']:.1f}; "
                   f"{summary['questions_per_s']:.1f} questions/s")
+            for line in format_diagnostics(name, summary):
+                print(line)
     return results
 
 
@@ -78,5 +108,6 @@ def run(args) -> int:
     names = [d.strip() for d in args.datasets.split(",") if d.strip()]
     evaluate_run(args.checkpoint, names, data_dir=args.data_dir, hub=args.hub, mode=args.mode,
                  batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, limit=args.limit,
-                 output=args.output)
+                 output=args.output, diagnostics=diagnostics_spec(args.latent_ablations, args.oracle, args.kv_match,
+                                                                  args.diagnostics))
     return 0

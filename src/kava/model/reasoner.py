@@ -60,6 +60,15 @@ def unrotate_keys(k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torc
     return k * cos - rotate_half(k) * sin
 
 
+def rotate_keys(k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """HF's rotary embedding of keys: k_rot = k·cos + rotate_half(k)·sin (the inverse of `unrotate_keys`).
+
+    k: [B, Hkv, N, D]; cos, sin: [B, N, D].
+    """
+    cos, sin = cos.unsqueeze(1).to(k.dtype), sin.unsqueeze(1).to(k.dtype)
+    return k * cos + rotate_half(k) * sin
+
+
 def truncate_cache(cache: DynamicCache, length: int) -> None:
     """Keep the first `length` columns (negative `crop` means "remove n" in every transformers 5.x)."""
     extra = cache.get_seq_length() - length
@@ -167,6 +176,14 @@ class LatentReasoner(nn.Module):
             return k
         cos, sin = self.rotary(k[0], pos)
         return torch.stack([unrotate_keys(k[l], cos, sin) for l in range(k.shape[0])])
+
+    def rotate(self, k: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """Keys before the rotary embedding -> as the cache would store them at positions `pos`.
+        k: [L, B, Hkv, N, D]; pos: [B, N]. The inverse of `unrotate`; identity without rotary embedding."""
+        if self.rotary is None:
+            return k
+        cos, sin = self.rotary(k[0], pos)
+        return torch.stack([rotate_keys(k[l], cos, sin) for l in range(k.shape[0])])
 
     def _labelled(self, h: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         sel = targets != IGNORE

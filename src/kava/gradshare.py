@@ -1,0 +1,97 @@
+"""Per-term gradient share (issue 11 §2): how hard each loss term pulls on the trainable parameters.
+
+Every ``run.grad_share_every`` optimizer steps the trainer takes the step's first micro-batch (main process)
+and computes, for each loss term i with a non-zero weight w_i, the gradient of ``w_i · L_i`` (weighted as
+in the total loss) on all trainable parameters with a separate ``torch.autograd.grad`` call on one shared
+forward pass. Logged to metrics.jsonl (docs/method.md §4):
+
+    grad/<term>        |g_i|                      (L2 norm over all trainable parameters)
+    grad_share/<term>  |g_i| / Σ_j |g_j|          (sums to 1 over the terms)
+    grad/total         |Σ_i g_i|                  (the norm of the total loss's gradient, before clipping)
+    grad_cos/<term>    cos(g_i, g_ce_student)     (alignment with the answer CE; latent methods only)
+
+The measurement does not touch ``.grad`` and runs under a forked RNG, so turning it on leaves training
+unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def share_metrics(grads: dict[str, list[torch.Tensor | None]], reference: str | None = "ce_student") -> dict[str, float]:
+    """Norms, shares and cosines of per-term gradients.
+
+    Args:
+        grads: term -> one gradient per trainable parameter (same parameter order for every term; None
+            where the term does not reach that parameter, i.e. zero).
+        reference: the term whose gradient the cosines are taken against (skipped when absent).
+
+    Returns:
+        ``grad/<term>``, ``grad_share/<term>``, ``grad/total`` and ``grad_cos/<term>`` (see module docstring)
+        as floats. Shares are 0 when every gradient is 0; a cosine with a zero vector is 0.
+    """
+    names = list(grads)
+    if len({len(g) for g in grads.values()}) > 1:
+        raise ValueError("every term needs one entry per trainable parameter, in the same order (None where the "
+                         f"term has no gradient); got lengths {[len(g) for g in grads.values()]}")
+    f64 = lambda g: g.detach().double()  # noqa: E731  (sums over ~1e9 elements: accumulate in fp64)
+    norms = {n: math.sqrt(sum(float((f64(g) ** 2).sum()) for g in grads[n] if g is not None)) for n in names}
+    total_norm = sum(norms.values())
+    out = {f"grad/{n}": norms[n] for n in names}
+    out.update({f"grad_share/{n}": (norms[n] / total_norm if total_norm > 0 else 0.0) for n in names})
+    total_sq = 0.0
+    for per_param in zip(*grads.values()):  # one parameter at a time: no flattened copy of all gradients
+        present = [f64(g) for g in per_param if g is not None]
+        if present:
+            total_sq += float((sum(present) ** 2).sum())
+    out["grad/total"] = math.sqrt(total_sq)
+    if reference in grads:
+        rn = norms[reference]
+        for n in names:
+            if n == reference:
+                continue
+            dot = sum(float((f64(a) * f64(b)).sum()) for a, b in zip(grads[n], grads[reference])
+                      if a is not None and b is not None)
+            den = norms[n] * rn
+            out[f"grad_cos/{n}"] = dot / den if den > 0 else 0.0
+    for k, v in out.items():
+        if not math.isfinite(v):
+            out[k] = float("nan")
+    return out
+
+
+def grad_shares(model, batch, cfg, generator: torch.Generator | None = None) -> dict[str, float]:
+    """Per-term gradient norms and shares of `cfg.method`'s loss on one micro-batch (see `share_metrics`).
+
+    One forward pass (`kava.methods.loss_step`), then one ``torch.autograd.grad`` per term with a non-zero
+    weight; ``.grad`` of the parameters is not touched.
+    """
+    from kava.methods import loss_step
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    terms: dict = {}
+    loss_step(model, batch, cfg, generator, terms_out=terms)
+    live = [(n, t, w) for n, (t, w) in terms.items() if w != 0.0 and t.requires_grad]
+    grads = {}
+    for i, (name, term, w) in enumerate(live):
+        grads[name] = list(torch.autograd.grad(w * term.float(), params, retain_graph=i < len(live) - 1,
+                                               allow_unused=True))
+    return share_metrics(grads)
+
+
+def grad_share_due(cfg, done_steps: int) -> bool:
+    """Whether optimizer step `done_steps` (1-based) measures gradient shares: every `run.grad_share_every`
+    steps, for methods with more than one loss term (pccot, codi, kava)."""
+    every = cfg.run.grad_share_every
+    return bool(every) and cfg.is_latent and done_steps % every == 0
+
+
+def measure(model, batch, cfg, device: torch.device, autocast) -> dict[str, float]:
+    """`grad_shares` under the trainer's autocast with the RNG forked (dropout, random eviction), so the
+    training run is the same with and without the measurement."""
+    devices = [torch.cuda.current_device()] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), autocast:
+        return grad_shares(model, batch, cfg)
