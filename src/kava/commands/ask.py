@@ -74,7 +74,7 @@ def answer(model, tok, cfg, question: str, *, mode: str, max_new_tokens: int | N
 def run(args) -> int:
     import torch
 
-    from kava.commands.eval import checkpoint_dir
+    from kava.checkpoint import find_checkpoint as checkpoint_dir
     from kava.evaluate import default_mode
     from kava.model.loading import load_for_eval
 

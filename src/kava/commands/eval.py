@@ -25,14 +25,6 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run)
 
 
-def checkpoint_dir(path: str) -> Path:
-    p = Path(path)
-    for c in (p / "best", p / "final", p):
-        if (c / "model").exists():
-            return c
-    raise FileNotFoundError(f"{path}: no best/ or final/ model in this run directory")
-
-
 def evaluate_run(checkpoint: str, datasets: list[str], *, data_dir=None, hub=False, mode=None, batch_size=None,
                  max_new_tokens=None, limit=None, output=None, progress=True) -> dict[str, dict]:
     import torch
@@ -44,7 +36,9 @@ def evaluate_run(checkpoint: str, datasets: list[str], *, data_dir=None, hub=Fal
     from kava.model.loading import load_for_eval
 
     state = PartialState(cpu=not torch.cuda.is_available())  # multi-process CPU runs shard too
-    ck = checkpoint_dir(checkpoint)
+    from kava.checkpoint import find_checkpoint
+
+    ck = find_checkpoint(checkpoint)
     dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
     model, tok, cfg = load_for_eval(ck, device=state.device, dtype=dtype)
     run_dir = ck.parent if (ck.parent / "config.yaml").exists() else ck

@@ -25,7 +25,7 @@ def run(args) -> int:
 
     import torch
 
-    from kava.commands.eval import checkpoint_dir
+    from kava.checkpoint import find_checkpoint as checkpoint_dir
     from kava.inspect_latents import inspect_example, most_kept, plot_similarity
     from kava.model.loading import load_for_eval
 
