@@ -261,7 +261,7 @@ def _from_dict(cls, data: dict, prefix: str = ""):
 # --------------------------------------------------------------------------------------------------
 # Presets, YAML and overrides.
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"  # package data: ships in the wheel
 
 
 def preset_names() -> list[str]:
