@@ -20,6 +20,7 @@ COMMANDS = [
     "report",
     "ask",
     "inspect",
+    "export",
     "sweep",
     "presets",
     "data",
