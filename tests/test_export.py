@@ -108,5 +108,9 @@ def test_eval_and_ask_accept_an_export_dir(runs, capsys, tmp_path):
     (run, hf, preds), recs = runs[0]["kava"], runs[1]
     assert main(["ask", "--checkpoint", str(hf), "--question", recs[1].question]) == 0
     assert capsys.readouterr().out.splitlines()[0] == f"answer: {preds[1]['generated'].strip()}"
+    capsys.readouterr()
+    assert main(["export", str(run), "--output", str(hf)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("kava export: error: ") and "exists and is not empty" in err and err.count("\n") == 1
     with pytest.raises(FileExistsError, match="not empty"):
-        main(["export", str(run), "--output", str(hf)])
+        main(["--debug", "export", str(run), "--output", str(hf)])
