@@ -3,7 +3,7 @@
     python experiments/synthetic_replication.py --out runs/synth --stage all --parallel 10
 
 Stages (each skips runs that already finished, so it can be run in parts):
-  backbone   CoT SFT from scratch on both CoT styles (configs/synth_backbone.yaml): the "pretrained LLM"
+  backbone   CoT SFT from scratch on both CoT styles (src/kava/configs/synth_backbone.yaml): the "pretrained LLM"
   main       nocot, cot, pccot, codi, kava  x  {equation, nl} CoT  x  seeds 42, 123, 456, fine-tuned from it
   ablations  on nl data, seeds 42, 123: kv_supervision=all; eviction crop / cosine / attention / random;
              keys before RoPE; no projection; no CODI term; lambda in {0, 0.5, 1} (0.1 is the main kava run)

@@ -442,7 +442,7 @@ def test_saved_tokenizer_without_special_tokens_is_refused(bad_run, tmp_path):
     shutil.copytree(run / "tokenizer_src", run / "final" / "tokenizer")  # the same tokenizer, minus <bot> etc.
     with pytest.raises(CheckpointError, match=r"final/tokenizer: tokenizer lacks kava's special tokens "
                                               r"\['<bot>', '<eot>', '<latent>'\]"):
-        load_for_eval(run)
+        load_for_eval(run / "final")  # (a run dir alone means best/, as in kava eval)
     # initialising a new run from it (model.init_from) is refused the same way
     cfg = load_config("tiny_synth", TINY + [f"model.init_from={run}"])
     with pytest.raises(CheckpointError, match="lacks kava's special tokens"):
@@ -843,11 +843,11 @@ def test_eval_load_checks_every_tensor_and_safetensors_only(bad_run, tmp_path):
     save_file({**{k: v for k, v in sd.items() if k != gone}, "model.extra.weight": torch.zeros(2)}, str(f),
               metadata={"format": "pt"})
     with pytest.raises(CheckpointError, match=rf"missing \['{gone}'\], unexpected \['model.extra.weight'\]"):
-        load_for_eval(run)
+        load_for_eval(run / "final")
     f.unlink()
     torch.save(sd, f.with_name("pytorch_model.bin"))  # a pickle where safetensors belong
     with pytest.raises(CheckpointError, match="safetensors"):
-        load_for_eval(run)
+        load_for_eval(run / "final")
 
 
 def test_load_extra_refuses_another_models_tensors():
@@ -879,6 +879,7 @@ def test_trust_remote_code_is_off_unless_turned_on(monkeypatch):
 
     monkeypatch.setattr(loading, "AutoTokenizer", Fake)
     monkeypatch.setattr(loading, "AutoModelForCausalLM", Fake)
+    monkeypatch.setattr("kava.model.pretrained.AutoModelForCausalLM", Fake)  # pretrained models load there
     from tiny import tiny_tokenizer
 
     for on in (False, True):

@@ -20,6 +20,7 @@ COMMANDS = [
     "report",
     "ask",
     "inspect",
+    "export",
     "sweep",
     "presets",
     "data",
@@ -31,6 +32,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="kava",
         description="KaVa: latent reasoning via compressed KV-cache distillation (and the cot/nocot/pccot/codi baselines).",
     )
+    from kava import __version__
+
+    parser.add_argument("--version", action="version", version=f"kava {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
         try:
@@ -43,13 +48,37 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Errors that mean "the input is wrong" (config, path, checkpoint, data, a missing optional package):
+    one line and exit status 2. Anything else is a bug and keeps its traceback."""
+    from kava.checkpoint import CheckpointError
+    from kava.config import ConfigError
+
+    return (ConfigError, CheckpointError, OSError, ImportError, ValueError)
+
+
+def one_line(e: BaseException) -> str:
+    if isinstance(e, ModuleNotFoundError) and e.name and "." not in e.name:
+        return f"the optional package {e.name!r} is not installed: pip install {e.name}"
+    return " ".join(str(e).split()) or type(e).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    rc = args.func(args)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # "Loading weights" / "Writing model shards" bars: noise in logs
+    try:
+        rc = args.func(args)
+    except user_errors() as e:
+        if args.debug:
+            raise
+        print(f"kava {args.command}: error: {one_line(e)} (--debug shows the traceback)", file=sys.stderr)
+        return 2
     return int(rc or 0)
 
 

@@ -30,6 +30,7 @@ class ConfigError(ValueError):
 @dataclass
 class ModelConfig:
     name_or_path: str | None = None  # hub id or local dir of a HF causal LM (or of a kava run's model/)
+    gguf_file: str | None = None  # a GGUF file inside name_or_path (converted once to a cached HF directory)
     tokenizer: str | None = None  # defaults to name_or_path
     # Build a model from scratch (random init, full training): a dict of HF config fields plus
     # `family: llama|qwen2|gpt2`. Used for the synthetic backbone and for speed benchmarks.
@@ -267,7 +268,7 @@ def _from_dict(cls, data: dict, prefix: str = ""):
 # --------------------------------------------------------------------------------------------------
 # Presets, YAML and overrides.
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"  # package data: ships in the wheel
 
 
 def preset_names() -> list[str]:
@@ -397,6 +398,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"model.gradient_checkpointing: HF decoders drop the KV cache under gradient checkpointing, and "
             f"method {cfg.method!r} needs it for its latent passes; use it only with method cot or nocot")
+    if cfg.model.gguf_file is not None:
+        need(cfg.model.name_or_path is not None and cfg.model.from_scratch is None and cfg.model.init_from is None,
+             "model.gguf_file: names a file inside model.name_or_path; set model.name_or_path (the directory or hub "
+             "id holding it) and neither model.from_scratch nor model.init_from")
     if cfg.model.from_scratch is not None:
         fam = cfg.model.from_scratch.get("family")
         need(fam in ("llama", "qwen2", "gpt2"),

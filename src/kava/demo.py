@@ -17,7 +17,7 @@ from pathlib import Path
 
 from kava.config import load_config
 
-# Stage -> (method, extra overrides). The common settings live in configs/tiny_synth.yaml.
+# Stage -> (method, extra overrides). The common settings live in src/kava/configs/tiny_synth.yaml.
 STAGES = {
     "backbone": ("cot", ["optim.max_steps=400", "optim.lr=3e-3", "run.eval_every=400"]),
     "nocot": ("nocot", ["optim.max_steps=150", "optim.lr=1e-3", "run.eval_every=150"]),

@@ -215,6 +215,8 @@ def model_identity(cfg: Config) -> dict:
     m = cfg.model
     ident = {"name_or_path": m.name_or_path, "tokenizer": m.tokenizer, "from_scratch": m.from_scratch,
              "init_from": m.init_from, "lora": dataclasses.asdict(cfg.lora) if cfg.lora is not None else None}
+    if m.gguf_file is not None:  # only when set: identities written before the key existed still match
+        ident["gguf_file"] = m.gguf_file
     return json.loads(json.dumps(ident))  # as state.json stores it
 
 

@@ -13,7 +13,8 @@ import time
 
 def add_parser(sub) -> None:
     p = sub.add_parser("ask", help="answer a question with a trained run (interactive without --question)")
-    p.add_argument("--checkpoint", required=True, help="run dir (uses best/, else final/) or a checkpoint dir")
+    p.add_argument("--checkpoint", required=True,
+                   help="run dir (uses best/, else final/), a checkpoint dir, or a `kava export` dir")
     p.add_argument("--question", help="the question; without it, one question per stdin line until EOF")
     p.add_argument("--mode", choices=["latent", "cot", "nocot"], help="default: the method's own mode")
     p.add_argument("--show-latents", action="store_true",
@@ -28,23 +29,16 @@ def answer(model, tok, cfg, question: str, *, mode: str, max_new_tokens: int | N
     """The printed lines for one question (a function, so the REPL and --question share it)."""
     import torch
 
-    from kava.data.format import Formatter, build_student_batch
-    from kava.data.records import Record
-    from kava.evaluate import generate
+    from kava.api import KavaModel
+    from kava.data.format import build_student_batch
     from kava.inspect_latents import nearest_tokens
 
-    try:
-        from kava.scoring import extract_answer
-    except ImportError:  # scoring is optional for this command
-        extract_answer = None
-    fmt = Formatter(tok, answer_prompt=cfg.data.answer_prompt, max_question_tokens=10**9)
-    item = fmt.tokenize(Record(question, (), "", "ask"), need_answer=False)
+    km = model if isinstance(model, KavaModel) else KavaModel(model, tok, cfg, None, exported=False)
+    model, tok, cfg = km.model, km.tokenizer, km.cfg
     student_mode = "sequential" if cfg.method == "codi" else "jacobi"
     T, M = cfg.latent.num_sweeps, cfg.latent.num_latents
     t0 = time.perf_counter()
-    g = generate(model, [item], mode=mode, num_latents=M, num_sweeps=T, student_mode=student_mode,
-                 max_new_tokens=max_new_tokens or cfg.run.eval_max_new_tokens,
-                 max_cot_tokens=cfg.run.eval_max_cot_tokens, tokenizer=tok)[0]
+    g = km.generate([question], mode, max_new_tokens=max_new_tokens)[0]
     if model.special_rows.is_cuda:
         torch.cuda.synchronize()
     dt = time.perf_counter() - t0
@@ -55,14 +49,14 @@ def answer(model, tok, cfg, question: str, *, mode: str, max_new_tokens: int | N
         pre, how = 1 + M, f"1 prefix + {M} sequential latents + "
     else:
         pre, how = 1 + T, f"1 prefix + {T} sweeps + "
-    extracted = extract_answer(g.text, cfg.data.answer_prompt)["strict"] if extract_answer else None
-    lines = [f"answer: {g.text.strip()}", f"extracted: {extracted}",
+    lines = [f"answer: {g.text.strip()}", f"extracted: {g.answer}",
              f"forward passes: {g.forward_passes} ({how}{steps} decode steps)", f"time: {dt:.3f} s"]
     assert g.forward_passes == pre + steps, "forward-pass accounting disagrees with evaluate.generate"
     if show_latents:
         if mode != "latent":
             lines.append(f"(no latents in mode {mode})")
         else:
+            item = km.tokenize([question])[0]
             sb = build_student_batch([item], model.ids, M, with_answer=False).to(model.special_rows.device)
             with torch.no_grad():
                 s = model.student_forward(sb, T, mode=student_mode, with_answer=False)
@@ -72,22 +66,16 @@ def answer(model, tok, cfg, question: str, *, mode: str, max_new_tokens: int | N
 
 
 def run(args) -> int:
-    import torch
+    import kava
 
-    from kava.commands.eval import checkpoint_dir
-    from kava.evaluate import default_mode
-    from kava.model.loading import load_for_eval
-
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    model, tok, cfg = load_for_eval(checkpoint_dir(args.checkpoint), device=device, dtype=dtype)
-    mode = args.mode or default_mode(cfg.method)
-    if mode == "latent" and not cfg.is_latent:
-        print(f"kava ask: a {cfg.method!r} checkpoint has no latent mode; use --mode cot or nocot")
+    km = kava.load(args.checkpoint, device=args.device)
+    mode = args.mode or km.default_mode
+    if mode == "latent" and not km.cfg.is_latent:
+        print(f"kava ask: a {km.method!r} checkpoint has no latent mode; use --mode cot or nocot")
         return 2
 
     def one(q: str) -> None:
-        print("\n".join(answer(model, tok, cfg, q, mode=mode, max_new_tokens=args.max_new_tokens,
+        print("\n".join(answer(km, None, None, q, mode=mode, max_new_tokens=args.max_new_tokens,
                                show_latents=args.show_latents)), flush=True)
 
     if args.question is not None:

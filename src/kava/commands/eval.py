@@ -17,7 +17,8 @@ from pathlib import Path
 
 def add_parser(sub) -> None:
     p = sub.add_parser("eval", help="evaluate a trained run on GSM8k / GSM8k-Hard / SVAMP / synthetic splits")
-    p.add_argument("--checkpoint", required=True, help="run dir (uses best/, else final/) or a checkpoint dir")
+    p.add_argument("--checkpoint", required=True,
+                   help="run dir (uses best/, else final/), a checkpoint dir, or a `kava export` dir")
     p.add_argument("--datasets", default="gsm8k,gsm8k-hard,svamp",
                    help="comma list of: gsm8k, gsm8k-hard, svamp, gsm8k-aug-valid, synth-test, synth-hard, synth-varied")
     p.add_argument("--data-dir", help="local data root (../shared/data layout); default $KAVA_DATA_DIR or ./data")
@@ -36,14 +37,6 @@ def add_parser(sub) -> None:
                    help="per-layer relative error and cosine of the student's latent KV vs its eviction targets")
     g.add_argument("--diagnostics", action="store_true", help="all of the above")
     p.set_defaults(func=run)
-
-
-def checkpoint_dir(path: str) -> Path:
-    p = Path(path)
-    for c in (p / "best", p / "final", p):
-        if (c / "model").exists():
-            return c
-    raise FileNotFoundError(f"{path}: no best/ or final/ model in this run directory")
 
 
 def diagnostics_spec(ablations: str | None = None, oracle: bool = False, kv_match: bool = False,
@@ -65,34 +58,31 @@ def evaluate_run(checkpoint: str, datasets: list[str], *, data_dir=None, hub=Fal
     from accelerate import PartialState
     from accelerate.utils import gather_object
 
+    import kava
     from kava.data.readers import load_eval_dataset
     from kava.diagnostics import format_diagnostics
-    from kava.evaluate import evaluate_records, hardware, summarize, write_eval
-    from kava.model.loading import load_for_eval
+    from kava.evaluate import hardware, summarize, write_eval
 
     state = PartialState(cpu=not torch.cuda.is_available())  # multi-process CPU runs shard too
-    ck = checkpoint_dir(checkpoint)
-    dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    model, tok, cfg = load_for_eval(ck, device=state.device, dtype=dtype)
-    run_dir = ck.parent if (ck.parent / "config.yaml").exists() else ck
-    out_root = Path(output) if output else run_dir / "eval"
+    km = kava.load(checkpoint, device=state.device)
+    cfg = km.cfg
+    out_root = Path(output) if output else km.run_dir / "eval"
     results = {}
     for name in datasets:
         records, desc = load_eval_dataset(name, data_dir, hub=hub)
         if limit:
             records = records[:limit]
             desc += f" (first {limit})"
-        rows, s = evaluate_records(model, tok, cfg, records, mode=mode, batch_size=batch_size,
-                                   max_new_tokens=max_new_tokens, rank=state.process_index,
-                                   world=state.num_processes, progress=progress and state.is_main_process,
-                                   diagnostics=diagnostics)
+        rows, s = km.evaluate(records, mode=mode, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                              rank=state.process_index, world=state.num_processes,
+                              progress=progress and state.is_main_process, diagnostics=diagnostics)
         rows = gather_object(rows)
         walls = gather_object([s["wall_s"]])
         if state.is_main_process:
             assert len({r["index"] for r in rows}) == len(rows) == len(records), "sharding counted an example twice"
             summary = summarize(rows, max(walls), s["mode"])
             summary.update({"dataset": name, "description": desc, "hardware": hardware(),
-                            "processes": state.num_processes, "checkpoint": str(ck), "config_hash": cfg.hash(),
+                            "processes": state.num_processes, "checkpoint": str(km.source), "config_hash": cfg.hash(),
                             "method": cfg.method})
             write_eval(out_root / name, rows, summary)
             results[name] = summary

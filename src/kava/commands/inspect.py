@@ -25,12 +25,11 @@ def run(args) -> int:
 
     import torch
 
-    from kava.commands.eval import checkpoint_dir
+    import kava
     from kava.inspect_latents import inspect_example, most_kept, plot_similarity
-    from kava.model.loading import load_for_eval
 
-    ck = checkpoint_dir(args.checkpoint)
-    model, tok, cfg = load_for_eval(ck, device="cuda" if torch.cuda.is_available() else "cpu")
+    km = kava.load(args.checkpoint, device="cuda" if torch.cuda.is_available() else "cpu", dtype=torch.float32)
+    model, tok, cfg = km.model, km.tokenizer, km.cfg
     if not cfg.is_latent:
         print(f"kava inspect: a {cfg.method!r} checkpoint has no latents; use a pccot, codi or kava run")
         return 2
@@ -40,8 +39,7 @@ def run(args) -> int:
     if layers and not all(0 <= x < L for x in layers):
         print(f"kava inspect: --layers must be in 0..{L - 1}")
         return 2
-    run_dir = ck.parent if (ck.parent / "config.yaml").exists() else ck
-    out = plot_similarity(ins, args.output or Path(run_dir) / "inspect.png", layers)
+    out = plot_similarity(ins, args.output or km.run_dir / "inspect.png", layers)
     print(f"saved {out}")
     M = ins.sim_k.shape[1]
     print(f"CoT tokens kept most often ({ins.eviction}, {M} slots, {ins.num_kv_heads} KV heads):")

@@ -10,6 +10,8 @@ def add_parser(sub) -> None:
                    help="override a config value, e.g. --set optim.lr=1e-4 (repeatable)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run exactly where it stopped")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the resolved config and the plan (data counts, steps, accumulation), then stop")
     p.set_defaults(func=run)
 
 
@@ -27,6 +29,48 @@ def run(args) -> int:
             print("kava train: give --config PRESET_OR_YAML (or --resume RUN_DIR)")
             return 2
         cfg = load_config(args.config, args.overrides)
+    if args.dry_run:
+        print("\n".join(dry_run(cfg)))
+        return 0
     run_dir = train(cfg, resume=args.resume, progress=not args.no_progress)
     print(f"run directory: {run_dir}")
     return 0
+
+
+def dry_run(cfg) -> list[str]:
+    """The resolved config and the training plan, without loading a model: the lines `--dry-run` prints."""
+    import os
+    from pathlib import Path
+
+    from kava.data.format import Formatter
+    from kava.data.pipeline import load_train_valid
+    from kava.data.records import SkipLog
+    from kava.train import make_plan, run_name
+
+    skips = SkipLog(strict=cfg.data.strict)
+    train_recs, valid_recs, desc = load_train_valid(cfg, Path(cfg.run.output_dir) / "_data", skips)
+    n = len(train_recs)
+    how = "records (not tokenized: the tokenizer is built at the start of training)"
+    if not (cfg.model.from_scratch is not None and not cfg.model.tokenizer and not cfg.model.init_from):
+        from kava.model.loading import load_tokenizer
+
+        fmt = Formatter(load_tokenizer(cfg), answer_prompt=cfg.data.answer_prompt,
+                        drop_last_step=cfg.data.drop_last_step, max_question_tokens=cfg.data.max_question_tokens,
+                        max_cot_tokens=cfg.data.max_cot_tokens, max_answer_tokens=cfg.data.max_answer_tokens)
+        n = len(fmt.tokenize_all(train_recs, skips))
+        how = "examples after the length limits"
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    plan = make_plan(cfg, n, world)
+    model = cfg.model.name_or_path or (f"init_from {cfg.model.init_from}" if cfg.model.init_from else "from_scratch")
+    if cfg.model.gguf_file:
+        model += f" ({cfg.model.gguf_file})"
+    return [cfg.to_yaml().rstrip(), "", "plan:",
+            f"  run dir:          {Path(cfg.run.output_dir) / run_name(cfg)}",
+            f"  method:           {cfg.method} ({'LoRA r=' + str(cfg.lora.r) if cfg.lora else 'full fine-tuning'})",
+            f"  model:            {model}",
+            f"  data:             {desc}",
+            f"  train:            {n} {how}; {skips.summary()}",
+            f"  validation:       {len(valid_recs)} records",
+            f"  steps:            {plan.total_steps} ({plan.steps_per_epoch} per epoch, warmup {plan.warmup_steps})",
+            f"  batch:            effective {cfg.optim.effective_batch} = micro {cfg.optim.micro_batch} x "
+            f"{world} process(es) x {plan.accum} accumulation"]

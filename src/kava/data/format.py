@@ -42,7 +42,7 @@ def add_special_tokens(tokenizer) -> SpecialIds:
     """Add `<bot>`, `<eot>`, `<latent>` to the tokenizer (idempotent) and return the ids we use."""
     missing = [t for t in SPECIAL_TOKENS if t not in tokenizer.get_vocab()]
     if missing:
-        tokenizer.add_special_tokens({"additional_special_tokens": list(SPECIAL_TOKENS)})
+        tokenizer.add_special_tokens({"extra_special_tokens": list(missing)}, replace_extra_special_tokens=False)
     return special_ids(tokenizer)
 
 

@@ -123,6 +123,7 @@ class LatentReasoner(nn.Module):
         cfg = base.config
         self.num_layers = cfg.num_hidden_layers
         self.rotary = getattr(self.decoder, "rotary_emb", None)  # None for absolute-position models (GPT-2)
+        self.blocked_ids: list[int] = []  # token ids the head must never predict (set for exported models)
 
     # ---------------------------------------------------------------------------------- basic pieces
     @property
@@ -154,7 +155,10 @@ class LatentReasoner(nn.Module):
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """LM head on selected hidden states [N, d] -> [N, V]."""
-        return self.head(h)
+        out = self.head(h)
+        if self.blocked_ids:  # an exported model's head has rows for <bot>/<eot>/<latent>: never predict them
+            out[..., self.blocked_ids] = float("-inf")
+        return out
 
     def _run(self, embeds, mask, pos, cache, hidden_states: bool = False):
         return self.decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, past_key_values=cache,

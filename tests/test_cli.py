@@ -1,0 +1,69 @@
+"""The command line's own behaviour: `--version`, `train --dry-run`, and user errors as one line + exit 2."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import kava
+from kava.cli import main
+
+from test_sweep import TINY
+
+
+def sets(items):
+    return [x for s in items for x in ("--set", s)]
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"kava {kava.__version__}"
+
+
+def test_train_dry_run_prints_config_and_plan_and_trains_nothing(tmp_path, capsys):
+    assert main(["train", "--config", "tiny_synth", "--dry-run",
+                 *sets(TINY + [f"run.output_dir={tmp_path}", "optim.max_steps=7"])]) == 0
+    out = capsys.readouterr().out
+    assert "method: cot" in out and "max_steps: 7" in out  # the resolved config
+    plan = dict(ln.strip().split(":", 1) for ln in out.split("plan:\n")[1].splitlines())
+    assert plan["steps"].split()[0] == "7"
+    assert plan["train"].split()[0] == "300"  # data.synth_train_size
+    assert plan["batch"].strip() == "effective 8 = micro 8 x 1 process(es) x 1 accumulation"
+    assert not (tmp_path / "tiny_synth-s42").exists()
+
+
+@pytest.mark.parametrize("argv,expect", [
+    (["train", "--config", "tiny_synth", "--set", "optim.lrr=1"], "unknown key optim.lrr"),
+    (["train", "--config", "no/such/file.yaml"], "config file not found: no/such/file.yaml"),
+    (["eval", "--checkpoint", "{tmp}", "--datasets", "gsm8k"], "no kava model found"),
+    (["ask", "--checkpoint", "{tmp}/missing", "--question", "x"], "missing: no such directory"),
+])
+def test_user_errors_are_one_line_with_exit_status_2(argv, expect, tmp_path, capsys):
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"kava {argv[0]}: error: ") and expect in err and err.count("\n") == 1, err
+
+
+@pytest.mark.skipif(importlib.util.find_spec("wandb") is not None, reason="wandb is installed here")
+def test_missing_optional_package_is_one_line(tmp_path, capsys):
+    argv = ["train", "--config", "tiny_synth", "--no-progress",
+            *sets(TINY + [f"run.output_dir={tmp_path}", "run.log=[jsonl,wandb]"])]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "the optional package 'wandb' is not installed: pip install wandb" in err and err.count("\n") == 1
+
+
+def test_a_real_process_exits_2_without_traceback_unless_debug(tmp_path):
+    src = str(Path(kava.__file__).parents[1])
+    cmd = [sys.executable, "-m", "kava.cli", "eval", "--checkpoint", str(tmp_path), "--datasets", "gsm8k"]
+    r = subprocess.run(cmd, capture_output=True, text=True, env={"PYTHONPATH": src, "PATH": "/usr/bin:/bin"})
+    assert r.returncode == 2 and "Traceback" not in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    r = subprocess.run(cmd[:3] + ["--debug"] + cmd[3:], capture_output=True, text=True,
+                       env={"PYTHONPATH": src, "PATH": "/usr/bin:/bin"})
+    assert r.returncode == 1 and "Traceback" in r.stderr and "CheckpointError" in r.stderr
