@@ -60,6 +60,7 @@ def answer_attention_importance(
     allowed: torch.Tensor,
     query_valid: torch.Tensor,
     scaling: float,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Attention the answer rows pay to each key, averaged over rows, max-pooled over each GQA group.
 
@@ -70,6 +71,8 @@ def answer_attention_importance(
             The softmax runs over exactly these columns, as the model's attention does.
         query_valid: ``[B, A]`` bool, True for rows that are real answer tokens (not padding).
         scaling: the attention logit scale (``head_dim ** -0.5`` for LLaMA/Qwen).
+        softcap: the model's attention logit softcap (Gemma2): logits -> softcap * tanh(logits / softcap)
+            before the softmax, as its eager attention does; None = no cap.
 
     Returns:
         ``[B, Hkv, K]`` fp32 importance. Slice the CoT columns out of it. A row with no allowed column
@@ -101,16 +104,18 @@ def answer_attention_importance(
             f"got {tuple(allowed.shape)} and {tuple(query_valid.shape)}"
         )
     with torch.autocast(query.device.type, enabled=False):  # fp32 math even inside a bf16 autocast region
-        return _importance_fp32(query, key, allowed, query_valid, scaling)
+        return _importance_fp32(query, key, allowed, query_valid, scaling, softcap)
 
 
-def _importance_fp32(query, key, allowed, query_valid, scaling: float) -> torch.Tensor:
+def _importance_fp32(query, key, allowed, query_valid, scaling: float, softcap: float | None = None) -> torch.Tensor:
     B, H, A, D = query.shape
     Hkv = key.shape[1]
     G = H // Hkv
     q = query.float().reshape(B, Hkv, G, A, D)  # head h = g*G + j  ->  [b, g, j]  (HF repeat_kv grouping)
     k = key.float()
     logits = torch.einsum("bgjad,bgkd->bgjak", q, k) * scaling  # [B, Hkv, G, A, K]
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
     allow = allowed.bool()[:, None, None, :, :]  # [B, 1, 1, A, K]
     # A finite fill (as HF's additive mask uses) keeps all-masked rows NaN-free; they are zeroed just below.
     logits = logits.masked_fill(~allow, torch.finfo(torch.float32).min)

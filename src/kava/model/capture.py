@@ -1,24 +1,35 @@
 """Capture the importance block inside the model's own attention, without `output_attentions`.
 
 Asking HF for attention probabilities forces eager attention and materialises [B, H, S, S] for every
-layer. Eviction only needs the answer queries' probabilities over the keys. We register an attention
-implementation, `kava_sdpa`, through transformers' public `AttentionInterface`: it runs the normal SDPA
-kernel for the output and, while an `ImportanceCapture` is active, also computes the small block
-(A answer rows × S keys per head) from the same post-RoPE queries and keys, max-pooled over each KV group.
+layer. Eviction only needs the answer queries' probabilities over the keys. We register two attention
+implementations through transformers' public `AttentionInterface`:
+
+- `kava_sdpa`: HF's SDPA kernel for the output (`model.attn_implementation: sdpa`);
+- `kava_eager`: the model's *own* eager attention function (looked up in its modeling module, so family
+  specifics such as Gemma2's logit softcapping stay exactly as HF wrote them; `model.attn_implementation:
+  eager`, and what `auto` picks for a model HF does not run under SDPA).
+
+While an `ImportanceCapture` is active, either also computes the small block (A answer rows × S keys per
+head) from the same post-RoPE queries and keys, the model's own mask and its logit softcap, max-pooled over
+each KV group. `install` puts one of them on a loaded model, or refuses with the reason.
 """
 
 from __future__ import annotations
 
+import sys
 import threading
 
 import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
 
 from kava.eviction import answer_attention_importance
 
-ATTN_IMPL = "kava_sdpa"
+SDPA_IMPL = "kava_sdpa"
+EAGER_IMPL = "kava_eager"
+ATTN_IMPL = SDPA_IMPL  # the default capturing implementation (kept under its old name)
+ATTN_CHOICES = ("auto", "sdpa", "eager")  # values of `model.attn_implementation`
 _state = threading.local()
 
 
@@ -50,7 +61,9 @@ class ImportanceCapture:
     def stacked(self) -> torch.Tensor:
         """[L, B, Hkv, K]"""
         if not self.per_layer:
-            raise RuntimeError(f"no importance was captured: the model does not use attn_implementation={ATTN_IMPL!r}")
+            raise RuntimeError(f"no importance was captured: the model uses attn_implementation="
+                               f"{'another implementation'}, not {SDPA_IMPL!r} or {EAGER_IMPL!r} "
+                               "(build it through LatentReasoner, which installs one)")
         return torch.stack([self.per_layer[i] for i in sorted(self.per_layer)])
 
 
@@ -70,25 +83,96 @@ def allowed_rows(attention_mask: torch.Tensor | None, query_idx: torch.Tensor, q
     return rows if rows.dtype == torch.bool else rows > torch.finfo(rows.dtype).min / 2
 
 
+def _record(module, query, key, attention_mask, scaling, kwargs) -> None:
+    """If a capture is active, add this layer's [B, Hkv, K] importance to it (no gradient)."""
+    cap = getattr(_state, "capture", None)
+    if cap is None:
+        return
+    for k in ("s_aux", "sinks"):
+        if kwargs.get(k) is not None:
+            raise NotImplementedError(f"{type(module).__name__} uses attention sinks ({k}): kava's importance "
+                                      "capture does not model them; use eviction.method: cosine or crop")
+    B, H, q_len, D = query.shape
+    idx = cap.query_idx
+    q_sel = torch.gather(query, 2, idx.view(B, 1, -1, 1).expand(B, H, idx.shape[1], D))
+    allowed = allowed_rows(attention_mask, idx, q_len, key.shape[2])
+    if cap.key_mask is not None:  # Listing 1: renormalise over these columns only
+        allowed = allowed & cap.key_mask[:, None, : key.shape[2]].bool()
+    scale = scaling if scaling is not None else D ** -0.5
+    with torch.no_grad():  # importance is a selection signal: it never carries gradient
+        cap.per_layer[module.layer_idx] = answer_attention_importance(
+            q_sel.detach(), key.detach(), allowed, cap.query_valid, scale, softcap=kwargs.get("softcap"))
+
+
 def kava_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     """SDPA attention that also records the importance block when a capture is active.
 
     query: [B, H, q, D] (post-RoPE); key, value: [B, Hkv, K, D] (the full cache after update).
     """
-    cap = getattr(_state, "capture", None)
-    if cap is not None:
-        B, H, q_len, D = query.shape
-        idx = cap.query_idx
-        q_sel = torch.gather(query, 2, idx.view(B, 1, -1, 1).expand(B, H, idx.shape[1], D))
-        allowed = allowed_rows(attention_mask, idx, q_len, key.shape[2])
-        if cap.key_mask is not None:  # Listing 1: renormalise over these columns only
-            allowed = allowed & cap.key_mask[:, None, : key.shape[2]].bool()
-        scale = scaling if scaling is not None else D ** -0.5
-        with torch.no_grad():  # importance is a selection signal: it never carries gradient
-            cap.per_layer[module.layer_idx] = answer_attention_importance(
-                q_sel.detach(), key.detach(), allowed, cap.query_valid, scale)
+    if kwargs.get("softcap") is not None:  # HF's SDPA path would silently drop it
+        raise ValueError(f"{type(module).__name__} uses attention logit softcapping, which SDPA cannot apply; "
+                         "set model.attn_implementation: eager (or auto)")
+    _record(module, query, key, attention_mask, scaling, kwargs)
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
 
 
-AttentionInterface.register(ATTN_IMPL, kava_sdpa_attention)
-AttentionMaskInterface.register(ATTN_IMPL, sdpa_mask)
+def module_eager_attention(module):
+    """The eager attention function of `module`'s own modeling file (`eager_attention_forward`)."""
+    fn = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+    if fn is None:
+        raise NotImplementedError(f"{type(module).__module__} has no eager_attention_forward: kava cannot run "
+                                  f"{type(module).__name__} under model.attn_implementation: eager")
+    return fn
+
+
+def kava_eager_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """The model's own eager attention that also records the importance block when a capture is active.
+
+    query: [B, H, q, D] (post-RoPE); key, value: [B, Hkv, K, D]; attention_mask: additive [B, 1, q, K].
+    """
+    _record(module, query, key, attention_mask, scaling, kwargs)
+    return module_eager_attention(module)(module, query, key, value, attention_mask, dropout=dropout,
+                                          scaling=scaling, **kwargs)
+
+
+def _uses_softcap(config) -> bool:
+    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return getattr(cfg, "attn_logit_softcapping", None) is not None
+
+
+def install(lm, requested: str = "auto") -> str:
+    """Switch a loaded HF model (or peft wrapper) to kava's capturing attention; returns the name installed.
+
+    requested (`model.attn_implementation`): "sdpa" -> `kava_sdpa`; "eager" -> `kava_eager`; "auto" ->
+    `kava_sdpa` where HF runs the model under SDPA and it has no attention softcapping, else `kava_eager`.
+    Raises ValueError naming the key when the model cannot run the requested one.
+    """
+    if requested not in ATTN_CHOICES:
+        raise ValueError(f"model.attn_implementation: {requested!r} is not allowed; allowed values: "
+                         f"{', '.join(ATTN_CHOICES)}" + (" (flash attention cannot expose the importance block "
+                                                          "kava captures, nor take its masks)" if "flash" in requested else ""))
+    base = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
+    if requested == "auto":
+        requested = "eager" if _uses_softcap(base.config) else "sdpa"
+        if requested == "sdpa":
+            try:
+                base.set_attn_implementation(SDPA_IMPL)
+                return SDPA_IMPL
+            except (ValueError, ImportError):
+                requested = "eager"
+    if requested == "sdpa" and _uses_softcap(base.config):
+        raise ValueError(f"model.attn_implementation: sdpa cannot apply {type(base).__name__}'s attention logit "
+                         "softcapping (attn_logit_softcapping); use eager or auto")
+    name = SDPA_IMPL if requested == "sdpa" else EAGER_IMPL
+    try:
+        base.set_attn_implementation(name)
+    except (ValueError, ImportError) as e:
+        raise ValueError(f"model.attn_implementation: {requested} is not available for {type(base).__name__} "
+                         f"({str(e).splitlines()[0]}); use auto") from e
+    return name
+
+
+AttentionInterface.register(SDPA_IMPL, kava_sdpa_attention)
+AttentionMaskInterface.register(SDPA_IMPL, sdpa_mask)
+AttentionInterface.register(EAGER_IMPL, kava_eager_attention)
+AttentionMaskInterface.register(EAGER_IMPL, eager_mask)

@@ -22,7 +22,10 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 
 from kava.data.format import IGNORE, SpecialIds, StudentBatch, TeacherBatch
+from kava.model import capture
 from kava.model.capture import ImportanceCapture
+from kava.model.families import check_window, sliding_window
+from kava.model.rope import LayerRopes, RopeUnsupported
 
 
 class Projection(nn.Module):
@@ -69,6 +72,22 @@ def rotate_keys(k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.
     return k * cos + rotate_half(k) * sin
 
 
+def embedding_stats(emb: nn.Module, chunk: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean row [d] and overall std (0-dim) of what the input-embedding module outputs over its vocabulary
+    (its forward, so any scale it applies inside is included), fp32, in chunks of rows."""
+    V = emb.weight.shape[0]
+    total, sq, n = 0.0, 0.0, 0
+    for i in range(0, V, chunk):
+        ids = torch.arange(i, min(i + chunk, V), device=emb.weight.device)
+        x = emb(ids.unsqueeze(0))[0].float()  # [rows, d]
+        total = total + x.sum(0)
+        sq = sq + (x * x).sum()
+        n += x.shape[0]
+    mean = total / n
+    var = sq / (n * mean.numel()) - mean.mean() ** 2
+    return mean, var.clamp_min(0).sqrt()
+
+
 def truncate_cache(cache: DynamicCache, length: int) -> None:
     """Keep the first `length` columns (negative `crop` means "remove n" in every transformers 5.x)."""
     extra = cache.get_seq_length() - length
@@ -100,11 +119,15 @@ class StudentOut:
 
 class LatentReasoner(nn.Module):
     def __init__(self, lm: nn.Module, ids: SpecialIds, *, projection: str = "mlp", proj_hidden: int | None = None,
-                 proj_layernorm: bool = True):
+                 proj_layernorm: bool = True, attn_implementation: str | None = "auto"):
+        """attn_implementation (`model.attn_implementation`): auto | sdpa | eager installs kava's capturing
+        attention (`kava.model.capture:install`); None leaves the model's own (then no importance capture)."""
         super().__init__()
         self.lm = lm
         self.ids = ids
         base = lm.get_base_model() if hasattr(lm, "get_base_model") else lm  # unwrap peft
+        if attn_implementation is not None:
+            self.attn_implementation = capture.install(base, attn_implementation)
         self.causal_lm = base
         self.decoder = base.base_model  # LlamaModel / Qwen2Model / GPT2Model: returns hidden states
         self.head = base.get_output_embeddings()
@@ -113,22 +136,97 @@ class LatentReasoner(nn.Module):
         d = emb.weight.shape[1]
         self.hidden_size = d
         # Trainable rows for <bot>, <eot>, <latent>, initialised at the mean embedding (plus small noise so
-        # the three differ); the vocabulary embedding itself may stay frozen.
+        # the three differ); the vocabulary embedding itself may stay frozen. The statistics are of what the
+        # embedding module outputs (Gemma scales by sqrt(d) inside it), since `embed` feeds these rows as is.
         with torch.no_grad():
-            mean = emb.weight.float().mean(0)
+            mean, std = embedding_stats(emb)
             g = torch.Generator().manual_seed(0)
-            init = mean.unsqueeze(0) + 0.02 * torch.randn(3, d, generator=g).to(mean.device) * emb.weight.float().std()
+            init = mean.unsqueeze(0) + 0.02 * torch.randn(3, d, generator=g).to(mean.device) * std
         self.special_rows = nn.Parameter(init)  # fp32 master copy even over a bf16 backbone (cast in `embed`)
         self.proj = Projection(d, projection, proj_hidden, proj_layernorm)
         cfg = base.config
         self.num_layers = cfg.num_hidden_layers
         self.rotary = getattr(self.decoder, "rotary_emb", None)  # None for absolute-position models (GPT-2)
+        self.ropes = LayerRopes(self.decoder, cfg)
+        self._pre_rope_checked = False  # each layer's own RoPE, for `unrotate` / `rotate`
+        self.sliding_window = sliding_window(cfg)
+        tc = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+        # The model's own processing of its LM head output (the training CE must see the same logits)
+        self.logits_scaling = getattr(tc, "logits_scaling", None)  # Granite: logits / logits_scaling
+        self.logit_scale = getattr(tc, "logit_scale", None)  # Cohere: logits * logit_scale
+        self.final_softcap = getattr(tc, "final_logit_softcapping", None)  # Gemma2/3: cap * tanh(logits / cap)
         self.blocked_ids: list[int] = []  # token ids the head must never predict (set for exported models)
 
     # ---------------------------------------------------------------------------------- basic pieces
     @property
     def config(self):
         return self.causal_lm.config
+
+    def _probe(self, length: int = 8) -> torch.Tensor:
+        """[1, length] ids of ordinary tokens (no kava special token) for the build-time checks."""
+        V = self.embed_tokens.weight.shape[0]
+        special = {self.ids.bot, self.ids.eot, self.ids.latent}
+        ids = [i for i in range(V // 3, V) if i not in special][:length]
+        return torch.tensor([ids], device=self.embed_tokens.weight.device)
+
+    def _tolerance(self) -> float:
+        return 1e-4 if self.embed_tokens.weight.dtype == torch.float32 else 3e-2
+
+    def check_backbone(self) -> None:
+        """Refuse (ValueError) a model whose logits kava's own path would not reproduce.
+
+        kava feeds `inputs_embeds` from `embed` and applies `logits` to the decoder's last hidden state; on a
+        probe of ordinary tokens both must give the model's own `forward(input_ids).logits` (an embedding
+        multiplier applied only to input ids, or a final logit processing `logits` does not know, fails)."""
+        x = self._probe()
+        mask = torch.ones_like(x)
+        pos = torch.arange(x.shape[1], device=x.device).unsqueeze(0)
+        was = self.training
+        self.eval()
+        try:
+            with torch.no_grad(), self.autocast():
+                ref = self.causal_lm(input_ids=x, attention_mask=mask, position_ids=pos, use_cache=False).logits[0]
+                h = self.decoder(inputs_embeds=self.embed(x), attention_mask=mask, position_ids=pos,
+                                 use_cache=False).last_hidden_state[0]
+                got = self.logits(h)
+        finally:
+            self.train(was)
+        ref, got = ref.float(), got.float()
+        err, scale = (got - ref).abs().max().item(), ref.abs().max().item()
+        if not err <= self._tolerance() * scale + 1e-6:
+            raise ValueError(
+                f"{type(self.causal_lm).__name__}: kava's path (inputs_embeds from the embedding module, LM head "
+                f"+ known final processing) does not reproduce the model's own logits (max |diff| {err:.3g}, max "
+                f"|logit| {scale:.3g}); this family's embedding or logit processing is not supported by kava")
+
+    def check_pre_rope(self) -> None:
+        """Refuse (`RopeUnsupported`) `pre_rope` keys kava cannot produce for this model.
+
+        The keys of a RoPE model before the rotary embedding do not depend on absolute position: running the
+        same tokens at positions p and p + 11 must give the same `unrotate`d cache keys in every layer."""
+        self.ropes._check()
+        if self.ropes.rotary is None:
+            return
+        x = self._probe()
+        N = x.shape[1]
+        keys = []
+        was = self.training
+        self.eval()
+        try:
+            with torch.no_grad(), self.autocast():
+                for shift in (0, 11):
+                    pos = torch.arange(shift, shift + N, device=x.device).unsqueeze(0)
+                    cache = self.new_cache()
+                    self._run(self.embed(x), torch.ones_like(x), pos, cache)
+                    keys.append(self.unrotate(self.cache_kv(cache, 0, N)[0].float(), pos).float())
+        finally:
+            self.train(was)
+        err, scale = (keys[0] - keys[1]).abs().max().item(), keys[0].abs().max().item()
+        if not err <= 10 * self._tolerance() * scale + 1e-6:
+            raise RopeUnsupported(
+                f"loss.kv_key_space: pre_rope is not supported for {self.config.model_type}: undoing each layer's "
+                f"rotary embedding does not give position-independent keys (max |diff| {err:.3g}, max |key| "
+                f"{scale:.3g}); use kv_key_space: cache")
 
     def autocast(self):
         """bf16 autocast when the backbone weights are bf16 (GPU inference and LoRA training), else a no-op."""
@@ -154,18 +252,28 @@ class LatentReasoner(nn.Module):
         return torch.where((slot >= 0).unsqueeze(-1), rows, x)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        """LM head on selected hidden states [N, d] -> [N, V]."""
+        """LM head and the model's own final processing (Granite `logits_scaling`, Cohere `logit_scale`,
+        Gemma final softcapping) on selected hidden states [N, d] -> [N, V]."""
         out = self.head(h)
+        if self.logits_scaling is not None:
+            out = out / self.logits_scaling
+        if self.logit_scale is not None:
+            out = out * self.logit_scale
+        if self.final_softcap is not None:
+            out = torch.tanh(out / self.final_softcap) * self.final_softcap
         if self.blocked_ids:  # an exported model's head has rows for <bot>/<eot>/<latent>: never predict them
             out[..., self.blocked_ids] = float("-inf")
         return out
 
     def _run(self, embeds, mask, pos, cache, hidden_states: bool = False):
+        check_window(self.config, mask.shape[1])  # mask covers every column this pass attends to
         return self.decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, past_key_values=cache,
                             use_cache=True, output_hidden_states=hidden_states)
 
     def new_cache(self) -> DynamicCache:
-        return DynamicCache(config=self.config)
+        """A cache whose every layer keeps every column (also for sliding-window layers: `check_window`
+        refuses sequences a window would cut), so the latent block can be cropped and re-run."""
+        return DynamicCache()
 
     @staticmethod
     def cache_kv(cache: DynamicCache, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -175,19 +283,21 @@ class LatentReasoner(nn.Module):
         return ks, vs
 
     def unrotate(self, k: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """Keys as stored in the cache -> keys before the rotary embedding. k: [L, B, Hkv, N, D]; pos: [B, N]."""
-        if self.rotary is None:
-            return k
-        cos, sin = self.rotary(k[0], pos)
-        return torch.stack([unrotate_keys(k[l], cos, sin) for l in range(k.shape[0])])
+        """Keys as stored in the cache -> keys before each layer's rotary embedding (`kava.model.rope`).
+        k: [L, B, Hkv, N, D]; pos: [B, N]. The first call verifies the model (`check_pre_rope`)."""
+        if not self._pre_rope_checked:
+            self._pre_rope_checked = True  # check_pre_rope calls unrotate itself
+            try:
+                self.check_pre_rope()
+            except Exception:
+                self._pre_rope_checked = False
+                raise
+        return self.ropes.unrotate(k, pos)
 
     def rotate(self, k: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """Keys before the rotary embedding -> as the cache would store them at positions `pos`.
         k: [L, B, Hkv, N, D]; pos: [B, N]. The inverse of `unrotate`; identity without rotary embedding."""
-        if self.rotary is None:
-            return k
-        cos, sin = self.rotary(k[0], pos)
-        return torch.stack([rotate_keys(k[l], cos, sin) for l in range(k.shape[0])])
+        return self.ropes.rotate(k, pos)
 
     def _labelled(self, h: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         sel = targets != IGNORE
