@@ -162,7 +162,7 @@ def test_wrong_types_name_the_key_and_expected_type(override, key, expected):
     ("optim.lr=0", "optim.lr", "> 0"),
     ("optim.warmup_ratio=1.0", "optim.warmup_ratio", "[0, 1)"),
     ("run.log=[jsonl, mlflow]", "run.log", "jsonl, stdout, tensorboard, wandb"),
-    ("model.from_scratch={family: mamba}", "model.from_scratch.family", "llama, qwen2, gpt2"),
+    ("model.from_scratch={family: mamba}", "model.from_scratch.family", "llama, qwen2, qwen3"),
     ("lora.dropout=1.0", "lora.dropout", "[0, 1)"),
     ("loss.codi_layers=[]", "loss.codi_layers", "non-empty"),
     # these used to pass and fail much later (eval_batch_size=0 at the first validation, after an epoch)

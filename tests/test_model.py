@@ -66,12 +66,12 @@ def eager_importance(family, tb, softmax="cot"):
     softmax="cot" (the paper's Listing 1): the answer rows' logits softmaxed over the CoT keys only, which
     is the eager probabilities of the CoT columns renormalised to sum to 1 per row.
     softmax="prefix": the eager probabilities of the CoT columns as they are."""
-    m, _ = tiny_reasoner(family, attn="eager")
+    m = family if not isinstance(family, str) else tiny_reasoner(family, attn="hf_eager")[0]
     with torch.no_grad():
         out = m.causal_lm(input_ids=None, inputs_embeds=m.embed(tb.ids), attention_mask=tb.mask,
                           position_ids=tb.pos, output_attentions=True)
     H = out.attentions[0].shape[1]
-    Hkv = m.config.num_key_value_heads if family != "gpt2" else H
+    Hkv = getattr(m.config, "num_key_value_heads", None) or H
     g = H // Hkv
     B, C = tb.cot_idx.shape
     res = torch.zeros(len(out.attentions), B, Hkv, C)
@@ -147,6 +147,7 @@ def test_batch_of_four_equals_one_by_one(family):
 def test_unrotate_inverts_rope_and_matches_pre_rope_projection():
     m, tok = tiny_reasoner("llama")
     _, tb, sb = batches(m, tok)
+    m.check_pre_rope()  # its probe pass must not be the one the hook below records
     captured = {}
     layer0 = m.decoder.layers[0].self_attn
     h = layer0.k_proj.register_forward_hook(lambda mod, i, o: captured.setdefault("k", o))

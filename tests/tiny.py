@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import torch
-from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, PreTrainedTokenizerFast, Qwen2Config
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
 from kava.data.format import add_special_tokens
 from kava.data.records import Record
-from kava.model import capture
+from kava.model.pretrained import scratch_config
 from kava.model.reasoner import LatentReasoner
 
 WORDS = ("Tom has apples . He buys more gives away How many does have now ? The answer is : "
@@ -28,23 +28,58 @@ def tiny_tokenizer():
     return tok
 
 
-def tiny_config(family: str, vocab: int):
-    if family == "llama":
-        return LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
-    if family == "qwen2":
-        return Qwen2Config(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
-    if family == "gpt2":
-        return GPT2Config(vocab_size=vocab, n_embd=64, n_layer=2, n_head=4, n_positions=256)
-    raise ValueError(family)
+BASE = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            max_position_embeddings=256)
+
+# `model.from_scratch` specs of the family matrix (tests/family_matrix.py): 2 layers, hidden 32, and whatever
+# makes the family's peculiarity matter at this size (a small final softcap, partial rotary, no-RoPE layers).
+SPECS = {
+    "llama": dict(family="llama", **BASE),
+    "qwen2": dict(family="qwen2", **BASE),
+    "qwen3": dict(family="qwen3", head_dim=8, **BASE),
+    "qwen3_moe": dict(family="qwen3_moe", head_dim=8, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                      **BASE),
+    "mistral": dict(family="mistral", sliding_window=None, **BASE),
+    "mistral_window": dict(family="mistral", sliding_window=6, **BASE),
+    "gemma2": dict(family="gemma2", head_dim=8, query_pre_attn_scalar=8, attn_logit_softcapping=2.0,
+                   final_logit_softcapping=0.5, sliding_window=4096, **BASE),
+    "gemma3": dict(family="gemma3", head_dim=8, query_pre_attn_scalar=8, sliding_window=4096,
+                   final_logit_softcapping=0.5, layer_types=["sliding_attention", "full_attention"], **BASE),
+    "phi3": dict(family="phi3", partial_rotary_factor=0.5, **BASE),
+    "olmo2": dict(family="olmo2", **BASE),
+    "olmo3": dict(family="olmo3", sliding_window=4096, layer_types=["sliding_attention", "full_attention"], **BASE),
+    "smollm3": dict(family="smollm3", no_rope_layers=[1, 0], **BASE),
+    "granite": dict(family="granite", logits_scaling=8.0, embedding_multiplier=12.0, **BASE),
+    "cohere": dict(family="cohere", logit_scale=0.0625, **BASE),
+    "stablelm": dict(family="stablelm", partial_rotary_factor=0.25, **BASE),
+    "gpt2": dict(family="gpt2", n_embd=32, n_layer=2, n_head=4, n_positions=256),
+    "gpt_neox": dict(family="gpt_neox", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                     num_attention_heads=4, rotary_pct=0.5, max_position_embeddings=256),
+}
+# the older tests' models (hidden 64); kept so their pinned numbers stay as they were
+LEGACY = {
+    "llama": dict(family="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256),
+    "qwen2": dict(family="qwen2", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256),
+    "gpt2": dict(family="gpt2", n_embd=64, n_layer=2, n_head=4, n_positions=256),
+}
 
 
-def tiny_reasoner(family: str = "llama", seed: int = 0, tok=None, attn: str = capture.ATTN_IMPL, **kw):
+def tiny_config(family: str, vocab: int, tok=None):
+    """family: a LEGACY name (hidden 64) or a SPECS name (hidden 32; "mistral_window" etc.)."""
+    spec = LEGACY.get(family) or SPECS[family]
+    return scratch_config(spec, vocab_size=vocab, tokenizer=tok)
+
+
+def tiny_reasoner(family: str = "llama", seed: int = 0, tok=None, attn: str | None = "auto", **kw):
+    """attn: `model.attn_implementation` (auto / sdpa / eager: kava's capturing attention), or "hf_eager" for
+    HF's plain eager attention untouched by kava (the independent reference)."""
     tok = tok or tiny_tokenizer()
     torch.manual_seed(seed)
-    lm = AutoModelForCausalLM.from_config(tiny_config(family, len(tok)), attn_implementation=attn)
-    m = LatentReasoner(lm, add_special_tokens(tok), **kw)
+    hf_attn = "eager" if attn == "hf_eager" else None
+    lm = AutoModelForCausalLM.from_config(tiny_config(family, len(tok), tok), attn_implementation=hf_attn)
+    m = LatentReasoner(lm, add_special_tokens(tok), attn_implementation=None if attn == "hf_eager" else attn, **kw)
     return m.eval(), tok
 
 

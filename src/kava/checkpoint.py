@@ -197,8 +197,7 @@ def load_base(base: dict, ck: Path, *, dtype: torch.dtype = torch.float32):
     kind = base.get("kind")
     if kind == "pretrained":
         return load_pretrained_lm(base["name_or_path"], base.get("gguf_file"), dtype=dtype,
-                                  trust_remote_code=bool(base.get("trust_remote_code")),
-                                  attn_implementation=capture.ATTN_IMPL)
+                                  trust_remote_code=bool(base.get("trust_remote_code")))
     if kind == "init_from":
         src = Path(base["path"])
         if not has_model(src):
@@ -206,7 +205,7 @@ def load_base(base: dict, ck: Path, *, dtype: torch.dtype = torch.float32):
                                   "adapter cannot be used without it")
         return load_lm(src, dtype=dtype, merged=True)
     if kind == "scratch":
-        return load_saved_lm(ck / "base", dtype=dtype, attn_implementation=capture.ATTN_IMPL)
+        return load_saved_lm(ck / "base", dtype=dtype)
     raise CheckpointError(f"{ck / BASE_FILE}: unknown base kind {kind!r}")
 
 
@@ -216,7 +215,7 @@ def load_lm(ck: str | Path, *, dtype: torch.dtype = torch.float32, merged: bool 
     ck = Path(ck)
     model_dir = ck / "model"
     if not is_lora_checkpoint(ck):
-        return load_saved_lm(model_dir, dtype=dtype, attn_implementation=capture.ATTN_IMPL)
+        return load_saved_lm(model_dir, dtype=dtype)
     from peft import PeftModel
 
     if not (model_dir / "adapter_model.safetensors").exists():
@@ -247,7 +246,7 @@ def load_for_eval(run_or_ckpt: str | Path, *, device: str | torch.device = "cpu"
     ids = saved_tokenizer_ids(tok, ck / "tokenizer")
     lm = load_lm(ck, dtype=dtype, cfg=cfg)
     model = LatentReasoner(lm, ids, projection=cfg.latent.projection, proj_hidden=cfg.latent.proj_hidden,
-                           proj_layernorm=cfg.latent.proj_layernorm)
+                           proj_layernorm=cfg.latent.proj_layernorm, attn_implementation=cfg.model.attn_implementation)
     load_extra(model, load_file(str(ck / EXTRA_FILE)))
     model.to(device).eval()
     return model, tok, cfg
@@ -328,7 +327,8 @@ def export_model(run_or_ckpt: str | Path, output: str | Path, *, dtype: torch.dt
     if not torch.equal(head[real], head_before[real]):
         raise CheckpointError("export: resizing the embedding changed the LM head rows of real tokens")
 
-    lm.config._attn_implementation = "sdpa"  # kava's capturing attention is not needed (nor known) outside kava
+    # kava's capturing attention is not needed (nor known) outside kava: its plain counterpart
+    lm.config._attn_implementation = "eager" if lm.config._attn_implementation == capture.EAGER_IMPL else "sdpa"
     gc = lm.generation_config
     gc.do_sample = False
     for k in ("temperature", "top_p", "top_k", "min_p", "typical_p"):
@@ -383,9 +383,9 @@ def load_exported(d: str | Path, *, device: str | torch.device = "cpu", dtype: t
     cfg = config_from_dict(settings["config"])
     tok = AutoTokenizer.from_pretrained(d)
     ids = saved_tokenizer_ids(tok, d)
-    lm = load_saved_lm(d, dtype=dtype, attn_implementation=capture.ATTN_IMPL)
+    lm = load_saved_lm(d, dtype=dtype)
     model = LatentReasoner(lm, ids, projection=cfg.latent.projection, proj_hidden=cfg.latent.proj_hidden,
-                           proj_layernorm=cfg.latent.proj_layernorm)
+                           proj_layernorm=cfg.latent.proj_layernorm, attn_implementation=cfg.model.attn_implementation)
     emb = model.embed_tokens.weight
     state = {"special_rows": torch.stack([emb[i] for i in (ids.bot, ids.eot, ids.latent)]).float()}
     state.update({f"proj.{k}": v for k, v in load_file(str(d / PROJECTION_FILE)).items()})

@@ -33,10 +33,12 @@ class ModelConfig:
     gguf_file: str | None = None  # a GGUF file inside name_or_path (converted once to a cached HF directory)
     tokenizer: str | None = None  # defaults to name_or_path
     # Build a model from scratch (random init, full training): a dict of HF config fields plus
-    # `family: llama|qwen2|gpt2`. Used for the synthetic backbone and for speed benchmarks.
+    # `family:` one of kava.model.families.FAMILIES. Used for the synthetic backbone and for speed benchmarks.
     from_scratch: dict | None = None
     init_from: str | None = None  # a kava run dir whose final weights initialise this model (e.g. a CoT backbone)
-    attn_implementation: str = "sdpa"
+    # auto | sdpa | eager: kava's capturing attention over HF's SDPA kernel or the model's own eager
+    # attention; auto = sdpa where HF runs the model under SDPA without softcapping (kava.model.capture:install)
+    attn_implementation: str = "auto"
     trust_remote_code: bool = False
     gradient_checkpointing: bool = False
 
@@ -403,9 +405,16 @@ def validate(cfg: Config) -> None:
              "model.gguf_file: names a file inside model.name_or_path; set model.name_or_path (the directory or hub "
              "id holding it) and neither model.from_scratch nor model.init_from")
     if cfg.model.from_scratch is not None:
+        from kava.model.families import FAMILIES
+
         fam = cfg.model.from_scratch.get("family")
-        need(fam in ("llama", "qwen2", "gpt2"),
-             f"model.from_scratch.family: {fam!r} is not allowed; allowed values: llama, qwen2, gpt2")
+        need(fam in FAMILIES,
+             f"model.from_scratch.family: {fam!r} is not allowed; allowed values: {', '.join(FAMILIES)}")
+    attn = cfg.model.attn_implementation
+    need(attn in ("auto", "sdpa", "eager"),
+         f"model.attn_implementation: {attn!r} is not allowed; allowed values: auto, sdpa, eager"
+         + (" (kava captures the importance block inside attention and lays padding inside sequences; flash "
+            "attention kernels expose neither, so they are not supported)" if "flash" in attn else ""))
     if cfg.lora is not None:
         need(cfg.lora.r >= 1, "lora.r: must be >= 1")
         need(0 <= cfg.lora.dropout < 1, "lora.dropout: must be in [0, 1)")

@@ -18,7 +18,8 @@ from kava.checkpoint import (  # noqa: F401  (re-exported: the checkpoint API us
     load_lm, load_saved_lm, resolve_init_dir, save_model, saved_tokenizer_ids)
 from kava.config import Config
 from kava.data.format import SpecialIds, add_special_tokens
-from kava.model import capture  # noqa: F401  (registers the kava_sdpa attention implementation)
+from kava.model import capture  # noqa: F401  (registers kava's capturing attention implementations)
+from kava.model.families import check_window
 from kava.model.pretrained import FAMILIES, local_or_hub, load_pretrained_lm, pretrained_dir, scratch_config  # noqa: F401
 from kava.model.reasoner import LatentReasoner
 
@@ -57,13 +58,11 @@ def build_reasoner(cfg: Config, tokenizer, *, dtype: torch.dtype = torch.float32
             extra = load_file(str(src / EXTRA_FILE))
         base = {"kind": "init_from", "path": str(src.resolve())}
     elif m.from_scratch is not None:
-        hf_cfg = scratch_config(m.from_scratch, vocab_size=len(tokenizer))
-        hf_cfg._attn_implementation = capture.ATTN_IMPL
-        lm = AutoModelForCausalLM.from_config(hf_cfg, dtype=dtype, attn_implementation=capture.ATTN_IMPL)
+        hf_cfg = scratch_config(m.from_scratch, vocab_size=len(tokenizer), tokenizer=tokenizer)
+        lm = AutoModelForCausalLM.from_config(hf_cfg, dtype=dtype)
         base = {"kind": "scratch"}
     else:
-        lm = load_pretrained_lm(m.name_or_path, m.gguf_file, dtype=dtype, trust_remote_code=m.trust_remote_code,
-                                attn_implementation=capture.ATTN_IMPL)
+        lm = load_pretrained_lm(m.name_or_path, m.gguf_file, dtype=dtype, trust_remote_code=m.trust_remote_code)
         base = {"kind": "pretrained", "name_or_path": local_or_hub(m.name_or_path), "gguf_file": m.gguf_file,
                 "trust_remote_code": m.trust_remote_code}
     if lm.config.pad_token_id is None:
@@ -79,11 +78,41 @@ def build_reasoner(cfg: Config, tokenizer, *, dtype: torch.dtype = torch.float32
         if dtype != torch.float32:
             keep_adapter_inputs_in_compute_dtype(lm)
     model = LatentReasoner(lm, ids, projection=cfg.latent.projection, proj_hidden=cfg.latent.proj_hidden,
-                           proj_layernorm=cfg.latent.proj_layernorm)
+                           proj_layernorm=cfg.latent.proj_layernorm, attn_implementation=m.attn_implementation)
+    check_model(model, cfg, tokenizer)
     model.base_source = base  # what a saved LoRA adapter needs to be loaded again (kava.checkpoint.save_model)
     if extra is not None:
         load_extra(model, extra, strict_proj=False)
     return model
+
+
+def longest_sequence(cfg: Config, tokenizer) -> int:
+    """Columns of the longest teacher or student sequence the config allows (question, CoT or latents,
+    answer prompt, answer, and the special tokens around them)."""
+    d = cfg.data
+    prompt = len(tokenizer(d.answer_prompt, add_special_tokens=False)["input_ids"]) if d.answer_prompt else 0
+    middle = max(d.max_cot_tokens, cfg.latent.num_latents + 2)
+    return d.max_question_tokens + middle + prompt + d.max_answer_tokens + 4
+
+
+def check_model(model: LatentReasoner, cfg: Config, tokenizer) -> None:
+    """Model-build-time refusals (ValueError / ConfigError naming the key): kava's logits path must reproduce
+    the model's own, a sliding window must cover the longest configured sequence, and `pre_rope` keys must be
+    verifiable for this model (`kava.model.reasoner:LatentReasoner.check_pre_rope`)."""
+    from kava.config import ConfigError
+    from kava.model.families import SlidingWindowTooShort
+
+    model.check_backbone()
+    try:
+        check_window(model.config, longest_sequence(cfg, tokenizer),
+                     "the longest configured sequence (data.max_*_tokens, latent.num_latents, data.answer_prompt)")
+    except SlidingWindowTooShort as e:
+        raise ConfigError(f"model: {e}") from None
+    if cfg.loss.kv_key_space == "pre_rope" and cfg.method == "kava":
+        try:
+            model.check_pre_rope()
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
 
 
 def keep_adapter_inputs_in_compute_dtype(lm) -> None:

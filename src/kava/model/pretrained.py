@@ -17,9 +17,9 @@ import shutil
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, LlamaConfig, Qwen2Config
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-FAMILIES = {"llama": LlamaConfig, "qwen2": Qwen2Config, "gpt2": GPT2Config}
+from kava.model.families import FAMILIES  # noqa: F401  (family name -> transformers model_type)
 
 
 def cache_root() -> Path:
@@ -33,16 +33,24 @@ def local_or_hub(name_or_path: str) -> str:
     return str(p.resolve()) if p.exists() else name_or_path
 
 
-def scratch_config(spec: dict, vocab_size: int):
-    """HF config from a `model.from_scratch` dict (`family` + HF config fields)."""
+def scratch_config(spec: dict, vocab_size: int, tokenizer=None):
+    """HF config from a `model.from_scratch` dict (`family` + HF config fields).
+
+    The pad / bos / eos ids default to the tokenizer's (a family's own defaults point into its real
+    vocabulary, outside a small local one)."""
     spec = dict(spec)
     fam = spec.pop("family")
-    cls = FAMILIES[fam]
+    if fam not in FAMILIES:
+        raise ValueError(f"model.from_scratch.family: {fam!r} is not allowed; allowed values: {', '.join(FAMILIES)}")
     # a larger vocab_size in the spec pads the embedding (e.g. real-model shapes with a small local tokenizer)
     spec["vocab_size"] = max(vocab_size, spec.get("vocab_size") or 0)
     if fam == "gpt2":
         spec.setdefault("n_positions", 1024)
-    return cls(**spec)
+    if tokenizer is not None:
+        for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
+            if getattr(tokenizer, key, None) is not None:
+                spec.setdefault(key, getattr(tokenizer, key))
+    return AutoConfig.for_model(FAMILIES[fam], **spec)
 
 
 def _gguf_key(name_or_path: str, gguf_file: str) -> str:
@@ -105,7 +113,7 @@ def pretrained_dir(name_or_path: str, gguf_file: str | None = None, *, trust_rem
 def load_pretrained_lm(name_or_path: str, gguf_file: str | None = None, *, trust_remote_code: bool = False,
                        dtype: torch.dtype = torch.float32, attn_implementation: str | None = None):
     """A pretrained causal LM (hub id, local directory or GGUF file)."""
-    kw = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    kw = {"attn_implementation": attn_implementation} if attn_implementation else {}  # kava installs its own later
     return AutoModelForCausalLM.from_pretrained(
         pretrained_dir(name_or_path, gguf_file, trust_remote_code=trust_remote_code), dtype=dtype,
         trust_remote_code=trust_remote_code, **kw)

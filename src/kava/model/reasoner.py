@@ -206,7 +206,16 @@ class LatentReasoner(nn.Module):
         same tokens at positions p and p + 11 must give the same `unrotate`d cache keys in every layer."""
         self.ropes._check()
         if self.ropes.rotary is None:
+            self._pre_rope_checked = True
             return
+        self._pre_rope_checked = True  # the probe below calls `unrotate`
+        try:
+            self._check_shift_invariance()
+        except Exception:
+            self._pre_rope_checked = False
+            raise
+
+    def _check_shift_invariance(self) -> None:
         x = self._probe()
         N = x.shape[1]
         keys = []
@@ -286,12 +295,7 @@ class LatentReasoner(nn.Module):
         """Keys as stored in the cache -> keys before each layer's rotary embedding (`kava.model.rope`).
         k: [L, B, Hkv, N, D]; pos: [B, N]. The first call verifies the model (`check_pre_rope`)."""
         if not self._pre_rope_checked:
-            self._pre_rope_checked = True  # check_pre_rope calls unrotate itself
-            try:
-                self.check_pre_rope()
-            except Exception:
-                self._pre_rope_checked = False
-                raise
+            self.check_pre_rope()
         return self.ropes.unrotate(k, pos)
 
     def rotate(self, k: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
