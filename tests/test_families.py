@@ -223,7 +223,7 @@ def test_a_model_whose_logits_kava_would_not_reproduce_is_refused():
 CLI_TINY = ["data.synth_train_size=48", "data.synth_eval_size=4", "data.valid_limit=2", "optim.effective_batch=4",
             "optim.micro_batch=4", "optim.max_steps=6", "latent.num_latents=3", "run.eval_every=6",
             "run.eval_max_new_tokens=3", "run.eval_max_cot_tokens=8", "method=kava", "run.log=[jsonl]",
-            "data.max_question_tokens=40", "data.max_cot_tokens=40", "data.max_answer_tokens=8"]
+            "data.max_question_tokens=100", "data.max_cot_tokens=80", "data.max_answer_tokens=8"]
 
 
 @pytest.fixture(scope="module")
@@ -245,6 +245,8 @@ def test_cli_train_and_eval(name, tmp_path, synth_data, capsys):
     losses = [x["loss/total"] for x in logs if "loss/total" in x]
     assert losses and all(v == v and abs(v) < 1e4 for v in losses)  # finite
     assert any("loss/kv" in x for x in logs)
+    saved = json.loads((rd / "final" / "model" / "config.json").read_text())
+    assert saved["model_type"] == FAMILIES[SPECS[name]["family"]]
     assert cli(["eval", "--checkpoint", str(rd), "--datasets", "synth-test", "--data-dir", str(synth_data),
                 "--limit", "4"]) == 0
     s = json.loads((rd / "eval" / "synth-test" / "summary.json").read_text())
