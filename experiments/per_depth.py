@@ -10,6 +10,7 @@ a problem's depth is its number of operations (`len(steps_eq)`). Runs are groupe
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import re
 import statistics
@@ -17,11 +18,17 @@ from collections import defaultdict
 from pathlib import Path
 
 
+def _predictions(run: Path, split: str) -> str:
+    """predictions.jsonl of `kava eval`, or its gzip (as kept in results/)."""
+    p = run / "eval" / f"synth-{split}" / "predictions.jsonl"
+    return p.read_text() if p.exists() else gzip.decompress(p.with_suffix(".jsonl.gz").read_bytes()).decode()
+
+
 def run_depth_accuracy(run: Path, data_dir: Path, split: str = "test") -> dict[int, tuple[int, int]]:
     """depth -> (correct, count) for one run's evaluation of `split`."""
     depths = [len(json.loads(line)["steps_eq"]) for line in (data_dir / f"{split}.jsonl").read_text().splitlines()]
     out: dict[int, list[int]] = defaultdict(lambda: [0, 0])
-    for line in (run / "eval" / f"synth-{split}" / "predictions.jsonl").read_text().splitlines():
+    for line in _predictions(run, split).splitlines():
         row = json.loads(line)
         d = depths[row["index"]]
         out[d][0] += int(bool(row["correct"]))
@@ -40,7 +47,8 @@ def write_depth_table(runs: list[Path], data_dir: Path, out_dir: Path, split: st
     groups: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
     seeds: dict[str, list[str]] = defaultdict(list)
     for run in runs:
-        if not (run / "eval" / f"synth-{split}" / "predictions.jsonl").exists():
+        ev = run / "eval" / f"synth-{split}"
+        if not ((ev / "predictions.jsonl").exists() or (ev / "predictions.jsonl.gz").exists()):
             continue
         name = re.sub(r"-s\d+$", "", run.name)
         seeds[name].append(run.name)
