@@ -33,6 +33,9 @@ def test_demo_end_to_end(tmp_path, capsys):
     # latent mode: 1 prefix + T=3 sweeps + 1..4 decode steps; nocot: 1..4 decode steps
     assert 5 <= rows[2]["mean_forward_passes"] <= 8
     assert 1 <= rows[1]["mean_forward_passes"] <= 4
+    zeroed = rows[2]["ablations"]["zeros"]  # KaVa with its latents zeroed, printed beside its accuracy
+    assert 0.0 <= zeroed <= 1.0 and f"KaVa with its latents zeroed: {100 * zeroed:.1f}%" in out
+    assert "results/depth/README.md" in out
     summary = json.loads((tmp_path / "demo" / "demo_summary.json").read_text())
     assert [r["accuracy"] for r in summary["rows"]] == [r["accuracy"] for r in rows]
     for name in ("accuracy_vs_passes.png", "training_curves.png"):
