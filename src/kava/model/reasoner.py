@@ -23,6 +23,7 @@ from transformers import DynamicCache
 
 from kava.data.format import IGNORE, SpecialIds, StudentBatch, TeacherBatch
 from kava.model.capture import ImportanceCapture
+from kava.model.compat import cache_kwarg
 
 
 class Projection(nn.Module):
@@ -161,8 +162,8 @@ class LatentReasoner(nn.Module):
         return out
 
     def _run(self, embeds, mask, pos, cache, hidden_states: bool = False):
-        return self.decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, past_key_values=cache,
-                            use_cache=True, output_hidden_states=hidden_states)
+        return self.decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, use_cache=True,
+                            output_hidden_states=hidden_states, **{cache_kwarg(type(self.decoder)): cache})
 
     def new_cache(self) -> DynamicCache:
         return DynamicCache(config=self.config)
