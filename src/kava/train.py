@@ -34,6 +34,7 @@ from kava.data.records import SkipLog
 from kava.gradshare import grad_share_due, measure
 from kava.methods import ce_denominators, loss_step, make_batch
 from kava.model.loading import CheckpointError, build_reasoner, load_tokenizer, save_model
+from kava.progress import ProgressLine, start_summary
 
 
 class NonFiniteLoss(RuntimeError):
@@ -365,6 +366,11 @@ def train(cfg: Config, *, resume: str | Path | None = None, progress: bool = Tru
             print(f"[kava] {no_cot} of {len(items)} training examples have an empty CoT "
                   f"(data.drop_last_step={cfg.data.drop_last_step}); kept, counted in meta.json")
     plan = make_plan(cfg, len(items), world)
+    if main:
+        resume_step = json.loads((resume_ck / "state.json").read_text())["step"] if resume_ck is not None else 0
+        print("\n".join(start_summary(cfg, plan, run_dir=run_dir, world=world, data_desc=data_desc,
+                                      n_records=len(train_recs), n_examples=len(items), skips=skips,
+                                      n_valid=len(valid_recs), start_step=resume_step)), flush=True)
 
     # model, optimizer
     # Frozen LoRA base weights live in bf16 on GPU (adapters, projection and special rows stay fp32);
@@ -475,6 +481,7 @@ def train(cfg: Config, *, resume: str | Path | None = None, progress: bool = Tru
     save_every = cfg.run.save_every or eval_every
     bar = tqdm(total=plan.total_steps, initial=start_step, desc=f"train {cfg.method}", disable=not main or not progress
                or None, dynamic_ncols=True)
+    ticker = ProgressLine(plan.total_steps, start_step, enabled=main and bar.disable)  # lines when no bar shows
     raw.train()
     t_last, tokens = time.perf_counter(), 0
     if torch.cuda.is_available():
@@ -549,6 +556,7 @@ def train(cfg: Config, *, resume: str | Path | None = None, progress: bool = Tru
                 payload["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
             logger.log(payload, done_steps)
             bar.set_postfix(loss=f"{payload['loss/total']:.3f}")
+            ticker.update(done_steps, payload["loss/total"])
             t_last, tokens = now, 0
         if done_steps % eval_every == 0 or done_steps == plan.total_steps:
             v = validate(done_steps)
