@@ -8,7 +8,7 @@ Run directory:
     skips.json   skipped records          metrics.jsonl one JSON object per logged step (train and val)
     tb/          TensorBoard              checkpoints/step_<n>/  trainable.safetensors, optimizer.safetensors,
     best/, final/  loadable models (model/, tokenizer/, kava_extra.safetensors)        state.json
-    DONE         written when the run finished
+    DONE         written when the run finished       wandb.json    the W&B run id (`run.log` with wandb)
 """
 
 from __future__ import annotations
@@ -70,9 +70,7 @@ class MetricLogger:
 
             self.tb = SummaryWriter(str(run_dir / "tb"))
         if "wandb" in backends:
-            import wandb
-
-            self.wandb = wandb.init(project="kava", name=run_dir.name, config=cfg.to_dict(), dir=str(run_dir))
+            self.wandb = wandb_init(run_dir, cfg)
 
     def log(self, payload: dict, step: int) -> None:
         if not self.enabled:
@@ -110,6 +108,28 @@ class MetricLogger:
             self.tb.close()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+WANDB_FILE = "wandb.json"  # in the run dir: the W&B run id, so that `--resume` continues the same W&B run
+
+
+def wandb_init(run_dir: Path, cfg: Config):
+    """Start (or, when the run dir already names one, continue) the run's W&B run: `run.wandb_project`,
+    `run.wandb_entity`, `run.wandb_tags`. The id is written before `wandb.init`, so a run killed at any
+    point resumes into the same W&B run. Steps that a resumed run logs again (those after its checkpoint)
+    are ones W&B already holds with the same values (resume is exact); W&B keeps the first copy."""
+    import secrets
+
+    import wandb  # a missing package is a one-line user error (`kava.cli.user_errors`)
+
+    path = run_dir / WANDB_FILE
+    if path.exists():
+        run_id = json.loads(path.read_text())["id"]
+    else:
+        run_id = secrets.token_hex(8)  # W&B ids: letters and digits
+        path.write_text(json.dumps({"id": run_id, "project": cfg.run.wandb_project, "entity": cfg.run.wandb_entity}))
+    return wandb.init(project=cfg.run.wandb_project, entity=cfg.run.wandb_entity, tags=list(cfg.run.wandb_tags),
+                      name=run_dir.name, id=run_id, resume="allow", config=cfg.to_dict(), dir=str(run_dir))
 
 
 # ------------------------------------------------------------------------------------------------ run meta
