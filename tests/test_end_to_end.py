@@ -38,8 +38,9 @@ def test_demo_end_to_end(tmp_path, capsys):
     for name in ("accuracy_vs_passes.png", "training_curves.png"):
         w, h = png_size(tmp_path / "demo" / "report" / name)
         assert w >= 400 and h >= 300
-    # a second call reuses the finished runs
-    run_demo(tmp_path / "demo", TINY + ["optim.max_steps=3", "run.eval_every=3"], eval_limit=6, progress=False)
+    # a second call, through `kava demo` (what `make demo` runs), reuses the finished runs
+    assert cli(["demo", "--output", str(tmp_path / "demo"), "--eval-limit", "6", "--no-progress",
+                *sum((["--set", s] for s in TINY + ["optim.max_steps=3", "run.eval_every=3"]), [])]) == 0
     assert out.count("training") >= 3 and "reusing the finished run" in capsys.readouterr().out
 
 

@@ -334,3 +334,25 @@ def test_eval_dir_name():
     assert eval_dir_name("gsm8k", None, 1319) == "gsm8k"
     assert eval_dir_name("gsm8k", 20, 1319) == "gsm8k-limit20"
     assert eval_dir_name("gsm8k", 1319, 1319) == "gsm8k" and eval_dir_name("gsm8k", 5000, 1319) == "gsm8k"
+
+
+def test_eval_on_the_three_paper_sets_from_a_local_data_dir(synth_run, data_dir, capsys):
+    """`kava eval --datasets gsm8k,gsm8k-hard,svamp` (the README's, with --data-dir for --hub): one eval folder
+    per set, each on that set's first questions."""
+    import json
+
+    from kava.cli import main as cli
+    from kava.data.readers import load_eval_dataset
+
+    rd, _ = synth_run
+    assert cli(["eval", "--checkpoint", str(rd), "--datasets", "gsm8k,gsm8k-hard,svamp", "--data-dir", str(data_dir),
+                "--limit", "2", "--max-new-tokens", "2"]) == 0
+    out = capsys.readouterr().out
+    for name in ("gsm8k", "gsm8k-hard", "svamp"):
+        recs, desc = load_eval_dataset(name, data_dir)
+        d = rd / "eval" / f"{name}-limit2"
+        rows = [json.loads(ln) for ln in (d / "predictions.jsonl").read_text().splitlines()]
+        assert [(r["question"], r["gold"]) for r in rows] == [(r.question, r.answer) for r in recs[:2]]
+        s = json.loads((d / "summary.json").read_text())
+        assert s["dataset"] == name and s["count"] == 2 and s["mode"] == "cot"
+        assert f"{name}: accuracy" in out

@@ -93,9 +93,11 @@ def test_resumed_run_says_where_it_resumes(tmp_path, capsys):
     cfg = _cfg(tmp_path, ["run.save_every=2"])
     run_dir = train(cfg, progress=False, stop_after=4)
     capsys.readouterr()
-    train(cfg, resume=run_dir, progress=False)
+    from kava.cli import main
+
+    assert main(["train", "--resume", str(run_dir), "--no-progress"]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert "[kava] train cot: resuming at step 4 of 6" in out
+    assert "[kava] train cot: resuming at step 4 of 6" in out and out[-1] == f"run directory: {run_dir}"
     assert [m.group(1) for m in map(LINE.match, out) if m] == ["6"]
 
 

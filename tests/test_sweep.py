@@ -163,7 +163,7 @@ def test_slurm_single_node(tmp_path, capsys):
     done.mkdir(parents=True)
     (done / "DONE").write_text("{}")
     rc = main(["sweep", "--configs", "llama1b_aug,qwen05b_aug", "--seeds", "42", "--slurm", "--script-dir", str(sd),
-               "--partition", "gpu", "--gpus-per-node", "4", "--cpus-per-task", "32", "--time", "12:00:00",
+               "--partition", "gpu", "--nodes", "1", "--gpus-per-node", "4", "--cpus-per-task", "32", "--time", "12:00:00",
                "--output-dir", str(out), "--set", "optim.lr=1e-4", "--eval-datasets", "gsm8k,svamp",
                "--env-setup", "true"])
     assert rc == 0, capsys.readouterr().out
