@@ -455,9 +455,7 @@ def train(cfg: Config, *, resume: str | Path | None = None, progress: bool = Tru
                 "init_from": cfg.model.init_from, "world_size": world, "git": git_revision(), "versions": versions(),
                 "train_examples": len(items), "train_examples_without_cot": no_cot, "plan": plan.__dict__}
         (run_dir / "meta.json").write_text(json.dumps(meta, indent=2))
-        skips.save(run_dir / "skips.json")
-        if skips.total:
-            print(f"[kava] {skips.summary()} (saved in {run_dir / 'skips.json'})")
+        skips.save(run_dir / "skips.json")  # the start summary named it
 
     def rng_now() -> dict[str, torch.Tensor]:
         rng = rng_tensors()
