@@ -107,7 +107,8 @@ def test_lora_run_evaluates_asks_and_inspects_through_the_cli(lora_run, capsys):
     data = synthetic_dir(load_config("tiny_synth", TINY), out / "_data")
     assert main(["eval", "--checkpoint", str(run), "--datasets", "synth-test", "--data-dir", str(data),
                  "--limit", str(N_EVAL)]) == 0
-    rows = [json.loads(x) for x in (run / "eval" / "synth-test" / "predictions.jsonl").read_text().splitlines()]
+    got = run / "eval" / f"synth-test-limit{N_EVAL}" / "predictions.jsonl"  # --limit N: beside the full eval
+    rows = [json.loads(x) for x in got.read_text().splitlines()]
     assert [r["generated"] for r in rows] == ref["answers"]
     capsys.readouterr()
     assert main(["ask", "--checkpoint", str(run), "--question", recs[0].question]) == 0

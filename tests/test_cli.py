@@ -67,3 +67,21 @@ def test_a_real_process_exits_2_without_traceback_unless_debug(tmp_path):
     r = subprocess.run(cmd[:3] + ["--debug"] + cmd[3:], capture_output=True, text=True,
                        env={"PYTHONPATH": src, "PATH": "/usr/bin:/bin"})
     assert r.returncode == 1 and "Traceback" in r.stderr and "CheckpointError" in r.stderr
+
+
+def test_data_shows_counts_one_formatted_pair_and_the_skipped_records(tmp_path, capsys):
+    """`kava data SOURCE` on a local iCoT text file with one malformed line."""
+    src = tmp_path / "train.txt"
+    src.write_text("Tom has 3 apples and buys 4 more . How many ?||<<3+4=7>> <<7*2=14>> #### 14\n"
+                   "no separator on this line\n"
+                   "He has 5 pens and loses 2 . How many ?||<<5-2=3>> #### 3\n")
+    assert main(["data", str(src), "--output", str(tmp_path / "out"), "--num-latents", "4"]) == 0
+    out = capsys.readouterr().out
+    assert f"source: {src}" in out
+    counts = next(ln for ln in out.splitlines() if ln.startswith("records: "))
+    assert counts.startswith("records: 2; skipped 1 records")
+    teacher = next(ln for ln in out.splitlines() if ln.strip().startswith("teacher:"))
+    student = next(ln for ln in out.splitlines() if ln.strip().startswith("student:"))
+    # the teacher sees the CoT without its last step (data.drop_last_step), then the answer prompt and answer
+    assert "<<3+4=7>> The answer is: 14" in teacher and "<<7*2=14>>" not in teacher
+    assert student.count("<latent>") == 4 and "<bot>" in student and "<eot>" in student and "<<" not in student

@@ -333,7 +333,7 @@ def test_shuffle_needs_two_examples_per_batch_and_cot_runs_are_refused():
 
 
 def test_cli_flags_build_the_spec():
-    from kava.commands.eval import diagnostics_spec
+    from kava.diagnostics import diagnostics_spec
 
     assert diagnostics_spec() == DiagnosticsSpec()
     assert not diagnostics_spec().active

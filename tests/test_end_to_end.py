@@ -41,8 +41,9 @@ def test_demo_end_to_end(tmp_path, capsys):
     for name in ("accuracy_vs_passes.png", "training_curves.png"):
         w, h = png_size(tmp_path / "demo" / "report" / name)
         assert w >= 400 and h >= 300
-    # a second call reuses the finished runs
-    run_demo(tmp_path / "demo", TINY + ["optim.max_steps=3", "run.eval_every=3"], eval_limit=6, progress=False)
+    # a second call, through `kava demo` (what `make demo` runs), reuses the finished runs
+    assert cli(["demo", "--output", str(tmp_path / "demo"), "--eval-limit", "6", "--no-progress",
+                *sum((["--set", s] for s in TINY + ["optim.max_steps=3", "run.eval_every=3"]), [])]) == 0
     assert out.count("training") >= 3 and "reusing the finished run" in capsys.readouterr().out
 
 
@@ -62,7 +63,7 @@ def test_three_seeds_train_eval_report(tmp_path, capsys):
     for rd in runs:
         assert cli(["eval", "--checkpoint", str(rd), "--datasets", "synth-test,synth-hard", "--data-dir",
                     str(data_dir), "--limit", "6", "--diagnostics"]) == 0
-        s = json.loads((rd / "eval" / "synth-test" / "summary.json").read_text())
+        s = json.loads((rd / "eval" / "synth-test-limit6" / "summary.json").read_text())  # 6 of 12
         assert s["count"] == 6 and s["mode"] == "latent" and s["config_hash"]
         assert set(s["ablations"]) == {"none", "zeros", "placeholder", "shuffle"} and s["ablations"]["none"] == s["accuracy"]
         assert s["oracle"]["count"] + sum(s["oracle"]["skipped"].values()) == 6
@@ -70,7 +71,7 @@ def test_three_seeds_train_eval_report(tmp_path, capsys):
         out = capsys.readouterr().out
         assert "accuracy with the latents replaced" in out and "oracle" in out and "KV match" in out
         accs.append(100 * s["accuracy"])
-        lines = (rd / "eval" / "synth-test" / "predictions.jsonl").read_text().splitlines()
+        lines = (rd / "eval" / "synth-test-limit6" / "predictions.jsonl").read_text().splitlines()
         assert sorted(json.loads(x)["index"] for x in lines) == list(range(6))
     assert cli(["report", *map(str, runs), "--output", str(tmp_path / "rep"), "--group-by", "method"]) == 0
     md = (tmp_path / "rep" / "report.md").read_text()
@@ -119,12 +120,12 @@ def test_sharded_eval_over_two_processes_equals_one(tmp_path):
                         "-m", "kava.cli", *common, "--output", str(tmp_path / "two")],
                        env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
-    one = [json.loads(x) for x in (tmp_path / "one" / "synth-test" / "predictions.jsonl").read_text().splitlines()]
-    two = [json.loads(x) for x in (tmp_path / "two" / "synth-test" / "predictions.jsonl").read_text().splitlines()]
+    one = [json.loads(x) for x in (tmp_path / "one" / "synth-test-limit11" / "predictions.jsonl").read_text().splitlines()]
+    two = [json.loads(x) for x in (tmp_path / "two" / "synth-test-limit11" / "predictions.jsonl").read_text().splitlines()]
     assert [x["index"] for x in two] == list(range(11))  # 11 questions over 2 ranks: none lost, none twice
     assert [x["generated"] for x in two] == [x["generated"] for x in one]
     assert [x["forward_passes"] for x in two] == [x["forward_passes"] for x in one]
-    s2 = json.loads((tmp_path / "two" / "synth-test" / "summary.json").read_text())
+    s2 = json.loads((tmp_path / "two" / "synth-test-limit11" / "summary.json").read_text())
     assert s2["count"] == 11 and s2["processes"] == 2
 
 

@@ -239,3 +239,120 @@ def test_evaluate_records_batched_equals_one_by_one(eos_models, method):
     # sharding over ranks covers every record once, with the same rows
     shards = [evaluate_records(m, tok, cfg, ALL, batch_size=2, rank=r, world=3)[0] for r in range(3)]
     assert sorted((r for s in shards for r in s), key=lambda r: r["index"]) == rows_b
+
+
+# ------------------------------------------------------------------------------------ evaluate_run (kava eval)
+@pytest.fixture(scope="module")
+def synth_run(tmp_path_factory):
+    """A 2-step tiny cot run on the synthetic task; its data lives in <runs>/_data as training wrote it."""
+    from kava.config import load_config
+    from kava.train import train
+
+    from test_sweep import TINY
+
+    out = tmp_path_factory.mktemp("runs")
+    cfg = load_config("tiny_synth", TINY + [f"run.output_dir={out}", "optim.max_steps=2", "run.eval_every=2",
+                                            "run.eval_max_cot_tokens=12", "run.eval_max_new_tokens=3"])
+    return train(cfg, progress=False), cfg
+
+
+def _questions(path):
+    import json
+
+    return [json.loads(ln)["question"] for ln in path.read_text().splitlines()]
+
+
+def test_eval_finds_the_runs_own_synthetic_data_and_limit_writes_beside_the_full_eval(synth_run, capsys):
+    import json
+
+    from kava.cli import main as cli
+    from kava.data.pipeline import synthetic_name
+
+    rd, cfg = synth_run
+    data = rd.parent / "_data" / synthetic_name(cfg)  # where training generated it
+    test_questions = _questions(data / "test.jsonl")
+    assert cli(["eval", "--checkpoint", str(rd), "--datasets", "synth-test", "--limit", "4"]) == 0  # no --data-dir
+    assert str(data / "test.jsonl") in capsys.readouterr().out
+    limited = rd / "eval" / "synth-test-limit4"
+    rows = [json.loads(ln) for ln in (limited / "predictions.jsonl").read_text().splitlines()]
+    assert [r["question"] for r in rows] == test_questions[:4]
+    s4 = json.loads((limited / "summary.json").read_text())
+    assert s4["count"] == 4 and s4["limit"] == 4 and s4["dataset"] == "synth-test"
+    before = (limited / "predictions.jsonl").read_bytes()
+
+    assert cli(["eval", "--checkpoint", str(rd), "--datasets", "synth-test"]) == 0
+    full = json.loads((rd / "eval" / "synth-test" / "summary.json").read_text())
+    assert full["count"] == len(test_questions) == 10 and "limit" not in full
+    assert (limited / "predictions.jsonl").read_bytes() == before  # the smoke test is still there, untouched
+    # a limit that does not cut the set is the full evaluation
+    assert cli(["eval", "--checkpoint", str(rd), "--datasets", "synth-test", "--limit", "50"]) == 0
+    assert not (rd / "eval" / "synth-test-limit50").exists()
+
+    from kava.report import load_run
+
+    run = load_run(rd)  # the report keeps the two apart
+    assert run.evals["synth-test"]["count"] == 10 and run.evals["synth-test-limit4"]["count"] == 4
+    capsys.readouterr()
+
+
+def test_a_missing_synthetic_folder_is_generated_again_identically(synth_run, tmp_path, monkeypatch):
+    import dataclasses
+    import shutil
+
+    from kava.data.pipeline import find_synthetic_dir, synthetic_name
+
+    rd, cfg = synth_run
+    data = rd.parent / "_data" / synthetic_name(cfg)
+    assert find_synthetic_dir(cfg, rd) == data
+    files = {p.name: p.read_bytes() for p in data.glob("*.jsonl")}
+    assert set(files) == {"train.jsonl", "valid.jsonl", "test.jsonl", "hard.jsonl", "varied.jsonl"}
+    # a runs folder moved to another machine, without its _data, and run.output_dir pointing nowhere
+    moved = tmp_path / "moved" / rd.name
+    shutil.copytree(rd, moved)
+    away = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, output_dir=str(tmp_path / "elsewhere")))
+    again = find_synthetic_dir(away, moved)
+    assert again == tmp_path / "moved" / "_data" / synthetic_name(cfg)  # beside the run, as training put it
+    assert {p.name: p.read_bytes() for p in again.glob("*.jsonl")} == files
+    monkeypatch.setenv("KAVA_CACHE", str(tmp_path / "cache"))  # an exported model: no runs folder -> the cache
+    cached = find_synthetic_dir(away, None)
+    assert cached == tmp_path / "cache" / "synthetic" / synthetic_name(cfg)
+    assert {p.name: p.read_bytes() for p in cached.glob("*.jsonl")} == files
+    assert not (tmp_path / "elsewhere").exists()
+
+
+def test_find_synthetic_dir_refuses_a_run_on_other_data():
+    from kava.config import load_config
+    from kava.data.pipeline import find_synthetic_dir
+
+    with pytest.raises(ValueError, match="give --data-dir"):
+        find_synthetic_dir(load_config("smollm2_gsm8k"), None)
+
+
+def test_eval_dir_name():
+    from kava.evaluate import eval_dir_name
+
+    assert eval_dir_name("gsm8k", None, 1319) == "gsm8k"
+    assert eval_dir_name("gsm8k", 20, 1319) == "gsm8k-limit20"
+    assert eval_dir_name("gsm8k", 1319, 1319) == "gsm8k" and eval_dir_name("gsm8k", 5000, 1319) == "gsm8k"
+
+
+def test_eval_on_the_three_paper_sets_from_a_local_data_dir(synth_run, data_dir, capsys):
+    """`kava eval --datasets gsm8k,gsm8k-hard,svamp` (the README's, with --data-dir for --hub): one eval folder
+    per set, each on that set's first questions."""
+    import json
+
+    from kava.cli import main as cli
+    from kava.data.readers import load_eval_dataset
+
+    rd, _ = synth_run
+    assert cli(["eval", "--checkpoint", str(rd), "--datasets", "gsm8k,gsm8k-hard,svamp", "--data-dir", str(data_dir),
+                "--limit", "2", "--max-new-tokens", "2"]) == 0
+    out = capsys.readouterr().out
+    for name in ("gsm8k", "gsm8k-hard", "svamp"):
+        recs, desc = load_eval_dataset(name, data_dir)
+        d = rd / "eval" / f"{name}-limit2"
+        rows = [json.loads(ln) for ln in (d / "predictions.jsonl").read_text().splitlines()]
+        assert [(r["question"], r["gold"]) for r in rows] == [(r.question, r.answer) for r in recs[:2]]
+        s = json.loads((d / "summary.json").read_text())
+        assert s["dataset"] == name and s["count"] == 2 and s["mode"] == "cot"
+        assert f"{name}: accuracy" in out

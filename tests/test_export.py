@@ -43,8 +43,8 @@ def runs(tmp_path_factory):
         assert main(["eval", "--checkpoint", str(out / name), "--datasets", "synth-test", "--data-dir", str(data),
                      "--limit", str(N)]) == 0
         assert main(["export", str(out / name), "--output", str(out / f"{name}-hf")]) == 0
-        preds = [json.loads(x) for x in (out / name / "eval" / "synth-test" / "predictions.jsonl").read_text().split("\n")
-                 if x]
+        got = out / name / "eval" / f"synth-test-limit{N}" / "predictions.jsonl"  # --limit N: beside the full eval
+        preds = [json.loads(x) for x in got.read_text().split("\n") if x]
         res[name] = (out / name, out / f"{name}-hf", preds)
     return res, load_records(data / "test.jsonl", "jsonl")[:N]
 

@@ -144,6 +144,15 @@ def test_cli_report(runs, tmp_path, capsys):
     assert (out / "report.csv").exists() and (out / "training_curves.png").exists()
 
 
+def test_cli_report_on_a_runs_folder(runs, tmp_path, capsys):
+    """`kava report runs/ --output report/`: the folder's runs, the same report as listing them one by one."""
+    assert main(["report", str(runs[0].parent), "--output", str(tmp_path / "folder")]) == 0
+    assert main(["report", *map(str, runs), "--output", str(tmp_path / "listed")]) == 0
+    capsys.readouterr()
+    folder, listed = ((tmp_path / d / "report.csv").read_text() for d in ("folder", "listed"))
+    assert folder == listed and "kava" in folder and "cot" in folder
+
+
 def add_diagnostics(run_dir, ds, ablations, oracle, kv, shares):
     """Write latent diagnostics into a run as `kava eval --diagnostics` and `run.grad_share_every` do.
     kv: stat -> per-layer list; shares: step -> {term: share}."""

@@ -66,7 +66,7 @@ def runs(smol_dir, data_dir, tmp_path_factory):
 
 
 def preds(run, eval_dir="eval"):
-    p = run / eval_dir / "gsm8k" / "predictions.jsonl"
+    p = run / eval_dir / f"gsm8k-limit{N_EVAL}" / "predictions.jsonl"  # `--limit`: beside the full evaluation
     return [json.loads(x) for x in p.read_text().splitlines() if x]
 
 
@@ -110,7 +110,7 @@ def test_train_and_evaluate_latent_and_cot(runs, data_dir):
     assert len(lat) == len(cot) == N_EVAL
     for r in lat:  # 1 prefix + T=3 sweeps + decode steps (<= 6)
         assert 5 <= r["forward_passes"] <= 4 + 6
-    summary = json.loads((runs / "kava" / "eval" / "gsm8k" / "summary.json").read_text())
+    summary = json.loads((runs / "kava" / "eval" / f"gsm8k-limit{N_EVAL}" / "summary.json").read_text())
     assert summary["mode"] == "latent" and summary["count"] == N_EVAL
     print("[smollm2] kava latent:", [r["generated"] for r in lat])
     print("[smollm2] cot:", [r["generated"] for r in cot])

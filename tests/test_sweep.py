@@ -105,7 +105,7 @@ def test_dry_run_statuses_and_local_actions(tmp_path, no_train, capsys, monkeypa
     assert no_train == []
 
     evals = []
-    monkeypatch.setattr("kava.commands.eval.evaluate_run", lambda run_dir, names, **kw: evals.append((run_dir, names)))
+    monkeypatch.setattr("kava.evaluate.evaluate_run", lambda run_dir, names, **kw: evals.append((run_dir, names)))
     result = run_local(runs, eval_datasets=["synth-test"])
     assert result == {"tiny_synth-s1": "skipped", "tiny_synth-s2": "done", "tiny_synth-s3": "done",
                       "tiny_synth-s4": "done"}
@@ -163,7 +163,7 @@ def test_slurm_single_node(tmp_path, capsys):
     done.mkdir(parents=True)
     (done / "DONE").write_text("{}")
     rc = main(["sweep", "--configs", "llama1b_aug,qwen05b_aug", "--seeds", "42", "--slurm", "--script-dir", str(sd),
-               "--partition", "gpu", "--gpus-per-node", "4", "--cpus-per-task", "32", "--time", "12:00:00",
+               "--partition", "gpu", "--nodes", "1", "--gpus-per-node", "4", "--cpus-per-task", "32", "--time", "12:00:00",
                "--output-dir", str(out), "--set", "optim.lr=1e-4", "--eval-datasets", "gsm8k,svamp",
                "--env-setup", "true"])
     assert rc == 0, capsys.readouterr().out
@@ -257,7 +257,7 @@ def test_local_tiny_sweep_then_skip(tmp_path, capsys, monkeypatch):
         raise AssertionError("a DONE run was trained again")
 
     monkeypatch.setattr("kava.train.train", boom)
-    monkeypatch.setattr("kava.commands.eval.evaluate_run", boom)
+    monkeypatch.setattr("kava.evaluate.evaluate_run", boom)
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "0 trained, 2 already done, 0 failed" in out and out.count(": done") == 2

@@ -555,3 +555,71 @@ def test_resume_after_a_nan_stop_is_exact(tmp_path, synth_root, monkeypatch):
     kt.train(kt.resume_config(run), resume=run, progress=False, data_root=synth_root)
     assert max_diff(trainable(ref, 8), trainable(run, 8)) <= 1e-6
     assert strip_timing(metrics(ref)) == strip_timing(metrics(run))
+
+
+# ------------------------------------------------------------------------------------------ W&B
+class FakeWandbRun:
+    def __init__(self, kw):
+        self.kw, self.logged, self.finished = kw, [], False
+
+    def log(self, payload, step=None):
+        self.logged.append((step, dict(payload)))
+
+    def finish(self):
+        self.finished = True
+
+
+@pytest.fixture
+def fake_wandb(monkeypatch):
+    """A `wandb` module that records each `init` (wandb itself is not installed here)."""
+    import types
+
+    mod = types.ModuleType("wandb")
+    mod.runs = []
+
+    def init(**kw):
+        mod.runs.append(FakeWandbRun(kw))
+        return mod.runs[-1]
+
+    mod.init = init
+    monkeypatch.setitem(sys.modules, "wandb", mod)
+    return mod
+
+
+def test_wandb_project_entity_tags_and_resume_continues_the_same_run(tmp_path, synth_root, fake_wandb):
+    cfg = tiny_cfg(tmp_path, "method=cot", "optim.max_steps=4", "run.save_every=2", "run.name=w",
+                   "run.log=[jsonl,wandb]", "run.wandb_project=kava-paper", "run.wandb_entity=my-team",
+                   "run.wandb_tags=[llama1b, seed42]")
+    run = kt.train(cfg, progress=False, data_root=synth_root, stop_after=3)  # killed after step 3 (ckpt at 2)
+    saved = json.loads((run / "wandb.json").read_text())
+    assert saved["project"] == "kava-paper" and saved["entity"] == "my-team"
+    assert len(saved["id"]) == 16 and saved["id"].isalnum()
+    kt.train(cfg, resume=run, progress=False, data_root=synth_root)
+    first, second = fake_wandb.runs
+    for r in (first, second):
+        assert r.kw["id"] == saved["id"] and r.kw["resume"] == "allow" and r.kw["name"] == "w"
+        assert (r.kw["project"], r.kw["entity"], r.kw["tags"]) == ("kava-paper", "my-team", ["llama1b", "seed42"])
+        assert r.kw["dir"] == str(run) and r.kw["config"]["run"]["wandb_tags"] == ["llama1b", "seed42"]
+        assert r.finished
+    steps = lambda r: [s for s, p in r.logged if p.get("split") == "train" and "loss/total" in p]
+    assert steps(first) == [1, 2, 3] and steps(second) == [3, 4]  # resumed at the step-2 checkpoint
+    jsonl = {m["step"]: m["loss/total"] for m in metrics(run)}
+    assert {s: p["loss/total"] for s, p in second.logged if "loss/total" in p} == {3: jsonl[3], 4: jsonl[4]}
+
+
+def test_a_new_run_gets_a_new_wandb_id(tmp_path, synth_root, fake_wandb):
+    for name in ("a", "b"):
+        kt.train(tiny_cfg(tmp_path, "method=cot", "optim.max_steps=1", f"run.name={name}", "run.log=[wandb]"),
+                 progress=False, data_root=synth_root)
+    a, b = fake_wandb.runs
+    assert a.kw["id"] != b.kw["id"] and a.kw["entity"] is None and a.kw["tags"] == [] and a.kw["project"] == "kava"
+
+
+@pytest.mark.parametrize("override, msg", [("run.wandb_project=' '", "run.wandb_project: must not be empty"),
+                                           ("run.wandb_tags=[ok, '']", "run.wandb_tags: each tag"),
+                                           (f"run.wandb_tags=[{'x' * 65}]", "run.wandb_tags: each tag")])
+def test_wandb_keys_are_validated(override, msg):
+    from kava.config import ConfigError
+
+    with pytest.raises(ConfigError, match=msg):
+        load_config("tiny_synth", [override])

@@ -141,6 +141,9 @@ class RunConfig:
     output_dir: str = "runs"
     name: str | None = None  # run dir name; default <preset or method>-s<seed>
     log: list[str] = field(default_factory=lambda: ["jsonl", "tensorboard"])  # + "wandb"
+    wandb_project: str = "kava"
+    wandb_entity: str | None = None  # W&B team or user; None = the logged-in user's default
+    wandb_tags: list[str] = field(default_factory=list)
     log_every: int = 10
     eval_every: int | None = None  # optimizer steps; None = once per epoch
     save_every: int | None = None  # optimizer steps; None = at each evaluation
@@ -388,6 +391,10 @@ def validate(cfg: Config) -> None:
     bad = [x for x in r.log if x not in allowed_logs]
     need(not bad, f"run.log: unknown backend(s) {bad}; allowed values: {', '.join(sorted(allowed_logs))}")
     need(r.log_every >= 1, "run.log_every: must be >= 1")
+    need(bool(r.wandb_project.strip()), "run.wandb_project: must not be empty")
+    need(r.wandb_entity is None or bool(r.wandb_entity.strip()), "run.wandb_entity: must not be empty (null = default)")
+    bad = [t for t in r.wandb_tags if not t.strip() or len(t) > 64]
+    need(not bad, f"run.wandb_tags: each tag must be 1-64 characters, got {bad}")
     for k in ("eval_every", "save_every"):
         need(getattr(r, k) is None or getattr(r, k) >= 1, f"run.{k}: must be >= 1 or null, got {getattr(r, k)}")
     need(r.grad_share_every >= 0, f"run.grad_share_every: must be >= 0 (0 = off), got {r.grad_share_every}")

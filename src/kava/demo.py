@@ -42,7 +42,7 @@ def stage_config(name: str, out: Path, extra: list[str]):
 
 def run_demo(output: str | Path = "runs/demo", extra: list[str] | None = None, eval_limit: int | None = 300,
              progress: bool = True) -> list[dict]:
-    from kava.commands.eval import evaluate_run
+    from kava.evaluate import evaluate_run
     from kava.data.pipeline import synthetic_dir
     from kava.diagnostics import DiagnosticsSpec
     from kava.report import write_report

@@ -70,6 +70,17 @@ class DiagnosticsSpec:
         return 2 if "shuffle" in self.ablations else 1
 
 
+def diagnostics_spec(ablations: str | None = None, oracle: bool = False, kv_match: bool = False,
+                     everything: bool = False) -> DiagnosticsSpec:
+    """The spec of `kava eval`'s flags: `ablations` a comma list (or 'all'), `everything` = --diagnostics."""
+    if everything:
+        return DiagnosticsSpec.everything()
+    names = [a.strip() for a in (ablations or "").split(",") if a.strip()]
+    if names == ["all"]:
+        names = list(ABLATIONS)
+    return DiagnosticsSpec(tuple(names), oracle, kv_match)
+
+
 # ------------------------------------------------------------------------------------------ pure pieces
 def derangement(n: int) -> torch.Tensor:
     """``perm[b] = (b + 1) mod n``: example b takes example b+1's latents (the last takes the first's), so

@@ -209,3 +209,66 @@ def write_eval(out_dir: Path, rows: list[dict], summary: dict) -> None:
         for r in sorted(rows, key=lambda r: r["index"]):
             f.write(json.dumps(r) + "\n")
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+
+
+def eval_dir_name(dataset: str, limit: int | None, available: int) -> str:
+    """The folder under `eval/` of one evaluation: the dataset's name, or `<dataset>-limit<N>` when `limit`
+    cut the set short (a smoke test never overwrites the full evaluation, nor is read as one)."""
+    return f"{dataset}-limit{limit}" if limit and limit < available else dataset
+
+
+def evaluate_run(checkpoint: str | Path, datasets: list[str], *, data_dir=None, hub: bool = False, mode=None,
+                 batch_size=None, max_new_tokens=None, limit=None, output=None, progress: bool = True,
+                 diagnostics=None) -> dict[str, dict]:
+    """Evaluate a run (its best/, else final/), a checkpoint or a `kava export` directory on named datasets:
+    what `kava eval` does. Returns {dataset: summary} (on the main process; {} on the others).
+
+    Questions are sharded across processes (`accelerate launch` / `torchrun`); the main process gathers them
+    and writes `<output or RUN_DIR/eval>/<eval_dir_name>/{predictions.jsonl, summary.json}`.
+    data_dir: the local data root; for the synthetic splits of a run trained on the synthetic task it defaults
+    to that run's own data (`kava.data.pipeline.find_synthetic_dir`).
+    diagnostics: a `kava.diagnostics.DiagnosticsSpec` (latent runs).
+    """
+    from accelerate import PartialState
+    from accelerate.utils import gather_object
+
+    import kava
+    from kava.data.pipeline import find_synthetic_dir
+    from kava.data.readers import load_eval_dataset
+    from kava.diagnostics import format_diagnostics
+
+    state = PartialState(cpu=not torch.cuda.is_available())  # multi-process CPU runs shard too
+    km = kava.load(checkpoint, device=state.device)
+    cfg = km.cfg
+    out_root = Path(output) if output else km.run_dir / "eval"
+    results = {}
+    for name in datasets:
+        root = data_dir
+        if root is None and not hub and name.startswith("synth-") and cfg.data.source == "synthetic":
+            root = find_synthetic_dir(cfg, None if km.exported else km.run_dir)
+        records, desc = load_eval_dataset(name, root, hub=hub)
+        available = len(records)
+        if limit:
+            records = records[:limit]
+            desc += f" (first {limit})"
+        rows, s = km.evaluate(records, mode=mode, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                              rank=state.process_index, world=state.num_processes,
+                              progress=progress and state.is_main_process, diagnostics=diagnostics)
+        rows = gather_object(rows)
+        walls = gather_object([s["wall_s"]])
+        if state.is_main_process:
+            assert len({r["index"] for r in rows}) == len(rows) == len(records), "sharding counted an example twice"
+            summary = summarize(rows, max(walls), s["mode"])
+            summary.update({"dataset": name, "description": desc, "hardware": hardware(),
+                            "processes": state.num_processes, "checkpoint": str(km.source), "config_hash": cfg.hash(),
+                            "method": cfg.method})
+            if len(records) < available:
+                summary["limit"] = limit
+            write_eval(out_root / eval_dir_name(name, limit, available), rows, summary)
+            results[name] = summary
+            print(f"{name}: accuracy {summary['accuracy']:.4f} ({summary['count']} problems: {desc}); "
+                  f"forward passes/question {summary['mean_forward_passes']:.1f}; "
+                  f"{summary['questions_per_s']:.1f} questions/s")
+            for line in format_diagnostics(name, summary):
+                print(line)
+    return results

@@ -69,7 +69,10 @@ def load_run(path: str | Path) -> Run:
     for summ in sorted(path.glob("eval/*/summary.json")):
         s = _read_json(summ, notes)
         if s is not None and isinstance(s.get("accuracy"), (int, float)):
-            run.evals[str(s.get("dataset") or summ.parent.name)] = s
+            name = str(s.get("dataset") or summ.parent.name)
+            if s.get("limit"):  # a `kava eval --limit N` smoke test (eval/<dataset>-limit<N>/): not the dataset
+                name += f"-limit{s['limit']}"
+            run.evals[name] = s
         elif s is not None:
             notes.append(f"{summ}: no numeric 'accuracy'")
     if not run.evals:

@@ -240,7 +240,7 @@ def run_local(runs: list[SweepRun], *, eval_datasets: list[str] = (), data_dir: 
                 result[r.name] = "done"
             todo = _missing_evals(r.run_dir, list(eval_datasets))
             if todo:
-                from kava.commands.eval import evaluate_run
+                from kava.evaluate import evaluate_run
 
                 evaluate_run(str(r.run_dir), todo, data_dir=data_dir, progress=progress)
         except Exception:  # noqa: BLE001 - reported and counted, the sweep continues

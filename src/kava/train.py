@@ -8,7 +8,7 @@ Run directory:
     skips.json   skipped records          metrics.jsonl one JSON object per logged step (train and val)
     tb/          TensorBoard              checkpoints/step_<n>/  trainable.safetensors, optimizer.safetensors,
     best/, final/  loadable models (model/, tokenizer/, kava_extra.safetensors)        state.json
-    DONE         written when the run finished
+    DONE         written when the run finished       wandb.json    the W&B run id (`run.log` with wandb)
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from kava.data.records import SkipLog
 from kava.gradshare import grad_share_due, measure
 from kava.methods import ce_denominators, loss_step, make_batch
 from kava.model.loading import CheckpointError, build_reasoner, load_tokenizer, save_model
+from kava.progress import ProgressLine, start_summary
 
 
 class NonFiniteLoss(RuntimeError):
@@ -69,9 +70,7 @@ class MetricLogger:
 
             self.tb = SummaryWriter(str(run_dir / "tb"))
         if "wandb" in backends:
-            import wandb
-
-            self.wandb = wandb.init(project="kava", name=run_dir.name, config=cfg.to_dict(), dir=str(run_dir))
+            self.wandb = wandb_init(run_dir, cfg)
 
     def log(self, payload: dict, step: int) -> None:
         if not self.enabled:
@@ -109,6 +108,28 @@ class MetricLogger:
             self.tb.close()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+WANDB_FILE = "wandb.json"  # in the run dir: the W&B run id, so that `--resume` continues the same W&B run
+
+
+def wandb_init(run_dir: Path, cfg: Config):
+    """Start (or, when the run dir already names one, continue) the run's W&B run: `run.wandb_project`,
+    `run.wandb_entity`, `run.wandb_tags`. The id is written before `wandb.init`, so a run killed at any
+    point resumes into the same W&B run. Steps that a resumed run logs again (those after its checkpoint)
+    are ones W&B already holds with the same values (resume is exact); W&B keeps the first copy."""
+    import secrets
+
+    import wandb  # a missing package is a one-line user error (`kava.cli.user_errors`)
+
+    path = run_dir / WANDB_FILE
+    if path.exists():
+        run_id = json.loads(path.read_text())["id"]
+    else:
+        run_id = secrets.token_hex(8)  # W&B ids: letters and digits
+        path.write_text(json.dumps({"id": run_id, "project": cfg.run.wandb_project, "entity": cfg.run.wandb_entity}))
+    return wandb.init(project=cfg.run.wandb_project, entity=cfg.run.wandb_entity, tags=list(cfg.run.wandb_tags),
+                      name=run_dir.name, id=run_id, resume="allow", config=cfg.to_dict(), dir=str(run_dir))
 
 
 # ------------------------------------------------------------------------------------------------ run meta
@@ -365,6 +386,11 @@ def train(cfg: Config, *, resume: str | Path | None = None, progress: bool = Tru
             print(f"[kava] {no_cot} of {len(items)} training examples have an empty CoT "
                   f"(data.drop_last_step={cfg.data.drop_last_step}); kept, counted in meta.json")
     plan = make_plan(cfg, len(items), world)
+    if main:
+        resume_step = json.loads((resume_ck / "state.json").read_text())["step"] if resume_ck is not None else 0
+        print("\n".join(start_summary(cfg, plan, run_dir=run_dir, world=world, data_desc=data_desc,
+                                      n_records=len(train_recs), n_examples=len(items), skips=skips,
+                                      n_valid=len(valid_recs), start_step=resume_step)), flush=True)
 
     # model, optimizer
     # Frozen LoRA base weights live in bf16 on GPU (adapters, projection and special rows stay fp32);
@@ -429,9 +455,7 @@ def train(cfg: Config, *, resume: str | Path | None = None, progress: bool = Tru
                 "init_from": cfg.model.init_from, "world_size": world, "git": git_revision(), "versions": versions(),
                 "train_examples": len(items), "train_examples_without_cot": no_cot, "plan": plan.__dict__}
         (run_dir / "meta.json").write_text(json.dumps(meta, indent=2))
-        skips.save(run_dir / "skips.json")
-        if skips.total:
-            print(f"[kava] {skips.summary()} (saved in {run_dir / 'skips.json'})")
+        skips.save(run_dir / "skips.json")  # the start summary named it
 
     def rng_now() -> dict[str, torch.Tensor]:
         rng = rng_tensors()
@@ -475,6 +499,7 @@ def train(cfg: Config, *, resume: str | Path | None = None, progress: bool = Tru
     save_every = cfg.run.save_every or eval_every
     bar = tqdm(total=plan.total_steps, initial=start_step, desc=f"train {cfg.method}", disable=not main or not progress
                or None, dynamic_ncols=True)
+    ticker = ProgressLine(plan.total_steps, start_step, enabled=main and bar.disable)  # lines when no bar shows
     raw.train()
     t_last, tokens = time.perf_counter(), 0
     if torch.cuda.is_available():
@@ -549,6 +574,7 @@ def train(cfg: Config, *, resume: str | Path | None = None, progress: bool = Tru
                 payload["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
             logger.log(payload, done_steps)
             bar.set_postfix(loss=f"{payload['loss/total']:.3f}")
+            ticker.update(done_steps, payload["loss/total"])
             t_last, tokens = now, 0
         if done_steps % eval_every == 0 or done_steps == plan.total_steps:
             v = validate(done_steps)

@@ -45,6 +45,7 @@ def dry_run(cfg) -> list[str]:
     from kava.data.format import Formatter
     from kava.data.pipeline import load_train_valid
     from kava.data.records import SkipLog
+    from kava.progress import plan_lines
     from kava.train import make_plan, run_name
 
     skips = SkipLog(strict=cfg.data.strict)
@@ -61,16 +62,6 @@ def dry_run(cfg) -> list[str]:
         how = "examples after the length limits"
     world = int(os.environ.get("WORLD_SIZE", "1"))
     plan = make_plan(cfg, n, world)
-    model = cfg.model.name_or_path or (f"init_from {cfg.model.init_from}" if cfg.model.init_from else "from_scratch")
-    if cfg.model.gguf_file:
-        model += f" ({cfg.model.gguf_file})"
-    return [cfg.to_yaml().rstrip(), "", "plan:",
-            f"  run dir:          {Path(cfg.run.output_dir) / run_name(cfg)}",
-            f"  method:           {cfg.method} ({'LoRA r=' + str(cfg.lora.r) if cfg.lora else 'full fine-tuning'})",
-            f"  model:            {model}",
-            f"  data:             {desc}",
-            f"  train:            {n} {how}; {skips.summary()}",
-            f"  validation:       {len(valid_recs)} records",
-            f"  steps:            {plan.total_steps} ({plan.steps_per_epoch} per epoch, warmup {plan.warmup_steps})",
-            f"  batch:            effective {cfg.optim.effective_batch} = micro {cfg.optim.micro_batch} x "
-            f"{world} process(es) x {plan.accum} accumulation"]
+    return [cfg.to_yaml().rstrip(), "", "plan:"] + plan_lines(
+        cfg, plan, run_dir=Path(cfg.run.output_dir) / run_name(cfg), world=world, data_desc=desc,
+        train_desc=f"{n} {how}; {skips.summary()}", n_valid=len(valid_recs))

@@ -12,10 +12,16 @@ from kava.data.records import Record, SkipLog
 from kava.data.synthetic import write_synthetic
 
 
+def synthetic_name(cfg: Config) -> str:
+    """The folder name of the synthetic task `cfg.data` describes: every generation parameter is in it."""
+    d = cfg.data
+    return f"synth_s{d.synth_seed}_n{d.synth_train_size}_e{d.synth_eval_size}_st{d.synth_min_steps}-{d.synth_max_steps}_v{d.synth_max_value}"
+
+
 def synthetic_dir(cfg: Config, root: Path) -> Path:
     """Generate the synthetic task once per parameter set under `root` (reused by later runs)."""
     d = cfg.data
-    name = f"synth_s{d.synth_seed}_n{d.synth_train_size}_e{d.synth_eval_size}_st{d.synth_min_steps}-{d.synth_max_steps}_v{d.synth_max_value}"
+    name = synthetic_name(cfg)
     out = root / name
     if not (out / "meta.json").exists():
         # write to a private temp dir, then rename: concurrent runs never read a half-written split
@@ -29,6 +35,35 @@ def synthetic_dir(cfg: Config, root: Path) -> Path:
         except OSError:  # another process finished first; its files are identical (deterministic generator)
             shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def find_synthetic_dir(cfg: Config, run_dir: Path | None = None) -> Path:
+    """The synthetic task a run trained on (`data.source: synthetic`), for `kava eval` without --data-dir.
+
+    Looked up where training wrote it, `<output_dir>/_data/<synthetic_name>`, with the run dir's parent as
+    output_dir (a moved runs folder keeps working), then `run.output_dir` as configured, then kava's cache
+    (`$KAVA_CACHE/synthetic`, default `~/.cache/kava/synthetic`). If none holds it, it is generated again
+    (the generator is deterministic: the same files) beside the run, or in the cache when that is not
+    writable. run_dir: None for an exported model (no runs folder: the cache).
+    """
+    from kava.model.pretrained import cache_root
+
+    if cfg.data.source != "synthetic":
+        raise ValueError(f"the run trained on {cfg.data.source!r}, not on the synthetic task: give --data-dir")
+    roots = ([Path(run_dir).parent / "_data"] if run_dir is not None else []) + [
+        Path(cfg.run.output_dir) / "_data", cache_root() / "synthetic"]
+    for root in roots:
+        if (root / synthetic_name(cfg) / "meta.json").exists():
+            return root / synthetic_name(cfg)
+    targets = [roots[0], roots[-1]] if run_dir is not None else [roots[-1]]
+    errors = []
+    for root in targets:
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            return synthetic_dir(cfg, root)
+        except OSError as e:
+            errors.append(f"{root}: {e}")
+    raise OSError(f"could not write the synthetic task ({'; '.join(errors)}); give --data-dir")
 
 
 def load_train_valid(cfg: Config, data_root: Path, skips: SkipLog) -> tuple[list[Record], list[Record], str]:

@@ -24,6 +24,7 @@ from transformers import DynamicCache
 from kava.data.format import IGNORE, SpecialIds, StudentBatch, TeacherBatch
 from kava.model import capture
 from kava.model.capture import ImportanceCapture
+from kava.model.compat import cache_kwarg
 from kava.model.families import check_window, sliding_window
 from kava.model.rope import LayerRopes, RopeUnsupported
 
@@ -276,8 +277,8 @@ class LatentReasoner(nn.Module):
 
     def _run(self, embeds, mask, pos, cache, hidden_states: bool = False):
         check_window(self.config, mask.shape[1])  # mask covers every column this pass attends to
-        return self.decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, past_key_values=cache,
-                            use_cache=True, output_hidden_states=hidden_states)
+        return self.decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, use_cache=True,
+                            output_hidden_states=hidden_states, **{cache_kwarg(type(self.decoder)): cache})
 
     def new_cache(self) -> DynamicCache:
         """A cache whose every layer keeps every column (also for sliding-window layers: `check_window`

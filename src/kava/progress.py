@@ -1,0 +1,86 @@
+"""What `kava train` tells the person watching: the start summary and, without a progress bar, progress lines.
+
+The start summary (also the plan of `kava train --dry-run`) names the run dir, method, model, data counts
+and skips, steps, effective batch = micro-batch x processes x accumulation, and the world size. When the
+tqdm bar is not shown (no TTY: SLURM, nohup, a pipe; or `--no-progress`), `ProgressLine` prints one line
+every `run.log_every` optimizer steps instead:
+
+    [kava] step 40/400 (10%) | loss 1.2345 | 2.50 steps/s | ETA 2m24s
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+
+def describe_model(cfg) -> str:
+    model = cfg.model.name_or_path or (f"init_from {cfg.model.init_from}" if cfg.model.init_from else "from_scratch")
+    if cfg.model.gguf_file:
+        model += f" ({cfg.model.gguf_file})"
+    return model
+
+
+def plan_lines(cfg, plan, *, run_dir: Path, world: int, data_desc: str, train_desc: str, n_valid: int) -> list[str]:
+    """The plan, one `  key: value` line each: run dir, method, model, data, train counts and skips,
+    validation count, steps, batch and accumulation, world size."""
+    fine_tune = f"LoRA r={cfg.lora.r}" if cfg.lora is not None else "full fine-tuning"
+    return [
+        f"  run dir:          {run_dir}",
+        f"  method:           {cfg.method} ({fine_tune})",
+        f"  model:            {describe_model(cfg)}",
+        f"  data:             {data_desc}",
+        f"  train:            {train_desc}",
+        f"  validation:       {n_valid} records",
+        f"  steps:            {plan.total_steps} ({plan.steps_per_epoch} per epoch, warmup {plan.warmup_steps})",
+        f"  batch:            effective {cfg.optim.effective_batch} = micro {cfg.optim.micro_batch} x "
+        f"{world} process(es) x {plan.accum} accumulation",
+        f"  world size:       {world}",
+    ]
+
+
+def start_summary(cfg, plan, *, run_dir: Path, world: int, data_desc: str, n_records: int, n_examples: int,
+                  skips, n_valid: int, start_step: int = 0) -> list[str]:
+    """The lines `kava train` prints before its first step."""
+    head = f"[kava] train {cfg.method}: " + (f"resuming at step {start_step} of {plan.total_steps}"
+                                               if start_step else f"{plan.total_steps} steps")
+    train_desc = (f"{n_examples} examples (of {n_records} records, after the length limits); "
+                  f"{skips.summary()}" + (f" (where: {run_dir / 'skips.json'})" if skips.total else ""))
+    return [head] + plan_lines(cfg, plan, run_dir=run_dir, world=world, data_desc=data_desc, train_desc=train_desc,
+                               n_valid=n_valid)
+
+
+def format_duration(seconds: float) -> str:
+    """3725 -> '1h02m05s', 145 -> '2m25s', 7.4 -> '7s'."""
+    s = int(round(max(seconds, 0.0)))
+    h, rem = divmod(s, 3600)
+    m, s = divmod(rem, 60)
+    if h:
+        return f"{h}h{m:02d}m{s:02d}s"
+    if m:
+        return f"{m}m{s:02d}s"
+    return f"{s}s"
+
+
+class ProgressLine:
+    """One line per logged step when no progress bar is shown: step/total, loss, steps/s, ETA.
+
+    steps/s is measured over the steps since the previous line (validation and checkpoint time included, as
+    a wall-clock ETA should); the first line measures from the start of the loop.
+    """
+
+    def __init__(self, total: int, start_step: int, enabled: bool, clock=time.perf_counter):
+        self.total, self.enabled, self.clock = total, enabled, clock
+        self.last_step, self.last_t = start_step, clock()
+
+    def line(self, step: int, loss: float) -> str:
+        now = self.clock()
+        rate = (step - self.last_step) / max(now - self.last_t, 1e-9)
+        self.last_step, self.last_t = step, now
+        eta = format_duration((self.total - step) / rate) if rate > 0 else "?"
+        return (f"[kava] step {step}/{self.total} ({100 * step / self.total:.0f}%) | loss {loss:.4f} | "
+                f"{rate:.2f} steps/s | ETA {eta}")
+
+    def update(self, step: int, loss: float) -> None:
+        if self.enabled:
+            print(self.line(step, loss), flush=True)
