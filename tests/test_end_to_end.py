@@ -149,3 +149,43 @@ def test_pause_tokens_train_under_two_process_ddp(tmp_path):
     train_steps = [s["step"] for s in steps if "loss/total" in s]
     assert train_steps and max(train_steps) == 3
     assert (tmp_path / "t0" / "DONE").exists()
+
+
+@pytest.mark.parametrize("method", ["kava", "nocot"])
+def test_two_process_ddp_gives_the_one_process_loss_curve(tmp_path, method):
+    """Loss parity (issue 15) on CPU: 2 DDP processes (gloo) at the same effective batch give the single
+    process's loss curve and weights. One process accumulates 2 micro-batches of 4; two processes take one
+    each: the step's examples, the CE normalisation (whole-step label counts) and the gradient are the same,
+    up to the order of floating-point reductions."""
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    def sets(name):
+        return sum((["--set", s] for s in TINY + [f"method={method}", "optim.max_steps=4", "optim.effective_batch=8",
+                                                   "optim.micro_batch=4", "run.eval_every=4", f"run.name={name}",
+                                                   f"run.output_dir={tmp_path}", "run.log=[jsonl]",
+                                                   "run.log_every=1", "run.grad_share_every=0"]), [])
+
+    assert cli(["train", "--config", "tiny_synth", "--no-progress", *sets("one")]) == 0
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        "-m", "kava.cli", "train", "--config", "tiny_synth", "--no-progress", *sets("two")],
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+    def losses(name):
+        rows = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        return {row["step"]: row["loss/total"] for row in rows if "loss/total" in row}
+
+    one, two = losses("one"), losses("two")
+    assert sorted(one) == sorted(two) == [1, 2, 3, 4]
+    for step in one:
+        assert abs(one[step] - two[step]) <= 1e-4 * abs(one[step]), (step, one[step], two[step])
+    w1 = load_file(str(next((tmp_path / "one" / "final").rglob("model.safetensors"))))
+    w2 = load_file(str(next((tmp_path / "two" / "final").rglob("model.safetensors"))))
+    assert w1.keys() == w2.keys()
+    for k in w1:
+        assert (w1[k] - w2[k]).abs().max() <= 1e-4, k
