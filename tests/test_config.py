@@ -287,3 +287,18 @@ def test_check_world_size():
     assert check_world_size(cfg, 3) == 2 and check_world_size(cfg, 6) == 1
     with pytest.raises(ConfigError):
         check_world_size(cfg, 4)
+
+
+def test_synthetic_students_drop_the_last_cot_step():
+    """SPEC §1 (and both predecessors): the latent students' teacher drops the last CoT step, which restates the
+    answer; otherwise the distillation targets carry little computation. The CoT backbones keep the whole chain."""
+    from kava.demo import stage_config
+
+    for name in ("synth_student", "synth_depth_student"):
+        assert load_config(name).data.drop_last_step is True, name
+    for name in ("synth_backbone", "synth_depth_backbone"):
+        assert load_config(name).data.drop_last_step is False, name
+    from pathlib import Path
+
+    assert stage_config("kava", Path("/tmp/x"), []).data.drop_last_step is True
+    assert stage_config("backbone", Path("/tmp/x"), []).data.drop_last_step is False
