@@ -623,3 +623,165 @@ def test_wandb_keys_are_validated(override, msg):
 
     with pytest.raises(ConfigError, match=msg):
         load_config("tiny_synth", [override])
+
+
+# ------------------------------------------------------------------------------------------ stages on their own
+def test_batch_indices_visit_every_example_once_per_epoch():
+    cfg = tiny_cfg(Path("/nonexistent"), "optim.effective_batch=8", "optim.micro_batch=4")
+    plan = kt.make_plan(cfg, 43, world=1)  # 5 full batches; 3 examples left out each epoch
+    assert plan.steps_per_epoch == 5
+    epochs = [[i for s in range(e * 5, e * 5 + 5) for i in kt.batch_indices(cfg, plan, 43, s)] for e in range(2)]
+    for seen in epochs:
+        assert len(seen) == 40 and len(set(seen)) == 40 and set(seen) <= set(range(43))
+    assert epochs[0] != epochs[1]  # reshuffled
+    assert kt.batch_indices(cfg, plan, 43, 7) == kt.batch_indices(cfg, plan, 43, 7)  # a pure function: resume
+
+
+def write_records(path: Path, steps_per_record: list[int], bad_lines: tuple[str, ...] = ()) -> None:
+    """One JSONL record per entry of `steps_per_record` (that many CoT steps), then `bad_lines` verbatim."""
+    with open(path, "w") as f:
+        for i, n in enumerate(steps_per_record):
+            a = 10 + i
+            steps = [f"<<{a}+{k}={a + k}>>" for k in range(1, n + 1)]
+            f.write(json.dumps({"question": f"Tom has {a} apples . How many ?", "steps": steps, "answer": a + n})
+                    + "\n")
+        for line in bad_lines:
+            f.write(line + "\n")
+
+
+def stage_cfg(tmp_path: Path, data: Path, *extra: str):
+    return tiny_cfg(tmp_path, f"data.source={data}", "data.format=jsonl", "data.drop_last_step=true", *extra)
+
+
+def test_setup_data_counts_examples_empty_cots_and_skips(tmp_path, capsys):
+    data = tmp_path / "train.jsonl"
+    # 3 records keep a CoT, 2 lose their only step to drop_last_step; 3 bad lines, one per reason
+    write_records(data, [2, 3, 1, 2, 1], bad_lines=('{"question": "Q?", "steps": [], "answer"',
+                                                     '{"problem": "Q?", "steps": [], "answer": 2}',
+                                                     '{"question": "Q?", "steps": [], "answer": "two"}'))
+    cfg = stage_cfg(tmp_path, data, "method=cot")
+    acc = kt.setup_accelerator(cfg)
+    run_dir, resume_ck = kt.setup_run_dir(cfg, None, main=True)
+    assert run_dir.is_dir() and resume_ck is None
+    d = kt.setup_data(cfg, run_dir, acc)
+    assert (len(d.train_recs), len(d.items), d.no_cot) == (5, 5, 2)
+    assert [len(it.cot) > 0 for it in d.items] == [True, True, False, True, False]
+    assert d.skips.total == 3 and d.skips.counts == {"invalid json": 1, "missing field: question": 1,
+                                                     "non-numeric answer": 1}
+    assert (run_dir / "tokenizer_src" / "tokenizer_config.json").exists()  # a from-scratch model's tokenizer
+    assert "2 of 5 training examples have an empty CoT" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("method", ["cot", "kava", "nocot"])
+def test_setup_data_refuses_a_cot_method_on_data_without_any_cot(method, tmp_path):
+    data = tmp_path / "train.jsonl"
+    write_records(data, [1, 1, 1])  # drop_last_step empties every CoT
+    cfg = stage_cfg(tmp_path, data, f"method={method}")
+    acc = kt.setup_accelerator(cfg)
+    run_dir, _ = kt.setup_run_dir(cfg, None, main=True)
+    if method == "nocot":  # learns without the CoT: fine
+        assert kt.setup_data(cfg, run_dir, acc).no_cot == 3
+    else:
+        with pytest.raises(ValueError, match="none of the 3 training examples has a CoT"):
+            kt.setup_data(cfg, run_dir, acc)
+
+
+def stage_trainer(tmp_path: Path, *extra: str):
+    """A `Trainer` for method cot on 16 records of different lengths, its data, and the run dir."""
+    data = tmp_path / "train.jsonl"
+    write_records(data, [2 + i % 3 for i in range(16)])
+    cfg = stage_cfg(tmp_path, data, "method=cot", "optim.effective_batch=8", "optim.grad_clip=0", *extra)
+    acc = kt.setup_accelerator(cfg)
+    run_dir, _ = kt.setup_run_dir(cfg, None, main=True)
+    d = kt.setup_data(cfg, run_dir, acc)
+    torch.manual_seed(0)
+    t = kt.setup_model_and_optimizer(cfg, d.tokenizer, acc)
+    t.raw.train()
+    return t, d, run_dir
+
+
+def test_train_step_accumulation_equals_one_big_batch(tmp_path):
+    """train_step over 4 micro-batches of 2 applies the gradient of one full-batch loss_step (the reference,
+    computed on an identically initialised model); SGD(lr=1) makes the update equal minus that gradient."""
+    t, d, run_dir = stage_trainer(tmp_path, "optim.micro_batch=2")
+    torch.manual_seed(0)
+    ref = build_reasoner(t.cfg, d.tokenizer).train()
+    params = [(n, p) for n, p in t.raw.named_parameters() if p.requires_grad]
+    ref_params = dict(ref.named_parameters())
+    assert all(torch.equal(p, ref_params[n]) for n, p in params)
+    batch = tuple(range(8))
+    assert len({len(d.items[j].cot) for j in batch}) > 1  # micro-batches of different label counts
+
+    total, log = loss_step(ref, make_batch([d.items[j] for j in batch], ref.ids, t.cfg), t.cfg)
+    total.backward()
+    t.opt = torch.optim.SGD([p for _, p in params], lr=1.0)
+    before = {n: p.detach().clone() for n, p in params}
+    r = kt.train_step(t, d.items, batch, accum=4, step=0, logger=kt.MetricLogger(run_dir, [], False, t.cfg))
+    assert r.bad is None
+    grads = {n: ref_params[n].grad for n, _ in params if ref_params[n].grad is not None}
+    assert len(grads) > len(params) // 2  # (cot never uses the projection: no gradient, no update)
+    for n, p in params:
+        g = grads.get(n, torch.zeros_like(p))
+        tol = 1e-5 * g.abs().max().item() + 1e-6 * before[n].abs().max().item()  # (p - g rounds at |p|)
+        assert (before[n] - p.detach() - g).abs().max().item() <= tol, n
+    assert all(p.grad is None for _, p in params)  # zeroed for the next step
+    ref_norm = torch.sqrt(sum((g.double() ** 2).sum() for g in grads.values())).item()
+    assert float(r.grad_norm) == pytest.approx(ref_norm, rel=1e-5)
+    for k in ("loss/ce_teacher", "loss/total"):
+        assert float(r.sums[k]) == pytest.approx(float(log[k]), rel=1e-5), k
+
+
+def test_train_step_with_a_nonfinite_loss_or_gradient_changes_nothing(tmp_path, monkeypatch):
+    t, d, run_dir = stage_trainer(tmp_path, "optim.micro_batch=4")
+    logger = kt.MetricLogger(run_dir, [], False, t.cfg)
+    params = [p for p in t.raw.parameters() if p.requires_grad]
+    before = [p.detach().clone() for p in params]
+    opt_before = kt.optimizer_tensors(t.inner_opt)[0]
+
+    calls, real = [], kt.loss_step
+    def nan_second(*a, **k):  # the second micro-batch's CE is NaN
+        total, log = real(*a, **k)
+        calls.append(1)
+        if len(calls) == 2:
+            return total * float("nan"), {k: v * float("nan") if k.startswith("loss/") else v for k, v in log.items()}
+        return total, log
+
+    with monkeypatch.context() as mp:
+        mp.setattr(kt, "loss_step", nan_second)
+        r = kt.train_step(t, d.items, tuple(range(8)), accum=2, step=0, logger=logger)
+    assert r.bad == ["loss/ce_teacher"]
+    # a finite loss with an infinite gradient (overflow in backward)
+    hook = t.raw.special_rows.register_hook(lambda g: g + float("inf"))
+    r2 = kt.train_step(t, d.items, tuple(range(8)), accum=2, step=0, logger=logger)
+    hook.remove()
+    assert r2.bad == ["grad_norm"] and math.isfinite(float(r2.sums["loss/total"]))
+    for p, b in zip(params, before):
+        assert torch.equal(p, b) and p.grad is None
+    assert kt.optimizer_tensors(t.inner_opt)[0] == opt_before == {}  # AdamW never stepped
+
+
+def test_save_checkpoint_then_resume_state_restores_everything(tmp_path):
+    t, d, run_dir = stage_trainer(tmp_path, "optim.micro_batch=4", "method=kava", "eviction.method=random")
+    logger = kt.MetricLogger(run_dir, [], False, t.cfg)
+    assert kt.train_step(t, d.items, tuple(range(8)), accum=2, step=0, logger=logger).bad is None
+    t.step, t.best, t.nonfinite_skipped = 1, {"val/accuracy": 0.25, "step": 1}, 3
+    kt.save_checkpoint(t, run_dir)
+    after_save = (torch.rand(4), t.acc.unwrap_model(t.objective).generator.get_state())
+
+    torch.manual_seed(123)  # another initialisation, to be overwritten
+    u = kt.setup_model_and_optimizer(t.cfg, d.tokenizer, t.acc)
+    kt.resume_state(u, kt.latest_checkpoint(run_dir))
+    assert (u.step, u.best, u.nonfinite_skipped) == (1, {"val/accuracy": 0.25, "step": 1}, 3)
+    mine = dict(t.raw.named_parameters())
+    for n, p in u.raw.named_parameters():
+        assert torch.equal(p, mine[n]), n
+    ot, ou = t.inner_opt.state_dict(), u.inner_opt.state_dict()
+    as_json = lambda groups: json.loads(json.dumps(groups))  # (state.json stores betas as a list)
+    assert as_json(ot["param_groups"]) == as_json(ou["param_groups"])
+    assert len(ot["state"]) == len(ou["state"]) > 0
+    for i, st in ot["state"].items():
+        for k, v in st.items():
+            assert torch.equal(torch.as_tensor(v), torch.as_tensor(ou["state"][i][k])), (i, k)
+    # the RNGs are back where they were at the save: the same draws follow
+    assert torch.equal(torch.rand(4), after_save[0])
+    assert torch.equal(u.acc.unwrap_model(u.objective).generator.get_state(), after_save[1])

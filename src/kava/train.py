@@ -1,7 +1,17 @@
 """The training loop: one trainer for cot / nocot / pccot / codi / kava (SPEC §5).
 
-Reads top to bottom like nanoGPT's: lr for this step -> micro-batches (loss / accumulation) -> clip ->
-step -> log -> validate / checkpoint. Plumbing (DDP, autocast, no-sync) is `accelerate`'s.
+`train()` composes named stages, as a torchtune recipe does; each is a function testable on its own:
+    setup_accelerator           the `Accelerator` (DDP, bf16 autocast), world size checked, seeds set
+    setup_run_dir               refuse to overwrite a run; find and check the checkpoint to resume
+    setup_data                  records, tokenizer, tokenized examples, skip accounting -> `Data`
+    setup_model_and_optimizer   reasoner, AdamW, `Objective`, prepared by accelerate -> `Trainer`
+    resume_state                a checkpoint into the `Trainer` (weights, optimizer, RNGs, counters)
+    save_run_files              a new run's config.yaml, meta.json, skips.json
+    train_step                  one optimizer step: micro-batches (loss / accumulation), non-finite check,
+                                clip, step -> `StepResult`
+    validate, save_best, save_checkpoint, save_final
+The loop in `train()` then reads top to bottom like nanoGPT's: lr for this step -> train_step -> (non-finite:
+run.nan_policy) -> log -> validate / checkpoint. Plumbing (DDP, autocast, no-sync) is `accelerate`'s.
 
 Run directory:
     config.yaml  resolved config          meta.json     versions, git revision, method, data, seed
@@ -13,6 +23,7 @@ Run directory:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -21,8 +32,9 @@ import os
 import shutil
 import subprocess
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -35,6 +47,13 @@ from kava.gradshare import grad_share_due, measure
 from kava.methods import ce_denominators, loss_step, make_batch
 from kava.model.loading import CheckpointError, build_reasoner, load_tokenizer, save_model
 from kava.progress import ProgressLine, start_summary
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+    from transformers import PreTrainedTokenizerBase
+
+    from kava.data.format import Tokenized
+    from kava.data.records import Record
 
 
 class NonFiniteLoss(RuntimeError):
@@ -300,30 +319,39 @@ def example_order(n: int, seed: int, epoch: int) -> tuple[int, ...]:
     return tuple(torch.randperm(n, generator=g).tolist())
 
 
-def train(cfg: Config, *, resume: str | Path | None = None, progress: bool = True, stop_after: int | None = None,
-          data_root: str | Path | None = None) -> Path:
-    """Train `cfg` (or resume RUN_DIR) and return the run directory.
+def batch_indices(cfg: Config, plan: Plan, n: int, step: int) -> tuple[int, ...]:
+    """Example indices of optimizer step `step` (0-based): the next `optim.effective_batch` of its epoch's
+    shuffle."""
+    epoch, within = divmod(step, plan.steps_per_epoch)
+    eb = cfg.optim.effective_batch
+    return example_order(n, cfg.run.seed, epoch)[within * eb:(within + 1) * eb]
 
-    stop_after: stop (without finishing) after this many optimizer steps in total — for tests and sweeps.
-    """
+
+def use_bf16(cfg: Config) -> bool:
+    return torch.cuda.is_available() and cfg.optim.precision in ("auto", "bf16")
+
+
+# ------------------------------------------------------------------------------------------------ stages
+def setup_accelerator(cfg: Config) -> Accelerator:
+    """The `Accelerator` (DDP, bf16 autocast on GPU), the world size checked against the batch sizes before
+    any data or model is read, and the seeds set."""
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
-    from tqdm.auto import tqdm
-
-    use_bf16 = torch.cuda.is_available() and cfg.optim.precision in ("auto", "bf16")
-    from accelerate.utils import DistributedDataParallelKwargs
+    from accelerate.utils import DistributedDataParallelKwargs, set_seed
 
     from kava.methods import METHOD_SPECS
 
     # cot / nocot never touch the projection or the special-token rows: DDP must be told
     ddp = DistributedDataParallelKwargs(find_unused_parameters=METHOD_SPECS[cfg.method].student is None)
-    acc = Accelerator(mixed_precision="bf16" if use_bf16 else "no", cpu=not torch.cuda.is_available(),
+    acc = Accelerator(mixed_precision="bf16" if use_bf16(cfg) else "no", cpu=not torch.cuda.is_available(),
                       kwargs_handlers=[ddp])
-    main = acc.is_main_process
-    world = acc.num_processes
-    check_world_size(cfg, world)  # before reading (and tokenizing) the data or loading a model
+    check_world_size(cfg, acc.num_processes)  # before reading (and tokenizing) the data or loading a model
     set_seed(cfg.run.seed, deterministic=cfg.run.deterministic)
+    return acc
 
+
+def setup_run_dir(cfg: Config, resume: str | Path | None, main: bool) -> tuple[Path, Path | None]:
+    """(run dir, checkpoint to resume from or None). Refuses to overwrite a run, checks the directory is
+    writable, and checks a resume's checkpoint against `cfg` — all before any data or model is loaded."""
     run_dir = Path(resume) if resume else Path(cfg.run.output_dir) / run_name(cfg)
     if not resume and (run_dir / "config.yaml").exists():
         if (run_dir / "DONE").exists():
@@ -338,15 +366,36 @@ def train(cfg: Config, *, resume: str | Path | None = None, progress: bool = Tru
         probe.unlink()
     except OSError as e:
         raise OSError(f"cannot write to the output directory {run_dir}: {e}") from e
-    # a resume is checked before any data or model is loaded; a run killed before its first checkpoint
-    # starts over (from step 0 the result equals an uninterrupted run)
+    # a run killed before its first checkpoint starts over (from step 0 the result equals an uninterrupted run)
     resume_ck = latest_checkpoint(run_dir) if resume else None
     if resume and resume_ck is None and main:
         print(f"[kava] {run_dir}: no checkpoint yet (stopped before the first one); starting from step 0")
     if resume_ck is not None:
         check_resume_state(json.loads((resume_ck / "state.json").read_text()), cfg, resume_ck)
+    return run_dir, resume_ck
 
-    # data
+
+@dataclass
+class Data:
+    """What `setup_data` returns."""
+
+    train_recs: list[Record]
+    valid_recs: list[Record]
+    desc: str  # where both came from (start summary, meta.json)
+    skips: SkipLog  # training records skipped, by reason (skips.json)
+    tokenizer: PreTrainedTokenizerBase
+    items: list[Tokenized]  # the usable training examples
+    no_cot: int  # how many of them have an empty CoT (kept)
+
+
+def setup_data(cfg: Config, run_dir: Path, acc: Accelerator, *, data_root: str | Path | None = None,
+               resume_ck: Path | None = None) -> Data:
+    """Records, the tokenizer (trained into `run_dir/tokenizer_src` for a from-scratch model without one),
+    and the tokenized training examples. Refuses data with no usable record, or with no CoT at all for a
+    method that learns from it; a resume refuses a tokenizer that changed since its checkpoint."""
+    from kava.methods import METHOD_SPECS
+
+    main = acc.is_main_process
     skips = SkipLog(strict=cfg.data.strict)
     root = Path(data_root) if data_root else Path(cfg.run.output_dir) / "_data"
     train_recs, valid_recs, data_desc = load_train_valid(cfg, root, skips)
@@ -385,17 +434,56 @@ def train(cfg: Config, *, resume: str | Path | None = None, progress: bool = Tru
         if main:
             print(f"[kava] {no_cot} of {len(items)} training examples have an empty CoT "
                   f"(data.drop_last_step={cfg.data.drop_last_step}); kept, counted in meta.json")
-    plan = make_plan(cfg, len(items), world)
-    if main:
-        resume_step = json.loads((resume_ck / "state.json").read_text())["step"] if resume_ck is not None else 0
-        print("\n".join(start_summary(cfg, plan, run_dir=run_dir, world=world, data_desc=data_desc,
-                                      n_records=len(train_recs), n_examples=len(items), skips=skips,
-                                      n_valid=len(valid_recs), start_step=resume_step)), flush=True)
+    return Data(train_recs, valid_recs, data_desc, skips, tokenizer, items, no_cot)
 
-    # model, optimizer
+
+def print_start_summary(cfg: Config, plan: Plan, run_dir: Path, data: Data, world: int,
+                        resume_ck: Path | None) -> None:
+    """What `kava train` prints before the model loads (kava.progress.start_summary)."""
+    start = json.loads((resume_ck / "state.json").read_text())["step"] if resume_ck is not None else 0
+    print("\n".join(start_summary(cfg, plan, run_dir=run_dir, world=world, data_desc=data.desc,
+                                  n_records=len(data.train_recs), n_examples=len(data.items), skips=data.skips,
+                                  n_valid=len(data.valid_recs), start_step=start)), flush=True)
+
+
+@dataclass
+class Trainer:
+    """What the loop carries (a torchtune recipe's attributes): the prepared objective and optimizer, the
+    model they train, and the counters a checkpoint stores with the weights."""
+
+    cfg: Config
+    acc: Accelerator
+    objective: torch.nn.Module  # `Objective`, as accelerate prepared it (DDP-wrapped on several processes)
+    opt: torch.optim.Optimizer  # AdamW, as accelerate prepared it
+    raw: torch.nn.Module  # the LatentReasoner inside `objective`
+    tokenizer: PreTrainedTokenizerBase
+    step: int = 0  # optimizer steps taken (skipped non-finite ones included)
+    best: dict = field(default_factory=lambda: {"val/accuracy": -1.0, "step": -1})
+    nonfinite_skipped: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.acc.is_main_process
+
+    @property
+    def inner_opt(self) -> torch.optim.Optimizer:
+        return self.opt.optimizer if hasattr(self.opt, "optimizer") else self.opt
+
+    def rng_now(self) -> dict[str, torch.Tensor]:
+        """Every RNG state a resume must restore: torch (CPU, CUDA) and the random-eviction generator."""
+        rng = rng_tensors()
+        rng["eviction"] = self.acc.unwrap_model(self.objective).generator.get_state()
+        return rng
+
+
+def setup_model_and_optimizer(cfg: Config, tokenizer, acc: Accelerator) -> Trainer:
+    """The reasoner, AdamW (no weight decay on vectors and the special rows), the `Objective` around the model,
+    both prepared by accelerate; `Trainer.step` 0."""
+    from kava.methods import METHOD_SPECS
+
     # Frozen LoRA base weights live in bf16 on GPU (adapters, projection and special rows stay fp32);
     # full fine-tuning keeps fp32 master weights under bf16 autocast.
-    base_dtype = torch.bfloat16 if use_bf16 and cfg.lora is not None else torch.float32
+    base_dtype = torch.bfloat16 if use_bf16(cfg) and cfg.lora is not None else torch.float32
     model = build_reasoner(cfg, tokenizer, dtype=base_dtype)
     if METHOD_SPECS[cfg.method].student == "jacobi" and cfg.latent.num_sweeps == 0:
         # T=0 (pause tokens) never calls the projection: a trainable parameter without a gradient makes
@@ -415,196 +503,261 @@ def train(cfg: Config, *, resume: str | Path | None = None, progress: bool = Tru
     raw = acc.unwrap_model(objective).model
     if cfg.optim.compile:
         raw.compile_layers()
+    return Trainer(cfg, acc, objective, opt, raw, tokenizer)
 
+
+def resume_state(t: Trainer, ck: Path) -> None:
+    """Load checkpoint `ck` into `t`: trainable weights (keys and shapes checked), optimizer, every RNG,
+    the step, the best validation result and the non-finite skip count."""
+    state = json.loads((ck / "state.json").read_text())
+    saved = load_file(str(ck / "trainable.safetensors"))
+    mine = dict((n, p) for n, p in t.raw.named_parameters() if p.requires_grad)
+    missing, unexpected = sorted(set(mine) - set(saved)), sorted(set(saved) - set(mine))
+    if missing or unexpected:
+        raise CheckpointError(f"{ck}: checkpoint keys do not match the model: missing {len(missing)} "
+                              f"{missing[:5]}, unexpected {len(unexpected)} {unexpected[:5]} "
+                              "(different model or method?)")
+    shapes = [f"{n}: checkpoint {tuple(saved[n].shape)}, model {tuple(p.shape)}" for n, p in mine.items()
+              if saved[n].shape != p.shape]
+    if shapes:
+        raise CheckpointError(f"{ck}: checkpoint shapes do not match the model ({len(shapes)} tensors): "
+                              f"{'; '.join(shapes[:5])} (different model?)")
+    with torch.no_grad():
+        for n, p in mine.items():
+            p.copy_(saved[n])
+    load_optimizer(t.inner_opt, load_file(str(ck / "optimizer.safetensors")), state["optimizer"])
+    restore_rng(load_file(str(ck / "rng.safetensors")))
+    objective_gen = load_file(str(ck / "rng.safetensors")).get("eviction")
+    if objective_gen is not None:
+        t.acc.unwrap_model(t.objective).generator.set_state(objective_gen)
+    t.step, t.best = state["step"], state["best"]
+    t.nonfinite_skipped = state.get("nonfinite_skipped", 0)
+
+
+def save_run_files(cfg: Config, run_dir: Path, data: Data, plan: Plan, world: int) -> None:
+    """A new run's config.yaml, meta.json and skips.json (main process)."""
+    save_config(cfg, run_dir / "config.yaml")
+    meta = {"method": cfg.method, "preset": cfg.preset, "train_data": train_data_label(cfg),
+            "data": data.desc, "seed": cfg.run.seed, "model": cfg.model.name_or_path or "from_scratch",
+            "init_from": cfg.model.init_from, "world_size": world, "git": git_revision(), "versions": versions(),
+            "train_examples": len(data.items), "train_examples_without_cot": data.no_cot, "plan": plan.__dict__}
+    (run_dir / "meta.json").write_text(json.dumps(meta, indent=2))
+    data.skips.save(run_dir / "skips.json")  # the start summary named it
+
+
+@dataclass
+class StepResult:
+    sums: dict[str, torch.Tensor]  # every logged term, averaged over this rank's micro-batches
+    grad_norm: torch.Tensor | float  # before clipping
+    tokens: int  # tokens this rank processed
+    bad: list[str] | None = None  # non-finite terms ("grad_norm": only the gradient); None: the step was applied
+
+
+def train_step(t: Trainer, items: list[Tokenized], batch: tuple[int, ...], *, accum: int, step: int,
+               logger: MetricLogger) -> StepResult:
+    """One optimizer step on the global batch `batch` (example indices; `step` is 0-based).
+
+    Splits it into `optim.micro_batch`-sized micro-batches, takes this rank's share, back-propagates each one's
+    `total / accum` (DDP syncs only on the last), then clips and steps — unless the loss or the gradient is
+    non-finite on any rank: then the gradients are dropped, no weight changes, and `bad` names the terms
+    (`run.nan_policy` is the caller's). The CE terms are sums over the whole step's label count
+    (`ce_denominators`), so the gradient does not depend on the split.
+    """
+    cfg, acc, raw, world = t.cfg, t.acc, t.raw, t.acc.num_processes
+    mb = cfg.optim.micro_batch
+    all_micro = [batch[i:i + mb] for i in range(0, len(batch), mb)]
+    micro = all_micro[acc.process_index::world]
+    ce_den = ce_denominators([items[j] for j in batch], cfg, len(all_micro))
+    sums: dict[str, torch.Tensor] = {}
+    tokens = 0
+    for i, idx in enumerate(micro):
+        b = make_batch([items[j] for j in idx], raw.ids, cfg)
+        b.ce_den = ce_den
+        b.teacher = b.teacher.to(acc.device)
+        if b.student is not None:
+            b.student = b.student.to(acc.device)
+        tokens += b.num_tokens
+        sync = acc.no_sync(t.objective) if i < len(micro) - 1 else contextlib.nullcontext()
+        with sync, acc.autocast():
+            total, log = t.objective(b)
+            acc.backward(total / accum)
+        for k, v in log.items():
+            sums[k] = sums.get(k, 0.0) + v.float() / len(micro)
+        if i == 0 and t.main and grad_share_due(cfg, step + 1):  # per-term gradient norms (kava.gradshare)
+            logger.log({"split": "train", **measure(raw, b, cfg, acc.device, acc.autocast())}, step + 1)
+    gnorm = acc.clip_grad_norm_(raw.parameters(), cfg.optim.grad_clip) if cfg.optim.grad_clip > 0 else \
+        torch.sqrt(sum((p.grad.float() ** 2).sum() for p in raw.parameters() if p.grad is not None))
+    # a finite loss can still have an inf/NaN gradient (overflow in backward): stepping on it would make
+    # every weight NaN, and the next step's "last good state" would be that NaN state
+    finite = (torch.isfinite(sums["loss/total"]) & torch.isfinite(torch.as_tensor(gnorm).to(
+        sums["loss/total"].device))).float()
+    if world > 1:  # every rank must take the same branch below
+        finite = acc.reduce(finite.to(acc.device), reduction="sum") == world
+    if not bool(finite):  # the one host sync per optimizer step
+        bad = [k for k, v in sums.items() if k.startswith("loss/") and k != "loss/total" and not torch.isfinite(v)]
+        if not bad and torch.isfinite(sums["loss/total"]):
+            bad = ["grad_norm"]
+        t.opt.zero_grad(set_to_none=True)
+        return StepResult(sums, gnorm, tokens, bad)
+    t.opt.step()
+    t.opt.zero_grad(set_to_none=True)
+    return StepResult(sums, gnorm, tokens)
+
+
+def nonfinite_error(bad: list[str], step: int, run_dir: Path) -> NonFiniteLoss:
+    """What `run.nan_policy: stop` raises at 0-based step `step`, after saving the state before it."""
+    what = "gradient" if bad == ["grad_norm"] else "loss"
+    return NonFiniteLoss(f"non-finite {what} at optimizer step {step + 1} in term(s) {bad or ['total']}; "
+                         f"last good state saved in {run_dir / 'checkpoints' / f'step_{step}'}; "
+                         "set run.nan_policy=skip to skip such batches")
+
+
+def train_metrics(t: Trainer, r: StepResult, *, epoch: float, lr: float, tokens_per_s: float) -> dict:
+    """A train line of `metrics.jsonl`: every term averaged over all ranks' micro-batches (as one process
+    would see it), and the peak GPU memory."""
+    payload = {"split": "train", "epoch": epoch, "lr": lr, "grad_norm": float(r.grad_norm),
+               "tokens_per_s": tokens_per_s}
+    keys = sorted(r.sums)
+    vals = torch.stack([r.sums[k].to(t.acc.device) for k in keys])
+    if t.acc.num_processes > 1:
+        vals = t.acc.reduce(vals, reduction="mean")
+    payload.update({k: float(v) for k, v in zip(keys, vals.tolist())})
+    if torch.cuda.is_available():
+        payload["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    return payload
+
+
+def validate(t: Trainer, valid_recs: list[Record]) -> float:
+    """Greedy accuracy on the validation records, each rank decoding its share; leaves the model in train mode."""
+    from accelerate.utils import gather_object
+
+    from kava.evaluate import evaluate_records
+
+    rows, _ = evaluate_records(t.raw, t.tokenizer, t.cfg, valid_recs, rank=t.acc.process_index,
+                               world=t.acc.num_processes)
+    rows = gather_object(rows)
+    acc_v = sum(r["correct"] for r in rows) / max(1, len(rows))
+    t.raw.train()
+    return acc_v
+
+
+def save_checkpoint(t: Trainer, run_dir: Path, rng: dict[str, torch.Tensor] | None = None) -> None:
+    """`checkpoints/step_<t.step>` (main process; the two newest are kept). rng: the RNG state to store
+    (default: now; a NaN stop passes the state from before the bad step)."""
+    if not t.main:
+        return
+    ck = run_dir / "checkpoints" / f"step_{t.step}"
+
+    def write(d: Path):
+        save_file(trainable_state(t.raw), str(d / "trainable.safetensors"))
+        ot, ometa = optimizer_tensors(t.inner_opt)
+        save_file(ot, str(d / "optimizer.safetensors"))
+        save_file(rng if rng is not None else t.rng_now(), str(d / "rng.safetensors"))
+        (d / "state.json").write_text(json.dumps({"step": t.step, "method": t.cfg.method,
+                                                   "model": model_identity(t.cfg),
+                                                   "tokenizer": tokenizer_identity(t.tokenizer), "best": t.best,
+                                                   "nonfinite_skipped": t.nonfinite_skipped,
+                                                   "optimizer": ometa}))
+
+    _atomic_dir_write(ck, write)
+    for old in sorted((p for p in ck.parent.glob("step_*") if p.name.split("_")[1].isdigit()),
+                      key=lambda p: int(p.name.split("_")[1]))[:-2]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def save_best(t: Trainer, run_dir: Path) -> None:
+    """`best/`: the loadable model of `t.best` (the caller updates it, on the main process)."""
+    _atomic_dir_write(run_dir / "best", lambda d: save_model(t.raw, t.tokenizer, d, meta={
+        "step": t.best["step"], "val/accuracy": t.best["val/accuracy"]}))
+
+
+def save_final(t: Trainer, run_dir: Path, total_steps: int, skips: SkipLog) -> None:
+    """`final/` (the loadable model) and `DONE` (main process)."""
+    _atomic_dir_write(run_dir / "final", lambda d: save_model(t.raw, t.tokenizer, d, meta={
+        "step": total_steps, "best": t.best}))
+    (run_dir / "DONE").write_text(json.dumps({"steps": total_steps, "best": t.best,
+                                              "nonfinite_skipped": t.nonfinite_skipped,
+                                              "skipped_records": skips.total}))
+
+
+# ------------------------------------------------------------------------------------------------ the loop
+def train(cfg: Config, *, resume: str | Path | None = None, progress: bool = True, stop_after: int | None = None,
+          data_root: str | Path | None = None) -> Path:
+    """Train `cfg` (or resume RUN_DIR) and return the run directory.
+
+    stop_after: stop (without finishing) after this many optimizer steps in total — for tests and sweeps.
+    """
+    from tqdm.auto import tqdm
+
+    acc = setup_accelerator(cfg)
+    main, world = acc.is_main_process, acc.num_processes
+    run_dir, resume_ck = setup_run_dir(cfg, resume, main)
+    data = setup_data(cfg, run_dir, acc, data_root=data_root, resume_ck=resume_ck)
+    plan = make_plan(cfg, len(data.items), world)
+    if main:
+        print_start_summary(cfg, plan, run_dir, data, world, resume_ck)
+    t = setup_model_and_optimizer(cfg, data.tokenizer, acc)
     logger = MetricLogger(run_dir, cfg.run.log + ["jsonl"], main, cfg)
-    start_step, best = 0, {"val/accuracy": -1.0, "step": -1}
-    skipped_nonfinite = 0
     if resume_ck is not None:
-        ck = resume_ck
-        state = json.loads((ck / "state.json").read_text())
-        saved = load_file(str(ck / "trainable.safetensors"))
-        mine = dict((n, p) for n, p in raw.named_parameters() if p.requires_grad)
-        missing, unexpected = sorted(set(mine) - set(saved)), sorted(set(saved) - set(mine))
-        if missing or unexpected:
-            raise CheckpointError(f"{ck}: checkpoint keys do not match the model: missing {len(missing)} "
-                                  f"{missing[:5]}, unexpected {len(unexpected)} {unexpected[:5]} "
-                                  "(different model or method?)")
-        shapes = [f"{n}: checkpoint {tuple(saved[n].shape)}, model {tuple(p.shape)}" for n, p in mine.items()
-                  if saved[n].shape != p.shape]
-        if shapes:
-            raise CheckpointError(f"{ck}: checkpoint shapes do not match the model ({len(shapes)} tensors): "
-                                  f"{'; '.join(shapes[:5])} (different model?)")
-        with torch.no_grad():
-            for n, p in mine.items():
-                p.copy_(saved[n])
-        load_optimizer(opt.optimizer if hasattr(opt, "optimizer") else opt,
-                       load_file(str(ck / "optimizer.safetensors")), state["optimizer"])
-        restore_rng(load_file(str(ck / "rng.safetensors")))
-        objective_gen = load_file(str(ck / "rng.safetensors")).get("eviction")
-        if objective_gen is not None:
-            acc.unwrap_model(objective).generator.set_state(objective_gen)
-        start_step, best = state["step"], state["best"]
-        skipped_nonfinite = state.get("nonfinite_skipped", 0)
-        logger.truncate_after(start_step)
+        resume_state(t, resume_ck)
+        logger.truncate_after(t.step)  # metrics then equal an uninterrupted run's
     elif main:
         if resume:  # starting over: drop what the stopped attempt logged
             logger.truncate_after(0)
-        save_config(cfg, run_dir / "config.yaml")
-        meta = {"method": cfg.method, "preset": cfg.preset, "train_data": train_data_label(cfg),
-                "data": data_desc, "seed": cfg.run.seed, "model": cfg.model.name_or_path or "from_scratch",
-                "init_from": cfg.model.init_from, "world_size": world, "git": git_revision(), "versions": versions(),
-                "train_examples": len(items), "train_examples_without_cot": no_cot, "plan": plan.__dict__}
-        (run_dir / "meta.json").write_text(json.dumps(meta, indent=2))
-        skips.save(run_dir / "skips.json")  # the start summary named it
-
-    def rng_now() -> dict[str, torch.Tensor]:
-        rng = rng_tensors()
-        rng["eviction"] = acc.unwrap_model(objective).generator.get_state()
-        return rng
-
-    def save_checkpoint(step: int, rng: dict[str, torch.Tensor] | None = None) -> None:
-        """rng: the RNG state to store (default: now; a NaN stop passes the state from before the bad step)."""
-        if not main:
-            return
-        ck = run_dir / "checkpoints" / f"step_{step}"
-
-        def write(d: Path):
-            save_file(trainable_state(raw), str(d / "trainable.safetensors"))
-            ot, ometa = optimizer_tensors(opt.optimizer if hasattr(opt, "optimizer") else opt)
-            save_file(ot, str(d / "optimizer.safetensors"))
-            save_file(rng if rng is not None else rng_now(), str(d / "rng.safetensors"))
-            (d / "state.json").write_text(json.dumps({"step": step, "method": cfg.method,
-                                                       "model": model_identity(cfg),
-                                                       "tokenizer": tokenizer_identity(tokenizer), "best": best,
-                                                       "nonfinite_skipped": skipped_nonfinite,
-                                                       "optimizer": ometa}))
-
-        _atomic_dir_write(ck, write)
-        for old in sorted((p for p in ck.parent.glob("step_*") if p.name.split("_")[1].isdigit()),
-                          key=lambda p: int(p.name.split("_")[1]))[:-2]:
-            shutil.rmtree(old, ignore_errors=True)
-
-    def validate(step: int) -> float:
-        from accelerate.utils import gather_object
-
-        from kava.evaluate import evaluate_records
-
-        rows, _ = evaluate_records(raw, tokenizer, cfg, valid_recs, rank=acc.process_index, world=world)
-        rows = gather_object(rows)
-        acc_v = sum(r["correct"] for r in rows) / max(1, len(rows))
-        raw.train()
-        return acc_v
+        save_run_files(cfg, run_dir, data, plan, world)
 
     eval_every = cfg.run.eval_every or plan.steps_per_epoch
     save_every = cfg.run.save_every or eval_every
-    bar = tqdm(total=plan.total_steps, initial=start_step, desc=f"train {cfg.method}", disable=not main or not progress
+    end_step = plan.total_steps if stop_after is None else min(plan.total_steps, stop_after)
+    bar = tqdm(total=plan.total_steps, initial=t.step, desc=f"train {cfg.method}", disable=not main or not progress
                or None, dynamic_ncols=True)
-    ticker = ProgressLine(plan.total_steps, start_step, enabled=main and bar.disable)  # lines when no bar shows
-    raw.train()
+    ticker = ProgressLine(plan.total_steps, t.step, enabled=main and bar.disable)  # lines when no bar shows
+    t.raw.train()
     t_last, tokens = time.perf_counter(), 0
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    end_step = plan.total_steps if stop_after is None else min(plan.total_steps, stop_after)
-    for step in range(start_step, end_step):
-        step_rng = rng_now() if cfg.run.nan_policy == "stop" else None  # the last good state, if this step fails
+    for step in range(t.step, end_step):
+        step_rng = t.rng_now() if cfg.run.nan_policy == "stop" else None  # the last good state, if this step fails
         lr = lr_at(step, plan.total_steps, cfg.optim.lr, plan.warmup_steps, cfg.optim.schedule)
-        for g in opt.param_groups:
+        for g in t.opt.param_groups:
             g["lr"] = lr
-        epoch, within = divmod(step, plan.steps_per_epoch)
-        order = example_order(len(items), cfg.run.seed, epoch)
-        global_batch = order[within * cfg.optim.effective_batch:(within + 1) * cfg.optim.effective_batch]
-        mb = cfg.optim.micro_batch
-        all_micro = [global_batch[i:i + mb] for i in range(0, len(global_batch), mb)]
-        micro = all_micro[acc.process_index::world]
-        ce_den = ce_denominators([items[j] for j in global_batch], cfg, len(all_micro))
-        sums: dict[str, torch.Tensor] = {}
-        for i, idx in enumerate(micro):
-            batch = make_batch([items[j] for j in idx], raw.ids, cfg)
-            batch.ce_den = ce_den
-            batch.teacher = batch.teacher.to(acc.device)
-            if batch.student is not None:
-                batch.student = batch.student.to(acc.device)
-            tokens += batch.num_tokens
-            sync = acc.no_sync(objective) if i < len(micro) - 1 else _null()
-            with sync, acc.autocast():
-                total, log = objective(batch)
-                acc.backward(total / plan.accum)
-            for k, v in log.items():
-                sums[k] = sums.get(k, 0.0) + v.float() / len(micro)
-            if i == 0 and main and grad_share_due(cfg, step + 1):  # per-term gradient norms (kava.gradshare)
-                logger.log({"split": "train", **measure(raw, batch, cfg, acc.device, acc.autocast())}, step + 1)
-        gnorm = acc.clip_grad_norm_(raw.parameters(), cfg.optim.grad_clip) if cfg.optim.grad_clip > 0 else \
-            torch.sqrt(sum((p.grad.float() ** 2).sum() for p in raw.parameters() if p.grad is not None))
-        # a finite loss can still have an inf/NaN gradient (overflow in backward): stepping on it would make
-        # every weight NaN, and the next step's "last good state" would be that NaN state
-        finite = (torch.isfinite(sums["loss/total"]) & torch.isfinite(torch.as_tensor(gnorm).to(
-            sums["loss/total"].device))).float()
-        if world > 1:  # every rank must take the same branch below
-            finite = acc.reduce(finite.to(acc.device), reduction="sum") == world
-        if not bool(finite):  # the one host sync per optimizer step
-            bad = [k for k, v in sums.items() if k.startswith("loss/") and k != "loss/total"
-                   and not torch.isfinite(v)]
-            if not bad and torch.isfinite(sums["loss/total"]):
-                bad = ["grad_norm"]
-            if cfg.run.nan_policy == "skip":
-                skipped_nonfinite += 1
-                opt.zero_grad(set_to_none=True)
-                logger.log({"split": "train", "nonfinite_skipped": skipped_nonfinite, "bad_terms": bad}, step + 1)
-                bar.update(1)
-                continue
-            save_checkpoint(step, step_rng)
-            what = "gradient" if bad == ["grad_norm"] else "loss"
-            raise NonFiniteLoss(f"non-finite {what} at optimizer step {step + 1} in term(s) {bad or ['total']}; "
-                                f"last good state saved in {run_dir / 'checkpoints' / f'step_{step}'}; "
-                                "set run.nan_policy=skip to skip such batches")
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        done_steps = step + 1
+        r = train_step(t, data.items, batch_indices(cfg, plan, len(data.items), step), accum=plan.accum,
+                       step=step, logger=logger)
+        tokens += r.tokens
+        if r.bad is not None:  # non-finite: nothing was updated
+            if cfg.run.nan_policy == "stop":
+                save_checkpoint(t, run_dir, rng=step_rng)  # t.step == step: the state before this step
+                raise nonfinite_error(r.bad, step, run_dir)
+            t.step, t.nonfinite_skipped = step + 1, t.nonfinite_skipped + 1
+            logger.log({"split": "train", "nonfinite_skipped": t.nonfinite_skipped, "bad_terms": r.bad}, t.step)
+            bar.update(1)
+            continue
+        t.step = step + 1
         bar.update(1)
-        if done_steps % cfg.run.log_every == 0 or done_steps == plan.total_steps:
+        if t.step % cfg.run.log_every == 0 or t.step == plan.total_steps:
             now = time.perf_counter()
-            payload = {"split": "train", "epoch": done_steps / plan.steps_per_epoch, "lr": lr,
-                       "grad_norm": float(gnorm), "tokens_per_s": tokens * world / max(now - t_last, 1e-9)}
-            keys = sorted(sums)
-            vals = torch.stack([sums[k].to(acc.device) for k in keys])
-            if world > 1:  # log the mean over all ranks' micro-batches, as one process would see it
-                vals = acc.reduce(vals, reduction="mean")
-            payload.update({k: float(v) for k, v in zip(keys, vals.tolist())})
-            if torch.cuda.is_available():
-                payload["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
-            logger.log(payload, done_steps)
+            payload = train_metrics(t, r, epoch=t.step / plan.steps_per_epoch, lr=lr,
+                                    tokens_per_s=tokens * world / max(now - t_last, 1e-9))
+            logger.log(payload, t.step)
             bar.set_postfix(loss=f"{payload['loss/total']:.3f}")
-            ticker.update(done_steps, payload["loss/total"])
+            ticker.update(t.step, payload["loss/total"])
             t_last, tokens = now, 0
-        if done_steps % eval_every == 0 or done_steps == plan.total_steps:
-            v = validate(done_steps)
-            logger.log({"split": "val", "val/accuracy": v}, done_steps)
-            if main and v > best["val/accuracy"]:
-                best = {"val/accuracy": v, "step": done_steps}
-                _atomic_dir_write(run_dir / "best", lambda d: save_model(raw, tokenizer, d, meta={
-                    "step": done_steps, "val/accuracy": v}))
-        if done_steps % save_every == 0 or done_steps == plan.total_steps:
-            save_checkpoint(done_steps)
+        if t.step % eval_every == 0 or t.step == plan.total_steps:
+            v = validate(t, data.valid_recs)
+            logger.log({"split": "val", "val/accuracy": v}, t.step)
+            if main and v > t.best["val/accuracy"]:
+                t.best = {"val/accuracy": v, "step": t.step}
+                save_best(t, run_dir)
+        if t.step % save_every == 0 or t.step == plan.total_steps:
+            save_checkpoint(t, run_dir)
     bar.close()
     if end_step == plan.total_steps and main:
-        _atomic_dir_write(run_dir / "final", lambda d: save_model(raw, tokenizer, d, meta={
-            "step": plan.total_steps, "best": best}))
-        (run_dir / "DONE").write_text(json.dumps({"steps": plan.total_steps, "best": best,
-                                                  "nonfinite_skipped": skipped_nonfinite,
-                                                  "skipped_records": skips.total}))
-    if main and skips.total:  # again at the end: the first report has long scrolled away
-        print(f"[kava] training data: {skips.summary()}; where: {run_dir / 'skips.json'}")
+        save_final(t, run_dir, plan.total_steps, data.skips)
+    if main and data.skips.total:  # again at the end: the first report has long scrolled away
+        print(f"[kava] training data: {data.skips.summary()}; where: {run_dir / 'skips.json'}")
     logger.close()
     acc.wait_for_everyone()
     return run_dir
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
 
 
 def resume_config(run_dir: str | Path) -> Config:
