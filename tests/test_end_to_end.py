@@ -144,7 +144,7 @@ def test_pause_tokens_train_under_two_process_ddp(tmp_path):
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                         "-m", "kava.cli", "train", "--config", "tiny_synth", "--no-progress", *sets],
                        env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.returncode == 0, _launch_failure(r)
     steps = [json.loads(x) for x in (tmp_path / "t0" / "metrics.jsonl").read_text().splitlines()]
     train_steps = [s["step"] for s in steps if "loss/total" in s]
     assert train_steps and max(train_steps) == 3
@@ -174,7 +174,7 @@ def test_two_process_ddp_gives_the_one_process_loss_curve(tmp_path, method):
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                         "-m", "kava.cli", "train", "--config", "tiny_synth", "--no-progress", *sets("two")],
                        env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.returncode == 0, _launch_failure(r)
 
     def losses(name):
         rows = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
@@ -189,3 +189,9 @@ def test_two_process_ddp_gives_the_one_process_loss_curve(tmp_path, method):
     assert w1.keys() == w2.keys()
     for k in w1:
         assert (w1[k] - w2[k]).abs().max() <= 1e-4, k
+
+
+def _launch_failure(r) -> str:
+    """What a failed torchrun launch says: each rank's kava error line, then the end of stderr."""
+    lines = [line for line in (r.stdout + r.stderr).splitlines() if "kava" in line and "error" in line.lower()]
+    return "\n".join(lines[:10]) + "\n...\n" + r.stderr[-2000:]

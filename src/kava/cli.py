@@ -79,7 +79,19 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"kava {args.command}: error: {one_line(e)} (--debug shows the traceback)", file=sys.stderr)
         return 2
+    finally:
+        leave_process_group()
     return int(rc or 0)
+
+
+def leave_process_group() -> None:
+    """Under torchrun / accelerate launch, leave the process group before the interpreter exits. A gloo group
+    still alive at exit could abort a rank after its work was done ("terminate called without an active
+    exception", SIGABRT), and the launcher then failed the whole run."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -361,7 +361,7 @@ def setup_run_dir(cfg: Config, resume: str | Path | None, main: bool) -> tuple[P
         raise FileNotFoundError(f"{run_dir}: no checkpoint to resume from (no config.yaml: not a kava run directory)")
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".write_test"
+        probe = run_dir / f".write_test.{os.getpid()}"  # one per process: ranks probe the same directory at once
         probe.write_text("ok")
         probe.unlink()
     except OSError as e:
