@@ -85,10 +85,15 @@ def test_batch_equals_one_by_one(name):
             close(tfull.logits[off_t:off_t + n_t], t1.logits)
             close(sfull.logits[off_s:off_s + n_s], s1.logits)
             off_t, off_s = off_t + n_t, off_s + n_s
+            close(tfull.hidden[:, b:b + 1], t1.hidden)
+            close(sfull.hidden[:, b:b + 1], s1.hidden)
             c = len(it.cot)
             close(tfull.cot_k[:, b:b + 1, :, :c], t1.cot_k[:, :, :, :c])
+            close(tfull.cot_v[:, b:b + 1, :, :c], t1.cot_v[:, :, :, :c])
             close(tfull.importance[:, b:b + 1, :, :c], t1.importance[:, :, :, :c])
-            close(sfull.latent_k[-1][:, b:b + 1], s1.latent_k[-1])
+            close(sfull.latents[b:b + 1], s1.latents)
+            for k_full, k_one in zip(sfull.latent_k, s1.latent_k):  # every sweep
+                close(k_full[:, b:b + 1], k_one)
     assert (sb.mask == 0).float().mean() > 0.3 and (tb.mask == 0).float().mean() > 0.3  # the batch really is padded (inside the sequences too)
 
 

@@ -117,33 +117,6 @@ def test_listing1_importance_differs_from_the_prefix_softmax():
     assert (pre.sum(-1) < 0.99).any() and (cot - pre).abs().max() > 1e-2
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_batch_of_four_equals_one_by_one(family):
-    m, tok = tiny_reasoner(family)
-    items, tb, sb = batches(m, tok)
-    with torch.no_grad():
-        tfull = m.teacher_forward(tb)
-        sfull = m.student_forward(sb, 3)
-        off_t = off_s = 0
-        for b, it in enumerate(items):
-            t1 = m.teacher_forward(build_teacher_batch([it], m.ids))
-            s1 = m.student_forward(build_student_batch([it], m.ids, 5), 3)
-            n_t, n_s = t1.logits.shape[0], s1.logits.shape[0]
-            close(tfull.logits[off_t:off_t + n_t], t1.logits)
-            close(sfull.logits[off_s:off_s + n_s], s1.logits)
-            off_t, off_s = off_t + n_t, off_s + n_s
-            close(tfull.hidden[:, b:b + 1], t1.hidden)
-            close(sfull.hidden[:, b:b + 1], s1.hidden)
-            c = len(it.cot)
-            close(tfull.cot_k[:, b:b + 1, :, :c], t1.cot_k[:, :, :, :c])
-            close(tfull.cot_v[:, b:b + 1, :, :c], t1.cot_v[:, :, :, :c])
-            close(tfull.importance[:, b:b + 1, :, :c], t1.importance[:, :, :, :c])
-            close(sfull.latents[b:b + 1], s1.latents)
-            for k_full, k_one in zip(sfull.latent_k, s1.latent_k):
-                close(k_full[:, b:b + 1], k_one)
-        assert off_t == tfull.logits.shape[0] and off_s == sfull.logits.shape[0]
-
-
 def test_unrotate_inverts_rope_and_matches_pre_rope_projection():
     m, tok = tiny_reasoner("llama")
     _, tb, sb = batches(m, tok)
