@@ -170,12 +170,15 @@ def test_rotate_is_the_inverse_of_unrotate_and_matches_hf():
     close(unrotate_keys(hf, cos, sin), k[0], 1e-5)
 
 
-def test_eviction_targets_are_the_kv_loss_targets():
+@pytest.mark.parametrize("softmax", ["cot", "prefix"])
+def test_eviction_targets_are_the_kv_loss_targets(softmax):
     """The KV match and the oracle use the very targets the training loss uses: L_KV from them equals
-    loss_step's `loss/kv` on the same batch."""
+    loss_step's `loss/kv` on the same batch, whichever importance score the run was trained with."""
     m, tok = tiny_reasoner("llama", seed=6)
     cfg = config_from_dict({"method": "kava", "model": {"name_or_path": "tiny"},
-                            "latent": {"num_latents": M, "num_sweeps": T}, "data": {"drop_last_step": False}})
+                            "latent": {"num_latents": 2, "num_sweeps": T}, "data": {"drop_last_step": False},
+                            "eviction": {"lam": 1.0, "importance_softmax": softmax}})
+    M = cfg.latent.num_latents  # fewer slots than CoT tokens: the selection (hence the score) matters
     items = Formatter(tok, drop_last_step=False).tokenize_all(RECORDS, SkipLog())
     batch = make_batch(items, m.ids, cfg)
     with torch.no_grad():
@@ -186,6 +189,13 @@ def test_eviction_targets_are_the_kv_loss_targets():
                               layer_std=cfg.loss.kv_layer_std)
     assert mine.item() == pytest.approx(log["loss/kv"].item(), rel=1e-6)
     assert slot_mask.sum(-1).tolist() == [min(len(i.cot), M) for i in items]
+    import dataclasses
+
+    other = dataclasses.replace(cfg, eviction=dataclasses.replace(
+        cfg.eviction, importance_softmax="prefix" if softmax == "cot" else "cot"))
+    with torch.no_grad():  # the other score keeps other tokens, so ignoring the option would fail the check above
+        tk_other, _, _ = eviction_targets(m, other, batch.teacher, M)
+    assert (tk_other - tk).abs().max() > 1e-4
 
 
 # ------------------------------------------------------------------------------------------ KV match
@@ -330,6 +340,18 @@ def test_shuffle_needs_two_examples_per_batch_and_cot_runs_are_refused():
         evaluate_records(m, tok, eval_cfg("cot"), RECORDS, diagnostics=DiagnosticsSpec(oracle=True))
     with pytest.raises(ValueError, match="latent mode"):
         evaluate_records(m, tok, cfg, RECORDS, mode="nocot", diagnostics=DiagnosticsSpec(kv_match=True))
+
+
+def test_shuffle_refusal_is_decided_from_the_global_count():
+    """Every process must refuse together (a refusal on some ranks only would leave the others waiting in the
+    gather): 5 questions over 4 processes leave ranks 1-3 a single question each, and rank 0 two."""
+    from kava.diagnostics import check_shards
+
+    with pytest.raises(ValueError, match="shuffle"):
+        check_shards(5, 4, 8, 2)
+    check_shards(8, 4, 8, 2)  # two per rank: fine
+    check_shards(5, 4, 8, 1)  # no shuffle: any split is fine
+    check_shards(0, 1, 8, 2)  # nothing to evaluate
 
 
 def test_cli_flags_build_the_spec():

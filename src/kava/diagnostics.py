@@ -195,7 +195,8 @@ def eviction_targets(model: LatentReasoner, cfg, tb: TeacherBatch, num_slots: in
     Returns ``target_k``, ``target_v`` ``[L, B, Hkv, M, D]`` and ``slot_mask`` ``[B, M]``.
     """
     need_importance = cfg.eviction.method in ("rkv", "attention")
-    t = model.teacher_forward(tb, need_kv=True, need_importance=need_importance, key_space=cfg.loss.kv_key_space)
+    t = model.teacher_forward(tb, need_kv=True, need_importance=need_importance, key_space=cfg.loss.kv_key_space,
+                              importance_softmax=cfg.eviction.importance_softmax)
     idx, slot_mask = eviction.select_indices(cfg.eviction.method, keys=t.cot_k, importance=t.importance,
                                              valid=tb.cot_valid, num_slots=num_slots, lam=cfg.eviction.lam,
                                              generator=generator)
@@ -287,6 +288,14 @@ def _diagnose(model, tokenizer, cfg, records, chunk, fmt, spec, max_new_tokens) 
             for o, r, reason in zip(out, decode_and_score(cache, mask), skip):
                 o["oracle"] = r if reason is None else {"skipped": reason}
     return out
+
+
+def check_shards(num_questions: int, world: int, batch_size: int, min_size: int = 1) -> None:
+    """Refuse, identically on every process, an evaluation whose shards `eval_chunks` could not batch (a
+    shuffle needs two examples per batch). Decided from the global counts: a refusal made by some ranks
+    only would leave the others waiting in the gather."""
+    for rank in range(world):
+        eval_chunks(list(range(rank, num_questions, world)), batch_size, min_size)
 
 
 def eval_chunks(indices: list[int], batch_size: int, min_size: int = 1) -> list[list[int]]:

@@ -251,6 +251,11 @@ def evaluate_run(checkpoint: str | Path, datasets: list[str], *, data_dir=None, 
         if limit:
             records = records[:limit]
             desc += f" (first {limit})"
+        if diagnostics is not None and diagnostics.active:  # before any rank starts: all refuse, or none
+            from kava.diagnostics import check_shards
+
+            check_shards(len(records), state.num_processes, batch_size or cfg.run.eval_batch_size,
+                         diagnostics.min_batch)
         rows, s = km.evaluate(records, mode=mode, batch_size=batch_size, max_new_tokens=max_new_tokens,
                               rank=state.process_index, world=state.num_processes,
                               progress=progress and state.is_main_process, diagnostics=diagnostics)
