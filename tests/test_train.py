@@ -637,6 +637,16 @@ def test_batch_indices_visit_every_example_once_per_epoch():
     assert kt.batch_indices(cfg, plan, 43, 7) == kt.batch_indices(cfg, plan, 43, 7)  # a pure function: resume
 
 
+def test_plan_refuses_fewer_examples_than_one_step_over_several_processes():
+    """With fewer examples than optim.effective_batch, the one step has fewer micro-batches than processes: a
+    rank without one would crash while the others wait in the all-reduce. One process is fine (a short step)."""
+    cfg = tiny_cfg(Path("/nonexistent"), "optim.effective_batch=16", "optim.micro_batch=4")
+    assert kt.make_plan(cfg, 10, world=1).steps_per_epoch == 1
+    with pytest.raises(ValueError, match="10 training examples are fewer than optim.effective_batch=16"):
+        kt.make_plan(cfg, 10, world=2)
+    assert kt.make_plan(cfg, 16, world=2).accum == 2
+
+
 def write_records(path: Path, steps_per_record: list[int], bad_lines: tuple[str, ...] = ()) -> None:
     """One JSONL record per entry of `steps_per_record` (that many CoT steps), then `bad_lines` verbatim."""
     with open(path, "w") as f:

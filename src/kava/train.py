@@ -307,6 +307,12 @@ class Plan:
 
 def make_plan(cfg: Config, n_train: int, world: int) -> Plan:
     accum = check_world_size(cfg, world)
+    if world > 1 and n_train < cfg.optim.effective_batch:
+        # a short epoch gives fewer micro-batches than processes: a rank without one would crash while the
+        # others wait in the gradient all-reduce
+        raise ValueError(f"{n_train} training examples are fewer than optim.effective_batch="
+                         f"{cfg.optim.effective_batch} with {world} processes: lower optim.effective_batch "
+                         "or add data")
     spe = max(1, n_train // cfg.optim.effective_batch)
     total = cfg.optim.max_steps or max(1, int(round(cfg.optim.epochs * spe)))
     return Plan(spe, total, int(cfg.optim.warmup_ratio * total), accum)
