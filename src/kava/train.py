@@ -532,8 +532,14 @@ def resume_state(t: Trainer, ck: Path) -> None:
         for n, p in mine.items():
             p.copy_(saved[n])
     load_optimizer(t.inner_opt, load_file(str(ck / "optimizer.safetensors")), state["optimizer"])
-    restore_rng(load_file(str(ck / "rng.safetensors")))
-    objective_gen = load_file(str(ck / "rng.safetensors")).get("eviction")
+    saved_rng = load_file(str(ck / "rng.safetensors"))
+    rng = rng_of_rank(saved_rng, t.acc.process_index)
+    if rng is None:  # more processes than wrote the checkpoint: this rank's draws cannot be exact
+        print(f"[kava] {ck}: no RNG state for process {t.acc.process_index}; using process 0's (the resumed "
+              "run's dropout / random eviction on this process will differ from an uninterrupted run)")
+        rng = rng_of_rank(saved_rng, 0)
+    restore_rng(rng)
+    objective_gen = rng.get("eviction")
     if objective_gen is not None:
         t.acc.unwrap_model(t.objective).generator.set_state(objective_gen)
     t.step, t.best = state["step"], state["best"]
@@ -647,9 +653,35 @@ def validate(t: Trainer, valid_recs: list[Record]) -> float:
     return acc_v
 
 
+def gather_rng(t: Trainer, rng: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Every process's RNG state in one dict (a collective: every rank calls it). Rank 0's under the plain keys
+    (the single-process layout), rank r's under `rank<r>.<key>`: each rank draws its own dropout masks and
+    random evictions, so an exact resume gives each its own state back."""
+    if t.acc.num_processes == 1:
+        return rng
+    from accelerate.utils import gather_object
+
+    states = gather_object([rng])
+    out = dict(states[0])
+    for r, st in enumerate(states[1:], start=1):
+        out.update({f"rank{r}.{k}": v for k, v in st.items()})
+    return out
+
+
+def rng_of_rank(saved: dict[str, torch.Tensor], rank: int) -> dict[str, torch.Tensor] | None:
+    """This process's part of `gather_rng`'s dict; None when the checkpoint holds none for `rank` (written
+    by fewer processes, or by kava before per-rank states)."""
+    if rank == 0:
+        return {k: v for k, v in saved.items() if not k.startswith("rank")}
+    mine = {k.split(".", 1)[1]: v for k, v in saved.items() if k.startswith(f"rank{rank}.")}
+    return mine or None
+
+
 def save_checkpoint(t: Trainer, run_dir: Path, rng: dict[str, torch.Tensor] | None = None) -> None:
-    """`checkpoints/step_<t.step>` (main process; the two newest are kept). rng: the RNG state to store
-    (default: now; a NaN stop passes the state from before the bad step)."""
+    """`checkpoints/step_<t.step>` (written by the main process; the two newest are kept; every rank calls
+    it, for the RNG states). rng: this rank's RNG state to store (default: now; a NaN stop passes the state
+    from before the bad step)."""
+    rng = gather_rng(t, rng if rng is not None else t.rng_now())
     if not t.main:
         return
     ck = run_dir / "checkpoints" / f"step_{t.step}"
@@ -658,7 +690,7 @@ def save_checkpoint(t: Trainer, run_dir: Path, rng: dict[str, torch.Tensor] | No
         save_file(trainable_state(t.raw), str(d / "trainable.safetensors"))
         ot, ometa = optimizer_tensors(t.inner_opt)
         save_file(ot, str(d / "optimizer.safetensors"))
-        save_file(rng if rng is not None else t.rng_now(), str(d / "rng.safetensors"))
+        save_file({k: v.contiguous() for k, v in rng.items()}, str(d / "rng.safetensors"))
         (d / "state.json").write_text(json.dumps({"step": t.step, "method": t.cfg.method,
                                                    "model": model_identity(t.cfg),
                                                    "tokenizer": tokenizer_identity(t.tokenizer), "best": t.best,
