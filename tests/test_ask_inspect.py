@@ -15,7 +15,7 @@ from kava.data.format import Formatter
 from kava.data.records import Record
 from kava.evaluate import generate
 from kava.inspect_latents import inspect_example, latent_cot_similarity, nearest_tokens
-from kava.model.loading import load_for_eval
+from kava.checkpoint import load_for_eval
 from kava.scoring import extract_answer
 
 from test_sweep import TINY

@@ -38,7 +38,8 @@ from kava.data.readers import (
 from kava.data.records import DataError, Record, SkipLog
 from kava.methods import loss_step, make_batch
 from kava.model import loading
-from kava.model.loading import CheckpointError, build_reasoner, load_extra, load_for_eval, load_tokenizer
+from kava.checkpoint import CheckpointError, extra_state, load_extra, load_for_eval
+from kava.model.loading import build_reasoner, load_tokenizer
 
 torch.set_num_threads(1)  # the CI's 2 CPUs are shared; tiny models run as fast on one thread
 
@@ -854,7 +855,7 @@ def test_load_extra_refuses_another_models_tensors():
     from tiny import tiny_reasoner
 
     model, _ = tiny_reasoner()
-    state = loading.extra_state(model)
+    state = extra_state(model)
     with pytest.raises(CheckpointError, match=r"special_rows has shape \(3, 32\), model expects \(3, 64\)"):
         load_extra(model, {**state, "special_rows": torch.zeros(3, 32)})
     with pytest.raises(CheckpointError, match="missing key special_rows"):

@@ -45,7 +45,8 @@ from kava.data.pipeline import load_train_valid, train_data_label
 from kava.data.records import SkipLog
 from kava.gradshare import grad_share_due, measure
 from kava.methods import ce_denominators, loss_step, make_batch
-from kava.model.loading import CheckpointError, build_reasoner, load_tokenizer, save_model
+from kava.checkpoint import CheckpointError, save_model
+from kava.model.loading import build_reasoner, load_tokenizer
 from kava.progress import ProgressLine, start_summary
 
 if TYPE_CHECKING:

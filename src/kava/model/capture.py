@@ -25,6 +25,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
 
 from kava.eviction import answer_attention_importance
+from kava.model.families import text_config
 
 SDPA_IMPL = "kava_sdpa"
 EAGER_IMPL = "kava_eager"
@@ -136,8 +137,7 @@ def kava_eager_attention(module, query, key, value, attention_mask, dropout=0.0,
 
 
 def _uses_softcap(config) -> bool:
-    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
-    return getattr(cfg, "attn_logit_softcapping", None) is not None
+    return getattr(text_config(config), "attn_logit_softcapping", None) is not None
 
 
 def install(lm, requested: str = "auto") -> str:

@@ -50,11 +50,11 @@ class SlidingWindowTooShort(ValueError):
     """A sequence longer than the model's sliding window: kava refuses it (see docs/families.md)."""
 
 
-def check_window(config, columns: int, what: str = "this batch") -> None:
-    """Refuse `columns` > the sliding window. kava keeps every column in its cache (so the latent blocks can
-    be re-run and the CoT KV read) and lays batches out with padding inside sequences, so a window that binds
-    would make the latent and answer blocks see other keys than the model would: refused, never run."""
-    w = sliding_window(config)
+def check_window(w: int | None, columns: int, what: str = "this batch") -> None:
+    """Refuse `columns` > the sliding window `w` (`sliding_window(config)`; None: no window). kava keeps every
+    column in its cache (so the latent blocks can be re-run and the CoT KV read) and lays batches out with
+    padding inside sequences, so a window that binds would make the latent and answer blocks see other keys
+    than the model would: refused, never run."""
     if w is not None and columns > w:
         raise SlidingWindowTooShort(
             f"{what} spans {columns} columns but the model's sliding_window is {w}: kava does not support a "

@@ -2,7 +2,7 @@
 or a kava run (`model.init_from`, full or LoRA).
 
 Loading never executes remote code unless `model.trust_remote_code: true`; kava's own checkpoints are
-safetensors only, loaded with strict key checks (`kava.checkpoint`, whose names are re-exported here).
+safetensors only, loaded with strict key checks (`kava.checkpoint`).
 """
 
 from __future__ import annotations
@@ -13,14 +13,11 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from kava.checkpoint import (  # noqa: F401  (re-exported: the checkpoint API used to live here)
-    EXTRA_FILE, CheckpointError, check_adapter_keys, extra_state, is_lora_checkpoint, load_extra, load_for_eval,
-    load_lm, load_saved_lm, resolve_init_dir, save_model, saved_tokenizer_ids)
+from kava.checkpoint import EXTRA_FILE, load_extra, load_lm, resolve_init_dir, saved_tokenizer_ids
 from kava.config import Config
 from kava.data.format import SpecialIds, add_special_tokens
-from kava.model import capture  # noqa: F401  (registers kava's capturing attention implementations)
 from kava.model.families import check_window
-from kava.model.pretrained import FAMILIES, local_or_hub, load_pretrained_lm, pretrained_dir, scratch_config  # noqa: F401
+from kava.model.pretrained import local_or_hub, load_pretrained_lm, pretrained_dir, scratch_config
 from kava.model.reasoner import LatentReasoner
 
 
@@ -104,7 +101,7 @@ def check_model(model: LatentReasoner, cfg: Config, tokenizer) -> None:
 
     model.check_backbone()
     try:
-        check_window(model.config, longest_sequence(cfg, tokenizer),
+        check_window(model.sliding_window, longest_sequence(cfg, tokenizer),
                      "the longest configured sequence (data.max_*_tokens, latent.num_latents, data.answer_prompt)")
     except SlidingWindowTooShort as e:
         raise ConfigError(f"model: {e}") from None

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from kava.model.families import FAMILIES  # noqa: F401  (family name -> transformers model_type)
+from kava.model.families import FAMILIES
 
 
 def cache_root() -> Path:

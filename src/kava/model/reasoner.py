@@ -25,7 +25,7 @@ from kava.data.format import IGNORE, SpecialIds, StudentBatch, TeacherBatch
 from kava.model import capture
 from kava.model.capture import ImportanceCapture
 from kava.model.compat import cache_kwarg
-from kava.model.families import check_window, sliding_window
+from kava.model.families import check_window, sliding_window, text_config
 from kava.model.rope import LayerRopes, RopeUnsupported
 
 
@@ -147,11 +147,9 @@ class LatentReasoner(nn.Module):
         self.proj = Projection(d, projection, proj_hidden, proj_layernorm)
         cfg = base.config
         self.num_layers = cfg.num_hidden_layers
-        self.rotary = getattr(self.decoder, "rotary_emb", None)  # None for absolute-position models (GPT-2)
         self.ropes = LayerRopes(self.decoder, cfg)
         self._pre_rope_checked = False  # each layer's own RoPE, for `unrotate` / `rotate`
-        self.sliding_window = sliding_window(cfg)
-        tc = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+        tc = text_config(cfg)
         # The model's own processing of its LM head output (the training CE must see the same logits)
         self.logits_scaling = getattr(tc, "logits_scaling", None)  # Granite: logits / logits_scaling
         self.logit_scale = getattr(tc, "logit_scale", None)  # Cohere: logits * logit_scale
@@ -162,6 +160,16 @@ class LatentReasoner(nn.Module):
     @property
     def config(self):
         return self.causal_lm.config
+
+    @property
+    def sliding_window(self) -> int | None:
+        """The window of the model's sliding-window layers (None: every layer sees every key)."""
+        return sliding_window(self.config)
+
+    @property
+    def rotary(self):
+        """The decoder's rotary-embedding module; None for absolute-position models (GPT-2)."""
+        return self.ropes.rotary
 
     def _probe(self, length: int = 8) -> torch.Tensor:
         """[1, length] ids of ordinary tokens (no kava special token) for the build-time checks."""
@@ -206,15 +214,9 @@ class LatentReasoner(nn.Module):
         The keys of a RoPE model before the rotary embedding do not depend on absolute position: running the
         same tokens at positions p and p + 11 must give the same `unrotate`d cache keys in every layer."""
         self.ropes._check()
-        if self.ropes.rotary is None:
-            self._pre_rope_checked = True
-            return
-        self._pre_rope_checked = True  # the probe below calls `unrotate`
-        try:
+        if self.ropes.rotary is not None:
             self._check_shift_invariance()
-        except Exception:
-            self._pre_rope_checked = False
-            raise
+        self._pre_rope_checked = True
 
     def _check_shift_invariance(self) -> None:
         x = self._probe()
@@ -228,7 +230,7 @@ class LatentReasoner(nn.Module):
                     pos = torch.arange(shift, shift + N, device=x.device).unsqueeze(0)
                     cache = self.new_cache()
                     self._run(self.embed(x), torch.ones_like(x), pos, cache)
-                    keys.append(self.unrotate(self.cache_kv(cache, 0, N)[0].float(), pos).float())
+                    keys.append(self.ropes.unrotate(self.cache_kv(cache, 0, N)[0].float(), pos).float())
         finally:
             self.train(was)
         err, scale = (keys[0] - keys[1]).abs().max().item(), keys[0].abs().max().item()
@@ -276,7 +278,7 @@ class LatentReasoner(nn.Module):
         return out
 
     def _run(self, embeds, mask, pos, cache, hidden_states: bool = False):
-        check_window(self.config, mask.shape[1])  # mask covers every column this pass attends to
+        check_window(self.sliding_window, mask.shape[1])  # mask covers every column this pass attends to
         return self.decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, use_cache=True,
                             output_hidden_states=hidden_states, **{cache_kwarg(type(self.decoder)): cache})
 
