@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from kava.checkpoint import EXPORT_FILE, find_checkpoint, load_exported, load_for_eval, run_dir_of
+from kava.methods import student_mode
 
 
 @dataclass
@@ -83,7 +84,7 @@ class KavaModel:
             chunk = questions[start:start + bs]
             gens = generate(self.model, self.tokenize(chunk), mode=mode, num_latents=cfg.latent.num_latents,
                             num_sweeps=cfg.latent.num_sweeps,
-                            student_mode="sequential" if cfg.method == "codi" else "jacobi",
+                            student_mode=student_mode(cfg.method),
                             max_new_tokens=max_new_tokens or cfg.run.eval_max_new_tokens,
                             max_cot_tokens=cfg.run.eval_max_cot_tokens, tokenizer=self.tokenizer)
             for q, g in zip(chunk, gens):

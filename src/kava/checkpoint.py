@@ -30,6 +30,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from kava.data.format import SPECIAL_TOKENS, SpecialIds, special_ids
 from kava.model import capture
 from kava.model.pretrained import load_pretrained_lm
+from kava.methods import student_mode
 from kava.model.reasoner import LatentReasoner
 
 EXTRA_FILE = "kava_extra.safetensors"  # special-token rows + projection
@@ -354,7 +355,7 @@ def export_model(run_or_ckpt: str | Path, output: str | Path, *, dtype: torch.dt
         "kava_version": kava.__version__, "source": str(ck.resolve()), "step": meta.get("step"),
         "method": cfg.method, "mode": default_mode(cfg.method),
         "num_latents": cfg.latent.num_latents, "num_sweeps": cfg.latent.num_sweeps,
-        "student_mode": "sequential" if cfg.method == "codi" else "jacobi",
+        "student_mode": student_mode(cfg.method),
         "answer_prompt": cfg.data.answer_prompt,
         "nocot_input": "question + ' ' + answer_prompt (the tokenizer prepends BOS)",
         "special_tokens": {"<bot>": ids.bot, "<eot>": ids.eot, "<latent>": ids.latent},

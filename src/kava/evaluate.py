@@ -22,6 +22,7 @@ import torch
 
 from kava.data.format import Formatter, Tokenized, _pad, _positions, build_student_batch
 from kava.data.records import Record, SkipLog
+from kava.methods import student_mode
 from kava.model.reasoner import LatentReasoner
 
 MODES = ("latent", "cot", "nocot")
@@ -147,7 +148,6 @@ def evaluate_records(model: LatentReasoner, tokenizer, cfg, records: list[Record
     idx = list(range(rank, len(records), world))
     bs = batch_size or cfg.run.eval_batch_size
     max_new = max_new_tokens or cfg.run.eval_max_new_tokens
-    student_mode = "sequential" if cfg.method == "codi" else "jacobi"
     rows: list[dict] = []
     t0, diag_wall = time.perf_counter(), 0.0
     from tqdm.auto import tqdm
@@ -157,7 +157,7 @@ def evaluate_records(model: LatentReasoner, tokenizer, cfg, records: list[Record
     for chunk in eval_chunks(idx, bs, diag.min_batch if diag is not None else 1):
         items = [fmt.tokenize(records[i], i, need_answer=False) for i in chunk]
         gens = generate(model, items, mode=mode, num_latents=cfg.latent.num_latents,
-                        num_sweeps=cfg.latent.num_sweeps, student_mode=student_mode,
+                        num_sweeps=cfg.latent.num_sweeps, student_mode=student_mode(cfg.method),
                         max_new_tokens=max_new, max_cot_tokens=cfg.run.eval_max_cot_tokens, tokenizer=tokenizer)
         for i, g in zip(chunk, gens):
             ext = extract_answer(g.text, cfg.data.answer_prompt)

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from kava import eviction
 from kava.data.format import Formatter, build_student_batch, build_teacher_batch
 from kava.data.records import Record
+from kava.methods import student_mode
 
 
 @torch.no_grad()
@@ -84,7 +85,7 @@ def inspect_example(model, tokenizer, cfg, question: str, cot: str, answer: str,
     t = model.teacher_forward(tb, need_kv=True, need_importance=ev.method in ("rkv", "attention"),
                               key_space=key_space)
     sb = build_student_batch([item], model.ids, cfg.latent.num_latents, with_answer=False)
-    s = model.student_forward(sb, cfg.latent.num_sweeps, mode="sequential" if cfg.method == "codi" else "jacobi",
+    s = model.student_forward(sb, cfg.latent.num_sweeps, mode=student_mode(cfg.method),
                               key_space=key_space, keep_sweeps="last", with_answer=False)
     lk, lv = s.latent_k[-1][:, 0], s.latent_v[-1][:, 0]  # [L, Hkv, M, D]
     ck, cv = t.cot_k[:, 0], t.cot_v[:, 0]  # [L, Hkv, C, D]

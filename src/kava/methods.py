@@ -39,6 +39,11 @@ METHOD_SPECS = {
 }
 
 
+def student_mode(method: str) -> str:
+    """How a method's student produces its latents at inference: "sequential" (CODI), else "jacobi"."""
+    return METHOD_SPECS[method].student or "jacobi"
+
+
 @dataclass
 class Batch:
     teacher: object

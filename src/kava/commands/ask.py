@@ -32,10 +32,10 @@ def answer(model, tok, cfg, question: str, *, mode: str, max_new_tokens: int | N
     from kava.api import KavaModel
     from kava.data.format import build_student_batch
     from kava.inspect_latents import nearest_tokens
+    from kava.methods import student_mode
 
     km = model if isinstance(model, KavaModel) else KavaModel(model, tok, cfg, None, exported=False)
     model, tok, cfg = km.model, km.tokenizer, km.cfg
-    student_mode = "sequential" if cfg.method == "codi" else "jacobi"
     T, M = cfg.latent.num_sweeps, cfg.latent.num_latents
     t0 = time.perf_counter()
     g = km.generate([question], mode, max_new_tokens=max_new_tokens)[0]
@@ -59,7 +59,7 @@ def answer(model, tok, cfg, question: str, *, mode: str, max_new_tokens: int | N
             item = km.tokenize([question])[0]
             sb = build_student_batch([item], model.ids, M, with_answer=False).to(model.special_rows.device)
             with torch.no_grad():
-                s = model.student_forward(sb, T, mode=student_mode, with_answer=False)
+                s = model.student_forward(sb, T, mode=student_mode(cfg.method), with_answer=False)
             for i, toks in enumerate(nearest_tokens(model, tok, s.latents[0], k=5), 1):
                 lines.append(f"latent {i:>2}: " + "  ".join(f"{t!r} {p:.3f}" for t, p in toks))
     return lines
