@@ -409,3 +409,20 @@ def test_eviction_stats():
     rel = [r / 11 for r in range(6)] + [r / 8 for r in range(6)] + [r / 3 for r in range(4)] + [r / 6 for r in range(6)]
     torch.testing.assert_close(s["kept_rel_pos"], torch.tensor(sum(rel) / len(rel)))
     assert 0 <= float(s["kept_rel_pos"]) <= 1
+
+
+def test_redundancy_forms_one_layer_pairwise_block_at_a_time(monkeypatch):
+    """The [.., C, C] similarity is built per layer (the NL-CoT micro-batch-64 step ran out of memory when all
+    layers' blocks were formed at once); the result equals the one-shot computation."""
+    import kava.eviction as ev
+
+    g = torch.Generator().manual_seed(0)
+    keys = torch.randn(3, 2, 2, 7, 4, generator=g)
+    valid = torch.rand(2, 1, 7, generator=g) > 0.3
+    whole = ev._redundancy(keys, valid.expand(keys.shape[:-1]))
+    seen = []
+    real = ev._redundancy
+    monkeypatch.setattr(ev, "_redundancy", lambda k, v: seen.append(tuple(k.shape)) or real(k, v))
+    r = ev.redundancy_scores(keys, valid)
+    assert seen == [(2, 2, 7, 4)] * 3
+    torch.testing.assert_close(r, whole)

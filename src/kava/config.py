@@ -133,6 +133,11 @@ class OptimConfig:
     max_steps: int | None = None  # optimizer steps; overrides epochs when set
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
     compile: bool = False
+    # CUDA graphs of the micro-step (kava.graphs): true, false, or auto (on for one CUDA process when nothing
+    # excludes them)
+    cuda_graphs: bool | Literal["auto"] = False
+    graph_pad: int = 16  # with CUDA graphs, batch widths are padded to multiples of this (fewer shapes)
+    max_graphs: int = 16  # captured shapes at most; a batch of a further shape runs eagerly
 
 
 @dataclass
@@ -387,6 +392,11 @@ def validate(cfg: Config) -> None:
     need(o.grad_clip >= 0, "optim.grad_clip: must be >= 0 (0 disables)")
     need(o.epochs > 0, "optim.epochs: must be > 0")
     need(o.max_steps is None or o.max_steps >= 1, "optim.max_steps: must be >= 1 or null")
+    need(o.graph_pad >= 1, f"optim.graph_pad: must be >= 1, got {o.graph_pad}")
+    need(o.max_graphs >= 1, f"optim.max_graphs: must be >= 1, got {o.max_graphs}")
+    if o.cuda_graphs is True:
+        why = graph_exclusion(cfg)
+        need(why is None, f"optim.cuda_graphs: true is not possible with {why}; use auto or false")
     allowed_logs = {"jsonl", "tensorboard", "wandb", "stdout"}
     bad = [x for x in r.log if x not in allowed_logs]
     need(not bad, f"run.log: unknown backend(s) {bad}; allowed values: {', '.join(sorted(allowed_logs))}")
@@ -426,6 +436,21 @@ def validate(cfg: Config) -> None:
         need(cfg.lora.r >= 1, "lora.r: must be >= 1")
         need(0 <= cfg.lora.dropout < 1, "lora.dropout: must be in [0, 1)")
         need(len(cfg.lora.target_modules) > 0, "lora.target_modules: must not be empty")
+
+
+def graph_exclusion(cfg: Config, *, cuda: bool = True, world_size: int = 1) -> str | None:
+    """Why the micro-step cannot be captured as a CUDA graph (`kava.graphs`), or None."""
+    if not cuda:
+        return "no CUDA device"
+    if world_size > 1:
+        return f"{world_size} processes (DDP's gradient hooks run inside backward)"
+    if cfg.optim.compile:
+        return "optim.compile: true"
+    if cfg.model.gradient_checkpointing:
+        return "model.gradient_checkpointing: true"
+    if cfg.method == "kava" and cfg.eviction.method == "random":
+        return "eviction.method: random (its generator is not part of the graph)"
+    return None
 
 
 def check_world_size(cfg: Config, world_size: int) -> int:

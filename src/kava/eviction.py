@@ -163,9 +163,17 @@ def redundancy_scores(keys: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
 
     Normalisation choice (``"mean_valid"``): divide by the number of valid tokens n (the zeroed diagonal
     included in the count), matching a plain ``mean`` over an unpadded row as R-KV computes it.
-    Memory: forms a ``[..., C, C]`` fp32 similarity block.
+    Memory: forms the ``[..., C, C]`` fp32 similarity block one index of the leading dimension (one layer of
+    ``[L, B, Hkv, C, D]``) at a time, so the peak is a single layer's pairwise matrix.
     """
     valid = valid.bool().expand(keys.shape[:-1])  # [..., C]
+    if keys.dim() > 3:
+        return torch.stack([_redundancy(keys[i], valid[i]) for i in range(keys.shape[0])])
+    return _redundancy(keys, valid)
+
+
+def _redundancy(keys: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """`redundancy_scores` on one block: keys ``[..., C, D]``, valid ``[..., C]`` (already expanded)."""
     kn = F.normalize(keys.float(), dim=-1, eps=1e-8)  # [..., C, D]
     sim = kn @ kn.transpose(-1, -2)  # [..., C, C]
     C = sim.shape[-1]

@@ -192,8 +192,8 @@ def codi_loss(
         sel = [int(i) for i in layers]
         if not sel or any(not -L <= i < L for i in sel):
             raise ValueError(f"layers must be a non-empty list of indices in [-{L}, {L}); got {list(layers)}")
-        index = torch.tensor([i % L for i in sel], dtype=torch.long, device=s.device)
-        s, t = s.index_select(0, index), t.index_select(0, index)  # [L', B, d]
+        # integer views, not an index tensor: no host-to-device copy inside a captured CUDA graph
+        s, t = torch.stack([s[i % L] for i in sel]), torch.stack([t[i % L] for i in sel])  # [L', B, d]
     per_layer = elementwise(kind, s, t).flatten(1).mean(-1)  # [L']
     if std == "layer":
         per_layer = per_layer / t.flatten(1).std(dim=-1).clamp_min(eps)
@@ -218,6 +218,13 @@ def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index
     total = F.cross_entropy(logits.float(), labels, ignore_index=ignore_index, reduction="sum")
     n = (labels != ignore_index).sum().clamp_min(1).to(total.dtype)
     return total / n
+
+
+def token_cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """Summed token cross-entropy in fp32 over the non-ignored labels (``[N, V]``, ``[N]`` -> 0-dim)."""
+    if logits.dim() != 2 or labels.shape != logits.shape[:1]:
+        raise ValueError(f"logits must be [N,V] and labels [N]; got {tuple(logits.shape)} and {tuple(labels.shape)}")
+    return F.cross_entropy(logits.float(), labels, ignore_index=ignore_index, reduction="sum")
 
 
 def combine_losses(

@@ -71,12 +71,14 @@ def ce_denominators(step_items: list[Tokenized], cfg: Config, num_micro: int) ->
     return {k: max(v, 1) / num_micro for k, v in label_counts(step_items, cfg).items()}
 
 
-def make_batch(items: list[Tokenized], model_ids, cfg: Config) -> Batch:
+def make_batch(items: list[Tokenized], model_ids, cfg: Config, pad_to: int | None = None) -> Batch:
+    """pad_to: widths rounded up to a multiple of it (static shapes for CUDA graphs; same losses)."""
     spec = METHOD_SPECS[cfg.method]
     tb = build_teacher_batch(items, model_ids, with_cot=spec.teacher_cot, query_mode=cfg.eviction.importance_queries,
-                             tail_window=cfg.eviction.cot_tail_window, codi_position=cfg.loss.codi_position)
-    sb = build_student_batch(items, model_ids, cfg.latent.num_latents,
-                             codi_position=cfg.loss.codi_position) if spec.student else None
+                             tail_window=cfg.eviction.cot_tail_window, codi_position=cfg.loss.codi_position,
+                             pad_to=pad_to)
+    sb = build_student_batch(items, model_ids, cfg.latent.num_latents, codi_position=cfg.loss.codi_position,
+                             pad_to=pad_to) if spec.student else None
     n = int(tb.mask.sum()) + (int(sb.mask.sum()) if sb is not None else 0)
     return Batch(tb, sb, n)
 
@@ -87,9 +89,11 @@ def _fp32(like: torch.Tensor):
 
 
 def _ce(logits: torch.Tensor, targets: torch.Tensor, den: dict | None, term: str) -> torch.Tensor:
-    """Token-mean CE of this micro-batch, or its sum over the step-wide denominator (`ce_denominators`)."""
-    ce = losses.token_cross_entropy(logits, targets)
-    return ce if den is None else ce * (targets.numel() / den[term])  # targets hold labelled tokens only
+    """Token-mean CE of this micro-batch, or its sum over the step-wide denominator (`ce_denominators`; a
+    float or a 0-dim tensor, which a captured CUDA graph reads anew at every replay)."""
+    if den is None:
+        return losses.token_cross_entropy(logits, targets)
+    return losses.token_cross_entropy_sum(logits, targets) / den[term]
 
 
 class _NoTimer:

@@ -39,11 +39,13 @@ from typing import TYPE_CHECKING
 import torch
 from safetensors.torch import load_file, save_file
 
-from kava.config import Config, check_world_size, load_config, save_config
+from kava.config import Config, ConfigError, check_world_size, graph_exclusion, load_config, save_config
 from kava.data.format import Formatter, special_ids
 from kava.data.pipeline import load_train_valid, train_data_label
 from kava.data.records import SkipLog
 from kava.gradshare import grad_share_due, measure
+from kava.graphs import GraphedStep
+from kava.model.capture import no_host_sync
 from kava.methods import ce_denominators, loss_step, make_batch
 from kava.checkpoint import CheckpointError, save_model
 from kava.model.loading import build_reasoner, load_tokenizer
@@ -467,6 +469,7 @@ class Trainer:
     step: int = 0  # optimizer steps taken (skipped non-finite ones included)
     best: dict = field(default_factory=lambda: {"val/accuracy": -1.0, "step": -1})
     nonfinite_skipped: int = 0
+    graphs: GraphedStep | None = None  # CUDA graphs of the micro-step (`optim.cuda_graphs`)
 
     @property
     def main(self) -> bool:
@@ -510,7 +513,36 @@ def setup_model_and_optimizer(cfg: Config, tokenizer, acc: Accelerator) -> Train
     raw = acc.unwrap_model(objective).model
     if cfg.optim.compile:
         raw.compile_layers()
-    return Trainer(cfg, acc, objective, opt, raw, tokenizer)
+    t = Trainer(cfg, acc, objective, opt, raw, tokenizer)
+    t.graphs = setup_graphs(cfg, acc, raw)
+    return t
+
+
+def graph_micro_step(model, cfg: Config, accum: int, amp_device: str | None, batch) -> dict:
+    """One micro-batch's forward and backward (`total / accum` into `.grad`), free of host syncs: what
+    `kava.graphs` captures. Same math as the eager micro-step of `train_step`. amp_device: bf16 autocast on
+    that device type (no weight-cast cache: a graph replays the casts), or None."""
+    amp = torch.autocast(amp_device, dtype=torch.bfloat16, cache_enabled=False) if amp_device else \
+        contextlib.nullcontext()
+    with no_host_sync(), amp:
+        total, log = loss_step(model, batch, cfg)
+        (total / accum).backward()
+    return log
+
+
+def setup_graphs(cfg: Config, acc: Accelerator, raw, backend=None) -> GraphedStep | None:
+    """`optim.cuda_graphs`: true (refused with the reason when impossible), auto (on when possible), false."""
+    if cfg.optim.cuda_graphs is False:
+        return None
+    why = graph_exclusion(cfg, cuda=acc.device.type == "cuda" or backend is not None,
+                          world_size=acc.num_processes)
+    if why is not None:
+        if cfg.optim.cuda_graphs is True:
+            raise ConfigError(f"optim.cuda_graphs: true is not possible with {why}; use auto or false")
+        return None
+    fn = functools.partial(graph_micro_step, raw, cfg, check_world_size(cfg, acc.num_processes),
+                           "cuda" if use_bf16(cfg) else None)
+    return GraphedStep(fn, list(raw.parameters()), max_graphs=cfg.optim.max_graphs, backend=backend)
 
 
 def resume_state(t: Trainer, ck: Path) -> None:
@@ -581,19 +613,24 @@ def train_step(t: Trainer, items: list[Tokenized], batch: tuple[int, ...], *, ac
     all_micro = [batch[i:i + mb] for i in range(0, len(batch), mb)]
     micro = all_micro[acc.process_index::world]
     ce_den = ce_denominators([items[j] for j in batch], cfg, len(all_micro))
+    if t.graphs is not None:  # a graph reads its denominators from device memory at every replay
+        ce_den = {k: torch.tensor(v, dtype=torch.float32).to(acc.device) for k, v in ce_den.items()}
     sums: dict[str, torch.Tensor] = {}
     tokens = 0
     for i, idx in enumerate(micro):
-        b = make_batch([items[j] for j in idx], raw.ids, cfg)
+        b = make_batch([items[j] for j in idx], raw.ids, cfg,
+                       pad_to=cfg.optim.graph_pad if t.graphs is not None else None)
         b.ce_den = ce_den
         b.teacher = b.teacher.to(acc.device)
         if b.student is not None:
             b.student = b.student.to(acc.device)
         tokens += b.num_tokens
-        sync = acc.no_sync(t.objective) if i < len(micro) - 1 else contextlib.nullcontext()
-        with sync, acc.autocast():
-            total, log = t.objective(b)
-            acc.backward(total / accum)
+        log = t.graphs(b) if t.graphs is not None else None  # None: not graphed, run eagerly
+        if log is None:
+            sync = acc.no_sync(t.objective) if i < len(micro) - 1 else contextlib.nullcontext()
+            with sync, acc.autocast():
+                total, log = t.objective(b)
+                acc.backward(total / accum)
         for k, v in log.items():
             sums[k] = sums.get(k, 0.0) + v.float() / len(micro)
         if i == 0 and t.main and grad_share_due(cfg, step + 1):  # per-term gradient norms (kava.gradshare)
@@ -610,10 +647,10 @@ def train_step(t: Trainer, items: list[Tokenized], batch: tuple[int, ...], *, ac
         bad = [k for k, v in sums.items() if k.startswith("loss/") and k != "loss/total" and not torch.isfinite(v)]
         if not bad and torch.isfinite(sums["loss/total"]):
             bad = ["grad_norm"]
-        t.opt.zero_grad(set_to_none=True)
+        t.opt.zero_grad(set_to_none=t.graphs is None)  # a graph keeps accumulating into the same tensors
         return StepResult(sums, gnorm, tokens, bad)
     t.opt.step()
-    t.opt.zero_grad(set_to_none=True)
+    t.opt.zero_grad(set_to_none=t.graphs is None)
     return StepResult(sums, gnorm, tokens)
 
 
@@ -637,6 +674,8 @@ def train_metrics(t: Trainer, r: StepResult, *, epoch: float, lr: float, tokens_
     payload.update({k: float(v) for k, v in zip(keys, vals.tolist())})
     if torch.cuda.is_available():
         payload["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    if t.graphs is not None:
+        payload.update(t.graphs.stats())
     return payload
 
 

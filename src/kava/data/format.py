@@ -147,6 +147,23 @@ def _pad(rows: list[list[int]], width: int, value: int) -> torch.Tensor:
     return torch.tensor([r + [value] * (width - len(r)) for r in rows], dtype=torch.long)
 
 
+def _bucket(n: int, multiple: int | None) -> int:
+    """`n` rounded up to a multiple of `multiple` (None: `n` itself)."""
+    return n if not multiple else -(-n // multiple) * multiple
+
+
+def _labels(targets: torch.Tensor, multiple: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat positions of targets [B, S] that are not IGNORE, and those targets: ([N], [N]); with `multiple`,
+    N is padded up to a multiple of it by position 0 with target IGNORE (a CE term skips them)."""
+    flat = targets.reshape(-1)
+    idx = (flat != IGNORE).nonzero().squeeze(1)  # host tensors: the batch is built on the CPU
+    n = _bucket(max(1, idx.numel()), multiple)
+    pad = n - idx.numel()
+    idx = torch.cat([idx, torch.zeros(pad, dtype=torch.long)])
+    tgt = torch.cat([flat[idx[: n - pad]], torch.full((pad,), IGNORE, dtype=torch.long)])
+    return idx, tgt
+
+
 @dataclass
 class TeacherBatch:
     """Teacher (or No-CoT) batch. B examples, S columns, C = longest CoT, A = most answer query rows.
@@ -157,6 +174,9 @@ class TeacherBatch:
     codi_col: [B] column whose hidden states L_CODI compares (see `codi_columns`).
     query_idx, query_valid: [B, A] columns whose attention over the CoT keys defines importance.
     answer_start: [B] column of the first answer token.
+    label_idx, label_tgt: [N] flat (row-major over [B, S]) positions that have a target, and the targets;
+        built on the host so that selecting them never needs a device sync (CUDA graphs, `kava.graphs`).
+        Static-shape batches pad them with position 0 and target IGNORE.
     """
 
     ids: torch.Tensor
@@ -170,6 +190,8 @@ class TeacherBatch:
     query_idx: torch.Tensor
     query_valid: torch.Tensor
     answer_start: torch.Tensor
+    label_idx: torch.Tensor
+    label_tgt: torch.Tensor
 
     def to(self, device) -> "TeacherBatch":
         return TeacherBatch(**{k: v.to(device, non_blocking=True) for k, v in self.__dict__.items()})
@@ -183,6 +205,8 @@ class StudentBatch:
     ids, mask, pos, targets: [B, S] (latent columns hold the `<latent>` placeholder id).
     prompt_last: [B] column of the last answer-prompt token. q_block = Qb, num_latents = M (ints).
     codi_col: [B] column whose hidden states L_CODI compares (see `codi_columns`).
+    label_idx, label_tgt: [N] flat positions (row-major over the answer block [B, S - Qb - M]) that have a
+        target, and the targets (see `TeacherBatch`).
     """
 
     ids: torch.Tensor
@@ -193,6 +217,8 @@ class StudentBatch:
     codi_col: torch.Tensor
     q_block: int
     num_latents: int
+    label_idx: torch.Tensor
+    label_tgt: torch.Tensor
 
     @property
     def answer_start(self) -> int:
@@ -219,8 +245,12 @@ def codi_columns(items: list[Tokenized], prompt_last: list[int], codi_position: 
 
 def build_teacher_batch(items: list[Tokenized], ids: SpecialIds, *, with_cot: bool = True,
                         query_mode: str = "answer", tail_window: int = 8,
-                        codi_position: str = "answer") -> TeacherBatch:
-    """Right-padded teacher batch (`with_cot=False` gives the No-CoT sequence)."""
+                        codi_position: str = "answer", pad_to: int | None = None) -> TeacherBatch:
+    """Right-padded teacher batch (`with_cot=False` gives the No-CoT sequence).
+
+    pad_to: round every width (S, C, A) up to a multiple of it, and the label count up to a multiple of
+    pad_to·B, so that batches fall into few static shapes (CUDA graphs); the extra columns are masked pads.
+    """
     seqs, lab, cot_cols, p_last, q_cols, a_start = [], [], [], [], [], []
     for it in items:
         cot = it.cot if with_cot else []
@@ -239,10 +269,10 @@ def build_teacher_batch(items: list[Tokenized], ids: SpecialIds, *, with_cot: bo
             q_cols.append(list(range(max(n_q, n_q + n_c - tail_window), n_q + n_c)))
         else:
             raise ValueError(f"eviction.importance_queries: {query_mode!r}; allowed values: answer, cot_tail")
-    S = max(len(s) for s in seqs)
-    C = max(1, max(len(c) for c in cot_cols))
-    A = max(1, max(len(q) for q in q_cols))
     B = len(items)
+    S = _bucket(max(len(s) for s in seqs), pad_to)
+    C = _bucket(max(1, max(len(c) for c in cot_cols)), pad_to)
+    A = _bucket(max(1, max(len(q) for q in q_cols)), pad_to)
     t_ids = _pad(seqs, S, ids.pad)
     mask = _pad([[1] * len(s) for s in seqs], S, 0)
     targets = torch.full((B, S), IGNORE, dtype=torch.long)
@@ -254,20 +284,24 @@ def build_teacher_batch(items: list[Tokenized], ids: SpecialIds, *, with_cot: bo
     cot_idx = _pad(cot_cols, C, 0)
     query_valid = _pad([[1] * len(q) for q in q_cols], A, 0).bool()
     query_idx = _pad(q_cols, A, 0)
+    label_idx, label_tgt = _labels(targets, pad_to and pad_to * B)
     return TeacherBatch(t_ids, mask, _positions(mask), targets, cot_idx, cot_valid, torch.tensor(p_last),
-                        codi_columns(items, p_last, codi_position), query_idx, query_valid, torch.tensor(a_start))
+                        codi_columns(items, p_last, codi_position), query_idx, query_valid, torch.tensor(a_start),
+                        label_idx, label_tgt)
 
 
 def build_student_batch(items: list[Tokenized], ids: SpecialIds, num_latents: int, *,
-                        with_answer: bool = True, codi_position: str = "answer") -> StudentBatch:
+                        with_answer: bool = True, codi_position: str = "answer",
+                        pad_to: int | None = None) -> StudentBatch:
     """Student batch with M latent placeholder slots in common columns (see `StudentBatch`).
 
     `with_answer=False` builds only `question · <bot> · slots · <eot> · prompt` for inference.
+    pad_to: round the block widths Qb and Ab (and the label count) up, as in `build_teacher_batch`.
     """
     q_rows = [it.question + [ids.bot] for it in items]
     a_rows = [[ids.eot] + it.prompt + (it.answer if with_answer else []) for it in items]
-    Qb = max(len(q) for q in q_rows)
-    Ab = max(len(a) for a in a_rows)
+    Qb = _bucket(max(len(q) for q in q_rows), pad_to)
+    Ab = _bucket(max(len(a) for a in a_rows), pad_to)
     B, M = len(items), num_latents
     q_ids = _pad(q_rows, Qb, ids.pad)
     q_mask = _pad([[1] * len(q) for q in q_rows], Qb, 0)
@@ -283,5 +317,6 @@ def build_student_batch(items: list[Tokenized], ids: SpecialIds, num_latents: in
         if with_answer:
             for j, tok in enumerate(it.answer):
                 targets[b, start - 1 + j] = tok
+    label_idx, label_tgt = _labels(targets[:, Qb + M:], pad_to and pad_to * B)
     return StudentBatch(s_ids, mask, _positions(mask), targets, torch.tensor(p_last),
-                        codi_columns(items, p_last, codi_position), Qb, M)
+                        codi_columns(items, p_last, codi_position), Qb, M, label_idx, label_tgt)

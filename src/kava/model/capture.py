@@ -172,7 +172,30 @@ def install(lm, requested: str = "auto") -> str:
     return name
 
 
+class no_host_sync:
+    """Context manager: while active, kava's SDPA mask never asks whether the padding mask is all ones.
+
+    HF skips an all-ones mask (to let SDPA run plain causal), which reads the mask on the host: a device
+    sync, forbidden inside CUDA-graph capture (`kava.graphs`). Inside, the mask is always materialised; the
+    attention result is the same either way."""
+
+    def __enter__(self):
+        self._was = getattr(_state, "no_sync", False)
+        _state.no_sync = True
+        return self
+
+    def __exit__(self, *exc):
+        _state.no_sync = self._was
+        return False
+
+
+def kava_sdpa_mask(*args, **kwargs):
+    if getattr(_state, "no_sync", False):
+        kwargs["allow_is_causal_skip"] = False
+    return sdpa_mask(*args, **kwargs)
+
+
 AttentionInterface.register(SDPA_IMPL, kava_sdpa_attention)
-AttentionMaskInterface.register(SDPA_IMPL, sdpa_mask)
+AttentionMaskInterface.register(SDPA_IMPL, kava_sdpa_mask)
 AttentionInterface.register(EAGER_IMPL, kava_eager_attention)
 AttentionMaskInterface.register(EAGER_IMPL, eager_mask)

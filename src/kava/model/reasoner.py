@@ -306,9 +306,10 @@ class LatentReasoner(nn.Module):
         k: [L, B, Hkv, N, D]; pos: [B, N]. The inverse of `unrotate`; identity without rotary embedding."""
         return self.ropes.rotate(k, pos)
 
-    def _labelled(self, h: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        sel = targets != IGNORE
-        return self.logits(h[sel]), targets[sel]
+    def _labelled(self, h: torch.Tensor, idx: torch.Tensor, tgt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits [N, V] at the batch's labelled positions `idx` (flat over h's [B, S]) and their targets [N].
+        The positions come from the host-built batch, so no mask-to-index sync happens here."""
+        return self.logits(h.reshape(-1, h.shape[-1])[idx]), tgt
 
     @staticmethod
     def _at(hs: tuple[torch.Tensor, ...], cols: torch.Tensor) -> torch.Tensor:
@@ -339,7 +340,7 @@ class LatentReasoner(nn.Module):
                 out = self._run(x, tb.mask, tb.pos, cache, hidden_states=True)
         else:
             out = self._run(x, tb.mask, tb.pos, cache, hidden_states=True)
-        logits, targets = self._labelled(out.last_hidden_state, tb.targets)
+        logits, targets = self._labelled(out.last_hidden_state, tb.label_idx, tb.label_tgt)
         res = TeacherOut(logits, targets, self._at(out.hidden_states, tb.codi_col))
         if need_kv:
             L = len(cache.layers)
@@ -430,7 +431,7 @@ class LatentReasoner(nn.Module):
         """<eot> · prompt · answer on top of the latents' cache; fills logits, targets, hidden in `res`."""
         A0 = sb.answer_start
         out = self._run(self.embed(sb.ids[:, A0:]), sb.mask, sb.pos[:, A0:], res.cache, hidden_states=True)
-        res.logits, res.targets = self._labelled(out.last_hidden_state, sb.targets[:, A0:])
+        res.logits, res.targets = self._labelled(out.last_hidden_state, sb.label_idx, sb.label_tgt)
         res.hidden = self._at(out.hidden_states, sb.codi_col - A0)
         res.forward_passes += 1
         return res
@@ -471,6 +472,6 @@ class LatentReasoner(nn.Module):
             lk.append(self.unrotate(k, sb.pos[:, Qb:P]) if key_space == "pre_rope" else k)
             lv.append(v)
         out, _ = full(z, hidden=True, with_answer=True)
-        logits, targets = self._labelled(out.last_hidden_state[:, P:], sb.targets[:, P:])
+        logits, targets = self._labelled(out.last_hidden_state[:, P:], sb.label_idx, sb.label_tgt)
         hidden = self._at(out.hidden_states, sb.codi_col)
         return StudentOut(logits, targets, hidden, lk, lv, z, forward_passes=num_sweeps + 2)

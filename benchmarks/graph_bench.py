@@ -1,0 +1,283 @@
+"""CUDA graphs of the micro-step (`optim.cuda_graphs`) against the eager step, in one process.
+
+    python benchmarks/graph_bench.py --synth --llama1b --out benchmarks/results/graph_bench.json
+
+--synth: the real trainer stages (`kava.train`: data, model, `train_step`) on the synthetic testbeds' shapes
+  (synth_depth: 4 layers d=256; synth24m: 8 layers d=512), micro-batch 128, every method, eager then graphed
+  from the same seed: seconds per optimizer step (median after the warm-up steps that capture), and the
+  largest relative difference of the logged losses over the steps and of the weights after them.
+--llama1b: LLaMA-3.2-1B shape (random weights, bf16, LoRA r=128 on the 7 linears), M=24, T=3, GSM8k lengths
+  (eq / NL CoT): one optimizer step of effective batch 128 at micro-batch 32 and 64, eager vs graphed;
+  samples/s and peak memory; and the losses and gradients of both paths on one micro-batch with dropout off.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+import kava.train as kt  # noqa: E402
+from kava.config import load_config  # noqa: E402
+from kava.graphs import EagerReplay, GraphedStep  # noqa: E402
+from kava.methods import loss_step, make_batch  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+BACKEND = None  # CPU smoke test of this script: the graphs' stand-in (replay = re-run on the static buffers)
+SHAPE = "llama1b"
+OUT_PATH: Path | None = None
+
+
+def dump(out: dict) -> None:
+    """Write what is measured so far (a run cut short by a time limit still leaves its rows)."""
+    if OUT_PATH is not None:
+        OUT_PATH.parent.mkdir(parents=True, exist_ok=True)
+        OUT_PATH.write_text(json.dumps(out, indent=1))
+SYNTH = {
+    "synth_depth": ["model.from_scratch.family=llama", "model.from_scratch.hidden_size=256",
+                    "model.from_scratch.intermediate_size=768", "model.from_scratch.num_hidden_layers=4",
+                    "model.from_scratch.num_attention_heads=4", "model.from_scratch.num_key_value_heads=2",
+                    "model.from_scratch.max_position_embeddings=1024", "model.from_scratch.tie_word_embeddings=true"],
+    "synth24m": ["model.from_scratch.family=llama", "model.from_scratch.hidden_size=512",
+                 "model.from_scratch.intermediate_size=1536", "model.from_scratch.num_hidden_layers=8",
+                 "model.from_scratch.num_attention_heads=8", "model.from_scratch.num_key_value_heads=2",
+                 "model.from_scratch.max_position_embeddings=1024", "model.from_scratch.tie_word_embeddings=true"],
+}
+
+
+def sync():
+    if DEV == "cuda":
+        torch.cuda.synchronize()
+
+
+class NoLog:
+    def log(self, *a, **k):
+        pass
+
+
+def trainer_steps(cfg, steps: int, root: Path):
+    """Run `steps` optimizer steps through the trainer's own stages; (per-step seconds, losses, weights, stats)."""
+    acc = kt.setup_accelerator(cfg)
+    run_dir, _ = kt.setup_run_dir(cfg, None, True)
+    data = kt.setup_data(cfg, run_dir, acc, data_root=root)
+    plan = kt.make_plan(cfg, len(data.items), 1)
+    t = kt.setup_model_and_optimizer(cfg, data.tokenizer, acc)
+    t.raw.train()
+    times, losses = [], []
+    for step in range(steps):
+        for g in t.opt.param_groups:
+            g["lr"] = cfg.optim.lr
+        sync()
+        t0 = time.perf_counter()
+        r = kt.train_step(t, data.items, kt.batch_indices(cfg, plan, len(data.items), step), accum=plan.accum,
+                          step=step, logger=NoLog())
+        sync()
+        times.append(time.perf_counter() - t0)
+        losses.append({k: float(v) for k, v in r.sums.items() if k.startswith("loss/")})
+    weights = {n: p.detach().float().cpu() for n, p in t.raw.named_parameters() if p.requires_grad}
+    stats = t.graphs.stats() if t.graphs is not None else {}
+    return times, losses, weights, stats
+
+
+def rel(a: float, b: float) -> float:
+    return abs(a - b) / max(abs(b), 1e-12)
+
+
+def bench_synth(steps: int, warm: int, out: dict, shapes, methods):
+    root = Path(tempfile.mkdtemp(prefix="kava_graph_bench_"))
+    for shape in shapes:
+        spec = SYNTH[shape]
+        for method in methods:
+            row = {}
+            try:
+                res = {}
+                for graphs in (False, True):
+                    cfg = load_config("synth_depth_student", spec + [
+                        f"method={method}", "model.init_from=null", "data.synth_train_size=8000",
+                        "data.synth_eval_size=50", "data.valid_limit=10", f"optim.cuda_graphs={graphs}",
+                        "run.grad_share_every=0", "run.log=[jsonl]", f"run.output_dir={root}",
+                        f"run.name={shape}_{method}_{'graphs' if graphs else 'eager'}"])
+                    res[graphs] = trainer_steps(cfg, steps, root)
+                (te, le, we, _), (tg, lg, wg, st) = res[False], res[True]
+                me, mg = statistics.median(te[warm:]), statistics.median(tg[warm:])
+                loss_diff = max(rel(a[k], b[k]) for a, b in zip(lg, le) for k in b)
+                w_diff = max(((wg[n] - we[n]).abs().max() / we[n].abs().max().clamp_min(1e-12)).item() for n in we)
+                row = {"eager_s": me, "graphs_s": mg, "speedup": me / mg, "first_steps_graphs_s": tg[:warm],
+                       "max_rel_loss_diff": loss_diff, "max_rel_weight_diff": w_diff, **st}
+                print(f"{shape:11s} {method:6s} eager {me * 1e3:7.1f} ms/step  graphs {mg * 1e3:7.1f} ms/step  "
+                      f"x{me / mg:5.2f}  loss diff {loss_diff:.1e}  weight diff {w_diff:.1e}  {st}", flush=True)
+            except Exception as e:  # report and go on: one failure must not cost the other measurements
+                traceback.print_exc()
+                row = {"error": repr(e)}
+            out.setdefault("synth", {}).setdefault(shape, {})[method] = row
+            dump(out)
+
+
+def bench_llama(out: dict, micro_batches=(32, 64), styles=("eq", "nl"), reps: int = 3, methods=("kava", "pccot")):
+    import step_bench as sb
+
+    lengths = json.loads((Path(__file__).parent / "gsm8k_lengths.json").read_text())
+    for style in styles:
+        for mb in micro_batches:
+            for method in methods:
+                row = {}
+                try:
+                    model = sb.build(SHAPE, sb.LORA_BAR)
+                    model.train()
+                    cfg = sb.cfg_for(method)
+                    items = sb.sample_items(128, style, lengths, model.config.vocab_size, model.ids.eos, seed=1)
+                    params = [p for p in model.parameters() if p.requires_grad]
+                    opt = torch.optim.AdamW(params, lr=1e-5, fused=DEV == "cuda")
+                    accum = 128 // mb
+                    for graphs in (False, True):
+                        pad = 16 if graphs else None
+                        batches = []
+                        for i in range(0, 128, mb):
+                            b = make_batch(items[i:i + mb], model.ids, cfg, pad_to=pad)
+                            b.teacher = b.teacher.to(DEV)
+                            b.student = b.student.to(DEV) if b.student is not None else None
+                            b.ce_den = None
+                            batches.append(b)
+                        gs = GraphedStep(functools.partial(kt.graph_micro_step, model, cfg, accum, DEV), params,
+                                         max_graphs=32, backend=BACKEND) if graphs else None
+
+                        def step():
+                            for b in batches:
+                                if gs is None:
+                                    with torch.autocast(DEV, dtype=torch.bfloat16):
+                                        total, _ = loss_step(model, b, cfg)
+                                    (total / accum).backward()
+                                else:
+                                    gs(b)
+                            opt.step()
+                            opt.zero_grad(set_to_none=gs is None)
+
+                        torch.cuda.reset_peak_memory_stats()
+                        step()  # warm-up (captures every shape)
+                        sync()
+                        times = []
+                        for _ in range(reps):
+                            t0 = time.perf_counter()
+                            step()
+                            sync()
+                            times.append(time.perf_counter() - t0)
+                        med = statistics.median(times)
+                        key = "graphs" if graphs else "eager"
+                        row[key] = {"s_per_opt_step": med, "samples_per_s": 128 / med, "peak_gib":
+                                    torch.cuda.max_memory_allocated() / 2**30, **(gs.stats() if gs else {})}
+                        print(f"llama1b {style} mb{mb} {method:5s} {key:6s} {med:.3f} s/step (128 samples) "
+                              f"{128 / med:6.1f} samples/s  peak {row[key]['peak_gib']:.1f} GiB", flush=True)
+                        del gs
+                        opt.zero_grad(set_to_none=True)
+                        torch.cuda.empty_cache()
+                    row["speedup"] = row["eager"]["s_per_opt_step"] / row["graphs"]["s_per_opt_step"]
+                    del model, opt
+                    torch.cuda.empty_cache()
+                except Exception as e:
+                    traceback.print_exc()
+                    row["error"] = repr(e)
+                    torch.cuda.empty_cache()
+                out.setdefault("llama1b", {}).setdefault(style, {}).setdefault(f"mb{mb}", {})[method] = row
+                dump(out)
+
+
+def llama_equality(out: dict, style: str = "eq", mb: int = 16):
+    """Losses and gradients, eager vs one graph replay, dropout off (bf16)."""
+    import step_bench as sb
+
+    lengths = json.loads((Path(__file__).parent / "gsm8k_lengths.json").read_text())
+    try:
+        model = sb.build(SHAPE, sb.LORA_BAR, lora_dropout=0.0)
+        model.train()
+        with torch.no_grad():  # LoRA B starts at 0: give the adapters a gradient path that matters
+            for n, p in model.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 1e-3)
+        cfg = sb.cfg_for("kava")
+        items = sb.sample_items(mb, style, lengths, model.config.vocab_size, model.ids.eos, seed=2)
+        params = [p for p in model.parameters() if p.requires_grad]
+        res = {}
+        for name, pad, graphs in (("eager", None, False), ("eager_padded", 16, False), ("graphs", 16, True)):
+            b = make_batch(items, model.ids, cfg, pad_to=pad)
+            b.teacher, b.student = b.teacher.to(DEV), b.student.to(DEV)
+            model.zero_grad(set_to_none=not graphs)
+            fn = functools.partial(kt.graph_micro_step, model, cfg, 1, DEV)
+            if graphs:
+                gs = GraphedStep(fn, params, backend=BACKEND)
+                log = gs(b)
+                for p in params:  # one clean replay: zero, replay once
+                    p.grad.zero_()
+                log = gs(b)
+            else:
+                log = fn(b)
+            res[name] = ({k: float(v) for k, v in log.items()}, [p.grad.detach().float().clone() for p in params])
+
+        def diff(x, y):
+            (lx, gx), (ly, gy) = res[x], res[y]
+            return {"max_rel_loss_diff": max(rel(lx[k], ly[k]) for k in ly),
+                    "max_rel_grad_diff": max(((a - b).norm() / b.norm().clamp_min(1e-12)).item()
+                                             for a, b in zip(gx, gy))}
+
+        out["equality_bf16"] = {"graphs_vs_eager_same_padded_batch": diff("graphs", "eager_padded"),
+                                "padded_vs_unpadded_eager": diff("eager_padded", "eager"),
+                                "graphs_vs_eager_unpadded": diff("graphs", "eager")}
+        print("llama1b eager vs graphs (bf16, dropout 0):", out["equality_bf16"], flush=True)
+    except Exception as e:
+        traceback.print_exc()
+        out["equality_bf16"] = {"error": repr(e)}
+
+
+def cpu_smoke_setup():
+    global BACKEND, SHAPE
+    import step_bench as sb
+
+    BACKEND, SHAPE = EagerReplay(), "tiny"
+    real = kt.setup_graphs
+    kt.setup_graphs = lambda c, a, r, backend=None: real(c, a, r, backend=BACKEND)
+    sb.DEV = "cpu"
+    torch.cuda.reset_peak_memory_stats = lambda: None
+    torch.cuda.max_memory_allocated = lambda: 0
+    torch.cuda.empty_cache = lambda: None
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--synth", action="store_true")
+    ap.add_argument("--llama1b", action="store_true")
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--warm", type=int, default=5, help="first steps excluded from the median (captures)")
+    ap.add_argument("--micro-batches", default="32,64")
+    ap.add_argument("--styles", default="eq,nl")
+    ap.add_argument("--methods", default="kava,pccot,codi,nocot,cot", help="synthetic methods")
+    ap.add_argument("--shapes", default="synth_depth,synth24m", help="synthetic shapes")
+    ap.add_argument("--llama-methods", default="kava,pccot")
+    ap.add_argument("--out", default="benchmarks/results/graph_bench.json")
+    args = ap.parse_args()
+    global OUT_PATH
+    OUT_PATH = Path(args.out)
+    if DEV == "cpu":
+        cpu_smoke_setup()
+    out = {"device": torch.cuda.get_device_name() if DEV == "cuda" else "cpu", "torch": torch.__version__}
+    import transformers
+
+    out["transformers"] = transformers.__version__
+    if args.synth:
+        bench_synth(args.steps, args.warm, out, args.shapes.split(","), args.methods.split(","))
+    if args.llama1b:
+        llama_equality(out)
+        bench_llama(out, tuple(int(x) for x in args.micro_batches.split(",")), args.styles.split(","),
+                    methods=args.llama_methods.split(","))
+    dump(out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,176 @@
+"""CUDA graphs for the training micro-step (`optim.cuda_graphs`).
+
+A KaVa step is six model passes (teacher, prefix, T sweeps, answer) and their backward: tens of thousands
+of small kernels, so on a GPU the step is bound by kernel launches, not by arithmetic. A CUDA graph records
+one micro-batch's forward + backward once and replays it with a single launch.
+
+What makes the micro-step capturable (checked on CPU by running it on the meta device, see tests):
+- static shapes: batches are padded to a few shapes (`optim.graph_pad`, `kava.data.format` `pad_to`); pads are
+  masked, so the losses and gradients equal the unpadded batch's;
+- no host sync: the labelled positions come from the host-built batch (`label_idx`), the CE denominators are
+  device tensors, and HF's "is the mask all ones?" check is off (`capture.no_host_sync`);
+- the gradients are accumulated in place into `.grad` tensors that exist before the capture and are never
+  replaced (the trainer zeroes them with `set_to_none=False`).
+
+One graph per batch shape, up to `optim.max_graphs`; a batch of a new shape beyond that runs eagerly (counted).
+Capturing runs the step eagerly a few times on a side stream first (CUDA's warm-up rule) and then restores the
+gradients as they were, so capturing never changes what the optimizer sees.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import torch
+
+from kava.methods import Batch
+
+
+def batch_key(batch: Batch) -> tuple:
+    """Everything a captured graph bakes in: every tensor's shape and dtype, and the ints of the batch."""
+    key = []
+    for part in (batch.teacher, batch.student):
+        if part is None:
+            key.append(None)
+            continue
+        for f in dataclasses.fields(part):
+            v = getattr(part, f.name)
+            key.append((f.name, tuple(v.shape), v.dtype) if torch.is_tensor(v) else (f.name, v))
+    key.append(tuple(sorted(batch.ce_den)) if batch.ce_den is not None else None)
+    return tuple(key)
+
+
+def _tensors(batch: Batch):
+    """(name, tensor) of every tensor in the batch, in a fixed order."""
+    for pname, part in (("teacher", batch.teacher), ("student", batch.student)):
+        if part is None:
+            continue
+        for f in dataclasses.fields(part):
+            v = getattr(part, f.name)
+            if torch.is_tensor(v):
+                yield f"{pname}.{f.name}", v
+    for k in sorted(batch.ce_den or {}):
+        yield f"ce_den.{k}", batch.ce_den[k]
+
+
+def clone_batch(batch: Batch) -> Batch:
+    """A copy with fresh tensors: the static input buffers of one graph."""
+    def part(p):
+        if p is None:
+            return None
+        return dataclasses.replace(p, **{f.name: getattr(p, f.name).clone() for f in dataclasses.fields(p)
+                                         if torch.is_tensor(getattr(p, f.name))})
+    den = None if batch.ce_den is None else {k: v.clone() for k, v in batch.ce_den.items()}
+    return Batch(part(batch.teacher), part(batch.student), batch.num_tokens, den)
+
+
+def copy_batch_(dst: Batch, src: Batch) -> None:
+    """Copy `src`'s tensors into `dst`'s (same `batch_key`)."""
+    for (name, d), (_, s) in zip(_tensors(dst), _tensors(src), strict=True):
+        d.copy_(s, non_blocking=True)
+
+
+class CudaGraphs:
+    """Capture and replay through `torch.cuda.CUDAGraph`; all graphs share one memory pool (they never run
+    at the same time, and their outputs are read before the next replay)."""
+
+    def __init__(self, warmup: int = 2):
+        self.warmup = warmup
+        self.pool = torch.cuda.graph_pool_handle()
+
+    def capture(self, fn: Callable[[], dict]):
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(self.warmup):
+                fn()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+            out = fn()
+        return graph, out
+
+    @staticmethod
+    def replay(graph) -> None:
+        graph.replay()
+
+
+class EagerReplay:
+    """Stand-in for `CudaGraphs` on CPU (tests): "capture" runs the function once, "replay" runs it again on the
+    same static buffers. What a real graph would get wrong (a value baked in at capture instead of read from
+    the buffers) gives wrong results here too, as long as it is read on the Python side."""
+
+    def capture(self, fn: Callable[[], dict]):
+        out = fn()
+
+        def replay():  # like a graph: the new results land in the output tensors of the capture
+            new = fn()
+            with torch.no_grad():
+                for k, v in new.items():
+                    out[k].copy_(v)
+
+        return replay, out
+
+    @staticmethod
+    def replay(graph) -> None:
+        graph()
+
+
+class GraphedStep:
+    """The micro-step `fn(batch) -> log` (forward + backward, gradients accumulated into `.grad`), captured
+    once per batch shape and replayed.
+
+    params: the trainable parameters (their `.grad` is allocated here, once, and must stay the same tensors).
+    `__call__` returns the step's log (fresh tensors), or None when the batch was not graphed (a new shape
+    beyond `max_graphs`): the caller then runs `fn` eagerly.
+    """
+
+    def __init__(self, fn: Callable[[Batch], dict], params: list[torch.nn.Parameter], *, max_graphs: int = 16,
+                 backend=None):
+        self.fn = fn
+        self.params = [p for p in params if p.requires_grad]
+        self.max_graphs = max_graphs
+        self.backend = backend if backend is not None else CudaGraphs()
+        self.graphs: dict[tuple, tuple] = {}  # key -> (graph, static batch, static log)
+        self.replays = 0
+        self.eager = 0  # micro-batches run eagerly because max_graphs was reached
+        self._grads: list[torch.Tensor] | None = None
+
+    def _ensure_grads(self) -> None:
+        if self._grads is None:
+            for p in self.params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+            self._grads = [p.grad for p in self.params]
+        for p, g in zip(self.params, self._grads):
+            if p.grad is not g:
+                raise RuntimeError("a captured CUDA graph accumulates into the .grad tensors it saw at capture; "
+                                   "they were replaced (zero them with zero_grad(set_to_none=False))")
+
+    def _capture(self, batch: Batch):
+        static = clone_batch(batch)
+        saved = [g.clone() for g in self._grads]  # the warm-up runs accumulate real gradients: undo them
+        graph, log = self.backend.capture(lambda: self.fn(static))
+        with torch.no_grad():
+            for g, s in zip(self._grads, saved):
+                g.copy_(s)
+        return graph, static, log
+
+    def __call__(self, batch: Batch) -> dict | None:
+        self._ensure_grads()
+        key = batch_key(batch)
+        entry = self.graphs.get(key)
+        if entry is None:
+            if len(self.graphs) >= self.max_graphs:
+                self.eager += 1
+                return None
+            entry = self.graphs[key] = self._capture(batch)
+        graph, static, log = entry
+        copy_batch_(static, batch)
+        self.backend.replay(graph)
+        self.replays += 1
+        return {k: v.clone() for k, v in log.items()}
+
+    def stats(self) -> dict[str, int]:
+        return {"graphs/captured": len(self.graphs), "graphs/replays": self.replays, "graphs/eager": self.eager}
