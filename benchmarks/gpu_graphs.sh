@@ -16,6 +16,9 @@ case "${1:-synth}" in
   synth_exact)
     timeout 200 python benchmarks/graph_bench.py --synth --shapes synth_depth --methods kava,codi \
       --steps 20 --warm 5 --out $OUT/graph_bench_synth_exact.json 2>&1 | quiet | tail -20 ;;
+  llama2)  # run 2: the same without the leak between measurements that made run 1's later rows run out of memory
+    timeout 330 python benchmarks/graph_bench.py --llama1b --skip-equality --micro-batches 64,32 --styles eq,nl \
+      --llama-methods kava --out $OUT/graph_bench_llama1b_run2.json 2>&1 | quiet | grep -v "^ \|^Traceback" | tail -20 ;;
   llama)
     timeout 420 python benchmarks/graph_bench.py --llama1b --micro-batches 32,64 --styles eq,nl \
       --llama-methods kava --out $OUT/graph_bench_llama1b.json 2>&1 | quiet | tail -40

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import gc
 import json
 import statistics
 import sys
@@ -189,16 +190,19 @@ def bench_llama(out: dict, micro_batches=(32, 64), styles=("eq", "nl"), reps: in
                                     torch.cuda.max_memory_allocated() / 2**30, **(gs.stats() if gs else {})}
                         print(f"llama1b {style} mb{mb} {method:5s} {key:6s} {med:.3f} s/step (128 samples) "
                               f"{128 / med:6.1f} samples/s  peak {row[key]['peak_gib']:.1f} GiB", flush=True)
-                        del gs
+                        if gs is not None:  # free the graphs' memory pool before the next measurement
+                            gs.graphs.clear()
+                        del gs, step, batches
                         opt.zero_grad(set_to_none=True)
+                        gc.collect()
                         torch.cuda.empty_cache()
                     row["speedup"] = row["eager"]["s_per_opt_step"] / row["graphs"]["s_per_opt_step"]
-                    del model, opt
-                    torch.cuda.empty_cache()
                 except Exception as e:
                     traceback.print_exc()
                     row["error"] = repr(e)
-                    torch.cuda.empty_cache()
+                model = opt = params = None  # nothing of this model may outlive its row
+                gc.collect()
+                torch.cuda.empty_cache()
                 out.setdefault("llama1b", {}).setdefault(style, {}).setdefault(f"mb{mb}", {})[method] = row
                 dump(out)
 
