@@ -19,6 +19,9 @@ case "${1:-synth}" in
   llama2)  # run 2: the same without the leak between measurements that made run 1's later rows run out of memory
     timeout 330 python benchmarks/graph_bench.py --llama1b --skip-equality --micro-batches 64,32 --styles eq,nl \
       --llama-methods kava --out $OUT/graph_bench_llama1b_run2.json 2>&1 | quiet | grep -v "^ \|^Traceback" | tail -20 ;;
+  llama3)  # run 3: warm-up before the first capture only (run 2's mb64 warm-up of a second shape ran out of memory)
+    timeout 400 python benchmarks/graph_bench.py --llama1b --skip-equality --micro-batches 64,32 --styles eq,nl \
+      --llama-methods kava --out $OUT/graph_bench_llama1b_run3.json 2>&1 | quiet | grep -v "^ \|^Traceback" | tail -20 ;;
   llama)
     timeout 420 python benchmarks/graph_bench.py --llama1b --micro-batches 32,64 --styles eq,nl \
       --llama-methods kava --out $OUT/graph_bench_llama1b.json 2>&1 | quiet | tail -40
