@@ -22,6 +22,9 @@ case "${1:-synth}" in
   llama3)  # run 3: warm-up before the first capture only (run 2's mb64 warm-up of a second shape ran out of memory)
     timeout 400 python benchmarks/graph_bench.py --llama1b --skip-equality --micro-batches 64,32 --styles eq,nl \
       --llama-methods kava --out $OUT/graph_bench_llama1b_run3.json 2>&1 | quiet | grep -v "^ \|^Traceback" | tail -20 ;;
+  codi_determinism)  # is CODI's eager micro-step deterministic by itself? (graphs differed from it by 1.8e-2)
+    timeout 200 python benchmarks/graph_bench.py --synth --shapes synth_depth --methods codi --repeat-eager \
+      --steps 10 --warm 3 --out $OUT/graph_bench_codi_determinism.json 2>&1 | quiet | tail -8 ;;
   llama)
     timeout 420 python benchmarks/graph_bench.py --llama1b --micro-batches 32,64 --styles eq,nl \
       --llama-methods kava --out $OUT/graph_bench_llama1b.json 2>&1 | quiet | tail -40

@@ -36,6 +36,7 @@ DEV = "cuda" if torch.cuda.is_available() else "cpu"
 BACKEND = None  # CPU smoke test of this script: the graphs' stand-in (replay = re-run on the static buffers)
 SHAPE = "llama1b"
 OUT_PATH: Path | None = None
+REPEAT_EAGER = False
 
 
 def dump(out: dict) -> None:
@@ -105,8 +106,10 @@ def bench_synth(steps: int, warm: int, out: dict, shapes, methods):
             row = {}
             try:
                 res = {}
-                for name, graphs, force in (("eager", False, False), ("eager_padded", True, True),
-                                            ("graphs", True, False)):
+                runs = [("eager", False, False), ("eager_padded", True, True), ("graphs", True, False)]
+                if REPEAT_EAGER:  # the eager reference twice: is it deterministic by itself?
+                    runs.append(("eager_padded_again", True, True))
+                for name, graphs, force in runs:
                     cfg = load_config("synth_depth_student", spec + [
                         f"method={method}", "model.init_from=null", "data.synth_train_size=8000",
                         "data.synth_eval_size=50", "data.valid_limit=10", f"optim.cuda_graphs={graphs}",
@@ -123,6 +126,9 @@ def bench_synth(steps: int, warm: int, out: dict, shapes, methods):
                 te, tg, st = res["eager"][0], res["graphs"][0], res["graphs"][3]
                 me, mg = statistics.median(te[warm:]), statistics.median(tg[warm:])
                 same = diff("graphs", "eager_padded")
+                if REPEAT_EAGER:
+                    print(f"{shape} {method}: eager vs eager again (same padded batches):",
+                          diff("eager_padded_again", "eager_padded"), flush=True)
                 row = {"eager_s": me, "graphs_s": mg, "speedup": me / mg, "first_steps_graphs_s": tg[:warm],
                        "eager_padded_s": statistics.median(res["eager_padded"][0][warm:]),
                        "graphs_vs_eager_padded": same, "eager_padded_vs_eager": diff("eager_padded", "eager"),
@@ -278,10 +284,11 @@ def main():
     ap.add_argument("--shapes", default="synth_depth,synth24m", help="synthetic shapes")
     ap.add_argument("--llama-methods", default="kava,pccot")
     ap.add_argument("--skip-equality", action="store_true", help="skip the LLaMA-shape eager-vs-graph check")
+    ap.add_argument("--repeat-eager", action="store_true", help="synthetic: run the eager reference twice")
     ap.add_argument("--out", default="benchmarks/results/graph_bench.json")
     args = ap.parse_args()
-    global OUT_PATH
-    OUT_PATH = Path(args.out)
+    global OUT_PATH, REPEAT_EAGER
+    OUT_PATH, REPEAT_EAGER = Path(args.out), args.repeat_eager
     if DEV == "cpu":
         cpu_smoke_setup()
     out = {"device": torch.cuda.get_device_name() if DEV == "cuda" else "cpu", "torch": torch.__version__}
