@@ -133,9 +133,9 @@ class OptimConfig:
     max_steps: int | None = None  # optimizer steps; overrides epochs when set
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
     compile: bool = False
-    # CUDA graphs of the micro-step (kava.graphs): true, false, or auto (on for one CUDA process when nothing
-    # excludes them)
-    cuda_graphs: bool | Literal["auto"] = False
+    # CUDA graphs of the micro-step (kava.graphs): auto (on for one CUDA process when nothing excludes them:
+    # DDP, compile, gradient checkpointing, random eviction, MoE models), true (refused where excluded), false
+    cuda_graphs: bool | Literal["auto"] = "auto"
     graph_pad: int = 16  # with CUDA graphs, batch widths are padded to multiples of this (fewer shapes)
     max_graphs: int = 16  # captured shapes at most; a batch of a further shape runs eagerly
 

@@ -14,7 +14,8 @@ What makes the micro-step capturable (checked on CPU by running it on the meta d
 
 One graph per batch shape, up to `optim.max_graphs`; a batch of a new shape beyond that runs eagerly (counted).
 The first capture runs the step eagerly a few times on a side stream first (CUDA's warm-up rule); every capture
-restores the gradients as they were before it, so capturing never changes what the optimizer sees.
+restores the gradients and the RNG states as they were before it, so capturing changes neither what the
+optimizer sees nor the dropout masks of later steps.
 """
 
 from __future__ import annotations
@@ -161,7 +162,13 @@ class GraphedStep:
     def _capture(self, batch: Batch):
         static = clone_batch(batch)
         saved = [g.clone() for g in self._grads]  # the warm-up runs accumulate real gradients: undo them
+        # ... and draw dropout masks: put the RNG back, so that when a shape is captured (a resume captures every
+        # shape again) does not change the random stream the replays draw from
+        rng = torch.get_rng_state(), torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
         graph, log = self.backend.capture(lambda: self.fn(static))
+        torch.set_rng_state(rng[0])
+        if rng[1] is not None:
+            torch.cuda.set_rng_state_all(rng[1])
         with torch.no_grad():
             for g, s in zip(self._grads, saved):
                 g.copy_(s)

@@ -46,6 +46,7 @@ from kava.data.records import SkipLog
 from kava.gradshare import grad_share_due, measure
 from kava.graphs import GraphedStep
 from kava.model.capture import no_host_sync
+from kava.model.families import text_config
 from kava.methods import ce_denominators, loss_step, make_batch
 from kava.checkpoint import CheckpointError, save_model
 from kava.model.loading import build_reasoner, load_tokenizer
@@ -530,12 +531,20 @@ def graph_micro_step(model, cfg: Config, accum: int, amp_device: str | None, bat
     return log
 
 
+def model_graph_exclusion(model) -> str | None:
+    """Why this loaded model's passes cannot be captured (`graph_exclusion` covers what the config says)."""
+    tc = text_config(model.config)
+    if any(getattr(tc, k, None) for k in ("num_experts", "num_local_experts", "n_routed_experts")):
+        return f"a mixture-of-experts model ({tc.model_type}: token routing gives data-dependent shapes)"
+    return None
+
+
 def setup_graphs(cfg: Config, acc: Accelerator, raw, backend=None) -> GraphedStep | None:
     """`optim.cuda_graphs`: true (refused with the reason when impossible), auto (on when possible), false."""
     if cfg.optim.cuda_graphs is False:
         return None
     why = graph_exclusion(cfg, cuda=acc.device.type == "cuda" or backend is not None,
-                          world_size=acc.num_processes)
+                          world_size=acc.num_processes) or model_graph_exclusion(raw)
     if why is not None:
         if cfg.optim.cuda_graphs is True:
             raise ConfigError(f"optim.cuda_graphs: true is not possible with {why}; use auto or false")
