@@ -298,7 +298,8 @@ class Objective(torch.nn.Module):
         self.generator = torch.Generator().manual_seed(cfg.run.seed)  # random eviction (a control)
 
     def forward(self, batch):
-        return loss_step(self.model, batch, self.cfg, self.generator)
+        with no_host_sync():  # the eager step gains from no device->host reads as well (DDP cannot be graphed)
+            return loss_step(self.model, batch, self.cfg, self.generator)
 
 
 @dataclass
