@@ -233,7 +233,9 @@ def test_train_with_graphs_equals_train_without(tmp_path, monkeypatch):
         if mode == "on":  # no GPU here: the stand-in backend replays by re-running on the static buffers
             real = kt.setup_graphs
             monkeypatch.setattr(kt, "setup_graphs", lambda c, a, r: real(c, a, r, backend=EagerReplay()))
-        runs[mode] = train_metrics(kt.train(cfg, progress=False, data_root=tmp_path / "synth"))
+        run_dir = kt.train(cfg, progress=False, data_root=tmp_path / "synth")
+        assert json.loads((run_dir / "meta.json").read_text())["cuda_graphs"] is (mode == "on")
+        runs[mode] = train_metrics(run_dir)
     off, on = runs["off"], runs["on"]
     assert len(off) == len(on) == 3
     assert on[-1]["graphs/captured"] >= 1 and on[-1]["graphs/replays"] == 6 and on[-1]["graphs/eager"] == 0
@@ -252,7 +254,7 @@ def test_cuda_graphs_on_is_refused_where_impossible():
     cfg = load_config("tiny_synth", ["optim.cuda_graphs=true"])
 
     class CpuAcc:
-        device, num_processes = torch.device("cpu"), 1
+        device, num_processes, is_main_process = torch.device("cpu"), 1, True
 
     with pytest.raises(ConfigError, match="optim.cuda_graphs: true is not possible with no CUDA device"):
         kt.setup_graphs(cfg, CpuAcc(), None)
@@ -268,7 +270,7 @@ def test_mixture_of_experts_models_are_not_graphed():
     assert kt.model_graph_exclusion(setup("kava")[1]) is None
 
     class Acc:
-        device, num_processes = torch.device("cpu"), 1
+        device, num_processes, is_main_process = torch.device("cpu"), 1, True
 
     assert kt.setup_graphs(cfg, Acc(), model, backend=EagerReplay()) is None
     on = load_config("tiny_synth", SMALL + ["optim.cuda_graphs=true"])

@@ -549,7 +549,12 @@ def setup_graphs(cfg: Config, acc: Accelerator, raw, backend=None) -> GraphedSte
     if why is not None:
         if cfg.optim.cuda_graphs is True:
             raise ConfigError(f"optim.cuda_graphs: true is not possible with {why}; use auto or false")
+        if acc.is_main_process and acc.device.type == "cuda":  # on a CPU, "off" is no news
+            print(f"[kava] CUDA graphs: off ({why})")
         return None
+    if acc.is_main_process:
+        print(f"[kava] CUDA graphs: on (optim.cuda_graphs={cfg.optim.cuda_graphs}; batches padded to multiples of "
+              f"{cfg.optim.graph_pad}; 'graphs/*' in metrics.jsonl)")
     fn = functools.partial(graph_micro_step, raw, cfg, check_world_size(cfg, acc.num_processes),
                            "cuda" if use_bf16(cfg) else None)
     return GraphedStep(fn, list(raw.parameters()), max_graphs=cfg.optim.max_graphs, backend=backend)
@@ -589,13 +594,15 @@ def resume_state(t: Trainer, ck: Path) -> None:
     t.nonfinite_skipped = state.get("nonfinite_skipped", 0)
 
 
-def save_run_files(cfg: Config, run_dir: Path, data: Data, plan: Plan, world: int) -> None:
-    """A new run's config.yaml, meta.json and skips.json (main process)."""
+def save_run_files(cfg: Config, run_dir: Path, data: Data, plan: Plan, world: int, graphs: bool = False) -> None:
+    """A new run's config.yaml, meta.json and skips.json (main process); `graphs`: whether CUDA graphs run
+    the micro-steps (what `optim.cuda_graphs: auto` decided)."""
     save_config(cfg, run_dir / "config.yaml")
     meta = {"method": cfg.method, "preset": cfg.preset, "train_data": train_data_label(cfg),
             "data": data.desc, "seed": cfg.run.seed, "model": cfg.model.name_or_path or "from_scratch",
             "init_from": cfg.model.init_from, "world_size": world, "git": git_revision(), "versions": versions(),
-            "train_examples": len(data.items), "train_examples_without_cot": data.no_cot, "plan": plan.__dict__}
+            "train_examples": len(data.items), "train_examples_without_cot": data.no_cot, "plan": plan.__dict__,
+            "cuda_graphs": graphs}
     (run_dir / "meta.json").write_text(json.dumps(meta, indent=2))
     data.skips.save(run_dir / "skips.json")  # the start summary named it
 
@@ -792,7 +799,7 @@ def train(cfg: Config, *, resume: str | Path | None = None, progress: bool = Tru
     elif main:
         if resume:  # starting over: drop what the stopped attempt logged
             logger.truncate_after(0)
-        save_run_files(cfg, run_dir, data, plan, world)
+        save_run_files(cfg, run_dir, data, plan, world, graphs=t.graphs is not None)
 
     eval_every = cfg.run.eval_every or plan.steps_per_epoch
     save_every = cfg.run.save_every or eval_every
