@@ -356,3 +356,28 @@ def test_eval_on_the_three_paper_sets_from_a_local_data_dir(synth_run, data_dir,
         s = json.loads((d / "summary.json").read_text())
         assert s["dataset"] == name and s["count"] == 2 and s["mode"] == "cot"
         assert f"{name}: accuracy" in out
+
+
+@pytest.mark.parametrize("mode", ["latent", "cot", "nocot"])
+def test_a_question_beyond_the_sliding_window_is_refused_on_every_rank(mode):
+    """The window check is decided from all records before any pass: the rank whose shard holds only short
+    questions refuses too (a refusal inside one rank's shard left the others waiting in the gather)."""
+    from kava.model.families import SlidingWindowTooShort
+
+    m, tok = tiny_reasoner("mistral")
+    method = {"latent": "kava"}.get(mode, mode)
+    cfg = config_from_dict({"method": method, "model": {"name_or_path": "tiny"},
+                            "latent": {"num_latents": M, "num_sweeps": T},
+                            "run": {"eval_max_new_tokens": MAX_NEW, "eval_max_cot_tokens": MAX_COT}})
+    fmt = Formatter(tok)
+    q = [len(fmt.question_ids(r.question)) for r in ALL]
+    longest = max(range(len(ALL)), key=lambda i: q[i])
+    assert longest % 2 == 1  # only rank 1 of 2 holds it
+    extra = {"latent": 2 + M, "cot": MAX_COT}.get(mode, 0) + len(fmt.prompt_ids) + MAX_NEW
+    m.config.sliding_window = sorted(q)[-2] + extra  # every other question fits, the longest does not
+    short = [r for i, r in enumerate(ALL) if i != longest]
+    rows, _ = evaluate_records(m, tok, cfg, short, batch_size=1)  # all fit: evaluated as usual
+    assert len(rows) == len(short)
+    for rank in (0, 1):
+        with pytest.raises(SlidingWindowTooShort, match="longest question of this evaluation"):
+            evaluate_records(m, tok, cfg, ALL, batch_size=1, rank=rank, world=2)

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from kava.data.format import Formatter, Tokenized, _pad, _positions, build_student_batch
+from kava.model.families import check_window
 from kava.data.records import Record, SkipLog
 from kava.methods import student_mode
 from kava.model.reasoner import LatentReasoner
@@ -148,6 +149,13 @@ def evaluate_records(model: LatentReasoner, tokenizer, cfg, records: list[Record
     idx = list(range(rank, len(records), world))
     bs = batch_size or cfg.run.eval_batch_size
     max_new = max_new_tokens or cfg.run.eval_max_new_tokens
+    if model.sliding_window is not None and records:
+        # decided on every rank from all records, before any pass: a refusal from inside one rank's shard
+        # would leave the other ranks waiting in the gather
+        longest = max(len(fmt.question_ids(r.question)) for r in records)
+        extra = {"latent": 2 + cfg.latent.num_latents, "cot": cfg.run.eval_max_cot_tokens}.get(mode, 0)
+        check_window(model.sliding_window, longest + extra + len(fmt.prompt_ids) + max_new,
+                     what=f"the longest question of this evaluation ({mode} mode, with its generation budget)")
     rows: list[dict] = []
     t0, diag_wall = time.perf_counter(), 0.0
     from tqdm.auto import tqdm
