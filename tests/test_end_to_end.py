@@ -237,3 +237,44 @@ def test_two_process_resume_is_exact_with_dropout(tmp_path):
     full, resumed = run("full", "full"), run("resume", "resumed")
     assert sorted(full) == sorted(resumed) == [1, 2, 3, 4]
     assert resumed == full  # bitwise: the same draws on every process
+
+
+NAN_ON_RANK1_SCRIPT = """
+import json, os, sys
+import torch
+import kava.losses
+from kava.config import load_config
+from kava.train import NonFiniteLoss, train
+real, calls = kava.losses.codi_loss, []
+def codi(*a, **k):  # NaN in the CODI term of process 1's second micro-batch (optimizer step 2), nowhere else
+    calls.append(1)
+    out = real(*a, **k)
+    return out * float("nan") if os.environ["RANK"] == "1" and len(calls) == 2 else out
+kava.losses.codi_loss = codi
+try:
+    train(load_config("tiny_synth", json.loads(sys.argv[1])), progress=False)
+except NonFiniteLoss as e:
+    print(f"rank {os.environ['RANK']}: {e}", flush=True)
+    sys.exit(3)
+"""
+
+
+def test_a_nonfinite_term_on_one_process_is_named_by_every_process(tmp_path):
+    """Process 1's CODI term turns NaN: every process stops at that step and names loss/codi (process 0, whose
+    own terms were finite, used to report it as a non-finite gradient)."""
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "nan.py"
+    script.write_text(NAN_ON_RANK1_SCRIPT)
+    sets = TINY + ["method=pccot", "optim.max_steps=3", "optim.effective_batch=8", "optim.micro_batch=4",
+                   "run.eval_every=100", "run.save_every=100", "run.name=nan", f"run.output_dir={tmp_path}",
+                   "run.log=[jsonl]", "run.grad_share_every=0"]
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        str(script), json.dumps(sets)], env=dict(os.environ, OMP_NUM_THREADS="1"),
+                       capture_output=True, text=True, timeout=300)
+    lines = sorted(x for x in r.stdout.splitlines() if x.startswith("rank "))
+    assert len(lines) == 2, _launch_failure(r)
+    for rank, line in enumerate(lines):
+        assert line.startswith(f"rank {rank}: non-finite loss at optimizer step 2 in term(s) ['loss/codi']"), line

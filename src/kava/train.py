@@ -656,13 +656,16 @@ def train_step(t: Trainer, items: list[Tokenized], batch: tuple[int, ...], *, ac
         torch.sqrt(sum((p.grad.float() ** 2).sum() for p in raw.parameters() if p.grad is not None))
     # a finite loss can still have an inf/NaN gradient (overflow in backward): stepping on it would make
     # every weight NaN, and the next step's "last good state" would be that NaN state
-    finite = (torch.isfinite(sums["loss/total"]) & torch.isfinite(torch.as_tensor(gnorm).to(
-        sums["loss/total"].device))).float()
-    if world > 1:  # every rank must take the same branch below
-        finite = acc.reduce(finite.to(acc.device), reduction="sum") == world
-    if not bool(finite):  # the one host sync per optimizer step
-        bad = [k for k, v in sums.items() if k.startswith("loss/") and k != "loss/total" and not torch.isfinite(v)]
-        if not bad and torch.isfinite(sums["loss/total"]):
+    keys = sorted(k for k in sums if k.startswith("loss/"))  # the same on every rank (same method)
+    dev = sums["loss/total"].device
+    flags = torch.stack([torch.isfinite(sums[k]) for k in keys] + [torch.isfinite(torch.as_tensor(gnorm).to(dev))])
+    if world > 1:  # every rank takes the same branch below and names the same terms, whichever rank failed
+        flags = acc.reduce(flags.float().to(acc.device), reduction="sum") == world
+    flags = flags.tolist()  # the one host sync per optimizer step
+    if not all(flags):
+        ok = dict(zip(keys, flags))
+        bad = [k for k in keys if k != "loss/total" and not ok[k]]
+        if not bad and ok["loss/total"]:
             bad = ["grad_norm"]
         t.opt.zero_grad(set_to_none=t.graphs is None)  # a graph keeps accumulating into the same tensors
         return StepResult(sums, gnorm, tokens, bad)
