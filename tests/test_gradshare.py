@@ -123,3 +123,37 @@ def test_due_only_for_latent_methods():
     assert not any(grad_share_due(off, s) for s in range(1, 200))
     with pytest.raises(ValueError, match="run.grad_share_every"):
         config_from_dict({"method": "kava", "model": {"name_or_path": "x"}, "run": {"grad_share_every": -1}})
+
+
+def test_grad_shares_hold_at_most_two_gradients_and_equal_share_metrics(monkeypatch):
+    """The streaming measurement gives `share_metrics` over every term's full gradient (cosines included),
+    while at most two gradient copies are alive at any autograd call (the reference and the current one)."""
+    import weakref
+
+    m, tok = tiny_reasoner("llama", seed=3)
+    cfg = config_from_dict({"method": "kava", "model": {"name_or_path": "tiny"},
+                            "latent": {"num_latents": 4, "num_sweeps": 2}, "data": {"drop_last_step": False}})
+    items = Formatter(tok, drop_last_step=False).tokenize_all(RECORDS, SkipLog())
+    batch = make_batch(items, m.ids, cfg)
+    params = [p for p in m.parameters() if p.requires_grad]
+    terms: dict = {}
+    loss_step(m, batch, cfg, terms_out=terms)
+    full = {n: list(torch.autograd.grad(w * t.float(), params, retain_graph=True, allow_unused=True))
+            for n, (t, w) in terms.items() if w != 0}
+    expected = share_metrics(full)
+    del full
+
+    real, alive, peak = torch.autograd.grad, [], []
+
+    def tracking(*a, **k):
+        peak.append(sum(any(r() is not None for r in refs) for refs in alive))  # gradient sets still alive
+        out = real(*a, **k)
+        alive.append([weakref.ref(g) for g in out if g is not None])
+        return out
+
+    monkeypatch.setattr(torch.autograd, "grad", tracking)
+    got = grad_shares(m, batch, cfg)
+    assert len(peak) == 5 and max(peak) <= 1  # 4 terms + the total; before each call only the reference lives
+    assert got.keys() == expected.keys() and "grad_cos/kv" in got
+    for k in got:
+        assert got[k] == pytest.approx(expected[k], rel=1e-6, abs=1e-9), k

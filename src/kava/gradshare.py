@@ -38,36 +38,33 @@ def share_metrics(grads: dict[str, list[torch.Tensor | None]], reference: str | 
         raise ValueError("every term needs one entry per trainable parameter, in the same order (None where the "
                          f"term has no gradient); got lengths {[len(g) for g in grads.values()]}")
     f64 = lambda g: g.detach().double()  # noqa: E731  (sums over ~1e9 elements: accumulate in fp64)
-    norms = {n: math.sqrt(sum(float((f64(g) ** 2).sum()) for g in grads[n] if g is not None)) for n in names}
-    total_norm = sum(norms.values())
-    out = {f"grad/{n}": norms[n] for n in names}
-    out.update({f"grad_share/{n}": (norms[n] / total_norm if total_norm > 0 else 0.0) for n in names})
+    norms = {n: math.sqrt(_sq_norm(grads[n])) for n in names}
     total_sq = 0.0
     for per_param in zip(*grads.values()):  # one parameter at a time: no flattened copy of all gradients
         present = [f64(g) for g in per_param if g is not None]
         if present:
             total_sq += float((sum(present) ** 2).sum())
-    out["grad/total"] = math.sqrt(total_sq)
+    dots = {}
     if reference in grads:
-        rn = norms[reference]
-        for n in names:
-            if n == reference:
-                continue
-            dot = sum(float((f64(a) * f64(b)).sum()) for a, b in zip(grads[n], grads[reference])
-                      if a is not None and b is not None)
-            den = norms[n] * rn
-            out[f"grad_cos/{n}"] = dot / den if den > 0 else 0.0
-    for k, v in out.items():
-        if not math.isfinite(v):
-            out[k] = float("nan")
-    return out
+        dots = {n: sum(float((f64(a) * f64(b)).sum()) for a, b in zip(grads[n], grads[reference])
+                       if a is not None and b is not None) for n in names if n != reference}
+    return _metrics(names, norms, math.sqrt(total_sq), dots, reference)
 
 
-def grad_shares(model, batch, cfg, generator: torch.Generator | None = None) -> dict[str, float]:
-    """Per-term gradient norms and shares of `cfg.method`'s loss on one micro-batch (see `share_metrics`).
+def _sq_norm(grads) -> float:
+    return sum(float((g.detach().double() ** 2).sum()) for g in grads if g is not None)
+
+
+def grad_shares(model, batch, cfg, generator: torch.Generator | None = None,
+                reference: str | None = "ce_student") -> dict[str, float]:
+    """Per-term gradient norms and shares of `cfg.method`'s loss on one micro-batch: the numbers of
+    `share_metrics`, without holding every term's gradient at once.
 
     One forward pass (`kava.methods.loss_step`), then one ``torch.autograd.grad`` per term with a non-zero
-    weight; ``.grad`` of the parameters is not touched.
+    weight, the reference term first: only its gradient is kept (for the cosines), every other one is reduced
+    to its norm and its dot product with the reference and dropped. The norm of the total's gradient comes
+    from one more ``autograd.grad`` of the weighted sum. At most two gradient copies are alive at a time (one
+    per term before: a memory spike for full fine-tuning of a large model). ``.grad`` is not touched.
     """
     from kava.methods import loss_step
 
@@ -75,11 +72,38 @@ def grad_shares(model, batch, cfg, generator: torch.Generator | None = None) -> 
     terms: dict = {}
     loss_step(model, batch, cfg, generator, terms_out=terms)
     live = [(n, t, w) for n, (t, w) in terms.items() if w != 0.0 and t.requires_grad]
-    grads = {}
-    for i, (name, term, w) in enumerate(live):
-        grads[name] = list(torch.autograd.grad(w * term.float(), params, retain_graph=i < len(live) - 1,
-                                               allow_unused=True))
-    return share_metrics(grads)
+    live.sort(key=lambda x: x[0] != reference)  # the reference first (stable: the rest keep their order)
+    names = [n for n, _, _ in live]
+    norms, dots, ref = {}, {}, None
+    for name, term, w in live:
+        g = torch.autograd.grad(w * term.float(), params, retain_graph=True, allow_unused=True)
+        norms[name] = math.sqrt(_sq_norm(g))
+        if name == reference:
+            ref = g
+        elif ref is not None:
+            dots[name] = sum(float((a.detach().double() * b.detach().double()).sum()) for a, b in zip(g, ref)
+                             if a is not None and b is not None)
+        del g
+    ref = None
+    total = sum(w * t.float() for _, t, w in live)
+    total_norm = math.sqrt(_sq_norm(torch.autograd.grad(total, params, allow_unused=True))) if live else 0.0
+    out = _metrics(names, norms, total_norm, dots, reference)
+    return out
+
+
+def _metrics(names, norms: dict[str, float], total_norm: float, dots: dict[str, float],
+             reference: str | None) -> dict[str, float]:
+    """The logged numbers from per-term norms, the total's norm and dot products with the reference."""
+    norm_sum = sum(norms.values())
+    out = {f"grad/{n}": norms[n] for n in names}
+    out.update({f"grad_share/{n}": (norms[n] / norm_sum if norm_sum > 0 else 0.0) for n in names})
+    out["grad/total"] = total_norm
+    if reference in norms:
+        for n in names:
+            if n != reference:
+                den = norms[n] * norms[reference]
+                out[f"grad_cos/{n}"] = dots[n] / den if den > 0 else 0.0
+    return {k: (v if math.isfinite(v) else float("nan")) for k, v in out.items()}
 
 
 def grad_share_due(cfg, done_steps: int) -> bool:
