@@ -15,6 +15,7 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import kava.train as kt
 from kava.config import ConfigError, load_config
@@ -221,14 +222,17 @@ def train_metrics(run_dir):
     return [r for r in rows if r.get("split") == "train" and "loss/total" in r]
 
 
-def test_train_with_graphs_equals_train_without(tmp_path, monkeypatch):
+@pytest.mark.parametrize("method", ["kava", "cot"])
+def test_train_with_graphs_equals_train_without(method, tmp_path, monkeypatch):
     """The trainer's graph path (padded batches, device denominators, gradients zeroed in place, gradient
-    shares measured beside it) trains exactly like the eager path: same losses at every step. (No dropout
+    shares measured beside it) trains exactly like the eager path: same losses at every step, and parameters
+    the method never uses (cot: the projection) keep no gradient, so AdamW does not weight-decay them in
+    either. (Other weights differ by Adam's amplification of rounding-level gradient differences. No dropout
     here: padding changes the shape of the dropout draws, so masked runs are compared on equal padding in
     `test_graphed_step_equals_eager_steps`.)"""
-    runs = {}
+    runs, weights = {}, {}
     for mode in ("off", "on"):
-        cfg = load_config("tiny_synth", TRAIN + ["method=kava", f"optim.cuda_graphs={mode == 'on'}",
+        cfg = load_config("tiny_synth", TRAIN + [f"method={method}", f"optim.cuda_graphs={mode == 'on'}",
                                                  f"run.output_dir={tmp_path}", f"run.name=graphs_{mode}"])
         if mode == "on":  # no GPU here: the stand-in backend replays by re-running on the static buffers
             real = kt.setup_graphs
@@ -236,9 +240,15 @@ def test_train_with_graphs_equals_train_without(tmp_path, monkeypatch):
         run_dir = kt.train(cfg, progress=False, data_root=tmp_path / "synth")
         assert json.loads((run_dir / "meta.json").read_text())["cuda_graphs"] is (mode == "on")
         runs[mode] = train_metrics(run_dir)
+        weights[mode] = load_file(str(run_dir / "checkpoints" / "step_3" / "trainable.safetensors"))
     off, on = runs["off"], runs["on"]
+    assert weights["off"].keys() == weights["on"].keys() and any(k.startswith("proj.") for k in weights["on"])
+    if method == "cot":  # the projection gets no gradient: untouched by AdamW in both (no weight decay)
+        for k in [k for k in weights["off"] if k.startswith("proj.")]:
+            assert torch.equal(weights["on"][k], weights["off"][k]), k
     assert len(off) == len(on) == 3
     assert on[-1]["graphs/captured"] >= 1 and on[-1]["graphs/replays"] == 6 and on[-1]["graphs/eager"] == 0
+    assert "loss/ce_teacher" in on[-1]
     for a, b in zip(off, on):
         for k in [k for k in a if k.startswith("loss/")] + ["grad_norm"]:
             assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-7), k
@@ -276,3 +286,44 @@ def test_mixture_of_experts_models_are_not_graphed():
     on = load_config("tiny_synth", SMALL + ["optim.cuda_graphs=true"])
     with pytest.raises(ConfigError, match="mixture-of-experts"):
         kt.setup_graphs(on, Acc(), model, backend=EagerReplay())
+
+
+class FailingCapture(EagerReplay):
+    """A backend whose capture runs the step (dirtying gradients and RNG) and then fails, as an out-of-memory
+    inside a CUDA capture would."""
+
+    def capture(self, fn):
+        fn()
+        torch.rand(3)
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 4.40 GiB")
+
+
+def test_a_failed_capture_falls_back_to_eager_with_everything_restored():
+    cfg, model, items = setup("kava", *LORA_DROPOUT)
+    b = make_batch(items, model.ids, cfg, pad_to=16)
+
+    def fn(batch):
+        total, log = loss_step(model, batch, cfg)
+        total.backward()
+        return log
+
+    torch.manual_seed(3)
+    rng = torch.get_rng_state()
+    step = GraphedStep(fn, list(model.parameters()), backend=FailingCapture())  # fallback (auto) by default
+    assert step(b) is None  # the caller runs this micro-batch eagerly
+    assert "OutOfMemoryError" in step.disabled and step.graphs == {}
+    assert torch.equal(torch.get_rng_state(), rng)  # the failed attempt drew no dropout masks
+    assert all(p.grad is None or not p.grad.any() for p in model.parameters())  # nor left gradients
+    assert step(b) is None and step.stats() == {"graphs/captured": 0, "graphs/replays": 0, "graphs/eager": 2}
+    strict = GraphedStep(fn, list(model.parameters()), backend=FailingCapture(), fallback=False)  # "true"
+    with pytest.raises(torch.OutOfMemoryError):
+        strict(b)
+
+
+def test_sliding_window_models_are_not_graphed():
+    """Padding to static shapes could take a batch past the window: auto leaves such a model eager."""
+    cfg, model, _ = setup("kava", family="mistral")
+    model.config.sliding_window = None
+    assert kt.model_graph_exclusion(model) is None  # no window
+    model.config.sliding_window = 4096
+    assert "sliding-window" in kt.model_graph_exclusion(model)

@@ -134,7 +134,8 @@ class OptimConfig:
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
     compile: bool = False
     # CUDA graphs of the micro-step (kava.graphs): auto (on for one CUDA process when nothing excludes them:
-    # DDP, compile, gradient checkpointing, random eviction, MoE models), true (refused where excluded), false
+    # DDP, compile, gradient checkpointing, random eviction, MoE and sliding-window models), true (refused where
+    # excluded), false
     cuda_graphs: bool | Literal["auto"] = "auto"
     graph_pad: int = 16  # with CUDA graphs, batch widths are padded to multiples of this (fewer shapes)
     max_graphs: int = 16  # captured shapes at most; a batch of a further shape runs eagerly

@@ -9,10 +9,12 @@ What makes the micro-step capturable (checked on CPU by running it on the meta d
   masked, so the losses and gradients equal the unpadded batch's;
 - no host sync: the labelled positions come from the host-built batch (`label_idx`), the CE denominators are
   device tensors, and HF's "is the mask all ones?" check is off (`capture.no_host_sync`);
-- the gradients are accumulated in place into `.grad` tensors that exist before the capture and are never
-  replaced (the trainer zeroes them with `set_to_none=False`).
+- the gradients are accumulated in place into `.grad` tensors that exist before the capture (made by the
+  first capture's warm-up, for the parameters the step reaches) and are never replaced (the trainer zeroes
+  them with `set_to_none=False`).
 
 One graph per batch shape, up to `optim.max_graphs`; a batch of a new shape beyond that runs eagerly (counted).
+A capture that fails (out of memory, say) turns graphs off for the run under `optim.cuda_graphs: auto`.
 The first capture runs the step eagerly a few times on a side stream first (CUDA's warm-up rule); every capture
 restores the gradients and the RNG states as they were before it, so capturing changes neither what the
 optimizer sees nor the dropout masks of later steps.
@@ -76,15 +78,23 @@ class CudaGraphs:
     """Capture and replay through `torch.cuda.CUDAGraph`; all graphs share one memory pool (they never run
     at the same time, and their outputs are read before the next replay).
 
-    Only the first capture is preceded by eager warm-up runs (CUDA's rule: lazy initialisation such as cuBLAS
-    workspaces must not happen during capture; it is done once for the capture stream). Warming up a later
-    shape would run a whole eager step outside the pool while the pool holds the earlier graphs' memory: twice
-    the memory of one step, which ran a LLaMA-1B micro-batch of 64 out of 141 GB."""
+    Only the first capture is preceded by eager warm-up runs on a side stream (CUDA's rule: lazy
+    initialisation such as cuBLAS handles and the autograd engine's streams must not happen inside a capture).
+    The warm-up also creates `.grad` for every parameter the step reaches, outside the pool, so that the
+    captured backward accumulates into them in place. Warming up again for a later shape would run a whole
+    eager step outside the pool while the pool holds the earlier graphs' memory: twice the memory of one
+    step, which ran a LLaMA-1B micro-batch of 64 out of 141 GB."""
 
     def __init__(self, warmup: int = 2):
+        if warmup < 1:
+            raise ValueError("CudaGraphs needs at least one warm-up run (it creates the gradients in place)")
         self.warmup = warmup
         self.warmed = False
         self.pool = torch.cuda.graph_pool_handle()
+
+    def will_run(self) -> bool:
+        """Whether the next `capture` executes the step (and so changes gradients)."""
+        return not self.warmed
 
     def capture(self, fn: Callable[[], dict]):
         if not self.warmed:
@@ -106,11 +116,20 @@ class CudaGraphs:
     def replay(graph) -> None:
         graph.replay()
 
+    def release(self) -> None:
+        """After the graphs are dropped: give their pool's memory back to the device."""
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+
 
 class EagerReplay:
     """Stand-in for `CudaGraphs` on CPU (tests): "capture" runs the function once, "replay" runs it again on the
     same static buffers. What a real graph would get wrong (a value baked in at capture instead of read from
     the buffers) gives wrong results here too, as long as it is read on the Python side."""
+
+    @staticmethod
+    def will_run() -> bool:
+        return True
 
     def capture(self, fn: Callable[[], dict]):
         out = fn()
@@ -127,62 +146,92 @@ class EagerReplay:
     def replay(graph) -> None:
         graph()
 
+    def release(self) -> None:
+        pass
+
 
 class GraphedStep:
     """The micro-step `fn(batch) -> log` (forward + backward, gradients accumulated into `.grad`), captured
     once per batch shape and replayed.
 
-    params: the trainable parameters (their `.grad` is allocated here, once, and must stay the same tensors).
-    `__call__` returns the step's log (fresh tensors), or None when the batch was not graphed (a new shape
-    beyond `max_graphs`): the caller then runs `fn` eagerly.
+    params: the trainable parameters. The first capture's warm-up gives `.grad` to those the step reaches;
+    those tensors must stay (the trainer zeroes them in place); the others keep `.grad` None, so AdamW leaves
+    them alone exactly as in an eager run (a zero gradient would still be weight-decayed).
+    `__call__` returns the step's log (fresh tensors), or None when the batch was not graphed: a new shape
+    beyond `max_graphs`, or a capture that failed (`fallback=True`: graphs are then off for the run, with
+    the reason in `disabled`; `fallback=False` re-raises). The caller then runs `fn` eagerly.
     """
 
     def __init__(self, fn: Callable[[Batch], dict], params: list[torch.nn.Parameter], *, max_graphs: int = 16,
-                 backend=None):
+                 backend=None, fallback: bool = True):
         self.fn = fn
         self.params = [p for p in params if p.requires_grad]
         self.max_graphs = max_graphs
         self.backend = backend if backend is not None else CudaGraphs()
+        self.fallback = fallback
         self.graphs: dict[tuple, tuple] = {}  # key -> (graph, static batch, static log)
         self.replays = 0
-        self.eager = 0  # micro-batches run eagerly because max_graphs was reached
-        self._grads: list[torch.Tensor] | None = None
+        self.eager = 0  # micro-batches run eagerly (max_graphs reached, or graphs off after a failed capture)
+        self.disabled: str | None = None
+        self._grads: dict[torch.nn.Parameter, torch.Tensor] | None = None  # what the graphs accumulate into
 
-    def _ensure_grads(self) -> None:
-        if self._grads is None:
-            for p in self.params:
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-            self._grads = [p.grad for p in self.params]
-        for p, g in zip(self.params, self._grads):
+    def _check_grads(self) -> None:
+        for p, g in (self._grads or {}).items():
             if p.grad is not g:
                 raise RuntimeError("a captured CUDA graph accumulates into the .grad tensors it saw at capture; "
                                    "they were replaced (zero them with zero_grad(set_to_none=False))")
 
     def _capture(self, batch: Batch):
         static = clone_batch(batch)
-        saved = [g.clone() for g in self._grads]  # the warm-up runs accumulate real gradients: undo them
-        # ... and draw dropout masks: put the RNG back, so that when a shape is captured (a resume captures every
-        # shape again) does not change the random stream the replays draw from
+        runs = self.backend.will_run()  # warm-up (or the stand-in) executes the step: undo what it changes
+        saved = {p: (None if p.grad is None else p.grad.clone()) for p in self.params} if runs else {}
+        # the RNG too (dropout masks; a capture advances the CUDA generator as well): when a shape is captured
+        # (a resume captures every shape again) must not change the random stream the replays draw from
         rng = torch.get_rng_state(), torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
-        graph, log = self.backend.capture(lambda: self.fn(static))
-        torch.set_rng_state(rng[0])
-        if rng[1] is not None:
-            torch.cuda.set_rng_state_all(rng[1])
-        with torch.no_grad():
-            for g, s in zip(self._grads, saved):
-                g.copy_(s)
+        try:
+            graph, log = self.backend.capture(lambda: self.fn(static))
+        finally:
+            torch.set_rng_state(rng[0])
+            if rng[1] is not None:
+                torch.cuda.set_rng_state_all(rng[1])
+            with torch.no_grad():
+                for p, s in saved.items():
+                    if p.grad is None:
+                        continue
+                    if s is None:
+                        p.grad.zero_()  # created by the warm-up: it was 0 (None) before; keep the tensor
+                    else:
+                        p.grad.copy_(s)
+        if self._grads is None:
+            self._grads = {p: p.grad for p in self.params if p.grad is not None}
         return graph, static, log
 
+    def _give_up(self, err: BaseException) -> None:
+        self.disabled = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        self.graphs.clear()
+        self.backend.release()
+        print(f"[kava] CUDA graphs: capture failed ({self.disabled}); training continues without graphs "
+              "(set optim.cuda_graphs=false to skip the attempt)", flush=True)
+
     def __call__(self, batch: Batch) -> dict | None:
-        self._ensure_grads()
+        if self.disabled is not None:
+            self.eager += 1
+            return None
+        self._check_grads()
         key = batch_key(batch)
         entry = self.graphs.get(key)
         if entry is None:
             if len(self.graphs) >= self.max_graphs:
                 self.eager += 1
                 return None
-            entry = self.graphs[key] = self._capture(batch)
+            try:
+                entry = self.graphs[key] = self._capture(batch)
+            except Exception as err:  # out of memory, an op that cannot be captured, ...
+                if not self.fallback:
+                    raise
+                self._give_up(err)
+                self.eager += 1
+                return None
         graph, static, log = entry
         copy_batch_(static, batch)
         self.backend.replay(graph)

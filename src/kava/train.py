@@ -537,6 +537,9 @@ def model_graph_exclusion(model) -> str | None:
     tc = text_config(model.config)
     if any(getattr(tc, k, None) for k in ("num_experts", "num_local_experts", "n_routed_experts")):
         return f"a mixture-of-experts model ({tc.model_type}: token routing gives data-dependent shapes)"
+    if model.sliding_window is not None:
+        return (f"a sliding-window model ({tc.model_type}, window {model.sliding_window}: the padding to static "
+                "shapes could take a batch past the window)")
     return None
 
 
@@ -557,7 +560,8 @@ def setup_graphs(cfg: Config, acc: Accelerator, raw, backend=None) -> GraphedSte
               f"{cfg.optim.graph_pad}; 'graphs/*' in metrics.jsonl)")
     fn = functools.partial(graph_micro_step, raw, cfg, check_world_size(cfg, acc.num_processes),
                            "cuda" if use_bf16(cfg) else None)
-    return GraphedStep(fn, list(raw.parameters()), max_graphs=cfg.optim.max_graphs, backend=backend)
+    return GraphedStep(fn, list(raw.parameters()), max_graphs=cfg.optim.max_graphs, backend=backend,
+                       fallback=cfg.optim.cuda_graphs == "auto")
 
 
 def resume_state(t: Trainer, ck: Path) -> None:

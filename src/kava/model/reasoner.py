@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from kava.data.format import IGNORE, SpecialIds, StudentBatch, TeacherBatch
+from kava.data.format import SpecialIds, StudentBatch, TeacherBatch
 from kava.model import capture
 from kava.model.capture import ImportanceCapture
 from kava.model.compat import cache_kwarg
@@ -98,7 +98,7 @@ def truncate_cache(cache: DynamicCache, length: int) -> None:
 
 @dataclass
 class TeacherOut:
-    logits: torch.Tensor  # [N, V] at the N labelled positions (row order: targets != IGNORE, row-major)
+    logits: torch.Tensor  # [N, V] at the batch's `label_idx` (row-major; padded rows have target IGNORE)
     targets: torch.Tensor  # [N]
     hidden: torch.Tensor  # [L, B, d] every layer's output at the CoDI column (`TeacherBatch.codi_col`)
     cot_k: torch.Tensor | None = None  # [L, B, Hkv, C, D]
