@@ -46,7 +46,7 @@ def student_batch(m, tok, records=RECORDS, with_answer=True):
 
 def answer_logits(m, sb, cache, mask=None):
     """Teacher-forced answer logits from a cache holding the question block and the slots."""
-    res = StudentOut(None, None, None, cache=cache)
+    res = StudentOut(None, None, None, head=m.logits, cache=cache)
     sb = sb if mask is None else type(sb)(**{**sb.__dict__, "mask": mask})
     return m.answer_pass(sb, res).logits
 

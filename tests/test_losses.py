@@ -268,3 +268,58 @@ def test_combine_losses():
         combine_losses({"ce": a, "kv": b}, {"ce": 1.0})
     with pytest.raises(ValueError, match="weights without term"):
         combine_losses({"ce": a}, {"ce": 1.0, "kv": 1.0})
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 7, 100])
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_head_cross_entropy_equals_the_plain_cross_entropy(chunk, reduction):
+    """Chunked + recomputed CE == F.cross_entropy on the full logits: value and gradients (h and head)."""
+    from kava.losses import head_cross_entropy
+
+    g = torch.Generator().manual_seed(0)
+    head = torch.nn.Linear(8, 11, bias=False)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(11, 8, generator=g))
+    softcapped = lambda x: 3.0 * torch.tanh(head(x) / 3.0)  # noqa: E731  (a head with final processing)
+    h = torch.randn(7, 8, generator=g, requires_grad=True)
+    labels = torch.tensor([1, -100, 4, 10, -100, 0, 3])
+    got = head_cross_entropy(h, labels, softcapped, reduction=reduction, chunk_rows=chunk)
+    gh, gw = torch.autograd.grad(got, [h, head.weight])
+    ref = torch.nn.functional.cross_entropy(softcapped(h).double(), labels, ignore_index=-100, reduction=reduction)
+    rh, rw = torch.autograd.grad(ref, [h, head.weight])
+    torch.testing.assert_close(got.double(), ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(gh, rh.float(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gw, rw.float(), rtol=1e-5, atol=1e-6)
+    none = head_cross_entropy(h, torch.full((7,), -100), softcapped, reduction="mean", chunk_rows=chunk)
+    assert none.item() == 0.0
+
+
+def test_training_losses_keep_no_vocabulary_sized_tensor_for_backward():
+    """The CE terms keep only hidden states for backward: no [N, V] logits (nor their fp32 copy or log-softmax)
+    stays alive from the forward to the backward. Control: the plain CE on `.logits` does keep them."""
+    from kava.config import config_from_dict
+    from kava.data.format import Formatter
+    from kava.data.records import SkipLog
+    from kava.methods import loss_step, make_batch
+    from tiny import RECORDS, tiny_reasoner
+
+    m, tok = tiny_reasoner("llama")
+    V = m.head.weight.shape[0]
+    cfg = config_from_dict({"method": "kava", "model": {"name_or_path": "tiny"},
+                            "latent": {"num_latents": 3, "num_sweeps": 2}})
+    batch = make_batch(Formatter(tok).tokenize_all(RECORDS, SkipLog()), m.ids, cfg)
+    shapes = []
+
+    def pack(t):
+        shapes.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        total, _ = loss_step(m, batch, cfg)
+    assert total.requires_grad and shapes
+    assert not [s for s in shapes if len(s) == 2 and s[1] == V and s[0] > 1], "a [N, V] tensor is kept"
+    shapes.clear()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        t = m.teacher_forward(batch.teacher, need_kv=False, need_importance=False)
+        torch.nn.functional.cross_entropy(t.logits.float(), t.targets, ignore_index=-100)
+    assert [s for s in shapes if len(s) == 2 and s[1] == V and s[0] > 1]

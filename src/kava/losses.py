@@ -220,11 +220,41 @@ def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index
     return total / n
 
 
-def token_cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
-    """Summed token cross-entropy in fp32 over the non-ignored labels (``[N, V]``, ``[N]`` -> 0-dim)."""
-    if logits.dim() != 2 or labels.shape != logits.shape[:1]:
-        raise ValueError(f"logits must be [N,V] and labels [N]; got {tuple(logits.shape)} and {tuple(labels.shape)}")
-    return F.cross_entropy(logits.float(), labels, ignore_index=ignore_index, reduction="sum")
+def head_cross_entropy(h: torch.Tensor, labels: torch.Tensor, head, *, reduction: str = "sum",
+                       chunk_rows: int = 1024, ignore_index: int = -100) -> torch.Tensor:
+    """Cross-entropy of ``head(h)`` against ``labels`` without keeping the ``[N, V]`` logits for backward.
+
+    Args:
+        h: ``[N, d]`` hidden states; labels: ``[N]`` (``ignore_index`` skipped); head: ``[n, d] -> [n, V]``.
+        reduction: ``"sum"`` or ``"mean"`` (over the non-ignored labels; 0 when there are none).
+
+    Each chunk of ``chunk_rows`` rows is activation-checkpointed: its logits (and their fp32 copy and
+    log-softmax) exist only while that chunk's loss or gradient is computed, and are recomputed in
+    backward. Held from the forward to the backward, they were ``N x V x 10`` bytes (bf16 logits + fp32
+    copy + fp32 log-softmax): several GiB for a 128k vocabulary. Same value as ``token_cross_entropy(_sum)``
+    on ``head(h)``, up to the order of the fp32 sums.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    if h.dim() != 2 or labels.shape != h.shape[:1]:
+        raise ValueError(f"h must be [N,d] and labels [N]; got {tuple(h.shape)} and {tuple(labels.shape)}")
+    if reduction not in ("sum", "mean"):
+        raise ValueError(f"reduction: {reduction!r}; allowed values: sum, mean")
+
+    def chunk_sum(hc, lc):
+        return F.cross_entropy(head(hc).float(), lc, ignore_index=ignore_index, reduction="sum")
+
+    total = None
+    for i in range(0, h.shape[0], chunk_rows):
+        # the head has no randomness: no RNG state to save (saving it is not allowed inside a CUDA graph capture)
+        part = checkpoint(chunk_sum, h[i:i + chunk_rows], labels[i:i + chunk_rows], use_reentrant=False,
+                          preserve_rng_state=False)
+        total = part if total is None else total + part
+    if total is None:
+        total = h.new_zeros((), dtype=torch.float32)
+    if reduction == "mean":
+        total = total / (labels != ignore_index).sum().clamp_min(1).to(total.dtype)
+    return total
 
 
 def combine_losses(

@@ -88,12 +88,13 @@ def _fp32(like: torch.Tensor):
     return torch.autocast(like.device.type, enabled=False)
 
 
-def _ce(logits: torch.Tensor, targets: torch.Tensor, den: dict | None, term: str) -> torch.Tensor:
-    """Token-mean CE of this micro-batch, or its sum over the step-wide denominator (`ce_denominators`; a
-    float or a 0-dim tensor, which a captured CUDA graph reads anew at every replay)."""
+def _ce(out, den: dict | None, term: str) -> torch.Tensor:
+    """Token-mean CE of this micro-batch (`out`: a Teacher/StudentOut), or its sum over the step-wide
+    denominator (`ce_denominators`; a float or a 0-dim tensor, which a captured CUDA graph reads anew at
+    every replay). The [N, V] logits are never kept for backward (`losses.head_cross_entropy`)."""
     if den is None:
-        return losses.token_cross_entropy(logits, targets)
-    return losses.token_cross_entropy_sum(logits, targets) / den[term]
+        return losses.head_cross_entropy(out.label_h, out.targets, out.head, reduction="mean")
+    return losses.head_cross_entropy(out.label_h, out.targets, out.head) / den[term]
 
 
 class _NoTimer:
@@ -119,7 +120,7 @@ def loss_step(model: LatentReasoner, batch: Batch, cfg: Config, generator: torch
         t = model.teacher_forward(tb, need_kv=spec.kv, need_importance=need_importance, key_space=lc.kv_key_space,
                                   importance_softmax=cfg.eviction.importance_softmax)
     with _fp32(tb.ids):
-        terms = {"ce_teacher": _ce(t.logits, t.targets, batch.ce_den, "ce_teacher")}
+        terms = {"ce_teacher": _ce(t, batch.ce_den, "ce_teacher")}
     weights = {"ce_teacher": lc.ce_teacher if spec.student else 1.0}
     extra: dict[str, torch.Tensor] = {}
     if spec.student:
@@ -130,7 +131,7 @@ def loss_step(model: LatentReasoner, batch: Batch, cfg: Config, generator: torch
         with timer("student_answer"):
             model.answer_pass(sb, s)
         with timer("losses"), _fp32(sb.ids):
-            terms["ce_student"] = _ce(s.logits, s.targets, batch.ce_den, "ce_student")
+            terms["ce_student"] = _ce(s, batch.ce_den, "ce_student")
             weights["ce_student"] = lc.ce_student
             terms["codi"] = losses.codi_loss(s.hidden, t.hidden, kind=lc.codi_loss, std=lc.codi_std,
                                              layers=lc.codi_layers)

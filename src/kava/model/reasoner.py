@@ -96,21 +96,37 @@ def truncate_cache(cache: DynamicCache, length: int) -> None:
         cache.crop(-extra)
 
 
+class _Labelled:
+    """`label_h` [N, d]: the last hidden state at the batch's `label_idx` (row-major; padded rows have target
+    IGNORE). The training CE reads it through `kava.losses.head_cross_entropy`, which never keeps the [N, V]
+    logits for backward; `logits` computes them on demand (tests, diagnostics)."""
+
+    label_h: torch.Tensor | None
+    head: object
+
+    @property
+    def logits(self) -> torch.Tensor:
+        """[N, V] = the model's head (with its final processing) on `label_h`."""
+        return self.head(self.label_h)
+
+
 @dataclass
-class TeacherOut:
-    logits: torch.Tensor  # [N, V] at the batch's `label_idx` (row-major; padded rows have target IGNORE)
+class TeacherOut(_Labelled):
+    label_h: torch.Tensor  # [N, d] at the N labelled positions
     targets: torch.Tensor  # [N]
     hidden: torch.Tensor  # [L, B, d] every layer's output at the CoDI column (`TeacherBatch.codi_col`)
+    head: object = field(default=None, repr=False)  # `LatentReasoner.logits`
     cot_k: torch.Tensor | None = None  # [L, B, Hkv, C, D]
     cot_v: torch.Tensor | None = None  # [L, B, Hkv, C, D]
     importance: torch.Tensor | None = None  # [L, B, Hkv, C]
 
 
 @dataclass
-class StudentOut:
-    logits: torch.Tensor  # [N, V] at labelled answer positions
-    targets: torch.Tensor  # [N]
-    hidden: torch.Tensor  # [L, B, d] at the CoDI column (`StudentBatch.codi_col`)
+class StudentOut(_Labelled):
+    label_h: torch.Tensor | None  # [N, d] at labelled answer positions (after the answer pass)
+    targets: torch.Tensor | None  # [N]
+    hidden: torch.Tensor | None  # [L, B, d] at the CoDI column (`StudentBatch.codi_col`)
+    head: object = field(default=None, repr=False)
     latent_k: list[torch.Tensor] = field(default_factory=list)  # per sweep: [L, B, Hkv, M, D]
     latent_v: list[torch.Tensor] = field(default_factory=list)
     latents: torch.Tensor | None = None  # [B, M, d] the latent embeddings the answer pass saw
@@ -306,10 +322,11 @@ class LatentReasoner(nn.Module):
         k: [L, B, Hkv, N, D]; pos: [B, N]. The inverse of `unrotate`; identity without rotary embedding."""
         return self.ropes.rotate(k, pos)
 
-    def _labelled(self, h: torch.Tensor, idx: torch.Tensor, tgt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits [N, V] at the batch's labelled positions `idx` (flat over h's [B, S]) and their targets [N].
-        The positions come from the host-built batch, so no mask-to-index sync happens here."""
-        return self.logits(h.reshape(-1, h.shape[-1])[idx]), tgt
+    @staticmethod
+    def _labelled(h: torch.Tensor, idx: torch.Tensor, tgt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Hidden states [N, d] at the batch's labelled positions `idx` (flat over h's [B, S]) and their
+        targets [N]. The positions come from the host-built batch, so no mask-to-index sync happens here."""
+        return h.reshape(-1, h.shape[-1])[idx], tgt
 
     @staticmethod
     def _at(hs: tuple[torch.Tensor, ...], cols: torch.Tensor) -> torch.Tensor:
@@ -340,8 +357,8 @@ class LatentReasoner(nn.Module):
                 out = self._run(x, tb.mask, tb.pos, cache, hidden_states=True)
         else:
             out = self._run(x, tb.mask, tb.pos, cache, hidden_states=True)
-        logits, targets = self._labelled(out.last_hidden_state, tb.label_idx, tb.label_tgt)
-        res = TeacherOut(logits, targets, self._at(out.hidden_states, tb.codi_col))
+        label_h, targets = self._labelled(out.last_hidden_state, tb.label_idx, tb.label_tgt)
+        res = TeacherOut(label_h, targets, self._at(out.hidden_states, tb.codi_col), head=self.logits)
         if need_kv:
             L = len(cache.layers)
             B, C = tb.cot_idx.shape
@@ -421,7 +438,7 @@ class LatentReasoner(nn.Module):
         else:
             raise ValueError(f"student mode {mode!r}; allowed values: jacobi, sequential")
 
-        res = StudentOut(logits=None, targets=None, hidden=None, latent_k=lk, latent_v=lv, latents=z,
+        res = StudentOut(label_h=None, targets=None, hidden=None, head=self.logits, latent_k=lk, latent_v=lv, latents=z,
                          forward_passes=passes, cache=cache)
         if with_answer:
             self.answer_pass(sb, res)
@@ -431,7 +448,7 @@ class LatentReasoner(nn.Module):
         """<eot> · prompt · answer on top of the latents' cache; fills logits, targets, hidden in `res`."""
         A0 = sb.answer_start
         out = self._run(self.embed(sb.ids[:, A0:]), sb.mask, sb.pos[:, A0:], res.cache, hidden_states=True)
-        res.logits, res.targets = self._labelled(out.last_hidden_state, sb.label_idx, sb.label_tgt)
+        res.label_h, res.targets = self._labelled(out.last_hidden_state, sb.label_idx, sb.label_tgt)
         res.hidden = self._at(out.hidden_states, sb.codi_col - A0)
         res.forward_passes += 1
         return res
@@ -472,6 +489,6 @@ class LatentReasoner(nn.Module):
             lk.append(self.unrotate(k, sb.pos[:, Qb:P]) if key_space == "pre_rope" else k)
             lv.append(v)
         out, _ = full(z, hidden=True, with_answer=True)
-        logits, targets = self._labelled(out.last_hidden_state[:, P:], sb.label_idx, sb.label_tgt)
+        label_h, targets = self._labelled(out.last_hidden_state[:, P:], sb.label_idx, sb.label_tgt)
         hidden = self._at(out.hidden_states, sb.codi_col)
-        return StudentOut(logits, targets, hidden, lk, lv, z, forward_passes=num_sweeps + 2)
+        return StudentOut(label_h, targets, hidden, self.logits, lk, lv, z, forward_passes=num_sweeps + 2)
