@@ -302,3 +302,10 @@ def test_synthetic_students_drop_the_last_cot_step():
 
     assert stage_config("kava", Path("/tmp/x"), []).data.drop_last_step is True
     assert stage_config("backbone", Path("/tmp/x"), []).data.drop_last_step is False
+
+
+def test_lora_on_the_lm_head_with_dropout_is_refused():
+    """The CE recomputes the head in backward without replaying dropout draws."""
+    with pytest.raises(ConfigError, match="lora.target_modules: lm_head with lora.dropout"):
+        load_config("tiny_synth", ["lora.r=4", "lora.dropout=0.1", "lora.target_modules=[q_proj,lm_head]"])
+    load_config("tiny_synth", ["lora.r=4", "lora.dropout=0.0", "lora.target_modules=[q_proj,lm_head]"])

@@ -381,3 +381,25 @@ def test_a_question_beyond_the_sliding_window_is_refused_on_every_rank(mode):
     for rank in (0, 1):
         with pytest.raises(SlidingWindowTooShort, match="longest question of this evaluation"):
             evaluate_records(m, tok, cfg, ALL, batch_size=1, rank=rank, world=2)
+
+
+def test_diagnostics_check_the_window_over_the_gold_cot_up_front():
+    """The oracle / KV-match diagnostics run the teacher over question + gold CoT + answer: that length is
+    checked against the window before any pass too, on every rank."""
+    from kava.diagnostics import diagnostics_spec
+    from kava.model.families import SlidingWindowTooShort
+
+    m, tok = tiny_reasoner("mistral")
+    cfg = config_from_dict({"method": "kava", "model": {"name_or_path": "tiny"},
+                            "latent": {"num_latents": M, "num_sweeps": T},
+                            "run": {"eval_max_new_tokens": MAX_NEW, "eval_max_cot_tokens": MAX_COT}})
+    fmt = Formatter(tok)
+    latent = max(len(fmt.question_ids(r.question)) for r in ALL) + 2 + M + len(fmt.prompt_ids) + MAX_NEW
+    gold = max(sum(map(len, (t.question, t.cot, t.prompt, t.answer))) for t in
+               (fmt.tokenize(r, i) for i, r in enumerate(ALL)))
+    assert gold > latent  # the gold CoT sequence is the longer one
+    m.config.sliding_window = latent  # every latent generation fits; the teacher's gold sequence does not
+    for rank in (0, 1):
+        with pytest.raises(SlidingWindowTooShort, match="gold CoT"):
+            evaluate_records(m, tok, cfg, ALL, batch_size=2, rank=rank, world=2,
+                             diagnostics=diagnostics_spec(oracle=True))

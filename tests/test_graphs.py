@@ -181,7 +181,7 @@ def test_graphed_step_equals_eager_steps(method, extra):
     for a, b in zip(logs, ref_logs):
         close(a, b)
     close(grads_of(model), ref)
-    assert step.stats() == {"graphs/captured": 2, "graphs/replays": 4, "graphs/eager": 0}
+    assert step.stats() == {"graphs/captured": 2, "graphs/replays": 4, "graphs/eager": 0, "graphs/disabled": 0}
 
     torch.manual_seed(7)
     model.zero_grad(set_to_none=False)
@@ -314,7 +314,8 @@ def test_a_failed_capture_falls_back_to_eager_with_everything_restored():
     assert "OutOfMemoryError" in step.disabled and step.graphs == {}
     assert torch.equal(torch.get_rng_state(), rng)  # the failed attempt drew no dropout masks
     assert all(p.grad is None or not p.grad.any() for p in model.parameters())  # nor left gradients
-    assert step(b) is None and step.stats() == {"graphs/captured": 0, "graphs/replays": 0, "graphs/eager": 2}
+    assert step(b) is None and step.stats() == {"graphs/captured": 0, "graphs/replays": 0, "graphs/eager": 2,
+                                                "graphs/disabled": 1}
     strict = GraphedStep(fn, list(model.parameters()), backend=FailingCapture(), fallback=False)  # "true"
     with pytest.raises(torch.OutOfMemoryError):
         strict(b)
@@ -327,3 +328,37 @@ def test_sliding_window_models_are_not_graphed():
     assert kt.model_graph_exclusion(model) is None  # no window
     model.config.sliding_window = 4096
     assert "sliding-window" in kt.model_graph_exclusion(model)
+
+
+def test_a_shape_that_reaches_a_new_parameter_is_not_graphed():
+    """A graph can only accumulate into gradients that existed before its capture: a later shape reaching a
+    parameter the first one did not is refused (under auto: graphs off, eager from then on), and that
+    parameter's gradient is not left pointing into the graph's memory."""
+    cfg, model, items = setup("cot")
+    big, small = (make_batch(items[:k], model.ids, cfg, pad_to=16) for k in (4, 2))
+
+    def fn(b):
+        total, log = loss_step(model, b, cfg)
+        if b.teacher.ids.shape[0] == 2:  # only this shape reaches the (otherwise unused) projection
+            total = total + model.proj(model.special_rows[:1]).sum()
+        total.backward()
+        return log
+
+    step = GraphedStep(fn, list(model.parameters()), backend=EagerReplay())
+    assert step(big) is not None
+    assert step(small) is None and "first captured shape did not" in step.disabled
+    assert all(p.grad is None for p in model.proj.parameters())
+
+
+def test_the_lm_head_runs_under_the_step_autocast():
+    """The CE's head recomputation must not fall into the fp32 regions of the losses: under bf16 autocast
+    the head's GEMM runs in bf16 (four fp32 GEMMs over [N, d] x [d, V] per term would be the cost)."""
+    cfg, model, items = setup("kava")
+    batch = make_batch(items, model.ids, cfg)
+    seen = []
+    hook = model.head.register_forward_hook(lambda mod, inp, out: seen.append(out.dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        total, _ = loss_step(model, batch, cfg)
+    total.backward()  # the backward recomputes the head too
+    hook.remove()
+    assert len(seen) >= 4 and set(seen) == {torch.bfloat16}

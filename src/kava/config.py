@@ -437,6 +437,9 @@ def validate(cfg: Config) -> None:
         need(cfg.lora.r >= 1, "lora.r: must be >= 1")
         need(0 <= cfg.lora.dropout < 1, "lora.dropout: must be in [0, 1)")
         need(len(cfg.lora.target_modules) > 0, "lora.target_modules: must not be empty")
+        need(not (cfg.lora.dropout > 0 and "lm_head" in cfg.lora.target_modules),
+             "lora.target_modules: lm_head with lora.dropout > 0 is not supported (the CE recomputes the LM head "
+             "in backward without replaying dropout draws); set lora.dropout: 0 or drop lm_head")
 
 
 def graph_exclusion(cfg: Config, *, cuda: bool = True, world_size: int = 1) -> str | None:

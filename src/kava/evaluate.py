@@ -156,6 +156,10 @@ def evaluate_records(model: LatentReasoner, tokenizer, cfg, records: list[Record
         extra = {"latent": 2 + cfg.latent.num_latents, "cot": cfg.run.eval_max_cot_tokens}.get(mode, 0)
         check_window(model.sliding_window, longest + extra + len(fmt.prompt_ids) + max_new,
                      what=f"the longest question of this evaluation ({mode} mode, with its generation budget)")
+        if diag is not None and (diag.oracle or diag.kv_match):  # the teacher pass over the gold CoT too
+            teacher = max(len(t.question) + len(t.cot) + len(t.prompt) + len(t.answer)
+                          for t in (fmt.tokenize(r, i) for i, r in enumerate(records)))
+            check_window(model.sliding_window, teacher, what="the longest gold CoT sequence of these diagnostics")
     rows: list[dict] = []
     t0, diag_wall = time.perf_counter(), 0.0
     from tqdm.auto import tqdm

@@ -100,11 +100,13 @@ class CudaGraphs:
         if not self.warmed:
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(self.warmup):
-                    fn()
-            torch.cuda.current_stream().wait_stream(side)
-            torch.cuda.synchronize()
+            try:
+                with torch.cuda.stream(side):
+                    for _ in range(self.warmup):
+                        fn()
+            finally:  # also after a failed warm-up: its gradient kernels finish before anything restores them
+                torch.cuda.current_stream().wait_stream(side)
+                torch.cuda.synchronize()
             torch.cuda.empty_cache()  # the warm-up's memory goes back to the device, for the pool
             self.warmed = True
         graph = torch.cuda.CUDAGraph()
@@ -204,6 +206,13 @@ class GraphedStep:
                         p.grad.copy_(s)
         if self._grads is None:
             self._grads = {p: p.grad for p in self.params if p.grad is not None}
+        else:
+            new = [p for p in self.params if p.grad is not None and p not in self._grads]
+            if new:  # its .grad would live in the graph's pool, overwritten at every replay, not accumulated
+                for p in new:
+                    p.grad = None
+                raise RuntimeError(f"this batch shape reaches {len(new)} parameter(s) that the first captured shape "
+                                   "did not; their gradients cannot be accumulated by a graph")
         return graph, static, log
 
     def _give_up(self, err: BaseException) -> None:
@@ -239,4 +248,7 @@ class GraphedStep:
         return {k: v.clone() for k, v in log.items()}
 
     def stats(self) -> dict[str, int]:
-        return {"graphs/captured": len(self.graphs), "graphs/replays": self.replays, "graphs/eager": self.eager}
+        """What `metrics.jsonl` logs: graphs captured, replays, eager micro-batches, and 1 once a failed
+        capture turned graphs off (`disabled` says why; the start-up line said "on")."""
+        return {"graphs/captured": len(self.graphs), "graphs/replays": self.replays, "graphs/eager": self.eager,
+                "graphs/disabled": int(self.disabled is not None)}

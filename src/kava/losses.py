@@ -230,9 +230,11 @@ def head_cross_entropy(h: torch.Tensor, labels: torch.Tensor, head, *, reduction
 
     Each chunk of ``chunk_rows`` rows is activation-checkpointed: its logits (and their fp32 copy and
     log-softmax) exist only while that chunk's loss or gradient is computed, and are recomputed in
-    backward. Held from the forward to the backward, they were ``N x V x 10`` bytes (bf16 logits + fp32
-    copy + fp32 log-softmax): several GiB for a 128k vocabulary. Same value as ``token_cross_entropy(_sum)``
-    on ``head(h)``, up to the order of the fp32 sums.
+    backward. Held from the forward to the backward, they were ``N x V x 10`` bytes under bf16 autocast
+    (bf16 logits + fp32 copy + fp32 log-softmax): several GiB for a 128k vocabulary. Same value as
+    ``token_cross_entropy`` on ``head(h)`` (summed for ``"sum"``), up to the order of the fp32 sums. The head
+    runs under the caller's autocast, and must be deterministic: the recomputation does not replay RNG
+    draws (`lora.target_modules` may therefore not adapt the LM head with dropout).
     """
     from torch.utils.checkpoint import checkpoint
 
@@ -250,8 +252,8 @@ def head_cross_entropy(h: torch.Tensor, labels: torch.Tensor, head, *, reduction
         part = checkpoint(chunk_sum, h[i:i + chunk_rows], labels[i:i + chunk_rows], use_reentrant=False,
                           preserve_rng_state=False)
         total = part if total is None else total + part
-    if total is None:
-        total = h.new_zeros((), dtype=torch.float32)
+    if total is None:  # no rows: an exact 0 that still carries a graph
+        total = h.float().sum() * 0.0
     if reduction == "mean":
         total = total / (labels != ignore_index).sum().clamp_min(1).to(total.dtype)
     return total

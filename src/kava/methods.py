@@ -119,8 +119,8 @@ def loss_step(model: LatentReasoner, batch: Batch, cfg: Config, generator: torch
     with timer("teacher"):
         t = model.teacher_forward(tb, need_kv=spec.kv, need_importance=need_importance, key_space=lc.kv_key_space,
                                   importance_softmax=cfg.eviction.importance_softmax)
-    with _fp32(tb.ids):
-        terms = {"ce_teacher": _ce(t, batch.ce_den, "ce_teacher")}
+    # outside `_fp32`: the LM head runs under the step's autocast (bf16 on GPU); the CE itself is fp32
+    terms = {"ce_teacher": _ce(t, batch.ce_den, "ce_teacher")}
     weights = {"ce_teacher": lc.ce_teacher if spec.student else 1.0}
     extra: dict[str, torch.Tensor] = {}
     if spec.student:
@@ -130,9 +130,10 @@ def loss_step(model: LatentReasoner, batch: Batch, cfg: Config, generator: torch
                                       keep_sweeps=keep, with_answer=False)
         with timer("student_answer"):
             model.answer_pass(sb, s)
-        with timer("losses"), _fp32(sb.ids):
+        with timer("losses"):
             terms["ce_student"] = _ce(s, batch.ce_den, "ce_student")
-            weights["ce_student"] = lc.ce_student
+        weights["ce_student"] = lc.ce_student
+        with timer("losses"), _fp32(sb.ids):
             terms["codi"] = losses.codi_loss(s.hidden, t.hidden, kind=lc.codi_loss, std=lc.codi_std,
                                              layers=lc.codi_layers)
             weights["codi"] = lc.alpha_codi

@@ -338,7 +338,8 @@ class LatentReasoner(nn.Module):
     # ---------------------------------------------------------------------------------- teacher
     def teacher_forward(self, tb: TeacherBatch, *, need_kv: bool = True, need_importance: bool = True,
                         key_space: str = "cache", importance_softmax: str = "cot") -> TeacherOut:
-        """One pass over the teacher batch: CE logits, hidden states at the CoDI column, CoT KV, importance.
+        """One pass over the teacher batch: hidden states at the labelled positions (for the CE) and at the CoDI
+        column, CoT KV, importance.
 
         importance_softmax: "cot" (the paper's Listing 1) softmaxes the query rows' logits over the CoT
         keys only; "prefix" keeps the model's own probabilities over every visible key, CoT columns sliced.
@@ -445,7 +446,7 @@ class LatentReasoner(nn.Module):
         return res
 
     def answer_pass(self, sb: StudentBatch, res: StudentOut) -> StudentOut:
-        """<eot> · prompt · answer on top of the latents' cache; fills logits, targets, hidden in `res`."""
+        """<eot> · prompt · answer on top of the latents' cache; fills label_h, targets, hidden in `res`."""
         A0 = sb.answer_start
         out = self._run(self.embed(sb.ids[:, A0:]), sb.mask, sb.pos[:, A0:], res.cache, hidden_states=True)
         res.label_h, res.targets = self._labelled(out.last_hidden_state, sb.label_idx, sb.label_tgt)
