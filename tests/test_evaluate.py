@@ -403,3 +403,20 @@ def test_diagnostics_check_the_window_over_the_gold_cot_up_front():
         with pytest.raises(SlidingWindowTooShort, match="gold CoT"):
             evaluate_records(m, tok, cfg, ALL, batch_size=2, rank=rank, world=2,
                              diagnostics=diagnostics_spec(oracle=True))
+
+
+@pytest.mark.parametrize("mode", ["latent", "cot"])
+def test_decoding_reads_the_device_once_per_step_not_once_per_example(mode, monkeypatch):
+    """Greedy decoding keeps its bookkeeping on the host: apart from one `tolist` of the step's tokens, no
+    tensor is read as a Python bool or number (one read per example and step made GPU decoding slow)."""
+    from kava.model.capture import no_host_sync
+
+    m, tok = tiny_reasoner("llama")
+    reads = []
+    for name in ("__bool__", "item"):
+        real = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, _r=real, _n=name: reads.append(_n) or _r(self))
+    with no_host_sync():  # as on a GPU: HF's mask check off
+        gens = generate(m, question_items(tok), tokenizer=tok, **kw(mode, "jacobi"))
+    assert len(gens) == len(ALL) and max(g.generated_tokens for g in gens) > 1
+    assert reads == []

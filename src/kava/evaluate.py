@@ -12,6 +12,8 @@ the eos. Counts are per example: an example stops counting once it has emitted e
 
 from __future__ import annotations
 
+import contextlib
+
 import json
 import platform
 import time
@@ -21,6 +23,7 @@ from pathlib import Path
 import torch
 
 from kava.data.format import Formatter, Tokenized, _pad, _positions, build_student_batch
+from kava.model.capture import no_host_sync
 from kava.model.families import check_window
 from kava.data.records import Record, SkipLog
 from kava.methods import student_mode
@@ -45,23 +48,23 @@ def _greedy(model: LatentReasoner, cache, logits: torch.Tensor, mask: torch.Tens
     Returns (tokens per example, eos included if emitted; steps [B] = forward calls that emitted a token).
     """
     B = logits.shape[0]
-    done = torch.zeros(B, dtype=torch.bool, device=logits.device)
-    steps = torch.zeros(B, dtype=torch.long, device=logits.device)
+    # the bookkeeping lives on the host: one device read per step (the tokens), not one per example
+    done, steps = [False] * B, [0] * B
     out: list[list[int]] = [[] for _ in range(B)]
     ones = torch.ones(B, 1, dtype=mask.dtype, device=mask.device)
     for step in range(max_new):
         tok = logits.argmax(-1)
-        steps += (~done).long()
         for b, t in enumerate(tok.tolist()):
             if not done[b]:
                 out[b].append(t)
-        done |= tok == eos
-        if bool(done.all()) or step == max_new - 1:
+                steps[b] += 1
+                done[b] = t == eos
+        if all(done) or step == max_new - 1:
             break
         mask = torch.cat([mask, ones], 1)
         h = model._run(model.embed(tok[:, None]), mask, (next_pos + step)[:, None], cache).last_hidden_state
         logits = model.logits(h[:, -1])
-    return out, steps
+    return out, torch.tensor(steps)
 
 
 def answer_from_cache(model: LatentReasoner, sb, cache, mask: torch.Tensor,
@@ -84,7 +87,9 @@ def generate(model: LatentReasoner, items: list[Tokenized], *, mode: str, num_la
              num_sweeps: int = 3, student_mode: str = "jacobi", max_new_tokens: int = 16,
              max_cot_tokens: int = 128, tokenizer=None) -> list[Generation]:
     """Greedy generations for a batch of question-only items (see module docstring for the modes)."""
-    with model.autocast():
+    # on a GPU, HF's "is the mask all ones?" would be one more device read per decode step
+    quiet = no_host_sync() if model.special_rows.is_cuda else contextlib.nullcontext()
+    with model.autocast(), quiet:
         return _generate(model, items, mode=mode, num_latents=num_latents, num_sweeps=num_sweeps,
                          student_mode=student_mode, max_new_tokens=max_new_tokens, max_cot_tokens=max_cot_tokens,
                          tokenizer=tokenizer)
