@@ -31,6 +31,7 @@ import kava.train as kt  # noqa: E402
 from kava.config import load_config  # noqa: E402
 from kava.graphs import EagerReplay, GraphedStep  # noqa: E402
 from kava.methods import loss_step, make_batch  # noqa: E402
+from kava.model.capture import no_host_sync  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 BACKEND = None  # CPU smoke test of this script: the graphs' stand-in (replay = re-run on the static buffers)
@@ -172,8 +173,8 @@ def bench_llama(out: dict, micro_batches=(32, 64), styles=("eq", "nl"), reps: in
 
                         def step():
                             for b in batches:
-                                if gs is None:
-                                    with torch.autocast(DEV, dtype=torch.bfloat16):
+                                if gs is None:  # today's eager step: no host reads either (as in training)
+                                    with torch.autocast(DEV, dtype=torch.bfloat16), no_host_sync():
                                         total, _ = loss_step(model, b, cfg)
                                     (total / accum).backward()
                                 else:

@@ -390,6 +390,7 @@ def main():
     ap.add_argument("--out", default="benchmarks/results/step_bench.json")
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--peft-casts", action="store_true")
+    ap.add_argument("--eval-batch-sizes", default="128", help="evaluation batch sizes, e.g. 64,128,256")
     a = ap.parse_args()
     global COMPILE, NAIVE_CASTS
     COMPILE, NAIVE_CASTS = a.compile, a.peft_casts
@@ -413,8 +414,9 @@ def main():
                 Path(a.out).parent.mkdir(parents=True, exist_ok=True)
                 json.dump(result, open(a.out, "w"), indent=2)
         if a.eval or a.eval_only:
-            result["eval"][shape] = bench_eval(shape, lengths)
-            json.dump(result, open(a.out, "w"), indent=2)
+            for bs in (int(x) for x in a.eval_batch_sizes.split(",")):
+                result["eval"][f"{shape}/batch{bs}"] = bench_eval(shape, lengths, batch_size=bs)
+                json.dump(result, open(a.out, "w"), indent=2)
     print(json.dumps(result, indent=1))
 
 
