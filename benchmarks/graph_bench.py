@@ -160,10 +160,10 @@ def bench_llama(out: dict, micro_batches=(32, 64), styles=("eq", "nl"), reps: in
                     opt = torch.optim.AdamW(params, lr=1e-5, fused=DEV == "cuda")
                     accum = 128 // mb
                     for graphs in (False, True):
-                        pad = 16 if graphs else None
+                        pad = 1.25 if graphs else None
                         batches = []
                         for i in range(0, 128, mb):
-                            b = make_batch(items[i:i + mb], model.ids, cfg, pad_to=pad)
+                            b = make_batch(items[i:i + mb], model.ids, cfg, buckets=pad)
                             b.teacher = b.teacher.to(DEV)
                             b.student = b.student.to(DEV) if b.student is not None else None
                             b.ce_den = None
@@ -230,8 +230,8 @@ def llama_equality(out: dict, style: str = "eq", mb: int = 16):
         items = sb.sample_items(mb, style, lengths, model.config.vocab_size, model.ids.eos, seed=2)
         params = [p for p in model.parameters() if p.requires_grad]
         res = {}
-        for name, pad, graphs in (("eager", None, False), ("eager_padded", 16, False), ("graphs", 16, True)):
-            b = make_batch(items, model.ids, cfg, pad_to=pad)
+        for name, pad, graphs in (("eager", None, False), ("eager_padded", 1.25, False), ("graphs", 1.25, True)):
+            b = make_batch(items, model.ids, cfg, buckets=pad)
             b.teacher, b.student = b.teacher.to(DEV), b.student.to(DEV)
             model.zero_grad(set_to_none=not graphs)
             fn = functools.partial(kt.graph_micro_step, model, cfg, 1, DEV)

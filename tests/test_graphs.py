@@ -21,6 +21,7 @@ import kava.train as kt
 from kava.config import ConfigError, load_config
 from kava.data.format import Formatter
 from kava.data.records import SkipLog
+from kava.data.format import bucket_width, static_widths
 from kava.graphs import EagerReplay, GraphedStep, batch_key
 from kava.methods import loss_step, make_batch
 from kava.model.capture import no_host_sync
@@ -64,15 +65,19 @@ def close(a: dict, b: dict, rel: float = 1e-5):
 
 
 @pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("pad_to", [7, 16])
-def test_padded_batches_give_the_same_losses_and_gradients(method, pad_to):
+@pytest.mark.parametrize("growth", [1.25, 2.0])
+def test_padded_batches_give_the_same_losses_and_gradients(method, growth):
+    """The static block layout (question | CoT | answer, widths from the series, capacities from the widths)
+    gives the losses and gradients of the compact batch."""
     cfg, model, items = setup(method)
     plain = make_batch(items, model.ids, cfg)
-    padded = make_batch(items, model.ids, cfg, pad_to=pad_to)
-    assert padded.teacher.ids.shape[1] % pad_to == 0 and padded.teacher.ids.shape[1] > plain.teacher.ids.shape[1]
-    assert padded.teacher.label_idx.numel() % (pad_to * len(items)) == 0
+    padded = make_batch(items, model.ids, cfg, buckets=growth)
+    w = static_widths(items, growth, with_cot=method != "nocot")
+    assert padded.teacher.ids.shape[1] == w.q + w.c + w.a > plain.teacher.ids.shape[1]
+    assert padded.teacher.label_idx.numel() == len(items) * ((w.c if method != "nocot" else 0) + w.a)
     if padded.student is not None:
-        assert padded.student.q_block % pad_to == 0 and padded.student.q_block > plain.student.q_block
+        assert (padded.student.q_block, padded.student.ids.shape[1]) == (w.q, w.q + 3 + w.a)
+        assert padded.student.label_idx.numel() == len(items) * w.a
     assert padded.num_tokens == plain.num_tokens  # pads are not tokens
     den = {"ce_teacher": 37.0, "ce_student": 5.0}  # step-wide denominators: padding must not change the sums
     for d in (None, den):
@@ -111,7 +116,7 @@ def meta_autocast(monkeypatch):
 def test_micro_step_has_no_host_sync(method, family, meta_autocast):
     extra = ["loss.codi_layers=[0,-1]"] if method == "codi" else []  # the layer subset is indexed too
     cfg, model, items = setup(method, *extra, family=family)
-    batch = make_batch(items, model.ids, cfg, pad_to=8)
+    batch = make_batch(items, model.ids, cfg, buckets=1.25)
     batch.ce_den = {"ce_teacher": 37.0, "ce_student": 5.0}
     model, batch = on_meta(model, batch)
     with no_host_sync():
@@ -124,16 +129,16 @@ def test_the_meta_probe_catches_a_host_sync(meta_autocast):
     """Control: HF's all-ones mask check (a host read) is what `no_host_sync` turns off; without it the
     probe raises, so the test above can fail."""
     cfg, model, items = setup("nocot")
-    model, batch = on_meta(model, make_batch(items, model.ids, cfg, pad_to=8))
+    model, batch = on_meta(model, make_batch(items, model.ids, cfg, buckets=1.25))
     with pytest.raises(RuntimeError, match="meta"):
         loss_step(model, batch, cfg)
 
 
-def fresh_batches(model, cfg, items, pad_to):
+def fresh_batches(model, cfg, items, buckets):
     """Three batches of one shape (the records permuted) and one of another shape."""
     orders = [[0, 1, 2, 3], [3, 2, 1, 0], [1, 3, 0, 2]]
-    same = [make_batch([items[i] for i in o], model.ids, cfg, pad_to=pad_to) for o in orders]
-    other = make_batch(items[:2], model.ids, cfg, pad_to=pad_to)
+    same = [make_batch([items[i] for i in o], model.ids, cfg, buckets=buckets) for o in orders]
+    other = make_batch(items[:2], model.ids, cfg, buckets=buckets)
     return same, other
 
 
@@ -152,7 +157,7 @@ def test_graphed_step_equals_eager_steps(method, extra):
             for n, p in model.named_parameters():
                 if "lora_B" in n:
                     p.normal_(0, 0.05)
-    same, other = fresh_batches(model, cfg, items, pad_to=16)
+    same, other = fresh_batches(model, cfg, items, buckets=1.25)
     assert batch_key(same[0]) == batch_key(same[2]) != batch_key(other)
     den = {k: torch.tensor(v) for k, v in {"ce_teacher": 50.0, "ce_student": 6.0}.items()}
 
@@ -188,7 +193,7 @@ def test_graphed_step_equals_eager_steps(method, extra):
     fn(same[0])
     close(one, grads_of(model))  # after the first call: exactly one micro-step's gradient
 
-    third = make_batch(items[:3], model.ids, cfg, pad_to=16)
+    third = make_batch(items[:3], model.ids, cfg, buckets=1.25)
     third.ce_den = den
     assert batch_key(third) not in step.graphs
     assert step(third) is None and step.stats()["graphs/eager"] == 1  # max_graphs reached: run it eagerly
@@ -196,7 +201,7 @@ def test_graphed_step_equals_eager_steps(method, extra):
 
 def test_replaced_gradients_are_refused():
     cfg, model, items = setup("kava")
-    b = make_batch(items, model.ids, cfg, pad_to=16)
+    b = make_batch(items, model.ids, cfg, buckets=1.25)
 
     def fn(batch):
         total, log = loss_step(model, batch, cfg)
@@ -259,8 +264,8 @@ def test_cuda_graphs_on_is_refused_where_impossible():
         load_config("tiny_synth", ["method=kava", "optim.cuda_graphs=true", "eviction.method=random"])
     with pytest.raises(ConfigError, match="optim.cuda_graphs.*optim.compile"):
         load_config("tiny_synth", ["optim.cuda_graphs=true", "optim.compile=true"])
-    with pytest.raises(ConfigError, match="optim.graph_pad"):
-        load_config("tiny_synth", ["optim.graph_pad=0"])
+    with pytest.raises(ConfigError, match="optim.graph_buckets"):
+        load_config("tiny_synth", ["optim.graph_buckets=1.0"])
     cfg = load_config("tiny_synth", ["optim.cuda_graphs=true"])
 
     class CpuAcc:
@@ -300,7 +305,7 @@ class FailingCapture(EagerReplay):
 
 def test_a_failed_capture_falls_back_to_eager_with_everything_restored():
     cfg, model, items = setup("kava", *LORA_DROPOUT)
-    b = make_batch(items, model.ids, cfg, pad_to=16)
+    b = make_batch(items, model.ids, cfg, buckets=1.25)
 
     def fn(batch):
         total, log = loss_step(model, batch, cfg)
@@ -335,7 +340,7 @@ def test_a_shape_that_reaches_a_new_parameter_is_not_graphed():
     parameter the first one did not is refused (under auto: graphs off, eager from then on), and that
     parameter's gradient is not left pointing into the graph's memory."""
     cfg, model, items = setup("cot")
-    big, small = (make_batch(items[:k], model.ids, cfg, pad_to=16) for k in (4, 2))
+    big, small = (make_batch(items[:k], model.ids, cfg, buckets=1.25) for k in (4, 2))
 
     def fn(b):
         total, log = loss_step(model, b, cfg)
@@ -362,3 +367,31 @@ def test_the_lm_head_runs_under_the_step_autocast():
     total.backward()  # the backward recomputes the head too
     hook.remove()
     assert len(seen) >= 4 and set(seen) == {torch.bfloat16}
+
+
+def test_bucket_widths_form_a_geometric_series():
+    widths = sorted({bucket_width(n, 1.25) for n in range(1, 400)})
+    assert widths[:8] == [8, 16, 24, 32, 40, 56, 72, 96] and all(w % 8 == 0 for w in widths)
+    assert all(b / a <= 1.5 for a, b in zip(widths[2:], widths[3:]))  # padding costs at most ~1.25-1.5x
+    for n in (1, 8, 9, 57, 399):
+        w = bucket_width(n, 1.25)
+        assert w >= n and (w == 8 or max(x for x in widths if x < w) < n)  # the smallest width that fits
+
+
+def test_few_static_shapes_cover_gsm8k_length_batches():
+    """With GSM8k's question and CoT lengths (benchmarks/gsm8k_lengths.json), the static shapes of random
+    micro-batches fall into a handful of keys: the default max_graphs covers them."""
+    import random
+    from pathlib import Path
+
+    from kava.data.format import SpecialIds, Tokenized
+
+    lengths = json.loads((Path(__file__).parents[1] / "benchmarks" / "gsm8k_lengths.json").read_text())
+    ids = SpecialIds(bot=1000, eot=1001, latent=1002, pad=0, eos=999, bos=None)
+    cfg = load_config("tiny_synth", ["method=kava"])
+    rng = random.Random(0)
+    for style in ("eq", "nl"):
+        items = [Tokenized([5] * q, [6] * c, [7] * 5, [8, 9, 999], i) for i, (q, c) in
+                 enumerate(zip(lengths["question"], lengths["cot_" + style]))]
+        keys = {batch_key(make_batch(rng.sample(items, 32), ids, cfg, buckets=1.25)) for _ in range(150)}
+        assert len(keys) <= cfg.optim.max_graphs, (style, len(keys))

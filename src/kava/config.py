@@ -137,8 +137,8 @@ class OptimConfig:
     # DDP, compile, gradient checkpointing, random eviction, MoE and sliding-window models), true (refused where
     # excluded), false
     cuda_graphs: bool | Literal["auto"] = "auto"
-    graph_pad: int = 16  # with CUDA graphs, batch widths are padded to multiples of this (fewer shapes)
-    max_graphs: int = 16  # captured shapes at most; a batch of a further shape runs eagerly
+    graph_buckets: float = 1.25  # with CUDA graphs, block widths are padded up a geometric series of this growth
+    max_graphs: int = 32  # captured shapes at most; a batch of a further shape runs eagerly
 
 
 @dataclass
@@ -393,7 +393,8 @@ def validate(cfg: Config) -> None:
     need(o.grad_clip >= 0, "optim.grad_clip: must be >= 0 (0 disables)")
     need(o.epochs > 0, "optim.epochs: must be > 0")
     need(o.max_steps is None or o.max_steps >= 1, "optim.max_steps: must be >= 1 or null")
-    need(o.graph_pad >= 1, f"optim.graph_pad: must be >= 1, got {o.graph_pad}")
+    need(o.graph_buckets > 1.0, f"optim.graph_buckets: must be > 1 (the growth of the width series), got "
+                                f"{o.graph_buckets}")
     need(o.max_graphs >= 1, f"optim.max_graphs: must be >= 1, got {o.max_graphs}")
     if o.cuda_graphs is True:
         why = graph_exclusion(cfg)

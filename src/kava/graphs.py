@@ -5,8 +5,10 @@ of small kernels, so on a GPU the step is bound by kernel launches, not by arith
 one micro-batch's forward + backward once and replays it with a single launch.
 
 What makes the micro-step capturable (checked on CPU by running it on the meta device, see tests):
-- static shapes: batches are padded to a few shapes (`optim.graph_pad`, `kava.data.format` `pad_to`); pads are
-  masked, so the losses and gradients equal the unpadded batch's;
+- static shapes: batches are laid out in blocks [question | CoT | answer] whose widths come from a geometric
+  series (`optim.graph_buckets`, `kava.data.format.static_widths`), and the label and query-row capacities
+  follow from the widths, so three numbers fix a batch's shape (about 10-20 shapes over GSM8k at any
+  micro-batch); pads are masked, so the losses and gradients equal the unpadded batch's;
 - no host sync: the labelled positions come from the host-built batch (`label_idx`), the CE denominators are
   device tensors, and HF's "is the mask all ones?" check is off (`capture.no_host_sync`);
 - the gradients are accumulated in place into `.grad` tensors that exist before the capture (made by the

@@ -18,7 +18,7 @@ import torch
 
 from kava import eviction, losses
 from kava.config import Config
-from kava.data.format import Tokenized, build_student_batch, build_teacher_batch
+from kava.data.format import Tokenized, build_student_batch, build_teacher_batch, static_widths
 from kava.model.reasoner import LatentReasoner
 
 
@@ -71,14 +71,16 @@ def ce_denominators(step_items: list[Tokenized], cfg: Config, num_micro: int) ->
     return {k: max(v, 1) / num_micro for k, v in label_counts(step_items, cfg).items()}
 
 
-def make_batch(items: list[Tokenized], model_ids, cfg: Config, pad_to: int | None = None) -> Batch:
-    """pad_to: widths rounded up to a multiple of it (static shapes for CUDA graphs; same losses)."""
+def make_batch(items: list[Tokenized], model_ids, cfg: Config, buckets: float | None = None) -> Batch:
+    """buckets: static shapes for CUDA graphs: block widths from the geometric series of this growth
+    (`kava.data.format.static_widths`), shared by teacher and student; same losses as without."""
     spec = METHOD_SPECS[cfg.method]
+    widths = None if buckets is None else static_widths(items, buckets, with_cot=spec.teacher_cot)
     tb = build_teacher_batch(items, model_ids, with_cot=spec.teacher_cot, query_mode=cfg.eviction.importance_queries,
                              tail_window=cfg.eviction.cot_tail_window, codi_position=cfg.loss.codi_position,
-                             pad_to=pad_to)
+                             widths=widths)
     sb = build_student_batch(items, model_ids, cfg.latent.num_latents, codi_position=cfg.loss.codi_position,
-                             pad_to=pad_to) if spec.student else None
+                             widths=widths) if spec.student else None
     n = int(tb.mask.sum()) + (int(sb.mask.sum()) if sb is not None else 0)
     return Batch(tb, sb, n)
 

@@ -559,8 +559,8 @@ def setup_graphs(cfg: Config, acc: Accelerator, raw, backend=None) -> GraphedSte
             print(f"[kava] CUDA graphs: off ({why})")
         return None
     if acc.is_main_process:
-        print(f"[kava] CUDA graphs: on (optim.cuda_graphs={cfg.optim.cuda_graphs}; batches padded to multiples of "
-              f"{cfg.optim.graph_pad}; 'graphs/*' in metrics.jsonl)")
+        print(f"[kava] CUDA graphs: on (optim.cuda_graphs={cfg.optim.cuda_graphs}; block widths bucketed with growth "
+              f"{cfg.optim.graph_buckets}; 'graphs/*' in metrics.jsonl)")
     fn = functools.partial(graph_micro_step, raw, cfg, check_world_size(cfg, acc.num_processes),
                            "cuda" if use_bf16(cfg) else None)
     return GraphedStep(fn, list(raw.parameters()), max_graphs=cfg.optim.max_graphs, backend=backend,
@@ -643,7 +643,7 @@ def train_step(t: Trainer, items: list[Tokenized], batch: tuple[int, ...], *, ac
     tokens = 0
     for i, idx in enumerate(micro):
         b = make_batch([items[j] for j in idx], raw.ids, cfg,
-                       pad_to=cfg.optim.graph_pad if t.graphs is not None else None)
+                       buckets=cfg.optim.graph_buckets if t.graphs is not None else None)
         b.ce_den = ce_den
         b.teacher = b.teacher.to(acc.device)
         if b.student is not None:

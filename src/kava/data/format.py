@@ -147,20 +147,47 @@ def _pad(rows: list[list[int]], width: int, value: int) -> torch.Tensor:
     return torch.tensor([r + [value] * (width - len(r)) for r in rows], dtype=torch.long)
 
 
-def _bucket(n: int, multiple: int | None) -> int:
-    """`n` rounded up to a multiple of `multiple` (None: `n` itself)."""
-    return n if not multiple else -(-n // multiple) * multiple
+@dataclass(frozen=True)
+class StaticWidths:
+    """Block widths of a static-shape batch (CUDA graphs, `kava.graphs`), shared by teacher and student:
+    q: the question block (question · <bot> for the student; the teacher's question alone fits it);
+    c: the teacher's CoT block (0 without CoT); a: the answer block (<eot> · prompt · answer for the student;
+    the teacher's prompt · answer fits it). Label and query-row capacities follow from them, so a batch's
+    shape is fixed by these three numbers."""
+
+    q: int
+    c: int
+    a: int
 
 
-def _labels(targets: torch.Tensor, multiple: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Flat positions of targets [B, S] that are not IGNORE, and those targets: ([N], [N]); with `multiple`,
-    N is padded up to a multiple of it by position 0 with target IGNORE (a CE term skips them)."""
+def bucket_width(n: int, growth: float, start: int = 8) -> int:
+    """The smallest width >= n of the series start, roundup8(start·growth), ... (geometric, multiples of 8):
+    maxima over a micro-batch fall into a handful of such widths, so few graphs cover a whole epoch."""
+    w = start
+    while w < n:
+        w = max(w + 8, -(-int(w * growth) // 8) * 8)
+    return w
+
+
+def static_widths(items: list[Tokenized], growth: float, *, with_cot: bool = True) -> StaticWidths:
+    """The bucketed block widths of `items` (see `StaticWidths`, `bucket_width`)."""
+    return StaticWidths(
+        q=bucket_width(max(len(it.question) for it in items) + 1, growth),
+        c=bucket_width(max(len(it.cot) for it in items), growth) if with_cot else 0,
+        a=bucket_width(max(1 + len(it.prompt) + len(it.answer) for it in items), growth))
+
+
+def _labels(targets: torch.Tensor, capacity: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat positions of targets [B, S] that are not IGNORE, and those targets: ([N], [N]); with `capacity`,
+    N is padded up to it by position 0 with target IGNORE (a CE term skips them)."""
     flat = targets.reshape(-1)
     idx = (flat != IGNORE).nonzero().squeeze(1)  # host tensors: the batch is built on the CPU
-    n = _bucket(max(1, idx.numel()), multiple)
+    n = max(1, idx.numel()) if capacity is None else capacity
+    if idx.numel() > n:
+        raise ValueError(f"{idx.numel()} labelled positions exceed the static capacity {n}")
     pad = n - idx.numel()
+    tgt = torch.cat([flat[idx], torch.full((pad,), IGNORE, dtype=torch.long)])
     idx = torch.cat([idx, torch.zeros(pad, dtype=torch.long)])
-    tgt = torch.cat([flat[idx[: n - pad]], torch.full((pad,), IGNORE, dtype=torch.long)])
     return idx, tgt
 
 
@@ -245,46 +272,65 @@ def codi_columns(items: list[Tokenized], prompt_last: list[int], codi_position: 
 
 def build_teacher_batch(items: list[Tokenized], ids: SpecialIds, *, with_cot: bool = True,
                         query_mode: str = "answer", tail_window: int = 8,
-                        codi_position: str = "answer", pad_to: int | None = None) -> TeacherBatch:
-    """Right-padded teacher batch (`with_cot=False` gives the No-CoT sequence).
+                        codi_position: str = "answer", widths: StaticWidths | None = None) -> TeacherBatch:
+    """Teacher batch (`with_cot=False` gives the No-CoT sequence).
 
-    pad_to: round every width (S, C, A) up to a multiple of it, and the label count up to a multiple of
-    pad_to·B, so that batches fall into few static shapes (CUDA graphs); the extra columns are masked pads.
+    Default layout: each sequence right-padded to the longest. With `widths` (CUDA graphs): blocks of fixed
+    widths, [question | CoT | prompt · answer], each right-padded, and the label / query-row capacities
+    fixed by the widths, so that the batch's shape depends on `widths` only. Pads inside a sequence are
+    masked and skipped by the positions: both layouts give the same losses.
     """
-    seqs, lab, cot_cols, p_last, q_cols, a_start = [], [], [], [], [], []
-    for it in items:
+    seqs, lab, cot_k, p_last, q_k, a_start, col_of = [], [], [], [], [], [], []
+    for it in items:  # k: index in the sequence of real tokens; col_of[k]: its column
         cot = it.cot if with_cot else []
         seq = it.question + cot + it.prompt + it.answer
-        n_q, n_c, n_p = len(it.question), len(cot), len(it.prompt)
-        labelled = [False] * n_q + [True] * (n_c + n_p + len(it.answer)) if with_cot else \
-            [False] * (n_q + n_p) + [True] * len(it.answer)
+        n_q, n_c, n_p, n_a = len(it.question), len(cot), len(it.prompt), len(it.answer)
+        labelled = [False] * n_q + [True] * (n_c + n_p + n_a) if with_cot else \
+            [False] * (n_q + n_p) + [True] * n_a
+        cols = list(range(len(seq))) if widths is None else \
+            list(range(n_q)) + [widths.q + j for j in range(n_c)] + [widths.q + widths.c + j for j in range(n_p + n_a)]
         seqs.append(seq)
         lab.append(labelled)
-        cot_cols.append(list(range(n_q, n_q + n_c)))
-        p_last.append(n_q + n_c + n_p - 1)
-        a_start.append(n_q + n_c + n_p)
+        col_of.append(cols)
+        cot_k.append(list(range(n_q, n_q + n_c)))
+        p_last.append(cols[n_q + n_c + n_p - 1])
+        a_start.append(cols[n_q + n_c + n_p])
         if query_mode == "answer":  # answer prompt + answer tokens (not eos)
-            q_cols.append(list(range(n_q + n_c, n_q + n_c + n_p + len(it.answer) - 1)))
+            q_k.append(list(range(n_q + n_c, n_q + n_c + n_p + n_a - 1)))
         elif query_mode == "cot_tail":  # the last α CoT positions, as R-KV does at decode time
-            q_cols.append(list(range(max(n_q, n_q + n_c - tail_window), n_q + n_c)))
+            q_k.append(list(range(max(n_q, n_q + n_c - tail_window), n_q + n_c)))
         else:
             raise ValueError(f"eviction.importance_queries: {query_mode!r}; allowed values: answer, cot_tail")
     B = len(items)
-    S = _bucket(max(len(s) for s in seqs), pad_to)
-    C = _bucket(max(1, max(len(c) for c in cot_cols)), pad_to)
-    A = _bucket(max(1, max(len(q) for q in q_cols)), pad_to)
-    t_ids = _pad(seqs, S, ids.pad)
-    mask = _pad([[1] * len(s) for s in seqs], S, 0)
+    if widths is None:
+        S = max(len(s) for s in seqs)
+        C = max(1, max(len(c) for c in cot_k))
+        A = max(1, max(len(q) for q in q_k))
+        capacity = None
+    else:
+        S, C = widths.q + widths.c + widths.a, max(1, widths.c)
+        A = widths.a if query_mode == "answer" else tail_window
+        capacity = B * ((widths.c if with_cot else 0) + widths.a)
+        for it, s in zip(items, seqs):
+            if len(it.question) >= widths.q or len(s) - len(it.question) - (len(it.cot) if with_cot else 0) >= widths.a \
+                    or (with_cot and len(it.cot) > widths.c):
+                raise ValueError(f"record {it.index} does not fit the static widths {widths}")
+    t_ids = torch.full((B, S), ids.pad, dtype=torch.long)
+    mask = torch.zeros((B, S), dtype=torch.long)
     targets = torch.full((B, S), IGNORE, dtype=torch.long)
-    for b, (s, l) in enumerate(zip(seqs, lab)):
-        for i in range(len(s) - 1):
-            if l[i + 1]:
-                targets[b, i] = s[i + 1]
+    for b, (s, l, cols) in enumerate(zip(seqs, lab, col_of)):
+        t_ids[b, cols] = torch.tensor(s)
+        mask[b, cols] = 1
+        for k in range(len(s) - 1):  # the column of each real token predicts the next real token
+            if l[k + 1]:
+                targets[b, cols[k]] = s[k + 1]
+    cot_cols = [[cols[k] for k in ks] for cols, ks in zip(col_of, cot_k)]
+    q_cols = [[cols[k] for k in ks] for cols, ks in zip(col_of, q_k)]
     cot_valid = _pad([[1] * len(c) for c in cot_cols], C, 0).bool()
     cot_idx = _pad(cot_cols, C, 0)
     query_valid = _pad([[1] * len(q) for q in q_cols], A, 0).bool()
     query_idx = _pad(q_cols, A, 0)
-    label_idx, label_tgt = _labels(targets, pad_to and pad_to * B)
+    label_idx, label_tgt = _labels(targets, capacity)
     return TeacherBatch(t_ids, mask, _positions(mask), targets, cot_idx, cot_valid, torch.tensor(p_last),
                         codi_columns(items, p_last, codi_position), query_idx, query_valid, torch.tensor(a_start),
                         label_idx, label_tgt)
@@ -292,16 +338,19 @@ def build_teacher_batch(items: list[Tokenized], ids: SpecialIds, *, with_cot: bo
 
 def build_student_batch(items: list[Tokenized], ids: SpecialIds, num_latents: int, *,
                         with_answer: bool = True, codi_position: str = "answer",
-                        pad_to: int | None = None) -> StudentBatch:
+                        widths: StaticWidths | None = None) -> StudentBatch:
     """Student batch with M latent placeholder slots in common columns (see `StudentBatch`).
 
     `with_answer=False` builds only `question · <bot> · slots · <eot> · prompt` for inference.
-    pad_to: round the block widths Qb and Ab (and the label count) up, as in `build_teacher_batch`.
+    widths: static block widths Qb = widths.q, Ab = widths.a and label capacity B·Ab (see
+    `build_teacher_batch`); default: the longest question block and answer block.
     """
     q_rows = [it.question + [ids.bot] for it in items]
     a_rows = [[ids.eot] + it.prompt + (it.answer if with_answer else []) for it in items]
-    Qb = _bucket(max(len(q) for q in q_rows), pad_to)
-    Ab = _bucket(max(len(a) for a in a_rows), pad_to)
+    Qb = max(len(q) for q in q_rows) if widths is None else widths.q
+    Ab = max(len(a) for a in a_rows) if widths is None else widths.a
+    if max(len(q) for q in q_rows) > Qb or max(len(a) for a in a_rows) > Ab:
+        raise ValueError(f"a record does not fit the static widths {widths}")
     B, M = len(items), num_latents
     q_ids = _pad(q_rows, Qb, ids.pad)
     q_mask = _pad([[1] * len(q) for q in q_rows], Qb, 0)
@@ -317,6 +366,6 @@ def build_student_batch(items: list[Tokenized], ids: SpecialIds, num_latents: in
         if with_answer:
             for j, tok in enumerate(it.answer):
                 targets[b, start - 1 + j] = tok
-    label_idx, label_tgt = _labels(targets[:, Qb + M:], pad_to and pad_to * B)
+    label_idx, label_tgt = _labels(targets[:, Qb + M:], None if widths is None else B * Ab)
     return StudentBatch(s_ids, mask, _positions(mask), targets, torch.tensor(p_last),
                         codi_columns(items, p_last, codi_position), Qb, M, label_idx, label_tgt)
