@@ -11,7 +11,9 @@ Sequences (SPEC §1):
 Each segment is tokenised on its own and concatenated, so the answer prompt and the answer are the same
 token ids in every mode. Padding is on the right of each *block*: the student's question block
 (`question · <bot>`) is padded to a common width Qb, so the M latent slots sit in the same columns
-[Qb, Qb+M) for every example, and the answer block follows. Pads inside a sequence are masked out and
+[Qb, Qb+M) for every example, and the answer block follows. The teacher is right-padded as a whole, or,
+for CUDA graphs (`StaticWidths`), laid out in blocks [question | CoT | prompt · answer] of widths from a
+geometric series, so that few shapes occur. Pads inside a sequence are masked out and
 position ids count real tokens only (`position = cumsum(mask) - 1`), so padding never changes a result.
 No sequence starts with padding, so no attention row is ever fully masked.
 """
