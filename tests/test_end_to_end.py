@@ -203,11 +203,15 @@ from kava.config import load_config
 from kava.train import train
 sets = json.loads(sys.argv[2])
 cfg = load_config("tiny_synth", sets)
-if sys.argv[1] == "full":
-    train(cfg, progress=False)
-else:  # stop after 2 of 4 steps (a checkpoint at step 2), then resume in a fresh train() call
-    run_dir = train(cfg, progress=False, stop_after=2)
-    train(cfg, resume=run_dir, progress=False)
+from kava.cli import leave_process_group
+try:
+    if sys.argv[1] == "full":
+        train(cfg, progress=False)
+    else:  # stop after 2 of 4 steps (a checkpoint at step 2), then resume in a fresh train() call
+        run_dir = train(cfg, progress=False, stop_after=2)
+        train(cfg, resume=run_dir, progress=False)
+finally:  # as the CLI does: a gloo group alive at exit can abort a rank (SIGABRT) after its work is done
+    leave_process_group()
 """
 
 
@@ -251,11 +255,14 @@ def codi(*a, **k):  # NaN in the CODI term of process 1's second micro-batch (op
     out = real(*a, **k)
     return out * float("nan") if os.environ["RANK"] == "1" and len(calls) == 2 else out
 kava.losses.codi_loss = codi
+from kava.cli import leave_process_group
 try:
     train(load_config("tiny_synth", json.loads(sys.argv[1])), progress=False)
 except NonFiniteLoss as e:
     print(f"rank {os.environ['RANK']}: {e}", flush=True)
     sys.exit(3)
+finally:  # as the CLI does (a gloo group alive at exit can abort a rank)
+    leave_process_group()
 """
 
 
