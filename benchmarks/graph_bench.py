@@ -28,9 +28,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 import kava.train as kt  # noqa: E402
+import step_bench as sb  # noqa: E402
+from step_bench import sync  # noqa: E402
 from kava.config import load_config  # noqa: E402
 from kava.graphs import EagerReplay, GraphedStep  # noqa: E402
-from kava.methods import loss_step, make_batch  # noqa: E402
+from kava.methods import loss_step  # noqa: E402
 from kava.model.capture import no_host_sync  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -55,11 +57,6 @@ SYNTH = {
                  "model.from_scratch.num_attention_heads=8", "model.from_scratch.num_key_value_heads=2",
                  "model.from_scratch.max_position_embeddings=1024", "model.from_scratch.tie_word_embeddings=true"],
 }
-
-
-def sync():
-    if DEV == "cuda":
-        torch.cuda.synchronize()
 
 
 class NoLog:
@@ -144,8 +141,6 @@ def bench_synth(steps: int, warm: int, out: dict, shapes, methods):
 
 
 def bench_llama(out: dict, micro_batches=(32, 64), styles=("eq", "nl"), reps: int = 3, methods=("kava", "pccot")):
-    import step_bench as sb
-
     lengths = json.loads((Path(__file__).parent / "gsm8k_lengths.json").read_text())
     for style in styles:
         for mb in micro_batches:
@@ -161,13 +156,7 @@ def bench_llama(out: dict, micro_batches=(32, 64), styles=("eq", "nl"), reps: in
                     accum = 128 // mb
                     for graphs in (False, True):
                         pad = 1.25 if graphs else None
-                        batches = []
-                        for i in range(0, 128, mb):
-                            b = make_batch(items[i:i + mb], model.ids, cfg, buckets=pad)
-                            b.teacher = b.teacher.to(DEV)
-                            b.student = b.student.to(DEV) if b.student is not None else None
-                            b.ce_den = None
-                            batches.append(b)
+                        batches = [sb.device_batch(items[i:i + mb], model, cfg, pad) for i in range(0, 128, mb)]
                         gs = GraphedStep(functools.partial(kt.graph_micro_step, model, cfg, accum, DEV), params,
                                          max_graphs=32, backend=BACKEND) if graphs else None
 
@@ -183,14 +172,7 @@ def bench_llama(out: dict, micro_batches=(32, 64), styles=("eq", "nl"), reps: in
                             opt.zero_grad(set_to_none=gs is None)
 
                         torch.cuda.reset_peak_memory_stats()
-                        step()  # warm-up (captures every shape)
-                        sync()
-                        times = []
-                        for _ in range(reps):
-                            t0 = time.perf_counter()
-                            step()
-                            sync()
-                            times.append(time.perf_counter() - t0)
+                        times = sb.time_steps(step, reps, warmup=1)  # the warm-up step captures every shape
                         med = statistics.median(times)
                         key = "graphs" if graphs else "eager"
                         row[key] = {"s_per_opt_step": med, "samples_per_s": 128 / med, "peak_gib":
@@ -216,8 +198,6 @@ def bench_llama(out: dict, micro_batches=(32, 64), styles=("eq", "nl"), reps: in
 
 def llama_equality(out: dict, style: str = "eq", mb: int = 16):
     """Losses and gradients, eager vs one graph replay, dropout off (bf16)."""
-    import step_bench as sb
-
     lengths = json.loads((Path(__file__).parent / "gsm8k_lengths.json").read_text())
     try:
         model = sb.build(SHAPE, sb.LORA_BAR, lora_dropout=0.0)
@@ -231,8 +211,7 @@ def llama_equality(out: dict, style: str = "eq", mb: int = 16):
         params = [p for p in model.parameters() if p.requires_grad]
         res = {}
         for name, pad, graphs in (("eager", None, False), ("eager_padded", 1.25, False), ("graphs", 1.25, True)):
-            b = make_batch(items, model.ids, cfg, buckets=pad)
-            b.teacher, b.student = b.teacher.to(DEV), b.student.to(DEV)
+            b = sb.device_batch(items, model, cfg, pad)
             model.zero_grad(set_to_none=not graphs)
             fn = functools.partial(kt.graph_micro_step, model, cfg, 1, DEV)
             if graphs:
@@ -262,12 +241,9 @@ def llama_equality(out: dict, style: str = "eq", mb: int = 16):
 
 def cpu_smoke_setup():
     global BACKEND, SHAPE
-    import step_bench as sb
-
     BACKEND, SHAPE = EagerReplay(), "tiny"
     real = kt.setup_graphs
     kt.setup_graphs = lambda c, a, r, backend=None: real(c, a, r, backend=BACKEND)
-    sb.DEV = "cpu"
     torch.cuda.reset_peak_memory_stats = lambda: None
     torch.cuda.max_memory_allocated = lambda: 0
     torch.cuda.empty_cache = lambda: None

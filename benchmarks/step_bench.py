@@ -201,8 +201,9 @@ def count_flops(model: LatentReasoner, batch, method: str, cfg) -> float:
     return f
 
 
-def device_batch(items, model, cfg):
-    batch = make_batch(items, model.ids, cfg)
+def device_batch(items, model, cfg, buckets: float | None = None):
+    """`make_batch` on the benchmark device (`buckets`: the static layout of CUDA graphs)."""
+    batch = make_batch(items, model.ids, cfg, buckets=buckets)
     batch.teacher = batch.teacher.to(DEV)
     batch.student = batch.student.to(DEV) if batch.student else None
     return batch

@@ -5,11 +5,8 @@
 # METHODS x SEEDS for up to STEPS steps (killed at TRAIN_S seconds); each run's validation-selected best/ is
 # evaluated on synth-test with its latents zeroed beside it.
 set -uo pipefail
-export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false
-O=/tmp/plateau; mkdir -p $O && tar xzf .carry/ck_backbone.tgz -C $O
-D=$(python -c "
-from pathlib import Path; from kava.config import load_config; from kava.data.pipeline import synthetic_dir
-print(synthetic_dir(load_config('synth_depth_student'), Path('$O/_data')))")
+O=/tmp/plateau
+source experiments/depth_carry.sh
 pids=()
 for m in ${METHODS:-kava pccot codi}; do for s in ${SEEDS:-42 123}; do
   python -m kava.cli train --config synth_depth_student --no-progress --set model.init_from=$O/backbone \
