@@ -12,8 +12,6 @@ the eos. Counts are per example: an example stops counting once it has emitted e
 
 from __future__ import annotations
 
-import contextlib
-
 import json
 import platform
 import time
@@ -88,8 +86,7 @@ def generate(model: LatentReasoner, items: list[Tokenized], *, mode: str, num_la
              max_cot_tokens: int = 128, tokenizer=None) -> list[Generation]:
     """Greedy generations for a batch of question-only items (see module docstring for the modes)."""
     # on a GPU, HF's "is the mask all ones?" would be one more device read per decode step
-    quiet = no_host_sync() if model.special_rows.is_cuda else contextlib.nullcontext()
-    with model.autocast(), quiet:
+    with model.autocast(), no_host_sync(enabled=model.special_rows.is_cuda):
         return _generate(model, items, mode=mode, num_latents=num_latents, num_sweeps=num_sweeps,
                          student_mode=student_mode, max_new_tokens=max_new_tokens, max_cot_tokens=max_cot_tokens,
                          tokenizer=tokenizer)

@@ -84,11 +84,10 @@ def grad_shares(model, batch, cfg, generator: torch.Generator | None = None,
             dots[name] = sum(float((a.detach().double() * b.detach().double()).sum()) for a, b in zip(g, ref)
                              if a is not None and b is not None)
         del g
-    ref = None
+    ref = None  # freed before the total's gradient: two copies at most
     total = sum(w * t.float() for _, t, w in live)
     total_norm = math.sqrt(_sq_norm(torch.autograd.grad(total, params, allow_unused=True))) if live else 0.0
-    out = _metrics(names, norms, total_norm, dots, reference)
-    return out
+    return _metrics(names, norms, total_norm, dots, reference)
 
 
 def _metrics(names, norms: dict[str, float], total_norm: float, dots: dict[str, float],

@@ -298,10 +298,8 @@ class Objective(torch.nn.Module):
         self.generator = torch.Generator().manual_seed(cfg.run.seed)  # random eviction (a control)
 
     def forward(self, batch):
-        # on a GPU the eager step gains from no device->host reads as well (DDP cannot be graphed); on a CPU
-        # there is no such read to save, and HF's unmasked causal path is the faster one
-        quiet = no_host_sync() if batch.teacher.ids.is_cuda else contextlib.nullcontext()
-        with quiet:
+        # on a GPU the eager step gains from no device->host reads as well (DDP cannot be graphed)
+        with no_host_sync(enabled=batch.teacher.ids.is_cuda):
             return loss_step(self.model, batch, self.cfg, self.generator)
 
 

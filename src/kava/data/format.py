@@ -313,9 +313,9 @@ def build_teacher_batch(items: list[Tokenized], ids: SpecialIds, *, with_cot: bo
         S, C = widths.q + widths.c + widths.a, max(1, widths.c)
         A = widths.a if query_mode == "answer" else tail_window
         capacity = B * ((widths.c if with_cot else 0) + widths.a)
-        for it, s in zip(items, seqs):
-            if len(it.question) >= widths.q or len(s) - len(it.question) - (len(it.cot) if with_cot else 0) >= widths.a \
-                    or (with_cot and len(it.cot) > widths.c):
+        for it in items:  # the question block holds <bot> too (student), the answer block <eot>
+            if len(it.question) >= widths.q or len(it.prompt) + len(it.answer) >= widths.a or \
+                    (with_cot and len(it.cot) > widths.c):
                 raise ValueError(f"record {it.index} does not fit the static widths {widths}")
     t_ids = torch.full((B, S), ids.pad, dtype=torch.long)
     mask = torch.zeros((B, S), dtype=torch.long)

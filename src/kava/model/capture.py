@@ -177,11 +177,15 @@ class no_host_sync:
 
     HF skips an all-ones mask (to let SDPA run plain causal), which reads the mask on the host: a device
     sync, forbidden inside CUDA-graph capture (`kava.graphs`). Inside, the mask is always materialised; the
-    attention result is the same either way."""
+    attention result is the same either way. enabled=False: a no-op (on a CPU there is no read to save, and
+    the unmasked causal path is the faster one)."""
+
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled
 
     def __enter__(self):
         self._was = getattr(_state, "no_sync", False)
-        _state.no_sync = True
+        _state.no_sync = self._was or self.enabled
         return self
 
     def __exit__(self, *exc):
