@@ -23,7 +23,7 @@ import torch
 from kava.data.format import Formatter, Tokenized, _pad, _positions, build_student_batch
 from kava.model.capture import no_host_sync
 from kava.model.families import check_window
-from kava.data.records import Record, SkipLog
+from kava.data.records import Record
 from kava.methods import student_mode
 from kava.model.reasoner import LatentReasoner
 

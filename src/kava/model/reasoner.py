@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from transformers import DynamicCache
 
 from kava.data.format import SpecialIds, StudentBatch, TeacherBatch
