@@ -314,10 +314,28 @@ def loss_equality(shape, targets, lengths, style, n=8):
     return out
 
 
-def profile_kava(shape, style, lengths, micro_batch, out_path):
-    """One profiled kava step: top kernels by CUDA time, kernel-launch count, GPU busy fraction."""
+def profile_call(fn, out_path, label: str = ""):
+    """Profile one call of `fn`: wall time, kernel count, GPU busy fraction, top ops by device time."""
     from torch.profiler import ProfilerActivity, profile
 
+    sync()
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEV == "cuda" else [])) as prof:
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        wall = time.perf_counter() - t0
+    ka = prof.key_averages()
+    table = ka.table(sort_by="cuda_time_total" if DEV == "cuda" else "cpu_time_total", row_limit=30)
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    busy = sum(e.device_time for e in kernels) / 1e6 if kernels else 0.0
+    summary = f"{label}wall {wall:.3f}s, {len(kernels)} kernels, kernel time {busy:.3f}s ({busy / wall:.0%} busy)\n"
+    with open(out_path, "a") as f:
+        f.write(summary + table + "\n")
+    print("  profile:", summary, flush=True)
+
+
+def profile_kava(shape, style, lengths, micro_batch, out_path):
+    """One profiled kava step: top kernels by CUDA time, kernel-launch count, GPU busy fraction."""
     model = build(shape, LORA_BAR)
     model.train()
     items = sample_items(micro_batch, style, lengths, model.config.vocab_size, model.ids.eos, seed=1)
@@ -332,24 +350,12 @@ def profile_kava(shape, style, lengths, micro_batch, out_path):
 
     for _ in range(3):
         step()
-    sync()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        t0 = time.perf_counter()
-        step()
-        sync()
-        wall = time.perf_counter() - t0
-    ka = prof.key_averages()
-    table = ka.table(sort_by="cuda_time_total" if DEV == "cuda" else "cpu_time_total", row_limit=30)
-    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    busy = sum(e.device_time for e in kernels) / 1e6 if kernels else 0.0
-    summary = f"wall {wall:.3f}s, {len(kernels)} kernels, kernel time {busy:.3f}s ({busy / wall:.0%} busy)\n"
-    Path(out_path).write_text(summary + table)
-    print("  profile:", summary, flush=True)
+    profile_call(step, out_path)
     del model
     empty_cache()
 
 
-def bench_eval(shape, lengths, n_questions=1319, batch_size=128, cot_tokens=65):
+def bench_eval(shape, lengths, n_questions=1319, batch_size=128, cot_tokens=65, profile_path=None):
     from kava.evaluate import generate
 
     model = build(shape, LORA_PRESET, eos_never=True)
@@ -370,6 +376,12 @@ def bench_eval(shape, lengths, n_questions=1319, batch_size=128, cot_tokens=65):
         res[mode] = {"questions_per_s": n_questions / wall, "wall_s": wall, "forward_passes_per_q": passes / n_questions}
         print(f"  eval {shape} {mode:6s} {n_questions / wall:8.1f} q/s  {passes / n_questions:.1f} passes/q", flush=True)
     res["latent_speedup"] = res["latent"]["questions_per_s"] / res["cot"]["questions_per_s"]
+    if profile_path:  # one batch of each mode
+        for mode, kw in (("latent", dict(max_new_tokens=4)), ("cot", dict(max_new_tokens=4, max_cot_tokens=cot_tokens))):
+            def one():
+                with torch.autocast(DEV, dtype=torch.bfloat16):
+                    generate(model, items[:batch_size], mode=mode, num_latents=24, num_sweeps=3, **kw)
+            profile_call(one, profile_path, label=f"eval {mode} batch {batch_size}: ")
     del model
     empty_cache()
     return res
@@ -391,6 +403,7 @@ def main():
     ap.add_argument("--out", default="benchmarks/results/step_bench.json")
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--peft-casts", action="store_true")
+    ap.add_argument("--eval-profile", help="append profiler tables of one eval batch per mode here")
     ap.add_argument("--eval-batch-sizes", default="128", help="evaluation batch sizes, e.g. 64,128,256")
     a = ap.parse_args()
     global COMPILE, NAIVE_CASTS
@@ -416,7 +429,7 @@ def main():
                 json.dump(result, open(a.out, "w"), indent=2)
         if a.eval or a.eval_only:
             for bs in (int(x) for x in a.eval_batch_sizes.split(",")):
-                result["eval"][f"{shape}/batch{bs}"] = bench_eval(shape, lengths, batch_size=bs)
+                result["eval"][f"{shape}/batch{bs}"] = bench_eval(shape, lengths, batch_size=bs, profile_path=a.eval_profile)
                 json.dump(result, open(a.out, "w"), indent=2)
     print(json.dumps(result, indent=1))
 

@@ -149,3 +149,39 @@ def test_special_rows_replace_embeddings_and_padding_columns():
         bot = len(items[b].question)
         assert torch.equal(x[b, bot], m.special_rows[0])
         assert torch.equal(x[b, Qb + M], m.special_rows[1])  # <eot>
+
+
+@pytest.mark.parametrize("q_len,cached", [(7, 0), (1, 9), (5, 6)])
+def test_grouped_query_sdpa_equals_hf_repeat_kv_path(q_len, cached):
+    """The folded-GQA attention (no KV head copies) gives HF's SDPA output and gradients, with padding masks,
+    on a fresh pass, a one-token decode step and a block on top of a cache."""
+    from types import SimpleNamespace
+
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from kava.model.capture import grouped_query_sdpa
+
+    torch.manual_seed(0)
+    B, H, Hkv, D = 3, 8, 2, 16
+    K = cached + q_len
+    q = torch.randn(B, H, q_len, D, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(B, Hkv, K, D, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(B, Hkv, K, D, dtype=torch.float64, requires_grad=True)
+    keep = torch.ones(B, K, dtype=torch.bool)
+    keep[0, 1] = keep[2, :2] = False  # padding holes; no row is fully masked
+    causal = torch.arange(K)[None, :] <= (torch.arange(q_len) + cached)[:, None]  # [q, K]
+    mask = (causal[None] & keep[:, None]).unsqueeze(1)  # [B, 1, q, K]
+    module = SimpleNamespace(num_key_value_groups=H // Hkv, is_causal=True)
+    ref, _ = sdpa_attention_forward(module, q, k, v, mask, scaling=0.3)
+    out = grouped_query_sdpa(q, k, v, mask, scaling=0.3)
+    assert out.shape == ref.shape == (B, q_len, H, D)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    w = torch.randn_like(ref)
+    g_ref = torch.autograd.grad((ref * w).sum(), (q, k, v))
+    g_out = torch.autograd.grad((out * w).sum(), (q, k, v))
+    for a, b in zip(g_out, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    # control: pairing query head h with KV head h % Hkv (not h // G) gives a different output
+    wrong = torch.nn.functional.scaled_dot_product_attention(q, k.repeat(1, H // Hkv, 1, 1), v.repeat(1, H // Hkv, 1, 1),
+                                                             attn_mask=mask, scale=0.3).transpose(1, 2)
+    assert not torch.allclose(wrong, ref)

@@ -741,6 +741,31 @@ def test_train_step_accumulation_equals_one_big_batch(tmp_path):
         assert float(r.sums[k]) == pytest.approx(float(log[k]), rel=1e-5), k
 
 
+@pytest.mark.parametrize("group", [True, False])
+def test_train_step_groups_micro_batches_by_length(group, tmp_path, monkeypatch):
+    """optim.group_by_length: the step's examples are split into micro-batches in order of question + CoT
+    length (less padding); off: in the sampler's order. The whole step's examples are used either way."""
+    t, d, run_dir = stage_trainer(tmp_path, "optim.micro_batch=2", f"optim.group_by_length={str(group).lower()}")
+    seen, real = [], kt.make_batch
+
+    def spy(items, *a, **k):
+        seen.append([it.index for it in items])
+        return real(items, *a, **k)
+
+    monkeypatch.setattr(kt, "make_batch", spy)
+    batch = (5, 0, 7, 2, 6, 1, 3, 4)
+    length = {j: len(d.items[j].question) + len(d.items[j].cot) for j in batch}
+    assert len(set(length.values())) > 1
+    r = kt.train_step(t, d.items, batch, accum=4, step=0, logger=kt.MetricLogger(run_dir, [], False, t.cfg))
+    assert r.bad is None
+    order = sorted(batch, key=lambda j: length[j]) if group else list(batch)
+    assert seen == [[d.items[j].index for j in order[i:i + 2]] for i in range(0, 8, 2)]
+    if group:  # (a control: the sampler's order here is not already sorted)
+        assert order != list(batch)
+        widths = [max(length[j] for j in order[i:i + 2]) for i in range(0, 8, 2)]
+        assert sum(widths) < sum(max(length[j] for j in batch[i:i + 2]) for i in range(0, 8, 2))
+
+
 def test_train_step_with_a_nonfinite_loss_or_gradient_changes_nothing(tmp_path, monkeypatch):
     t, d, run_dir = stage_trainer(tmp_path, "optim.micro_batch=4")
     logger = kt.MetricLogger(run_dir, [], False, t.cfg)

@@ -139,6 +139,9 @@ class OptimConfig:
     cuda_graphs: bool | Literal["auto"] = "auto"
     graph_buckets: float = 1.25  # with CUDA graphs, block widths are padded up a geometric series of this growth
     max_graphs: int = 32  # captured shapes at most; a batch of a further shape runs eagerly
+    # split each optimizer step's examples into micro-batches of similar length (question + CoT): less padding;
+    # the step's CE gradient is unchanged (step-wide denominators), per-micro-batch normalisers regroup
+    group_by_length: bool = True
 
 
 @dataclass

@@ -624,14 +624,17 @@ def train_step(t: Trainer, items: list[Tokenized], batch: tuple[int, ...], *, ac
                logger: MetricLogger) -> StepResult:
     """One optimizer step on the global batch `batch` (example indices; `step` is 0-based).
 
-    Splits it into `optim.micro_batch`-sized micro-batches, takes this rank's share, back-propagates each one's
-    `total / accum` (DDP syncs only on the last), then clips and steps — unless the loss or the gradient is
+    Splits it into `optim.micro_batch`-sized micro-batches (of similar lengths with `optim.group_by_length`),
+    takes this rank's share, back-propagates each one's `total / accum` (DDP syncs only on the last), then
+    clips and steps — unless the loss or the gradient is
     non-finite on any rank: then the gradients are dropped, no weight changes, and `bad` names the terms
     (`run.nan_policy` is the caller's). The CE terms are sums over the whole step's label count
     (`ce_denominators`), so the gradient does not depend on the split.
     """
     cfg, acc, raw, world = t.cfg, t.acc, t.raw, t.acc.num_processes
     mb = cfg.optim.micro_batch
+    if cfg.optim.group_by_length:  # similar lengths share a micro-batch: less padding (stable, so deterministic)
+        batch = tuple(sorted(batch, key=lambda j: len(items[j].question) + len(items[j].cot)))
     all_micro = [batch[i:i + mb] for i in range(0, len(batch), mb)]
     micro = all_micro[acc.process_index::world]
     ce_den = ce_denominators([items[j] for j in batch], cfg, len(all_micro))

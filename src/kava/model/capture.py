@@ -114,7 +114,34 @@ def kava_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0, 
         raise ValueError(f"{type(module).__name__} uses attention logit softcapping, which SDPA cannot apply; "
                          "set model.attn_implementation: eager (or auto)")
     _record(module, query, key, attention_mask, scaling, kwargs)
-    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    groups = query.shape[1] // key.shape[1]
+    if groups == 1 or attention_mask is None or attention_mask.dtype != torch.bool or attention_mask.shape[1] != 1 \
+            or any(kwargs.get(k) is not None for k in ("position_bias", "s_aux", "sinks")):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    return grouped_query_sdpa(query, key, value, attention_mask, dropout, scaling), None
+
+
+def grouped_query_sdpa(query, key, value, mask, dropout: float = 0.0, scaling: float | None = None) -> torch.Tensor:
+    """Masked SDPA for grouped-query attention without copying the KV heads.
+
+    HF's SDPA path repeats every KV head for its query heads (`repeat_kv`) whenever a mask is given: a copy
+    of the whole K and V per layer and pass (of the whole cache at every decode step), kept for backward.
+    Instead the G query heads of a KV head are folded into the query-row axis, which the mask rows follow:
+    query [B, H, q, D] -> [B, Hkv, G·q, D] (head h = kv·G + r, as `repeat_kv` pairs them), mask
+    [B, 1, q, K] -> [B, 1, G·q, K]. Same attention, each row against the same keys.
+
+    query: [B, H, q, D]; key, value: [B, Hkv, K, D]; mask: bool [B or 1, 1, q, K] (True = attend).
+    Returns [B, q, H, D] (HF's attention-output layout).
+    """
+    B, H, q, D = query.shape
+    Hkv = key.shape[1]
+    G = H // Hkv
+    qf = query.reshape(B, Hkv, G * q, D)
+    m = mask[:, :, None].expand(mask.shape[0], 1, G, q, mask.shape[-1]).reshape(mask.shape[0], 1, G * q, -1)
+    out = torch.nn.functional.scaled_dot_product_attention(qf, key, value, attn_mask=m, dropout_p=dropout,
+                                                           scale=scaling)
+    return out.reshape(B, H, q, value.shape[-1]).transpose(1, 2).contiguous()
 
 
 def module_eager_attention(module):
