@@ -364,6 +364,8 @@ def bench_eval(shape, lengths, n_questions=1319, batch_size=128, cot_tokens=65, 
     items = sample_items(n_questions, "eq", lengths, V, model.ids.eos, seed=3)
     res = {}
     for mode, kw in (("latent", dict(max_new_tokens=4)), ("cot", dict(max_new_tokens=4, max_cot_tokens=cot_tokens))):
+        with torch.autocast(DEV, dtype=torch.bfloat16):  # warm-up (kernel selection, allocator) outside the timing
+            generate(model, items[:batch_size], mode=mode, num_latents=24, num_sweeps=3, **kw)
         passes = 0
         sync()
         t0 = time.perf_counter()
