@@ -7,8 +7,9 @@
   from the same seed: seconds per optimizer step (median after the warm-up steps that capture), and the
   largest relative difference of the logged losses over the steps and of the weights after them.
 --llama1b: LLaMA-3.2-1B shape (random weights, bf16, LoRA r=128 on the 7 linears), M=24, T=3, GSM8k lengths
-  (eq / NL CoT): one optimizer step of effective batch 128 at micro-batch 32 and 64, eager vs graphed;
-  samples/s and peak memory; and the losses and gradients of both paths on one micro-batch with dropout off.
+  (eq / NL CoT): 4 distinct optimizer steps of effective batch 128 at micro-batch 32 and 64, split into
+  micro-batches as the trainer does (grouped by length), eager vs graphed; samples/s and peak memory; and the
+  losses and gradients of both paths on one micro-batch with dropout off.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import kava.train as kt  # noqa: E402
 import step_bench as sb  # noqa: E402
 from step_bench import sync  # noqa: E402
 from kava.config import load_config  # noqa: E402
-from kava.graphs import EagerReplay, GraphedStep  # noqa: E402
+from kava.graphs import EagerReplay, GraphedStep, batch_key  # noqa: E402
 from kava.methods import loss_step  # noqa: E402
 from kava.model.capture import no_host_sync  # noqa: E402
 
@@ -140,52 +141,66 @@ def bench_synth(steps: int, warm: int, out: dict, shapes, methods):
             dump(out)
 
 
-def bench_llama(out: dict, micro_batches=(32, 64), styles=("eq", "nl"), reps: int = 3, methods=("kava", "pccot")):
+def step_micro_batches(items, mb: int, group: bool):
+    """One optimizer step's micro-batches, as `kava.train.train_step` forms them (`optim.group_by_length`)."""
+    order = sorted(items, key=lambda it: len(it.question) + len(it.cot)) if group else list(items)
+    return [order[i:i + mb] for i in range(0, len(order), mb)]
+
+
+def bench_llama(out: dict, micro_batches=(32, 64), styles=("eq", "nl"), reps: int = 3, methods=("kava", "pccot"),
+                steps: int = 4, group: bool = True, modes=("eager", "graphs")):
+    """`steps` distinct optimizer steps of 128 GSM8k-length samples, each split as the trainer does; one warm-up
+    pass over all of them (it captures every shape), then `reps` timed passes: samples/s and peak memory."""
     lengths = json.loads((Path(__file__).parent / "gsm8k_lengths.json").read_text())
     for style in styles:
         for mb in micro_batches:
             for method in methods:
-                row = {}
+                row = {"steps": steps, "group_by_length": group}
                 try:
                     model = sb.build(SHAPE, sb.LORA_BAR)
                     model.train()
                     cfg = sb.cfg_for(method)
-                    items = sb.sample_items(128, style, lengths, model.config.vocab_size, model.ids.eos, seed=1)
+                    items = sb.sample_items(128 * steps, style, lengths, model.config.vocab_size, model.ids.eos, seed=1)
                     params = [p for p in model.parameters() if p.requires_grad]
                     opt = torch.optim.AdamW(params, lr=1e-5, fused=DEV == "cuda")
                     accum = 128 // mb
-                    for graphs in (False, True):
+                    for key in modes:
+                        graphs = key == "graphs"
                         pad = 1.25 if graphs else None
-                        batches = [sb.device_batch(items[i:i + mb], model, cfg, pad) for i in range(0, 128, mb)]
+                        plan = [[sb.device_batch(m, model, cfg, pad) for m in step_micro_batches(
+                            items[s * 128:(s + 1) * 128], mb, group)] for s in range(steps)]
                         gs = GraphedStep(functools.partial(kt.graph_micro_step, model, cfg, accum, DEV), params,
                                          max_graphs=32, backend=BACKEND) if graphs else None
 
-                        def step():
-                            for b in batches:
-                                if gs is None:  # today's eager step: no host reads either (as in training)
-                                    with torch.autocast(DEV, dtype=torch.bfloat16), no_host_sync():
-                                        total, _ = loss_step(model, b, cfg)
-                                    (total / accum).backward()
-                                else:
-                                    gs(b)
-                            opt.step()
-                            opt.zero_grad(set_to_none=gs is None)
+                        def run():
+                            for batches in plan:
+                                for b in batches:
+                                    if gs is None:  # today's eager step: no host reads either (as in training)
+                                        with torch.autocast(DEV, dtype=torch.bfloat16), no_host_sync():
+                                            total, _ = loss_step(model, b, cfg)
+                                        (total / accum).backward()
+                                    else:
+                                        gs(b)
+                                opt.step()
+                                opt.zero_grad(set_to_none=gs is None)
 
                         torch.cuda.reset_peak_memory_stats()
-                        times = sb.time_steps(step, reps, warmup=1)  # the warm-up step captures every shape
-                        med = statistics.median(times)
-                        key = "graphs" if graphs else "eager"
+                        times = sb.time_steps(run, reps, warmup=1)  # the warm-up pass captures every shape
+                        med = statistics.median(times) / steps
                         row[key] = {"s_per_opt_step": med, "samples_per_s": 128 / med, "peak_gib":
-                                    torch.cuda.max_memory_allocated() / 2**30, **(gs.stats() if gs else {})}
+                                    torch.cuda.max_memory_allocated() / 2**30,
+                                    "shapes": len({batch_key(b) for bs in plan for b in bs}), **(gs.stats() if gs else {})}
                         print(f"llama1b {style} mb{mb} {method:5s} {key:6s} {med:.3f} s/step (128 samples) "
-                              f"{128 / med:6.1f} samples/s  peak {row[key]['peak_gib']:.1f} GiB", flush=True)
+                              f"{128 / med:6.1f} samples/s  peak {row[key]['peak_gib']:.1f} GiB "
+                              f"({row[key]['shapes']} shapes)", flush=True)
                         if gs is not None:  # free the graphs' memory pool before the next measurement
                             gs.graphs.clear()
-                        del gs, step, batches
+                        del gs, run, plan
                         opt.zero_grad(set_to_none=True)
                         gc.collect()
                         torch.cuda.empty_cache()
-                    row["speedup"] = row["eager"]["s_per_opt_step"] / row["graphs"]["s_per_opt_step"]
+                    if "eager" in row and "graphs" in row:
+                        row["speedup"] = row["eager"]["s_per_opt_step"] / row["graphs"]["s_per_opt_step"]
                 except Exception as e:
                     traceback.print_exc()
                     row["error"] = repr(e)
@@ -260,6 +275,9 @@ def main():
     ap.add_argument("--methods", default="kava,pccot,codi,nocot,cot", help="synthetic methods")
     ap.add_argument("--shapes", default="synth_depth,synth24m", help="synthetic shapes")
     ap.add_argument("--llama-methods", default="kava,pccot")
+    ap.add_argument("--llama-steps", type=int, default=4, help="distinct optimizer steps timed per pass")
+    ap.add_argument("--llama-modes", default="eager,graphs")
+    ap.add_argument("--no-group", action="store_true", help="micro-batches in sampling order (no length grouping)")
     ap.add_argument("--skip-equality", action="store_true", help="skip the LLaMA-shape eager-vs-graph check")
     ap.add_argument("--repeat-eager", action="store_true", help="synthetic: run the eager reference twice")
     ap.add_argument("--out", default="benchmarks/results/graph_bench.json")
@@ -278,7 +296,8 @@ def main():
         if not args.skip_equality:
             llama_equality(out)
         bench_llama(out, tuple(int(x) for x in args.micro_batches.split(",")), args.styles.split(","),
-                    methods=args.llama_methods.split(","))
+                    methods=args.llama_methods.split(","), steps=args.llama_steps, group=not args.no_group,
+                    modes=args.llama_modes.split(","))
     dump(out)
 
 

@@ -193,7 +193,8 @@ def count_flops(model: LatentReasoner, batch, method: str, cfg) -> float:
         sb = batch.student
         B, M, Qb = sb.ids.shape[0], sb.num_latents, sb.q_block
         q = sb.mask[:, :Qb].sum(1).float().mean()
-        f += pass_flops(B * (Qb + M), float(q + M) / 2)  # prefix
+        shared = tb.q_block is not None  # the question ran once, in the teacher pass (`loss_step`)
+        f += pass_flops(B * (1 + M) if shared else B * (Qb + M), float(q + M) / 2)  # prefix
         f += cfg.latent.num_sweeps * pass_flops(B * M, float(q + M / 2))
         A = sb.ids.shape[1] - Qb - M
         f += pass_flops(B * A, float(q + M + A / 2))

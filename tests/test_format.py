@@ -163,7 +163,7 @@ def test_student_sequence_labels_latent_slots_and_positions(tok):
         assert dec(tok, real[eot + 1:]) == norm(PROMPT + rec.answer)
         # the latent slots sit in the same columns for every example
         assert (row[Qb:Qb + M] == ids.latent).all() and mask[Qb:Qb + M].all()
-        assert row[bot] == ids.bot and row[Qb + M] == ids.eot
+        assert row[Qb - 1] == ids.bot and row[Qb + M] == ids.eot  # <bot> too, after the padded question
         # labels: exactly the answer tokens and eos, as next-token targets
         lab = (tgt != IGNORE).nonzero().flatten()
         assert torch.equal(tgt[lab], row[lab + 1]) and mask[lab + 1].all()

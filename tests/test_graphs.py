@@ -21,9 +21,9 @@ import kava.train as kt
 from kava.config import ConfigError, load_config
 from kava.data.format import Formatter
 from kava.data.records import SkipLog
-from kava.data.format import bucket_width, static_widths
+from kava.data.format import block_widths, bucket_width, build_student_batch, build_teacher_batch
 from kava.graphs import EagerReplay, GraphedStep, batch_key
-from kava.methods import loss_step, make_batch
+from kava.methods import Batch, loss_step, make_batch
 from kava.model.capture import no_host_sync
 from kava.model.loading import build_reasoner
 from tiny import RECORDS, tiny_tokenizer
@@ -46,10 +46,10 @@ def grads_of(model) -> dict[str, torch.Tensor]:
     return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def run_step(model, batch, cfg, den=None):
+def run_step(model, batch, cfg, den=None, **kw):
     model.zero_grad(set_to_none=True)
     batch.ce_den = den
-    total, log = loss_step(model, batch, cfg)
+    total, log = loss_step(model, batch, cfg, **kw)
     total.backward()
     return {k: v.item() for k, v in log.items()}, grads_of(model)
 
@@ -68,15 +68,16 @@ def close(a: dict, b: dict, rel: float = 1e-5):
 @pytest.mark.parametrize("growth", [1.25, 2.0])
 def test_padded_batches_give_the_same_losses_and_gradients(method, growth):
     """The static block layout (question | CoT | answer, widths from the series, capacities from the widths)
-    gives the losses and gradients of the compact batch."""
+    gives the losses and gradients of the unpadded batch."""
     cfg, model, items = setup(method)
     plain = make_batch(items, model.ids, cfg)
     padded = make_batch(items, model.ids, cfg, buckets=growth)
-    w = static_widths(items, growth, with_cot=method != "nocot")
+    w = block_widths(items, growth, with_cot=method != "nocot")
     assert padded.teacher.ids.shape[1] == w.q + w.c + w.a > plain.teacher.ids.shape[1]
     assert padded.teacher.label_idx.numel() == len(items) * ((w.c if method != "nocot" else 0) + w.a)
+    assert padded.teacher.q_block == w.q
     if padded.student is not None:
-        assert (padded.student.q_block, padded.student.ids.shape[1]) == (w.q, w.q + 3 + w.a)
+        assert (padded.student.q_block, padded.student.ids.shape[1]) == (w.q + 1, w.q + 1 + 3 + w.a)
         assert padded.student.label_idx.numel() == len(items) * w.a
     assert padded.num_tokens == plain.num_tokens  # pads are not tokens
     den = {"ce_teacher": 37.0, "ce_student": 5.0}  # step-wide denominators: padding must not change the sums
@@ -85,6 +86,55 @@ def test_padded_batches_give_the_same_losses_and_gradients(method, growth):
         log_b, g_b = run_step(model, padded, cfg, d)
         close(log_a, log_b)
         close(g_a, g_b)
+
+
+@pytest.mark.parametrize("method", ["pccot", "codi", "kava"])
+@pytest.mark.parametrize("buckets", [None, 1.25])
+def test_shared_question_pass_gives_the_losses_and_gradients_of_separate_passes(method, buckets):
+    """Latent methods run the question block once for teacher and student (`loss_step`, the default). The
+    reference: the teacher right-padded as a whole in one pass, the student recomputing its question."""
+    cfg, model, items = setup(method)
+    shared = make_batch(items, model.ids, cfg, buckets=buckets)
+    assert shared.teacher.q_block is not None and shared.student.q_block == shared.teacher.q_block + 1
+    ref = Batch(build_teacher_batch(items, model.ids, query_mode=cfg.eviction.importance_queries,
+                                    tail_window=cfg.eviction.cot_tail_window, codi_position=cfg.loss.codi_position),
+                build_student_batch(items, model.ids, cfg.latent.num_latents, codi_position=cfg.loss.codi_position),
+                shared.num_tokens)
+    assert ref.teacher.q_block is None  # (the reference layout cannot share)
+    den = {"ce_teacher": 37.0, "ce_student": 5.0}
+    for d in (None, den):
+        log_a, g_a = run_step(model, shared, cfg, d)
+        log_b, g_b = run_step(model, ref, cfg, d, share_question=False)
+        log_c, g_c = run_step(model, shared, cfg, d, share_question=False)  # block layout, two passes
+        close(log_a, log_b)
+        close(g_a, g_b)
+        close(log_a, log_c)
+        close(g_a, g_c)
+        assert g_a and all(v.abs().max() > 0 for k, v in g_a.items() if "lora" in k or "proj" in k)
+
+
+def test_the_shared_question_pass_runs_fewer_tokens():
+    """With sharing, the question block goes through the model once (teacher), not twice."""
+    cfg, model, items = setup("kava")
+    batch = make_batch(items, model.ids, cfg)
+    seen = []
+    real = model.decoder.forward
+
+    def spy(*a, **k):
+        seen.append(k["inputs_embeds"].shape[1])
+        return real(*a, **k)
+
+    model.decoder.forward = spy
+    try:
+        for share in (True, False):
+            seen.clear()
+            loss_step(model, batch, cfg, share_question=share)
+            columns = sum(seen)
+            if share:
+                shared_columns = columns
+    finally:
+        del model.decoder.forward
+    assert columns - shared_columns == batch.teacher.q_block
 
 
 def on_meta(model, batch):

@@ -146,8 +146,7 @@ def test_special_rows_replace_embeddings_and_padding_columns():
     Qb, M = sb.q_block, sb.num_latents
     for b in range(len(items)):
         assert torch.equal(x[b, Qb], m.special_rows[2])  # first latent placeholder
-        bot = len(items[b].question)
-        assert torch.equal(x[b, bot], m.special_rows[0])
+        assert torch.equal(x[b, Qb - 1], m.special_rows[0])  # <bot> follows the padded question block
         assert torch.equal(x[b, Qb + M], m.special_rows[1])  # <eot>
 
 

@@ -18,7 +18,7 @@ import torch
 
 from kava import eviction, losses
 from kava.config import Config
-from kava.data.format import Tokenized, build_student_batch, build_teacher_batch, static_widths
+from kava.data.format import Tokenized, block_widths, build_student_batch, build_teacher_batch
 from kava.model.reasoner import LatentReasoner
 
 
@@ -72,10 +72,12 @@ def ce_denominators(step_items: list[Tokenized], cfg: Config, num_micro: int) ->
 
 
 def make_batch(items: list[Tokenized], model_ids, cfg: Config, buckets: float | None = None) -> Batch:
-    """buckets: static shapes for CUDA graphs: block widths from the geometric series of this growth
-    (`kava.data.format.static_widths`), shared by teacher and student; same losses as without."""
+    """The teacher (and student) batch of `items`. Latent methods lay both out in blocks with one question
+    block, which `loss_step` runs once for both. buckets: static shapes for CUDA graphs: block widths from the
+    geometric series of this growth (`kava.data.format.block_widths`); same losses as without."""
     spec = METHOD_SPECS[cfg.method]
-    widths = None if buckets is None else static_widths(items, buckets, with_cot=spec.teacher_cot)
+    blocks = buckets is not None or spec.student is not None
+    widths = block_widths(items, buckets, with_cot=spec.teacher_cot) if blocks else None
     tb = build_teacher_batch(items, model_ids, with_cot=spec.teacher_cot, query_mode=cfg.eviction.importance_queries,
                              tail_window=cfg.eviction.cot_tail_window, codi_position=cfg.loss.codi_position,
                              widths=widths)
@@ -105,7 +107,7 @@ class _NoTimer:
 
 
 def loss_step(model: LatentReasoner, batch: Batch, cfg: Config, generator: torch.Generator | None = None,
-              timer=None, terms_out: dict | None = None):
+              timer=None, terms_out: dict | None = None, share_question: bool = True):
     """Forward passes + every loss term of `cfg.method` on one micro-batch.
 
     Returns (total, log) where log maps names to detached 0-dim tensors: `loss/<term>` for each term,
@@ -113,14 +115,17 @@ def loss_step(model: LatentReasoner, batch: Batch, cfg: Config, generator: torch
     timer: optional callable name -> context manager, used by benchmarks for the per-phase breakdown.
     terms_out: optional dict, filled with term name -> (0-dim term with its graph, weight in the total)
     (for `kava.gradshare`).
+    share_question: latent methods compute the question block once, for the teacher and the student
+    (`LatentReasoner.teacher_forward`); the same losses and gradients as two passes (False: the reference).
     """
     timer = timer or _NoTimer()
     spec = METHOD_SPECS[cfg.method]
     lc, tb, sb = cfg.loss, batch.teacher, batch.student
     need_importance = spec.kv and cfg.eviction.method in ("rkv", "attention")
+    share = share_question and spec.student is not None and tb.q_block is not None
     with timer("teacher"):
         t = model.teacher_forward(tb, need_kv=spec.kv, need_importance=need_importance, key_space=lc.kv_key_space,
-                                  importance_softmax=cfg.eviction.importance_softmax)
+                                  importance_softmax=cfg.eviction.importance_softmax, share_question=share)
     # outside `_fp32`: the LM head runs under the step's autocast (bf16 on GPU); the CE itself is fp32
     terms = {"ce_teacher": _ce(t, batch.ce_den, "ce_teacher")}
     weights = {"ce_teacher": lc.ce_teacher if spec.student else 1.0}
@@ -129,7 +134,7 @@ def loss_step(model: LatentReasoner, batch: Batch, cfg: Config, generator: torch
         keep = "all" if lc.kv_supervision == "all" else "last"
         with timer("student_latents"):
             s = model.student_forward(sb, cfg.latent.num_sweeps, mode=spec.student, key_space=lc.kv_key_space,
-                                      keep_sweeps=keep, with_answer=False)
+                                      keep_sweeps=keep, with_answer=False, question_kv=t.question_kv)
         with timer("student_answer"):
             model.answer_pass(sb, s)
         with timer("losses"):

@@ -9,13 +9,14 @@ Sequences (SPEC §1):
     nocot:   [bos] question · answer prompt · answer · eos              (labels on answer, eos)
 
 Each segment is tokenised on its own and concatenated, so the answer prompt and the answer are the same
-token ids in every mode. Padding is on the right of each *block*: the student's question block
-(`question · <bot>`) is padded to a common width Qb, so the M latent slots sit in the same columns
-[Qb, Qb+M) for every example, and the answer block follows. The teacher is right-padded as a whole, or,
-for CUDA graphs (`StaticWidths`), laid out in blocks [question | CoT | prompt · answer] of widths from a
-geometric series, so that few shapes occur. Pads inside a sequence are masked out and
-position ids count real tokens only (`position = cumsum(mask) - 1`), so padding never changes a result.
-No sequence starts with padding, so no attention row is ever fully masked.
+token ids in every mode. Padding is on the right of each *block*: the student's question is padded to a
+common width Wq and followed by `<bot>` in column Wq, so `<bot>` and the M latent slots sit in the same
+columns for every example, and the answer block follows. The teacher of a latent method is laid out in
+blocks [question | CoT | prompt · answer] (`BlockWidths`) with the same question block as the student, so
+that both can share one pass over it (`kava.methods.loss_step`); otherwise it is right-padded as a whole.
+For CUDA graphs the block widths come from a geometric series, so that few shapes occur. Pads inside a
+sequence are masked out and position ids count real tokens only (`position = cumsum(mask) - 1`), so padding
+never changes a result. No sequence starts with padding, so no attention row is ever fully masked.
 """
 
 from __future__ import annotations
@@ -150,16 +151,18 @@ def _pad(rows: list[list[int]], width: int, value: int) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
-class StaticWidths:
-    """Block widths of a static-shape batch (CUDA graphs, `kava.graphs`), shared by teacher and student:
-    q: the question block (question · <bot> for the student; the teacher's question alone fits it);
+class BlockWidths:
+    """Block widths shared by a teacher and a student batch:
+    q: the question block (the question alone; the student's `<bot>` follows in column q);
     c: the teacher's CoT block (0 without CoT); a: the answer block (<eot> · prompt · answer for the student;
-    the teacher's prompt · answer fits it). Label and query-row capacities follow from them, so a batch's
-    shape is fixed by these three numbers."""
+    the teacher's prompt · answer fits it).
+    static: the label and query-row capacities follow from the widths, so a batch's shape is fixed by these
+    three numbers (CUDA graphs, `kava.graphs`); False: as many as the batch has."""
 
     q: int
     c: int
     a: int
+    static: bool = True
 
 
 def bucket_width(n: int, growth: float, start: int = 8) -> int:
@@ -171,12 +174,15 @@ def bucket_width(n: int, growth: float, start: int = 8) -> int:
     return w
 
 
-def static_widths(items: list[Tokenized], growth: float, *, with_cot: bool = True) -> StaticWidths:
-    """The bucketed block widths of `items` (see `StaticWidths`, `bucket_width`)."""
-    return StaticWidths(
-        q=bucket_width(max(len(it.question) for it in items) + 1, growth),
-        c=bucket_width(max(len(it.cot) for it in items), growth) if with_cot else 0,
-        a=bucket_width(max(1 + len(it.prompt) + len(it.answer) for it in items), growth))
+def block_widths(items: list[Tokenized], growth: float | None = None, *, with_cot: bool = True) -> BlockWidths:
+    """The block widths of `items` (see `BlockWidths`): the longest of each block, or with `growth` (CUDA
+    graphs) bucketed up the geometric series of `bucket_width`, and static."""
+    q = max(len(it.question) for it in items)
+    c = max(len(it.cot) for it in items) if with_cot else 0
+    a = max(1 + len(it.prompt) + len(it.answer) for it in items)
+    if growth is None:
+        return BlockWidths(q, c, a, static=False)
+    return BlockWidths(bucket_width(q, growth), bucket_width(c, growth) if with_cot else 0, bucket_width(a, growth))
 
 
 def _labels(targets: torch.Tensor, capacity: int | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -206,6 +212,8 @@ class TeacherBatch:
     label_idx, label_tgt: [N] flat (row-major over [B, S]) positions that have a target, and the targets;
         built on the host so that selecting them never needs a device sync (CUDA graphs, `kava.graphs`).
         Static-shape batches pad them with position 0 and target IGNORE.
+    q_block: in the block layout, the question block's width Wq (the question is in columns [0, Wq), the
+        same as the student's); None when right-padded as a whole.
     """
 
     ids: torch.Tensor
@@ -221,15 +229,18 @@ class TeacherBatch:
     answer_start: torch.Tensor
     label_idx: torch.Tensor
     label_tgt: torch.Tensor
+    q_block: int | None = None
 
     def to(self, device) -> "TeacherBatch":
-        return TeacherBatch(**{k: v.to(device, non_blocking=True) for k, v in self.__dict__.items()})
+        return TeacherBatch(**{k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v)
+                               for k, v in self.__dict__.items()})
 
 
 @dataclass
 class StudentBatch:
-    """Latent student batch. Columns: question block [0, Qb) (question · <bot>, right-padded),
-    latent slots [Qb, Qb+M), answer block [Qb+M, S) (<eot> · prompt · answer · eos, right-padded).
+    """Latent student batch. Columns: question block [0, Qb) (the question right-padded to Wq = Qb - 1,
+    then <bot> in column Qb - 1), latent slots [Qb, Qb+M), answer block [Qb+M, S) (<eot> · prompt · answer
+    · eos, right-padded).
 
     ids, mask, pos, targets: [B, S] (latent columns hold the `<latent>` placeholder id).
     prompt_last: [B] column of the last answer-prompt token. q_block = Qb, num_latents = M (ints).
@@ -274,13 +285,14 @@ def codi_columns(items: list[Tokenized], prompt_last: list[int], codi_position: 
 
 def build_teacher_batch(items: list[Tokenized], ids: SpecialIds, *, with_cot: bool = True,
                         query_mode: str = "answer", tail_window: int = 8,
-                        codi_position: str = "answer", widths: StaticWidths | None = None) -> TeacherBatch:
+                        codi_position: str = "answer", widths: BlockWidths | None = None) -> TeacherBatch:
     """Teacher batch (`with_cot=False` gives the No-CoT sequence).
 
-    Default layout: each sequence right-padded to the longest. With `widths` (CUDA graphs): blocks of fixed
-    widths, [question | CoT | prompt · answer], each right-padded, and the label / query-row capacities
-    fixed by the widths, so that the batch's shape depends on `widths` only. Pads inside a sequence are
-    masked and skipped by the positions: both layouts give the same losses.
+    Default layout: each sequence right-padded to the longest. With `widths`: blocks [question | CoT |
+    prompt · answer] of these widths, each right-padded (the question block is the student's, see
+    `TeacherBatch.q_block`); static widths also fix the label / query-row capacities, so that the batch's
+    shape depends on `widths` only. Pads inside a sequence are masked and skipped by the positions: both
+    layouts give the same losses.
     """
     seqs, lab, cot_k, p_last, q_k, a_start, col_of = [], [], [], [], [], [], []
     for it in items:  # k: index in the sequence of real tokens; col_of[k]: its column
@@ -304,8 +316,8 @@ def build_teacher_batch(items: list[Tokenized], ids: SpecialIds, *, with_cot: bo
         else:
             raise ValueError(f"eviction.importance_queries: {query_mode!r}; allowed values: answer, cot_tail")
     B = len(items)
-    if widths is None:
-        S = max(len(s) for s in seqs)
+    if widths is None or not widths.static:
+        S = max(len(s) for s in seqs) if widths is None else widths.q + widths.c + widths.a
         C = max(1, max(len(c) for c in cot_k))
         A = max(1, max(len(q) for q in q_k))
         capacity = None
@@ -313,10 +325,11 @@ def build_teacher_batch(items: list[Tokenized], ids: SpecialIds, *, with_cot: bo
         S, C = widths.q + widths.c + widths.a, max(1, widths.c)
         A = widths.a if query_mode == "answer" else tail_window
         capacity = B * ((widths.c if with_cot else 0) + widths.a)
-        for it in items:  # the question block holds <bot> too (student), the answer block <eot>
-            if len(it.question) >= widths.q or len(it.prompt) + len(it.answer) >= widths.a or \
+    if widths is not None:
+        for it in items:  # the student's answer block holds <eot> too
+            if len(it.question) > widths.q or len(it.prompt) + len(it.answer) >= widths.a or \
                     (with_cot and len(it.cot) > widths.c):
-                raise ValueError(f"record {it.index} does not fit the static widths {widths}")
+                raise ValueError(f"record {it.index} does not fit the block widths {widths}")
     t_ids = torch.full((B, S), ids.pad, dtype=torch.long)
     mask = torch.zeros((B, S), dtype=torch.long)
     targets = torch.full((B, S), IGNORE, dtype=torch.long)
@@ -335,31 +348,32 @@ def build_teacher_batch(items: list[Tokenized], ids: SpecialIds, *, with_cot: bo
     label_idx, label_tgt = _labels(targets, capacity)
     return TeacherBatch(t_ids, mask, _positions(mask), targets, cot_idx, cot_valid, torch.tensor(p_last),
                         codi_columns(items, p_last, codi_position), query_idx, query_valid, torch.tensor(a_start),
-                        label_idx, label_tgt)
+                        label_idx, label_tgt, None if widths is None else widths.q)
 
 
 def build_student_batch(items: list[Tokenized], ids: SpecialIds, num_latents: int, *,
                         with_answer: bool = True, codi_position: str = "answer",
-                        widths: StaticWidths | None = None) -> StudentBatch:
-    """Student batch with M latent placeholder slots in common columns (see `StudentBatch`).
+                        widths: BlockWidths | None = None) -> StudentBatch:
+    """Student batch with <bot> and M latent placeholder slots in common columns (see `StudentBatch`).
 
     `with_answer=False` builds only `question · <bot> · slots · <eot> · prompt` for inference.
-    widths: static block widths Qb = widths.q, Ab = widths.a and label capacity B·Ab (see
-    `build_teacher_batch`); default: the longest question block and answer block.
+    widths: the block widths Wq = widths.q, Ab = widths.a, and with static widths the label capacity B·Ab
+    (see `build_teacher_batch`); default: the longest question and answer block.
     """
-    q_rows = [it.question + [ids.bot] for it in items]
+    q_rows = [it.question for it in items]
     a_rows = [[ids.eot] + it.prompt + (it.answer if with_answer else []) for it in items]
-    Qb = max(len(q) for q in q_rows) if widths is None else widths.q
+    Wq = max(len(q) for q in q_rows) if widths is None else widths.q
     Ab = max(len(a) for a in a_rows) if widths is None else widths.a
-    if max(len(q) for q in q_rows) > Qb or max(len(a) for a in a_rows) > Ab:
-        raise ValueError(f"a record does not fit the static widths {widths}")
-    B, M = len(items), num_latents
-    q_ids = _pad(q_rows, Qb, ids.pad)
-    q_mask = _pad([[1] * len(q) for q in q_rows], Qb, 0)
+    if max(len(q) for q in q_rows) > Wq or max(len(a) for a in a_rows) > Ab:
+        raise ValueError(f"a record does not fit the block widths {widths}")
+    B, M, Qb = len(items), num_latents, Wq + 1
+    q_ids = _pad(q_rows, Wq, ids.pad)
+    q_mask = _pad([[1] * len(q) for q in q_rows], Wq, 0)
     a_ids = _pad(a_rows, Ab, ids.pad)
     a_mask = _pad([[1] * len(a) for a in a_rows], Ab, 0)
-    s_ids = torch.cat([q_ids, torch.full((B, M), ids.latent, dtype=torch.long), a_ids], 1)
-    mask = torch.cat([q_mask, torch.ones(B, M, dtype=torch.long), a_mask], 1)
+    s_ids = torch.cat([q_ids, torch.full((B, 1), ids.bot, dtype=torch.long),
+                       torch.full((B, M), ids.latent, dtype=torch.long), a_ids], 1)
+    mask = torch.cat([q_mask, torch.ones(B, 1 + M, dtype=torch.long), a_mask], 1)
     targets = torch.full_like(s_ids, IGNORE)
     p_last = []
     for b, it in enumerate(items):
@@ -368,6 +382,6 @@ def build_student_batch(items: list[Tokenized], ids: SpecialIds, num_latents: in
         if with_answer:
             for j, tok in enumerate(it.answer):
                 targets[b, start - 1 + j] = tok
-    label_idx, label_tgt = _labels(targets[:, Qb + M:], None if widths is None else B * Ab)
+    label_idx, label_tgt = _labels(targets[:, Qb + M:], B * Ab if widths is not None and widths.static else None)
     return StudentBatch(s_ids, mask, _positions(mask), targets, torch.tensor(p_last),
                         codi_columns(items, p_last, codi_position), Qb, M, label_idx, label_tgt)

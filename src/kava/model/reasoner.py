@@ -118,6 +118,8 @@ class TeacherOut(_Labelled):
     cot_k: torch.Tensor | None = None  # [L, B, Hkv, C, D]
     cot_v: torch.Tensor | None = None  # [L, B, Hkv, C, D]
     importance: torch.Tensor | None = None  # [L, B, Hkv, C]
+    # with share_question: every layer's (keys, values) of the question block, [B, Hkv, Wq, D] each
+    question_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
 
 
 @dataclass
@@ -336,15 +338,29 @@ class LatentReasoner(nn.Module):
 
     # ---------------------------------------------------------------------------------- teacher
     def teacher_forward(self, tb: TeacherBatch, *, need_kv: bool = True, need_importance: bool = True,
-                        key_space: str = "cache", importance_softmax: str = "cot") -> TeacherOut:
-        """One pass over the teacher batch: hidden states at the labelled positions (for the CE) and at the CoDI
-        column, CoT KV, importance.
+                        key_space: str = "cache", importance_softmax: str = "cot",
+                        share_question: bool = False) -> TeacherOut:
+        """The teacher pass: hidden states at the labelled positions (for the CE) and at the CoDI column, CoT
+        KV, importance.
 
         importance_softmax: "cot" (the paper's Listing 1) softmaxes the query rows' logits over the CoT
         keys only; "prefix" keeps the model's own probabilities over every visible key, CoT columns sliced.
+        share_question: run the question block [0, Wq) (`tb.q_block`) as a pass of its own and the rest on its
+        cache, and return the question's KV in `question_kv` for the student, which then does not recompute
+        it (`student_forward(question_kv=...)`). Causal attention makes the question's KV independent of
+        what follows, so the results are those of one pass; the question's activations then get the
+        gradients of both the teacher's and the student's losses, as two separate passes would.
         """
-        cache = self.new_cache() if need_kv else None
         x = self.embed(tb.ids)
+        cache = self.new_cache() if need_kv or share_question else None
+        W = 0  # columns [0, W) already in the cache
+        question_kv = h_question = None
+        if share_question:
+            if tb.q_block is None:
+                raise ValueError("share_question needs a teacher batch in the block layout (TeacherBatch.q_block)")
+            W = tb.q_block
+            h_question = self._run(x[:, :W], tb.mask[:, :W], tb.pos[:, :W], cache).last_hidden_state
+            question_kv = [(layer.keys, layer.values) for layer in cache.layers]  # the next pass appends copies
         if need_importance:
             if importance_softmax == "cot":
                 key_mask = torch.zeros_like(tb.mask, dtype=torch.bool)  # [B, S]: True on the CoT columns
@@ -353,12 +369,15 @@ class LatentReasoner(nn.Module):
                 key_mask = None
             else:
                 raise ValueError(f"eviction.importance_softmax: {importance_softmax!r}; allowed values: cot, prefix")
-            with ImportanceCapture(tb.query_idx, tb.query_valid, key_mask) as cap:
-                out = self._run(x, tb.mask, tb.pos, cache, hidden_states=True)
+            rows = (tb.query_idx - W).clamp(min=0)  # rows of this pass (padding rows, invalid, point at 0)
+            with ImportanceCapture(rows, tb.query_valid, key_mask) as cap:
+                out = self._run(x[:, W:], tb.mask, tb.pos[:, W:], cache, hidden_states=True)
         else:
-            out = self._run(x, tb.mask, tb.pos, cache, hidden_states=True)
-        label_h, targets = self._labelled(out.last_hidden_state, tb.label_idx, tb.label_tgt)
-        res = TeacherOut(label_h, targets, self._at(out.hidden_states, tb.codi_col), head=self.logits)
+            out = self._run(x[:, W:], tb.mask, tb.pos[:, W:], cache, hidden_states=True)
+        h = out.last_hidden_state if h_question is None else torch.cat([h_question, out.last_hidden_state], 1)
+        label_h, targets = self._labelled(h, tb.label_idx, tb.label_tgt)
+        res = TeacherOut(label_h, targets, self._at(out.hidden_states, tb.codi_col - W), head=self.logits)
+        res.question_kv = question_kv
         if need_kv:
             L = len(cache.layers)
             B, C = tb.cot_idx.shape
@@ -381,7 +400,8 @@ class LatentReasoner(nn.Module):
         return self.proj(torch.cat([h_bot.unsqueeze(1), h_slots[:, :-1]], 1))
 
     def student_forward(self, sb: StudentBatch, num_sweeps: int, *, mode: str = "jacobi",
-                        key_space: str = "cache", keep_sweeps: str = "all", with_answer: bool = True) -> StudentOut:
+                        key_space: str = "cache", keep_sweeps: str = "all", with_answer: bool = True,
+                        question_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> StudentOut:
         """Latent student (SPEC §2): prefix pass, T Jacobi sweeps on the cached question, answer pass.
 
         mode="jacobi": prefix over question·<bot>·M placeholders gives z⁰ (shifted, projected); sweep t runs
@@ -389,11 +409,18 @@ class LatentReasoner(nn.Module):
         the cache of the last sweep. T=0: the answer attends to the placeholders (pause tokens).
         mode="sequential" (CODI): one latent per pass, z_{k+1} = proj(h_k), M passes after the prefix.
         keep_sweeps: "all" returns the latent KV of every sweep, "last" only the final one.
+        question_kv: the question block's KV from the teacher pass (`teacher_forward(share_question=True)`):
+        the prefix pass then starts at <bot> on top of it; the same results as computing it here.
         """
         B, M, Qb = sb.ids.shape[0], sb.num_latents, sb.q_block
-        ar = torch.arange(B, device=sb.ids.device)
-        bot_col = sb.mask[:, :Qb].sum(1) - 1  # <bot> is the last real token of the question block
         cache = self.new_cache()
+        W = 0  # columns [0, W) already in the cache
+        if question_kv is not None:
+            W = Qb - 1  # the question block; <bot> is column Qb - 1
+            for i, (k, v) in enumerate(question_kv):
+                if k.shape[2] != W:
+                    raise ValueError(f"question_kv covers {k.shape[2]} columns; this batch's question block has {W}")
+                cache.update(k, v, i)  # (a copy: the teacher's own cache goes on with its CoT)
         lat_pos = sb.pos[:, Qb:Qb + M]
         lk, lv = [], []
         passes = 0
@@ -406,14 +433,14 @@ class LatentReasoner(nn.Module):
             lv.append(v)
 
         if mode == "jacobi":
-            pre = self._run(self.embed(sb.ids[:, :Qb + M]), sb.mask[:, :Qb + M], sb.pos[:, :Qb + M], cache)
+            pre = self._run(self.embed(sb.ids[:, W:Qb + M]), sb.mask[:, :Qb + M], sb.pos[:, W:Qb + M], cache)
             passes += 1
-            h = pre.last_hidden_state
+            h = pre.last_hidden_state  # columns [W, Qb + M)
             if num_sweeps == 0:
                 z = self.embed(sb.ids[:, Qb:Qb + M])
                 record(Qb + M)
             else:
-                z = self._shift_project(h[ar, bot_col], h[:, Qb:Qb + M])
+                z = self._shift_project(h[:, Qb - 1 - W], h[:, Qb - W:])
                 for t in range(num_sweeps):
                     truncate_cache(cache, Qb)
                     out = self._run(z, sb.mask[:, :Qb + M], lat_pos, cache)
@@ -424,9 +451,9 @@ class LatentReasoner(nn.Module):
                         h = out.last_hidden_state
                         z = torch.cat([z[:, :1], self.proj(h[:, :-1])], 1)  # slot 1 stays
         elif mode == "sequential":
-            pre = self._run(self.embed(sb.ids[:, :Qb]), sb.mask[:, :Qb], sb.pos[:, :Qb], cache)
+            pre = self._run(self.embed(sb.ids[:, W:Qb]), sb.mask[:, :Qb], sb.pos[:, W:Qb], cache)
             passes += 1
-            z_k = self.proj(pre.last_hidden_state[ar, bot_col]).unsqueeze(1)  # [B, 1, d]
+            z_k = self.proj(pre.last_hidden_state[:, -1]).unsqueeze(1)  # [B, 1, d] at <bot>
             zs = []
             for k in range(M):
                 zs.append(z_k)
@@ -456,8 +483,6 @@ class LatentReasoner(nn.Module):
     def student_forward_naive(self, sb: StudentBatch, num_sweeps: int, key_space: str = "cache") -> StudentOut:
         """Reference for tests and benchmarks: every sweep recomputes the whole sequence, no cache reuse."""
         B, M, Qb = sb.ids.shape[0], sb.num_latents, sb.q_block
-        ar = torch.arange(B, device=sb.ids.device)
-        bot_col = sb.mask[:, :Qb].sum(1) - 1
         P = Qb + M
         q_emb = self.embed(sb.ids[:, :Qb])
         z = self.embed(sb.ids[:, Qb:P])
@@ -473,7 +498,7 @@ class LatentReasoner(nn.Module):
         out, cache = full(z)
         if num_sweeps > 0:
             h = out.last_hidden_state
-            z = self._shift_project(h[ar, bot_col], h[:, Qb:P])
+            z = self._shift_project(h[:, Qb - 1], h[:, Qb:P])  # <bot> is column Qb - 1
             for t in range(num_sweeps):
                 out, cache = full(z)
                 k, v = self.cache_kv(cache, Qb, P)
