@@ -41,6 +41,7 @@ BACKEND = None  # CPU smoke test of this script: the graphs' stand-in (replay = 
 SHAPE = "llama1b"
 OUT_PATH: Path | None = None
 REPEAT_EAGER = False
+LORA_DROPOUT = 0.1
 
 
 def dump(out: dict) -> None:
@@ -155,9 +156,9 @@ def bench_llama(out: dict, micro_batches=(32, 64), styles=("eq", "nl"), reps: in
     for style in styles:
         for mb in micro_batches:
             for method in methods:
-                row = {"steps": steps, "group_by_length": group}
+                row = {"steps": steps, "group_by_length": group, "lora_dropout": LORA_DROPOUT}
                 try:
-                    model = sb.build(SHAPE, sb.LORA_BAR)
+                    model = sb.build(SHAPE, sb.LORA_BAR, lora_dropout=LORA_DROPOUT)
                     model.train()
                     cfg = sb.cfg_for(method)
                     items = sb.sample_items(128 * steps, style, lengths, model.config.vocab_size, model.ids.eos, seed=1)
@@ -175,12 +176,11 @@ def bench_llama(out: dict, micro_batches=(32, 64), styles=("eq", "nl"), reps: in
                         def run():
                             for batches in plan:
                                 for b in batches:
-                                    if gs is None:  # today's eager step: no host reads either (as in training)
+                                    # eager: no host reads either (as in training); also where a graph is refused
+                                    if gs is None or gs(b) is None:  # (None: not graphed, e.g. capture out of memory)
                                         with torch.autocast(DEV, dtype=torch.bfloat16), no_host_sync():
                                             total, _ = loss_step(model, b, cfg)
                                         (total / accum).backward()
-                                    else:
-                                        gs(b)
                                 opt.step()
                                 opt.zero_grad(set_to_none=gs is None)
 
@@ -190,7 +190,7 @@ def bench_llama(out: dict, micro_batches=(32, 64), styles=("eq", "nl"), reps: in
                         row[key] = {"s_per_opt_step": med, "samples_per_s": 128 / med, "peak_gib":
                                     torch.cuda.max_memory_allocated() / 2**30,
                                     "shapes": len({batch_key(b) for bs in plan for b in bs}), **(gs.stats() if gs else {})}
-                        print(f"llama1b {style} mb{mb} {method:5s} {key:6s} {med:.3f} s/step (128 samples) "
+                        print(f"llama1b {style} mb{mb} {method:5s} {key:6s} p={LORA_DROPOUT} {med:.3f} s/step (128 samples) "
                               f"{128 / med:6.1f} samples/s  peak {row[key]['peak_gib']:.1f} GiB "
                               f"({row[key]['shapes']} shapes)", flush=True)
                         if gs is not None:  # free the graphs' memory pool before the next measurement
@@ -278,12 +278,13 @@ def main():
     ap.add_argument("--llama-steps", type=int, default=4, help="distinct optimizer steps timed per pass")
     ap.add_argument("--llama-modes", default="eager,graphs")
     ap.add_argument("--no-group", action="store_true", help="micro-batches in sampling order (no length grouping)")
+    ap.add_argument("--lora-dropout", type=float, default=0.1)
     ap.add_argument("--skip-equality", action="store_true", help="skip the LLaMA-shape eager-vs-graph check")
     ap.add_argument("--repeat-eager", action="store_true", help="synthetic: run the eager reference twice")
     ap.add_argument("--out", default="benchmarks/results/graph_bench.json")
     args = ap.parse_args()
-    global OUT_PATH, REPEAT_EAGER
-    OUT_PATH, REPEAT_EAGER = Path(args.out), args.repeat_eager
+    global OUT_PATH, REPEAT_EAGER, LORA_DROPOUT
+    OUT_PATH, REPEAT_EAGER, LORA_DROPOUT = Path(args.out), args.repeat_eager, args.lora_dropout
     if DEV == "cpu":
         cpu_smoke_setup()
     out = {"device": torch.cuda.get_device_name() if DEV == "cuda" else "cpu", "torch": torch.__version__}
