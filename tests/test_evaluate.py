@@ -118,6 +118,35 @@ def test_batched_generation_equals_one_by_one(eos_models, mode, student_mode, mo
 
 
 @pytest.mark.parametrize("mode, student_mode", CASES)
+def test_rounded_question_width_changes_no_generation(eos_models, mode, student_mode, monkeypatch):
+    """Evaluation pads the question block to a multiple of 16 columns (few shapes on a GPU): the same tokens
+    and logits as the batch's own width."""
+    import kava.evaluate as ev
+
+    m, tok = eos_models[(mode, student_mode)]
+    items = question_items(tok)
+    widths = []
+    real_build = ev.build_student_batch
+    monkeypatch.setattr(ev, "build_student_batch", lambda *a, **k: widths.append(k["widths"].q) or real_build(*a, **k))
+    seen = capture_logits(m, monkeypatch)
+    rounded = generate(m, items, tokenizer=tok, **kw(mode, student_mode))
+    rounded_logits = list(seen)
+    if mode == "latent":
+        assert widths[-1] % 16 == 0 and widths[-1] > max(len(it.question) for it in items)
+    monkeypatch.setattr(ev, "QUESTION_WIDTH_STEP", 1)
+    seen.clear()
+    own = generate(m, items, tokenizer=tok, **kw(mode, student_mode))
+    if mode == "latent":
+        assert widths[-1] == max(len(it.question) for it in items)
+    check_stops_vary(own, m.ids.eos)
+    assert [g.token_ids for g in rounded] == [g.token_ids for g in own]
+    assert [g.forward_passes for g in rounded] == [g.forward_passes for g in own]
+    assert len(seen) == len(rounded_logits)
+    for a, b in zip(rounded_logits, seen):
+        assert (a - b).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("mode, student_mode", CASES)
 def test_forward_pass_counts_are_exact(eos_models, mode, student_mode):
     m, tok = eos_models[(mode, student_mode)]
     items = question_items(tok)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from kava.data.format import Formatter, Tokenized, _pad, _positions, build_student_batch
+from kava.data.format import BlockWidths, Formatter, Tokenized, _pad, _positions, build_student_batch
 from kava.model.capture import no_host_sync
 from kava.model.families import check_window
 from kava.data.records import Record
@@ -92,18 +92,30 @@ def generate(model: LatentReasoner, items: list[Tokenized], *, mode: str, num_la
                          tokenizer=tokenizer)
 
 
+QUESTION_WIDTH_STEP = 16
+
+
+def question_width(model: LatentReasoner, n: int) -> int:
+    """Columns of a batch's question block: its longest question rounded up to a multiple of 16, so that the
+    same few shapes recur over an evaluation (on a GPU each new shape costs attention-kernel planning). Pads
+    are masked: the same generations. Not under a sliding window, which counts columns (`check_window`)."""
+    return n if model.sliding_window is not None else -(-n // QUESTION_WIDTH_STEP) * QUESTION_WIDTH_STEP
+
+
 def _generate(model, items, *, mode, num_latents, num_sweeps, student_mode, max_new_tokens, max_cot_tokens,
               tokenizer) -> list[Generation]:
     ids = model.ids
     dev = model.special_rows.device
     if mode == "latent":
-        sb = build_student_batch(items, ids, num_latents, with_answer=False).to(dev)
+        widths = BlockWidths(q=question_width(model, max(len(it.question) for it in items)), c=0,
+                             a=max(1 + len(it.prompt) for it in items), static=False)
+        sb = build_student_batch(items, ids, num_latents, with_answer=False, widths=widths).to(dev)
         s = model.student_forward(sb, num_sweeps, mode=student_mode, with_answer=False)
         toks, steps = answer_from_cache(model, sb, s.cache, sb.mask, max_new_tokens)
         base_passes = s.forward_passes
     elif mode in ("cot", "nocot"):
         rows = [it.question + (it.prompt if mode == "nocot" else []) for it in items]
-        S = max(len(r) for r in rows)
+        S = question_width(model, max(len(r) for r in rows))
         x = _pad(rows, S, ids.pad).to(dev)
         mask = _pad([[1] * len(r) for r in rows], S, 0).to(dev)
         pos = _positions(mask)
