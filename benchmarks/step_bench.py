@@ -50,7 +50,6 @@ SHAPES["tiny"] = dict(family="llama", hidden_size=64, intermediate_size=128, num
                       num_attention_heads=4, num_key_value_heads=2, vocab_size=1000, tie_word_embeddings=True)
 PEAK_TFLOPS = 989.0
 COMPILE = False  # --compile: also time cot and kava with torch.compile'd decoder layers
-FUSED_DROPOUT = True  # --peft-dropout: peft's own LoRA dropout (keeps each adapter's dropped input)
 NAIVE_CASTS = False  # --peft-casts: keep peft's default fp32 adapter-input casts (to measure their cost)
 DEV = "cuda" if torch.cuda.is_available() else "cpu"  # CPU only for a smoke test of the script
 
@@ -81,7 +80,6 @@ def build(shape: str, targets: list[str], dtype=torch.bfloat16, lora_dropout: fl
     from transformers import AutoModelForCausalLM
 
     from kava.model.loading import keep_adapter_inputs_in_compute_dtype, scratch_config
-    from kava.model.lora_dropout import fuse_lora_dropout
 
     spec = dict(SHAPES[shape])
     hf = scratch_config(spec, spec["vocab_size"])
@@ -89,8 +87,6 @@ def build(shape: str, targets: list[str], dtype=torch.bfloat16, lora_dropout: fl
     with torch.device(DEV):
         lm = AutoModelForCausalLM.from_config(hf, dtype=dtype, attn_implementation=capture.ATTN_IMPL)
     lm = get_peft_model(lm, LoraConfig(r=128, lora_alpha=32, lora_dropout=lora_dropout, target_modules=targets))
-    if FUSED_DROPOUT:  # as kava.model.loading builds it
-        fuse_lora_dropout(lm)
     if dtype != torch.float32 and not NAIVE_CASTS:
         keep_adapter_inputs_in_compute_dtype(lm)
     V = hf.vocab_size
@@ -410,12 +406,11 @@ def main():
     ap.add_argument("--out", default="benchmarks/results/step_bench.json")
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--peft-casts", action="store_true")
-    ap.add_argument("--peft-dropout", action="store_true", help="peft's own LoRA dropout, not kava's fused one")
     ap.add_argument("--eval-profile", help="append profiler tables of one eval batch per mode here")
     ap.add_argument("--eval-batch-sizes", default="128", help="evaluation batch sizes, e.g. 64,128,256")
     a = ap.parse_args()
-    global COMPILE, NAIVE_CASTS, FUSED_DROPOUT
-    COMPILE, NAIVE_CASTS, FUSED_DROPOUT = a.compile, a.peft_casts, not a.peft_dropout
+    global COMPILE, NAIVE_CASTS
+    COMPILE, NAIVE_CASTS = a.compile, a.peft_casts
     lengths = json.load(open(a.lengths))
     import transformers, peft
 

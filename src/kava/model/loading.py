@@ -17,7 +17,6 @@ from kava.checkpoint import EXTRA_FILE, load_extra, load_lm, resolve_init_dir, s
 from kava.config import Config
 from kava.data.format import SpecialIds, add_special_tokens
 from kava.model.families import check_window
-from kava.model.lora_dropout import fuse_lora_dropout
 from kava.model.pretrained import local_or_hub, load_pretrained_lm, pretrained_dir, scratch_config
 from kava.model.reasoner import LatentReasoner
 
@@ -73,7 +72,6 @@ def build_reasoner(cfg: Config, tokenizer, *, dtype: torch.dtype = torch.float32
 
         lm = get_peft_model(lm, LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
                                            target_modules=list(cfg.lora.target_modules), bias="none"))
-        fuse_lora_dropout(lm)  # keep a bool mask, not each adapter's dropped input, for backward
         if dtype != torch.float32:
             keep_adapter_inputs_in_compute_dtype(lm)
     model = LatentReasoner(lm, ids, projection=cfg.latent.projection, proj_hidden=cfg.latent.proj_hidden,
