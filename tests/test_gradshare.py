@@ -13,7 +13,7 @@ import kava.train as kt
 from kava.config import config_from_dict, load_config
 from kava.data.format import Formatter
 from kava.data.records import SkipLog
-from kava.gradshare import grad_share_due, grad_shares, share_metrics
+from kava.gradshare import grad_share_due, grad_share_micro, grad_shares, share_metrics
 from kava.methods import loss_step, make_batch
 from tiny import RECORDS, tiny_reasoner
 
@@ -157,3 +157,13 @@ def test_grad_shares_hold_at_most_two_gradients_and_equal_share_metrics(monkeypa
     assert got.keys() == expected.keys() and "grad_cos/kv" in got
     for k in got:
         assert got[k] == pytest.approx(expected[k], rel=1e-6, abs=1e-9), k
+
+
+def test_measurements_rotate_over_the_steps_micro_batches():
+    """Grouped by length, micro-batch 0 is always the step's shortest: the k-th measurement takes the
+    (k - 1) mod n-th micro-batch, so every length group is measured in turn."""
+    cfg = config_from_dict({"method": "kava", "model": {"name_or_path": "x"}, "run": {"grad_share_every": 50}})
+    due = [s for s in range(1, 501) if grad_share_due(cfg, s)]
+    assert [grad_share_micro(cfg, s, 4) for s in due] == [0, 1, 2, 3, 0, 1, 2, 3, 0, 1]
+    assert {grad_share_micro(cfg, s, 3) for s in due} == {0, 1, 2}
+    assert all(grad_share_micro(cfg, s, 1) == 0 for s in due)

@@ -29,9 +29,9 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 
 from kava import eviction
-from kava.data.format import Formatter, StudentBatch, TeacherBatch, build_student_batch, build_teacher_batch
+from kava.data.format import Formatter, StudentBatch, TeacherBatch, build_teacher_batch
 from kava.data.records import Record
-from kava.evaluate import answer_from_cache
+from kava.evaluate import answer_from_cache, question_batch
 from kava.model.reasoner import LatentReasoner
 
 ABLATIONS = ("zeros", "placeholder", "shuffle")
@@ -236,7 +236,7 @@ def _diagnose(model, tokenizer, cfg, records, chunk, fmt, spec, max_new_tokens) 
     M = cfg.latent.num_latents
     key_space = cfg.loss.kv_key_space
     q_items = [fmt.tokenize(records[i], i, need_answer=False) for i in chunk]
-    sb = build_student_batch(q_items, ids, M, with_answer=False).to(dev)
+    sb = question_batch(model, q_items, M).to(dev)  # the layout of the scored generations
     Qb = sb.q_block
     s = model.student_forward(sb, cfg.latent.num_sweeps, mode=student_mode_of(cfg.method), key_space=key_space,
                               keep_sweeps="last", with_answer=False)

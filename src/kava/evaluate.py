@@ -102,14 +102,20 @@ def question_width(model: LatentReasoner, n: int) -> int:
     return n if model.sliding_window is not None else -(-n // QUESTION_WIDTH_STEP) * QUESTION_WIDTH_STEP
 
 
+def question_batch(model: LatentReasoner, items: list[Tokenized], num_latents: int):
+    """The student batch of question-only items that latent evaluation (and the diagnostics) run: the
+    question block `question_width` wide, `<bot>`, the slots, `<eot>` · prompt."""
+    widths = BlockWidths(q=question_width(model, max(len(it.question) for it in items)), c=0,
+                         a=max(1 + len(it.prompt) for it in items), static=False)
+    return build_student_batch(items, model.ids, num_latents, with_answer=False, widths=widths)
+
+
 def _generate(model, items, *, mode, num_latents, num_sweeps, student_mode, max_new_tokens, max_cot_tokens,
               tokenizer) -> list[Generation]:
     ids = model.ids
     dev = model.special_rows.device
     if mode == "latent":
-        widths = BlockWidths(q=question_width(model, max(len(it.question) for it in items)), c=0,
-                             a=max(1 + len(it.prompt) for it in items), static=False)
-        sb = build_student_batch(items, ids, num_latents, with_answer=False, widths=widths).to(dev)
+        sb = question_batch(model, items, num_latents).to(dev)
         s = model.student_forward(sb, num_sweeps, mode=student_mode, with_answer=False)
         toks, steps = answer_from_cache(model, sb, s.cache, sb.mask, max_new_tokens)
         base_passes = s.forward_passes

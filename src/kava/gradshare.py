@@ -1,6 +1,7 @@
 """Per-term gradient share (issue 11 §2): how hard each loss term pulls on the trainable parameters.
 
-Every ``run.grad_share_every`` optimizer steps the trainer takes the step's first micro-batch (main process)
+Every ``run.grad_share_every`` optimizer steps the trainer takes one of the step's micro-batches (main process;
+the k-th measurement the (k − 1) mod n-th of n, `grad_share_micro`)
 and computes, for each loss term i with a non-zero weight w_i, the gradient of ``w_i · L_i`` (weighted as
 in the total loss) on all trainable parameters with a separate ``torch.autograd.grad`` call on one shared
 forward pass. Logged to metrics.jsonl (docs/method.md §4):
@@ -110,6 +111,13 @@ def grad_share_due(cfg, done_steps: int) -> bool:
     steps, for methods with more than one loss term (pccot, codi, kava)."""
     every = cfg.run.grad_share_every
     return bool(every) and cfg.is_latent and done_steps % every == 0
+
+
+def grad_share_micro(cfg, done_steps: int, num_micro: int) -> int:
+    """Which of the step's `num_micro` micro-batches (of the main process) a due step measures: the k-th
+    measurement takes micro-batch (k − 1) mod num_micro. With `optim.group_by_length` the micro-batches are
+    ordered by length, so the measurements rotate over the length groups instead of always the shortest."""
+    return (done_steps // cfg.run.grad_share_every - 1) % num_micro
 
 
 def measure(model, batch, cfg, device: torch.device, autocast) -> dict[str, float]:

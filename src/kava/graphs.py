@@ -6,7 +6,7 @@ one micro-batch's forward + backward once and replays it with a single launch.
 
 What makes the micro-step capturable (checked on CPU by running it on the meta device, see tests):
 - static shapes: batches are laid out in blocks [question | CoT | answer] whose widths come from a geometric
-  series (`optim.graph_buckets`, `kava.data.format.static_widths`), and the label and query-row capacities
+  series (`optim.graph_buckets`, `kava.data.format.block_widths`), and the label and query-row capacities
   follow from the widths, so three numbers fix a batch's shape (about 10-20 shapes over GSM8k at any
   micro-batch); pads are masked, so the losses and gradients equal the unpadded batch's;
 - no host sync: the labelled positions come from the host-built batch (`label_idx`), the CE denominators are

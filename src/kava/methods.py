@@ -116,7 +116,8 @@ def loss_step(model: LatentReasoner, batch: Batch, cfg: Config, generator: torch
     terms_out: optional dict, filled with term name -> (0-dim term with its graph, weight in the total)
     (for `kava.gradshare`).
     share_question: latent methods compute the question block once, for the teacher and the student
-    (`LatentReasoner.teacher_forward`); the same losses and gradients as two passes (False: the reference).
+    (`LatentReasoner.teacher_forward`): the same losses and gradients as two passes (False: the reference),
+    except that any dropout on the question (LoRA's, the backbone's) is one draw for both, not two.
     """
     timer = timer or _NoTimer()
     spec = METHOD_SPECS[cfg.method]

@@ -43,7 +43,7 @@ from kava.config import Config, ConfigError, check_world_size, graph_exclusion, 
 from kava.data.format import Formatter, special_ids
 from kava.data.pipeline import load_train_valid, train_data_label
 from kava.data.records import SkipLog
-from kava.gradshare import grad_share_due, measure
+from kava.gradshare import grad_share_due, grad_share_micro, measure
 from kava.graphs import GraphedStep
 from kava.model.capture import no_host_sync
 from kava.model.families import text_config
@@ -658,7 +658,8 @@ def train_step(t: Trainer, items: list[Tokenized], batch: tuple[int, ...], *, ac
                 acc.backward(total / accum)
         for k, v in log.items():
             sums[k] = sums.get(k, 0.0) + v.float() / len(micro)
-        if i == 0 and t.main and grad_share_due(cfg, step + 1):  # per-term gradient norms (kava.gradshare)
+        if t.main and grad_share_due(cfg, step + 1) and i == grad_share_micro(cfg, step + 1, len(micro)):
+            # per-term gradient norms (kava.gradshare), rotating over the step's (length-ordered) micro-batches
             logger.log({"split": "train", **measure(raw, b, cfg, acc.device, acc.autocast())}, step + 1)
     gnorm = acc.clip_grad_norm_(raw.parameters(), cfg.optim.grad_clip) if cfg.optim.grad_clip > 0 else \
         torch.sqrt(sum((p.grad.float() ** 2).sum() for p in raw.parameters() if p.grad is not None))

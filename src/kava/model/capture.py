@@ -4,7 +4,8 @@ Asking HF for attention probabilities forces eager attention and materialises [B
 layer. Eviction only needs the answer queries' probabilities over the keys. We register two attention
 implementations through transformers' public `AttentionInterface`:
 
-- `kava_sdpa`: HF's SDPA kernel for the output (`model.attn_implementation: sdpa`);
+- `kava_sdpa`: SDPA for the output (`model.attn_implementation: sdpa`): HF's SDPA path, or for grouped-query
+  attention with a mask `grouped_query_sdpa`, which does not copy the KV heads;
 - `kava_eager`: the model's *own* eager attention function (looked up in its modeling module, so family
   specifics such as Gemma2's logit softcapping stay exactly as HF wrote them; `model.attn_implementation:
   eager`, and what `auto` picks for a model HF does not run under SDPA).

@@ -349,7 +349,8 @@ class LatentReasoner(nn.Module):
         cache, and return the question's KV in `question_kv` for the student, which then does not recompute
         it (`student_forward(question_kv=...)`). Causal attention makes the question's KV independent of
         what follows, so the results are those of one pass; the question's activations then get the
-        gradients of both the teacher's and the student's losses, as two separate passes would.
+        gradients of both the teacher's and the student's losses, as two separate passes would (with
+        dropout active, teacher and student share one draw on the question).
         """
         x = self.embed(tb.ids)
         cache = self.new_cache() if need_kv or share_question else None
@@ -410,9 +411,10 @@ class LatentReasoner(nn.Module):
         mode="sequential" (CODI): one latent per pass, z_{k+1} = proj(h_k), M passes after the prefix.
         keep_sweeps: "all" returns the latent KV of every sweep, "last" only the final one.
         question_kv: the question block's KV from the teacher pass (`teacher_forward(share_question=True)`):
-        the prefix pass then starts at <bot> on top of it; the same results as computing it here.
+        the prefix pass then starts at <bot> on top of it; the same results as computing it here (up to
+        dropout draws).
         """
-        B, M, Qb = sb.ids.shape[0], sb.num_latents, sb.q_block
+        M, Qb = sb.num_latents, sb.q_block
         cache = self.new_cache()
         W = 0  # columns [0, W) already in the cache
         if question_kv is not None:
@@ -482,7 +484,7 @@ class LatentReasoner(nn.Module):
 
     def student_forward_naive(self, sb: StudentBatch, num_sweeps: int, key_space: str = "cache") -> StudentOut:
         """Reference for tests and benchmarks: every sweep recomputes the whole sequence, no cache reuse."""
-        B, M, Qb = sb.ids.shape[0], sb.num_latents, sb.q_block
+        M, Qb = sb.num_latents, sb.q_block
         P = Qb + M
         q_emb = self.embed(sb.ids[:, :Qb])
         z = self.embed(sb.ids[:, Qb:P])
