@@ -23,9 +23,9 @@ from kava.config import load_config
 # Stage -> (method, extra overrides). The common settings live in src/kava/configs/tiny_synth.yaml.
 # The KaVa student's teacher drops the last CoT step (SPEC §1); the backbone learns the whole chain.
 STAGES = {
-    "backbone": ("cot", ["optim.max_steps=310", "optim.lr=3e-3", "run.eval_every=310"]),
-    "nocot": ("nocot", ["optim.max_steps=80", "optim.lr=1e-3", "run.eval_every=80"]),
-    "kava": ("kava", ["optim.max_steps=80", "optim.lr=1e-3", "run.eval_every=80", "data.drop_last_step=true"]),
+    "backbone": ("cot", ["optim.max_steps=340", "optim.lr=3e-3", "run.eval_every=340"]),
+    "nocot": ("nocot", ["optim.max_steps=64", "optim.lr=1e-3", "run.eval_every=64"]),
+    "kava": ("kava", ["optim.max_steps=64", "optim.lr=1e-3", "run.eval_every=64", "data.drop_last_step=true"]),
 }
 EVAL_MODE = {"backbone": "cot", "nocot": "nocot", "kava": "latent"}
 
