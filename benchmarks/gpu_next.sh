@@ -4,6 +4,7 @@
 #   bash benchmarks/gpu_next.sh baseline   (carry .carry) # c310e99's eager step vs HEAD's, same call; LoRA dropout
 #   bash benchmarks/gpu_next.sh train                     # HEAD eager (no host reads) vs graphs, eq/NL x mb 32/64
 #   bash benchmarks/gpu_next.sh eval                      # latent vs cot questions/s at batch 64 and 256
+#   bash benchmarks/gpu_next.sh dropout                   # lora.fused_dropout vs peft's dropout (graphs, mb 32)
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-benchmarks/results}
@@ -23,6 +24,10 @@ case "${1:-train}" in
     PYTHONPATH=$PWD/src:$PWD/benchmarks timeout 570 python benchmarks/graph_bench.py --llama1b --micro-batches 32,64 \
       --styles eq,nl --llama-methods kava --llama-steps 4 --out $OUT/graph_bench_llama1b_shared.json 2>&1 | quiet \
       | grep -v "^ \|^Traceback" | tail -20 ;;
+  dropout)  # lora.fused_dropout against peft's dropout, same call: graphs, eq and NL at micro-batch 32
+    for f in "" "--fused-dropout"; do PYTHONPATH=$PWD/src:$PWD/benchmarks timeout 250 python benchmarks/graph_bench.py \
+      --llama1b --skip-equality --micro-batches 32 --styles eq,nl --llama-methods kava --llama-modes graphs $f \
+      --out $OUT/graph_bench_fused_dropout${f:+_on}.json 2>&1 | quiet | grep "^llama1b"; done ;;
   eval)  # latent vs cot questions/s at batch 64 and 256, one profiled batch per mode
     PYTHONPATH=$PWD/src timeout 560 python benchmarks/step_bench.py --shapes llama1b --eval-only \
       --eval-batch-sizes 64,256 --eval-profile $OUT/eval_profile.txt --out $OUT/eval_bench.json 2>&1 | quiet \

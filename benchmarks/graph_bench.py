@@ -156,7 +156,8 @@ def bench_llama(out: dict, micro_batches=(32, 64), styles=("eq", "nl"), reps: in
     for style in styles:
         for mb in micro_batches:
             for method in methods:
-                row = {"steps": steps, "group_by_length": group, "lora_dropout": LORA_DROPOUT}
+                row = {"steps": steps, "group_by_length": group, "lora_dropout": LORA_DROPOUT,
+                       "fused_dropout": sb.FUSED_DROPOUT}
                 try:
                     model = sb.build(SHAPE, sb.LORA_BAR, lora_dropout=LORA_DROPOUT)
                     model.train()
@@ -190,7 +191,7 @@ def bench_llama(out: dict, micro_batches=(32, 64), styles=("eq", "nl"), reps: in
                         row[key] = {"s_per_opt_step": med, "samples_per_s": 128 / med, "peak_gib":
                                     torch.cuda.max_memory_allocated() / 2**30,
                                     "shapes": len({batch_key(b) for bs in plan for b in bs}), **(gs.stats() if gs else {})}
-                        print(f"llama1b {style} mb{mb} {method:5s} {key:6s} p={LORA_DROPOUT} {med:.3f} s/step (128 samples) "
+                        print(f"llama1b {style} mb{mb} {method:5s} {key:6s} p={LORA_DROPOUT}{' fused' if sb.FUSED_DROPOUT else ''} {med:.3f} s/step (128 samples) "
                               f"{128 / med:6.1f} samples/s  peak {row[key]['peak_gib']:.1f} GiB "
                               f"({row[key]['shapes']} shapes)", flush=True)
                         if gs is not None:  # free the graphs' memory pool before the next measurement
@@ -279,12 +280,14 @@ def main():
     ap.add_argument("--llama-modes", default="eager,graphs")
     ap.add_argument("--no-group", action="store_true", help="micro-batches in sampling order (no length grouping)")
     ap.add_argument("--lora-dropout", type=float, default=0.1)
+    ap.add_argument("--fused-dropout", action="store_true", help="lora.fused_dropout (kava.model.lora_dropout)")
     ap.add_argument("--skip-equality", action="store_true", help="skip the LLaMA-shape eager-vs-graph check")
     ap.add_argument("--repeat-eager", action="store_true", help="synthetic: run the eager reference twice")
     ap.add_argument("--out", default="benchmarks/results/graph_bench.json")
     args = ap.parse_args()
     global OUT_PATH, REPEAT_EAGER, LORA_DROPOUT
     OUT_PATH, REPEAT_EAGER, LORA_DROPOUT = Path(args.out), args.repeat_eager, args.lora_dropout
+    sb.FUSED_DROPOUT = args.fused_dropout
     if DEV == "cpu":
         cpu_smoke_setup()
     out = {"device": torch.cuda.get_device_name() if DEV == "cuda" else "cpu", "torch": torch.__version__}

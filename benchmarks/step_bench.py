@@ -49,6 +49,7 @@ SHAPES["tiny"] = dict(family="llama", hidden_size=64, intermediate_size=128, num
                       num_attention_heads=4, num_key_value_heads=2, vocab_size=1000, tie_word_embeddings=True)
 PEAK_TFLOPS = 989.0
 COMPILE = False  # --compile: also time cot and kava with torch.compile'd decoder layers
+FUSED_DROPOUT = False  # --fused-dropout: lora.fused_dropout (kava.model.lora_dropout)
 NAIVE_CASTS = False  # --peft-casts: keep peft's default fp32 adapter-input casts (to measure their cost)
 DEV = "cuda" if torch.cuda.is_available() else "cpu"  # CPU only for a smoke test of the script
 
@@ -79,6 +80,7 @@ def build(shape: str, targets: list[str], dtype=torch.bfloat16, lora_dropout: fl
     from transformers import AutoModelForCausalLM
 
     from kava.model.loading import keep_adapter_inputs_in_compute_dtype, scratch_config
+    from kava.model.lora_dropout import fuse_lora_dropout
 
     spec = dict(SHAPES[shape])
     hf = scratch_config(spec, spec["vocab_size"])
@@ -86,6 +88,8 @@ def build(shape: str, targets: list[str], dtype=torch.bfloat16, lora_dropout: fl
     with torch.device(DEV):
         lm = AutoModelForCausalLM.from_config(hf, dtype=dtype, attn_implementation=capture.ATTN_IMPL)
     lm = get_peft_model(lm, LoraConfig(r=128, lora_alpha=32, lora_dropout=lora_dropout, target_modules=targets))
+    if FUSED_DROPOUT:  # lora.fused_dropout
+        fuse_lora_dropout(lm)
     if dtype != torch.float32 and not NAIVE_CASTS:
         keep_adapter_inputs_in_compute_dtype(lm)
     V = hf.vocab_size

@@ -49,6 +49,8 @@ class LoraSection:
     alpha: int = 32
     dropout: float = 0.1
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    # dropout fused into lora_A: keeps a bool mask, not each adapter's dropped input (kava.model.lora_dropout)
+    fused_dropout: bool = False
 
 
 @dataclass

@@ -17,6 +17,7 @@ from kava.checkpoint import EXTRA_FILE, load_extra, load_lm, resolve_init_dir, s
 from kava.config import Config
 from kava.data.format import SpecialIds, add_special_tokens
 from kava.model.families import check_window
+from kava.model.lora_dropout import fuse_lora_dropout
 from kava.model.pretrained import local_or_hub, load_pretrained_lm, pretrained_dir, scratch_config
 from kava.model.reasoner import LatentReasoner
 
@@ -72,6 +73,8 @@ def build_reasoner(cfg: Config, tokenizer, *, dtype: torch.dtype = torch.float32
 
         lm = get_peft_model(lm, LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
                                            target_modules=list(cfg.lora.target_modules), bias="none"))
+        if cfg.lora.fused_dropout:
+            fuse_lora_dropout(lm)
         if dtype != torch.float32:
             keep_adapter_inputs_in_compute_dtype(lm)
     model = LatentReasoner(lm, ids, projection=cfg.latent.projection, proj_hidden=cfg.latent.proj_hidden,
