@@ -33,7 +33,7 @@ import step_bench as sb  # noqa: E402
 from step_bench import sync  # noqa: E402
 from kava.config import load_config  # noqa: E402
 from kava.graphs import EagerReplay, GraphedStep, batch_key  # noqa: E402
-from kava.methods import loss_step  # noqa: E402
+from kava.methods import length_key, loss_step  # noqa: E402
 from kava.model.capture import no_host_sync  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -144,7 +144,7 @@ def bench_synth(steps: int, warm: int, out: dict, shapes, methods):
 
 def step_micro_batches(items, mb: int, group: bool):
     """One optimizer step's micro-batches, as `kava.train.train_step` forms them (`optim.group_by_length`)."""
-    order = sorted(items, key=lambda it: len(it.question) + len(it.cot)) if group else list(items)
+    order = sorted(items, key=length_key) if group else list(items)
     return [order[i:i + mb] for i in range(0, len(order), mb)]
 
 

@@ -23,7 +23,7 @@ from kava.data.format import Formatter
 from kava.data.records import SkipLog
 from kava.data.format import block_widths, bucket_width, build_student_batch, build_teacher_batch
 from kava.graphs import EagerReplay, GraphedStep, batch_key
-from kava.methods import Batch, loss_step, make_batch
+from kava.methods import Batch, length_key, loss_step, make_batch
 from kava.model.capture import no_host_sync
 from kava.model.loading import build_reasoner
 from tiny import RECORDS, tiny_tokenizer
@@ -479,7 +479,7 @@ def test_sharing_and_grouping_compute_far_fewer_columns_on_gsm8k_lengths():
         old = new = 0
         for _ in range(20):
             step = rng.sample(items, 128)
-            grouped = sorted(step, key=lambda it: len(it.question) + len(it.cot))
+            grouped = sorted(step, key=length_key)
             old += sum(columns(step[i:i + 32], False, buckets) for i in range(0, 128, 32))
             new += sum(columns(grouped[i:i + 32], True, buckets) for i in range(0, 128, 32))
         assert old / new >= 1.5, (buckets, old / new)

@@ -144,10 +144,7 @@ def kv_match_stats(student: torch.Tensor, target: torch.Tensor, slot_mask: torch
 # ------------------------------------------------------------------------------------------ caches
 def cache_from_kv(model: LatentReasoner, k: torch.Tensor, v: torch.Tensor) -> DynamicCache:
     """A new cache holding ``k``, ``v`` ``[L, B, Hkv, N, D]`` as its first N columns (copies)."""
-    cache = model.new_cache()
-    for layer in range(k.shape[0]):
-        cache.update(k[layer], v[layer], layer)
-    return cache
+    return model.cache_from(zip(k, v))
 
 
 def latent_slot_cache(model: LatentReasoner, sb: StudentBatch, question_cache: DynamicCache,

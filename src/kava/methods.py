@@ -54,6 +54,11 @@ class Batch:
     ce_den: dict[str, float] | None = None
 
 
+def length_key(item: Tokenized) -> int:
+    """What `optim.group_by_length` sorts a step's examples by: question + CoT tokens (the teacher's width)."""
+    return len(item.question) + len(item.cot)
+
+
 def label_counts(items: list[Tokenized], cfg: Config) -> dict[str, int]:
     """Labelled tokens of each CE term over `items` (the layout of `kava.data.format`)."""
     spec = METHOD_SPECS[cfg.method]

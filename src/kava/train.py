@@ -47,7 +47,7 @@ from kava.gradshare import grad_share_due, grad_share_micro, measure
 from kava.graphs import GraphedStep
 from kava.model.capture import no_host_sync
 from kava.model.families import text_config
-from kava.methods import ce_denominators, loss_step, make_batch
+from kava.methods import ce_denominators, length_key, loss_step, make_batch
 from kava.checkpoint import CheckpointError, save_model
 from kava.model.loading import build_reasoner, load_tokenizer
 from kava.progress import ProgressLine, start_summary
@@ -626,15 +626,14 @@ def train_step(t: Trainer, items: list[Tokenized], batch: tuple[int, ...], *, ac
 
     Splits it into `optim.micro_batch`-sized micro-batches (of similar lengths with `optim.group_by_length`),
     takes this rank's share, back-propagates each one's `total / accum` (DDP syncs only on the last), then
-    clips and steps — unless the loss or the gradient is
-    non-finite on any rank: then the gradients are dropped, no weight changes, and `bad` names the terms
-    (`run.nan_policy` is the caller's). The CE terms are sums over the whole step's label count
+    clips and steps — unless the loss or the gradient is non-finite on any rank: then the gradients are
+    dropped, no weight changes, and `bad` names the terms (`run.nan_policy` is the caller's). The CE terms are sums over the whole step's label count
     (`ce_denominators`), so the gradient does not depend on the split.
     """
     cfg, acc, raw, world = t.cfg, t.acc, t.raw, t.acc.num_processes
     mb = cfg.optim.micro_batch
     if cfg.optim.group_by_length:  # similar lengths share a micro-batch: less padding (stable, so deterministic)
-        batch = tuple(sorted(batch, key=lambda j: len(items[j].question) + len(items[j].cot)))
+        batch = tuple(sorted(batch, key=lambda j: length_key(items[j])))
     all_micro = [batch[i:i + mb] for i in range(0, len(batch), mb)]
     micro = all_micro[acc.process_index::world]
     ce_den = ce_denominators([items[j] for j in batch], cfg, len(all_micro))

@@ -316,13 +316,13 @@ def build_teacher_batch(items: list[Tokenized], ids: SpecialIds, *, with_cot: bo
         else:
             raise ValueError(f"eviction.importance_queries: {query_mode!r}; allowed values: answer, cot_tail")
     B = len(items)
+    S = max(len(s) for s in seqs) if widths is None else widths.q + widths.c + widths.a
     if widths is None or not widths.static:
-        S = max(len(s) for s in seqs) if widths is None else widths.q + widths.c + widths.a
         C = max(1, max(len(c) for c in cot_k))
         A = max(1, max(len(q) for q in q_k))
         capacity = None
     else:
-        S, C = widths.q + widths.c + widths.a, max(1, widths.c)
+        C = max(1, widths.c)
         A = widths.a if query_mode == "answer" else tail_window
         capacity = B * ((widths.c if with_cot else 0) + widths.a)
     if widths is not None:

@@ -299,6 +299,14 @@ class LatentReasoner(nn.Module):
         return self.decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, use_cache=True,
                             output_hidden_states=hidden_states, **{cache_kwarg(type(self.decoder)): cache})
 
+    def cache_from(self, kv) -> DynamicCache:
+        """A new cache whose layer i starts with the i-th (keys, values) of `kv`, each [B, Hkv, N, D] (copies:
+        appending to it never changes the given tensors)."""
+        cache = self.new_cache()
+        for i, (k, v) in enumerate(kv):
+            cache.update(k, v, i)
+        return cache
+
     def new_cache(self) -> DynamicCache:
         """A cache whose every layer keeps every column (also for sliding-window layers: `check_window`
         refuses sequences a window would cut), so the latent block can be cropped and re-run."""
@@ -377,8 +385,8 @@ class LatentReasoner(nn.Module):
             out = self._run(x[:, W:], tb.mask, tb.pos[:, W:], cache, hidden_states=True)
         h = out.last_hidden_state if h_question is None else torch.cat([h_question, out.last_hidden_state], 1)
         label_h, targets = self._labelled(h, tb.label_idx, tb.label_tgt)
-        res = TeacherOut(label_h, targets, self._at(out.hidden_states, tb.codi_col - W), head=self.logits)
-        res.question_kv = question_kv
+        res = TeacherOut(label_h, targets, self._at(out.hidden_states, tb.codi_col - W), head=self.logits,
+                         question_kv=question_kv)
         if need_kv:
             L = len(cache.layers)
             B, C = tb.cot_idx.shape
@@ -415,14 +423,11 @@ class LatentReasoner(nn.Module):
         dropout draws).
         """
         M, Qb = sb.num_latents, sb.q_block
-        cache = self.new_cache()
-        W = 0  # columns [0, W) already in the cache
-        if question_kv is not None:
-            W = Qb - 1  # the question block; <bot> is column Qb - 1
-            for i, (k, v) in enumerate(question_kv):
-                if k.shape[2] != W:
-                    raise ValueError(f"question_kv covers {k.shape[2]} columns; this batch's question block has {W}")
-                cache.update(k, v, i)  # (a copy: the teacher's own cache goes on with its CoT)
+        W = 0 if question_kv is None else Qb - 1  # columns [0, W) already in the cache; <bot> is column Qb - 1
+        if question_kv is not None and question_kv[0][0].shape[2] != W:
+            raise ValueError(f"question_kv covers {question_kv[0][0].shape[2]} columns; this batch's question "
+                             f"block has {W}")
+        cache = self.new_cache() if question_kv is None else self.cache_from(question_kv)
         lat_pos = sb.pos[:, Qb:Qb + M]
         lk, lv = [], []
         passes = 0
