@@ -379,3 +379,49 @@ def test_load_eval_dataset_env_and_errors(data_dir, monkeypatch, tmp_path):
         load_eval_dataset("synth-test", hub=True)
     with pytest.raises(DataError, match="file not found"):
         load_eval_dataset("synth-test", tmp_path)
+
+
+# ---------------------------------------------------------------------------------------- equation-only GSM8k
+def test_gsm8k_equation_form_reproduces_gsm8k_aug_test_and_valid_exactly(data_dir, tmp_path):
+    """GSM8k-Aug's test/valid files are GSM8k's calculator annotations joined by spaces: the `gsm8k` reader
+    with cot_style=equation plus `icot_line` must give them back line for line (1,319 of 1,319)."""
+    from kava.data.readers import gsm8k_icot_lines, icot_line, read_gsm8k_jsonl, read_icot, write_icot
+
+    lines = gsm8k_icot_lines(data_dir / "gsm8k" / "test.jsonl")
+    ref = (data_dir / "gsm8k-aug" / "test.txt").read_text().splitlines()
+    assert len(lines) == len(ref) == 1319
+    assert sum(a == b for a, b in zip(lines, ref)) == 1319
+    # the records agree too (answers normalised on both sides: "2,125" -> "2125")
+    out = tmp_path / "test_eq.txt"
+    assert write_icot(lines, out) == 1319 and out.read_text().splitlines() == ref
+    mine = read_gsm8k_jsonl(data_dir / "gsm8k" / "test.jsonl", "equation")
+    theirs = read_icot(data_dir / "gsm8k-aug" / "test.txt")
+    assert [(r.question, r.steps, r.answer) for r in mine] == [(r.question, r.steps, r.answer) for r in theirs]
+    assert icot_line(mine[0]) == ref[0]
+    # the valid file: 500 lines, each one a GSM8k *train* question in the same form
+    train_lines = set(gsm8k_icot_lines(data_dir / "gsm8k" / "train.jsonl"))
+    valid = (data_dir / "gsm8k-aug" / "valid.txt").read_text().splitlines()
+    assert len(valid) == 500 and all(v in train_lines for v in valid)
+
+
+def test_exclude_valid_questions_gives_the_6973_train_questions_and_counts_the_500(data_dir):
+    """GSM8k train minus GSM8k-Aug's valid questions: exactly the questions of train_no_aug.txt; the 500
+    dropped ones are counted skips (and without the option nothing is dropped)."""
+    from kava.config import load_config
+    from kava.data.pipeline import load_train_valid, question_key
+    from kava.data.records import SkipLog
+
+    sets = ["model.name_or_path=unused", f"data.source={data_dir}/gsm8k/train.jsonl", "data.format=gsm8k", "data.cot_style=equation",
+            f"data.valid_source={data_dir}/gsm8k-aug/valid.txt", "data.valid_limit=50"]
+    skips = SkipLog()
+    train, valid, desc = load_train_valid(load_config(None, sets + ["data.exclude_valid_questions=true"]),
+                                          data_dir, skips)
+    text = (data_dir / "gsm8k-aug" / "train_no_aug.txt").read_text(encoding="utf-8")
+    nl = [ln.split("||")[0] for ln in text.split("\n") if ln.strip()]  # not splitlines: U+2028 is in questions
+    assert len(train) == len(nl) == 6973
+    assert sorted(question_key(r.question) for r in train) == sorted(question_key(q) for q in nl)  # iCoT shuffled
+    assert skips.counts == {"question in the validation set": 500}
+    assert len(valid) == 50 and "excluded" in desc  # valid_limit limits validation, not the exclusion
+    skips2 = SkipLog()
+    train2, _, _ = load_train_valid(load_config(None, sets), data_dir, skips2)
+    assert len(train2) == 7473 and skips2.total == 0

@@ -111,6 +111,9 @@ class DataConfig:
     strict: bool = False
     limit: int | None = None  # use the first N training records
     valid_limit: int | None = 200
+    # drop training records whose question is also a validation question (counted skip): e.g. GSM8k's train
+    # file holds the 500 questions of GSM8k-Aug's valid split
+    exclude_valid_questions: bool = False
     # synthetic task generation (used when source == "synthetic")
     synth_train_size: int = 20000
     synth_eval_size: int = 500

@@ -16,11 +16,14 @@ def add_parser(sub) -> None:
     p.add_argument("--num-latents", type=int, default=24)
     p.add_argument("--output", default="runs/_data", help="where synthetic data and the built tokenizer go")
     p.add_argument("--strict", action="store_true")
+    p.add_argument("--write-icot", metavar="FILE",
+                   help="also write the records as an iCoT text file (question||steps #### answer); e.g. GSM8k "
+                        "JSONL with --cot-style equation gives GSM8k-Aug's equation-only form")
     p.set_defaults(func=run)
 
 
 def describe(source: str, *, fmt="auto", split=None, cot_style="equation", data_dir=None, tokenizer=None,
-             num_latents=24, output="runs/_data", strict=False) -> dict:
+             num_latents=24, output="runs/_data", strict=False, write_icot=None) -> dict:
     from pathlib import Path
 
     from transformers import AutoTokenizer
@@ -28,7 +31,9 @@ def describe(source: str, *, fmt="auto", split=None, cot_style="equation", data_
     from kava.config import Config
     from kava.data.format import Formatter, add_special_tokens, build_student_batch, build_teacher_batch
     from kava.data.pipeline import synthetic_dir
-    from kava.data.readers import EVAL_DATASETS, load_eval_dataset, load_records
+    from kava.data.readers import EVAL_DATASETS, detect_format, load_eval_dataset, load_records
+    from kava.data.readers import gsm8k_icot_lines, icot_line
+    from kava.data.readers import write_icot as write_icot_file
     from kava.data.records import SkipLog
 
     skips = SkipLog(strict=strict)
@@ -45,6 +50,12 @@ def describe(source: str, *, fmt="auto", split=None, cot_style="equation", data_
     print(f"records: {len(recs)}; {skips.summary()}")
     for reason, ex in skips.examples.items():
         print(f"  {reason}: e.g. {', '.join(ex)}")
+    if write_icot:
+        gsm8k = source not in EVAL_DATASETS and source != "synthetic" and (
+            fmt == "gsm8k" or (fmt == "auto" and detect_format(Path(source)) == "gsm8k"))
+        lines = (gsm8k_icot_lines(source) if gsm8k and cot_style == "equation" else [icot_line(r) for r in recs])
+        n = write_icot_file(lines, write_icot)
+        print(f"wrote {n} records in the iCoT text format: {write_icot}")
     if not recs:
         return {"records": 0, "skips": skips.as_dict()}
     if tokenizer:
@@ -73,5 +84,6 @@ def describe(source: str, *, fmt="auto", split=None, cot_style="equation", data_
 
 def run(args) -> int:
     describe(args.source, fmt=args.format, split=args.split, cot_style=args.cot_style, data_dir=args.data_dir,
-             tokenizer=args.tokenizer, num_latents=args.num_latents, output=args.output, strict=args.strict)
+             tokenizer=args.tokenizer, num_latents=args.num_latents, output=args.output, strict=args.strict,
+             write_icot=args.write_icot)
     return 0

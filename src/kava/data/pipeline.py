@@ -66,6 +66,31 @@ def find_synthetic_dir(cfg: Config, run_dir: Path | None = None) -> Path:
     raise OSError(f"could not write the synthetic task ({'; '.join(errors)}); give --data-dir")
 
 
+def question_key(question: str) -> str:
+    """Questions compared across files: whitespace runs collapsed, ends stripped."""
+    return " ".join(question.split())
+
+
+def valid_questions(vsrc: str, d) -> set[str]:
+    """Every question of the validation source (all of it, not only the first `valid_limit`)."""
+    fld = {"question": d.question_field, "steps": d.steps_field, "answer": d.answer_field}
+    fmt = "auto" if d.valid_source else d.format
+    recs = load_records(vsrc, fmt, d.valid_split, fields=fld if fmt in ("jsonl", "hub") else None,
+                        skips=SkipLog(), cot_style=d.cot_style)
+    return {question_key(r.question) for r in recs}
+
+
+def exclude_questions(train: list[Record], questions: set[str], skips: SkipLog) -> list[Record]:
+    """`train` without the records whose question is in `questions`; each dropped one is a counted skip."""
+    kept = []
+    for r in train:
+        if question_key(r.question) in questions:
+            skips.skip("question in the validation set", r.source or r.question[:40])
+        else:
+            kept.append(r)
+    return kept
+
+
 def load_train_valid(cfg: Config, data_root: Path, skips: SkipLog) -> tuple[list[Record], list[Record], str]:
     """Training records, validation records (never a test split), and a description of both."""
     d = cfg.data
@@ -86,6 +111,9 @@ def load_train_valid(cfg: Config, data_root: Path, skips: SkipLog) -> tuple[list
         valid = load_records(vsrc, "auto" if d.valid_source else d.format, d.valid_split, fields=fld,
                              skips=SkipLog(), limit=d.valid_limit, cot_style=d.cot_style)
         desc = f"{d.source} [{d.split}], validation {vsrc} [{d.valid_split}]"
+        if d.exclude_valid_questions:
+            train = exclude_questions(train, valid_questions(vsrc, d), skips)
+            desc += ", validation questions excluded from training"
     if "test" in (d.valid_split or "").lower() and not d.valid_source:
         raise ValueError("data.valid_split: checkpoints are selected on validation data, never on a test split")
     return train, valid, desc
