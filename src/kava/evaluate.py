@@ -278,7 +278,9 @@ def evaluate_run(checkpoint: str | Path, datasets: list[str], *, data_dir=None, 
         root = data_dir
         if root is None and not hub and name.startswith("synth-") and cfg.data.source == "synthetic":
             root = find_synthetic_dir(cfg, None if km.exported else km.run_dir)
-        records, desc = load_eval_dataset(name, root, hub=hub)
+        # the CoT (used by the oracle diagnostics) in the style the run trained on
+        style = cfg.data.cot_style if cfg.data.cot_style in ("equation", "nl") else "equation"
+        records, desc = load_eval_dataset(name, root, hub=hub, cot_style=style)
         available = len(records)
         if limit:
             records = records[:limit]

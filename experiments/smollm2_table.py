@@ -1,0 +1,208 @@
+"""The paper's table on a real pretrained model: SmolLM2-135M-Instruct + LoRA on GSM8k, every method x CoT style x
+seed, trained, evaluated (GSM8k, GSM8k-Hard, SVAMP) and diagnosed, many jobs sharing one GPU.
+
+    python experiments/smollm2_table.py run --data /path/to/shared/data --out /tmp/smol --parallel 9 --budget 1200
+    python experiments/smollm2_table.py collect --out /tmp/smol --tar results.tgz
+    python experiments/smollm2_table.py report --runs results/smollm2/runs --output results/smollm2
+
+One job = `kava train --config smollm2_gsm8k_<style> --set method=M --set run.seed=S`, then
+`kava eval --datasets gsm8k --diagnostics` (latent methods: accuracy with the latents zeroed / placeholder /
+shuffled, the oracle, the KV match; others: plain) and `kava eval --datasets gsm8k-hard,svamp`.
+Every method gets the same epoch budget (the preset's `optim.epochs`) and the same rule: validation on
+GSM8k-Aug's valid.txt after every epoch, and `best/` (the best validation epoch) is what is evaluated.
+
+Jobs start in priority order (seed 42 of every method and style first, then 123, then 456), `--parallel` at a
+time; with `--budget S`, a job whose expected duration would end after S seconds is not started, so the seeds
+that finish are complete cells. The expected duration is 1.1x the longest finished job of that method, or a
+planning guess (`EXPECTED_S` x epochs + `EVAL_S`) before one has finished. `status.jsonl` in `--out` records every job.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+METHODS = ["nocot", "cot", "kava", "pccot", "codi"]
+LATENT = {"pccot", "codi", "kava"}
+STYLES = ["eq", "nl"]
+SEEDS = [42, 123, 456]
+# seconds per epoch when the GPU is shared by ~9 jobs (a planning guess, used only by --budget); eval on top
+EXPECTED_S = {"nocot": 25, "cot": 40, "kava": 80, "pccot": 75, "codi": 110}
+EVAL_S = {"nocot": 40, "cot": 150, "kava": 80, "pccot": 80, "codi": 120}
+KAVA = [sys.executable, "-m", "kava.cli"]
+
+
+def job_name(style: str, method: str, seed: int) -> str:
+    return f"{style}-{method}-s{seed}"
+
+
+def data_overrides(style: str, data: Path) -> list[str]:
+    """The presets' ../shared/data paths, pointed at `data` (the same layout)."""
+    src = data / ("gsm8k/train.jsonl" if style == "eq" else "gsm8k-aug/train_no_aug.txt")
+    return [f"data.source={src}", f"data.valid_source={data / 'gsm8k-aug' / 'valid.txt'}"]
+
+
+def jobs(methods, styles, seeds) -> list[tuple[str, str, int]]:
+    return [(st, m, s) for s in seeds for st in styles for m in methods]
+
+
+def commands(style: str, method: str, seed: int, data: Path, runs: Path, extra: list[str],
+             eval_limit: int | None = None) -> list[list[str]]:
+    name = job_name(style, method, seed)
+    sets = [f"method={method}", f"run.seed={seed}", f"run.name={name}", f"run.output_dir={runs}",
+            *data_overrides(style, data), *extra]
+    train = KAVA + ["train", "--config", f"smollm2_gsm8k_{style}"] + [x for s in sets for x in ("--set", s)]
+    run_dir = str(runs / name)
+    ev = KAVA + ["eval", "--checkpoint", run_dir, "--data-dir", str(data)] + (
+        ["--limit", str(eval_limit)] if eval_limit else [])
+    gsm = ev + ["--datasets", "gsm8k"] + (["--diagnostics"] if method in LATENT else [])
+    rest = ev + ["--datasets", "gsm8k-hard,svamp"]
+    return [train, gsm, rest]
+
+
+def gpu_memory() -> tuple[float, dict[int, float]] | None:
+    """(free MiB on GPU 0, {pid: used MiB}) from nvidia-smi; None without one (a CPU smoke test)."""
+    try:
+        free = subprocess.run(["nvidia-smi", "--query-gpu=memory.free", "--format=csv,noheader,nounits"],
+                              capture_output=True, text=True, timeout=20).stdout.split()
+        apps = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+                              capture_output=True, text=True, timeout=20).stdout.splitlines()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if not free:
+        return None
+    used = {}
+    for line in apps:
+        parts = [x.strip() for x in line.split(",")]
+        if len(parts) == 2 and parts[0].isdigit() and parts[1].replace(".", "").isdigit():
+            used[int(parts[0])] = float(parts[1])
+    return float(free[0]), used
+
+
+def run(a) -> int:
+    out = Path(a.out).resolve()
+    runs = out / "runs"
+    (out / "logs").mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+    pending = jobs(a.methods.split(","), a.styles.split(","), [int(s) for s in a.seeds.split(",")])
+    extra = a.set or []
+    t0 = time.time()
+    status = open(out / "status.jsonl", "a")
+
+    def note(**kw):
+        status.write(json.dumps({"t": round(time.time() - t0, 1), **kw}) + "\n")
+        status.flush()
+        print(json.dumps(kw), flush=True)
+
+    running: list[dict] = []
+    measured: dict[str, float] = {}  # method -> the longest finished job's seconds
+    peak = [a.job_mib]  # the largest training process seen (MiB); before any, a guess
+    last_start = [0.0]
+    retried: set[str] = set()
+    while pending or running:
+        for j in list(running):  # advance every running job through its commands
+            rc = j["proc"].poll()
+            if rc is None:
+                continue
+            if rc != 0 or j["stage"] + 1 == len(j["cmds"]):
+                took = time.time() - j["t"]
+                note(job=j["name"], event="end", stage=j["stage"], rc=rc, seconds=round(took, 1))
+                if rc != 0 and j["stage"] == 0 and j["name"] not in retried:  # e.g. out of memory: once more, last
+                    retried.add(j["name"])
+                    pending.append(j["key"])
+                    note(job=j["name"], event="requeued")
+                if rc == 0:  # the budget check then uses what this method really took
+                    measured[j["method"]] = max(measured.get(j["method"], 0.0), took)
+                running.remove(j)
+                continue
+            j["stage"] += 1
+            j["proc"] = subprocess.Popen(j["cmds"][j["stage"]], stdout=j["log"], stderr=subprocess.STDOUT, env=env)
+        mem = gpu_memory()
+        if mem is not None:  # admission by memory: each new job needs room for the largest job seen so far
+            for j in running:
+                if j["stage"] == 0 and j["proc"].pid in mem[1]:
+                    peak[0] = max(peak[0], mem[1][j["proc"].pid])
+        # a job still starting up (model load, graph capture) will take up to `peak` more: reserve it
+        growing = sum(max(0.0, peak[0] - mem[1].get(j["proc"].pid, 0.0)) for j in running
+                      if j["stage"] == 0 and time.time() - j["t"] < a.grow_s) if mem is not None else 0.0
+        room = mem is None or mem[0] - growing >= 1.25 * peak[0]
+        ramp = time.time() - last_start[0] >= a.ramp_s
+        while pending and len(running) < a.parallel and room and ramp:
+            st, m, s = pending[0]
+            need = round(1.1 * measured[m]) if m in measured else EXPECTED_S[m] * a.epochs + EVAL_S[m]
+            if a.budget and time.time() - t0 + need > a.budget:
+                note(job=job_name(st, m, s), event="not started", reason=f"budget: needs ~{need}s")
+                pending.pop(0)
+                continue
+            pending.pop(0)
+            name = job_name(st, m, s)
+            if (runs / name / "eval" / "svamp" / "summary.json").exists():
+                note(job=name, event="already done")
+                continue
+            cmds = commands(st, m, s, Path(a.data), runs, extra, a.eval_limit)
+            log = open(out / "logs" / f"{name}.log", "a")
+            proc = subprocess.Popen(cmds[0], stdout=log, stderr=subprocess.STDOUT, env=env)
+            running.append({"name": name, "method": m, "key": (st, m, s), "cmds": cmds, "stage": 0, "proc": proc, "log": log, "t": time.time()})
+            note(job=name, event="start", running=len(running), free_mib=None if mem is None else mem[0],
+                 reserved_mib=round(growing), peak_job_mib=peak[0])
+            last_start[0] = time.time()
+            if mem is not None:
+                break  # one start per check: the next one sees this job's memory
+        time.sleep(2)
+    note(event="all done", seconds=round(time.time() - t0, 1))
+    return 0
+
+
+SMALL = ("config.yaml", "meta.json", "metrics.jsonl", "DONE", "skips.json", "versions.json", "best/meta.json",
+         "final/meta.json")
+
+
+def collect(a) -> int:
+    """The small files of every run (config, metrics, eval summaries and predictions, logs): no weights."""
+    out = Path(a.out)
+    with tarfile.open(a.tar, "w:gz") as tar:
+        for p in sorted(out.rglob("*")):
+            rel = p.relative_to(out)
+            if not p.is_file() or "checkpoints" in rel.parts or "tb" in rel.parts:
+                continue
+            keep = (rel.parts[0] == "logs" or len(rel.parts) == 1
+                    or (rel.parts[0] == "runs" and len(rel.parts) > 2 and (
+                        "/".join(rel.parts[2:]) in SMALL or rel.parts[2] == "eval")))
+            if keep:
+                tar.add(p, arcname=str(rel))
+    print(f"wrote {a.tar} ({Path(a.tar).stat().st_size / 2**20:.1f} MiB)")
+    return 0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run")
+    r.add_argument("--data", required=True, help="data root in ../shared/data's layout")
+    r.add_argument("--out", required=True)
+    r.add_argument("--parallel", type=int, default=9)
+    r.add_argument("--budget", type=float, default=0, help="seconds; 0 = no limit")
+    r.add_argument("--epochs", type=float, default=6, help="the presets' optim.epochs (for --budget only)")
+    r.add_argument("--methods", default=",".join(METHODS))
+    r.add_argument("--styles", default=",".join(STYLES))
+    r.add_argument("--seeds", default=",".join(map(str, SEEDS)))
+    r.add_argument("--set", action="append", help="extra `kava train --set` for every job")
+    r.add_argument("--eval-limit", type=int, help="first N test questions only (smoke tests)")
+    r.add_argument("--job-mib", type=float, default=16000, help="GPU memory of one job before one is measured")
+    r.add_argument("--ramp-s", type=float, default=10, help="seconds between two job starts on a GPU")
+    r.add_argument("--grow-s", type=float, default=150, help="seconds a job may take to reach its peak memory")
+    c = sub.add_parser("collect")
+    c.add_argument("--out", required=True)
+    c.add_argument("--tar", required=True)
+    a = ap.parse_args()
+    return {"run": run, "collect": collect}[a.cmd](a)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
