@@ -53,7 +53,8 @@ part2)
   rm -rf $S/src && mkdir -p $S/src && cp -r src/kava $S/src/ && cp experiments/smollm2_table.py $S/
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   python3 -c "import torch, transformers, peft, accelerate; print(torch.__version__, transformers.__version__, peft.__version__, accelerate.__version__)"
-  python3 -c "from kava.model.pretrained import gguf_dir; print(gguf_dir('~/.cache/kava/smollm2', '$GGUF'))" 2>&1 | grep -v Warn
+  python3 -c "from kava.model.pretrained import gguf_dir; print(gguf_dir('~/.cache/kava/smollm2', '$GGUF'))" > $S/convert.log 2>&1
+  tail -1 $S/convert.log
   cp .carry/b/revision $S/revision
   [ -f $S/mps_ok ] && export CUDA_MPS_PIPE_DIRECTORY=$S/mps/pipe CUDA_MPS_LOG_DIRECTORY=$S/mps/log && echo "MPS: on"
   cd $S && setsid nohup python3 smollm2_table.py run --data $S/data --out $S/out --parallel ${PAR:-12} \

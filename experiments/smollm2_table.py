@@ -180,6 +180,86 @@ def collect(a) -> int:
     return 0
 
 
+def _cell(rows: list[dict], method: str, style: str, ds: str) -> dict | None:
+    for r in rows:
+        if r["method"] == method and _style_of(r) == style:
+            for name, c in r["datasets"].items():  # a smoke test's `--limit N` sets count as their dataset
+                if name == ds or name.startswith(f"{ds}-limit"):
+                    return c
+    return None
+
+
+def _style_of(row: dict) -> str:
+    return "nl" if "train_no_aug" in row["train_data"] else "eq"
+
+
+def _pm(c: dict | None, key: str = "accuracy") -> str:
+    if c is None or c.get(key) is None:
+        return "–"
+    sd = c.get(key + "_std")
+    return f"{c[key]:.1f} ± {sd:.1f}" if sd is not None else f"{c[key]:.1f}"
+
+
+def headline(rows: list[dict]) -> str:
+    """Markdown: accuracy (mean ± std over seeds) and passes per method x style, the share of the CoT-No-CoT gap
+    each latent method closes on GSM8k, its latent ablations, and the best validation epoch of every run."""
+    import statistics
+
+    sets = ["gsm8k", "gsm8k-hard", "svamp"]
+    lines = ["| style | method | seeds | GSM8k | GSM8k-Hard | SVAMP | passes (GSM8k) | gap closed (GSM8k) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for style in STYLES:
+        base, top = _cell(rows, "nocot", style, "gsm8k"), _cell(rows, "cot", style, "gsm8k")
+        for m in METHODS:
+            c = [_cell(rows, m, style, ds) for ds in sets]
+            if all(x is None for x in c):
+                continue
+            gap = "–"
+            if m in LATENT and c[0] and base and top and top["accuracy"] != base["accuracy"]:
+                gap = f"{100 * (c[0]['accuracy'] - base['accuracy']) / (top['accuracy'] - base['accuracy']):.0f}%"
+            n = max((x["n"] for x in c if x), default=0)
+            lines.append(f"| {style} | {m} | {n} | " + " | ".join(_pm(x) for x in c)
+                         + f" | {_pm(c[0], 'forward_passes')} | {gap} |")
+    lines += ["", "Latent students on GSM8k test: accuracy (%) with the latents replaced, the oracle (the teacher's "
+              "compressed CoT KV in the latent slots) and the KV match (mean over layers).", "",
+              "| style | method | normal | zeros | placeholder | shuffle | oracle | K cos | V cos |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    f = lambda st: "–" if not st else (f"{st['mean']:.1f}" + (f" ± {st['std']:.1f}" if st.get("std") is not None else ""))  # noqa: E731
+    g = lambda st: "–" if not st else f"{st['mean']:.3f}"  # noqa: E731
+    for style in STYLES:
+        for m in METHODS:
+            c = _cell(rows, m, style, "gsm8k")
+            if m not in LATENT or c is None or "ablations" not in c:
+                continue
+            ab, kv = c["ablations"], c.get("kv_match_mean", {})
+            lines.append(f"| {style} | {m} | {f(ab.get('none'))} | {f(ab.get('zeros'))} | {f(ab.get('placeholder'))} | "
+                         f"{f(ab.get('shuffle'))} | {f(c.get('oracle'))} | {g(kv.get('k_cos'))} | {g(kv.get('v_cos'))} |")
+    lines += ["", "Validation accuracy (%, GSM8k-Aug valid, 500) by epoch; the evaluated checkpoint is the best one.", ""]
+    epochs = max((len([x for x in run.metrics if x.get("split") == "val"]) for r in rows for run in r["run_data"]),
+                 default=0)
+    lines += ["| run | " + " | ".join(f"ep {i + 1}" for i in range(epochs)) + " | best |",
+              "|---|" + "---|" * (epochs + 1)]
+    for r in rows:
+        for run in r["run_data"]:
+            val = [100 * x["val/accuracy"] for x in run.metrics if x.get("split") == "val"]
+            if val:
+                best = max(range(len(val)), key=lambda i: (val[i], -i))
+                lines.append(f"| {run.path.name} | " + " | ".join(f"{v:.1f}" for v in val)
+                             + " |" * (epochs - len(val)) + f" | ep {best + 1} |")
+    _ = statistics
+    return "\n".join(lines) + "\n"
+
+
+def report(a) -> int:
+    from kava.report import find_run_dirs, write_report
+
+    dirs, _ = find_run_dirs([a.runs])
+    res = write_report(dirs, a.output, group_by="method")
+    (Path(a.output) / "table.md").write_text(headline(res["rows"]), encoding="utf-8")
+    print((Path(a.output) / "table.md").read_text())
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -200,8 +280,11 @@ def main() -> int:
     c = sub.add_parser("collect")
     c.add_argument("--out", required=True)
     c.add_argument("--tar", required=True)
+    p = sub.add_parser("report")
+    p.add_argument("--runs", required=True)
+    p.add_argument("--output", required=True)
     a = ap.parse_args()
-    return {"run": run, "collect": collect}[a.cmd](a)
+    return {"run": run, "collect": collect, "report": report}[a.cmd](a)
 
 
 if __name__ == "__main__":
