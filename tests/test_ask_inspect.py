@@ -13,9 +13,9 @@ from kava.cli import main
 from kava.config import load_config
 from kava.data.format import Formatter
 from kava.data.records import Record
-from kava.evaluate import generate
-from kava.inspect_latents import inspect_example, latent_cot_similarity, nearest_tokens
-from kava.checkpoint import load_for_eval
+from kava.decode import generate
+from kava.tools.inspect_latents import inspect_example, latent_cot_similarity, nearest_tokens
+from kava.checkpoint.load import load_for_eval
 from kava.scoring import extract_answer
 
 from test_sweep import TINY

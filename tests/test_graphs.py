@@ -1,4 +1,4 @@
-"""CUDA graphs of the micro-step (`kava.graphs`), checked on CPU.
+"""CUDA graphs of the micro-step (`kava.training.graphs`), checked on CPU.
 
 What a graph needs, each against an independent reference:
 - padded (static-shape) batches give the losses and gradients of the unpadded batch;
@@ -22,10 +22,10 @@ from kava.config import ConfigError, load_config
 from kava.data.format import Formatter
 from kava.data.records import SkipLog
 from kava.data.format import block_widths, bucket_width, build_student_batch, build_teacher_batch
-from kava.graphs import EagerReplay, GraphedStep, batch_key
-from kava.methods import Batch, length_key, loss_step, make_batch
+from kava.training.graphs import EagerReplay, GraphedStep, batch_key
+from kava.objective import Batch, length_key, loss_step, make_batch
 from kava.model.capture import no_host_sync
-from kava.model.loading import build_reasoner
+from kava.checkpoint.load import build_reasoner
 from tiny import RECORDS, tiny_tokenizer
 
 METHODS = ("cot", "nocot", "pccot", "codi", "kava")

@@ -34,8 +34,8 @@ print(json.dumps(bad))
 
 def test_the_walk_finds_the_library_and_leaves_out_the_cli():
     mods = library_modules()
-    for name in ("kava.train", "kava.evaluate", "kava.demo", "kava.sweep", "kava.api", "kava.model.reasoner",
-                 "kava.data.pipeline", "kava.progress"):
+    for name in ("kava.train", "kava.evaluate", "kava.tools.demo", "kava.tools.sweep", "kava.api", "kava.model.reasoner",
+                 "kava.data.pipeline", "kava.training.progress"):
         assert name in mods
     assert "kava.cli" not in mods and not [m for m in mods if m.startswith("kava.commands")]
     on_disk = {p.stem for p in (SRC / "kava").glob("*.py")} - {"__init__", "cli"}
@@ -54,12 +54,12 @@ def test_demo_and_sweep_evaluate_through_the_library(monkeypatch, tmp_path):
     after a sweep that evaluates, `kava.commands` is still not loaded in a fresh interpreter."""
     code = f"""
 import sys
-import kava.evaluate, kava.sweep
+import kava.evaluate, kava.tools.sweep
 calls = []
 kava.evaluate.evaluate_run = lambda run_dir, names, **kw: calls.append(names)
 import kava.train
 kava.train.train = lambda cfg, resume=None, **kw: None
-from kava.sweep import expand, run_local
+from kava.tools.sweep import expand, run_local
 runs = expand(["tiny_synth"], [1], [], output_dir={str(tmp_path)!r})
 run_local(runs, eval_datasets=["synth-test"], progress=False)
 assert calls == [["synth-test"]], calls

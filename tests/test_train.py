@@ -17,12 +17,13 @@ import torch
 from safetensors.torch import load_file
 
 import kava.losses
+import kava.checkpoint.state as ks
 import kava.train as kt
 from kava.config import load_config
 from kava.data.format import Formatter, build_student_batch, build_teacher_batch
 from kava.data.records import SkipLog
-from kava.methods import loss_step, make_batch
-from kava.model.loading import build_reasoner
+from kava.objective import loss_step, make_batch
+from kava.checkpoint.load import build_reasoner
 from tiny import RECORDS, tiny_tokenizer
 
 TINY = [
@@ -155,6 +156,7 @@ def test_method_trains_and_writes_a_complete_run_dir(name, tmp_path, synth_root)
 CHILD = r"""
 import json, sys, time
 import torch
+import kava.checkpoint.state as ks
 import kava.train as kt
 from kava.config import load_config
 
@@ -323,7 +325,7 @@ def test_gradient_accumulation_equals_one_big_batch(method, extra, tmp_path):
     g2, u2, w2, m2 = one_step(tmp_path, data, method, 2, "mb2", extra)
     assert len(g8) == len(g2) > 0
     # precondition: every micro-batch has the same number of labels (per-micro-batch losses are means)
-    from kava.model.loading import load_tokenizer
+    from kava.checkpoint.load import load_tokenizer
     from kava.data.readers import load_records
 
     tok = load_tokenizer(load_config("tiny_synth"), str(tmp_path / "mb2" / "tokenizer_src"))
@@ -351,7 +353,7 @@ def test_gradient_accumulation_equals_one_big_batch(method, extra, tmp_path):
                                            ("pccot", ["loss.codi_std=none"])])
 def test_gradient_accumulation_with_variable_lengths(method, extra, tmp_path):
     """Micro-batches with different label counts: the CE terms are normalised by the whole step's token
-    count (kava.methods.ce_denominators), so the gradient does not depend on the accumulation setting."""
+    count (kava.objective.ce_denominators), so the gradient does not depend on the accumulation setting."""
     g8, _, _, m8 = one_step(tmp_path, None, method, 8, "mb8", ["data.drop_last_step=false", *extra])
     g2, _, _, m2 = one_step(tmp_path, None, method, 2, "mb2", ["data.drop_last_step=false", *extra])
     pairs = [(a, b) for a, b in zip(g8, g2) if a is not None]
@@ -771,7 +773,7 @@ def test_train_step_with_a_nonfinite_loss_or_gradient_changes_nothing(tmp_path, 
     logger = kt.MetricLogger(run_dir, [], False, t.cfg)
     params = [p for p in t.raw.parameters() if p.requires_grad]
     before = [p.detach().clone() for p in params]
-    opt_before = kt.optimizer_tensors(t.inner_opt)[0]
+    opt_before = ks.optimizer_tensors(t.inner_opt)[0]
 
     calls, real = [], kt.loss_step
     def nan_second(*a, **k):  # the second micro-batch's CE is NaN
@@ -792,7 +794,7 @@ def test_train_step_with_a_nonfinite_loss_or_gradient_changes_nothing(tmp_path, 
     assert r2.bad == ["grad_norm"] and math.isfinite(float(r2.sums["loss/total"]))
     for p, b in zip(params, before):
         assert torch.equal(p, b) and p.grad is None
-    assert kt.optimizer_tensors(t.inner_opt)[0] == opt_before == {}  # AdamW never stepped
+    assert ks.optimizer_tensors(t.inner_opt)[0] == opt_before == {}  # AdamW never stepped
 
 
 def test_save_checkpoint_then_resume_state_restores_everything(tmp_path):

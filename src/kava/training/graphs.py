@@ -29,7 +29,7 @@ from typing import Callable
 
 import torch
 
-from kava.methods import Batch
+from kava.objective import Batch
 
 
 def batch_key(batch: Batch) -> tuple:
