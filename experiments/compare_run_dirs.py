@@ -2,7 +2,8 @@
 what legitimately differs between two checkouts and two runs:
 
 - the tree's own root path (each file's text with it replaced by ROOT, and SRC_ROOT for the checkout),
-- in JSON / JSONL files the keys in VOLATILE (git revision, wall-clock timings, measured throughput),
+- in JSON / JSONL files the keys in VOLATILE (git revision, wall-clock timings, measured throughput, and the
+  config hash, which covers run.output_dir),
 - in the captured stdout, lines with a wall-clock rate ("questions/s", "steps/s").
 
     python experiments/compare_run_dirs.py A B [--allow KEY ...]
@@ -18,7 +19,9 @@ import re
 import sys
 from pathlib import Path
 
-VOLATILE = {"git", "tokens_per_s", "wall_s", "questions_per_s", "grad_share_s"}
+# git revision, wall-clock timings and measured throughput; config_hash is a hash of the whole resolved config,
+# run.output_dir (a path) included: config.yaml itself is compared (paths scrubbed)
+VOLATILE = {"git", "tokens_per_s", "wall_s", "questions_per_s", "grad_share_s", "config_hash"}
 RATE = re.compile(r"questions/s|steps/s|\d+m\d+s|ETA")
 
 

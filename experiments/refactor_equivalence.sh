@@ -39,7 +39,10 @@ kava eval --checkpoint "$OUT/kava_random" --datasets synth-test --limit 8 --batc
   > "$OUT/kava_random.eval.out" 2>&1
 kava inspect --checkpoint "$OUT/kava" --question "Tom has 3 apples and buys 4 more. How many?" \
   --cot "<<3+4=7>>" --answer 7 --output "$OUT/kava.inspect.png" > "$OUT/kava.inspect.out" 2>&1
+# a prefix-softmax run: issue 20 fixed `kava inspect` to use it (the base commit used the cot softmax here)
+kava inspect --checkpoint "$OUT/kava_prefix" --question "Tom has 3 apples and buys 4 more. How many?" \
+  --cot "<<3+4=7>> <<7*2=14>>" --answer 14 --output "$OUT/kava_prefix.inspect.png" > "$OUT/kava_prefix.inspect.out" 2>&1
 kava export "$OUT/kava" --output "$OUT/kava.export" > "$OUT/kava.export.out" 2>&1
-rm -f "$OUT/kava.inspect.png"  # matplotlib's PNG carries its version; the printed kept tokens are compared
+rm -f "$OUT/kava.inspect.png" "$OUT/kava_prefix.inspect.png"  # matplotlib's PNG carries its version; the printed kept tokens are compared
 rm -rf "$OUT/.cache"
 echo "done: $OUT"

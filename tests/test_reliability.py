@@ -327,6 +327,21 @@ def test_train_with_bad_jsonl_counts_each_reason_in_skips_json(bad_run, files):
     assert "1 of 13 training examples have an empty CoT" in stdout
 
 
+def test_bad_validation_records_are_counted_like_training_ones(files, tmp_path):
+    """Validation records a reader skips are counted (issue 20: a throwaway SkipLog dropped them uncounted): in
+    the start summary, meta.json (`valid_skips`) and skips.json (`validation`), beside the training skips."""
+    run, stdout = train_quiet(tiny_cfg(tmp_path, files["good"], files["bad"], "optim.max_steps=1", "run.name=vbad",
+                                       "data.valid_limit=null"))
+    read_time = {reason: 1 for _, reason in BAD_LINES if not reason.endswith("too long")}  # no length limits
+    skips = json.loads((run / "skips.json").read_text())
+    assert skips["total"] == 0 and skips["validation"]["by_reason"] == read_time
+    assert skips["validation"]["examples"]["non-numeric answer"] == [f"{files['bad']}:{files['where']['non-numeric answer']}"]
+    meta = json.loads((run / "meta.json").read_text())
+    n_valid = N_GOOD + 3 + 1  # the good rows, the three too-long ones and the empty CoT
+    assert meta["valid_skips"] == {"total": len(read_time), "by_reason": read_time} and meta["valid_examples"] == n_valid
+    assert f"validation:       {n_valid} records; skipped {len(read_time)} records (" in stdout
+
+
 def test_strict_mode_raises_naming_the_line_before_the_model_loads(files, tmp_path, monkeypatch):
     forbid(monkeypatch, "build_reasoner")
     line = min(files["where"].values())

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+import re
 from pathlib import Path
 
 import pytest
@@ -822,3 +823,34 @@ def test_save_checkpoint_then_resume_state_restores_everything(tmp_path):
     # the RNGs are back where they were at the save: the same draws follow
     assert torch.equal(torch.rand(4), after_save[0])
     assert torch.equal(u.acc.unwrap_model(u.objective).generator.get_state(), after_save[1])
+
+
+def test_a_second_trainer_on_the_same_run_dir_is_refused(tmp_path, synth_root, monkeypatch):
+    """Two `kava train` on one run directory (issue 20: nothing stopped the second): while one holds the run
+    directory, another start or `--resume` fails at once with an error naming the holder, and the lock is
+    gone when the run ends (nothing is left in the run directory)."""
+    import subprocess
+    import sys
+
+    from kava.checkpoint.rundir import LOCK_FILE, RunLock, RunLocked, lock_holder
+
+    cfg = tiny_cfg(tmp_path, synth_root, "optim.max_steps=2", "run.name=locked")
+    run = Path(cfg.run.output_dir) / "locked"
+    run.mkdir(parents=True)
+    hold = ("import sys, time; sys.path.insert(0, sys.argv[2]); from kava.checkpoint.rundir import RunLock; "
+            "lock = RunLock(sys.argv[1]); print('held', flush=True); time.sleep(60)")
+    src = str(Path(kt.__file__).resolve().parents[1])
+    p = subprocess.Popen([sys.executable, "-c", hold, str(run), src], stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline().strip() == "held"
+        assert lock_holder(run).startswith(f"pid {p.pid} ")
+        with pytest.raises(RunLocked, match=rf"{re.escape(str(run))} is in use by another `kava train` \(pid {p.pid} "):
+            kt.train(cfg, progress=False, data_root=synth_root)
+        with pytest.raises(RunLocked, match="is in use"):
+            RunLock(run)
+    finally:
+        p.kill()
+        p.wait()
+    assert lock_holder(run) is None  # the kernel released the killed holder's lock: no stale lock
+    kt.train(cfg, progress=False, data_root=synth_root)
+    assert (run / "DONE").exists() and not (run / LOCK_FILE).exists()

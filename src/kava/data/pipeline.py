@@ -5,12 +5,15 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from kava.config import Config
+from kava.cache import cache_root
 from kava.data.readers import load_records
 from kava.data.records import Record, SkipLog
 from kava.data.synthetic import write_synthetic
-from kava.cache import cache_root
+
+if TYPE_CHECKING:  # a type hint only: data/ sits below kava.config, which reads data.readers.FORMATS
+    from kava.config import Config
 
 
 def synthetic_name(cfg: Config) -> str:
