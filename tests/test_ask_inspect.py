@@ -147,21 +147,27 @@ def test_inspect_writes_png(run_dir, loaded, tmp_path, capsys):
 
 @pytest.mark.parametrize("setting", ["eviction.importance_softmax=prefix", "eviction.method=attention",
                                      "eviction.importance_queries=cot_tail"])
-def test_inspect_uses_the_runs_eviction_settings(loaded, setting):
+def test_inspect_uses_the_runs_eviction_settings(setting):
     """`kava inspect` marks the CoT tokens training kept as the L_KV targets, under every `eviction.*` setting of
     the run (issue 20: it ignored `eviction.importance_softmax`, so a run trained with `prefix` was inspected
     with the `cot` softmax). Reference: the teacher pass and `select_indices` written out with the setting."""
     import dataclasses
 
     from kava import eviction
+    from kava.config import config_from_dict
     from kava.data.format import build_teacher_batch
+    from tiny import RECORDS, tiny_reasoner
 
-    model, tok, cfg = loaded
+    model, tok = tiny_reasoner("llama", seed=2)  # a model on which the two softmaxes keep different tokens
     key, value = setting.split("=")
-    ev = dataclasses.replace(cfg.eviction, lam=1.0, **{key.split(".")[1]: value})  # importance only: it decides
-    run_cfg = dataclasses.replace(cfg, eviction=ev, latent=dataclasses.replace(cfg.latent, num_latents=3))
-    ins = inspect_example(model, tok, run_cfg, Q, COT, "62")
-    item = Formatter(tok, answer_prompt=cfg.data.answer_prompt, drop_last_step=False).tokenize(Record(Q, (COT,), "62"))
+    cfg = config_from_dict({"method": "kava", "model": {"name_or_path": "tiny"},
+                            "latent": {"num_latents": 3, "num_sweeps": 2},
+                            "eviction": {"lam": 1.0, key.split(".")[1]: value}})  # lam 1: importance decides
+    ev, rec = cfg.eviction, RECORDS[0]
+    cot = " ".join(rec.steps)
+    ins = inspect_example(model, tok, cfg, rec.question, cot, rec.answer)
+    item = Formatter(tok, answer_prompt=cfg.data.answer_prompt, drop_last_step=False).tokenize(
+        Record(rec.question, (cot,), rec.answer))
     tb = build_teacher_batch([item], model.ids, query_mode=ev.importance_queries, tail_window=ev.cot_tail_window)
     with torch.no_grad():
         t = model.teacher_forward(tb, need_kv=True, need_importance=True, importance_softmax=ev.importance_softmax)
@@ -171,5 +177,6 @@ def test_inspect_uses_the_runs_eviction_settings(loaded, setting):
     want = (torch.nn.functional.one_hot(idx[:, 0], C) * mask[0, None, None, :, None]).sum(2).clamp(max=1).sum(1)
     assert torch.equal(ins.kept, want)
     if key == "eviction.importance_softmax":  # and the option matters here: the cot softmax keeps other tokens
-        assert not torch.equal(inspect_example(model, tok, dataclasses.replace(run_cfg, eviction=dataclasses.replace(
-            ev, importance_softmax="cot")), Q, COT, "62").kept, want)
+        other = dataclasses.replace(cfg, eviction=dataclasses.replace(ev, importance_softmax="cot"))
+        assert not torch.equal(inspect_example(model, tok, other, rec.question, cot, rec.answer).kept, want)
+        assert ins.eviction == "rkv λ=1, prefix softmax"

@@ -834,7 +834,7 @@ def test_a_second_trainer_on_the_same_run_dir_is_refused(tmp_path, synth_root, m
 
     from kava.checkpoint.rundir import LOCK_FILE, RunLock, RunLocked, lock_holder
 
-    cfg = tiny_cfg(tmp_path, synth_root, "optim.max_steps=2", "run.name=locked")
+    cfg = tiny_cfg(tmp_path, "optim.max_steps=2", "run.name=locked")
     run = Path(cfg.run.output_dir) / "locked"
     run.mkdir(parents=True)
     hold = ("import sys, time; sys.path.insert(0, sys.argv[2]); from kava.checkpoint.rundir import RunLock; "

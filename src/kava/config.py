@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
+import torch
 import yaml
 
 from kava import eviction, losses
@@ -459,6 +460,11 @@ def validate(cfg: Config) -> None:
         need(not (cfg.lora.dropout > 0 and "lm_head" in cfg.lora.target_modules),
              "lora.target_modules: lm_head with lora.dropout > 0 is not supported (the CE recomputes the LM head "
              "in backward without replaying dropout draws); set lora.dropout: 0 or drop lm_head")
+
+
+def use_bf16(cfg: Config) -> bool:
+    """bf16 autocast: `optim.precision` auto or bf16, on a GPU (fp32 on CPU)."""
+    return torch.cuda.is_available() and cfg.optim.precision in ("auto", "bf16")
 
 
 def graph_exclusion(cfg: Config, *, cuda: bool = True, world_size: int = 1) -> str | None:

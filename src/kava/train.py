@@ -44,17 +44,16 @@ from kava.checkpoint.saved import CheckpointError, save_model
 from kava.checkpoint.state import (atomic_dir_write, check_resume_state, gather_rng, latest_checkpoint,
                                    read_checkpoint, restore_rng, rng_of_rank, rng_tensors, tokenizer_identity,
                                    write_checkpoint, model_identity)
-from kava.config import Config, ConfigError, check_world_size, graph_exclusion, load_config, save_config
+from kava.config import Config, check_world_size, load_config, save_config, use_bf16
 from kava.data.format import Formatter, Tokenized
 from kava.data.pipeline import load_train_valid, train_data_label
 from kava.data.records import Record, SkipLog
 from kava.data.tokenizer import build_tokenizer, tokenizer_texts
 from kava.evaluate import evaluate_records
 from kava.model.capture import no_host_sync
-from kava.model.families import text_config
 from kava.objective import ce_denominators, length_key, loss_step, make_batch
 from kava.training.gradshare import grad_share_due, grad_share_micro, measure
-from kava.training.graphs import GraphedStep
+from kava.training.graphs import GraphedStep, setup_graphs
 from kava.training.logger import MetricLogger
 from kava.training.progress import ProgressLine, start_summary
 
@@ -128,10 +127,6 @@ def batch_indices(cfg: Config, plan: Plan, n: int, step: int) -> tuple[int, ...]
     epoch, within = divmod(step, plan.steps_per_epoch)
     eb = cfg.optim.effective_batch
     return example_order(n, cfg.run.seed, epoch)[within * eb:(within + 1) * eb]
-
-
-def use_bf16(cfg: Config) -> bool:
-    return torch.cuda.is_available() and cfg.optim.precision in ("auto", "bf16")
 
 
 # ------------------------------------------------------------------------------------------------ stages
@@ -309,50 +304,6 @@ def setup_model_and_optimizer(cfg: Config, tokenizer, acc: Accelerator) -> Train
     t = Trainer(cfg, acc, objective, opt, raw, tokenizer)
     t.graphs = setup_graphs(cfg, acc, raw)
     return t
-
-
-def graph_micro_step(model, cfg: Config, accum: int, amp_device: str | None, batch) -> dict:
-    """One micro-batch's forward and backward (`total / accum` into `.grad`), free of host syncs: what
-    `kava.training.graphs` captures. Same math as the eager micro-step of `train_step`. amp_device: bf16 autocast on
-    that device type (no weight-cast cache: a graph replays the casts), or None."""
-    amp = torch.autocast(amp_device, dtype=torch.bfloat16, cache_enabled=False) if amp_device else \
-        contextlib.nullcontext()
-    with no_host_sync(), amp:
-        total, log = loss_step(model, batch, cfg)
-        (total / accum).backward()
-    return log
-
-
-def model_graph_exclusion(model) -> str | None:
-    """Why this loaded model's passes cannot be captured (`graph_exclusion` covers what the config says)."""
-    tc = text_config(model.config)
-    if any(getattr(tc, k, None) for k in ("num_experts", "num_local_experts", "n_routed_experts")):
-        return f"a mixture-of-experts model ({tc.model_type}: token routing gives data-dependent shapes)"
-    if model.sliding_window is not None:
-        return (f"a sliding-window model ({tc.model_type}, window {model.sliding_window}: the padding to static "
-                "shapes could take a batch past the window)")
-    return None
-
-
-def setup_graphs(cfg: Config, acc: Accelerator, raw, backend=None) -> GraphedStep | None:
-    """`optim.cuda_graphs`: true (refused with the reason when impossible), auto (on when possible), false."""
-    if cfg.optim.cuda_graphs is False:
-        return None
-    why = graph_exclusion(cfg, cuda=acc.device.type == "cuda" or backend is not None,
-                          world_size=acc.num_processes) or model_graph_exclusion(raw)
-    if why is not None:
-        if cfg.optim.cuda_graphs is True:
-            raise ConfigError(f"optim.cuda_graphs: true is not possible with {why}; use auto or false")
-        if acc.is_main_process and acc.device.type == "cuda":  # on a CPU, "off" is no news
-            print(f"[kava] CUDA graphs: off ({why})")
-        return None
-    if acc.is_main_process:
-        print(f"[kava] CUDA graphs: on (optim.cuda_graphs={cfg.optim.cuda_graphs}; block widths bucketed with growth "
-              f"{cfg.optim.graph_buckets}; 'graphs/*' in metrics.jsonl)")
-    fn = functools.partial(graph_micro_step, raw, cfg, check_world_size(cfg, acc.num_processes),
-                           "cuda" if use_bf16(cfg) else None)
-    return GraphedStep(fn, list(raw.parameters()), max_graphs=cfg.optim.max_graphs, backend=backend,
-                       fallback=cfg.optim.cuda_graphs == "auto")
 
 
 def resume_state(t: Trainer, ck: Path) -> None:
