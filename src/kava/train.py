@@ -39,7 +39,7 @@ from accelerate.utils import DistributedDataParallelKwargs, gather_object, set_s
 from tqdm.auto import tqdm
 
 from kava.checkpoint.load import build_reasoner, load_tokenizer
-from kava.checkpoint.rundir import RunLock, git_revision, lock_holder, run_name, versions
+from kava.checkpoint.rundir import RunLock, RunLocked, git_revision, lock_holder, run_name, versions
 from kava.checkpoint.saved import CheckpointError, save_model
 from kava.checkpoint.state import (atomic_dir_write, check_resume_state, gather_rng, latest_checkpoint,
                                    read_checkpoint, restore_rng, rng_of_rank, rng_tensors, tokenizer_identity,
@@ -147,11 +147,10 @@ def setup_run_dir(cfg: Config, resume: str | Path | None, main: bool) -> tuple[P
     """(run dir, checkpoint to resume from or None). Refuses to overwrite a run, checks the directory is
     writable, and checks a resume's checkpoint against `cfg` — all before any data or model is loaded."""
     run_dir = Path(resume) if resume else Path(cfg.run.output_dir) / run_name(cfg)
+    # before any other check, say what is going on (the main process only: the others would see its own lock)
+    if main and (holder := lock_holder(run_dir)) is not None:
+        raise RunLocked(run_dir, holder)
     if not resume and (run_dir / "config.yaml").exists():
-        holder = lock_holder(run_dir)
-        if holder is not None:
-            raise FileExistsError(f"{run_dir} is in use by a running `kava train` ({holder}); choose another "
-                                  "run.name, or wait for it")
         if (run_dir / "DONE").exists():
             raise FileExistsError(f"{run_dir} holds a finished run; choose another run.name or delete it")
         raise FileExistsError(f"{run_dir} holds an unfinished run; continue it with `kava train --resume {run_dir}`")

@@ -90,7 +90,7 @@ def build_reasoner(cfg: Config, tokenizer, *, dtype: torch.dtype = torch.float32
     model = LatentReasoner(lm, ids, projection=cfg.latent.projection, proj_hidden=cfg.latent.proj_hidden,
                            proj_layernorm=cfg.latent.proj_layernorm, attn_implementation=m.attn_implementation)
     check_model(model, cfg, tokenizer)
-    model.base_source = base  # what a saved LoRA adapter needs to be loaded again (kava.checkpoint.save_model)
+    model.base_source = base  # what a saved LoRA adapter needs to be loaded again (kava.checkpoint.saved.save_model)
     if extra is not None:
         load_extra(model, extra, strict_proj=False)
     return model

@@ -53,6 +53,10 @@ def versions() -> dict:
 class RunLocked(OSError):
     """Another `kava train` holds the run directory."""
 
+    def __init__(self, run_dir: Path, holder: str):
+        super().__init__(f"{run_dir} is in use by another `kava train` ({holder}); wait for it to finish or stop "
+                         f"it, then `kava train --resume {run_dir}`")
+
 
 def lock_holder(run_dir: Path) -> str | None:
     """Who holds `run_dir`'s lock ("pid N on HOST since T"), or None when no trainer runs in it."""
@@ -91,8 +95,7 @@ class RunLock:
             except BlockingIOError:
                 holder = self.path.read_text(errors="replace").strip() or "another process"
                 os.close(fd)
-                raise RunLocked(f"{run_dir} is in use by another `kava train` ({holder}); wait for it to finish or "
-                                f"stop it, then `kava train --resume {run_dir}`") from None
+                raise RunLocked(run_dir, holder) from None
             try:  # the holder before us may have removed the file between our open and our lock: retry
                 same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
             except FileNotFoundError:
