@@ -32,8 +32,8 @@ import kava.train as kt  # noqa: E402
 import step_bench as sb  # noqa: E402
 from step_bench import sync  # noqa: E402
 from kava.config import load_config  # noqa: E402
-from kava.graphs import EagerReplay, GraphedStep, batch_key  # noqa: E402
-from kava.methods import length_key, loss_step  # noqa: E402
+from kava.training.graphs import EagerReplay, GraphedStep, batch_key  # noqa: E402
+from kava.objective import length_key, loss_step  # noqa: E402
 from kava.model.capture import no_host_sync  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"

@@ -31,7 +31,7 @@ import torch
 from kava import eviction, losses
 from kava.config import config_from_dict
 from kava.data.format import SpecialIds, Tokenized
-from kava.methods import loss_step, make_batch
+from kava.objective import loss_step, make_batch
 from kava.model import capture
 from kava.model.reasoner import LatentReasoner
 
@@ -79,7 +79,7 @@ def build(shape: str, targets: list[str], dtype=torch.bfloat16, lora_dropout: fl
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from kava.model.loading import keep_adapter_inputs_in_compute_dtype, scratch_config
+    from kava.checkpoint.load import keep_adapter_inputs_in_compute_dtype, scratch_config
     from kava.model.lora_dropout import fuse_lora_dropout
 
     spec = dict(SHAPES[shape])
@@ -360,7 +360,7 @@ def profile_kava(shape, style, lengths, micro_batch, out_path):
 
 
 def bench_eval(shape, lengths, n_questions=1319, batch_size=128, cot_tokens=65, profile_path=None):
-    from kava.evaluate import generate
+    from kava.decode import generate
 
     model = build(shape, LORA_PRESET, eos_never=True)
     model.eval()

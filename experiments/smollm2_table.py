@@ -251,7 +251,7 @@ def headline(rows: list[dict]) -> str:
 
 
 def report(a) -> int:
-    from kava.report import find_run_dirs, write_report
+    from kava.tools.report import find_run_dirs, write_report
 
     dirs, _ = find_run_dirs([a.runs])
     res = write_report(dirs, a.output, group_by="method")

@@ -13,9 +13,9 @@ from kava.cli import main
 from kava.config import load_config
 from kava.data.format import Formatter
 from kava.data.records import Record
-from kava.evaluate import generate
-from kava.inspect_latents import inspect_example, latent_cot_similarity, nearest_tokens
-from kava.checkpoint import load_for_eval
+from kava.decode import generate
+from kava.tools.inspect_latents import inspect_example, latent_cot_similarity, nearest_tokens
+from kava.checkpoint.load import load_for_eval
 from kava.scoring import extract_answer
 
 from test_sweep import TINY
@@ -143,3 +143,40 @@ def test_inspect_writes_png(run_dir, loaded, tmp_path, capsys):
     assert ins.kept.sum(-1).tolist() == [H * min(M, C)] * L
     first = out[2].split(": ", 1)[1].split("  ")[0]  # the token kept by most heads in layer 0
     assert first.endswith(f"×{int(ins.kept[0].max())}")
+
+
+@pytest.mark.parametrize("setting", ["eviction.importance_softmax=prefix", "eviction.method=attention",
+                                     "eviction.importance_queries=cot_tail"])
+def test_inspect_uses_the_runs_eviction_settings(setting):
+    """`kava inspect` marks the CoT tokens training kept as the L_KV targets, under every `eviction.*` setting of
+    the run (issue 20: it ignored `eviction.importance_softmax`, so a run trained with `prefix` was inspected
+    with the `cot` softmax). Reference: the teacher pass and `select_indices` written out with the setting."""
+    import dataclasses
+
+    from kava import eviction
+    from kava.config import config_from_dict
+    from kava.data.format import build_teacher_batch
+    from tiny import RECORDS, tiny_reasoner
+
+    model, tok = tiny_reasoner("llama", seed=2)  # a model on which the two softmaxes keep different tokens
+    key, value = setting.split("=")
+    cfg = config_from_dict({"method": "kava", "model": {"name_or_path": "tiny"},
+                            "latent": {"num_latents": 3, "num_sweeps": 2},
+                            "eviction": {"lam": 1.0, key.split(".")[1]: value}})  # lam 1: importance decides
+    ev, rec = cfg.eviction, RECORDS[0]
+    cot = " ".join(rec.steps)
+    ins = inspect_example(model, tok, cfg, rec.question, cot, rec.answer)
+    item = Formatter(tok, answer_prompt=cfg.data.answer_prompt, drop_last_step=False).tokenize(
+        Record(rec.question, (cot,), rec.answer))
+    tb = build_teacher_batch([item], model.ids, query_mode=ev.importance_queries, tail_window=ev.cot_tail_window)
+    with torch.no_grad():
+        t = model.teacher_forward(tb, need_kv=True, need_importance=True, importance_softmax=ev.importance_softmax)
+    idx, mask = eviction.select_indices(ev.method, keys=t.cot_k, importance=t.importance, valid=tb.cot_valid,
+                                        num_slots=3, lam=ev.lam)
+    C = tb.cot_valid.shape[1]
+    want = (torch.nn.functional.one_hot(idx[:, 0], C) * mask[0, None, None, :, None]).sum(2).clamp(max=1).sum(1)
+    assert torch.equal(ins.kept, want)
+    if key == "eviction.importance_softmax":  # and the option matters here: the cot softmax keeps other tokens
+        other = dataclasses.replace(cfg, eviction=dataclasses.replace(ev, importance_softmax="cot"))
+        assert not torch.equal(inspect_example(model, tok, other, rec.question, cot, rec.answer).kept, want)
+        assert ins.eviction == "rkv λ=1, prefix softmax"

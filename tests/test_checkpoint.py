@@ -15,14 +15,15 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import kava.train as kt
-from kava.checkpoint import CheckpointError, find_checkpoint, load_for_eval
+from kava.checkpoint.load import load_for_eval
+from kava.checkpoint.saved import CheckpointError, find_checkpoint
 from kava.cli import main
 from kava.config import load_config
 from kava.data.format import Formatter, build_student_batch, build_teacher_batch
 from kava.data.pipeline import synthetic_dir
 from kava.data.readers import load_records
-from kava.evaluate import generate
-from kava.model.loading import build_reasoner, load_tokenizer
+from kava.decode import generate
+from kava.checkpoint.load import build_reasoner, load_tokenizer
 
 from test_sweep import TINY
 

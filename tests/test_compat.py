@@ -44,7 +44,7 @@ def test_reasoner_run_raises_no_deprecation_and_fills_the_cache(family):
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
         with torch.no_grad():
-            out = m._run(x, mask, pos, cache)
+            out = m.run(x, mask, pos, cache)
     assert not [x for x in w if issubclass(x.category, (FutureWarning, DeprecationWarning))], [str(x.message) for x in w]
     assert cache.get_seq_length() == 5 and out.last_hidden_state.shape == (1, 5, m.hidden_size)
 
@@ -59,7 +59,7 @@ def test_the_old_name_is_the_deprecated_one_where_cache_is_declared(monkeypatch)
     x, mask, pos = _inputs(m)
     with pytest.raises(FutureWarning, match="past_key_values.*deprecated.*triggered by a call from kava"):
         with torch.no_grad():
-            m._run(x, mask, pos, m.new_cache())
+            m.run(x, mask, pos, m.new_cache())
 
 
 def test_a_decoder_without_a_cache_argument_is_refused():

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 import kava.config as kc
-import kava.presets
+import kava.tools.presets
 from kava.cli import main as cli_main
 from kava.config import Config, ConfigError, check_world_size, config_from_dict, load_config, parse_override
 
@@ -44,7 +44,7 @@ def test_every_shipped_config_loads_validates_and_round_trips(name, tmp_path):
 
 
 def test_paper_presets_are_latent_kava_and_tiny_synth_is_cot():
-    for name in kava.presets.PAPER_TABLE:
+    for name in kava.tools.presets.PAPER_TABLE:
         cfg = load_config(name)
         assert cfg.method == "kava" and cfg.lora is not None and cfg.model.name_or_path
     tiny = load_config("tiny_synth")
@@ -56,14 +56,14 @@ def test_presets_check_exits_zero(capsys):
     assert cli_main(["presets", "check"]) == 0
     out = capsys.readouterr().out
     assert "0 mismatch(es)" in out and "MISMATCH" not in out
-    for name in kava.presets.PAPER_TABLE:
+    for name in kava.tools.presets.PAPER_TABLE:
         assert name in out
 
 
 def test_presets_check_fails_when_the_table_changes(monkeypatch, capsys):
-    row = list(kava.presets.PAPER_TABLE["llama3b_aug"])
+    row = list(kava.tools.presets.PAPER_TABLE["llama3b_aug"])
     row[6] = 3e-4  # lr 2e-4 -> 3e-4
-    monkeypatch.setitem(kava.presets.PAPER_TABLE, "llama3b_aug", tuple(row))
+    monkeypatch.setitem(kava.tools.presets.PAPER_TABLE, "llama3b_aug", tuple(row))
     assert cli_main(["presets", "check"]) != 0
     out = capsys.readouterr().out
     line = [ln for ln in out.splitlines() if "MISMATCH" in ln]
@@ -85,10 +85,10 @@ def test_presets_check_fails_when_a_preset_yaml_changes(monkeypatch, tmp_path, c
 
 
 def test_presets_check_covers_common_values(monkeypatch, capsys):
-    monkeypatch.setitem(kava.presets.COMMON, "latent.num_latents", 16)
+    monkeypatch.setitem(kava.tools.presets.COMMON, "latent.num_latents", 16)
     assert cli_main(["presets", "check"]) != 0
     bad = [ln for ln in capsys.readouterr().out.splitlines() if "MISMATCH" in ln]
-    assert len(bad) == len(kava.presets.PAPER_TABLE)  # one per preset
+    assert len(bad) == len(kava.tools.presets.PAPER_TABLE)  # one per preset
 
 
 # -------------------------------------------------------------------------------------- errors
@@ -292,7 +292,7 @@ def test_check_world_size():
 def test_synthetic_students_drop_the_last_cot_step():
     """SPEC §1 (and both predecessors): the latent students' teacher drops the last CoT step, which restates the
     answer; otherwise the distillation targets carry little computation. The CoT backbones keep the whole chain."""
-    from kava.demo import stage_config
+    from kava.tools.demo import stage_config
 
     for name in ("synth_student", "synth_depth_student"):
         assert load_config(name).data.drop_last_step is True, name

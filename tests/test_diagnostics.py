@@ -21,10 +21,10 @@ from kava.config import config_from_dict
 from kava.data.format import Formatter, build_student_batch, build_teacher_batch
 from kava.data.records import Record, SkipLog
 from kava.diagnostics import (EMPTY_COT, NO_COT, DiagnosticsSpec, ablate_latents, derangement, eval_chunks,
-                              eviction_targets, format_diagnostics, kv_match_stats, latent_slot_cache, oracle_cache,
+                              format_diagnostics, kv_match_stats, latent_slot_cache, oracle_cache,
                               summarize_diagnostics)
 from kava.evaluate import evaluate_records
-from kava.methods import loss_step, make_batch
+from kava.objective import loss_step, make_batch, teacher_kv_targets
 from kava.model.reasoner import StudentOut, rotate_keys, unrotate_keys
 from tiny import RECORDS, tiny_reasoner
 
@@ -172,8 +172,9 @@ def test_rotate_is_the_inverse_of_unrotate_and_matches_hf():
 
 @pytest.mark.parametrize("softmax", ["cot", "prefix"])
 def test_eviction_targets_are_the_kv_loss_targets(softmax):
-    """The KV match and the oracle use the very targets the training loss uses: L_KV from them equals
-    loss_step's `loss/kv` on the same batch, whichever importance score the run was trained with."""
+    """The KV match and the oracle use the very targets the training loss uses (`kava.objective.kv_targets`,
+    through `teacher_kv_targets`): L_KV from them equals loss_step's `loss/kv` on the same batch, whichever
+    importance score the run was trained with."""
     m, tok = tiny_reasoner("llama", seed=6)
     cfg = config_from_dict({"method": "kava", "model": {"name_or_path": "tiny"},
                             "latent": {"num_latents": 2, "num_sweeps": T}, "data": {"drop_last_step": False},
@@ -183,7 +184,8 @@ def test_eviction_targets_are_the_kv_loss_targets(softmax):
     batch = make_batch(items, m.ids, cfg)
     with torch.no_grad():
         _, log = loss_step(m, batch, cfg)
-        tk, tv, slot_mask = eviction_targets(m, cfg, batch.teacher, M)
+        _, tgt = teacher_kv_targets(m, batch.teacher, cfg, M)
+        tk, tv, slot_mask = tgt.k, tgt.v, tgt.slot_mask
         s = m.student_forward(batch.student, T, keep_sweeps="last")
         mine = losses.kv_loss(s.latent_k[-1], s.latent_v[-1], tk, tv, slot_mask, kind=cfg.loss.kv_loss,
                               layer_std=cfg.loss.kv_layer_std)
@@ -194,7 +196,7 @@ def test_eviction_targets_are_the_kv_loss_targets(softmax):
     other = dataclasses.replace(cfg, eviction=dataclasses.replace(
         cfg.eviction, importance_softmax="prefix" if softmax == "cot" else "cot"))
     with torch.no_grad():  # the other score keeps other tokens, so ignoring the option would fail the check above
-        tk_other, _, _ = eviction_targets(m, other, batch.teacher, M)
+        tk_other = teacher_kv_targets(m, batch.teacher, other, M)[1].k
     assert (tk_other - tk).abs().max() > 1e-4
 
 

@@ -7,7 +7,7 @@ docs/method.md only points at functions and files that exist.
 - Every `kava.module:attr` (or `src/kava/x.py::attr`) reference in docs/method.md imports and resolves; a
   reference used as link text links to that module's file.
 - Every relative link in both docs points to an existing file.
-- The preset table in docs/config.md is the one `render_preset_table()` builds from `kava.presets`.
+- The preset table in docs/config.md is the one `render_preset_table()` builds from `kava.tools.presets`.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from typing import Literal, get_args, get_origin
 import pytest
 
 import kava.config as kc
-from kava import presets
+from kava.tools import presets
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
@@ -113,7 +113,7 @@ def _fmt(v) -> str:
 
 
 def render_preset_table() -> str:
-    """The paper-preset tables of docs/config.md, from `kava.presets` (✓ = independently verified)."""
+    """The paper-preset tables of docs/config.md, from `kava.tools.presets` (✓ = independently verified)."""
     def cell(name, key, value):
         return _fmt(value) + (" ✓" if presets.is_verified(name, key, value) else "")
 
@@ -182,7 +182,7 @@ def method_path_refs() -> list[tuple[str, str]]:
 def test_method_doc_has_references():
     assert METHOD_MD.exists(), "docs/method.md is missing"
     modules = {m for m, _ in method_refs()}
-    for m in ("kava.model.reasoner", "kava.model.capture", "kava.eviction", "kava.losses", "kava.methods",
+    for m in ("kava.model.reasoner", "kava.model.capture", "kava.eviction", "kava.losses", "kava.objective",
               "kava.data.format", "kava.evaluate"):
         assert m in modules, f"docs/method.md references nothing in {m}"
 

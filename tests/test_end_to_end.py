@@ -20,7 +20,7 @@ def png_size(path):
 
 
 def test_demo_end_to_end(tmp_path, capsys):
-    from kava.demo import run_demo
+    from kava.tools.demo import run_demo
 
     rows = run_demo(tmp_path / "demo", TINY + ["optim.max_steps=3", "run.eval_every=3"], eval_limit=6,
                     progress=False)

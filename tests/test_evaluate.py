@@ -13,7 +13,8 @@ import torch
 
 from kava.config import config_from_dict
 from kava.data.format import Formatter, build_student_batch
-from kava.evaluate import evaluate_records, generate
+from kava.decode import generate
+from kava.evaluate import evaluate_records
 from kava.data.records import Record
 from tiny import RECORDS, tiny_reasoner
 
@@ -121,7 +122,7 @@ def test_batched_generation_equals_one_by_one(eos_models, mode, student_mode, mo
 def test_rounded_question_width_changes_no_generation(eos_models, mode, student_mode, monkeypatch):
     """Evaluation pads the question block to a multiple of 16 columns (few shapes on a GPU): the same tokens
     and logits as the batch's own width."""
-    import kava.evaluate as ev
+    import kava.decode as ev
 
     m, tok = eos_models[(mode, student_mode)]
     items = question_items(tok)
@@ -317,7 +318,7 @@ def test_eval_finds_the_runs_own_synthetic_data_and_limit_writes_beside_the_full
     assert cli(["eval", "--checkpoint", str(rd), "--datasets", "synth-test", "--limit", "50"]) == 0
     assert not (rd / "eval" / "synth-test-limit50").exists()
 
-    from kava.report import load_run
+    from kava.tools.report import load_run
 
     run = load_run(rd)  # the report keeps the two apart
     assert run.evals["synth-test"]["count"] == 10 and run.evals["synth-test-limit4"]["count"] == 4

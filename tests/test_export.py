@@ -14,7 +14,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import kava
-from kava.checkpoint import load_for_eval
+from kava.checkpoint.load import load_for_eval
 from kava.cli import main
 from kava.config import load_config
 from kava.data.format import Formatter

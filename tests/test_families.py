@@ -13,7 +13,7 @@ from family_matrix import BY_NAME, MATRIX, RUNS, support_table
 from kava.config import ConfigError, load_config
 from kava.data.format import IGNORE, build_student_batch, build_teacher_batch
 from kava.model.families import FAMILIES, SlidingWindowTooShort
-from kava.model.loading import check_model
+from kava.checkpoint.load import check_model
 from test_model import batches, close, eager_importance
 from kava.data.records import Record
 from tiny import RECORDS, SPECS, tiny_reasoner, tiny_tokenizer

@@ -13,8 +13,8 @@ import kava.train as kt
 from kava.config import config_from_dict, load_config
 from kava.data.format import Formatter
 from kava.data.records import SkipLog
-from kava.gradshare import grad_share_due, grad_share_micro, grad_shares, share_metrics
-from kava.methods import loss_step, make_batch
+from kava.training.gradshare import grad_share_due, grad_share_micro, grad_shares, share_metrics
+from kava.objective import loss_step, make_batch
 from tiny import RECORDS, tiny_reasoner
 
 

@@ -1,4 +1,4 @@
-"""CUDA graphs of the micro-step (`kava.graphs`), checked on CPU.
+"""CUDA graphs of the micro-step (`kava.training.graphs`), checked on CPU.
 
 What a graph needs, each against an independent reference:
 - padded (static-shape) batches give the losses and gradients of the unpadded batch;
@@ -22,10 +22,10 @@ from kava.config import ConfigError, load_config
 from kava.data.format import Formatter
 from kava.data.records import SkipLog
 from kava.data.format import block_widths, bucket_width, build_student_batch, build_teacher_batch
-from kava.graphs import EagerReplay, GraphedStep, batch_key
-from kava.methods import Batch, length_key, loss_step, make_batch
+from kava.training.graphs import EagerReplay, GraphedStep, batch_key, model_graph_exclusion
+from kava.objective import Batch, length_key, loss_step, make_batch
 from kava.model.capture import no_host_sync
-from kava.model.loading import build_reasoner
+from kava.checkpoint.load import build_reasoner
 from tiny import RECORDS, tiny_tokenizer
 
 METHODS = ("cot", "nocot", "pccot", "codi", "kava")
@@ -331,8 +331,8 @@ def test_cuda_graphs_on_is_refused_where_impossible():
 def test_mixture_of_experts_models_are_not_graphed():
     """Token routing gives data-dependent shapes: auto leaves a MoE model eager, true refuses it."""
     cfg, model, _ = setup("kava", family="qwen3_moe")
-    assert "mixture-of-experts" in kt.model_graph_exclusion(model)
-    assert kt.model_graph_exclusion(setup("kava")[1]) is None
+    assert "mixture-of-experts" in model_graph_exclusion(model)
+    assert model_graph_exclusion(setup("kava")[1]) is None
 
     class Acc:
         device, num_processes, is_main_process = torch.device("cpu"), 1, True
@@ -380,9 +380,9 @@ def test_sliding_window_models_are_not_graphed():
     """Padding to static shapes could take a batch past the window: auto leaves such a model eager."""
     cfg, model, _ = setup("kava", family="mistral")
     model.config.sliding_window = None
-    assert kt.model_graph_exclusion(model) is None  # no window
+    assert model_graph_exclusion(model) is None  # no window
     model.config.sliding_window = 4096
-    assert "sliding-window" in kt.model_graph_exclusion(model)
+    assert "sliding-window" in model_graph_exclusion(model)
 
 
 def test_a_shape_that_reaches_a_new_parameter_is_not_graphed():

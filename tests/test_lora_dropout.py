@@ -11,7 +11,7 @@ from torch import nn
 
 import kava.model.lora_dropout as ld
 from kava.config import load_config
-from kava.model.loading import build_reasoner
+from kava.checkpoint.load import build_reasoner
 from tiny import tiny_tokenizer
 
 
@@ -160,7 +160,7 @@ def test_a_fused_reasoner_trains_and_evaluates_like_peft():
     eval-mode outputs as peft's layers from the same seed, and a training step that reaches every adapter."""
     from kava.data.format import Formatter
     from kava.data.records import SkipLog
-    from kava.methods import loss_step, make_batch
+    from kava.objective import loss_step, make_batch
     from tiny import RECORDS
 
     def build(on):

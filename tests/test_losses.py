@@ -300,7 +300,7 @@ def test_training_losses_keep_no_vocabulary_sized_tensor_for_backward():
     from kava.config import config_from_dict
     from kava.data.format import Formatter
     from kava.data.records import SkipLog
-    from kava.methods import loss_step, make_batch
+    from kava.objective import loss_step, make_batch
     from tiny import RECORDS, tiny_reasoner
 
     m, tok = tiny_reasoner("llama")

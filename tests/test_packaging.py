@@ -16,7 +16,7 @@ import sysconfig
 import zipfile
 from pathlib import Path
 
-from kava.presets import PAPER_TABLE
+from kava.tools.presets import PAPER_TABLE
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -15,7 +15,7 @@ import pytest
 
 import kava
 from kava.config import load_config
-from kava.progress import ProgressLine, format_duration
+from kava.training.progress import ProgressLine, format_duration
 from kava.train import train
 
 from test_sweep import TINY
@@ -65,7 +65,7 @@ def test_train_without_a_tty_prints_the_summary_and_a_line_every_log_every_steps
     meta = json.loads((run_dir / "meta.json").read_text())
     assert plan["train"].strip() == f"{meta['train_examples']} examples (of 300 records, after the length limits); " \
                                     "skipped 0 records"
-    assert plan["validation"].strip() == "5 records" and plan["steps"].split()[0] == "6"
+    assert plan["validation"].strip() == "5 records; skipped 0 records" and plan["steps"].split()[0] == "6"
     assert plan["batch"].strip() == "effective 8 = micro 8 x 1 process(es) x 1 accumulation"
     assert plan["world size"].strip() == "1" and "synthetic" in plan["data"]
     lines = [m.groups() for m in map(LINE.match, out) if m]

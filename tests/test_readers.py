@@ -134,10 +134,31 @@ def test_icot_nl_and_equation_steps(data_dir):
         (".45", "0.45"), ("2/5", "0.4"), ("-0.0", "0"), (7, "7"), ("+5", "5"), ("007", "7"),
         ("1/3", None), ("abc", None), ("", None), ("12 apples", None), (float("nan"), None), (None, None),
         (True, None), ("5/0", None),
+        # commas count only as thousands separators (issue 20: every comma used to be dropped, 1,5 -> 15)
+        ("1,234,567.5", "1234567.5"), ("-1,000", "-1000"), ("1,5", None), ("12,34", None), ("1,2345", None),
+        ("1,,000", None),
     ],
 )
 def test_normalize_number(value, expected):
     assert normalize_number(value) == expected
+
+
+def test_icot_question_with_bars_splits_at_the_last_bars_before_the_cot(tmp_path):
+    """A `||` inside the question stays in it (issue 20: the line was cut at its first `||`); a line without
+    a separator before the CoT is counted, not guessed."""
+    path = tmp_path / "bars.txt"
+    path.write_text("Q d || with bars?||<<1+2=3>> #### 3\n"
+                    "How many? a||b||<<2*3=6>> <<6+1=7>> #### 7\n"
+                    "no separator <<1+1=2>> #### 2\n"
+                    "nl style || two parts||She adds 2 and 2. #### 4\n"
+                    "the bars come after #### 5 || x\n")
+    skips = SkipLog()
+    recs = read_icot(path, skips)
+    assert [(r.question, r.steps, r.answer) for r in recs] == [
+        ("Q d || with bars?", ("<<1+2=3>>",), "3"),
+        ("How many? a||b", ("<<2*3=6>>", "<<6+1=7>>"), "7"),
+        ("nl style || two parts", ("She adds 2 and 2.",), "4")]
+    assert skips.counts == {"missing ||": 2} and skips.examples["missing ||"] == [f"{path}:3", f"{path}:5"]
 
 
 def test_split_sentences_and_cot():

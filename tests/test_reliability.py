@@ -22,7 +22,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import kava.losses
-import kava.methods
+import kava.objective
+import kava.checkpoint.state as ks
 import kava.train as kt
 from kava.config import ConfigError, load_config
 from kava.data.format import Formatter, build_teacher_batch, special_ids
@@ -36,10 +37,11 @@ from kava.data.readers import (
     records_from_rows,
 )
 from kava.data.records import DataError, Record, SkipLog
-from kava.methods import loss_step, make_batch
-from kava.model import loading
-from kava.checkpoint import CheckpointError, extra_state, load_extra, load_for_eval
-from kava.model.loading import build_reasoner, load_tokenizer
+from kava.objective import loss_step, make_batch
+from kava.checkpoint import load as loading
+from kava.checkpoint.load import load_for_eval
+from kava.checkpoint.saved import CheckpointError, extra_state, load_extra
+from kava.checkpoint.load import build_reasoner, load_tokenizer
 
 torch.set_num_threads(1)  # the CI's 2 CPUs are shared; tiny models run as fast on one thread
 
@@ -325,6 +327,21 @@ def test_train_with_bad_jsonl_counts_each_reason_in_skips_json(bad_run, files):
     assert "1 of 13 training examples have an empty CoT" in stdout
 
 
+def test_bad_validation_records_are_counted_like_training_ones(files, tmp_path):
+    """Validation records a reader skips are counted (issue 20: a throwaway SkipLog dropped them uncounted): in
+    the start summary, meta.json (`valid_skips`) and skips.json (`validation`), beside the training skips."""
+    run, stdout = train_quiet(tiny_cfg(tmp_path, files["good"], files["bad"], "optim.max_steps=1", "run.name=vbad",
+                                       "data.valid_limit=null"))
+    read_time = {reason: 1 for _, reason in BAD_LINES if not reason.endswith("too long")}  # no length limits
+    skips = json.loads((run / "skips.json").read_text())
+    assert skips["total"] == 0 and skips["validation"]["by_reason"] == read_time
+    assert skips["validation"]["examples"]["non-numeric answer"] == [f"{files['bad']}:{files['where']['non-numeric answer']}"]
+    meta = json.loads((run / "meta.json").read_text())
+    n_valid = N_GOOD + 3 + 1  # the good rows, the three too-long ones and the empty CoT
+    assert meta["valid_skips"] == {"total": len(read_time), "by_reason": read_time} and meta["valid_examples"] == n_valid
+    assert f"validation:       {n_valid} records; skipped {len(read_time)} records (" in stdout
+
+
 def test_strict_mode_raises_naming_the_line_before_the_model_loads(files, tmp_path, monkeypatch):
     forbid(monkeypatch, "build_reasoner")
     line = min(files["where"].values())
@@ -489,7 +506,7 @@ def test_killed_before_the_first_checkpoint_resumes_from_scratch(files, tmp_path
         with pytest.raises(Killed):
             train_quiet(cfg)
     run = tmp_path / "ref"
-    assert kt.latest_checkpoint(run) is None and len(metrics(run)) == 2
+    assert ks.latest_checkpoint(run) is None and len(metrics(run)) == 2
     with pytest.raises(FileExistsError, match="--resume"):  # a plain re-run points at --resume ...
         kt.train(cfg, progress=False)
     resumed_equals_reference(run, ref_run)  # ... which now works (it used to say 'no checkpoint')
@@ -499,7 +516,7 @@ def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(files, tmp_path
     cfg = tiny_cfg(tmp_path, files["good"], files["good"], "optim.max_steps=6", "run.save_every=2",
                    "eviction.method=random", "run.name=ref")
     calls = []
-    real_save = kt.save_file
+    real_save = ks.save_file
 
     def full_disk_on_5th(*a, **k):  # checkpoint step_2 = calls 1-3; call 5 is step_4's optimizer file
         calls.append(1)
@@ -508,7 +525,7 @@ def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(files, tmp_path
         return real_save(*a, **k)
 
     with monkeypatch.context() as mp:
-        mp.setattr(kt, "save_file", full_disk_on_5th)
+        mp.setattr(ks, "save_file", full_disk_on_5th)
         with pytest.raises(OSError) as e:
             train_quiet(cfg)
     run = tmp_path / "ref"
@@ -516,14 +533,14 @@ def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(files, tmp_path
     msg = str(e.value)
     assert f"could not write {ck / 'step_4'}" in msg and "No space left on device" in msg and "intact" in msg
     assert sorted(p.name for p in ck.iterdir()) == ["step_2"]  # the partial step_4.tmp was removed
-    assert kt.latest_checkpoint(run) == ck / "step_2"
+    assert ks.latest_checkpoint(run) == ck / "step_2"
     for f in ("trainable.safetensors", "optimizer.safetensors", "rng.safetensors"):  # loadable ...
         assert all(torch.isfinite(v.float()).all() for v in load_file(str(ck / "step_2" / f)).values())
     # a SIGKILL in the middle of a write leaves a .tmp directory: never taken for a checkpoint
     shutil.copytree(ck / "step_2", ck / "step_6.tmp")
     state = json.loads((ck / "step_6.tmp" / "state.json").read_text())
     (ck / "step_6.tmp" / "state.json").write_text(json.dumps({**state, "step": 6}))
-    assert kt.latest_checkpoint(run) == ck / "step_2"
+    assert ks.latest_checkpoint(run) == ck / "step_2"
     with open(run / "metrics.jsonl", "ab") as f:  # a full disk also cuts the last metrics line short
         f.write(b'{"step": 5, "split": "train", "loss/to')
     resumed_equals_reference(run, ref_run)  # ... and exactly the state an uninterrupted run had at step 2
@@ -533,11 +550,12 @@ def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(files, tmp_path
 KILL_IN_WRITE = r"""
 import json, sys, time
 import torch
+import kava.checkpoint.state as ks
 import kava.train as kt
 from kava.config import load_config
 
 torch.set_num_threads(1)
-real, calls = kt.save_file, []
+real, calls = ks.save_file, []
 
 def save_then_hang(tensors, path, *a, **k):
     real(tensors, path, *a, **k)
@@ -546,7 +564,7 @@ def save_then_hang(tensors, path, *a, **k):
         open(sys.argv[2], "w").write(path)
         time.sleep(600)  # the parent SIGKILLs us here
 
-kt.save_file = save_then_hang
+ks.save_file = save_then_hang
 kt.train(load_config("tiny_synth", json.loads(sys.argv[1])), progress=False)
 """
 
@@ -580,7 +598,7 @@ def test_sigkill_while_writing_a_checkpoint_then_resume(files, tmp_path, ref_run
     ck = run / "checkpoints"
     assert sorted(p.name for p in ck.iterdir()) == ["step_2", "step_4.tmp"]
     assert [p.name for p in (ck / "step_4.tmp").iterdir()] == ["trainable.safetensors"]
-    assert kt.latest_checkpoint(run) == ck / "step_2"
+    assert ks.latest_checkpoint(run) == ck / "step_2"
     resumed_equals_reference(run, ref_run)
     assert not (ck / "step_4.tmp").exists()
 
@@ -598,20 +616,20 @@ def test_metrics_write_failure_names_the_file(tmp_path):
 
 def test_atomic_dir_write_never_replaces_the_last_good_copy(tmp_path):
     final = tmp_path / "step_2"
-    kt._atomic_dir_write(final, lambda d: save_file({"w": torch.ones(2)}, str(d / "a.safetensors")))
+    ks.atomic_dir_write(final, lambda d: save_file({"w": torch.ones(2)}, str(d / "a.safetensors")))
 
     def crash_on_second_file(d: Path):
         save_file({"w": torch.zeros(2)}, str(d / "a.safetensors"))
         raise RuntimeError("killed")
 
     with pytest.raises(RuntimeError, match="killed"):
-        kt._atomic_dir_write(final, crash_on_second_file)
+        ks.atomic_dir_write(final, crash_on_second_file)
     assert torch.equal(load_file(str(final / "a.safetensors"))["w"], torch.ones(2))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_2"]
     # a crash between 'rename old away' and 'rename new in' leaves only <name>.old: the next write restores it
     final.rename(tmp_path / "step_2.old")
     with pytest.raises(RuntimeError):
-        kt._atomic_dir_write(final, crash_on_second_file)
+        ks.atomic_dir_write(final, crash_on_second_file)
     assert torch.equal(load_file(str(final / "a.safetensors"))["w"], torch.ones(2))
 
 
@@ -655,13 +673,13 @@ def inject(monkeypatch, term: str, at_calls: set[int], value: float = float("inf
         return len(calls) in at_calls
 
     if term in ("ce_teacher", "ce_student"):
-        real_ce = kava.methods._ce
+        real_ce = kava.objective.ce
 
         def ce(out, den, name):
             loss = real_ce(out, den, name)
             return loss + value if name == term and hit() else loss
 
-        monkeypatch.setattr(kava.methods, "_ce", ce)
+        monkeypatch.setattr(kava.objective, "ce", ce)
     elif term == "codi":
         real_codi = kava.losses.codi_loss
         monkeypatch.setattr(kava.losses, "codi_loss", lambda *a, **k: real_codi(*a, **k) + (value if hit() else 0.0))
@@ -707,7 +725,7 @@ def test_nonfinite_term_stops_with_step_term_and_last_good_state(files, tmp_path
     label = "grad_norm" if term == "grad_norm" else f"loss/{term}"
     assert "at optimizer step 2 " in msg and f"['{label}']" in msg and "nan_policy=skip" in msg
     run = tmp_path / "tiny_synth-s42"
-    assert kt.latest_checkpoint(run) == run / "checkpoints" / "step_1" and f"{run / 'checkpoints' / 'step_1'}" in msg
+    assert ks.latest_checkpoint(run) == run / "checkpoints" / "step_1" and f"{run / 'checkpoints' / 'step_1'}" in msg
     good = trainable(run, 1)
     assert all(torch.isfinite(v).all() for v in good.values())
     assert not (run / "DONE").exists() and [r["step"] for r in metrics(run)] == [1]

@@ -11,7 +11,7 @@ import struct
 import pytest
 
 from kava.cli import main
-from kava.report import aggregate, write_report
+from kava.tools.report import aggregate, write_report
 
 KAVA = {"method": "kava", "preset": "llama1b_aug", "train_data": "whynlp/gsm8k-aug"}
 COT = {"method": "cot", "preset": None, "train_data": "whynlp/gsm8k-aug"}

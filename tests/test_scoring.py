@@ -70,7 +70,14 @@ def test_gold_scores_full_and_perturbed_zero(name, data_dir):
         ("The answer is: 1 The answer is: 2 then 7", "2", "7"),  # the LAST prompt counts
         ("pages 10-12", "10", "12"),  # a hyphen after a digit is not a minus sign
         ("x = -4", "-4", "-4"),
-        ("1,2345", "1", "2345"),  # not a thousands group
+        # commas that are not thousands groups make one malformed number, as for the gold (issue 20: " 1,5" read
+        # as 1, while the reader turned a gold 1,5 into 15)
+        ("1,2345", None, None),
+        (" 1,5", None, None),
+        ("12,34", None, None),
+        ("The answer is: 1,5 then 3", None, "3"),
+        ("The answer is: 2,125.", "2125", "2125"),  # the standard GSM8k thousands group
+        ("1, 2 and 3", "1", "3"),  # a comma and a space: a list, not a number
         ("no number here", None, None),
         ("The answer is: unknown", None, None),
         ("", None, None),

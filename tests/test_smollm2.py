@@ -75,7 +75,7 @@ def test_answer_position_arithmetic_on_the_real_tokenizer(smol_dir, data_dir, tm
     predicted one position after the answer prompt's last token (SPEC §4)."""
     from kava.data.format import Formatter, build_student_batch, build_teacher_batch
     from kava.data.records import Record
-    from kava.model.loading import load_tokenizer
+    from kava.checkpoint.load import load_tokenizer
 
     tok = load_tokenizer(load_config("smollm2_gsm8k", overrides(smol_dir, data_dir, tmp_path)))
     item = Formatter(tok).tokenize(Record("Tom has 9 pens and buys 9 more. How many?", ("<<9+9=18>>",), "18"),

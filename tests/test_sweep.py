@@ -14,7 +14,7 @@ import pytest
 
 from kava.cli import build_parser, main
 from kava.config import ConfigError, load_config, save_config
-from kava.sweep import expand, parse_grid, run_local, split_list
+from kava.tools.sweep import expand, parse_grid, run_local, split_list
 
 PRESETS = ["llama1b_aug", "llama1b_aug_nl", "llama3b_aug", "llama3b_aug_nl", "qwen05b_aug", "qwen05b_aug_nl"]
 TINY = ("model.from_scratch.hidden_size=32 model.from_scratch.intermediate_size=64 "

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+import re
 from pathlib import Path
 
 import pytest
@@ -17,12 +18,13 @@ import torch
 from safetensors.torch import load_file
 
 import kava.losses
+import kava.checkpoint.state as ks
 import kava.train as kt
 from kava.config import load_config
 from kava.data.format import Formatter, build_student_batch, build_teacher_batch
 from kava.data.records import SkipLog
-from kava.methods import loss_step, make_batch
-from kava.model.loading import build_reasoner
+from kava.objective import loss_step, make_batch
+from kava.checkpoint.load import build_reasoner
 from tiny import RECORDS, tiny_tokenizer
 
 TINY = [
@@ -155,6 +157,7 @@ def test_method_trains_and_writes_a_complete_run_dir(name, tmp_path, synth_root)
 CHILD = r"""
 import json, sys, time
 import torch
+import kava.checkpoint.state as ks
 import kava.train as kt
 from kava.config import load_config
 
@@ -323,7 +326,7 @@ def test_gradient_accumulation_equals_one_big_batch(method, extra, tmp_path):
     g2, u2, w2, m2 = one_step(tmp_path, data, method, 2, "mb2", extra)
     assert len(g8) == len(g2) > 0
     # precondition: every micro-batch has the same number of labels (per-micro-batch losses are means)
-    from kava.model.loading import load_tokenizer
+    from kava.checkpoint.load import load_tokenizer
     from kava.data.readers import load_records
 
     tok = load_tokenizer(load_config("tiny_synth"), str(tmp_path / "mb2" / "tokenizer_src"))
@@ -351,7 +354,7 @@ def test_gradient_accumulation_equals_one_big_batch(method, extra, tmp_path):
                                            ("pccot", ["loss.codi_std=none"])])
 def test_gradient_accumulation_with_variable_lengths(method, extra, tmp_path):
     """Micro-batches with different label counts: the CE terms are normalised by the whole step's token
-    count (kava.methods.ce_denominators), so the gradient does not depend on the accumulation setting."""
+    count (kava.objective.ce_denominators), so the gradient does not depend on the accumulation setting."""
     g8, _, _, m8 = one_step(tmp_path, None, method, 8, "mb8", ["data.drop_last_step=false", *extra])
     g2, _, _, m2 = one_step(tmp_path, None, method, 2, "mb2", ["data.drop_last_step=false", *extra])
     pairs = [(a, b) for a, b in zip(g8, g2) if a is not None]
@@ -771,7 +774,7 @@ def test_train_step_with_a_nonfinite_loss_or_gradient_changes_nothing(tmp_path, 
     logger = kt.MetricLogger(run_dir, [], False, t.cfg)
     params = [p for p in t.raw.parameters() if p.requires_grad]
     before = [p.detach().clone() for p in params]
-    opt_before = kt.optimizer_tensors(t.inner_opt)[0]
+    opt_before = ks.optimizer_tensors(t.inner_opt)[0]
 
     calls, real = [], kt.loss_step
     def nan_second(*a, **k):  # the second micro-batch's CE is NaN
@@ -792,7 +795,7 @@ def test_train_step_with_a_nonfinite_loss_or_gradient_changes_nothing(tmp_path, 
     assert r2.bad == ["grad_norm"] and math.isfinite(float(r2.sums["loss/total"]))
     for p, b in zip(params, before):
         assert torch.equal(p, b) and p.grad is None
-    assert kt.optimizer_tensors(t.inner_opt)[0] == opt_before == {}  # AdamW never stepped
+    assert ks.optimizer_tensors(t.inner_opt)[0] == opt_before == {}  # AdamW never stepped
 
 
 def test_save_checkpoint_then_resume_state_restores_everything(tmp_path):
@@ -820,3 +823,34 @@ def test_save_checkpoint_then_resume_state_restores_everything(tmp_path):
     # the RNGs are back where they were at the save: the same draws follow
     assert torch.equal(torch.rand(4), after_save[0])
     assert torch.equal(u.acc.unwrap_model(u.objective).generator.get_state(), after_save[1])
+
+
+def test_a_second_trainer_on_the_same_run_dir_is_refused(tmp_path, synth_root, monkeypatch):
+    """Two `kava train` on one run directory (issue 20: nothing stopped the second): while one holds the run
+    directory, another start or `--resume` fails at once with an error naming the holder, and the lock is
+    gone when the run ends (nothing is left in the run directory)."""
+    import subprocess
+    import sys
+
+    from kava.checkpoint.rundir import LOCK_FILE, RunLock, RunLocked, lock_holder
+
+    cfg = tiny_cfg(tmp_path, "optim.max_steps=2", "run.name=locked")
+    run = Path(cfg.run.output_dir) / "locked"
+    run.mkdir(parents=True)
+    hold = ("import sys, time; sys.path.insert(0, sys.argv[2]); from kava.checkpoint.rundir import RunLock; "
+            "lock = RunLock(sys.argv[1]); print('held', flush=True); time.sleep(60)")
+    src = str(Path(kt.__file__).resolve().parents[1])
+    p = subprocess.Popen([sys.executable, "-c", hold, str(run), src], stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline().strip() == "held"
+        assert lock_holder(run).startswith(f"pid {p.pid} ")
+        with pytest.raises(RunLocked, match=rf"{re.escape(str(run))} is in use by another `kava train` \(pid {p.pid} "):
+            kt.train(cfg, progress=False, data_root=synth_root)
+        with pytest.raises(RunLocked, match="is in use"):
+            RunLock(run)
+    finally:
+        p.kill()
+        p.wait()
+    assert lock_holder(run) is None  # the kernel released the killed holder's lock: no stale lock
+    kt.train(cfg, progress=False, data_root=synth_root)
+    assert (run / "DONE").exists() and not (run / LOCK_FILE).exists()

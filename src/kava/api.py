@@ -17,8 +17,14 @@ from pathlib import Path
 
 import torch
 
-from kava.checkpoint import EXPORT_FILE, find_checkpoint, load_exported, load_for_eval, run_dir_of
-from kava.methods import student_mode
+from kava.checkpoint.load import load_any
+from kava.checkpoint.saved import run_dir_of
+from kava.data.format import Formatter
+from kava.data.records import Record
+from kava.decode import generate_for_config
+from kava.evaluate import evaluate_records
+from kava.scoring import extract_answer
+from kava.spec import MODES
 
 
 @dataclass
@@ -43,9 +49,7 @@ class KavaModel:
 
     @property
     def default_mode(self) -> str:
-        from kava.evaluate import default_mode
-
-        return default_mode(self.cfg.method)
+        return self.cfg.spec.eval_mode
 
     @property
     def run_dir(self) -> Path:
@@ -53,26 +57,20 @@ class KavaModel:
         return self.source if self.exported else run_dir_of(self.source)
 
     def check_mode(self, mode: str) -> str:
-        if mode not in ("latent", "cot", "nocot"):
-            raise ValueError(f"mode {mode!r}; allowed values: latent, cot, nocot")
+        if mode not in MODES:
+            raise ValueError(f"mode {mode!r}; allowed values: {', '.join(MODES)}")
         if mode == "latent" and not self.cfg.is_latent:
             raise ValueError(f"a {self.cfg.method!r} model has no latent mode; use mode='cot' or 'nocot'")
         return mode
 
     def tokenize(self, questions: list[str]):
-        from kava.data.format import Formatter
-        from kava.data.records import Record
-
-        fmt = Formatter(self.tokenizer, answer_prompt=self.cfg.data.answer_prompt, max_question_tokens=10**9)
+        fmt = Formatter.from_config(self.cfg, self.tokenizer, limits=False)
         return [fmt.tokenize(Record(q, (), "", "api"), i, need_answer=False) for i, q in enumerate(questions)]
 
     @torch.no_grad()
     def generate(self, questions: str | list[str], mode: str | None = None, *, max_new_tokens: int | None = None,
                  batch_size: int | None = None) -> list[Answer]:
         """Greedy answers, as `kava eval` computes them. mode: latent | cot | nocot (default: the method's)."""
-        from kava.evaluate import generate
-        from kava.scoring import extract_answer
-
         if isinstance(questions, str):
             questions = [questions]
         mode = self.check_mode(mode or self.default_mode)
@@ -82,11 +80,8 @@ class KavaModel:
         out: list[Answer] = []
         for start in range(0, len(questions), bs):
             chunk = questions[start:start + bs]
-            gens = generate(self.model, self.tokenize(chunk), mode=mode, num_latents=cfg.latent.num_latents,
-                            num_sweeps=cfg.latent.num_sweeps,
-                            student_mode=student_mode(cfg.method),
-                            max_new_tokens=max_new_tokens or cfg.run.eval_max_new_tokens,
-                            max_cot_tokens=cfg.run.eval_max_cot_tokens, tokenizer=self.tokenizer)
+            gens = generate_for_config(self.model, self.tokenizer, cfg, self.tokenize(chunk), mode=mode,
+                                       max_new_tokens=max_new_tokens)
             for q, g in zip(chunk, gens):
                 out.append(Answer(q, g.text, extract_answer(g.text, cfg.data.answer_prompt)["strict"],
                                   g.forward_passes, list(g.token_ids)))
@@ -94,23 +89,15 @@ class KavaModel:
 
     def evaluate(self, records, **kw):
         """`kava.evaluate.evaluate_records` on this model: (rows, summary)."""
-        from kava.evaluate import evaluate_records
-
         return evaluate_records(self.model, self.tokenizer, self.cfg, records, **kw)
 
 
 def load(path: str | Path, *, device: str | torch.device | None = None, dtype: torch.dtype | None = None
          ) -> KavaModel:
-    """A kava run directory (its best/, else final/ model), a saved checkpoint, or a `kava export` directory.
+    """A kava run directory (its best/, else final/ model), a saved checkpoint, or a `kava export` directory
+    (`kava.checkpoint.load.load_any`).
 
     device: default cuda when available, else cpu; dtype: default bf16 on cuda, fp32 on cpu.
     """
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = dtype or (torch.bfloat16 if str(device).startswith("cuda") else torch.float32)
-    p = Path(path)
-    if (p / EXPORT_FILE).exists():
-        model, tok, cfg = load_exported(p, device=device, dtype=dtype)
-        return KavaModel(model, tok, cfg, p, exported=True)
-    ck = find_checkpoint(p)
-    model, tok, cfg = load_for_eval(ck, device=device, dtype=dtype)
-    return KavaModel(model, tok, cfg, ck, exported=False)
+    m = load_any(path, device=device, dtype=dtype)
+    return KavaModel(m.model, m.tokenizer, m.cfg, m.source, m.exported)

@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
 def user_errors() -> tuple[type[BaseException], ...]:
     """Errors that mean "the input is wrong" (config, path, checkpoint, data, a missing optional package):
     one line and exit status 2. Anything else is a bug and keeps its traceback."""
-    from kava.checkpoint import CheckpointError
+    from kava.checkpoint.saved import CheckpointError
     from kava.config import ConfigError
 
     return (ConfigError, CheckpointError, OSError, ImportError, ValueError)

@@ -17,10 +17,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
+import torch
 import yaml
 
-METHODS = ("cot", "nocot", "pccot", "codi", "kava")
-LATENT_METHODS = ("pccot", "codi", "kava")
+from kava import eviction, losses
+from kava.data import readers
+from kava.model.capture import ATTN_CHOICES
+from kava.model.families import FAMILIES
+from kava.spec import KV_METHODS, METHODS, spec_of
+
+# The allowed values of a key come from the module that owns them (`Literal[OWNER.TUPLE]` is
+# `Literal[*OWNER.TUPLE]`): a new eviction rule, data format, loss kind or method is added there only.
+EVICTION_METHODS = eviction.METHODS
+DATA_FORMATS = readers.FORMATS
+LOSS_KINDS = losses.KINDS
 
 
 class ConfigError(ValueError):
@@ -36,7 +46,7 @@ class ModelConfig:
     # `family:` one of kava.model.families.FAMILIES. Used for the synthetic backbone and for speed benchmarks.
     from_scratch: dict | None = None
     init_from: str | None = None  # a kava run dir whose final weights initialise this model (e.g. a CoT backbone)
-    # auto | sdpa | eager: kava's capturing attention over HF's SDPA kernel or the model's own eager
+    # kava.model.capture.ATTN_CHOICES: auto | sdpa | eager: kava's capturing attention over HF's SDPA kernel or the model's own eager
     # attention; auto = sdpa where HF runs the model under SDPA without softcapping (kava.model.capture:install)
     attn_implementation: str = "auto"
     trust_remote_code: bool = False
@@ -64,7 +74,7 @@ class LatentConfig:
 
 @dataclass
 class EvictionConfig:
-    method: Literal["rkv", "attention", "cosine", "crop", "random", "uniform"] = "rkv"
+    method: Literal[EVICTION_METHODS] = "rkv"
     lam: float = 0.1  # λ: weight of importance vs redundancy
     importance_queries: Literal["answer", "cot_tail"] = "answer"
     cot_tail_window: int = 8  # α: the last α CoT positions as queries when importance_queries=cot_tail
@@ -79,12 +89,12 @@ class LossConfig:
     ce_teacher: float = 1.0
     alpha_codi: float = 10.0  # α1
     alpha_kv: float = 1.0  # α2
-    kv_loss: Literal["l1", "mse", "smooth_l1"] = "smooth_l1"
+    kv_loss: Literal[LOSS_KINDS] = "smooth_l1"
     kv_layer_std: bool = True
-    kv_supervision: Literal["last", "all"] = "last"
+    kv_supervision: Literal[losses.SUPERVISION] = "last"
     kv_key_space: Literal["cache", "pre_rope"] = "cache"
-    codi_loss: Literal["l1", "mse", "smooth_l1"] = "smooth_l1"
-    codi_std: Literal["layer", "global", "none"] = "layer"
+    codi_loss: Literal[LOSS_KINDS] = "smooth_l1"
+    codi_std: Literal[losses.CODI_STD] = "layer"
     codi_layers: list[int] | None = None  # None = all transformer layers
     # Where L_CODI compares teacher and student: "answer" = the position that predicts the first
     # non-whitespace answer token (as the official CODI code); "prompt" = the last answer-prompt token.
@@ -94,7 +104,7 @@ class LossConfig:
 @dataclass
 class DataConfig:
     source: str = "synthetic"  # hub id, local file, or "synthetic" (generated into the run dir)
-    format: Literal["auto", "icot", "gsm8k", "gsm_hard", "svamp", "jsonl", "hub"] = "auto"
+    format: Literal[DATA_FORMATS] = "auto"
     split: str = "train"
     valid_source: str | None = None  # None: the source's validation split (hub) or `synthetic`
     valid_split: str = "validation"
@@ -138,7 +148,7 @@ class OptimConfig:
     max_steps: int | None = None  # optimizer steps; overrides epochs when set
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
     compile: bool = False
-    # CUDA graphs of the micro-step (kava.graphs): auto (on for one CUDA process when nothing excludes them:
+    # CUDA graphs of the micro-step (kava.training.graphs): auto (on for one CUDA process when nothing excludes them:
     # DDP, compile, gradient checkpointing, random eviction, MoE and sliding-window models), true (refused where
     # excluded), false
     cuda_graphs: bool | Literal["auto"] = "auto"
@@ -171,7 +181,7 @@ class RunConfig:
 
 @dataclass
 class Config:
-    method: Literal["cot", "nocot", "pccot", "codi", "kava"] = "kava"
+    method: Literal[METHODS] = "kava"  # kava.spec.SPECS
     preset: str | None = None
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraSection | None = field(default_factory=LoraSection)  # null = full fine-tuning
@@ -193,8 +203,13 @@ class Config:
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
 
     @property
+    def spec(self):
+        """The method's row of `kava.spec.SPECS` (`kava.spec.MethodSpec`)."""
+        return spec_of(self.method)
+
+    @property
     def is_latent(self) -> bool:
-        return self.method in LATENT_METHODS
+        return self.spec.latent
 
 
 # --------------------------------------------------------------------------------------------------
@@ -380,10 +395,11 @@ def validate(cfg: Config) -> None:
         need(getattr(lo, k) >= 0, f"loss.{k}: must be >= 0, got {getattr(lo, k)}")
     if lo.codi_layers is not None:
         need(len(lo.codi_layers) > 0, "loss.codi_layers: must be null (all layers) or a non-empty list")
-    if cfg.method != "kava" and lo.kv_supervision == "all":
+    if not cfg.spec.kv and lo.kv_supervision == "all":
+        kv = " or ".join(repr(m) for m in KV_METHODS)
         raise ConfigError(
-            f"loss.kv_supervision: 'all' supervises latent KV, which only method 'kava' has (method is {cfg.method!r}); "
-            "use kv_supervision: last or method: kava"
+            f"loss.kv_supervision: 'all' supervises latent KV, which only method {kv} has (method is {cfg.method!r}); "
+            f"use kv_supervision: last or method: {KV_METHODS[0]}"
         )
     need(d.cot_style != "both" or d.source == "synthetic",
          "data.cot_style: 'both' is only available for data.source: synthetic; allowed values: equation, nl")
@@ -423,7 +439,7 @@ def validate(cfg: Config) -> None:
     need(r.eval_max_cot_tokens >= 0, f"run.eval_max_cot_tokens: must be >= 0, got {r.eval_max_cot_tokens}")
     need(cfg.model.name_or_path or cfg.model.from_scratch or cfg.model.init_from,
          "model: set model.name_or_path (hub id or local dir), model.from_scratch, or model.init_from")
-    if cfg.model.gradient_checkpointing and cfg.method in LATENT_METHODS:
+    if cfg.model.gradient_checkpointing and cfg.spec.latent:
         raise ConfigError(
             f"model.gradient_checkpointing: HF decoders drop the KV cache under gradient checkpointing, and "
             f"method {cfg.method!r} needs it for its latent passes; use it only with method cot or nocot")
@@ -432,14 +448,12 @@ def validate(cfg: Config) -> None:
              "model.gguf_file: names a file inside model.name_or_path; set model.name_or_path (the directory or hub "
              "id holding it) and neither model.from_scratch nor model.init_from")
     if cfg.model.from_scratch is not None:
-        from kava.model.families import FAMILIES
-
         fam = cfg.model.from_scratch.get("family")
         need(fam in FAMILIES,
              f"model.from_scratch.family: {fam!r} is not allowed; allowed values: {', '.join(FAMILIES)}")
     attn = cfg.model.attn_implementation
-    need(attn in ("auto", "sdpa", "eager"),
-         f"model.attn_implementation: {attn!r} is not allowed; allowed values: auto, sdpa, eager"
+    need(attn in ATTN_CHOICES,
+         f"model.attn_implementation: {attn!r} is not allowed; allowed values: {', '.join(ATTN_CHOICES)}"
          + (" (kava captures the importance block inside attention and lays padding inside sequences; flash "
             "attention kernels expose neither, so they are not supported)" if "flash" in attn else ""))
     if cfg.lora is not None:
@@ -451,8 +465,13 @@ def validate(cfg: Config) -> None:
              "in backward without replaying dropout draws); set lora.dropout: 0 or drop lm_head")
 
 
+def use_bf16(cfg: Config) -> bool:
+    """bf16 autocast: `optim.precision` auto or bf16, on a GPU (fp32 on CPU)."""
+    return torch.cuda.is_available() and cfg.optim.precision in ("auto", "bf16")
+
+
 def graph_exclusion(cfg: Config, *, cuda: bool = True, world_size: int = 1) -> str | None:
-    """Why the micro-step cannot be captured as a CUDA graph (`kava.graphs`), or None."""
+    """Why the micro-step cannot be captured as a CUDA graph (`kava.training.graphs`), or None."""
     if not cuda:
         return "no CUDA device"
     if world_size > 1:
@@ -461,7 +480,7 @@ def graph_exclusion(cfg: Config, *, cuda: bool = True, world_size: int = 1) -> s
         return "optim.compile: true"
     if cfg.model.gradient_checkpointing:
         return "model.gradient_checkpointing: true"
-    if cfg.method == "kava" and cfg.eviction.method == "random":
+    if cfg.spec.kv and cfg.eviction.method == "random":
         return "eviction.method: random (its generator is not part of the graph)"
     return None
 

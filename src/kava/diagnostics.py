@@ -8,7 +8,8 @@ All three run on a trained `pccot`, `codi` or `kava` model in `kava eval` (docs/
   batch). The latent-slot KV is recomputed from the replacement: one pass of the M replaced embeddings at
   the slots' columns and positions on top of the question's cache (`latent_slot_cache`), then the answer is
   decoded greedily as in normal evaluation. With the real z this reproduces the student exactly.
-- **Oracle check.** The teacher's compressed CoT KV, the very targets of ``L_KV`` (`eviction_targets`), is
+- **Oracle check.** The teacher's compressed CoT KV, the very targets of ``L_KV`` (`kava.objective.kv_targets`,
+  the function training calls), is
   spliced into the latent slots in place of the student's latent KV (`oracle_cache`); slots without a
   target (N_C < M) are masked out of attention. The answer block attends to the question's cache and those
   entries only.
@@ -28,11 +29,13 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from kava import eviction
-from kava.data.format import Formatter, StudentBatch, TeacherBatch, build_teacher_batch
+from kava.data.format import Formatter, StudentBatch
 from kava.data.records import Record
-from kava.evaluate import answer_from_cache, question_batch
+from kava.decode import answer_from_cache, decode_texts, question_batch
 from kava.model.reasoner import LatentReasoner
+from kava.objective import kv_target_batch, teacher_kv_targets
+from kava.scoring import extract_answer, numbers_match
+from kava.spec import LATENT_METHODS, spec_of
 
 ABLATIONS = ("zeros", "placeholder", "shuffle")
 """Latent replacements: ``zeros``, the ``<latent>`` ``placeholder`` embedding, ``shuffle`` (another example's)."""
@@ -158,7 +161,7 @@ def latent_slot_cache(model: LatentReasoner, sb: StudentBatch, question_cache: D
     Qb, M = sb.q_block, sb.num_latents
     qk, qv = model.cache_kv(question_cache, 0, Qb)
     cache = cache_from_kv(model, qk, qv)
-    model._run(z, sb.mask[:, :Qb + M], sb.pos[:, Qb:Qb + M], cache)
+    model.run(z, sb.mask[:, :Qb + M], sb.pos[:, Qb:Qb + M], cache)
     return cache
 
 
@@ -183,36 +186,15 @@ def oracle_cache(model: LatentReasoner, sb: StudentBatch, question_cache: Dynami
     return cache, mask
 
 
-def eviction_targets(model: LatentReasoner, cfg, tb: TeacherBatch, num_slots: int,
-                     generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The ``L_KV`` targets of a teacher batch, as `kava.methods.loss_step` builds them: the teacher pass over
-    question · CoT · prompt · answer, then `kava.eviction.select_indices` with ``cfg.eviction`` and
-    `kava.eviction.gather_slots`. Keys in ``cfg.loss.kv_key_space``.
-
-    Returns ``target_k``, ``target_v`` ``[L, B, Hkv, M, D]`` and ``slot_mask`` ``[B, M]``.
-    """
-    need_importance = cfg.eviction.method in ("rkv", "attention")
-    t = model.teacher_forward(tb, need_kv=True, need_importance=need_importance, key_space=cfg.loss.kv_key_space,
-                              importance_softmax=cfg.eviction.importance_softmax)
-    idx, slot_mask = eviction.select_indices(cfg.eviction.method, keys=t.cot_k, importance=t.importance,
-                                             valid=tb.cot_valid, num_slots=num_slots, lam=cfg.eviction.lam,
-                                             generator=generator)
-    return eviction.gather_slots(t.cot_k, idx), eviction.gather_slots(t.cot_v, idx), slot_mask
-
-
 # ------------------------------------------------------------------------------------------ one batch
-def student_mode_of(method: str) -> str:
-    from kava.methods import METHOD_SPECS
-
-    mode = METHOD_SPECS[method].student
+def require_latent(method: str) -> str:
+    """The student mode of a latent method (`kava.spec`); a ValueError for a method whose answer reads no
+    latents."""
+    mode = spec_of(method).student
     if mode is None:
-        raise ValueError(f"latent diagnostics need a latent method (pccot, codi, kava); this run's method is "
-                         f"{method!r}, whose answer does not read latents")
+        raise ValueError(f"latent diagnostics need a latent method ({', '.join(LATENT_METHODS)}); this run's method "
+                         f"is {method!r}, whose answer does not read latents")
     return mode
-
-
-def _texts(tokenizer, toks: list[list[int]], eos: int) -> list[str]:
-    return [tokenizer.decode(t[:-1] if t and t[-1] == eos else t, skip_special_tokens=True) for t in toks]
 
 
 @torch.no_grad()
@@ -227,22 +209,20 @@ def diagnose_batch(model: LatentReasoner, tokenizer, cfg, records: list[Record],
 
 
 def _diagnose(model, tokenizer, cfg, records, chunk, fmt, spec, max_new_tokens) -> list[dict]:
-    from kava.scoring import extract_answer, numbers_match
-
     ids, dev = model.ids, model.special_rows.device
     M = cfg.latent.num_latents
     key_space = cfg.loss.kv_key_space
     q_items = [fmt.tokenize(records[i], i, need_answer=False) for i in chunk]
     sb = question_batch(model, q_items, M).to(dev)  # the layout of the scored generations
     Qb = sb.q_block
-    s = model.student_forward(sb, cfg.latent.num_sweeps, mode=student_mode_of(cfg.method), key_space=key_space,
+    s = model.student_forward(sb, cfg.latent.num_sweeps, mode=require_latent(cfg.method), key_space=key_space,
                               keep_sweeps="last", with_answer=False)
     out: list[dict] = [{} for _ in chunk]
 
     def decode_and_score(cache, mask) -> list[dict]:
         toks, _ = answer_from_cache(model, sb, cache, mask, max_new_tokens)
         res = []
-        for i, text in zip(chunk, _texts(tokenizer, toks, ids.eos)):
+        for i, text in zip(chunk, decode_texts(tokenizer, toks, ids.eos)):
             strict = extract_answer(text, cfg.data.answer_prompt)["strict"]
             res.append({"generated": text, "correct": numbers_match(strict, records[i].answer)})
         return res
@@ -264,10 +244,10 @@ def _diagnose(model, tokenizer, cfg, records, chunk, fmt, spec, max_new_tokens) 
                 if spec.oracle:
                     o["oracle"] = {"skipped": reason}
             return out
-        tb = build_teacher_batch(a_items, ids, with_cot=True, query_mode=cfg.eviction.importance_queries,
-                                 tail_window=cfg.eviction.cot_tail_window).to(dev)
+        tb = kv_target_batch(a_items, ids, cfg).to(dev)
         gen = torch.Generator(device=dev).manual_seed(cfg.run.seed * 1_000_003 + chunk[0])  # eviction: random
-        tk, tv, slot_mask = eviction_targets(model, cfg, tb, M, gen)
+        _, tgt = teacher_kv_targets(model, tb, cfg, M, gen)
+        tk, tv, slot_mask = tgt.k, tgt.v, tgt.slot_mask
         if spec.kv_match:
             k_rel, k_cos, pairs = kv_match_stats(s.latent_k[-1], tk, slot_mask)
             v_rel, v_cos, _ = kv_match_stats(s.latent_v[-1], tv, slot_mask)

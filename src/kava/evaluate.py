@@ -1,13 +1,8 @@
-"""Batched greedy inference on the KV cache, forward-pass accounting, and scored evaluation.
+"""Scored evaluation: generate (`kava.decode`) and score (`kava.scoring`) records, shard them across
+processes, add the latent diagnostics (`kava.diagnostics`), and write `eval/<dataset>/`.
 
-Modes:
-    latent: prefix pass (question · <bot> · placeholders), T sweeps (or M sequential passes for CODI),
-            then <eot> · answer prompt and greedy answer decoding.        passes = 1 + T + decode steps
-    cot:    question prefill, then greedy CoT · answer prompt · answer.   passes = 1 + generated tokens
-    nocot:  question · answer prompt prefill, then greedy answer.         passes = decode steps
-
-A *decode step* is one forward call that emits a token (the eos included); `generated_tokens` excludes
-the eos. Counts are per example: an example stops counting once it has emitted eos.
+`evaluate_records` scores a list of records with a loaded model (training's validation uses it too);
+`evaluate_run` is `kava eval`: a run, checkpoint or export directory on named datasets.
 """
 
 from __future__ import annotations
@@ -15,135 +10,24 @@ from __future__ import annotations
 import json
 import platform
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from accelerate import PartialState
+from accelerate.utils import gather_object
+from tqdm.auto import tqdm
 
-from kava.data.format import BlockWidths, Formatter, Tokenized, _pad, _positions, build_student_batch
-from kava.model.capture import no_host_sync
-from kava.model.families import check_window
+from kava.checkpoint.load import load_any
+from kava.data.format import Formatter
+from kava.data.pipeline import find_synthetic_dir
+from kava.data.readers import load_eval_dataset
 from kava.data.records import Record
-from kava.methods import student_mode
+from kava.decode import generate_for_config
+from kava.diagnostics import (check_shards, diagnose_batch, eval_chunks, format_diagnostics, require_latent,
+                              summarize_diagnostics)
+from kava.model.families import check_window
 from kava.model.reasoner import LatentReasoner
-
-MODES = ("latent", "cot", "nocot")
-
-
-@dataclass
-class Generation:
-    text: str
-    token_ids: list[int]
-    forward_passes: int
-    generated_tokens: int
-
-
-def _greedy(model: LatentReasoner, cache, logits: torch.Tensor, mask: torch.Tensor, next_pos: torch.Tensor,
-            max_new: int, eos: int) -> tuple[list[list[int]], torch.Tensor]:
-    """Greedy decoding from `logits` [B, V] (the prediction of the first new token) on `cache`.
-
-    mask: [B, S0] attention mask of what the cache holds; next_pos: [B] position of the first new token.
-    Returns (tokens per example, eos included if emitted; steps [B] = forward calls that emitted a token).
-    """
-    B = logits.shape[0]
-    # the bookkeeping lives on the host: one device read per step (the tokens), not one per example
-    done, steps = [False] * B, [0] * B
-    out: list[list[int]] = [[] for _ in range(B)]
-    ones = torch.ones(B, 1, dtype=mask.dtype, device=mask.device)
-    for step in range(max_new):
-        tok = logits.argmax(-1)
-        for b, t in enumerate(tok.tolist()):
-            if not done[b]:
-                out[b].append(t)
-                steps[b] += 1
-                done[b] = t == eos
-        if all(done) or step == max_new - 1:
-            break
-        mask = torch.cat([mask, ones], 1)
-        h = model._run(model.embed(tok[:, None]), mask, (next_pos + step)[:, None], cache).last_hidden_state
-        logits = model.logits(h[:, -1])
-    return out, torch.tensor(steps)
-
-
-def answer_from_cache(model: LatentReasoner, sb, cache, mask: torch.Tensor,
-                      max_new: int) -> tuple[list[list[int]], torch.Tensor]:
-    """Run the answer block `<eot> · prompt` of a question-only student batch on `cache` (which holds the
-    question block and the M latent slots), then decode greedily (see `_greedy`).
-
-    mask: [B, Qb+M+Ab] attention mask of the whole student sequence (`sb.mask`, or with latent slots
-    switched off, as the oracle check does). The answer block is never padded (`<eot>` and the prompt are
-    the same ids for every example), so its last column predicts the first answer token.
-    """
-    A0 = sb.answer_start
-    out = model._run(model.embed(sb.ids[:, A0:]), mask, sb.pos[:, A0:], cache)
-    logits = model.logits(out.last_hidden_state[:, -1])
-    return _greedy(model, cache, logits, mask, sb.pos[:, -1] + 1, max_new, model.ids.eos)
-
-
-@torch.no_grad()
-def generate(model: LatentReasoner, items: list[Tokenized], *, mode: str, num_latents: int = 24,
-             num_sweeps: int = 3, student_mode: str = "jacobi", max_new_tokens: int = 16,
-             max_cot_tokens: int = 128, tokenizer=None) -> list[Generation]:
-    """Greedy generations for a batch of question-only items (see module docstring for the modes)."""
-    # on a GPU, HF's "is the mask all ones?" would be one more device read per decode step
-    with model.autocast(), no_host_sync(enabled=model.special_rows.is_cuda):
-        return _generate(model, items, mode=mode, num_latents=num_latents, num_sweeps=num_sweeps,
-                         student_mode=student_mode, max_new_tokens=max_new_tokens, max_cot_tokens=max_cot_tokens,
-                         tokenizer=tokenizer)
-
-
-QUESTION_WIDTH_STEP = 16
-
-
-def question_width(model: LatentReasoner, n: int) -> int:
-    """Columns of a batch's question block: its longest question rounded up to a multiple of 16, so that the
-    same few shapes recur over an evaluation (on a GPU each new shape costs attention-kernel planning). Pads
-    are masked: the same generations. Not under a sliding window, which counts columns (`check_window`)."""
-    return n if model.sliding_window is not None else -(-n // QUESTION_WIDTH_STEP) * QUESTION_WIDTH_STEP
-
-
-def question_batch(model: LatentReasoner, items: list[Tokenized], num_latents: int):
-    """The student batch of question-only items that latent evaluation (and the diagnostics) run: the
-    question block `question_width` wide, `<bot>`, the slots, `<eot>` · prompt."""
-    widths = BlockWidths(q=question_width(model, max(len(it.question) for it in items)), c=0,
-                         a=max(1 + len(it.prompt) for it in items), static=False)
-    return build_student_batch(items, model.ids, num_latents, with_answer=False, widths=widths)
-
-
-def _generate(model, items, *, mode, num_latents, num_sweeps, student_mode, max_new_tokens, max_cot_tokens,
-              tokenizer) -> list[Generation]:
-    ids = model.ids
-    dev = model.special_rows.device
-    if mode == "latent":
-        sb = question_batch(model, items, num_latents).to(dev)
-        s = model.student_forward(sb, num_sweeps, mode=student_mode, with_answer=False)
-        toks, steps = answer_from_cache(model, sb, s.cache, sb.mask, max_new_tokens)
-        base_passes = s.forward_passes
-    elif mode in ("cot", "nocot"):
-        rows = [it.question + (it.prompt if mode == "nocot" else []) for it in items]
-        S = question_width(model, max(len(r) for r in rows))
-        x = _pad(rows, S, ids.pad).to(dev)
-        mask = _pad([[1] * len(r) for r in rows], S, 0).to(dev)
-        pos = _positions(mask)
-        cache = model.new_cache()
-        out = model._run(model.embed(x), mask, pos, cache)
-        last = torch.tensor([len(r) - 1 for r in rows], device=dev)
-        logits = model.logits(out.last_hidden_state[torch.arange(len(rows), device=dev), last])
-        budget = max_new_tokens + (max_cot_tokens + len(items[0].prompt) if mode == "cot" else 0)
-        toks, steps = _greedy(model, cache, logits, mask, last + 1, budget, ids.eos)
-        base_passes = 0
-    else:
-        raise ValueError(f"mode {mode!r}; allowed values: {', '.join(MODES)}")
-    res = []
-    for b, t in enumerate(toks):
-        content = t[:-1] if t and t[-1] == ids.eos else t
-        text = tokenizer.decode(content, skip_special_tokens=True) if tokenizer is not None else ""
-        res.append(Generation(text, t, base_passes + int(steps[b]), len(content)))
-    return res
-
-
-def default_mode(method: str) -> str:
-    return {"cot": "cot", "nocot": "nocot"}.get(method, "latent")
+from kava.scoring import extract_answer, numbers_match
 
 
 def evaluate_records(model: LatentReasoner, tokenizer, cfg, records: list[Record], *, mode: str | None = None,
@@ -155,17 +39,13 @@ def evaluate_records(model: LatentReasoner, tokenizer, cfg, records: list[Record
     methods only): its per-example fields join the rows and its numbers the summary.
     Returns (rows, summary) for this shard; rows carry `index` so shards merge without double counting.
     """
-    from kava.diagnostics import diagnose_batch, eval_chunks, student_mode_of
-    from kava.scoring import extract_answer, numbers_match
-
-    mode = mode or default_mode(cfg.method)
+    mode = mode or cfg.spec.eval_mode
     diag = diagnostics if diagnostics is not None and diagnostics.active else None
     if diag is not None:
-        student_mode_of(cfg.method)  # refuses cot / nocot runs
+        require_latent(cfg.method)  # refuses cot / nocot runs
         if mode != "latent":
             raise ValueError(f"latent diagnostics need the latent mode; got mode {mode!r}")
-    fmt = Formatter(tokenizer, answer_prompt=cfg.data.answer_prompt, drop_last_step=cfg.data.drop_last_step,
-                    max_question_tokens=10**9, max_cot_tokens=10**9, max_answer_tokens=10**9)
+    fmt = Formatter.from_config(cfg, tokenizer, limits=False)
     idx = list(range(rank, len(records), world))
     bs = batch_size or cfg.run.eval_batch_size
     max_new = max_new_tokens or cfg.run.eval_max_new_tokens
@@ -182,15 +62,11 @@ def evaluate_records(model: LatentReasoner, tokenizer, cfg, records: list[Record
             check_window(model.sliding_window, teacher, what="the longest gold CoT sequence of these diagnostics")
     rows: list[dict] = []
     t0, diag_wall = time.perf_counter(), 0.0
-    from tqdm.auto import tqdm
-
     bar = tqdm(total=len(idx), desc=f"eval {mode}", disable=not progress or None, leave=False)
     model.eval()
     for chunk in eval_chunks(idx, bs, diag.min_batch if diag is not None else 1):
         items = [fmt.tokenize(records[i], i, need_answer=False) for i in chunk]
-        gens = generate(model, items, mode=mode, num_latents=cfg.latent.num_latents,
-                        num_sweeps=cfg.latent.num_sweeps, student_mode=student_mode(cfg.method),
-                        max_new_tokens=max_new, max_cot_tokens=cfg.run.eval_max_cot_tokens, tokenizer=tokenizer)
+        gens = generate_for_config(model, tokenizer, cfg, items, mode=mode, max_new_tokens=max_new)
         for i, g in zip(chunk, gens):
             ext = extract_answer(g.text, cfg.data.answer_prompt)
             r = records[i]
@@ -213,8 +89,6 @@ def evaluate_records(model: LatentReasoner, tokenizer, cfg, records: list[Record
 
 def summarize(rows: list[dict], wall: float, mode: str) -> dict:
     """Dataset-level numbers of scored rows, plus the latent diagnostics when the rows carry them."""
-    from kava.diagnostics import summarize_diagnostics
-
     n = len(rows)
     return {
         "mode": mode,
@@ -261,16 +135,8 @@ def evaluate_run(checkpoint: str | Path, datasets: list[str], *, data_dir=None, 
     to that run's own data (`kava.data.pipeline.find_synthetic_dir`).
     diagnostics: a `kava.diagnostics.DiagnosticsSpec` (latent runs).
     """
-    from accelerate import PartialState
-    from accelerate.utils import gather_object
-
-    import kava
-    from kava.data.pipeline import find_synthetic_dir
-    from kava.data.readers import load_eval_dataset
-    from kava.diagnostics import format_diagnostics
-
     state = PartialState(cpu=not torch.cuda.is_available())  # multi-process CPU runs shard too
-    km = kava.load(checkpoint, device=state.device)
+    km = load_any(checkpoint, device=state.device)
     cfg = km.cfg
     out_root = Path(output) if output else km.run_dir / "eval"
     results = {}
@@ -286,13 +152,12 @@ def evaluate_run(checkpoint: str | Path, datasets: list[str], *, data_dir=None, 
             records = records[:limit]
             desc += f" (first {limit})"
         if diagnostics is not None and diagnostics.active:  # before any rank starts: all refuse, or none
-            from kava.diagnostics import check_shards
-
             check_shards(len(records), state.num_processes, batch_size or cfg.run.eval_batch_size,
                          diagnostics.min_batch)
-        rows, s = km.evaluate(records, mode=mode, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                              rank=state.process_index, world=state.num_processes,
-                              progress=progress and state.is_main_process, diagnostics=diagnostics)
+        rows, s = evaluate_records(km.model, km.tokenizer, cfg, records, mode=mode, batch_size=batch_size,
+                                   max_new_tokens=max_new_tokens, rank=state.process_index,
+                                   world=state.num_processes, progress=progress and state.is_main_process,
+                                   diagnostics=diagnostics)
         rows = gather_object(rows)
         walls = gather_object([s["wall_s"]])
         if state.is_main_process:

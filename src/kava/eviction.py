@@ -34,7 +34,8 @@ METHODS = ("rkv", "attention", "cosine", "crop", "random", "uniform")
 """Selection methods: ``rkv`` (the paper: lam*I + (1-lam)*R), ``attention`` (lam=1), ``cosine`` (lam=0),
 ``crop`` (first M CoT tokens), ``random`` and ``uniform`` (extra controls)."""
 
-_NEEDS_IMPORTANCE = ("rkv", "attention")
+NEEDS_IMPORTANCE = ("rkv", "attention")
+"""The methods that read the importance block (the teacher pass must capture it)."""
 
 
 def _check_lam(lam: float) -> None:
@@ -266,7 +267,7 @@ def select_indices(
     M = num_slots
     valid = valid.bool()
     device = keys.device
-    if method in _NEEDS_IMPORTANCE:
+    if method in NEEDS_IMPORTANCE:
         if importance is None:
             raise ValueError(f"method {method!r} needs importance [L,B,Hkv,C]; got None")
         if tuple(importance.shape) != (L, B, Hkv, C):

@@ -7,7 +7,8 @@ Two extractions per generation, both reported (STYLE.md, lm-eval section):
 - flexible: the last number anywhere in the text.
 A text with no number gives None, which counts as wrong: nothing is skipped.
 
-Numbers: ``1,234`` (thousands groups of exactly three), ``$18.00``, ``-3``, ``18.`` (the period ends the
+Numbers: ``1,234`` (thousands groups of exactly three; ``1,5`` or ``12,34`` is one malformed number, as for
+the gold answers: `kava.data.readers.normalize_number`), ``$18.00``, ``-3``, ``18.`` (the period ends the
 sentence), ``.5``, ``0.5``, ``1e3`` and ``2.0107e-06`` (scientific notation is accepted because GSM-Hard
 answers come from Python floats and models that imitate them print it), ``50%`` (-> 50). A minus sign
 counts only when it does not follow a word character, so ``5-3`` reads as 5 and 3 and ``pages 10-12``
@@ -27,12 +28,14 @@ from collections.abc import Callable, Sequence
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
-from kava.data.readers import ANSWER_PROMPT
+from kava.data.readers import ANSWER_PROMPT, THOUSANDS_RE
 from kava.data.readers import normalize_number as canonical_number
 from kava.data.records import Record
 
-# sign (not after a word char) | optional "$ " | 1,234 groups or plain digits, optional fraction | or .5 | exponent
-_DIGITS = r"(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?|\.\d+"
+# sign (not after a word char) | optional "$ " | digits with commas or plain digits, optional fraction | or .5 |
+# exponent. Digits joined by commas are read as one token: 1,234 is a number, 1,5 is one malformed number
+# (None, as `normalize_number` says of a gold 1,5), never 1 followed by 5.
+_DIGITS = r"(?:\d+(?:,\d+)+|\d+)(?:\.\d+)?|\.\d+"
 NUMBER_RE = re.compile(rf"(?:(?<![\w.])-)?(?:\$\s?)?(?:{_DIGITS})(?:[eE][-+]?\d+)?")
 
 
@@ -49,7 +52,8 @@ def strip_dollar(s: str) -> str:
 
 
 def strip_commas(s: str) -> str:
-    return s.replace(",", "")
+    """Thousands separators only (``2,125``); other commas stay, and the number is then invalid."""
+    return s.replace(",", "") if THOUSANDS_RE.fullmatch(s) else s
 
 
 def strip_trailing_period(s: str) -> str:
@@ -67,27 +71,29 @@ def clean_number(text: str) -> str | None:
     return canonical_number(text)
 
 
+def number_tokens(text: str) -> list[str | None]:
+    """Every number-like token of `text`, cleaned, in order; None for a malformed one (``1,5``)."""
+    return [clean_number(m.group(0)) for m in NUMBER_RE.finditer(text)]
+
+
 def find_numbers(text: str) -> list[str]:
-    """All numbers in `text`, cleaned, in order."""
-    out = []
-    for m in NUMBER_RE.finditer(text):
-        n = clean_number(m.group(0))
-        if n is not None:
-            out.append(n)
-    return out
+    """All numbers in `text`, cleaned, in order (malformed ones left out)."""
+    return [n for n in number_tokens(text) if n is not None]
 
 
 def extract_answer(text: str, answer_prompt: str = ANSWER_PROMPT, require_prompt: bool = False) -> dict[str, str | None]:
     """``{"strict": first number after the last answer prompt (or of the bare answer segment),
-    "flexible": last number in the text}``; either is None when there is no such number."""
+    "flexible": last number in the text}``; either is None when there is no such number, and strict is None
+    when that first number is malformed (`` 1,5``: neither 1 nor 15)."""
     nums = find_numbers(text)
     flexible = nums[-1] if nums else None
     at = text.rfind(answer_prompt) if answer_prompt else -1
     if at >= 0:
-        after = find_numbers(text[at + len(answer_prompt):])
+        after = number_tokens(text[at + len(answer_prompt):])
         strict = after[0] if after else None
     else:
-        strict = None if require_prompt else (nums[0] if nums else None)
+        first = number_tokens(text)
+        strict = None if require_prompt else (first[0] if first else None)
     return {"strict": strict, "flexible": flexible}
 
 

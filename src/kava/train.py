@@ -1,8 +1,9 @@
-"""The training loop: one trainer for cot / nocot / pccot / codi / kava (SPEC §5).
+"""The training recipe: one trainer for every method of `kava.spec` (SPEC §5).
 
 `train()` composes named stages, as a torchtune recipe does; each is a function testable on its own:
     setup_accelerator           the `Accelerator` (DDP, bf16 autocast), world size checked, seeds set
-    setup_run_dir               refuse to overwrite a run; find and check the checkpoint to resume
+    setup_run_dir               refuse to overwrite a run; find and check the checkpoint to resume; then
+                                `train()` locks the directory (`kava.checkpoint.rundir.RunLock`)
     setup_data                  records, tokenizer, tokenized examples, skip accounting -> `Data`
     setup_model_and_optimizer   reasoner, AdamW, `Objective`, prepared by accelerate -> `Trainer`
     resume_state                a checkpoint into the `Trainer` (weights, optimizer, RNGs, counters)
@@ -13,51 +14,51 @@
 The loop in `train()` then reads top to bottom like nanoGPT's: lr for this step -> train_step -> (non-finite:
 run.nan_policy) -> log -> validate / checkpoint. Plumbing (DDP, autocast, no-sync) is `accelerate`'s.
 
-Run directory:
-    config.yaml  resolved config          meta.json     versions, git revision, method, data, seed
-    skips.json   skipped records          metrics.jsonl one JSON object per logged step (train and val)
-    tb/          TensorBoard              checkpoints/step_<n>/  trainable.safetensors, optimizer.safetensors,
-    best/, final/  loadable models (model/, tokenizer/, kava_extra.safetensors)        state.json
-    DONE         written when the run finished       wandb.json    the W&B run id (`run.log` with wandb)
+The components live elsewhere: the loss (`kava.objective`), the run directory, its lock and provenance
+(`kava.checkpoint.rundir`, whose docstring lists the files), the training state (`kava.checkpoint.state`),
+saved models (`kava.checkpoint.saved`), the metric logger (`kava.training.logger`), CUDA graphs
+(`kava.training.graphs`), gradient shares (`kava.training.gradshare`) and the printed summary
+(`kava.training.progress`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 import json
 import math
 import os
-import shutil
-import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from safetensors.torch import load_file, save_file
+from accelerate import Accelerator
+from accelerate.utils import DistributedDataParallelKwargs, gather_object, set_seed
+from tqdm.auto import tqdm
 
-from kava.config import Config, ConfigError, check_world_size, graph_exclusion, load_config, save_config
-from kava.data.format import Formatter, special_ids
+from kava.checkpoint.load import build_reasoner, load_tokenizer
+from kava.checkpoint.rundir import RunLock, RunLocked, git_revision, lock_holder, run_name, versions
+from kava.checkpoint.saved import CheckpointError, save_model
+from kava.checkpoint.state import (atomic_dir_write, check_resume_state, gather_rng, latest_checkpoint,
+                                   read_checkpoint, restore_rng, rng_of_rank, rng_tensors, tokenizer_identity,
+                                   write_checkpoint, model_identity)
+from kava.config import Config, check_world_size, load_config, save_config, use_bf16
+from kava.data.format import Formatter, Tokenized
 from kava.data.pipeline import load_train_valid, train_data_label
-from kava.data.records import SkipLog
-from kava.gradshare import grad_share_due, grad_share_micro, measure
-from kava.graphs import GraphedStep
+from kava.data.records import Record, SkipLog
+from kava.data.tokenizer import build_tokenizer, tokenizer_texts
+from kava.evaluate import evaluate_records
 from kava.model.capture import no_host_sync
-from kava.model.families import text_config
-from kava.methods import ce_denominators, length_key, loss_step, make_batch
-from kava.checkpoint import CheckpointError, save_model
-from kava.model.loading import build_reasoner, load_tokenizer
-from kava.progress import ProgressLine, start_summary
+from kava.objective import ce_denominators, length_key, loss_step, make_batch
+from kava.training.gradshare import grad_share_due, grad_share_micro, measure
+from kava.training.graphs import GraphedStep, setup_graphs
+from kava.training.logger import MetricLogger
+from kava.training.progress import ProgressLine, start_summary
 
 if TYPE_CHECKING:
-    from accelerate import Accelerator
     from transformers import PreTrainedTokenizerBase
-
-    from kava.data.format import Tokenized
-    from kava.data.records import Record
 
 
 class NonFiniteLoss(RuntimeError):
@@ -75,217 +76,6 @@ def lr_at(step: int, total: int, base: float, warmup: int, schedule: str) -> flo
     if schedule == "linear":
         return base * max(0.0, 1.0 - progress)
     return base * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
-# ------------------------------------------------------------------------------------------------ logging
-class MetricLogger:
-    """JSONL (always) + TensorBoard + W&B + stdout backends; writes on the main process only."""
-
-    def __init__(self, run_dir: Path, backends: list[str], enabled: bool, cfg: Config):
-        self.enabled = enabled
-        self.path = run_dir / "metrics.jsonl"
-        self.tb = self.wandb = None
-        self.stdout = "stdout" in backends
-        if not enabled:
-            return
-        if "tensorboard" in backends:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(str(run_dir / "tb"))
-        if "wandb" in backends:
-            self.wandb = wandb_init(run_dir, cfg)
-
-    def log(self, payload: dict, step: int) -> None:
-        if not self.enabled:
-            return
-        row = {"step": step, **payload}
-        try:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(row) + "\n")
-        except OSError as e:  # e.g. disk full: Python's message would not say which file
-            raise OSError(f"could not append to {self.path}: {e} (disk full?); the last checkpoint is intact: "
-                          f"free space, then `kava train --resume {self.path.parent}`") from e
-        for k, v in payload.items():
-            if isinstance(v, (int, float)) and self.tb is not None:
-                self.tb.add_scalar(k, v, step)
-        if self.wandb is not None:
-            self.wandb.log(payload, step=step)
-        if self.stdout:
-            print(json.dumps(row))
-
-    def truncate_after(self, step: int) -> None:
-        """On resume: drop lines logged after the checkpoint, so metrics equal an uninterrupted run's."""
-        if not self.enabled or not self.path.exists():
-            return
-        def kept(ln: str) -> bool:
-            try:
-                return json.loads(ln)["step"] <= step
-            except (ValueError, KeyError, TypeError):  # a line cut short by a kill or a full disk
-                return False
-
-        keep = [ln for ln in self.path.read_text(errors="replace").splitlines() if ln.strip() and kept(ln)]
-        self.path.write_text("".join(ln + "\n" for ln in keep))
-
-    def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
-        if self.wandb is not None:
-            self.wandb.finish()
-
-
-WANDB_FILE = "wandb.json"  # in the run dir: the W&B run id, so that `--resume` continues the same W&B run
-
-
-def wandb_init(run_dir: Path, cfg: Config):
-    """Start (or, when the run dir already names one, continue) the run's W&B run: `run.wandb_project`,
-    `run.wandb_entity`, `run.wandb_tags`. The id is written before `wandb.init`, so a run killed at any
-    point resumes into the same W&B run. Steps that a resumed run logs again (those after its checkpoint)
-    are ones W&B already holds with the same values (resume is exact); W&B keeps the first copy."""
-    import secrets
-
-    import wandb  # a missing package is a one-line user error (`kava.cli.user_errors`)
-
-    path = run_dir / WANDB_FILE
-    if path.exists():
-        run_id = json.loads(path.read_text())["id"]
-    else:
-        run_id = secrets.token_hex(8)  # W&B ids: letters and digits
-        path.write_text(json.dumps({"id": run_id, "project": cfg.run.wandb_project, "entity": cfg.run.wandb_entity}))
-    return wandb.init(project=cfg.run.wandb_project, entity=cfg.run.wandb_entity, tags=list(cfg.run.wandb_tags),
-                      name=run_dir.name, id=run_id, resume="allow", config=cfg.to_dict(), dir=str(run_dir))
-
-
-# ------------------------------------------------------------------------------------------------ run meta
-def git_revision() -> str | None:
-    try:
-        here = Path(__file__).resolve().parent
-        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=here, capture_output=True, text=True, timeout=5)
-        return rev.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "") if rev.returncode == 0 else None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def versions() -> dict:
-    import accelerate
-    import peft
-    import transformers
-
-    import kava
-
-    return {"kava": kava.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "peft": peft.__version__, "accelerate": accelerate.__version__,
-            "cuda": torch.version.cuda, "python": os.sys.version.split()[0]}
-
-
-def run_name(cfg: Config) -> str:
-    return cfg.run.name or f"{cfg.preset or cfg.method}-s{cfg.run.seed}"
-
-
-# ------------------------------------------------------------------------------------------------ checkpoints
-def _atomic_dir_write(final: Path, write) -> None:
-    """Write into `<final>.tmp`, then rename: a crash mid-write never replaces the last good checkpoint.
-
-    A failed write (disk full, unwritable directory, ...) removes the partial `.tmp` directory and raises an
-    OSError naming the directory; whatever `final` held before is untouched.
-    """
-    tmp = final.with_name(final.name + ".tmp")
-    old = final.with_name(final.name + ".old")
-    if old.exists() and not final.exists():  # a crash between the two renames below: the old copy is good
-        old.rename(final)
-    try:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
-        write(tmp)
-    except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, OSError):
-            raise OSError(f"could not write {final}: {e} (disk full or not writable?); nothing was replaced: "
-                          f"the previous {final.name} and the earlier checkpoints are intact") from e
-        raise
-    if final.exists():
-        final.rename(old)
-    tmp.rename(final)
-    if old.exists():
-        shutil.rmtree(old)
-
-
-def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
-
-
-def optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    sd = opt.state_dict()
-    tensors, scalars = {}, {}
-    for pid, st in sd["state"].items():
-        for k, v in st.items():
-            if torch.is_tensor(v):
-                tensors[f"{pid}.{k}"] = v.detach().contiguous().cpu()
-            else:
-                scalars[f"{pid}.{k}"] = v
-    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
-
-
-def load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
-    state: dict[int, dict] = {}
-    for key, v in tensors.items():
-        pid, k = key.split(".", 1)
-        state.setdefault(int(pid), {})[k] = v
-    for key, v in meta["scalars"].items():
-        pid, k = key.split(".", 1)
-        state.setdefault(int(pid), {})[k] = v
-    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-
-
-def rng_tensors() -> dict[str, torch.Tensor]:
-    out = {"torch_cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        for i, s in enumerate(torch.cuda.get_rng_state_all()):
-            out[f"cuda_{i}"] = s
-    return out
-
-
-def restore_rng(t: dict[str, torch.Tensor]) -> None:
-    torch.set_rng_state(t["torch_cpu"])
-    if torch.cuda.is_available():
-        states = [t[k] for k in sorted(t) if k.startswith("cuda_")]
-        if len(states) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(states)
-
-
-def model_identity(cfg: Config) -> dict:
-    """What a checkpoint's trainable tensors belong to: the backbone, its tokenizer and the LoRA shape."""
-    m = cfg.model
-    ident = {"name_or_path": m.name_or_path, "tokenizer": m.tokenizer, "from_scratch": m.from_scratch,
-             "init_from": m.init_from, "lora": dataclasses.asdict(cfg.lora) if cfg.lora is not None else None}
-    if m.gguf_file is not None:  # only when set: identities written before the key existed still match
-        ident["gguf_file"] = m.gguf_file
-    return json.loads(json.dumps(ident))  # as state.json stores it
-
-
-def tokenizer_identity(tokenizer) -> dict:
-    """Vocabulary size and the ids kava uses (bot, eot, latent, pad, eos, bos)."""
-    return {"size": len(tokenizer), "special_ids": list(special_ids(tokenizer).__dict__.values())}
-
-
-def check_resume_state(state: dict, cfg: Config, ck: Path) -> None:
-    """Refuse a checkpoint written for another method or model (before any data or model is loaded)."""
-    if state.get("method") != cfg.method:
-        raise ValueError(f"{ck}: checkpoint method {state.get('method')!r} != config method {cfg.method!r} "
-                         "(config.yaml was edited?); a checkpoint resumes only the method that wrote it")
-    saved, mine = state.get("model"), model_identity(cfg)  # "model" is absent in older checkpoints
-    if saved is not None and saved != mine:
-        diff = sorted(k for k in set(saved) | set(mine) if saved.get(k) != mine.get(k))
-        raise ValueError(f"{ck}: checkpoint is from a different model: model.{', model.'.join(diff)} differ "
-                         f"(checkpoint {({k: saved.get(k) for k in diff})}, config {({k: mine.get(k) for k in diff})})")
-
-
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    ck = run_dir / "checkpoints"
-    steps = sorted((int(p.name.split("_")[1]), p) for p in ck.glob("step_*") if p.name.split("_")[1].isdigit()
-                   and (p / "state.json").exists()) if ck.exists() else []
-    return steps[-1][1] if steps else None
 
 
 # ------------------------------------------------------------------------------------------------ trainer
@@ -339,21 +129,13 @@ def batch_indices(cfg: Config, plan: Plan, n: int, step: int) -> tuple[int, ...]
     return example_order(n, cfg.run.seed, epoch)[within * eb:(within + 1) * eb]
 
 
-def use_bf16(cfg: Config) -> bool:
-    return torch.cuda.is_available() and cfg.optim.precision in ("auto", "bf16")
-
-
 # ------------------------------------------------------------------------------------------------ stages
 def setup_accelerator(cfg: Config) -> Accelerator:
     """The `Accelerator` (DDP, bf16 autocast on GPU), the world size checked against the batch sizes before
     any data or model is read, and the seeds set."""
-    from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs, set_seed
-
-    from kava.methods import METHOD_SPECS
-
-    # cot / nocot never touch the projection or the special-token rows: DDP must be told
-    ddp = DistributedDataParallelKwargs(find_unused_parameters=METHOD_SPECS[cfg.method].student is None)
+    # methods without a latent student (cot, nocot) never touch the projection or the special-token rows:
+    # DDP must be told
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=not cfg.spec.latent)
     acc = Accelerator(mixed_precision="bf16" if use_bf16(cfg) else "no", cpu=not torch.cuda.is_available(),
                       kwargs_handlers=[ddp])
     check_world_size(cfg, acc.num_processes)  # before reading (and tokenizing) the data or loading a model
@@ -365,6 +147,9 @@ def setup_run_dir(cfg: Config, resume: str | Path | None, main: bool) -> tuple[P
     """(run dir, checkpoint to resume from or None). Refuses to overwrite a run, checks the directory is
     writable, and checks a resume's checkpoint against `cfg` — all before any data or model is loaded."""
     run_dir = Path(resume) if resume else Path(cfg.run.output_dir) / run_name(cfg)
+    # before any other check, say what is going on (the main process only: the others would see its own lock)
+    if main and (holder := lock_holder(run_dir)) is not None:
+        raise RunLocked(run_dir, holder)
     if not resume and (run_dir / "config.yaml").exists():
         if (run_dir / "DONE").exists():
             raise FileExistsError(f"{run_dir} holds a finished run; choose another run.name or delete it")
@@ -398,6 +183,7 @@ class Data:
     tokenizer: PreTrainedTokenizerBase
     items: list[Tokenized]  # the usable training examples
     no_cot: int  # how many of them have an empty CoT (kept)
+    valid_skips: SkipLog = field(default_factory=SkipLog)  # validation records skipped (skips.json "validation")
 
 
 def setup_data(cfg: Config, run_dir: Path, acc: Accelerator, *, data_root: str | Path | None = None,
@@ -405,18 +191,14 @@ def setup_data(cfg: Config, run_dir: Path, acc: Accelerator, *, data_root: str |
     """Records, the tokenizer (trained into `run_dir/tokenizer_src` for a from-scratch model without one),
     and the tokenized training examples. Refuses data with no usable record, or with no CoT at all for a
     method that learns from it; a resume refuses a tokenizer that changed since its checkpoint."""
-    from kava.methods import METHOD_SPECS
-
     main = acc.is_main_process
-    skips = SkipLog(strict=cfg.data.strict)
+    skips, valid_skips = SkipLog(strict=cfg.data.strict), SkipLog()
     root = Path(data_root) if data_root else Path(cfg.run.output_dir) / "_data"
-    train_recs, valid_recs, data_desc = load_train_valid(cfg, root, skips)
+    train_recs, valid_recs, data_desc = load_train_valid(cfg, root, skips, valid_skips)
     if cfg.model.from_scratch is not None and not cfg.model.tokenizer and not cfg.model.init_from:
         tok_dir = run_dir / "tokenizer_src"
         if not (tok_dir / "tokenizer_config.json").exists() and main:
-            from kava.data.tokenizer import build_tokenizer, tokenizer_texts
-
-            _atomic_dir_write(tok_dir, lambda d: build_tokenizer(tokenizer_texts(train_recs, cfg.data.answer_prompt),
+            atomic_dir_write(tok_dir, lambda d: build_tokenizer(tokenizer_texts(train_recs, cfg.data.answer_prompt),
                                                                  d, vocab_size=cfg.data.tokenizer_vocab_size))
         acc.wait_for_everyone()
         tokenizer = load_tokenizer(cfg, str(tok_dir))
@@ -428,17 +210,14 @@ def setup_data(cfg: Config, run_dir: Path, acc: Accelerator, *, data_root: str |
             raise CheckpointError(f"{resume_ck}: the tokenizer changed since the checkpoint was written "
                                   f"(checkpoint {saved_tok}, now {tokenizer_identity(tokenizer)}); the trained "
                                   "special-token rows and embeddings would meet other ids")
-    fmt = Formatter(tokenizer, answer_prompt=cfg.data.answer_prompt, drop_last_step=cfg.data.drop_last_step,
-                    max_question_tokens=cfg.data.max_question_tokens, max_cot_tokens=cfg.data.max_cot_tokens,
-                    max_answer_tokens=cfg.data.max_answer_tokens)
-    items = fmt.tokenize_all(train_recs, skips)
+    items = Formatter.from_config(cfg, tokenizer).tokenize_all(train_recs, skips)
     if not items:
         raise ValueError(f"no usable training records ({skips.summary()})")
     # An empty CoT is legitimate (a one-step solution loses its only step to data.drop_last_step: 17-21% of the
     # GSM8k-Aug problems), so such examples are kept, counted and reported; data in which *no* example has a
     # CoT (a wrong data.steps_field, an evaluation file) would train a CoT method on nothing: refuse it.
     no_cot = sum(1 for it in items if not it.cot)
-    if METHOD_SPECS[cfg.method].teacher_cot and no_cot:
+    if cfg.spec.teacher_cot and no_cot:
         if no_cot == len(items):
             raise ValueError(f"none of the {len(items)} training examples has a CoT (data.drop_last_step="
                              f"{cfg.data.drop_last_step}); method {cfg.method!r} learns from it: check "
@@ -446,16 +225,17 @@ def setup_data(cfg: Config, run_dir: Path, acc: Accelerator, *, data_root: str |
         if main:
             print(f"[kava] {no_cot} of {len(items)} training examples have an empty CoT "
                   f"(data.drop_last_step={cfg.data.drop_last_step}); kept, counted in meta.json")
-    return Data(train_recs, valid_recs, data_desc, skips, tokenizer, items, no_cot)
+    return Data(train_recs, valid_recs, data_desc, skips, tokenizer, items, no_cot, valid_skips)
 
 
 def print_start_summary(cfg: Config, plan: Plan, run_dir: Path, data: Data, world: int,
                         resume_ck: Path | None) -> None:
-    """What `kava train` prints before the model loads (kava.progress.start_summary)."""
+    """What `kava train` prints before the model loads (kava.training.progress.start_summary)."""
     start = json.loads((resume_ck / "state.json").read_text())["step"] if resume_ck is not None else 0
     print("\n".join(start_summary(cfg, plan, run_dir=run_dir, world=world, data_desc=data.desc,
                                   n_records=len(data.train_recs), n_examples=len(data.items), skips=data.skips,
-                                  n_valid=len(data.valid_recs), start_step=start)), flush=True)
+                                  n_valid=len(data.valid_recs), start_step=start, valid_skips=data.valid_skips)),
+          flush=True)
 
 
 @dataclass
@@ -488,17 +268,21 @@ class Trainer:
         rng["eviction"] = self.acc.unwrap_model(self.objective).generator.get_state()
         return rng
 
+    def counters(self) -> dict:
+        """What state.json stores besides the tensors (`kava.checkpoint.state.write_checkpoint`)."""
+        return {"step": self.step, "method": self.cfg.method, "model": model_identity(self.cfg),
+                "tokenizer": tokenizer_identity(self.tokenizer), "best": self.best,
+                "nonfinite_skipped": self.nonfinite_skipped}
+
 
 def setup_model_and_optimizer(cfg: Config, tokenizer, acc: Accelerator) -> Trainer:
     """The reasoner, AdamW (no weight decay on vectors and the special rows), the `Objective` around the model,
     both prepared by accelerate; `Trainer.step` 0."""
-    from kava.methods import METHOD_SPECS
-
     # Frozen LoRA base weights live in bf16 on GPU (adapters, projection and special rows stay fp32);
     # full fine-tuning keeps fp32 master weights under bf16 autocast.
     base_dtype = torch.bfloat16 if use_bf16(cfg) and cfg.lora is not None else torch.float32
     model = build_reasoner(cfg, tokenizer, dtype=base_dtype)
-    if METHOD_SPECS[cfg.method].student == "jacobi" and cfg.latent.num_sweeps == 0:
+    if cfg.spec.student == "jacobi" and cfg.latent.num_sweeps == 0:
         # T=0 (pause tokens) never calls the projection: a trainable parameter without a gradient makes
         # DDP (find_unused_parameters off) fail at the next step, and AdamW would decay it for nothing
         model.proj.requires_grad_(False)
@@ -521,71 +305,10 @@ def setup_model_and_optimizer(cfg: Config, tokenizer, acc: Accelerator) -> Train
     return t
 
 
-def graph_micro_step(model, cfg: Config, accum: int, amp_device: str | None, batch) -> dict:
-    """One micro-batch's forward and backward (`total / accum` into `.grad`), free of host syncs: what
-    `kava.graphs` captures. Same math as the eager micro-step of `train_step`. amp_device: bf16 autocast on
-    that device type (no weight-cast cache: a graph replays the casts), or None."""
-    amp = torch.autocast(amp_device, dtype=torch.bfloat16, cache_enabled=False) if amp_device else \
-        contextlib.nullcontext()
-    with no_host_sync(), amp:
-        total, log = loss_step(model, batch, cfg)
-        (total / accum).backward()
-    return log
-
-
-def model_graph_exclusion(model) -> str | None:
-    """Why this loaded model's passes cannot be captured (`graph_exclusion` covers what the config says)."""
-    tc = text_config(model.config)
-    if any(getattr(tc, k, None) for k in ("num_experts", "num_local_experts", "n_routed_experts")):
-        return f"a mixture-of-experts model ({tc.model_type}: token routing gives data-dependent shapes)"
-    if model.sliding_window is not None:
-        return (f"a sliding-window model ({tc.model_type}, window {model.sliding_window}: the padding to static "
-                "shapes could take a batch past the window)")
-    return None
-
-
-def setup_graphs(cfg: Config, acc: Accelerator, raw, backend=None) -> GraphedStep | None:
-    """`optim.cuda_graphs`: true (refused with the reason when impossible), auto (on when possible), false."""
-    if cfg.optim.cuda_graphs is False:
-        return None
-    why = graph_exclusion(cfg, cuda=acc.device.type == "cuda" or backend is not None,
-                          world_size=acc.num_processes) or model_graph_exclusion(raw)
-    if why is not None:
-        if cfg.optim.cuda_graphs is True:
-            raise ConfigError(f"optim.cuda_graphs: true is not possible with {why}; use auto or false")
-        if acc.is_main_process and acc.device.type == "cuda":  # on a CPU, "off" is no news
-            print(f"[kava] CUDA graphs: off ({why})")
-        return None
-    if acc.is_main_process:
-        print(f"[kava] CUDA graphs: on (optim.cuda_graphs={cfg.optim.cuda_graphs}; block widths bucketed with growth "
-              f"{cfg.optim.graph_buckets}; 'graphs/*' in metrics.jsonl)")
-    fn = functools.partial(graph_micro_step, raw, cfg, check_world_size(cfg, acc.num_processes),
-                           "cuda" if use_bf16(cfg) else None)
-    return GraphedStep(fn, list(raw.parameters()), max_graphs=cfg.optim.max_graphs, backend=backend,
-                       fallback=cfg.optim.cuda_graphs == "auto")
-
-
 def resume_state(t: Trainer, ck: Path) -> None:
     """Load checkpoint `ck` into `t`: trainable weights (keys and shapes checked), optimizer, every RNG,
     the step, the best validation result and the non-finite skip count."""
-    state = json.loads((ck / "state.json").read_text())
-    saved = load_file(str(ck / "trainable.safetensors"))
-    mine = dict((n, p) for n, p in t.raw.named_parameters() if p.requires_grad)
-    missing, unexpected = sorted(set(mine) - set(saved)), sorted(set(saved) - set(mine))
-    if missing or unexpected:
-        raise CheckpointError(f"{ck}: checkpoint keys do not match the model: missing {len(missing)} "
-                              f"{missing[:5]}, unexpected {len(unexpected)} {unexpected[:5]} "
-                              "(different model or method?)")
-    shapes = [f"{n}: checkpoint {tuple(saved[n].shape)}, model {tuple(p.shape)}" for n, p in mine.items()
-              if saved[n].shape != p.shape]
-    if shapes:
-        raise CheckpointError(f"{ck}: checkpoint shapes do not match the model ({len(shapes)} tensors): "
-                              f"{'; '.join(shapes[:5])} (different model?)")
-    with torch.no_grad():
-        for n, p in mine.items():
-            p.copy_(saved[n])
-    load_optimizer(t.inner_opt, load_file(str(ck / "optimizer.safetensors")), state["optimizer"])
-    saved_rng = load_file(str(ck / "rng.safetensors"))
+    state, saved_rng = read_checkpoint(ck, t.raw, t.inner_opt)
     rng = rng_of_rank(saved_rng, t.acc.process_index)
     if rng is None:  # more processes than wrote the checkpoint: this rank's draws cannot be exact
         print(f"[kava] {ck}: no RNG state for process {t.acc.process_index}; using process 0's (the resumed "
@@ -607,9 +330,12 @@ def save_run_files(cfg: Config, run_dir: Path, data: Data, plan: Plan, world: in
             "data": data.desc, "seed": cfg.run.seed, "model": cfg.model.name_or_path or "from_scratch",
             "init_from": cfg.model.init_from, "world_size": world, "git": git_revision(), "versions": versions(),
             "train_examples": len(data.items), "train_examples_without_cot": data.no_cot, "plan": plan.__dict__,
-            "cuda_graphs": graphs}
+            "cuda_graphs": graphs, "valid_examples": len(data.valid_recs),
+            "valid_skips": {"total": data.valid_skips.total, "by_reason": dict(data.valid_skips.counts)}}
     (run_dir / "meta.json").write_text(json.dumps(meta, indent=2))
-    data.skips.save(run_dir / "skips.json")  # the start summary named it
+    # the start summary named it; the training skips at the top level, the validation ones under "validation"
+    (run_dir / "skips.json").write_text(json.dumps({**data.skips.as_dict(), "validation": data.valid_skips.as_dict()},
+                                                   indent=2))
 
 
 @dataclass
@@ -658,7 +384,7 @@ def train_step(t: Trainer, items: list[Tokenized], batch: tuple[int, ...], *, ac
         for k, v in log.items():
             sums[k] = sums.get(k, 0.0) + v.float() / len(micro)
         if t.main and grad_share_due(cfg, step + 1) and i == grad_share_micro(cfg, step + 1, len(micro)):
-            # per-term gradient norms (kava.gradshare), rotating over the step's (length-ordered) micro-batches
+            # per-term gradient norms (kava.training.gradshare), rotating over the step's (length-ordered) micro-batches
             logger.log({"split": "train", **measure(raw, b, cfg, acc.device, acc.autocast())}, step + 1)
     gnorm = acc.clip_grad_norm_(raw.parameters(), cfg.optim.grad_clip) if cfg.optim.grad_clip > 0 else \
         torch.sqrt(sum((p.grad.float() ** 2).sum() for p in raw.parameters() if p.grad is not None))
@@ -709,10 +435,6 @@ def train_metrics(t: Trainer, r: StepResult, *, epoch: float, lr: float, tokens_
 
 def validate(t: Trainer, valid_recs: list[Record]) -> float:
     """Greedy accuracy on the validation records, each rank decoding its share; leaves the model in train mode."""
-    from accelerate.utils import gather_object
-
-    from kava.evaluate import evaluate_records
-
     rows, _ = evaluate_records(t.raw, t.tokenizer, t.cfg, valid_recs, rank=t.acc.process_index,
                                world=t.acc.num_processes)
     rows = gather_object(rows)
@@ -721,65 +443,24 @@ def validate(t: Trainer, valid_recs: list[Record]) -> float:
     return acc_v
 
 
-def gather_rng(t: Trainer, rng: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Every process's RNG state in one dict (a collective: every rank calls it). Rank 0's under the plain keys
-    (the single-process layout), rank r's under `rank<r>.<key>`: each rank draws its own dropout masks and
-    random evictions, so an exact resume gives each its own state back."""
-    if t.acc.num_processes == 1:
-        return rng
-    from accelerate.utils import gather_object
-
-    states = gather_object([rng])
-    out = dict(states[0])
-    for r, st in enumerate(states[1:], start=1):
-        out.update({f"rank{r}.{k}": v for k, v in st.items()})
-    return out
-
-
-def rng_of_rank(saved: dict[str, torch.Tensor], rank: int) -> dict[str, torch.Tensor] | None:
-    """This process's part of `gather_rng`'s dict; None when the checkpoint holds none for `rank` (written
-    by fewer processes, or by kava before per-rank states)."""
-    if rank == 0:
-        return {k: v for k, v in saved.items() if not k.startswith("rank")}
-    mine = {k.split(".", 1)[1]: v for k, v in saved.items() if k.startswith(f"rank{rank}.")}
-    return mine or None
-
-
 def save_checkpoint(t: Trainer, run_dir: Path, rng: dict[str, torch.Tensor] | None = None) -> None:
-    """`checkpoints/step_<t.step>` (written by the main process; the two newest are kept; every rank calls
-    it, for the RNG states). rng: this rank's RNG state to store (default: now; a NaN stop passes the state
-    from before the bad step)."""
-    rng = gather_rng(t, rng if rng is not None else t.rng_now())
-    if not t.main:
-        return
-    ck = run_dir / "checkpoints" / f"step_{t.step}"
-
-    def write(d: Path):
-        save_file(trainable_state(t.raw), str(d / "trainable.safetensors"))
-        ot, ometa = optimizer_tensors(t.inner_opt)
-        save_file(ot, str(d / "optimizer.safetensors"))
-        save_file({k: v.contiguous() for k, v in rng.items()}, str(d / "rng.safetensors"))
-        (d / "state.json").write_text(json.dumps({"step": t.step, "method": t.cfg.method,
-                                                   "model": model_identity(t.cfg),
-                                                   "tokenizer": tokenizer_identity(t.tokenizer), "best": t.best,
-                                                   "nonfinite_skipped": t.nonfinite_skipped,
-                                                   "optimizer": ometa}))
-
-    _atomic_dir_write(ck, write)
-    for old in sorted((p for p in ck.parent.glob("step_*") if p.name.split("_")[1].isdigit()),
-                      key=lambda p: int(p.name.split("_")[1]))[:-2]:
-        shutil.rmtree(old, ignore_errors=True)
+    """`checkpoints/step_<t.step>` (`kava.checkpoint.state.write_checkpoint`, by the main process; every rank
+    calls it, for the RNG states). rng: this rank's RNG state to store (default: now; a NaN stop passes the
+    state from before the bad step)."""
+    rng = gather_rng(rng if rng is not None else t.rng_now(), t.acc.num_processes)
+    if t.main:
+        write_checkpoint(run_dir, t.step, t.raw, t.inner_opt, rng, t.counters())
 
 
 def save_best(t: Trainer, run_dir: Path) -> None:
     """`best/`: the loadable model of `t.best` (the caller updates it, on the main process)."""
-    _atomic_dir_write(run_dir / "best", lambda d: save_model(t.raw, t.tokenizer, d, meta={
+    atomic_dir_write(run_dir / "best", lambda d: save_model(t.raw, t.tokenizer, d, meta={
         "step": t.best["step"], "val/accuracy": t.best["val/accuracy"]}))
 
 
 def save_final(t: Trainer, run_dir: Path, total_steps: int, skips: SkipLog) -> None:
     """`final/` (the loadable model) and `DONE` (main process)."""
-    _atomic_dir_write(run_dir / "final", lambda d: save_model(t.raw, t.tokenizer, d, meta={
+    atomic_dir_write(run_dir / "final", lambda d: save_model(t.raw, t.tokenizer, d, meta={
         "step": total_steps, "best": t.best}))
     (run_dir / "DONE").write_text(json.dumps({"steps": total_steps, "best": t.best,
                                               "nonfinite_skipped": t.nonfinite_skipped,
@@ -793,77 +474,76 @@ def train(cfg: Config, *, resume: str | Path | None = None, progress: bool = Tru
 
     stop_after: stop (without finishing) after this many optimizer steps in total — for tests and sweeps.
     """
-    from tqdm.auto import tqdm
-
     acc = setup_accelerator(cfg)
     main, world = acc.is_main_process, acc.num_processes
     run_dir, resume_ck = setup_run_dir(cfg, resume, main)
-    data = setup_data(cfg, run_dir, acc, data_root=data_root, resume_ck=resume_ck)
-    plan = make_plan(cfg, len(data.items), world)
-    if main:
-        print_start_summary(cfg, plan, run_dir, data, world, resume_ck)
-    t = setup_model_and_optimizer(cfg, data.tokenizer, acc)
-    logger = MetricLogger(run_dir, cfg.run.log + ["jsonl"], main, cfg)
-    if resume_ck is not None:
-        resume_state(t, resume_ck)
-        logger.truncate_after(t.step)  # metrics then equal an uninterrupted run's
-    elif main:
-        if resume:  # starting over: drop what the stopped attempt logged
-            logger.truncate_after(0)
-        save_run_files(cfg, run_dir, data, plan, world, graphs=t.graphs is not None)
+    with RunLock(run_dir, enabled=main):  # a second `kava train` on this directory fails at once
+        data = setup_data(cfg, run_dir, acc, data_root=data_root, resume_ck=resume_ck)
+        plan = make_plan(cfg, len(data.items), world)
+        if main:
+            print_start_summary(cfg, plan, run_dir, data, world, resume_ck)
+        t = setup_model_and_optimizer(cfg, data.tokenizer, acc)
+        logger = MetricLogger(run_dir, cfg.run.log + ["jsonl"], main, cfg)
+        if resume_ck is not None:
+            resume_state(t, resume_ck)
+            logger.truncate_after(t.step)  # metrics then equal an uninterrupted run's
+        elif main:
+            if resume:  # starting over: drop what the stopped attempt logged
+                logger.truncate_after(0)
+            save_run_files(cfg, run_dir, data, plan, world, graphs=t.graphs is not None)
 
-    eval_every = cfg.run.eval_every or plan.steps_per_epoch
-    save_every = cfg.run.save_every or eval_every
-    end_step = plan.total_steps if stop_after is None else min(plan.total_steps, stop_after)
-    bar = tqdm(total=plan.total_steps, initial=t.step, desc=f"train {cfg.method}", disable=not main or not progress
-               or None, dynamic_ncols=True)
-    ticker = ProgressLine(plan.total_steps, t.step, enabled=main and bar.disable)  # lines when no bar shows
-    t.raw.train()
-    t_last, tokens = time.perf_counter(), 0
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-    for step in range(t.step, end_step):
-        step_rng = t.rng_now() if cfg.run.nan_policy == "stop" else None  # the last good state, if this step fails
-        lr = lr_at(step, plan.total_steps, cfg.optim.lr, plan.warmup_steps, cfg.optim.schedule)
-        for g in t.opt.param_groups:
-            g["lr"] = lr
-        r = train_step(t, data.items, batch_indices(cfg, plan, len(data.items), step), accum=plan.accum,
-                       step=step, logger=logger)
-        tokens += r.tokens
-        if r.bad is not None:  # non-finite: nothing was updated
-            if cfg.run.nan_policy == "stop":
-                save_checkpoint(t, run_dir, rng=step_rng)  # t.step == step: the state before this step
-                raise nonfinite_error(r.bad, step, run_dir)
-            t.step, t.nonfinite_skipped = step + 1, t.nonfinite_skipped + 1
-            logger.log({"split": "train", "nonfinite_skipped": t.nonfinite_skipped, "bad_terms": r.bad}, t.step)
+        eval_every = cfg.run.eval_every or plan.steps_per_epoch
+        save_every = cfg.run.save_every or eval_every
+        end_step = plan.total_steps if stop_after is None else min(plan.total_steps, stop_after)
+        bar = tqdm(total=plan.total_steps, initial=t.step, desc=f"train {cfg.method}", disable=not main or not progress
+                   or None, dynamic_ncols=True)
+        ticker = ProgressLine(plan.total_steps, t.step, enabled=main and bar.disable)  # lines when no bar shows
+        t.raw.train()
+        t_last, tokens = time.perf_counter(), 0
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        for step in range(t.step, end_step):
+            step_rng = t.rng_now() if cfg.run.nan_policy == "stop" else None  # the last good state, if this step fails
+            lr = lr_at(step, plan.total_steps, cfg.optim.lr, plan.warmup_steps, cfg.optim.schedule)
+            for g in t.opt.param_groups:
+                g["lr"] = lr
+            r = train_step(t, data.items, batch_indices(cfg, plan, len(data.items), step), accum=plan.accum,
+                           step=step, logger=logger)
+            tokens += r.tokens
+            if r.bad is not None:  # non-finite: nothing was updated
+                if cfg.run.nan_policy == "stop":
+                    save_checkpoint(t, run_dir, rng=step_rng)  # t.step == step: the state before this step
+                    raise nonfinite_error(r.bad, step, run_dir)
+                t.step, t.nonfinite_skipped = step + 1, t.nonfinite_skipped + 1
+                logger.log({"split": "train", "nonfinite_skipped": t.nonfinite_skipped, "bad_terms": r.bad}, t.step)
+                bar.update(1)
+                continue
+            t.step = step + 1
             bar.update(1)
-            continue
-        t.step = step + 1
-        bar.update(1)
-        if t.step % cfg.run.log_every == 0 or t.step == plan.total_steps:
-            now = time.perf_counter()
-            payload = train_metrics(t, r, epoch=t.step / plan.steps_per_epoch, lr=lr,
-                                    tokens_per_s=tokens * world / max(now - t_last, 1e-9))
-            logger.log(payload, t.step)
-            bar.set_postfix(loss=f"{payload['loss/total']:.3f}")
-            ticker.update(t.step, payload["loss/total"])
-            t_last, tokens = now, 0
-        if t.step % eval_every == 0 or t.step == plan.total_steps:
-            v = validate(t, data.valid_recs)
-            logger.log({"split": "val", "val/accuracy": v}, t.step)
-            if main and v > t.best["val/accuracy"]:
-                t.best = {"val/accuracy": v, "step": t.step}
-                save_best(t, run_dir)
-        if t.step % save_every == 0 or t.step == plan.total_steps:
-            save_checkpoint(t, run_dir)
-    bar.close()
-    if end_step == plan.total_steps and main:
-        save_final(t, run_dir, plan.total_steps, data.skips)
-    if main and data.skips.total:  # again at the end: the first report has long scrolled away
-        print(f"[kava] training data: {data.skips.summary()}; where: {run_dir / 'skips.json'}")
-    logger.close()
-    acc.wait_for_everyone()
-    return run_dir
+            if t.step % cfg.run.log_every == 0 or t.step == plan.total_steps:
+                now = time.perf_counter()
+                payload = train_metrics(t, r, epoch=t.step / plan.steps_per_epoch, lr=lr,
+                                        tokens_per_s=tokens * world / max(now - t_last, 1e-9))
+                logger.log(payload, t.step)
+                bar.set_postfix(loss=f"{payload['loss/total']:.3f}")
+                ticker.update(t.step, payload["loss/total"])
+                t_last, tokens = now, 0
+            if t.step % eval_every == 0 or t.step == plan.total_steps:
+                v = validate(t, data.valid_recs)
+                logger.log({"split": "val", "val/accuracy": v}, t.step)
+                if main and v > t.best["val/accuracy"]:
+                    t.best = {"val/accuracy": v, "step": t.step}
+                    save_best(t, run_dir)
+            if t.step % save_every == 0 or t.step == plan.total_steps:
+                save_checkpoint(t, run_dir)
+        bar.close()
+        if end_step == plan.total_steps and main:
+            save_final(t, run_dir, plan.total_steps, data.skips)
+        if main and data.skips.total:  # again at the end: the first report has long scrolled away
+            print(f"[kava] training data: {data.skips.summary()}; where: {run_dir / 'skips.json'}")
+        logger.close()
+        acc.wait_for_everyone()
+        return run_dir
 
 
 def resume_config(run_dir: str | Path) -> Config:

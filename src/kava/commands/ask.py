@@ -31,8 +31,7 @@ def answer(model, tok, cfg, question: str, *, mode: str, max_new_tokens: int | N
 
     from kava.api import KavaModel
     from kava.data.format import build_student_batch
-    from kava.inspect_latents import nearest_tokens
-    from kava.methods import student_mode
+    from kava.tools.inspect_latents import nearest_tokens
 
     km = model if isinstance(model, KavaModel) else KavaModel(model, tok, cfg, None, exported=False)
     model, tok, cfg = km.model, km.tokenizer, km.cfg
@@ -45,7 +44,7 @@ def answer(model, tok, cfg, question: str, *, mode: str, max_new_tokens: int | N
     steps = len(g.token_ids)  # decode steps: forward calls that emitted a token (eos included)
     if mode != "latent":  # the prefill's logits give the first token: every pass is a decode step
         pre, how = 0, ""
-    elif cfg.method == "codi":
+    elif cfg.spec.student == "sequential":
         pre, how = 1 + M, f"1 prefix + {M} sequential latents + "
     else:
         pre, how = 1 + T, f"1 prefix + {T} sweeps + "
@@ -59,7 +58,7 @@ def answer(model, tok, cfg, question: str, *, mode: str, max_new_tokens: int | N
             item = km.tokenize([question])[0]
             sb = build_student_batch([item], model.ids, M, with_answer=False).to(model.special_rows.device)
             with torch.no_grad():
-                s = model.student_forward(sb, T, mode=student_mode(cfg.method), with_answer=False)
+                s = model.student_forward(sb, T, mode=cfg.spec.student_mode, with_answer=False)
             for i, toks in enumerate(nearest_tokens(model, tok, s.latents[0], k=5), 1):
                 lines.append(f"latent {i:>2}: " + "  ".join(f"{t!r} {p:.3f}" for t, p in toks))
     return lines

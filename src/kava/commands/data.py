@@ -29,7 +29,7 @@ def describe(source: str, *, fmt="auto", split=None, cot_style="equation", data_
     from transformers import AutoTokenizer
 
     from kava.config import Config
-    from kava.data.format import Formatter, add_special_tokens, build_student_batch, build_teacher_batch
+    from kava.data.format import UNLIMITED, Formatter, add_special_tokens, build_student_batch, build_teacher_batch
     from kava.data.pipeline import synthetic_dir
     from kava.data.readers import EVAL_DATASETS, detect_format, load_eval_dataset, load_records
     from kava.data.readers import gsm8k_icot_lines, icot_line
@@ -65,7 +65,7 @@ def describe(source: str, *, fmt="auto", split=None, cot_style="equation", data_
 
         tok = build_tokenizer(tokenizer_texts(recs[:2000]), Path(output) / "inspect_tokenizer")
     ids = add_special_tokens(tok)
-    item = Formatter(tok, max_question_tokens=10**9, max_cot_tokens=10**9, max_answer_tokens=10**9).tokenize(recs[0], 0)
+    item = Formatter(tok, max_question_tokens=UNLIMITED, max_cot_tokens=UNLIMITED, max_answer_tokens=UNLIMITED).tokenize(recs[0], 0)
     tb = build_teacher_batch([item], ids)
     sb = build_student_batch([item], ids, num_latents)
     show = lambda t: tok.decode(t, skip_special_tokens=False)  # noqa: E731
@@ -75,7 +75,7 @@ def describe(source: str, *, fmt="auto", split=None, cot_style="equation", data_
     print(f"  CoT tokens: {int(tb.cot_valid.sum())}; answer-prompt position {int(tb.prompt_last[0])}")
     print("  student:", show(sb.ids[0].tolist()))
     print("  student labels on:", show([t for t in sb.targets[0].tolist() if t >= 0]))
-    big = Formatter(tok, max_question_tokens=10**9, max_cot_tokens=10**9, max_answer_tokens=10**9)
+    big = Formatter(tok, max_question_tokens=UNLIMITED, max_cot_tokens=UNLIMITED, max_answer_tokens=UNLIMITED)
     lens = [len(big.tokenize(r, i).cot) for i, r in enumerate(recs[:2000])]
     print(f"  CoT length (tokens, first {len(lens)}): mean {sum(lens) / len(lens):.1f}, max {max(lens)}, "
           f"shorter than M={num_latents}: {sum(x < num_latents for x in lens) / len(lens):.1%}")

@@ -14,7 +14,7 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from kava.demo import run_demo
+    from kava.tools.demo import run_demo
 
     run_demo(args.output, args.overrides, args.eval_limit, progress=not args.no_progress)
     return 0

@@ -13,7 +13,7 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from kava.checkpoint import export_model
+    from kava.checkpoint.export import export_model
 
     out = export_model(args.checkpoint, args.output)
     print(f"exported to {out}: load it with transformers' AutoModelForCausalLM / AutoTokenizer, or with "

@@ -26,7 +26,7 @@ def run(args) -> int:
     import torch
 
     import kava
-    from kava.inspect_latents import inspect_example, most_kept, plot_similarity
+    from kava.tools.inspect_latents import inspect_example, most_kept, plot_similarity
 
     km = kava.load(args.checkpoint, device="cuda" if torch.cuda.is_available() else "cpu", dtype=torch.float32)
     model, tok, cfg = km.model, km.tokenizer, km.cfg

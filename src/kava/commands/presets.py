@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import sys
 
-from kava.config import load_config, preset_names
-from kava.presets import PAPER_TABLE, check_preset
-
 
 def add_parser(sub) -> None:
     p = sub.add_parser("presets", help="list, show or check the configuration presets (paper table, SPEC §6)")
@@ -16,6 +13,11 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
+    # imported here, as by every command: `kava --help` does not load torch (kava.config imports the owners of
+    # its allowed values)
+    from kava.config import load_config, preset_names
+    from kava.tools.presets import PAPER_TABLE, check_preset
+
     if args.action == "list":
         for name in preset_names():
             tag = "paper preset" if name in PAPER_TABLE else "extra"

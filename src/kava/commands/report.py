@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from kava.report import write_report
+from kava.tools.report import write_report
 
 
 def add_parser(sub) -> None:

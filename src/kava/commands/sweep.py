@@ -36,7 +36,7 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
     from kava.config import ConfigError
-    from kava.sweep import (SlurmOptions, check_resumable, expand, parse_grid, parse_seeds, plan_lines,
+    from kava.tools.sweep import (SlurmOptions, check_resumable, expand, parse_grid, parse_seeds, plan_lines,
                             run_local, split_list, write_slurm)
 
     evals = split_list(args.eval_datasets or "")

@@ -45,23 +45,21 @@ def dry_run(cfg) -> list[str]:
     from kava.data.format import Formatter
     from kava.data.pipeline import load_train_valid
     from kava.data.records import SkipLog
-    from kava.progress import plan_lines
-    from kava.train import make_plan, run_name
+    from kava.training.progress import plan_lines
+    from kava.checkpoint.rundir import run_name
+    from kava.train import make_plan
 
-    skips = SkipLog(strict=cfg.data.strict)
-    train_recs, valid_recs, desc = load_train_valid(cfg, Path(cfg.run.output_dir) / "_data", skips)
+    skips, valid_skips = SkipLog(strict=cfg.data.strict), SkipLog()
+    train_recs, valid_recs, desc = load_train_valid(cfg, Path(cfg.run.output_dir) / "_data", skips, valid_skips)
     n = len(train_recs)
     how = "records (not tokenized: the tokenizer is built at the start of training)"
     if not (cfg.model.from_scratch is not None and not cfg.model.tokenizer and not cfg.model.init_from):
-        from kava.model.loading import load_tokenizer
+        from kava.checkpoint.load import load_tokenizer
 
-        fmt = Formatter(load_tokenizer(cfg), answer_prompt=cfg.data.answer_prompt,
-                        drop_last_step=cfg.data.drop_last_step, max_question_tokens=cfg.data.max_question_tokens,
-                        max_cot_tokens=cfg.data.max_cot_tokens, max_answer_tokens=cfg.data.max_answer_tokens)
-        n = len(fmt.tokenize_all(train_recs, skips))
+        n = len(Formatter.from_config(cfg, load_tokenizer(cfg)).tokenize_all(train_recs, skips))
         how = "examples after the length limits"
     world = int(os.environ.get("WORLD_SIZE", "1"))
     plan = make_plan(cfg, n, world)
     return [cfg.to_yaml().rstrip(), "", "plan:"] + plan_lines(
         cfg, plan, run_dir=Path(cfg.run.output_dir) / run_name(cfg), world=world, data_desc=desc,
-        train_desc=f"{n} {how}; {skips.summary()}", n_valid=len(valid_recs))
+        train_desc=f"{n} {how}; {skips.summary()}", n_valid=len(valid_recs), valid_skips=valid_skips)

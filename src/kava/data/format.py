@@ -13,7 +13,7 @@ token ids in every mode. Padding is on the right of each *block*: the student's 
 common width Wq and followed by `<bot>` in column Wq, so `<bot>` and the M latent slots sit in the same
 columns for every example, and the answer block follows. The teacher of a latent method is laid out in
 blocks [question | CoT | prompt · answer] (`BlockWidths`) with the same question block as the student, so
-that both can share one pass over it (`kava.methods.loss_step`); otherwise it is right-padded as a whole.
+that both can share one pass over it (`kava.objective.loss_step`); otherwise it is right-padded as a whole.
 For CUDA graphs the block widths come from a geometric series, so that few shapes occur. Pads inside a
 sequence are masked out and position ids count real tokens only (`position = cumsum(mask) - 1`), so padding
 never changes a result. No sequence starts with padding, so no attention row is ever fully masked.
@@ -28,6 +28,7 @@ import torch
 from kava.data.records import Record, SkipLog
 
 IGNORE = -100
+UNLIMITED = 10**9  # a length limit that never binds (evaluation, inspection, the Python API)
 SPECIAL_TOKENS = ("<bot>", "<eot>", "<latent>")
 
 
@@ -90,6 +91,17 @@ class Formatter:
         if not self.prompt_ids:
             raise ValueError("data.answer_prompt tokenises to nothing")
 
+    @classmethod
+    def from_config(cls, cfg, tokenizer, *, limits: bool = True, drop_last_step: bool | None = None) -> "Formatter":
+        """The formatter a run's config describes: `data.answer_prompt`, `data.drop_last_step` (unless
+        `drop_last_step` is given) and, with `limits` (training), the `data.max_*_tokens` limits; without them
+        (evaluation, inspection, the Python API) nothing is too long."""
+        d = cfg.data
+        lim = (d.max_question_tokens, d.max_cot_tokens, d.max_answer_tokens) if limits else (UNLIMITED,) * 3
+        return cls(tokenizer, answer_prompt=d.answer_prompt,
+                   drop_last_step=d.drop_last_step if drop_last_step is None else drop_last_step,
+                   max_question_tokens=lim[0], max_cot_tokens=lim[1], max_answer_tokens=lim[2])
+
     def _enc(self, text: str) -> list[int]:
         return self.tok(text, add_special_tokens=False)["input_ids"] if text else []
 
@@ -141,12 +153,13 @@ class Formatter:
         return out
 
 
-def _positions(mask: torch.Tensor) -> torch.Tensor:
+def positions(mask: torch.Tensor) -> torch.Tensor:
     """Position ids that count real tokens only: [B, S] -> [B, S]."""
     return (mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def _pad(rows: list[list[int]], width: int, value: int) -> torch.Tensor:
+def pad_rows(rows: list[list[int]], width: int, value: int) -> torch.Tensor:
+    """Right-pad each row to `width` with `value`: ``[B, width]`` long."""
     return torch.tensor([r + [value] * (width - len(r)) for r in rows], dtype=torch.long)
 
 
@@ -157,7 +170,7 @@ class BlockWidths:
     c: the teacher's CoT block (0 without CoT); a: the answer block (<eot> · prompt · answer for the student;
     the teacher's prompt · answer fits it).
     static: the label and query-row capacities follow from the widths, so a batch's shape is fixed by these
-    three numbers (CUDA graphs, `kava.graphs`); False: as many as the batch has."""
+    three numbers (CUDA graphs, `kava.training.graphs`); False: as many as the batch has."""
 
     q: int
     c: int
@@ -210,7 +223,7 @@ class TeacherBatch:
     query_idx, query_valid: [B, A] columns whose attention over the CoT keys defines importance.
     answer_start: [B] column of the first answer token.
     label_idx, label_tgt: [N] flat (row-major over [B, S]) positions that have a target, and the targets;
-        built on the host so that selecting them never needs a device sync (CUDA graphs, `kava.graphs`).
+        built on the host so that selecting them never needs a device sync (CUDA graphs, `kava.training.graphs`).
         Static-shape batches pad them with position 0 and target IGNORE.
     q_block: in the block layout, the question block's width Wq (the question is in columns [0, Wq), the
         same as the student's); None when right-padded as a whole.
@@ -341,12 +354,12 @@ def build_teacher_batch(items: list[Tokenized], ids: SpecialIds, *, with_cot: bo
                 targets[b, cols[k]] = s[k + 1]
     cot_cols = [[cols[k] for k in ks] for cols, ks in zip(col_of, cot_k)]
     q_cols = [[cols[k] for k in ks] for cols, ks in zip(col_of, q_k)]
-    cot_valid = _pad([[1] * len(c) for c in cot_cols], C, 0).bool()
-    cot_idx = _pad(cot_cols, C, 0)
-    query_valid = _pad([[1] * len(q) for q in q_cols], A, 0).bool()
-    query_idx = _pad(q_cols, A, 0)
+    cot_valid = pad_rows([[1] * len(c) for c in cot_cols], C, 0).bool()
+    cot_idx = pad_rows(cot_cols, C, 0)
+    query_valid = pad_rows([[1] * len(q) for q in q_cols], A, 0).bool()
+    query_idx = pad_rows(q_cols, A, 0)
     label_idx, label_tgt = _labels(targets, capacity)
-    return TeacherBatch(t_ids, mask, _positions(mask), targets, cot_idx, cot_valid, torch.tensor(p_last),
+    return TeacherBatch(t_ids, mask, positions(mask), targets, cot_idx, cot_valid, torch.tensor(p_last),
                         codi_columns(items, p_last, codi_position), query_idx, query_valid, torch.tensor(a_start),
                         label_idx, label_tgt, None if widths is None else widths.q)
 
@@ -367,10 +380,10 @@ def build_student_batch(items: list[Tokenized], ids: SpecialIds, num_latents: in
     if max(len(q) for q in q_rows) > Wq or max(len(a) for a in a_rows) > Ab:
         raise ValueError(f"a record does not fit the block widths {widths}")
     B, M, Qb = len(items), num_latents, Wq + 1
-    q_ids = _pad(q_rows, Wq, ids.pad)
-    q_mask = _pad([[1] * len(q) for q in q_rows], Wq, 0)
-    a_ids = _pad(a_rows, Ab, ids.pad)
-    a_mask = _pad([[1] * len(a) for a in a_rows], Ab, 0)
+    q_ids = pad_rows(q_rows, Wq, ids.pad)
+    q_mask = pad_rows([[1] * len(q) for q in q_rows], Wq, 0)
+    a_ids = pad_rows(a_rows, Ab, ids.pad)
+    a_mask = pad_rows([[1] * len(a) for a in a_rows], Ab, 0)
     s_ids = torch.cat([q_ids, torch.full((B, 1), ids.bot, dtype=torch.long),
                        torch.full((B, M), ids.latent, dtype=torch.long), a_ids], 1)
     mask = torch.cat([q_mask, torch.ones(B, 1 + M, dtype=torch.long), a_mask], 1)
@@ -383,5 +396,5 @@ def build_student_batch(items: list[Tokenized], ids: SpecialIds, num_latents: in
             for j, tok in enumerate(it.answer):
                 targets[b, start - 1 + j] = tok
     label_idx, label_tgt = _labels(targets[:, Qb + M:], B * Ab if widths is not None and widths.static else None)
-    return StudentBatch(s_ids, mask, _positions(mask), targets, torch.tensor(p_last),
+    return StudentBatch(s_ids, mask, positions(mask), targets, torch.tensor(p_last),
                         codi_columns(items, p_last, codi_position), Qb, M, label_idx, label_tgt)

@@ -5,11 +5,15 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from kava.config import Config
+from kava.cache import cache_root
 from kava.data.readers import load_records
 from kava.data.records import Record, SkipLog
 from kava.data.synthetic import write_synthetic
+
+if TYPE_CHECKING:  # a type hint only: data/ sits below kava.config, which reads data.readers.FORMATS
+    from kava.config import Config
 
 
 def synthetic_name(cfg: Config) -> str:
@@ -46,8 +50,6 @@ def find_synthetic_dir(cfg: Config, run_dir: Path | None = None) -> Path:
     (the generator is deterministic: the same files) beside the run, or in the cache when that is not
     writable. run_dir: None for an exported model (no runs folder: the cache).
     """
-    from kava.model.pretrained import cache_root
-
     if cfg.data.source != "synthetic":
         raise ValueError(f"the run trained on {cfg.data.source!r}, not on the synthetic task: give --data-dir")
     roots = ([Path(run_dir).parent / "_data"] if run_dir is not None else []) + [
@@ -91,16 +93,19 @@ def exclude_questions(train: list[Record], questions: set[str], skips: SkipLog) 
     return kept
 
 
-def load_train_valid(cfg: Config, data_root: Path, skips: SkipLog) -> tuple[list[Record], list[Record], str]:
-    """Training records, validation records (never a test split), and a description of both."""
+def load_train_valid(cfg: Config, data_root: Path, skips: SkipLog, valid_skips: SkipLog | None = None
+                     ) -> tuple[list[Record], list[Record], str]:
+    """Training records, validation records (never a test split), and a description of both. Bad records are
+    counted in `skips` (training) and `valid_skips` (validation; never strict)."""
     d = cfg.data
+    vskips = SkipLog() if valid_skips is None else valid_skips
     fields = {"question": d.question_field, "steps": d.steps_field, "answer": d.answer_field}
     if d.source == "synthetic":
         root = synthetic_dir(cfg, data_root)
         styles = ["equation", "nl"] if d.cot_style == "both" else [d.cot_style]
         train = [r for st in styles for r in load_records(root / "train.jsonl", "jsonl", skips=skips, strict=d.strict,
                                                           limit=d.limit, cot_style=st)]
-        valid = load_records(root / "valid.jsonl", "jsonl", skips=SkipLog(), limit=d.valid_limit,
+        valid = load_records(root / "valid.jsonl", "jsonl", skips=vskips, limit=d.valid_limit,
                              cot_style=styles[0])
         desc = f"synthetic ({root}, {d.cot_style} CoT)"
     else:
@@ -109,7 +114,7 @@ def load_train_valid(cfg: Config, data_root: Path, skips: SkipLog) -> tuple[list
                              cot_style=d.cot_style)
         vsrc = d.valid_source or d.source
         valid = load_records(vsrc, "auto" if d.valid_source else d.format, d.valid_split, fields=fld,
-                             skips=SkipLog(), limit=d.valid_limit, cot_style=d.cot_style)
+                             skips=vskips, limit=d.valid_limit, cot_style=d.cot_style)
         desc = f"{d.source} [{d.split}], validation {vsrc} [{d.valid_split}]"
         if d.exclude_valid_questions:
             train = exclude_questions(train, valid_questions(vsrc, d), skips)

@@ -31,6 +31,8 @@ ANSWER_PROMPT = "The answer is:"
 EQUATION_RE = re.compile(r"<<[^>]*>>")
 _NUMBER_RE = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
 _FRACTION_RE = re.compile(r"([-+]?\d+)/(\d+)")
+# A number with commas is a number only when they separate thousands: 2,125 and 1,234,567.5, not 1,5 or 12,34.
+THOUSANDS_RE = re.compile(r"[-+]?\$?\d{1,3}(?:,\d{3})+(?:\.\d*)?")
 _HUB_ID_RE = re.compile(r"[\w.-]+/[\w.-]+")
 # Words ending in '.' that do not end a sentence ("Mr. Trent", "e.g. 5").
 _ABBREVIATIONS = frozenset(
@@ -52,7 +54,9 @@ def normalize_number(value: Any) -> str | None:
     Thousands separators are removed and floats lose a zero fraction (``"2,125"`` -> ``"2125"``,
     ``3431580.0`` -> ``"3431580"``, ``-12.5`` -> ``"-12.5"``, ``2.0107e-06`` -> ``"0.0000020107"``,
     ``"36."`` -> ``"36"``). A simple fraction with a terminating decimal (``"2/5"``) becomes that decimal
-    (``"0.4"``); a non-terminating one (``"1/3"``) is None, because any decimal for it is lossy.
+    (``"0.4"``); a non-terminating one (``"1/3"``) is None, because any decimal for it is lossy. Commas that
+    do not separate groups of three digits make it no number (``"1,5"``, ``"12,34"``: None, not 15 or 1234;
+    `kava.scoring` reads a generated ``1,5`` the same way).
     """
     if value is None or isinstance(value, bool):
         return None
@@ -63,7 +67,11 @@ def normalize_number(value: Any) -> str | None:
             return None
         text = repr(value)
     elif isinstance(value, str):
-        text = value.strip().replace(",", "")
+        text = value.strip()
+        if "," in text:
+            if not THOUSANDS_RE.fullmatch(text):
+                return None
+            text = text.replace(",", "")
     else:
         return None
     frac = _FRACTION_RE.fullmatch(text)
@@ -369,6 +377,17 @@ def _read_objects(
     return _finish(out, str(path), skips, limit)
 
 
+def icot_separator(line: str) -> int | None:
+    """Where an iCoT line's ``||`` between question and CoT is: the last ``||`` before the CoT (its first
+    ``<<`` equation, else its ``####``), so that a question may contain ``||`` itself
+    (``Q d || with bars?||<<1+2=3>> #### 3`` -> question ``Q d || with bars?``). None: no separator (counted
+    as "missing ||")."""
+    end = line.find("####")
+    end = len(line) if end < 0 else end
+    eq = line.find("<<", 0, end)
+    return None if (i := line.rfind("||", 0, end if eq < 0 else eq)) < 0 else i
+
+
 def read_icot(path: str | Path, skips: SkipLog | None = None, limit: int | None = None) -> list[Record]:
     """iCoT text format, one ``question||cot #### answer`` per line (gsm8k-aug test/valid/train)."""
     skips = SkipLog() if skips is None else skips
@@ -378,10 +397,11 @@ def read_icot(path: str | Path, skips: SkipLog | None = None, limit: int | None 
         return out
     for lineno, line in _iter_lines(p, skips):
         where = f"{path}:{lineno}"
-        if "||" not in line:
+        sep = icot_separator(line)
+        if sep is None:
             skips.skip("missing ||", where)
             continue
-        question, rest = line.split("||", 1)
+        question, rest = line[:sep], line[sep + 2:]
         parts = _split_hashes(rest, where, skips)
         if parts is None:
             continue

@@ -204,7 +204,7 @@ class no_host_sync:
     """Context manager: while active, kava's SDPA mask never asks whether the padding mask is all ones.
 
     HF skips an all-ones mask (to let SDPA run plain causal), which reads the mask on the host: a device
-    sync, forbidden inside CUDA-graph capture (`kava.graphs`). Inside, the mask is always materialised; the
+    sync, forbidden inside CUDA-graph capture (`kava.training.graphs`). Inside, the mask is always materialised; the
     attention result is the same either way. enabled=False: a no-op (on a CPU there is no read to save, and
     the unmasked causal path is the faster one)."""
 

@@ -19,12 +19,8 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from kava.cache import cache_root
 from kava.model.families import FAMILIES
-
-
-def cache_root() -> Path:
-    """kava's cache directory: `$KAVA_CACHE`, default `~/.cache/kava`."""
-    return Path(os.environ.get("KAVA_CACHE") or Path.home() / ".cache" / "kava").expanduser()
 
 
 def local_or_hub(name_or_path: str) -> str:

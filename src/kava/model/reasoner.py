@@ -246,7 +246,7 @@ class LatentReasoner(nn.Module):
                 for shift in (0, 11):
                     pos = torch.arange(shift, shift + N, device=x.device).unsqueeze(0)
                     cache = self.new_cache()
-                    self._run(self.embed(x), torch.ones_like(x), pos, cache)
+                    self.run(self.embed(x), torch.ones_like(x), pos, cache)
                     keys.append(self.ropes.unrotate(self.cache_kv(cache, 0, N)[0].float(), pos).float())
         finally:
             self.train(was)
@@ -294,7 +294,14 @@ class LatentReasoner(nn.Module):
             out[..., self.blocked_ids] = float("-inf")
         return out
 
-    def _run(self, embeds, mask, pos, cache, hidden_states: bool = False):
+    def run(self, embeds, mask, pos, cache, hidden_states: bool = False):
+        """One decoder pass of a block of columns on top of `cache` (which it extends in place).
+
+        embeds: ``[B, n, d]`` input embeddings of the new columns; mask: ``[B, S]`` attention mask of every
+        column the block attends to (the cache's and its own); pos: ``[B, n]`` their position ids. Returns the
+        HF decoder output (``last_hidden_state`` ``[B, n, d]``; all layers' with `hidden_states`). Every pass
+        of kava (teacher, student, decoding) goes through here.
+        """
         check_window(self.sliding_window, mask.shape[1])  # mask covers every column this pass attends to
         return self.decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, use_cache=True,
                             output_hidden_states=hidden_states, **{cache_kwarg(type(self.decoder)): cache})
@@ -368,7 +375,7 @@ class LatentReasoner(nn.Module):
             if tb.q_block is None:
                 raise ValueError("share_question needs a teacher batch in the block layout (TeacherBatch.q_block)")
             W = tb.q_block
-            h_question = self._run(x[:, :W], tb.mask[:, :W], tb.pos[:, :W], cache).last_hidden_state
+            h_question = self.run(x[:, :W], tb.mask[:, :W], tb.pos[:, :W], cache).last_hidden_state
             question_kv = [(layer.keys, layer.values) for layer in cache.layers]  # the next pass appends copies
         if need_importance:
             if importance_softmax == "cot":
@@ -380,9 +387,9 @@ class LatentReasoner(nn.Module):
                 raise ValueError(f"eviction.importance_softmax: {importance_softmax!r}; allowed values: cot, prefix")
             rows = (tb.query_idx - W).clamp(min=0)  # rows of this pass (padding rows, invalid, point at 0)
             with ImportanceCapture(rows, tb.query_valid, key_mask) as cap:
-                out = self._run(x[:, W:], tb.mask, tb.pos[:, W:], cache, hidden_states=True)
+                out = self.run(x[:, W:], tb.mask, tb.pos[:, W:], cache, hidden_states=True)
         else:
-            out = self._run(x[:, W:], tb.mask, tb.pos[:, W:], cache, hidden_states=True)
+            out = self.run(x[:, W:], tb.mask, tb.pos[:, W:], cache, hidden_states=True)
         h = out.last_hidden_state if h_question is None else torch.cat([h_question, out.last_hidden_state], 1)
         label_h, targets = self._labelled(h, tb.label_idx, tb.label_tgt)
         res = TeacherOut(label_h, targets, self._at(out.hidden_states, tb.codi_col - W), head=self.logits,
@@ -440,7 +447,7 @@ class LatentReasoner(nn.Module):
             lv.append(v)
 
         if mode == "jacobi":
-            pre = self._run(self.embed(sb.ids[:, W:Qb + M]), sb.mask[:, :Qb + M], sb.pos[:, W:Qb + M], cache)
+            pre = self.run(self.embed(sb.ids[:, W:Qb + M]), sb.mask[:, :Qb + M], sb.pos[:, W:Qb + M], cache)
             passes += 1
             h = pre.last_hidden_state  # columns [W, Qb + M)
             if num_sweeps == 0:
@@ -450,7 +457,7 @@ class LatentReasoner(nn.Module):
                 z = self._shift_project(h[:, Qb - 1 - W], h[:, Qb - W:])
                 for t in range(num_sweeps):
                     truncate_cache(cache, Qb)
-                    out = self._run(z, sb.mask[:, :Qb + M], lat_pos, cache)
+                    out = self.run(z, sb.mask[:, :Qb + M], lat_pos, cache)
                     passes += 1
                     if keep_sweeps == "all" or t == num_sweeps - 1:
                         record(Qb + M)
@@ -458,13 +465,13 @@ class LatentReasoner(nn.Module):
                         h = out.last_hidden_state
                         z = torch.cat([z[:, :1], self.proj(h[:, :-1])], 1)  # slot 1 stays
         elif mode == "sequential":
-            pre = self._run(self.embed(sb.ids[:, W:Qb]), sb.mask[:, :Qb], sb.pos[:, W:Qb], cache)
+            pre = self.run(self.embed(sb.ids[:, W:Qb]), sb.mask[:, :Qb], sb.pos[:, W:Qb], cache)
             passes += 1
             z_k = self.proj(pre.last_hidden_state[:, -1]).unsqueeze(1)  # [B, 1, d] at <bot>
             zs = []
             for k in range(M):
                 zs.append(z_k)
-                out = self._run(z_k, sb.mask[:, :Qb + k + 1], lat_pos[:, k:k + 1], cache)
+                out = self.run(z_k, sb.mask[:, :Qb + k + 1], lat_pos[:, k:k + 1], cache)
                 passes += 1
                 z_k = self.proj(out.last_hidden_state)
             z = torch.cat(zs, 1)
@@ -481,7 +488,7 @@ class LatentReasoner(nn.Module):
     def answer_pass(self, sb: StudentBatch, res: StudentOut) -> StudentOut:
         """<eot> · prompt · answer on top of the latents' cache; fills label_h, targets, hidden in `res`."""
         A0 = sb.answer_start
-        out = self._run(self.embed(sb.ids[:, A0:]), sb.mask, sb.pos[:, A0:], res.cache, hidden_states=True)
+        out = self.run(self.embed(sb.ids[:, A0:]), sb.mask, sb.pos[:, A0:], res.cache, hidden_states=True)
         res.label_h, res.targets = self._labelled(out.last_hidden_state, sb.label_idx, sb.label_tgt)
         res.hidden = self._at(out.hidden_states, sb.codi_col - A0)
         res.forward_passes += 1
@@ -499,7 +506,7 @@ class LatentReasoner(nn.Module):
             x = torch.cat([q_emb, zz] + ([self.embed(sb.ids[:, P:])] if with_answer else []), 1)
             end = x.shape[1]
             cache = self.new_cache()
-            out = self._run(x, sb.mask[:, :end], sb.pos[:, :end], cache, hidden_states=hidden)
+            out = self.run(x, sb.mask[:, :end], sb.pos[:, :end], cache, hidden_states=hidden)
             return out, cache
 
         out, cache = full(z)

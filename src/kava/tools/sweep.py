@@ -33,6 +33,9 @@ from pathlib import Path
 
 import yaml
 
+import kava.evaluate
+import kava.train
+from kava.checkpoint.state import latest_checkpoint
 from kava.config import Config, ConfigError, check_world_size, load_config, resolve_config_path
 
 PAPER_SEEDS = (42, 123, 456)
@@ -178,8 +181,6 @@ def config_diff(run: SweepRun) -> list[str]:
 
 def run_status(run_dir: Path) -> str:
     """done (DONE written) | resume (a checkpoint) | restart (started, nothing to resume) | new."""
-    from kava.train import latest_checkpoint
-
     if (run_dir / "DONE").exists():
         return "done"
     if latest_checkpoint(run_dir) is not None:
@@ -222,9 +223,8 @@ def run_local(runs: list[SweepRun], *, eval_datasets: list[str] = (), data_dir: 
 
     A failing run is reported (traceback printed) and the sweep goes on with the next one, so one bad
     run does not waste a night; the caller turns any failure into a non-zero exit.
+    (`kava.train.train` and `kava.evaluate.evaluate_run` are looked up at call time: tests replace them.)
     """
-    from kava.train import train
-
     check_resumable(runs)
     result = {}
     for i, r in enumerate(runs, 1):
@@ -236,13 +236,11 @@ def run_local(runs: list[SweepRun], *, eval_datasets: list[str] = (), data_dir: 
             else:
                 if st == "restart":  # started but no checkpoint yet: nothing to keep, `train` refuses the dir
                     shutil.rmtree(r.run_dir)
-                train(r.cfg, resume=r.run_dir if st == "resume" else None, progress=progress)
+                kava.train.train(r.cfg, resume=r.run_dir if st == "resume" else None, progress=progress)
                 result[r.name] = "done"
             todo = _missing_evals(r.run_dir, list(eval_datasets))
             if todo:
-                from kava.evaluate import evaluate_run
-
-                evaluate_run(str(r.run_dir), todo, data_dir=data_dir, progress=progress)
+                kava.evaluate.evaluate_run(str(r.run_dir), todo, data_dir=data_dir, progress=progress)
         except Exception:  # noqa: BLE001 - reported and counted, the sweep continues
             traceback.print_exc()
             result[r.name] = "failed"

@@ -16,10 +16,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from kava import eviction
-from kava.data.format import Formatter, build_student_batch, build_teacher_batch
+from kava.data.format import Formatter, build_student_batch
+from kava.eviction import NEEDS_IMPORTANCE
 from kava.data.records import Record
-from kava.methods import student_mode
+from kava.objective import kv_target_batch, teacher_kv_targets
 
 
 @torch.no_grad()
@@ -75,28 +75,29 @@ def inspect_example(model, tokenizer, cfg, question: str, cot: str, answer: str,
     if not cfg.is_latent:
         raise ValueError(f"kava inspect needs a latent method's checkpoint; this one is {cfg.method!r}")
     key_space = key_space or cfg.loss.kv_key_space
-    fmt = Formatter(tokenizer, answer_prompt=cfg.data.answer_prompt, drop_last_step=False,
-                    max_question_tokens=10**9, max_cot_tokens=10**9, max_answer_tokens=10**9)
+    fmt = Formatter.from_config(cfg, tokenizer, limits=False, drop_last_step=False)
     item = fmt.tokenize(Record(question, (cot,), str(answer), "inspect"))
     if not item.cot:
         raise ValueError("--cot is empty: nothing to compare the latents with")
     ev = cfg.eviction
-    tb = build_teacher_batch([item], model.ids, query_mode=ev.importance_queries, tail_window=ev.cot_tail_window)
-    t = model.teacher_forward(tb, need_kv=True, need_importance=ev.method in ("rkv", "attention"),
-                              key_space=key_space)
-    sb = build_student_batch([item], model.ids, cfg.latent.num_latents, with_answer=False)
-    s = model.student_forward(sb, cfg.latent.num_sweeps, mode=student_mode(cfg.method),
+    # the targets of training (`kava.objective.kv_targets`): every `eviction.*` setting of the run
+    dev = model.special_rows.device
+    tb = kv_target_batch([item], model.ids, cfg).to(dev)
+    t, tgt = teacher_kv_targets(model, tb, cfg, cfg.latent.num_latents, torch.Generator(device=dev).manual_seed(0),
+                                key_space=key_space)
+    sb = build_student_batch([item], model.ids, cfg.latent.num_latents, with_answer=False).to(dev)
+    s = model.student_forward(sb, cfg.latent.num_sweeps, mode=cfg.spec.student_mode,
                               key_space=key_space, keep_sweeps="last", with_answer=False)
     lk, lv = s.latent_k[-1][:, 0], s.latent_v[-1][:, 0]  # [L, Hkv, M, D]
     ck, cv = t.cot_k[:, 0], t.cot_v[:, 0]  # [L, Hkv, C, D]
-    idx, slot_mask = eviction.select_indices(ev.method, keys=t.cot_k, importance=t.importance, valid=tb.cot_valid,
-                                             num_slots=cfg.latent.num_latents, lam=ev.lam,
-                                             generator=torch.Generator(device=t.cot_k.device).manual_seed(0))
+    idx, slot_mask = tgt.idx, tgt.slot_mask
     L, _, H, M = idx.shape
     C = ck.shape[2]
     hit = F.one_hot(idx[:, 0], C) * slot_mask[0, None, None, :, None]  # [L, Hkv, M, C]
     kept = hit.sum(2).clamp(max=1).sum(1)  # [L, C] heads that kept the token
     desc = f"{ev.method} λ={ev.lam:g}" if ev.method == "rkv" else ev.method
+    if ev.method in NEEDS_IMPORTANCE and ev.importance_softmax != "cot":
+        desc += f", {ev.importance_softmax} softmax"
     return Inspection([token_text(tokenizer, i) for i in item.cot], latent_cot_similarity(lk, ck).cpu(),
                       latent_cot_similarity(lv, cv).cpu(), kept.cpu(), H, desc, key_space)
 

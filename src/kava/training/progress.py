@@ -21,9 +21,10 @@ def describe_model(cfg) -> str:
     return model
 
 
-def plan_lines(cfg, plan, *, run_dir: Path, world: int, data_desc: str, train_desc: str, n_valid: int) -> list[str]:
+def plan_lines(cfg, plan, *, run_dir: Path, world: int, data_desc: str, train_desc: str, n_valid: int,
+               valid_skips=None) -> list[str]:
     """The plan, one `  key: value` line each: run dir, method, model, data, train counts and skips,
-    validation count, steps, batch and accumulation, world size."""
+    validation count and skips, steps, batch and accumulation, world size."""
     fine_tune = f"LoRA r={cfg.lora.r}" if cfg.lora is not None else "full fine-tuning"
     return [
         f"  run dir:          {run_dir}",
@@ -31,7 +32,7 @@ def plan_lines(cfg, plan, *, run_dir: Path, world: int, data_desc: str, train_de
         f"  model:            {describe_model(cfg)}",
         f"  data:             {data_desc}",
         f"  train:            {train_desc}",
-        f"  validation:       {n_valid} records",
+        f"  validation:       {n_valid} records" + (f"; {valid_skips.summary()}" if valid_skips is not None else ""),
         f"  steps:            {plan.total_steps} ({plan.steps_per_epoch} per epoch, warmup {plan.warmup_steps})",
         f"  batch:            effective {cfg.optim.effective_batch} = micro {cfg.optim.micro_batch} x "
         f"{world} process(es) x {plan.accum} accumulation",
@@ -40,14 +41,14 @@ def plan_lines(cfg, plan, *, run_dir: Path, world: int, data_desc: str, train_de
 
 
 def start_summary(cfg, plan, *, run_dir: Path, world: int, data_desc: str, n_records: int, n_examples: int,
-                  skips, n_valid: int, start_step: int = 0) -> list[str]:
+                  skips, n_valid: int, start_step: int = 0, valid_skips=None) -> list[str]:
     """The lines `kava train` prints before its first step."""
     head = f"[kava] train {cfg.method}: " + (f"resuming at step {start_step} of {plan.total_steps}"
                                                if start_step else f"{plan.total_steps} steps")
     train_desc = (f"{n_examples} examples (of {n_records} records, after the length limits); "
                   f"{skips.summary()}" + (f" (where: {run_dir / 'skips.json'})" if skips.total else ""))
     return [head] + plan_lines(cfg, plan, run_dir=run_dir, world=world, data_desc=data_desc, train_desc=train_desc,
-                               n_valid=n_valid)
+                               n_valid=n_valid, valid_skips=valid_skips)
 
 
 def format_duration(seconds: float) -> str:

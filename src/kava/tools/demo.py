@@ -15,10 +15,16 @@ so, and points to the GPU testbed (results/depth/README.md), where that question
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 
+import kava.evaluate
+import kava.train
 from kava.config import load_config
+from kava.data.pipeline import synthetic_dir
+from kava.diagnostics import DiagnosticsSpec
+from kava.tools.report import write_report
 
 # Stage -> (method, extra overrides). The common settings live in src/kava/configs/tiny_synth.yaml.
 # The KaVa student's teacher drops the last CoT step (SPEC §1); the backbone learns the whole chain.
@@ -42,12 +48,8 @@ def stage_config(name: str, out: Path, extra: list[str]):
 
 def run_demo(output: str | Path = "runs/demo", extra: list[str] | None = None, eval_limit: int | None = 300,
              progress: bool = True) -> list[dict]:
-    from kava.evaluate import evaluate_run
-    from kava.data.pipeline import synthetic_dir
-    from kava.diagnostics import DiagnosticsSpec
-    from kava.report import write_report
-    from kava.train import train
-
+    """Train the three stages (reusing finished ones), evaluate them, print the table, write the report.
+    (`kava.train.train` and `kava.evaluate.evaluate_run` are looked up at call time: tests replace them.)"""
     out = Path(output)
     extra = extra or []
     t0 = time.perf_counter()
@@ -61,15 +63,13 @@ def run_demo(output: str | Path = "runs/demo", extra: list[str] | None = None, e
             print(f"[demo] {name}: training {cfg.method} for {cfg.optim.max_steps} steps ...", flush=True)
             resume = rd if (rd / "checkpoints").exists() else None
             if resume is None and rd.exists():
-                import shutil
-
                 shutil.rmtree(rd)
             ts = time.perf_counter()
-            train(cfg, resume=resume, progress=progress)
+            kava.train.train(cfg, resume=resume, progress=progress)
             print(f"[demo] {name}: trained in {time.perf_counter() - ts:.0f}s", flush=True)
         data_dir = synthetic_dir(cfg, out / "_data")
         diag = DiagnosticsSpec(ablations=("zeros",)) if EVAL_MODE[name] == "latent" else None
-        res = evaluate_run(str(rd), ["synth-test"], data_dir=str(data_dir), mode=EVAL_MODE[name],
+        res = kava.evaluate.evaluate_run(str(rd), ["synth-test"], data_dir=str(data_dir), mode=EVAL_MODE[name],
                            limit=eval_limit, progress=progress, diagnostics=diag)["synth-test"]
         rows.append({"run": name, "method": cfg.method, "mode": EVAL_MODE[name], **res})
     report = write_report([str(out / n) for n in STAGES], out / "report", group_by="preset")

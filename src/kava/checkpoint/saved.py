@@ -1,4 +1,4 @@
-"""Checkpoint I/O in one place: saving a trained model, loading it back (full or LoRA), and resolving paths.
+"""A saved model on disk: its layout, saving it, reading its backbone back (full or LoRA), resolving paths.
 
 A saved model (a run's `best/` or `final/`, or any directory `save_model` wrote):
 
@@ -15,7 +15,8 @@ is a local path, and `gguf_file`), another kava checkpoint (`model.init_from`, a
 rebuilt the same way and merged), or `base/` next to it (from-scratch weights exist nowhere else). Loading
 is strict: safetensors only, every tensor of the model present and no unexpected one.
 
-Exporting to a plain Hugging Face directory is `kava.export`.
+Building a `LatentReasoner` from these pieces is `kava.checkpoint.load`; exporting to a plain Hugging Face
+directory is `kava.checkpoint.export`.
 """
 
 from __future__ import annotations
@@ -25,12 +26,12 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from peft import PeftModel, get_peft_model_state_dict
+from transformers import AutoModelForCausalLM
 
+from kava.config import load_config
 from kava.data.format import SPECIAL_TOKENS, SpecialIds, special_ids
-from kava.model import capture
 from kava.model.pretrained import load_pretrained_lm
-from kava.methods import student_mode
 from kava.model.reasoner import LatentReasoner
 
 EXTRA_FILE = "kava_extra.safetensors"  # special-token rows + projection
@@ -101,8 +102,6 @@ def load_saved_lm(model_dir: Path, **kw):
 
 def check_adapter_keys(lm, model_dir: Path) -> None:
     """A LoRA adapter kava saved must hold exactly the adapter tensors of the model (peft only warns)."""
-    from peft import get_peft_model_state_dict
-
     f = Path(model_dir) / "adapter_model.safetensors"
     saved = set(load_file(str(f)))
     expected = set(get_peft_model_state_dict(lm))
@@ -166,7 +165,7 @@ def save_model(model: LatentReasoner, tokenizer, out_dir: str | Path, meta: dict
     if _is_peft(model.lm):
         base = getattr(model, "base_source", None)
         if base is None:
-            raise CheckpointError("a LoRA model without a recorded base (build it with kava.model.loading."
+            raise CheckpointError("a LoRA model without a recorded base (build it with kava.checkpoint.load."
                                   "build_reasoner): its adapter could not be loaded again")
         if base["kind"] == "scratch":  # random-init weights exist nowhere else
             model.lm.get_base_model().config.save_pretrained(out / "base")
@@ -217,8 +216,6 @@ def load_lm(ck: str | Path, *, dtype: torch.dtype = torch.float32, merged: bool 
     model_dir = ck / "model"
     if not is_lora_checkpoint(ck):
         return load_saved_lm(model_dir, dtype=dtype)
-    from peft import PeftModel
-
     if not (model_dir / "adapter_model.safetensors").exists():
         raise CheckpointError(f"{model_dir}: no adapter_model.safetensors (kava loads only safetensors checkpoints)")
     base = load_base(_base_of(ck, cfg), ck, dtype=dtype)
@@ -229,168 +226,7 @@ def load_lm(ck: str | Path, *, dtype: torch.dtype = torch.float32, merged: bool 
 
 def run_config(ck: Path):
     """The resolved config of the run a checkpoint belongs to."""
-    from kava.config import load_config
-
     run_dir = run_dir_of(ck)
     if not (run_dir / "config.yaml").exists():
         raise CheckpointError(f"{ck}: no config.yaml next to the checkpoint")
     return load_config(str(run_dir / "config.yaml"))
-
-
-def load_for_eval(run_or_ckpt: str | Path, *, device: str | torch.device = "cpu",
-                  dtype: torch.dtype = torch.float32):
-    """One call: (model, tokenizer, cfg) from a kava run dir or checkpoint dir (best/, else final/), in eval
-    mode. LoRA checkpoints are loaded unmerged, as validation during training saw them."""
-    ck = find_checkpoint(run_or_ckpt)
-    cfg = run_config(ck)
-    tok = AutoTokenizer.from_pretrained(ck / "tokenizer")
-    ids = saved_tokenizer_ids(tok, ck / "tokenizer")
-    lm = load_lm(ck, dtype=dtype, cfg=cfg)
-    model = LatentReasoner(lm, ids, projection=cfg.latent.projection, proj_hidden=cfg.latent.proj_hidden,
-                           proj_layernorm=cfg.latent.proj_layernorm, attn_implementation=cfg.model.attn_implementation)
-    load_extra(model, load_file(str(ck / EXTRA_FILE)))
-    model.to(device).eval()
-    return model, tok, cfg
-
-
-
-# ------------------------------------------------------------------------------------------------ export
-EXPORT_FILE = "kava.json"  # latent settings beside an exported model
-PROJECTION_FILE = "kava_projection.safetensors"
-
-
-def _bos_template(tok, bos_id: int | None) -> None:
-    """Make `tokenizer(text)` give exactly what kava trained on: [bos] + text ids (no eos, nothing else)."""
-    from tokenizers import processors
-
-    for attr, value in (("add_bos_token", bos_id is not None), ("add_eos_token", False)):
-        if hasattr(tok, attr):
-            try:
-                setattr(tok, attr, value)
-            except (AttributeError, TypeError, ValueError):
-                pass
-    backend = getattr(tok, "_tokenizer", None)
-    if backend is None:
-        raise CheckpointError("kava export needs a fast (tokenizers) tokenizer")
-    if bos_id is None:
-        backend.post_processor = processors.TemplateProcessing(single="$A", pair="$A $B", special_tokens=[])
-    else:
-        bos = tok.convert_ids_to_tokens(bos_id)
-        backend.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A $B",
-                                                               special_tokens=[(bos, bos_id)])
-
-
-def export_model(run_or_ckpt: str | Path, output: str | Path, *, dtype: torch.dtype = torch.float32) -> Path:
-    """Write a plain Hugging Face model directory from a kava run (best/, else final/) or checkpoint.
-
-    - LoRA adapters are merged into the weights.
-    - `<bot>`, `<eot>`, `<latent>` are in the tokenizer; the embedding is resized to hold them and their
-      trained rows are written there. With tied embeddings the LM head follows the embedding, so its rows for
-      real tokens are unchanged (checked); the new head rows are never predicted (`suppress_tokens` in
-      generation_config.json, and kava blocks them too).
-    - `tokenizer(question)` prepends BOS as training did (no chat template: kava trains on raw text).
-    - generation_config.json: greedy, eos = kava's eos.
-    - `kava.json` (method, mode, M, T, answer prompt, the run's config) and `kava_projection.safetensors`
-      (the latent projection) sit beside it; `kava.load(DIR)` uses them for latent reasoning.
-    """
-    from kava.evaluate import default_mode
-
-    import kava
-
-    ck = find_checkpoint(run_or_ckpt)
-    cfg = run_config(ck)
-    out = Path(output)
-    if out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"{out} exists and is not empty; choose another --output")
-    tok = AutoTokenizer.from_pretrained(ck / "tokenizer")
-    ids = saved_tokenizer_ids(tok, ck / "tokenizer")
-    lm = load_lm(ck, dtype=dtype, merged=True, cfg=cfg)
-    extra = load_file(str(ck / EXTRA_FILE))
-    rows = extra["special_rows"]
-
-    emb = lm.get_input_embeddings()
-    V = emb.weight.shape[0]
-    head_before = lm.get_output_embeddings().weight[:V].detach().clone()
-    tied = lm.get_output_embeddings().weight.data_ptr() == emb.weight.data_ptr()
-    special = [ids.bot, ids.eot, ids.latent]
-    if max(special) >= V:
-        lm.resize_token_embeddings(max(special) + 1, mean_resizing=False)
-    with torch.no_grad():
-        w = lm.get_input_embeddings().weight
-        for j, tid in enumerate(special):
-            w[tid] = rows[j].to(w.dtype)
-        head = lm.get_output_embeddings().weight
-        if not tied and head.shape[0] > V:
-            head[V:] = 0.0
-    head = lm.get_output_embeddings().weight
-    assert (head.data_ptr() == lm.get_input_embeddings().weight.data_ptr()) == tied, "resizing untied the LM head"
-    real = [i for i in range(V) if i not in special]
-    if not torch.equal(head[real], head_before[real]):
-        raise CheckpointError("export: resizing the embedding changed the LM head rows of real tokens")
-
-    # kava's capturing attention is not needed (nor known) outside kava: its plain counterpart
-    lm.config._attn_implementation = "eager" if lm.config._attn_implementation == capture.EAGER_IMPL else "sdpa"
-    gc = lm.generation_config
-    gc.do_sample = False
-    for k in ("temperature", "top_p", "top_k", "min_p", "typical_p"):
-        if hasattr(gc, k):
-            setattr(gc, k, None)
-    gc.eos_token_id, gc.pad_token_id, gc.bos_token_id = ids.eos, ids.pad, ids.bos
-    gc.suppress_tokens = special
-    from kava.data.format import Formatter
-
-    prompt_len = len(Formatter(tok, answer_prompt=cfg.data.answer_prompt).prompt_ids)
-    gc.max_new_tokens = cfg.run.eval_max_new_tokens + (  # kava's budget: CoT + prompt + answer
-        cfg.run.eval_max_cot_tokens + prompt_len if cfg.method == "cot" else 0)
-    lm.config.pad_token_id, lm.config.eos_token_id, lm.config.bos_token_id = ids.pad, ids.eos, ids.bos
-
-    _bos_template(tok, ids.bos)
-    out.mkdir(parents=True, exist_ok=True)
-    lm.save_pretrained(out)
-    tok.save_pretrained(out)
-    save_file({k[5:]: v.contiguous() for k, v in extra.items() if k.startswith("proj.")} or {},
-              str(out / PROJECTION_FILE), metadata={"format": "pt"})
-    meta = json.loads((ck / "meta.json").read_text()) if (ck / "meta.json").exists() else {}
-    settings = {
-        "kava_version": kava.__version__, "source": str(ck.resolve()), "step": meta.get("step"),
-        "method": cfg.method, "mode": default_mode(cfg.method),
-        "num_latents": cfg.latent.num_latents, "num_sweeps": cfg.latent.num_sweeps,
-        "student_mode": student_mode(cfg.method),
-        "answer_prompt": cfg.data.answer_prompt,
-        "nocot_input": "question + ' ' + answer_prompt (the tokenizer prepends BOS)",
-        "special_tokens": {"<bot>": ids.bot, "<eot>": ids.eot, "<latent>": ids.latent},
-        "projection": {"kind": cfg.latent.projection, "hidden": cfg.latent.proj_hidden,
-                       "layernorm": cfg.latent.proj_layernorm},
-        "max_new_tokens": cfg.run.eval_max_new_tokens, "max_cot_tokens": cfg.run.eval_max_cot_tokens,
-        "config": cfg.to_dict(),
-    }
-    (out / EXPORT_FILE).write_text(json.dumps(settings, indent=2))
-    # what a user of the plain directory will do must give the ids kava trained on
-    t2 = AutoTokenizer.from_pretrained(out)
-    probe = "Tom has 3 apples."
-    want = ([ids.bos] if ids.bos is not None else []) + t2(probe, add_special_tokens=False)["input_ids"]
-    if t2(probe)["input_ids"] != want:
-        raise CheckpointError(f"export: the saved tokenizer does not prepend BOS as training did "
-                              f"({t2(probe)['input_ids']} != {want})")
-    return out
-
-
-def load_exported(d: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
-    """(model, tokenizer, cfg) from a directory `export_model` wrote (strict: every tensor, the projection)."""
-    from kava.config import config_from_dict
-
-    d = Path(d)
-    settings = json.loads((d / EXPORT_FILE).read_text())
-    cfg = config_from_dict(settings["config"])
-    tok = AutoTokenizer.from_pretrained(d)
-    ids = saved_tokenizer_ids(tok, d)
-    lm = load_saved_lm(d, dtype=dtype)
-    model = LatentReasoner(lm, ids, projection=cfg.latent.projection, proj_hidden=cfg.latent.proj_hidden,
-                           proj_layernorm=cfg.latent.proj_layernorm, attn_implementation=cfg.model.attn_implementation)
-    emb = model.embed_tokens.weight
-    state = {"special_rows": torch.stack([emb[i] for i in (ids.bot, ids.eot, ids.latent)]).float()}
-    state.update({f"proj.{k}": v for k, v in load_file(str(d / PROJECTION_FILE)).items()})
-    load_extra(model, state)
-    model.blocked_ids = [ids.bot, ids.eot, ids.latent]
-    model.to(device).eval()
-    return model, tok, cfg

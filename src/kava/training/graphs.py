@@ -24,12 +24,17 @@ optimizer sees nor the dropout masks of later steps.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 from typing import Callable
 
 import torch
 
-from kava.methods import Batch
+from kava.config import ConfigError, check_world_size, graph_exclusion, use_bf16
+from kava.model.capture import no_host_sync
+from kava.model.families import text_config
+from kava.objective import Batch, loss_step
 
 
 def batch_key(batch: Batch) -> tuple:
@@ -254,3 +259,48 @@ class GraphedStep:
         capture turned graphs off (`disabled` says why; the start-up line said "on")."""
         return {"graphs/captured": len(self.graphs), "graphs/replays": self.replays, "graphs/eager": self.eager,
                 "graphs/disabled": int(self.disabled is not None)}
+
+
+# ------------------------------------------------------------------------------------------------ the recipe's use
+def graph_micro_step(model, cfg, accum: int, amp_device: str | None, batch) -> dict:
+    """One micro-batch's forward and backward (`total / accum` into `.grad`), free of host syncs: what
+    `kava.training.graphs` captures. Same math as the eager micro-step of `train_step`. amp_device: bf16 autocast on
+    that device type (no weight-cast cache: a graph replays the casts), or None."""
+    amp = torch.autocast(amp_device, dtype=torch.bfloat16, cache_enabled=False) if amp_device else \
+        contextlib.nullcontext()
+    with no_host_sync(), amp:
+        total, log = loss_step(model, batch, cfg)
+        (total / accum).backward()
+    return log
+
+
+def model_graph_exclusion(model) -> str | None:
+    """Why this loaded model's passes cannot be captured (`graph_exclusion` covers what the config says)."""
+    tc = text_config(model.config)
+    if any(getattr(tc, k, None) for k in ("num_experts", "num_local_experts", "n_routed_experts")):
+        return f"a mixture-of-experts model ({tc.model_type}: token routing gives data-dependent shapes)"
+    if model.sliding_window is not None:
+        return (f"a sliding-window model ({tc.model_type}, window {model.sliding_window}: the padding to static "
+                "shapes could take a batch past the window)")
+    return None
+
+
+def setup_graphs(cfg, acc, raw, backend=None) -> GraphedStep | None:
+    """`optim.cuda_graphs`: true (refused with the reason when impossible), auto (on when possible), false."""
+    if cfg.optim.cuda_graphs is False:
+        return None
+    why = graph_exclusion(cfg, cuda=acc.device.type == "cuda" or backend is not None,
+                          world_size=acc.num_processes) or model_graph_exclusion(raw)
+    if why is not None:
+        if cfg.optim.cuda_graphs is True:
+            raise ConfigError(f"optim.cuda_graphs: true is not possible with {why}; use auto or false")
+        if acc.is_main_process and acc.device.type == "cuda":  # on a CPU, "off" is no news
+            print(f"[kava] CUDA graphs: off ({why})")
+        return None
+    if acc.is_main_process:
+        print(f"[kava] CUDA graphs: on (optim.cuda_graphs={cfg.optim.cuda_graphs}; block widths bucketed with growth "
+              f"{cfg.optim.graph_buckets}; 'graphs/*' in metrics.jsonl)")
+    fn = functools.partial(graph_micro_step, raw, cfg, check_world_size(cfg, acc.num_processes),
+                           "cuda" if use_bf16(cfg) else None)
+    return GraphedStep(fn, list(raw.parameters()), max_graphs=cfg.optim.max_graphs, backend=backend,
+                       fallback=cfg.optim.cuda_graphs == "auto")

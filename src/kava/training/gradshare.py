@@ -21,6 +21,8 @@ import math
 
 import torch
 
+from kava.objective import loss_step
+
 
 def share_metrics(grads: dict[str, list[torch.Tensor | None]], reference: str | None = "ce_student") -> dict[str, float]:
     """Norms, shares and cosines of per-term gradients.
@@ -61,14 +63,12 @@ def grad_shares(model, batch, cfg, generator: torch.Generator | None = None,
     """Per-term gradient norms and shares of `cfg.method`'s loss on one micro-batch: the numbers of
     `share_metrics`, without holding every term's gradient at once.
 
-    One forward pass (`kava.methods.loss_step`), then one ``torch.autograd.grad`` per term with a non-zero
+    One forward pass (`kava.objective.loss_step`), then one ``torch.autograd.grad`` per term with a non-zero
     weight, the reference term first: only its gradient is kept (for the cosines), every other one is reduced
     to its norm and its dot product with the reference and dropped. The norm of the total's gradient comes
     from one more ``autograd.grad`` of the weighted sum. At most two gradient copies are alive at a time (one
     per term before: a memory spike for full fine-tuning of a large model). ``.grad`` is not touched.
     """
-    from kava.methods import loss_step
-
     params = [p for p in model.parameters() if p.requires_grad]
     terms: dict = {}
     loss_step(model, batch, cfg, generator, terms_out=terms)

@@ -21,7 +21,9 @@ from pathlib import Path
 
 import yaml
 
-METHOD_ORDER = ("nocot", "cot", "pccot", "codi", "kava")
+from kava.spec import report_order
+
+METHOD_ORDER = report_order()  # nocot, cot, then the latent methods (`kava.spec`)
 DATASET_ORDER = ("gsm8k", "gsm8k-hard", "svamp", "gsm8k-aug-valid")
 DASH = "–"
 
@@ -172,7 +174,7 @@ def aggregate(run_dirs: list[str | Path], group_by: str = "preset") -> list[dict
 
 
 # ----------------------------------------------------------------------------------------------------
-# latent diagnostics (kava.diagnostics in eval summaries, kava.gradshare in metrics.jsonl)
+# latent diagnostics (kava.diagnostics in eval summaries, kava.training.gradshare in metrics.jsonl)
 
 ABLATION_KINDS = ("none", "zeros", "placeholder", "shuffle")
 KV_STATS = ("k_rel", "k_cos", "v_rel", "v_cos")

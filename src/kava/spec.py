@@ -1,0 +1,93 @@
+"""What each method is: one row per method, and every other module asks this table (SPEC §5).
+
+Methods differ by switches, not by forks of the loop. A row says which passes a method runs and which loss
+terms it adds; everything that depends on the method reads it from here: the config's allowed values
+(`kava.config`), the batches and the loss step (`kava.objective`), the trainer (DDP's unused parameters, the
+refusal of CoT-less data), evaluation's default mode, the diagnostics, `kava ask`'s pass accounting, the
+export's settings and the report's row order.
+
+| method | teacher sequence | student latents         | terms                          | eval mode |
+|--------|------------------|-------------------------|--------------------------------|-----------|
+| cot    | with the CoT     | –                       | ce_teacher                     | cot       |
+| nocot  | without the CoT  | –                       | ce_teacher (on the answer)     | nocot     |
+| pccot  | with the CoT     | Jacobi sweeps           | ce_student, ce_teacher, codi   | latent    |
+| codi   | with the CoT     | sequential latents      | ce_student, ce_teacher, codi   | latent    |
+| kava   | with the CoT     | Jacobi sweeps           | ce_student, ce_teacher, codi, kv | latent  |
+
+Adding a method that these switches describe is one row in `SPECS` (plus its test and a line in
+docs/method.md); see docs/method.md §6 "Adding a method".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+MODES = ("latent", "cot", "nocot")
+"""Inference modes (`kava.decode.generate`): latent reasoning, written CoT, or the answer directly."""
+
+STUDENT_MODES = ("jacobi", "sequential")
+"""How a student produces its M latents (`kava.model.reasoner.LatentReasoner.student_forward`)."""
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """One method: which passes it runs and which loss terms it adds."""
+
+    name: str
+    teacher_cot: bool  # the teacher sequence holds the CoT (its CE covers CoT, prompt and answer)
+    student: str | None  # None (no latent student) | "jacobi" | "sequential"
+    codi: bool  # L_CODI: student vs teacher hidden states at the answer position
+    kv: bool  # L_KV: the student's latent KV vs the teacher's compressed CoT KV (`kava.objective.kv_targets`)
+
+    def __post_init__(self):
+        if self.student is not None and self.student not in STUDENT_MODES:
+            raise ValueError(f"{self.name}: student {self.student!r}; allowed values: None, {', '.join(STUDENT_MODES)}")
+        if (self.codi or self.kv) and self.student is None:
+            raise ValueError(f"{self.name}: the codi and kv terms compare a latent student with its teacher")
+
+    @property
+    def latent(self) -> bool:
+        """Whether the method has a latent student (and so a latent inference mode)."""
+        return self.student is not None
+
+    @property
+    def student_mode(self) -> str:
+        """How the method's latents are produced at inference (a method without a student: "jacobi", unused)."""
+        return self.student or "jacobi"
+
+    @property
+    def eval_mode(self) -> str:
+        """The mode `kava eval`, `kava ask` and `kava.load(...).generate` use by default."""
+        return "latent" if self.latent else "cot" if self.teacher_cot else "nocot"
+
+    @property
+    def terms(self) -> tuple[str, ...]:
+        """The loss terms, in the order `loss_step` logs them."""
+        return ("ce_teacher",) + ("ce_student",) * self.latent + ("codi",) * self.codi + ("kv",) * self.kv
+
+
+SPECS: dict[str, MethodSpec] = {s.name: s for s in (
+    MethodSpec("cot", teacher_cot=True, student=None, codi=False, kv=False),
+    MethodSpec("nocot", teacher_cot=False, student=None, codi=False, kv=False),
+    MethodSpec("pccot", teacher_cot=True, student="jacobi", codi=True, kv=False),
+    MethodSpec("codi", teacher_cot=True, student="sequential", codi=True, kv=False),
+    MethodSpec("kava", teacher_cot=True, student="jacobi", codi=True, kv=True),
+)}
+
+METHODS: tuple[str, ...] = tuple(SPECS)
+LATENT_METHODS: tuple[str, ...] = tuple(m for m, s in SPECS.items() if s.latent)
+KV_METHODS: tuple[str, ...] = tuple(m for m, s in SPECS.items() if s.kv)
+
+
+def spec_of(method: str) -> MethodSpec:
+    """The row of `method`; a ValueError listing the known methods otherwise."""
+    try:
+        return SPECS[method]
+    except KeyError:
+        raise ValueError(f"unknown method {method!r}; allowed values: {', '.join(METHODS)}") from None
+
+
+def report_order() -> tuple[str, ...]:
+    """The order of methods in tables: answer-only baselines, then written CoT, then the latent methods (each
+    group in table order)."""
+    return tuple(sorted(METHODS, key=lambda m: (SPECS[m].latent, SPECS[m].teacher_cot)))
