@@ -414,10 +414,12 @@ def setup_data(cfg: Config, run_dir: Path, acc: Accelerator, *, data_root: str |
     if cfg.model.from_scratch is not None and not cfg.model.tokenizer and not cfg.model.init_from:
         tok_dir = run_dir / "tokenizer_src"
         if not (tok_dir / "tokenizer_config.json").exists() and main:
+            from kava.data.pipeline import synthetic_single_tokens
             from kava.data.tokenizer import build_tokenizer, tokenizer_texts
 
             _atomic_dir_write(tok_dir, lambda d: build_tokenizer(tokenizer_texts(train_recs, cfg.data.answer_prompt),
-                                                                 d, vocab_size=cfg.data.tokenizer_vocab_size))
+                                                                 d, vocab_size=cfg.data.tokenizer_vocab_size,
+                                                                 single_tokens=synthetic_single_tokens(cfg)))
         acc.wait_for_everyone()
         tokenizer = load_tokenizer(cfg, str(tok_dir))
     else:
