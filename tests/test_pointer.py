@@ -244,3 +244,42 @@ def test_train_and_eval_end_to_end(method, tmp_path):
         assert s["count"] == 8 and s["mode"] == method and 0.0 <= s["accuracy"] <= 1.0
         preds = [json.loads(x) for x in (rd / "eval" / f"synth-{split}" / "predictions.jsonl").read_text().splitlines()]
         assert sorted(p["index"] for p in preds) == list(range(8))
+
+
+def _experiment(name: str):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "experiments" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_validation_stopping_rule():
+    """experiments/pointer_watch.py: plateau = the last `patience` evals add at most min_delta to the best before;
+    the watcher stops a run there only at or above the floor (a flat start near zero is not a plateau to stop at)."""
+    w = _experiment("pointer_watch")
+    assert not w.plateaued([0.1, 0.2, 0.3], patience=4)  # too few evals
+    assert w.plateaued([0.1, 0.5, 0.5, 0.502, 0.49, 0.5], patience=4, min_delta=0.005)
+    assert not w.plateaued([0.1, 0.5, 0.5, 0.502, 0.49, 0.51], patience=4, min_delta=0.005)
+    flat_zero = [0.0, 0.01, 0.0, 0.0, 0.0, 0.01]
+    assert w.plateaued(flat_zero, 4) and w.stop_reason(flat_zero, 0.995, 4, 0.005, floor=0.9) is None
+    assert "plateau" in w.stop_reason([0.5, 0.95, 0.95, 0.95, 0.95, 0.95], 0.995, 4, 0.005, floor=0.9)
+    assert ">= 0.995" in w.stop_reason([0.2, 0.996], 0.995, 4, 0.005, floor=0.9)
+    assert w.stop_reason([0.5, 0.95, 0.95, 0.95, 0.95, 0.95], None, 0, 0.005, floor=0.0) is None  # patience 0: never
+
+
+def test_per_depth_tables_the_pointer_task_by_k_with_chance(task, tmp_path):
+    out, _, rows = task
+    d = _experiment("per_depth")
+    run = tmp_path / "nocot-s42"
+    (run / "eval" / "synth-test").mkdir(parents=True)
+    preds = [{"index": i, "correct": r["hops"] == 1} for i, r in enumerate(rows["test"])]  # right exactly at k = 1
+    (run / "eval" / "synth-test" / "predictions.jsonl").write_text("".join(json.dumps(p) + "\n" for p in preds))
+    res = d.write_depth_table([run], out, tmp_path / "res", "test")
+    assert res["nocot"]["1"] == [1.0] and all(res["nocot"][str(k)] == [0.0] for k in range(2, 6))
+    md = (tmp_path / "res" / "depth.md").read_text()
+    assert "by hop count k" in md and "| k 1 |" in md and "| chance (1/N, N=20) | | 5.0 | 5.0 |" in md
+    assert json.loads((tmp_path / "res" / "depth.json").read_text())["chance"] == 0.05
