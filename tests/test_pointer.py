@@ -14,7 +14,8 @@ from kava.cli import main as cli
 from kava.config import ConfigError, load_config
 from kava.data.pipeline import synthetic_dir, synthetic_name, synthetic_single_tokens
 from kava.data.readers import load_eval_dataset, load_records
-from kava.data.synthetic import parse_pointer_question, pointer_symbols, write_pointer, write_synthetic
+from kava.data.synthetic import (parse_pointer_question, pointer_symbols, pointer_tokens, write_pointer,
+                                 write_synthetic)
 from kava.data.tokenizer import build_tokenizer, tokenizer_texts
 from kava.scoring import extract_answer, numbers_match
 
@@ -136,23 +137,32 @@ def test_answers_score_numerically(task):
 
 
 def test_symbols_are_single_tokens(task, tmp_path):
+    """Each symbol occurrence is one token: a pair x>y is the two tokens `x` `>y` (the target with its arrow), the
+    answer and the NL CoT hold the plain form; decoding gives the text back exactly."""
     out, meta, rows = task
     recs = load_records(out / "train.jsonl") + load_records(out / "train.jsonl", cot_style="nl")
-    tok = build_tokenizer(tokenizer_texts(recs), tmp_path / "tok", vocab_size=512, single_tokens=meta["symbols"])
+    cfg = load_config("synth_pointer_backbone")
+    assert synthetic_single_tokens(cfg) == pointer_tokens(20) == meta["symbols"] + [">" + s for s in meta["symbols"]]
+    tok = build_tokenizer(tokenizer_texts(recs), tmp_path / "tok", vocab_size=512,
+                          single_tokens=synthetic_single_tokens(cfg))
     vocab = tok.get_vocab()
     for s in meta["symbols"]:
-        assert s in vocab and tok.encode(s, add_special_tokens=False) == [vocab[s]]
+        assert tok.encode(s, add_special_tokens=False) == [vocab[s]]
+        assert tok.encode(">" + s, add_special_tokens=False) == [vocab[">" + s]]
         assert tok.encode(" " + s, add_special_tokens=False)[-1] == vocab[s]  # ' ' then the symbol
+    symbol_or_arrow = re.compile(r">?\d\d")
     for r in rows["test"][:50] + rows["hard"][:50]:
         for text in (r["question"], " ".join(r["steps_eq"]), " ".join(r["steps_nl"]), " The answer is: " + r["answer"]):
             ids = tok.encode(text, add_special_tokens=False)
             assert tok.decode(ids) == text
-            pieces = tok.convert_ids_to_tokens(ids)
-            # each symbol in the text is one token (the hop count k <= 7 is one digit, not a symbol)
-            assert [p for p in pieces if p.isdigit()] == re.findall(r"\d+", text)
-            assert all(p in meta["symbols"] for p in pieces if len(p) == 2 and p.isdigit())
+            pieces = [p for p in tok.convert_ids_to_tokens(ids) if any(c.isdigit() for c in p)]
+            # every number is one token, with its arrow when it follows one (the hop count k <= 7 is one digit)
+            assert pieces == [m for m in re.findall(r">?\d+", text)]
+            assert all(symbol_or_arrow.fullmatch(p) for p in pieces if p != str(r["hops"]))
         q = tok.convert_ids_to_tokens(tok.encode(r["question"], add_special_tokens=False))
-        assert len(q) == 20 * 4 + 10  # 20 x (x, '>', y, ' ' or '.') + ' Start' ':' ' ' s '.' ' Hops' ':' ' ' k '.'
+        assert len(q) == 20 * 3 + 10  # 20 x (x, '>y', ' ' or '.') + ' Start' ':' ' ' s '.' ' Hops' ':' ' ' k '.'
+        cot = tok.convert_ids_to_tokens(tok.encode(" " + " ".join(r["steps_eq"]), add_special_tokens=False))
+        assert len(cot) == 3 * r["hops"]  # ' ' x '>y' per hop
     # digits outside the symbol set still split one by one, as in the arithmetic tokenizer
     assert tok.convert_ids_to_tokens(tok.encode("3456", add_special_tokens=False)) == ["3", "4", "5", "6"]
     assert tok.convert_ids_to_tokens(tok.encode("1234", add_special_tokens=False)) == ["12", "3", "4"]  # longest match
@@ -186,7 +196,7 @@ def test_pipeline_writes_the_pointer_task_from_the_config(tmp_path):
     meta = json.loads((d / "meta.json").read_text())
     assert meta["counts"] == {"valid": 10, "test": 10, "hard": 10, "train": 50}
     assert meta["min_hops"] == 1 and meta["max_hops"] == 6 and meta["hard_hops"] == [7, 8]
-    assert synthetic_single_tokens(cfg) == pointer_symbols(20)
+    assert synthetic_single_tokens(cfg) == pointer_tokens(20)
     other = load_config("synth_pointer_backbone", ["data.synth_num_symbols=30"])
     assert synthetic_name(other) != synthetic_name(cfg)  # every generation parameter is in the folder name
 
@@ -237,7 +247,7 @@ def test_train_and_eval_end_to_end(method, tmp_path):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(rd / "tokenizer_src"))
-    assert all(len(tok.encode(s, add_special_tokens=False)) == 1 for s in pointer_symbols(20))
+    assert all(len(tok.encode(s, add_special_tokens=False)) == 1 for s in pointer_tokens(20))
     assert cli(["eval", "--checkpoint", str(rd), "--datasets", "synth-test,synth-hard"]) == 0
     for split in ("test", "hard"):
         s = json.loads((rd / "eval" / f"synth-{split}" / "summary.json").read_text())

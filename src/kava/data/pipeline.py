@@ -9,7 +9,7 @@ from pathlib import Path
 from kava.config import Config
 from kava.data.readers import load_records
 from kava.data.records import Record, SkipLog
-from kava.data.synthetic import pointer_symbols, write_pointer, write_synthetic
+from kava.data.synthetic import pointer_tokens, write_pointer, write_synthetic
 
 
 def synthetic_name(cfg: Config) -> str:
@@ -22,9 +22,10 @@ def synthetic_name(cfg: Config) -> str:
 
 
 def synthetic_single_tokens(cfg: Config) -> list[str]:
-    """Strings the local tokenizer must keep as single tokens: the pointer task's symbols, else none."""
+    """Strings the local tokenizer must keep as single tokens: the pointer task's symbols and their arrow
+    forms (`kava.data.synthetic.pointer_tokens`), else none."""
     if cfg.data.source == "synthetic" and cfg.data.synth_task == "pointer":
-        return pointer_symbols(cfg.data.synth_num_symbols)
+        return pointer_tokens(cfg.data.synth_num_symbols)
     return []
 
 

@@ -294,15 +294,26 @@ POINTER_MAX_SYMBOLS = 90  # 10..99
 
 
 def pointer_symbols(num_symbols: int) -> list[str]:
-    """The N symbol names, ``"10"`` .. ``str(10 + N - 1)``.
-
-    Numbers, so the answer goes through kava's numeric answer scoring unchanged; the tokenizer of a
-    pointer run keeps each one a single token (`kava.data.tokenizer.build_tokenizer(single_tokens=...)`),
-    so looking up ``x>`` is one attention step, not a digit-by-digit match.
-    """
+    """The N symbol names, ``"10"`` .. ``str(10 + N - 1)``: numbers, so the answer goes through kava's
+    numeric answer scoring unchanged."""
     if not 2 <= num_symbols <= POINTER_MAX_SYMBOLS:
         raise ValueError(f"num_symbols must be in [2, {POINTER_MAX_SYMBOLS}], got {num_symbols}")
     return [str(POINTER_BASE + i) for i in range(num_symbols)]
+
+
+def pointer_tokens(num_symbols: int) -> list[str]:
+    """What the tokenizer of a pointer run keeps as single tokens: each symbol ``"14"`` and its arrow form
+    ``">14"`` (`kava.data.tokenizer.build_tokenizer(single_tokens=...)`).
+
+    A pair ``14>20`` is then the two tokens ``14`` ``>20``, and one hop is the textbook two-layer circuit: a
+    previous-token head writes "after 14" into the ``>20`` token, and an induction head at the query ``14``
+    (in the CoT, or the start) attends to it and copies ``>20``. With ``>`` a token of its own, the target
+    sits two tokens after its source and the query is the ``>`` token, so the model must compose heads on
+    both sides; at N = 8 on CPU that did not learn the lookup within 1500 steps, the arrow form did
+    (results/pointer/README.md). The answer and the NL CoT use the plain form.
+    """
+    syms = pointer_symbols(num_symbols)
+    return syms + [">" + s for s in syms]
 
 
 def generate_pointer_problem(rng: random.Random, hops: int, num_symbols: int = 20) -> dict:

@@ -4,8 +4,8 @@ Digits are isolated before BPE, so every number is spelled digit by digit (``"12
 arithmetic is learnable from digits, but not from arbitrary multi-digit merges a tiny vocabulary picks
 up. Byte-level pre-tokenization and decoding make ``decode(encode(t)) == t`` exact for any text, so
 answers parsed from generations are never altered by the tokenizer. The pointer task's symbols are the
-exception: `build_tokenizer(single_tokens=...)` keeps each of them one token, so that a lookup is one
-attention step.
+exception: `build_tokenizer(single_tokens=...)` keeps each of them (and its arrow form ``>14``) one token,
+so that a lookup is one attention step.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def build_tokenizer(texts: Iterable[str], out_dir: str | Path, vocab_size: int =
 
     single_tokens: strings that are each kept as one token wherever they occur, matched before digit
     splitting and BPE (added tokens, longest match first), on top of `vocab_size`; the pointer task's
-    symbols ``"10"`` .. ``"29"`` (`kava.data.synthetic.pointer_symbols`). Empty (the default) leaves the
+    symbols ``"10"`` .. ``"29"`` and ``">10"`` .. ``">29"`` (`kava.data.synthetic.pointer_tokens`). Empty (the default) leaves the
     tokenizer exactly as without the argument.
     """
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
