@@ -108,6 +108,7 @@ train() {
   timeout -k 15 "$budget" $PY -m kava.cli train --no-progress "$@" $(sets "$DATA_SETS") \
     --set "run.output_dir=$W" --set "run.name=$name" > "$W/logs/$name.log" 2>&1 &
   pid=$!
+  trap 'kill -TERM $pid 2>/dev/null; exit 143' TERM  # timeout passes it on to kava train
   if [ -n "$wargs" ]; then
     $PY experiments/pointer_watch.py watch "$W/$name" --pid "$pid" $wargs >> "$W/logs/$name.watch.log" 2>&1 &
   else
@@ -122,9 +123,9 @@ train() {
 variant() {  # variant L: backbone-L<L>, then its students, in this subshell
   local L=$1 m sp=()
   trap - EXIT
-  trap 'for p in "${sp[@]}"; do kill -TERM "$p" 2>/dev/null; done; exit 143' TERM
   train "backbone-L$L" "$BB_BUDGET" "--stop-at $BB_STOP --patience 4 --floor 0.9" --config synth_pointer_backbone \
-    --set "model.from_scratch.num_hidden_layers=$L" $(sets "$BB_SETS")
+    --set "model.from_scratch.num_hidden_layers=$L" $(sets "$BB_SETS")  # its TERM trap stops the backbone
+  trap 'for p in "${sp[@]}"; do kill -TERM "$p" 2>/dev/null; done; exit 143' TERM
   if [ ! -d "$W/backbone-L$L/best" ]; then log "backbone-L$L has no best/: no students"; return; fi
   for m in $STUDENTS; do
     train "$m-L$L-s42" $(( $(left) - EVAL_RESERVE )) "" --config synth_pointer_student --set "method=$m" \
@@ -176,8 +177,11 @@ for r in "${R[@]}"; do
     t=$(( $(left) - 25 )); [ "$t" -lt 30 ] && t=30
     ( trap - EXIT
       timeout -k 10 "$t" $PY -m kava.cli eval --checkpoint "$r" --datasets synth-test,synth-hard \
-        --batch-size 500 > "$W/logs/$(basename "$r").eval.log" 2>&1
-      rc=$?; [ $rc = 0 ] || log "$(basename "$r"): eval ended rc=$rc (124: out of time)" ) &
+        --batch-size 500 > "$W/logs/$(basename "$r").eval.log" 2>&1 &
+      e=$!
+      trap 'kill -TERM $e 2>/dev/null; exit 143' TERM
+      wait $e; rc=$?
+      [ $rc = 0 ] || log "$(basename "$r"): eval ended rc=$rc (124: out of time)" ) &
     PIDS+=($!)
   else
     log "$(basename "$r"): no best/ to evaluate"
