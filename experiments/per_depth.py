@@ -4,7 +4,8 @@
 
 Each run's `eval/synth-test/predictions.jsonl` is joined with the split's `test.jsonl` on the question index;
 a problem's depth is its number of operations (`len(steps_eq)`). Runs are grouped by their name without the
-`-s<seed>` suffix. Writes depth.md, depth.json and accuracy_vs_depth.png.
+`-s<seed>` suffix. Writes depth.md, depth.json and accuracy_vs_depth.png. On the pointer task (meta.json
+`task: pointer`) the depth is the hop count k, and chance (1/N) is a row of the table and a line of the plot.
 """
 
 from __future__ import annotations
@@ -59,18 +60,27 @@ def write_depth_table(runs: list[Path], data_dir: Path, out_dir: Path, split: st
     if not groups:
         return {}
     depths = sorted({d for g in groups.values() for d in g if d > 0})
-    lines = [f"| run | seeds | all | " + " | ".join(f"depth {d}" for d in depths) + " |",
+    meta_path = data_dir / "meta.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+    pointer = meta.get("task") == "pointer"
+    chance = meta.get("chance") if pointer else None
+    what = "hop count k" if pointer else "number of operations"
+    col = "k" if pointer else "depth"
+    lines = [f"| run | seeds | all | " + " | ".join(f"{col} {d}" for d in depths) + " |",
              "|---|---|---|" + "---|" * len(depths)]
     for name in sorted(groups):
         g = groups[name]
         lines.append(f"| {name} | {len(seeds[name])} | {_mean_std(g[0])} | "
                      + " | ".join(_mean_std(g.get(d, [])) for d in depths) + " |")
+    if chance is not None:
+        c = f"{100 * chance:.1f}"
+        lines.append(f"| chance (1/N, N={meta['num_symbols']}) | | {c} | " + " | ".join(c for _ in depths) + " |")
     out_dir.mkdir(parents=True, exist_ok=True)
     table = "\n".join(lines) + "\n"
-    (out_dir / "depth.md").write_text(f"Accuracy (%) on synth-{split} by number of operations, mean ± std over "
-                                      f"seeds.\n\n{table}")
+    (out_dir / "depth.md").write_text(f"Accuracy (%) on synth-{split} by {what}, mean ± std over seeds.\n\n{table}")
     res = {name: {str(d): v for d, v in g.items()} for name, g in groups.items()}
-    (out_dir / "depth.json").write_text(json.dumps({"split": split, "accuracy": res, "runs": seeds}, indent=2))
+    (out_dir / "depth.json").write_text(json.dumps({"split": split, "accuracy": res, "runs": seeds,
+                                                    "chance": chance}, indent=2))
     import matplotlib
 
     matplotlib.use("Agg")
@@ -82,7 +92,9 @@ def write_depth_table(runs: list[Path], data_dir: Path, out_dir: Path, split: st
         ys = [100 * statistics.fmean(g[d]) for d in depths]
         es = [100 * statistics.stdev(g[d]) if len(g[d]) > 1 else 0.0 for d in depths]
         ax.errorbar(depths, ys, yerr=es, marker="o", capsize=3, label=name)
-    ax.set_xlabel("reasoning depth (operations)")
+    if chance is not None:
+        ax.axhline(100 * chance, color="grey", linestyle=":", label=f"chance (1/{meta['num_symbols']})")
+    ax.set_xlabel("hops k" if pointer else "reasoning depth (operations)")
     ax.set_ylabel(f"accuracy on synth-{split} (%)")
     ax.set_ylim(0, 100)
     ax.legend(fontsize=8)

@@ -125,12 +125,16 @@ class DataConfig:
     # file holds the 500 questions of GSM8k-Aug's valid split
     exclude_valid_questions: bool = False
     # synthetic task generation (used when source == "synthetic")
+    # arithmetic: multi-step word problems; pointer: k-hop pointer chasing over synth_num_symbols symbols,
+    # k in [synth_min_steps, synth_max_steps] (the hard split: synth_max_steps + 1 .. + 2)
+    synth_task: Literal["arithmetic", "pointer"] = "arithmetic"
     synth_train_size: int = 20000
     synth_eval_size: int = 500
     synth_min_steps: int = 2
     synth_max_steps: int = 4
     synth_max_value: int = 99
     synth_seed: int = 0
+    synth_num_symbols: int = 20  # pointer task: N, the symbols 10 .. 10+N-1 (chance 1/N)
     tokenizer_vocab_size: int = 512  # local tokenizer for from_scratch models
 
 
@@ -407,6 +411,13 @@ def validate(cfg: Config) -> None:
         need(getattr(d, k) >= 1, f"data.{k}: must be >= 1")
     need(d.synth_min_steps >= 1 and d.synth_max_steps >= d.synth_min_steps,
          "data.synth_min_steps / data.synth_max_steps: need 1 <= min <= max")
+    if d.synth_task == "pointer":
+        need(2 <= d.synth_num_symbols <= 90,
+             f"data.synth_num_symbols: must be in [2, 90] (the symbols are the numbers 10..99), got {d.synth_num_symbols}")
+        need(d.synth_max_steps + 2 < d.synth_num_symbols,
+             f"data.synth_max_steps: the pointer task's hard split has synth_max_steps + 2 hops, which must be "
+             f"fewer than data.synth_num_symbols; got synth_max_steps={d.synth_max_steps}, "
+             f"synth_num_symbols={d.synth_num_symbols}")
     need(o.lr > 0, f"optim.lr: must be > 0, got {o.lr}")
     need(0 <= o.warmup_ratio < 1, f"optim.warmup_ratio: must be in [0, 1), got {o.warmup_ratio}")
     need(o.weight_decay >= 0, "optim.weight_decay: must be >= 0")

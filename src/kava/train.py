@@ -46,7 +46,7 @@ from kava.checkpoint.state import (atomic_dir_write, check_resume_state, gather_
                                    write_checkpoint, model_identity)
 from kava.config import Config, check_world_size, load_config, save_config, use_bf16
 from kava.data.format import Formatter, Tokenized
-from kava.data.pipeline import load_train_valid, train_data_label
+from kava.data.pipeline import load_train_valid, synthetic_single_tokens, train_data_label
 from kava.data.records import Record, SkipLog
 from kava.data.tokenizer import build_tokenizer, tokenizer_texts
 from kava.evaluate import evaluate_records
@@ -199,7 +199,8 @@ def setup_data(cfg: Config, run_dir: Path, acc: Accelerator, *, data_root: str |
         tok_dir = run_dir / "tokenizer_src"
         if not (tok_dir / "tokenizer_config.json").exists() and main:
             atomic_dir_write(tok_dir, lambda d: build_tokenizer(tokenizer_texts(train_recs, cfg.data.answer_prompt),
-                                                                 d, vocab_size=cfg.data.tokenizer_vocab_size))
+                                                                 d, vocab_size=cfg.data.tokenizer_vocab_size,
+                                                                 single_tokens=synthetic_single_tokens(cfg)))
         acc.wait_for_everyone()
         tokenizer = load_tokenizer(cfg, str(tok_dir))
     else:

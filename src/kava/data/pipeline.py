@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 from kava.cache import cache_root
 from kava.data.readers import load_records
 from kava.data.records import Record, SkipLog
-from kava.data.synthetic import write_synthetic
+from kava.data.synthetic import pointer_tokens, write_pointer, write_synthetic
 
 if TYPE_CHECKING:  # a type hint only: data/ sits below kava.config, which reads data.readers.FORMATS
     from kava.config import Config
@@ -19,7 +19,18 @@ if TYPE_CHECKING:  # a type hint only: data/ sits below kava.config, which reads
 def synthetic_name(cfg: Config) -> str:
     """The folder name of the synthetic task `cfg.data` describes: every generation parameter is in it."""
     d = cfg.data
+    if d.synth_task == "pointer":
+        return (f"pointer_s{d.synth_seed}_n{d.synth_train_size}_e{d.synth_eval_size}_k{d.synth_min_steps}-"
+                f"{d.synth_max_steps}_N{d.synth_num_symbols}")
     return f"synth_s{d.synth_seed}_n{d.synth_train_size}_e{d.synth_eval_size}_st{d.synth_min_steps}-{d.synth_max_steps}_v{d.synth_max_value}"
+
+
+def synthetic_single_tokens(cfg: Config) -> list[str]:
+    """Strings the local tokenizer must keep as single tokens: the pointer task's symbols and their arrow
+    forms (`kava.data.synthetic.pointer_tokens`), else none."""
+    if cfg.data.source == "synthetic" and cfg.data.synth_task == "pointer":
+        return pointer_tokens(cfg.data.synth_num_symbols)
+    return []
 
 
 def synthetic_dir(cfg: Config, root: Path) -> Path:
@@ -31,9 +42,14 @@ def synthetic_dir(cfg: Config, root: Path) -> Path:
         # write to a private temp dir, then rename: concurrent runs never read a half-written split
         tmp = root / f".{name}.{os.getpid()}.tmp"
         e = d.synth_eval_size
-        write_synthetic(tmp, {"train": d.synth_train_size, "valid": e, "test": e, "hard": e, "varied": e},
-                        seed=d.synth_seed, min_steps=d.synth_min_steps, max_steps=d.synth_max_steps,
-                        max_value=d.synth_max_value)
+        if d.synth_task == "pointer":
+            write_pointer(tmp, {"train": d.synth_train_size, "valid": e, "test": e, "hard": e},
+                          seed=d.synth_seed, min_hops=d.synth_min_steps, max_hops=d.synth_max_steps,
+                          num_symbols=d.synth_num_symbols)
+        else:
+            write_synthetic(tmp, {"train": d.synth_train_size, "valid": e, "test": e, "hard": e, "varied": e},
+                            seed=d.synth_seed, min_steps=d.synth_min_steps, max_steps=d.synth_max_steps,
+                            max_value=d.synth_max_value)
         try:
             tmp.rename(out)
         except OSError:  # another process finished first; its files are identical (deterministic generator)

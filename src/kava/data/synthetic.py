@@ -10,6 +10,13 @@ latent reasoning is meant to do.
 Splits: ``train``, ``valid``, ``test`` (in distribution), ``hard`` (numbers up to `hard_max_value` and
 one more step than `max_steps`), ``varied`` (the same operations phrased with a held-out template set
 that ``train`` never uses). No question appears twice across (or within) splits.
+
+A second task, `write_pointer` (``data.synth_task: pointer``, issue 22): k-hop pointer chasing. A random
+cyclic permutation of N numeric symbols is written as shuffled ``x>y`` pairs, followed by a start symbol
+and a hop count k; the answer is f^k(start) and the CoT is the chain of hops, one pair per hop. Each hop
+is one lookup (a previous-token head and an induction head, about two layers), so a shallow model without
+a CoT cannot answer large k in one pass. Splits ``train``, ``valid``, ``test`` (k in [k_min, k_max]) and
+``hard`` (k_max+1 .. k_max+2), disjoint as above. Chance is 1/N.
 """
 
 from __future__ import annotations
@@ -274,3 +281,152 @@ def question_sentences(question: str) -> list[str]:
     """The sentences a generated question was assembled from (templates never contain '. ')."""
     parts: Sequence[str] = question.replace("? ", "?\n").replace(". ", ".\n").split("\n")
     return [p for p in parts if p]
+
+
+# ----------------------------------------------------------------------------------------------------
+# k-hop pointer chasing (issue 22): a task whose serial depth is the hop count k
+
+
+POINTER_VERSION = "kava-pointer-1"
+POINTER_SPLITS = ("valid", "test", "hard", "train")  # no ``varied``: the task has no templates to hold out
+POINTER_BASE = 10  # symbol i is the number 10 + i: two digits each, so none is a prefix of another
+POINTER_MAX_SYMBOLS = 90  # 10..99
+
+
+def pointer_symbols(num_symbols: int) -> list[str]:
+    """The N symbol names, ``"10"`` .. ``str(10 + N - 1)``: numbers, so the answer goes through kava's
+    numeric answer scoring unchanged."""
+    if not 2 <= num_symbols <= POINTER_MAX_SYMBOLS:
+        raise ValueError(f"num_symbols must be in [2, {POINTER_MAX_SYMBOLS}], got {num_symbols}")
+    return [str(POINTER_BASE + i) for i in range(num_symbols)]
+
+
+def pointer_tokens(num_symbols: int) -> list[str]:
+    """What the tokenizer of a pointer run keeps as single tokens: each symbol ``"14"`` and its arrow form
+    ``">14"`` (`kava.data.tokenizer.build_tokenizer(single_tokens=...)`).
+
+    A pair ``14>20`` is then the two tokens ``14`` ``>20``, and one hop is the textbook two-layer circuit: a
+    previous-token head writes "after 14" into the ``>20`` token, and an induction head at the query ``14``
+    (in the CoT, or the start) attends to it and copies ``>20``. With ``>`` a token of its own, the target
+    sits two tokens after its source and the query is the ``>`` token, so the model must compose heads on
+    both sides; at N = 8 on CPU that did not learn the lookup within 1500 steps, the arrow form did
+    (results/pointer/README.md). The answer and the NL CoT use the plain form.
+    """
+    syms = pointer_symbols(num_symbols)
+    return syms + [">" + s for s in syms]
+
+
+def generate_pointer_problem(rng: random.Random, hops: int, num_symbols: int = 20) -> dict:
+    """One problem: a random cyclic permutation f of N symbols, shuffled ``x>y`` pairs, a start, k hops.
+
+    f is a uniformly random single N-cycle, so no start sits in a short cycle: f^1(s) .. f^k(s) are k
+    distinct symbols, none equal to s, for every k < N (a general permutation would let fixed points and
+    2-cycles answer some problems without any hop). Question::
+
+        25>11 12>17 ... 19>13. Start: 14. Hops: 3.
+
+    CoT: one pair per hop, ``steps_eq = ["14>20", "20>13", "13>25"]`` and
+    ``steps_nl = ["14 points to 20.", ...]``; the answer is f^k(start) (``"25"``). The hop count is
+    written in digits; for k >= 10 its text coincides with a symbol token (harmless: it follows "Hops:").
+    """
+    if not 1 <= hops < num_symbols:
+        raise ValueError(f"need 1 <= hops < num_symbols, got hops={hops}, num_symbols={num_symbols}")
+    syms = pointer_symbols(num_symbols)
+    cycle = syms[:]
+    rng.shuffle(cycle)
+    f = {cycle[i]: cycle[(i + 1) % num_symbols] for i in range(num_symbols)}
+    pairs = list(f.items())
+    rng.shuffle(pairs)
+    start = rng.choice(syms)
+    chain = [start]
+    for _ in range(hops):
+        chain.append(f[chain[-1]])
+    question = " ".join(f"{x}>{y}" for x, y in pairs) + f". Start: {start}. Hops: {hops}."
+    steps_eq = [f"{a}>{b}" for a, b in zip(chain, chain[1:])]
+    steps_nl = [f"{a} points to {b}." for a, b in zip(chain, chain[1:])]
+    return {"question": question, "steps_eq": steps_eq, "steps_nl": steps_nl, "answer": chain[-1], "hops": hops}
+
+
+def parse_pointer_question(question: str) -> tuple[dict[str, str], str, int]:
+    """(the map x -> y, start, hops) of a generated pointer question (the inverse of its layout)."""
+    body, start_part, hops_part = question.rsplit(". ", 2)
+    f = dict(pair.split(">") for pair in body.split(" "))
+    return f, start_part.removeprefix("Start: "), int(hops_part.removeprefix("Hops: ").rstrip("."))
+
+
+def _pointer_hop_range(split: str, min_hops: int, max_hops: int) -> tuple[int, int]:
+    """(fewest, most) hops of a split: ``hard`` is the two depths past training, k_max+1 .. k_max+2."""
+    return (max_hops + 1, max_hops + 2) if split == "hard" else (min_hops, max_hops)
+
+
+def write_pointer(
+    out_dir: str | Path,
+    sizes: dict[str, int],
+    seed: int = 0,
+    min_hops: int = 1,
+    max_hops: int = 4,
+    num_symbols: int = 20,
+) -> dict:
+    """Write ``<split>.jsonl`` for each pointer split in `sizes` plus ``meta.json``; return the meta.
+
+    Splits as `write_synthetic`: each draws from its own ``random.Random`` seeded by (seed, split); the
+    eval splits (valid, test, hard) claim questions first and a question already seen anywhere is redrawn
+    (counted in ``meta["duplicates_removed"]``), so the splits are disjoint. k is uniform over the split's
+    hop range. The hard split needs k_max+2 < N (every hop lands on a new symbol).
+    """
+    unknown = set(sizes) - set(POINTER_SPLITS)
+    if unknown:
+        raise ValueError(f"unknown pointer splits {sorted(unknown)}; expected some of {POINTER_SPLITS}")
+    if not 1 <= min_hops <= max_hops:
+        raise ValueError(f"need 1 <= min_hops <= max_hops, got {min_hops}, {max_hops}")
+    pointer_symbols(num_symbols)  # range check
+    if max_hops + 2 >= num_symbols:
+        raise ValueError(f"need max_hops + 2 < num_symbols (the hard split's hops stay on one cycle), "
+                         f"got max_hops={max_hops}, num_symbols={num_symbols}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    seen: set[str] = set()
+    counts: dict[str, int] = {}
+    removed: dict[str, dict[str, int]] = {}
+    for split in POINTER_SPLITS:
+        if split not in sizes:
+            continue
+        size = int(sizes[split])
+        lo, hi = _pointer_hop_range(split, min_hops, max_hops)
+        rng = random.Random(f"{POINTER_VERSION}:{seed}:{split}")
+        mine: set[str] = set()
+        within = across = 0
+        lines: list[str] = []
+        while len(lines) < size:
+            prob = generate_pointer_problem(rng, rng.randint(lo, hi), num_symbols)
+            q = prob["question"]
+            if q in mine:
+                within += 1
+            elif q in seen:
+                across += 1
+            else:
+                mine.add(q)
+                lines.append(json.dumps(prob, ensure_ascii=False))
+            if within + across > 10 * size + 1000:
+                raise ValueError(f"pointer split {split}: too many duplicates; raise num_symbols")
+        seen |= mine
+        (out / f"{split}.jsonl").write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+        counts[split] = len(lines)
+        removed[split] = {"within_split": within, "across_splits": across}
+    meta = {
+        "generator": POINTER_VERSION,
+        "task": "pointer",
+        "seed": seed,
+        "min_hops": min_hops,
+        "max_hops": max_hops,
+        "hard_hops": [max_hops + 1, max_hops + 2],
+        "num_symbols": num_symbols,
+        "symbols": pointer_symbols(num_symbols),
+        "chance": 1 / num_symbols,
+        "counts": counts,
+        "duplicates_removed": removed,
+        "files": {s: f"{s}.jsonl" for s in counts},
+        "fields": ["question", "steps_eq", "steps_nl", "answer", "hops"],
+    }
+    (out / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return meta
