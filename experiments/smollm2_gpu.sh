@@ -68,7 +68,9 @@ wait)
   grep -c '"start"' $S/driver.log; grep '"end"\|not started' $S/driver.log | tail -40
   nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv
   for f in $S/out/logs/*.log; do echo "== $f"; grep -v Warn $f | tail -2; done 2>/dev/null | tail -80
-  cp $S/driver.log $S/out/status.jsonl $OUT/ 2>/dev/null ;;
+  cp $S/driver.log $S/out/status.jsonl $OUT/ 2>/dev/null
+  # every call brings back what has finished: the lease can end before a `collect` call (it did on 2026-12-02)
+  cp $S/revision $S/driver.log $S/out/ 2>/dev/null; python3 $S/smollm2_table.py collect --out $S/out --tar $OUT/results.tgz ;;
 collect)
   export PYTHONPATH=$S/src
   wait_end=$(( $(date +%s) + ${2:-0} ))
