@@ -201,6 +201,28 @@ def _split_params(split: str, min_steps: int, max_steps: int, max_value: int, ha
     return min_steps, max_steps, max_value, "train"
 
 
+def _draw_unique(size: int, draw, seen: set[str], error: str) -> tuple[list[str], int, int]:
+    """`size` JSON lines of problems from `draw()` whose questions are new to this split and to `seen` (earlier
+    splits; updated in place). Returns the lines and the duplicates redrawn within / across splits."""
+    mine: set[str] = set()
+    within = across = 0
+    lines: list[str] = []
+    while len(lines) < size:
+        prob = draw()
+        q = prob["question"]
+        if q in mine:
+            within += 1
+        elif q in seen:
+            across += 1
+        else:
+            mine.add(q)
+            lines.append(json.dumps(prob, ensure_ascii=False))
+        if within + across > 10 * size + 1000:
+            raise ValueError(error)
+    seen |= mine
+    return lines, within, across
+
+
 def write_synthetic(
     out_dir: str | Path,
     sizes: dict[str, int],
@@ -239,22 +261,9 @@ def write_synthetic(
         size = int(sizes[split])
         lo, hi, vmax, tset = _split_params(split, min_steps, max_steps, max_value, hard_max_value)
         rng = random.Random(f"{GENERATOR_VERSION}:{seed}:{split}")
-        mine: set[str] = set()
-        within = across = 0
-        lines: list[str] = []
-        while len(lines) < size:
-            prob = generate_problem(rng, rng.randint(lo, hi), vmax, tset, max_factor)
-            q = prob["question"]
-            if q in mine:
-                within += 1
-            elif q in seen:
-                across += 1
-            else:
-                mine.add(q)
-                lines.append(json.dumps(prob, ensure_ascii=False))
-            if within + across > 10 * size + 1000:
-                raise ValueError(f"synthetic split {split}: too many duplicates; raise max_value or max_steps")
-        seen |= mine
+        lines, within, across = _draw_unique(
+            size, lambda: generate_problem(rng, rng.randint(lo, hi), vmax, tset, max_factor), seen,
+            f"synthetic split {split}: too many duplicates; raise max_value or max_steps")
         (out / f"{split}.jsonl").write_text("".join(line + "\n" for line in lines), encoding="utf-8")
         counts[split] = len(lines)
         removed[split] = {"within_split": within, "across_splits": across}
@@ -394,22 +403,9 @@ def write_pointer(
         size = int(sizes[split])
         lo, hi = _pointer_hop_range(split, min_hops, max_hops)
         rng = random.Random(f"{POINTER_VERSION}:{seed}:{split}")
-        mine: set[str] = set()
-        within = across = 0
-        lines: list[str] = []
-        while len(lines) < size:
-            prob = generate_pointer_problem(rng, rng.randint(lo, hi), num_symbols)
-            q = prob["question"]
-            if q in mine:
-                within += 1
-            elif q in seen:
-                across += 1
-            else:
-                mine.add(q)
-                lines.append(json.dumps(prob, ensure_ascii=False))
-            if within + across > 10 * size + 1000:
-                raise ValueError(f"pointer split {split}: too many duplicates; raise num_symbols")
-        seen |= mine
+        lines, within, across = _draw_unique(
+            size, lambda: generate_pointer_problem(rng, rng.randint(lo, hi), num_symbols), seen,
+            f"pointer split {split}: too many duplicates; raise num_symbols")
         (out / f"{split}.jsonl").write_text("".join(line + "\n" for line in lines), encoding="utf-8")
         counts[split] = len(lines)
         removed[split] = {"within_split": within, "across_splits": across}
