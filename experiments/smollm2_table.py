@@ -203,8 +203,6 @@ def _pm(c: dict | None, key: str = "accuracy") -> str:
 def headline(rows: list[dict]) -> str:
     """Markdown: accuracy (mean ± std over seeds) and passes per method x style, the share of the CoT-No-CoT gap
     each latent method closes on GSM8k, its latent ablations, and the best validation epoch of every run."""
-    import statistics
-
     sets = ["gsm8k", "gsm8k-hard", "svamp"]
     lines = ["| style | method | seeds | GSM8k | GSM8k-Hard | SVAMP | passes (GSM8k) | gap closed (GSM8k) |",
              "|---|---|---|---|---|---|---|---|"]
@@ -246,7 +244,6 @@ def headline(rows: list[dict]) -> str:
                 best = max(range(len(val)), key=lambda i: (val[i], -i))
                 lines.append(f"| {run.path.name} | " + " | ".join(f"{v:.1f}" for v in val)
                              + " |" * (epochs - len(val)) + f" | ep {best + 1} |")
-    _ = statistics
     return "\n".join(lines) + "\n"
 
 
