@@ -8,8 +8,9 @@ seed, trained, evaluated (GSM8k, GSM8k-Hard, SVAMP) and diagnosed, many jobs sha
 One job = `kava train --config smollm2_gsm8k_<style> --set method=M --set run.seed=S`, then
 `kava eval --datasets gsm8k --diagnostics` (latent methods: accuracy with the latents zeroed / placeholder /
 shuffled, the oracle, the KV match; others: plain) and `kava eval --datasets gsm8k-hard,svamp`.
-Every method gets the same epoch budget (the preset's `optim.epochs`) and the same rule: validation on
-GSM8k-Aug's valid.txt after every epoch, and `best/` (the best validation epoch) is what is evaluated.
+Every method gets the same epoch budget (`BASE_SETS`: 4 epochs at micro-batch 64 of the preset's 128) and the
+same rule: validation on GSM8k-Aug's valid.txt after every epoch, and `best/` (the best validation epoch) is what
+is evaluated. CODI runs with its own paper's 6 latents (`METHOD_SETS`), the Jacobi methods with the preset's 24.
 
 Jobs start in priority order (seed 42 of every method and style first, then 123, then 456), `--parallel` at a
 time; with `--budget S`, a job whose expected duration would end after S seconds is not started, so the seeds
@@ -32,9 +33,17 @@ METHODS = ["nocot", "cot", "kava", "pccot", "codi"]
 LATENT = {"pccot", "codi", "kava"}
 STYLES = ["eq", "nl"]
 SEEDS = [42, 123, 456]
-# seconds per epoch when the GPU is shared by ~9 jobs (a planning guess, used only by --budget); eval on top
-EXPECTED_S = {"nocot": 25, "cot": 40, "kava": 80, "pccot": 75, "codi": 110}
-EVAL_S = {"nocot": 40, "cot": 150, "kava": 80, "pccot": 80, "codi": 120}
+# seconds per epoch when the GPU is shared by ~10 jobs (a planning guess, used only by --budget); eval on top
+EXPECTED_S = {"nocot": 25, "cot": 40, "kava": 90, "pccot": 80, "codi": 80}
+EVAL_S = {"nocot": 40, "cot": 150, "kava": 100, "pccot": 100, "codi": 100}
+# GPU memory (MiB) of one training process before one of that method has been measured: the 2026-12-02 lease saw
+# kava grow to 38 GiB (CUDA-graph pools of 13-16 GiB) long after start-up, so admission is per method
+JOB_MIB = {"nocot": 14000, "cot": 18000, "kava": 40000, "pccot": 36000, "codi": 24000}
+# every job: micro-batch 64 of the preset's effective 128 (GPU-sized), fewer captured shapes (memory), 4 epochs
+BASE_SETS = ["optim.micro_batch=64", "optim.max_graphs=12", "optim.graph_buckets=1.4", "optim.epochs=4"]
+# per method: CODI's own latent count (its paper: 6 continuous thoughts); 24 sequential passes ran at 0.05-0.28
+# steps/s under sharing on 2026-12-02
+METHOD_SETS = {"codi": ["latent.num_latents=6"]}
 KAVA = [sys.executable, "-m", "kava.cli"]
 
 
@@ -56,7 +65,7 @@ def commands(style: str, method: str, seed: int, data: Path, runs: Path, extra: 
              eval_limit: int | None = None) -> list[list[str]]:
     name = job_name(style, method, seed)
     sets = [f"method={method}", f"run.seed={seed}", f"run.name={name}", f"run.output_dir={runs}",
-            *data_overrides(style, data), *extra]
+            *data_overrides(style, data), *BASE_SETS, *METHOD_SETS.get(method, []), *extra]
     train = KAVA + ["train", "--config", f"smollm2_gsm8k_{style}"] + [x for s in sets for x in ("--set", s)]
     run_dir = str(runs / name)
     ev = KAVA + ["eval", "--checkpoint", run_dir, "--data-dir", str(data)] + (
@@ -102,7 +111,7 @@ def run(a) -> int:
 
     running: list[dict] = []
     measured: dict[str, float] = {}  # method -> the longest finished job's seconds
-    peak = [a.job_mib]  # the largest training process seen (MiB); before any, a guess
+    peak = dict(JOB_MIB)  # method -> the largest training process of it seen (MiB); before any, a guess
     last_start = [0.0]
     retried: set[str] = set()
     while pending or running:
@@ -124,17 +133,18 @@ def run(a) -> int:
             j["stage"] += 1
             j["proc"] = subprocess.Popen(j["cmds"][j["stage"]], stdout=j["log"], stderr=subprocess.STDOUT, env=env)
         mem = gpu_memory()
-        if mem is not None:  # admission by memory: each new job needs room for the largest job seen so far
+        if mem is not None:  # admission by memory: a new job needs room for the largest job of its method seen
             for j in running:
                 if j["stage"] == 0 and j["proc"].pid in mem[1]:
-                    peak[0] = max(peak[0], mem[1][j["proc"].pid])
-        # a job still starting up (model load, graph capture) will take up to `peak` more: reserve it
-        growing = sum(max(0.0, peak[0] - mem[1].get(j["proc"].pid, 0.0)) for j in running
-                      if j["stage"] == 0 and time.time() - j["t"] < a.grow_s) if mem is not None else 0.0
-        room = mem is None or mem[0] - growing >= 1.25 * peak[0]
+                    peak[j["method"]] = max(peak[j["method"]], mem[1][j["proc"].pid])
+        # a training process may still grow to its method's peak (graph captures come late): reserve the rest
+        growing = sum(max(0.0, peak[j["method"]] - mem[1].get(j["proc"].pid, 0.0)) for j in running
+                      if j["stage"] == 0) if mem is not None else 0.0
         ramp = time.time() - last_start[0] >= a.ramp_s
-        while pending and len(running) < a.parallel and room and ramp:
+        while pending and len(running) < a.parallel and ramp:
             st, m, s = pending[0]
+            if mem is not None and mem[0] - growing < 1.1 * peak[m] + a.eval_mib:
+                break  # wait for room (jobs start in priority order)
             need = round(1.1 * measured[m]) if m in measured else EXPECTED_S[m] * a.epochs + EVAL_S[m]
             if a.budget and time.time() - t0 + need > a.budget:
                 note(job=job_name(st, m, s), event="not started", reason=f"budget: needs ~{need}s")
@@ -150,7 +160,7 @@ def run(a) -> int:
             proc = subprocess.Popen(cmds[0], stdout=log, stderr=subprocess.STDOUT, env=env)
             running.append({"name": name, "method": m, "key": (st, m, s), "cmds": cmds, "stage": 0, "proc": proc, "log": log, "t": time.time()})
             note(job=name, event="start", running=len(running), free_mib=None if mem is None else mem[0],
-                 reserved_mib=round(growing), peak_job_mib=peak[0])
+                 reserved_mib=round(growing), peak_job_mib=peak[m])
             last_start[0] = time.time()
             if mem is not None:
                 break  # one start per check: the next one sees this job's memory
@@ -265,15 +275,14 @@ def main() -> int:
     r.add_argument("--out", required=True)
     r.add_argument("--parallel", type=int, default=9)
     r.add_argument("--budget", type=float, default=0, help="seconds; 0 = no limit")
-    r.add_argument("--epochs", type=float, default=6, help="the presets' optim.epochs (for --budget only)")
+    r.add_argument("--epochs", type=float, default=4, help="the jobs' optim.epochs (for --budget only)")
     r.add_argument("--methods", default=",".join(METHODS))
     r.add_argument("--styles", default=",".join(STYLES))
     r.add_argument("--seeds", default=",".join(map(str, SEEDS)))
     r.add_argument("--set", action="append", help="extra `kava train --set` for every job")
     r.add_argument("--eval-limit", type=int, help="first N test questions only (smoke tests)")
-    r.add_argument("--job-mib", type=float, default=16000, help="GPU memory of one job before one is measured")
+    r.add_argument("--eval-mib", type=float, default=6000, help="headroom (MiB) kept for running evaluations")
     r.add_argument("--ramp-s", type=float, default=10, help="seconds between two job starts on a GPU")
-    r.add_argument("--grow-s", type=float, default=150, help="seconds a job may take to reach its peak memory")
     c = sub.add_parser("collect")
     c.add_argument("--out", required=True)
     c.add_argument("--tar", required=True)
