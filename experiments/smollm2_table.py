@@ -210,6 +210,9 @@ def _pm(c: dict | None, key: str = "accuracy") -> str:
     return f"{c[key]:.1f} ± {sd:.1f}" if sd is not None else f"{c[key]:.1f}"
 
 
+MIN_GAP = 1.0  # points: the CoT - No-CoT gap below which no "share of the gap closed" is given
+
+
 def headline(rows: list[dict]) -> str:
     """Markdown: accuracy (mean ± std over seeds) and passes per method x style, the share of the CoT-No-CoT gap
     each latent method closes on GSM8k, its latent ablations, and the best validation epoch of every run."""
@@ -223,8 +226,11 @@ def headline(rows: list[dict]) -> str:
             if all(x is None for x in c):
                 continue
             gap = "–"
-            if m in LATENT and c[0] and base and top and top["accuracy"] != base["accuracy"]:
-                gap = f"{100 * (c[0]['accuracy'] - base['accuracy']) / (top['accuracy'] - base['accuracy']):.0f}%"
+            if m in LATENT and c[0] and base and top:
+                d = top["accuracy"] - base["accuracy"]
+                # a share of a gap within noise is meaningless (CoT at No-CoT's level gives +-2000%)
+                gap = (f"{100 * (c[0]['accuracy'] - base['accuracy']) / d:.0f}%" if d > MIN_GAP
+                       else f"no gap (CoT − No-CoT {d:+.1f})")
             n = max((x["n"] for x in c if x), default=0)
             lines.append(f"| {style} | {m} | {n} | " + " | ".join(_pm(x) for x in c)
                          + f" | {_pm(c[0], 'forward_passes')} | {gap} |")
