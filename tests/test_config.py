@@ -157,7 +157,7 @@ def test_wrong_types_name_the_key_and_expected_type(override, key, expected):
     ("loss.codi_loss=cosine", "loss.codi_loss", "l1, mse, smooth_l1"),
     ("loss.codi_std=batch", "loss.codi_std", "layer, global, none"),
     ("eviction.method=lru", "eviction.method", "rkv, attention, cosine, crop, random, uniform"),
-    ("method=coconut", "method", "cot, nocot, pccot, codi, kava"),
+    ("method=quiet_star", "method", "cot, nocot, icot, pccot, codi, coconut, kava"),
     ("loss.alpha_kv=-1", "loss.alpha_kv", ">= 0"),
     ("optim.lr=0", "optim.lr", "> 0"),
     ("optim.warmup_ratio=1.0", "optim.warmup_ratio", "[0, 1)"),

@@ -76,7 +76,7 @@ KEYS = list(config_keys())
 
 def test_walk_finds_every_section():
     sections = {k.split(".")[0] for k, _, _ in KEYS if "." in k}
-    assert sections == {"model", "lora", "latent", "eviction", "loss", "data", "optim", "run"}
+    assert sections == {"model", "lora", "latent", "coconut", "icot", "eviction", "loss", "data", "optim", "run"}
     assert len(KEYS) > 70
 
 

@@ -28,13 +28,16 @@ from kava.model.capture import no_host_sync
 from kava.checkpoint.load import build_reasoner
 from tiny import RECORDS, tiny_tokenizer
 
-METHODS = ("cot", "nocot", "pccot", "codi", "kava")
+METHODS = ("cot", "nocot", "icot", "pccot", "codi", "coconut", "kava")
 SMALL = ["model.from_scratch.hidden_size=32", "model.from_scratch.intermediate_size=64",
          "model.from_scratch.num_hidden_layers=2", "latent.num_latents=3", "latent.num_sweeps=2"]
+# Coconut answers after max_stages x thoughts_per_step raw hidden states (3 x 1 with SMALL's 3 latents)
+METHOD_EXTRA = {"coconut": ["latent.projection=identity", "coconut.thoughts_per_step=1"]}
 
 
 def setup(method: str, *extra: str, family: str = "llama"):
-    cfg = load_config("tiny_synth", SMALL + [f"method={method}", f"model.from_scratch.family={family}", *extra])
+    cfg = load_config("tiny_synth", SMALL + [f"method={method}", f"model.from_scratch.family={family}",
+                                             *METHOD_EXTRA.get(method, []), *extra])
     tok = tiny_tokenizer()
     torch.manual_seed(0)
     model = build_reasoner(cfg, tok).train()
@@ -72,12 +75,17 @@ def test_padded_batches_give_the_same_losses_and_gradients(method, growth):
     cfg, model, items = setup(method)
     plain = make_batch(items, model.ids, cfg)
     padded = make_batch(items, model.ids, cfg, buckets=growth)
-    w = block_widths(items, growth, with_cot=method != "nocot")
-    assert padded.teacher.ids.shape[1] == w.q + w.c + w.a > plain.teacher.ids.shape[1]
-    assert padded.teacher.label_idx.numel() == len(items) * ((w.c if method != "nocot" else 0) + w.a)
-    assert padded.teacher.q_block == w.q
+    coconut = method == "coconut"  # no teacher; its answer block holds the CoT
+    w = block_widths(items, growth, with_cot=method not in ("nocot", "coconut"), cot_in_answer=coconut)
+    if not coconut:
+        assert padded.teacher.ids.shape[1] == w.q + w.c + w.a > plain.teacher.ids.shape[1]
+        assert padded.teacher.label_idx.numel() == len(items) * ((w.c if method != "nocot" else 0) + w.a)
+        assert padded.teacher.q_block == w.q
+    else:
+        assert padded.teacher is None and plain.teacher is None and w.c == 0
     if padded.student is not None:
         assert (padded.student.q_block, padded.student.ids.shape[1]) == (w.q + 1, w.q + 1 + 3 + w.a)
+        assert padded.student.ids.shape[1] > plain.student.ids.shape[1]
         assert padded.student.label_idx.numel() == len(items) * w.a
     assert padded.num_tokens == plain.num_tokens  # pads are not tokens
     den = {"ce_teacher": 37.0, "ce_student": 5.0}  # step-wide denominators: padding must not change the sums
@@ -141,7 +149,8 @@ def on_meta(model, batch):
     """The model and batch on the meta device: shapes without data, so any op whose result depends on the
     data (`.item()`, `nonzero`, boolean indexing, `if tensor:`) raises."""
     model = model.to("meta")
-    batch.teacher = batch.teacher.to("meta")
+    if batch.teacher is not None:  # (coconut has no teacher pass)
+        batch.teacher = batch.teacher.to("meta")
     if batch.student is not None:
         batch.student = batch.student.to("meta")
     if batch.ce_den is not None:
@@ -195,8 +204,9 @@ def fresh_batches(model, cfg, items, buckets):
 LORA_DROPOUT = ["lora.r=4", "lora.alpha=8", "lora.dropout=0.3", "lora.target_modules=[q_proj,v_proj]"]
 
 
-@pytest.mark.parametrize("method, extra", [("kava", []), ("codi", []), ("cot", []), ("kava", LORA_DROPOUT)],
-                         ids=["kava", "codi", "cot", "kava_lora_dropout"])
+@pytest.mark.parametrize("method, extra", [("kava", []), ("codi", []), ("cot", []), ("coconut", []),
+                                           ("kava", LORA_DROPOUT)],
+                         ids=["kava", "codi", "cot", "coconut", "kava_lora_dropout"])
 def test_graphed_step_equals_eager_steps(method, extra):
     """Replays on the static buffers accumulate exactly what eager steps accumulate; capturing (its warm-up
     runs) leaves the gradients and the RNG as they were (with dropout, the replays draw the masks the eager
@@ -277,7 +287,11 @@ def train_metrics(run_dir):
     return [r for r in rows if r.get("split") == "train" and "loss/total" in r]
 
 
-@pytest.mark.parametrize("method", ["kava", "cot"])
+CURRICULUM = {"coconut": ["latent.projection=identity", "coconut.thoughts_per_step=2", "coconut.max_stages=2",
+                          "coconut.epochs_per_stage=0.04"]}  # 25 steps per epoch: a new stage (0, 2, 4 thoughts) each step
+
+
+@pytest.mark.parametrize("method", ["kava", "cot", "coconut"])
 def test_train_with_graphs_equals_train_without(method, tmp_path, monkeypatch):
     """The trainer's graph path (padded batches, device denominators, gradients zeroed in place, gradient
     shares measured beside it) trains exactly like the eager path: same losses at every step, and parameters
@@ -288,7 +302,8 @@ def test_train_with_graphs_equals_train_without(method, tmp_path, monkeypatch):
     runs, weights = {}, {}
     for mode in ("off", "on"):
         cfg = load_config("tiny_synth", TRAIN + [f"method={method}", f"optim.cuda_graphs={mode == 'on'}",
-                                                 f"run.output_dir={tmp_path}", f"run.name=graphs_{mode}"])
+                                                 f"run.output_dir={tmp_path}", f"run.name=graphs_{mode}",
+                                                 *CURRICULUM.get(method, [])])
         if mode == "on":  # no GPU here: the stand-in backend replays by re-running on the static buffers
             real = kt.setup_graphs
             monkeypatch.setattr(kt, "setup_graphs", lambda c, a, r: real(c, a, r, backend=EagerReplay()))
@@ -297,13 +312,15 @@ def test_train_with_graphs_equals_train_without(method, tmp_path, monkeypatch):
         runs[mode] = train_metrics(run_dir)
         weights[mode] = load_file(str(run_dir / "checkpoints" / "step_3" / "trainable.safetensors"))
     off, on = runs["off"], runs["on"]
-    assert weights["off"].keys() == weights["on"].keys() and any(k.startswith("proj.") for k in weights["on"])
+    assert weights["off"].keys() == weights["on"].keys()
+    assert any(k.startswith("proj.") for k in weights["on"]) == (method != "coconut")  # identity: no weights
     if method == "cot":  # the projection gets no gradient: untouched by AdamW in both (no weight decay)
         for k in [k for k in weights["off"] if k.startswith("proj.")]:
             assert torch.equal(weights["on"][k], weights["off"][k]), k
     assert len(off) == len(on) == 3
-    assert on[-1]["graphs/captured"] >= 1 and on[-1]["graphs/replays"] == 6 and on[-1]["graphs/eager"] == 0
-    assert "loss/ce_teacher" in on[-1]
+    assert on[-1]["graphs/captured"] >= (3 if method == "coconut" else 1)  # coconut: one shape per stage
+    assert on[-1]["graphs/replays"] == 6 and on[-1]["graphs/eager"] == 0
+    assert ("loss/ce_teacher" in on[-1]) == (method != "coconut")
     for a, b in zip(off, on):
         for k in [k for k in a if k.startswith("loss/")] + ["grad_norm"]:
             assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-7), k

@@ -89,7 +89,7 @@ FLOORS = {
     "kava.model.families": 0, "kava.model.compat": 0, "kava.model.rope": 0, "kava.model.lora_dropout": 0,
     "kava.data.readers": 1, "kava.data.synthetic": 1, "kava.data.format": 1, "kava.data.tokenizer": 1,
     "kava.model.capture": 1, "kava.model.pretrained": 1,
-    "kava.config": 2, "kava.scoring": 2, "kava.model.reasoner": 2,
+    "kava.config": 2, "kava.scoring": 2, "kava.model.reasoner": 2, "kava.curriculum": 2,
     "kava.objective": 3, "kava.decode": 3, "kava.data.pipeline": 3,
     "kava.checkpoint": 4, "kava.training": 4,
     "kava.diagnostics": 5,

@@ -21,19 +21,25 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "kava"
 
 
 def cfg_of(method: str, **extra):
-    return config_from_dict({"method": method, "model": {"name_or_path": "tiny"},
-                             "latent": {"num_latents": 3, "num_sweeps": 2}, "data": {"drop_last_step": False},
-                             **extra})
+    # Coconut answers after max_stages x thoughts_per_step thoughts (3 x 1 here), each a raw hidden state
+    latent = {"num_latents": 3, "num_sweeps": 2, **({"projection": "identity"} if method == "coconut" else {})}
+    return config_from_dict({"method": method, "model": {"name_or_path": "tiny"}, "latent": latent,
+                             "coconut": {"thoughts_per_step": 1, "max_stages": 3},
+                             "data": {"drop_last_step": False}, **extra})
 
 
 def test_the_table_of_the_paper():
-    assert METHODS == ("cot", "nocot", "pccot", "codi", "kava")
-    assert LATENT_METHODS == ("pccot", "codi", "kava") and KV_METHODS == ("kava",)
-    assert {m: s.eval_mode for m, s in SPECS.items()} == {"cot": "cot", "nocot": "nocot", "pccot": "latent",
-                                                          "codi": "latent", "kava": "latent"}
-    assert {m: s.student_mode for m, s in SPECS.items()} == {"cot": "jacobi", "nocot": "jacobi", "pccot": "jacobi",
-                                                             "codi": "sequential", "kava": "jacobi"}
-    assert report_order() == ("nocot", "cot", "pccot", "codi", "kava")
+    assert METHODS == ("cot", "nocot", "icot", "pccot", "codi", "coconut", "kava")
+    assert LATENT_METHODS == ("pccot", "codi", "coconut", "kava") and KV_METHODS == ("kava",)
+    assert {m: s.eval_mode for m, s in SPECS.items()} == {"cot": "cot", "nocot": "nocot", "icot": "nocot",
+                                                          "pccot": "latent", "codi": "latent", "coconut": "latent",
+                                                          "kava": "latent"}
+    assert {m: s.student_mode for m, s in SPECS.items()} == {"cot": "jacobi", "nocot": "jacobi", "icot": "jacobi",
+                                                             "pccot": "jacobi", "codi": "sequential",
+                                                             "coconut": "sequential", "kava": "jacobi"}
+    assert {m: s.curriculum for m, s in SPECS.items() if s.curriculum} == {"icot": "icot", "coconut": "coconut"}
+    assert [m for m, s in SPECS.items() if not s.teacher] == ["coconut"]
+    assert report_order() == ("nocot", "icot", "cot", "pccot", "codi", "coconut", "kava")
     assert all(s.eval_mode in MODES for s in SPECS.values())
 
 
@@ -44,7 +50,8 @@ def test_a_row_is_checked():
         MethodSpec("x", teacher_cot=True, student=None, codi=False, kv=True)
     with pytest.raises(ValueError, match="unknown method 'x'; allowed values: cot, nocot"):
         spec_of("x")
-    with pytest.raises(ConfigError, match="method: 'x' is not allowed; allowed values: cot, nocot, pccot, codi, kava"):
+    with pytest.raises(ConfigError, match="method: 'x' is not allowed; allowed values: cot, nocot, icot, pccot, codi, "
+                                          "coconut, kava"):
         cfg_of("x")
 
 

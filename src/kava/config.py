@@ -73,6 +73,30 @@ class LatentConfig:
 
 
 @dataclass
+class CoconutConfig:
+    """Coconut's curriculum (Hao et al. 2024; `kava.curriculum`): at stage s the first s CoT steps are replaced by
+    s·c continuous thoughts. Defaults: the official GSM8k configuration."""
+
+    thoughts_per_step: int = 2  # c
+    max_stages: int = 3  # stages after the last one replace every step (latent.num_latents = max_stages · c)
+    epochs_per_stage: float = 3.0
+    reset_optimizer: bool = True  # a fresh AdamW state at each stage change
+    mix_prob: float = 0.0  # share of examples trained at a random stage (official `uniform_prob`)
+    pad_latents_to_max: bool = True  # past the last stage every example gets max_stages · c thoughts
+
+
+@dataclass
+class IcotConfig:
+    """Stepwise internalization (Deng et al. 2024; `kava.curriculum`): CoT tokens removed from the front as
+    training goes on. Defaults: the official GSM8k command."""
+
+    tokens_per_epoch: float = 8.0  # scheduled removal grows by this many tokens per epoch
+    smoothing_lambda: float | None = 4.0  # each example removes P(o) ∝ exp(-λ·o) extra tokens; null: no smoothing
+    remove_all_beyond: int | None = 39  # once the schedule reaches this many tokens, remove the whole CoT
+    reset_optimizer: bool = True  # a fresh AdamW state whenever the scheduled removal grows
+
+
+@dataclass
 class EvictionConfig:
     method: Literal[EVICTION_METHODS] = "rkv"
     lam: float = 0.1  # λ: weight of importance vs redundancy
@@ -190,6 +214,8 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraSection | None = field(default_factory=LoraSection)  # null = full fine-tuning
     latent: LatentConfig = field(default_factory=LatentConfig)
+    coconut: CoconutConfig = field(default_factory=CoconutConfig)
+    icot: IcotConfig = field(default_factory=IcotConfig)
     eviction: EvictionConfig = field(default_factory=EvictionConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -394,6 +420,23 @@ def validate(cfg: Config) -> None:
     need(lat.num_sweeps >= 0, f"latent.num_sweeps: must be >= 0, got {lat.num_sweeps}")
     need(lat.proj_hidden is None or lat.proj_hidden >= 1, "latent.proj_hidden: must be >= 1 or null")
     need(0.0 <= ev.lam <= 1.0, f"eviction.lam: must be in [0, 1], got {ev.lam}")
+    cc, ic = cfg.coconut, cfg.icot
+    need(cc.thoughts_per_step >= 1, f"coconut.thoughts_per_step: must be >= 1, got {cc.thoughts_per_step}")
+    need(cc.max_stages >= 1, f"coconut.max_stages: must be >= 1, got {cc.max_stages}")
+    need(cc.epochs_per_stage > 0, f"coconut.epochs_per_stage: must be > 0, got {cc.epochs_per_stage}")
+    need(0 <= cc.mix_prob <= 1, f"coconut.mix_prob: must be in [0, 1], got {cc.mix_prob}")
+    if cfg.spec.curriculum == "coconut":
+        need(lat.num_latents == cc.max_stages * cc.thoughts_per_step,
+             f"latent.num_latents: coconut answers after coconut.max_stages x coconut.thoughts_per_step = "
+             f"{cc.max_stages * cc.thoughts_per_step} thoughts, got latent.num_latents={lat.num_latents}; set them to agree")
+        need(lat.projection == "identity",
+             f"latent.projection: coconut feeds each last hidden state back as the next input embedding "
+             f"(identity), got {lat.projection!r}; set latent.projection=identity")
+    need(ic.tokens_per_epoch > 0, f"icot.tokens_per_epoch: must be > 0, got {ic.tokens_per_epoch}")
+    need(ic.smoothing_lambda is None or ic.smoothing_lambda > 0,
+         f"icot.smoothing_lambda: must be > 0 or null (no smoothing), got {ic.smoothing_lambda}")
+    need(ic.remove_all_beyond is None or ic.remove_all_beyond >= 1,
+         f"icot.remove_all_beyond: must be >= 1 or null, got {ic.remove_all_beyond}")
     need(ev.cot_tail_window >= 1, f"eviction.cot_tail_window: must be >= 1, got {ev.cot_tail_window}")
     for k in ("ce_student", "ce_teacher", "alpha_codi", "alpha_kv"):
         need(getattr(lo, k) >= 0, f"loss.{k}: must be >= 0, got {getattr(lo, k)}")

@@ -27,7 +27,7 @@ from kava.model.reasoner import LatentReasoner, StudentOut, TeacherOut
 
 @dataclass
 class Batch:
-    teacher: object
+    teacher: object | None  # None: a method without a teacher pass (`MethodSpec.teacher`: Coconut)
     student: object | None
     num_tokens: int  # real tokens across both sequences (for tokens/s)
     # Per-term CE denominators shared by all micro-batches of one optimizer step (see `ce_denominators`);
@@ -43,11 +43,18 @@ def length_key(item: Tokenized) -> int:
 def label_counts(items: list[Tokenized], cfg) -> dict[str, int]:
     """Labelled tokens of each CE term over `items` (the layout of `kava.data.format`)."""
     spec = cfg.spec
-    teacher = sum((len(i.cot) + len(i.prompt) if spec.teacher_cot else 0) + len(i.answer) for i in items)
-    out = {"ce_teacher": teacher}
-    if spec.latent:
-        out["ce_student"] = sum(len(i.answer) for i in items)
+    out = {}
+    if spec.teacher:
+        out["ce_teacher"] = sum((len(i.cot) + len(i.prompt) if spec.teacher_cot else 0) + len(i.answer) for i in items)
+    if spec.latent:  # Coconut's answer block also holds (and learns) the CoT steps not yet replaced
+        cot = _cot_in_answer(spec)
+        out["ce_student"] = sum((len(i.cot) + len(i.prompt) if cot else 0) + len(i.answer) for i in items)
     return out
+
+
+def _cot_in_answer(spec) -> bool:
+    """Whether the student's answer block holds the (remaining) written CoT: Coconut's curriculum."""
+    return spec.curriculum == "coconut"
 
 
 def ce_denominators(step_items: list[Tokenized], cfg, num_micro: int) -> dict[str, float]:
@@ -57,19 +64,25 @@ def ce_denominators(step_items: list[Tokenized], cfg, num_micro: int) -> dict[st
     return {k: max(v, 1) / num_micro for k, v in label_counts(step_items, cfg).items()}
 
 
-def make_batch(items: list[Tokenized], model_ids, cfg, buckets: float | None = None) -> Batch:
+def make_batch(items: list[Tokenized], model_ids, cfg, buckets: float | None = None,
+               latent_counts: list[int] | None = None) -> Batch:
     """The teacher (and student) batch of `items`. Latent methods lay both out in blocks with one question
     block, which `loss_step` runs once for both. buckets: static shapes for CUDA graphs: block widths from the
-    geometric series of this growth (`kava.data.format.block_widths`); same losses as without."""
+    geometric series of this growth (`kava.data.format.block_widths`); same losses as without.
+    latent_counts: thoughts per example (Coconut's curriculum, `kava.curriculum.apply`): the latent block is
+    as wide as the largest; default `latent.num_latents` for every example."""
     spec = cfg.spec
     blocks = buckets is not None or spec.latent
-    widths = block_widths(items, buckets, with_cot=spec.teacher_cot) if blocks else None
+    cot_in_answer = _cot_in_answer(spec)
+    widths = block_widths(items, buckets, with_cot=spec.teacher_cot and spec.teacher,
+                          cot_in_answer=cot_in_answer) if blocks else None
     tb = build_teacher_batch(items, model_ids, with_cot=spec.teacher_cot, query_mode=cfg.eviction.importance_queries,
                              tail_window=cfg.eviction.cot_tail_window, codi_position=cfg.loss.codi_position,
-                             widths=widths)
-    sb = build_student_batch(items, model_ids, cfg.latent.num_latents, codi_position=cfg.loss.codi_position,
-                             widths=widths) if spec.latent else None
-    n = int(tb.mask.sum()) + (int(sb.mask.sum()) if sb is not None else 0)
+                             widths=widths) if spec.teacher else None
+    m = cfg.latent.num_latents if latent_counts is None else max(latent_counts, default=0)
+    sb = build_student_batch(items, model_ids, m, codi_position=cfg.loss.codi_position, widths=widths,
+                             latent_counts=latent_counts, with_cot=cot_in_answer) if spec.latent else None
+    n = sum(int(part.mask.sum()) for part in (tb, sb) if part is not None)
     return Batch(tb, sb, n)
 
 
@@ -143,9 +156,10 @@ def ce(out, den: dict | None, term: str) -> torch.Tensor:
     return losses.head_cross_entropy(out.label_h, out.targets, out.head) / den[term]
 
 
-def student_terms(model: LatentReasoner, batch: Batch, t: TeacherOut, cfg, generator: torch.Generator | None = None,
-                  timer=None) -> tuple[dict, dict, dict]:
-    """The student's passes (latents, then the answer block) and its terms, against the teacher's `t`.
+def student_terms(model: LatentReasoner, batch: Batch, t: TeacherOut | None, cfg,
+                  generator: torch.Generator | None = None, timer=None) -> tuple[dict, dict, dict]:
+    """The student's passes (latents, then the answer block) and its terms, against the teacher's `t` (None:
+    a method without a teacher pass, whose only term is ce_student).
 
     Returns (terms, weights, extra): 0-dim terms `ce_student`, `codi` and, for methods with L_KV, `kv`; their
     weights in the total; `kv_sweep_<t>` (with `loss.kv_supervision: all`) and `evict/*` statistics.
@@ -155,7 +169,8 @@ def student_terms(model: LatentReasoner, batch: Batch, t: TeacherOut, cfg, gener
     keep = "all" if lc.kv_supervision == "all" else "last"
     with timer("student_latents"):
         s: StudentOut = model.student_forward(sb, cfg.latent.num_sweeps, mode=spec.student, key_space=lc.kv_key_space,
-                                              keep_sweeps=keep, with_answer=False, question_kv=t.question_kv)
+                                              keep_sweeps=keep, with_answer=False,
+                                              question_kv=None if t is None else t.question_kv)
     with timer("student_answer"):
         model.answer_pass(sb, s)
     terms, weights, extra = {}, {}, {}
@@ -198,12 +213,14 @@ def loss_step(model: LatentReasoner, batch: Batch, cfg, generator: torch.Generat
     """
     timer = timer or _NoTimer()
     spec, tb = cfg.spec, batch.teacher
-    share = share_question and spec.latent and tb.q_block is not None
-    with timer("teacher"):
-        t = teacher_pass(model, tb, cfg, need_kv=spec.kv, share_question=share)
-    # outside `_fp32`: the LM head runs under the step's autocast (bf16 on GPU); the CE itself is fp32
-    terms = {"ce_teacher": ce(t, batch.ce_den, "ce_teacher")}
-    weights = {"ce_teacher": cfg.loss.ce_teacher if spec.latent else 1.0}
+    terms, weights, t = {}, {}, None
+    if spec.teacher:
+        share = share_question and spec.latent and tb.q_block is not None
+        with timer("teacher"):
+            t = teacher_pass(model, tb, cfg, need_kv=spec.kv, share_question=share)
+        # outside `_fp32`: the LM head runs under the step's autocast (bf16 on GPU); the CE itself is fp32
+        terms["ce_teacher"] = ce(t, batch.ce_den, "ce_teacher")
+        weights["ce_teacher"] = cfg.loss.ce_teacher if spec.latent else 1.0
     extra: dict[str, torch.Tensor] = {}
     if spec.latent:
         s_terms, s_weights, extra = student_terms(model, batch, t, cfg, generator, timer)

@@ -6,13 +6,15 @@ terms it adds; everything that depends on the method reads it from here: the con
 refusal of CoT-less data), evaluation's default mode, the diagnostics, `kava ask`'s pass accounting, the
 export's settings and the report's row order.
 
-| method | teacher sequence | student latents         | terms                          | eval mode |
-|--------|------------------|-------------------------|--------------------------------|-----------|
-| cot    | with the CoT     | –                       | ce_teacher                     | cot       |
-| nocot  | without the CoT  | –                       | ce_teacher (on the answer)     | nocot     |
-| pccot  | with the CoT     | Jacobi sweeps           | ce_student, ce_teacher, codi   | latent    |
-| codi   | with the CoT     | sequential latents      | ce_student, ce_teacher, codi   | latent    |
-| kava   | with the CoT     | Jacobi sweeps           | ce_student, ce_teacher, codi, kv | latent  |
+| method  | teacher sequence | student latents    | curriculum (`kava.curriculum`)  | terms                            | eval mode |
+|---------|------------------|--------------------|---------------------------------|----------------------------------|-----------|
+| cot     | with the CoT     | –                  | –                               | ce_teacher                       | cot       |
+| nocot   | without the CoT  | –                  | –                               | ce_teacher (on the answer)       | nocot     |
+| icot    | with the CoT     | –                  | CoT tokens removed from the front | ce_teacher (on what remains)   | nocot     |
+| pccot   | with the CoT     | Jacobi sweeps      | –                               | ce_student, ce_teacher, codi     | latent    |
+| codi    | with the CoT     | sequential latents | –                               | ce_student, ce_teacher, codi     | latent    |
+| coconut | no teacher pass  | sequential latents | first s steps -> s·c thoughts   | ce_student (remaining CoT, answer) | latent  |
+| kava    | with the CoT     | Jacobi sweeps      | –                               | ce_student, ce_teacher, codi, kv | latent    |
 
 Adding a method that these switches describe is one row in `SPECS` (plus its test and a line in
 docs/method.md); see docs/method.md §6 "Adding a method".
@@ -27,6 +29,8 @@ MODES = ("latent", "cot", "nocot")
 
 STUDENT_MODES = ("jacobi", "sequential")
 """How a student produces its M latents (`kava.model.reasoner.LatentReasoner.student_forward`)."""
+CURRICULA = ("icot", "coconut")
+"""Training-time schedules that rewrite each step's examples (`kava.curriculum`)."""
 
 
 @dataclass(frozen=True)
@@ -38,12 +42,19 @@ class MethodSpec:
     student: str | None  # None (no latent student) | "jacobi" | "sequential"
     codi: bool  # L_CODI: student vs teacher hidden states at the answer position
     kv: bool  # L_KV: the student's latent KV vs the teacher's compressed CoT KV (`kava.objective.kv_targets`)
+    teacher: bool = True  # a teacher pass runs, with its CE term (Coconut trains the student sequence only)
+    curriculum: str | None = None  # None | "icot" | "coconut": `kava.curriculum` rewrites each step's examples
+    answers_directly: bool = False  # a CoT-trained method evaluated without CoT (iCoT internalises it)
 
     def __post_init__(self):
         if self.student is not None and self.student not in STUDENT_MODES:
             raise ValueError(f"{self.name}: student {self.student!r}; allowed values: None, {', '.join(STUDENT_MODES)}")
-        if (self.codi or self.kv) and self.student is None:
+        if (self.codi or self.kv) and (self.student is None or not self.teacher):
             raise ValueError(f"{self.name}: the codi and kv terms compare a latent student with its teacher")
+        if not self.teacher and self.student is None:
+            raise ValueError(f"{self.name}: a method without a teacher pass needs a latent student")
+        if self.curriculum is not None and self.curriculum not in CURRICULA:
+            raise ValueError(f"{self.name}: curriculum {self.curriculum!r}; allowed values: None, {', '.join(CURRICULA)}")
 
     @property
     def latent(self) -> bool:
@@ -58,19 +69,24 @@ class MethodSpec:
     @property
     def eval_mode(self) -> str:
         """The mode `kava eval`, `kava ask` and `kava.load(...).generate` use by default."""
-        return "latent" if self.latent else "cot" if self.teacher_cot else "nocot"
+        if self.latent:
+            return "latent"
+        return "cot" if self.teacher_cot and not self.answers_directly else "nocot"
 
     @property
     def terms(self) -> tuple[str, ...]:
         """The loss terms, in the order `loss_step` logs them."""
-        return ("ce_teacher",) + ("ce_student",) * self.latent + ("codi",) * self.codi + ("kv",) * self.kv
+        return ("ce_teacher",) * self.teacher + ("ce_student",) * self.latent + ("codi",) * self.codi + ("kv",) * self.kv
 
 
 SPECS: dict[str, MethodSpec] = {s.name: s for s in (
     MethodSpec("cot", teacher_cot=True, student=None, codi=False, kv=False),
     MethodSpec("nocot", teacher_cot=False, student=None, codi=False, kv=False),
+    MethodSpec("icot", teacher_cot=True, student=None, codi=False, kv=False, curriculum="icot", answers_directly=True),
     MethodSpec("pccot", teacher_cot=True, student="jacobi", codi=True, kv=False),
     MethodSpec("codi", teacher_cot=True, student="sequential", codi=True, kv=False),
+    MethodSpec("coconut", teacher_cot=True, student="sequential", codi=False, kv=False, teacher=False,
+               curriculum="coconut"),
     MethodSpec("kava", teacher_cot=True, student="jacobi", codi=True, kv=True),
 )}
 
@@ -90,4 +106,5 @@ def spec_of(method: str) -> MethodSpec:
 def report_order() -> tuple[str, ...]:
     """The order of methods in tables: answer-only baselines, then written CoT, then the latent methods (each
     group in table order)."""
-    return tuple(sorted(METHODS, key=lambda m: (SPECS[m].latent, SPECS[m].teacher_cot)))
+    return tuple(sorted(METHODS, key=lambda m: (SPECS[m].latent, SPECS[m].teacher_cot and not SPECS[m].answers_directly,
+                                                SPECS[m].answers_directly)))

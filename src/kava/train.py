@@ -38,6 +38,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, gather_object, set_seed
 from tqdm.auto import tqdm
 
+from kava import curriculum
 from kava.checkpoint.load import build_reasoner, load_tokenizer
 from kava.checkpoint.rundir import RunLock, RunLocked, git_revision, lock_holder, run_name, versions
 from kava.checkpoint.saved import CheckpointError, save_model
@@ -89,7 +90,7 @@ class Objective(torch.nn.Module):
 
     def forward(self, batch):
         # on a GPU the eager step gains from no device->host reads as well (DDP cannot be graphed)
-        with no_host_sync(enabled=batch.teacher.ids.is_cuda):
+        with no_host_sync(enabled=(batch.teacher or batch.student).ids.is_cuda):
             return loss_step(self.model, batch, self.cfg, self.generator)
 
 
@@ -348,8 +349,9 @@ class StepResult:
 
 
 def train_step(t: Trainer, items: list[Tokenized], batch: tuple[int, ...], *, accum: int, step: int,
-               logger: MetricLogger) -> StepResult:
+               logger: MetricLogger, latent_counts: list[int] | None = None) -> StepResult:
     """One optimizer step on the global batch `batch` (example indices; `step` is 0-based).
+    latent_counts: per example of `items`, its thoughts (Coconut's curriculum, `kava.curriculum.apply`).
 
     Splits it into `optim.micro_batch`-sized micro-batches (of similar lengths with `optim.group_by_length`),
     takes this rank's share, back-propagates each one's `total / accum` (DDP syncs only on the last), then
@@ -370,9 +372,11 @@ def train_step(t: Trainer, items: list[Tokenized], batch: tuple[int, ...], *, ac
     tokens = 0
     for i, idx in enumerate(micro):
         b = make_batch([items[j] for j in idx], raw.ids, cfg,
-                       buckets=cfg.optim.graph_buckets if t.graphs is not None else None)
+                       buckets=cfg.optim.graph_buckets if t.graphs is not None else None,
+                       latent_counts=None if latent_counts is None else [latent_counts[j] for j in idx])
         b.ce_den = ce_den
-        b.teacher = b.teacher.to(acc.device)
+        if b.teacher is not None:
+            b.teacher = b.teacher.to(acc.device)
         if b.student is not None:
             b.student = b.student.to(acc.device)
         tokens += b.num_tokens
@@ -508,8 +512,14 @@ def train(cfg: Config, *, resume: str | Path | None = None, progress: bool = Tru
             lr = lr_at(step, plan.total_steps, cfg.optim.lr, plan.warmup_steps, cfg.optim.schedule)
             for g in t.opt.param_groups:
                 g["lr"] = lr
-            r = train_step(t, data.items, batch_indices(cfg, plan, len(data.items), step), accum=plan.accum,
-                           step=step, logger=logger)
+            # the method's curriculum (iCoT, Coconut) rewrites this step's examples; a pure function of the step
+            ex = curriculum.apply([data.items[j] for j in batch_indices(cfg, plan, len(data.items), step)], cfg,
+                                  step, plan.steps_per_epoch)
+            if curriculum.reset_due(cfg, step, plan.steps_per_epoch):
+                t.inner_opt.state.clear()  # a fresh AdamW state at a new stage (the official recipes)
+            r = train_step(t, ex.items, tuple(range(len(ex.items))), accum=plan.accum, step=step, logger=logger,
+                           latent_counts=ex.latent_counts)
+            r.sums.update({k: torch.tensor(v) for k, v in ex.stats.items()})
             tokens += r.tokens
             if r.bad is not None:  # non-finite: nothing was updated
                 if cfg.run.nan_policy == "stop":

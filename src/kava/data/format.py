@@ -76,14 +76,21 @@ class Tokenized:
     # Answer tokens before the first non-whitespace one: BPE tokenizers that split " 18" into
     # ' ', '1', '8' (LLaMA-3, Qwen2.5, SmolLM2, the synthetic tokenizer) give 1; GPT-2 ('Ġ18') gives 0.
     answer_lead: int = 0
+    # End (exclusive, in `cot` tokens) of each CoT step: `cot[:step_ends[j]]` is the first j + 1 steps. Coconut
+    # (`kava.curriculum`) replaces whole steps; () when the steps are unknown (then the CoT is one step).
+    step_ends: tuple[int, ...] = ()
 
 
 class Formatter:
     """Tokenises records into segments, enforcing the length limits (counted skips)."""
 
     def __init__(self, tokenizer, *, answer_prompt: str = "The answer is:", drop_last_step: bool = True,
-                 max_question_tokens: int = 256, max_cot_tokens: int = 256, max_answer_tokens: int = 16):
+                 max_question_tokens: int = 256, max_cot_tokens: int = 256, max_answer_tokens: int = 16,
+                 with_steps: bool = False):
+        """with_steps: also find where each CoT step ends (`Tokenized.step_ends`, for Coconut; one more
+        tokenisation per step)."""
         self.tok = tokenizer
+        self.with_steps = with_steps
         self.ids = special_ids(tokenizer)
         self.drop_last_step = drop_last_step
         self.max_q, self.max_c, self.max_a = max_question_tokens, max_cot_tokens, max_answer_tokens
@@ -100,16 +107,36 @@ class Formatter:
         lim = (d.max_question_tokens, d.max_cot_tokens, d.max_answer_tokens) if limits else (UNLIMITED,) * 3
         return cls(tokenizer, answer_prompt=d.answer_prompt,
                    drop_last_step=d.drop_last_step if drop_last_step is None else drop_last_step,
-                   max_question_tokens=lim[0], max_cot_tokens=lim[1], max_answer_tokens=lim[2])
+                   max_question_tokens=lim[0], max_cot_tokens=lim[1], max_answer_tokens=lim[2],
+                   with_steps=limits and cfg.spec.curriculum == "coconut")  # training only
 
     def _enc(self, text: str) -> list[int]:
         return self.tok(text, add_special_tokens=False)["input_ids"] if text else []
 
-    def cot_text(self, steps) -> str:
+    def cot_steps(self, steps) -> list[str]:
+        """The CoT steps that are trained on (the last one dropped with `drop_last_step`), stripped."""
         steps = list(steps)
         if self.drop_last_step and steps:
             steps = steps[:-1]  # the last step usually restates the answer (SPEC §1)
-        return " ".join(s.strip() for s in steps if s.strip())
+        return [s.strip() for s in steps if s.strip()]
+
+    def cot_text(self, steps) -> str:
+        return " ".join(self.cot_steps(steps))
+
+    def step_ends(self, steps: list[str], cot: list[int]) -> tuple[int, ...]:
+        """Where each step ends in the CoT's tokens (`Tokenized.step_ends`). The CoT is tokenised as one text, so
+        a step ends where the tokens of the text up to it are a prefix of the whole; a tokenizer that merges
+        across a step boundary (not seen with byte-level BPE, where each step starts with a space) gets the
+        longest common prefix there, so the ends stay increasing and the last is len(cot)."""
+        ends, prev = [], 0
+        for j in range(1, len(steps)):
+            ids = self._enc(" " + " ".join(steps[:j]))
+            n = 0
+            while n < min(len(ids), len(cot)) and ids[n] == cot[n]:
+                n += 1
+            prev = max(prev, n)
+            ends.append(prev)
+        return tuple(ends + [len(cot)]) if steps else ()
 
     def question_ids(self, question: str) -> list[int]:
         bos = [self.ids.bos] if self.ids.bos is not None else []
@@ -120,7 +147,8 @@ class Formatter:
         """Segments of one record, or None (and a counted skip) when a limit is exceeded."""
         where = rec.source or f"record {index}"
         q = self.question_ids(rec.question)
-        cot_text = self.cot_text(rec.steps)
+        steps = self.cot_steps(rec.steps)
+        cot_text = " ".join(steps)
         c = self._enc(" " + cot_text) if cot_text else []
         a = (self._enc(" " + rec.answer.strip()) + [self.ids.eos]) if need_answer else []
         reason = None
@@ -135,7 +163,8 @@ class Formatter:
                 raise ValueError(f"{where}: {reason}")
             skips.skip(reason, where)
             return None
-        return Tokenized(q, c, list(self.prompt_ids), a, index, self.answer_lead(a))
+        return Tokenized(q, c, list(self.prompt_ids), a, index, self.answer_lead(a),
+                         self.step_ends(steps, c) if self.with_steps else ())
 
     def answer_lead(self, answer: list[int]) -> int:
         """How many leading answer tokens decode to whitespace only (the eos is never counted)."""
@@ -187,12 +216,14 @@ def bucket_width(n: int, growth: float, start: int = 8) -> int:
     return w
 
 
-def block_widths(items: list[Tokenized], growth: float | None = None, *, with_cot: bool = True) -> BlockWidths:
+def block_widths(items: list[Tokenized], growth: float | None = None, *, with_cot: bool = True,
+                 cot_in_answer: bool = False) -> BlockWidths:
     """The block widths of `items` (see `BlockWidths`): the longest of each block, or with `growth` (CUDA
-    graphs) bucketed up the geometric series of `bucket_width`, and static."""
+    graphs) bucketed up the geometric series of `bucket_width`, and static. cot_in_answer: the student's
+    answer block also holds the CoT (Coconut's remaining steps, `build_student_batch(with_cot=True)`)."""
     q = max(len(it.question) for it in items)
     c = max(len(it.cot) for it in items) if with_cot else 0
-    a = max(1 + len(it.prompt) + len(it.answer) for it in items)
+    a = max(1 + len(it.cot) * cot_in_answer + len(it.prompt) + len(it.answer) for it in items)
     if growth is None:
         return BlockWidths(q, c, a, static=False)
     return BlockWidths(bucket_width(q, growth), bucket_width(c, growth) if with_cot else 0, bucket_width(a, growth))
@@ -366,31 +397,48 @@ def build_teacher_batch(items: list[Tokenized], ids: SpecialIds, *, with_cot: bo
 
 def build_student_batch(items: list[Tokenized], ids: SpecialIds, num_latents: int, *,
                         with_answer: bool = True, codi_position: str = "answer",
-                        widths: BlockWidths | None = None) -> StudentBatch:
+                        widths: BlockWidths | None = None, latent_counts: list[int] | None = None,
+                        with_cot: bool = False) -> StudentBatch:
     """Student batch with <bot> and M latent placeholder slots in common columns (see `StudentBatch`).
 
     `with_answer=False` builds only `question · <bot> · slots · <eot> · prompt` for inference.
     widths: the block widths Wq = widths.q, Ab = widths.a, and with static widths the label capacity B·Ab
     (see `build_teacher_batch`); default: the longest question and answer block.
+    latent_counts: how many of the M slots each example uses (Coconut's curriculum; default all M). Its other
+    slots are masked out, and the position ids count real columns only, so its answer block follows its own
+    latents exactly as in a sequence without the unused slots.
+    with_cot: the answer block is <eot> · CoT · prompt · answer, with the CoT labelled as well (Coconut: the
+    steps that thoughts have not replaced yet).
     """
+    B, M = len(items), num_latents
+    counts = [M] * B if latent_counts is None else list(latent_counts)
+    if len(counts) != B or any(not 0 <= c <= M for c in counts):
+        raise ValueError(f"latent_counts: {B} counts in [0, {M}] needed, got {counts}")
     q_rows = [it.question for it in items]
-    a_rows = [[ids.eot] + it.prompt + (it.answer if with_answer else []) for it in items]
+    a_rows = [[ids.eot] + (it.cot if with_cot else []) + it.prompt + (it.answer if with_answer else [])
+              for it in items]
     Wq = max(len(q) for q in q_rows) if widths is None else widths.q
     Ab = max(len(a) for a in a_rows) if widths is None else widths.a
     if max(len(q) for q in q_rows) > Wq or max(len(a) for a in a_rows) > Ab:
         raise ValueError(f"a record does not fit the block widths {widths}")
-    B, M, Qb = len(items), num_latents, Wq + 1
+    Qb = Wq + 1
     q_ids = pad_rows(q_rows, Wq, ids.pad)
     q_mask = pad_rows([[1] * len(q) for q in q_rows], Wq, 0)
     a_ids = pad_rows(a_rows, Ab, ids.pad)
     a_mask = pad_rows([[1] * len(a) for a in a_rows], Ab, 0)
     s_ids = torch.cat([q_ids, torch.full((B, 1), ids.bot, dtype=torch.long),
                        torch.full((B, M), ids.latent, dtype=torch.long), a_ids], 1)
-    mask = torch.cat([q_mask, torch.ones(B, 1 + M, dtype=torch.long), a_mask], 1)
+    lat_mask = pad_rows([[1] * c for c in counts], M, 0)
+    mask = torch.cat([q_mask, torch.ones(B, 1, dtype=torch.long), lat_mask, a_mask], 1)
     targets = torch.full_like(s_ids, IGNORE)
     p_last = []
     for b, it in enumerate(items):
-        start = Qb + M + 1 + len(it.prompt)  # first answer column
+        cot = it.cot if with_cot else []
+        for j, tok in enumerate(cot):  # column Qb + M (<eot>) predicts the first CoT token
+            targets[b, Qb + M + j] = tok
+        start = Qb + M + 1 + len(cot) + len(it.prompt)  # first answer column
+        for j, tok in enumerate(it.prompt if with_cot else []):  # labelled like the teacher's, CoT or not
+            targets[b, Qb + M + len(cot) + j] = tok
         p_last.append(start - 1)
         if with_answer:
             for j, tok in enumerate(it.answer):

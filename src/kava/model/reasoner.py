@@ -467,14 +467,17 @@ class LatentReasoner(nn.Module):
         elif mode == "sequential":
             pre = self.run(self.embed(sb.ids[:, W:Qb]), sb.mask[:, :Qb], sb.pos[:, W:Qb], cache)
             passes += 1
-            z_k = self.proj(pre.last_hidden_state[:, -1]).unsqueeze(1)  # [B, 1, d] at <bot>
             zs = []
+            if M:  # M = 0: Coconut's stage 0, a CoT between <bot> and <eot>
+                z_k = self.proj(pre.last_hidden_state[:, -1]).unsqueeze(1)  # [B, 1, d] at <bot>
             for k in range(M):
                 zs.append(z_k)
+                # a row whose slot k is masked out (`StudentBatch` with latent_counts) computes a thought
+                # that no later column sees
                 out = self.run(z_k, sb.mask[:, :Qb + k + 1], lat_pos[:, k:k + 1], cache)
                 passes += 1
                 z_k = self.proj(out.last_hidden_state)
-            z = torch.cat(zs, 1)
+            z = torch.cat(zs, 1) if zs else pre.last_hidden_state[:, :0]  # [B, M, d]
             record(Qb + M)
         else:
             raise ValueError(f"student mode {mode!r}; allowed values: jacobi, sequential")

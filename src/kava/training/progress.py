@@ -13,6 +13,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from kava import curriculum
+
 
 def describe_model(cfg) -> str:
     model = cfg.model.name_or_path or (f"init_from {cfg.model.init_from}" if cfg.model.init_from else "from_scratch")
@@ -37,7 +39,7 @@ def plan_lines(cfg, plan, *, run_dir: Path, world: int, data_desc: str, train_de
         f"  batch:            effective {cfg.optim.effective_batch} = micro {cfg.optim.micro_batch} x "
         f"{world} process(es) x {plan.accum} accumulation",
         f"  world size:       {world}",
-    ]
+    ] + ([f"  curriculum:       {c}"] if (c := curriculum.describe(cfg, plan.steps_per_epoch)) else [])
 
 
 def start_summary(cfg, plan, *, run_dir: Path, world: int, data_desc: str, n_records: int, n_examples: int,

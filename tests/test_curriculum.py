@@ -1,0 +1,243 @@
+"""Coconut and iCoT (`kava.curriculum`): the thoughts against a naive recomputation, the schedules, the
+optimizer resets, exact resume in the middle of a stage, the labels the CE counts, and both methods end to end."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import kava.train as kt
+from kava import curriculum
+from kava.config import ConfigError, load_config
+from kava.data.format import IGNORE, Formatter, build_student_batch, special_ids
+from kava.checkpoint.load import load_any
+from kava.data.records import Record, SkipLog
+from kava.evaluate import evaluate_records
+from kava.objective import label_counts, loss_step, make_batch
+from kava.spec import SPECS
+from tiny import RECORDS, tiny_reasoner, tiny_tokenizer
+
+TINY = [
+    "model.from_scratch.hidden_size=32", "model.from_scratch.intermediate_size=64",
+    "model.from_scratch.num_hidden_layers=2",
+    "data.synth_train_size=600", "data.synth_eval_size=20", "data.valid_limit=10",
+    "optim.effective_batch=8", "optim.micro_batch=4",
+    "run.log=[jsonl]", "run.log_every=1", "run.eval_max_cot_tokens=24", "run.eval_max_new_tokens=6",
+]
+# 600 examples / 8 = 75 steps per epoch; 0.08 epochs per stage = 6 steps: stages 0, 1, 2, 3 (= all) in 20 steps
+COCONUT = ["method=coconut", "latent.num_latents=4", "latent.projection=identity", "coconut.thoughts_per_step=2",
+           "coconut.max_stages=2", "coconut.epochs_per_stage=0.08"]
+
+
+@pytest.fixture(scope="module")
+def synth_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("synth")
+
+
+def cfg_of(tmp_path, *extra):
+    return load_config("tiny_synth", TINY + [f"run.output_dir={tmp_path}", *extra])
+
+
+def tokenized(with_steps=True):
+    tok = tiny_tokenizer()
+    f = Formatter(tok, drop_last_step=False, with_steps=with_steps)
+    return tok, f, f.tokenize_all(RECORDS, SkipLog())
+
+
+# ------------------------------------------------------------------------------------------------ data
+def test_step_ends_split_the_cot_at_its_steps():
+    tok, f, items = tokenized()
+    for rec, it in zip(RECORDS, items):
+        assert len(it.step_ends) == len(rec.steps) and it.step_ends[-1] == len(it.cot)
+        assert list(it.step_ends) == sorted(set(it.step_ends))
+        for j, end in enumerate(it.step_ends):  # the first j + 1 steps, token for token
+            assert it.cot[:end] == f._enc(" " + " ".join(s.strip() for s in rec.steps[:j + 1]))
+    assert all(it.step_ends == () for it in tokenized(with_steps=False)[2])
+
+
+def test_without_steps_keeps_the_remaining_steps():
+    tok, f, items = tokenized()
+    it = items[2]  # 5 steps
+    for skip in range(7):
+        rest = curriculum.without_steps(it, skip)
+        kept = RECORDS[2].steps[min(skip, 5):]
+        assert rest.cot == (f._enc(" " + " ".join(kept)) if kept else [])
+        assert len(rest.step_ends) == len(kept) and (not kept or rest.step_ends[-1] == len(rest.cot))
+        assert rest.question == it.question and rest.answer == it.answer
+
+
+# ------------------------------------------------------------------------------------------------ schedules
+def test_coconut_schedule():
+    cc = SimpleNamespace(thoughts_per_step=2, max_stages=3, epochs_per_stage=1.5, pad_latents_to_max=True,
+                         mix_prob=0.0, reset_optimizer=True)
+    assert curriculum.coconut_steps_per_stage(10, cc) == 15
+    assert [curriculum.coconut_stage(s, 10, cc) for s in (0, 14, 15, 29, 30, 44, 45, 100)] == [0, 0, 1, 1, 2, 2, 3, 6]
+    # (steps replaced, thoughts): stage s replaces s steps with s·c thoughts; past the last stage, every step
+    assert curriculum.coconut_layout(5, 0, cc) == (0, 0)
+    assert curriculum.coconut_layout(5, 2, cc) == (2, 4)
+    assert curriculum.coconut_layout(1, 2, cc) == (1, 4)  # fewer steps than the stage: all of them, s·c thoughts
+    assert curriculum.coconut_layout(5, 4, cc) == (5, 6)
+    assert curriculum.coconut_layout(2, 4, cc) == (2, 6)
+    cc.pad_latents_to_max = False
+    assert curriculum.coconut_layout(2, 4, cc) == (2, 4)
+
+
+def test_coconut_apply_follows_the_schedule_and_mixes_stages(tmp_path):
+    tok, f, items = tokenized()
+    cfg = cfg_of(tmp_path, *COCONUT)  # 2 stages of c = 2, 6 steps each at 75 steps per epoch
+    for step, stage in ((0, 0), (5, 0), (6, 1), (11, 1), (12, 2), (18, 3), (500, 3)):
+        ex = curriculum.apply(items, cfg, step, 75)
+        assert ex.stats == {"curriculum/stage": float(stage)}
+        for it, got, n in zip(items, ex.items, ex.latent_counts):
+            skip, thoughts = curriculum.coconut_layout(len(it.step_ends), stage, cfg.coconut)
+            assert got.cot == curriculum.without_steps(it, skip).cot and n == thoughts
+        assert ex.latent_counts == [min(stage, 2) * 2] * len(items)
+    # mixing: every example at a random stage 0..its steps, drawn from (run.seed, step) only
+    mixed = cfg_of(tmp_path, *COCONUT, "coconut.mix_prob=1.0")
+    many = items * 50
+    a = curriculum.apply(many, mixed, 7, 75)
+    assert a.latent_counts == curriculum.apply(many, mixed, 7, 75).latent_counts
+    assert a.latent_counts != curriculum.apply(many, mixed, 8, 75).latent_counts
+    assert set(a.latent_counts) == {0, 2, 4}  # stages 0, 1, 2 and beyond (4 thoughts)
+
+
+def test_icot_schedule_and_smoothing(tmp_path):
+    ic = SimpleNamespace(tokens_per_epoch=8.0, smoothing_lambda=None, remove_all_beyond=20, reset_optimizer=True)
+    assert [curriculum.icot_scheduled(s, 10, ic) for s in (0, 1, 2, 10, 24, 25, 99)] == \
+        [0, 0, 1, 8, 19, curriculum.ALL, curriculum.ALL]
+    p = curriculum.icot_offset_probs(1.0)
+    assert p.shape == (100,) and float(p.sum()) == pytest.approx(1.0)
+    assert float(p[0]) == pytest.approx(1 - torch.e ** -1) and float(p[1] / p[0]) == pytest.approx(torch.e ** -1)
+    draws = curriculum.icot_removed(40000, 3, 1.0, torch.Generator().manual_seed(0))
+    freq = torch.bincount(torch.tensor(draws) - 3, minlength=100).double() / len(draws)
+    assert (freq[:6] - p[:6]).abs().max() < 0.01  # the offsets follow P(o) = (1 - e^-λ) e^-λo
+    assert curriculum.icot_removed(5, 4, None, torch.Generator()) == [4] * 5
+
+    tok, f, items = tokenized()
+    cfg = cfg_of(tmp_path, "method=icot", "icot.tokens_per_epoch=10", "icot.smoothing_lambda=null",
+                 "icot.remove_all_beyond=15")
+    for step, cut in ((0, 0), (10, 1), (75, 10), (150, curriculum.ALL)):  # 75 steps per epoch
+        ex = curriculum.apply(items, cfg, step, 75)
+        assert ex.latent_counts is None
+        assert [g.cot for g in ex.items] == [it.cot[min(cut, len(it.cot)):] for it in items]
+    assert curriculum.apply(items, cfg_of(tmp_path, "method=cot"), 150, 75).items == items  # no curriculum
+
+
+def test_optimizer_resets_at_each_stage_change(tmp_path):
+    cfg = cfg_of(tmp_path, *COCONUT)
+    assert [s for s in range(1, 40) if curriculum.reset_due(cfg, s, 75)] == [6, 12, 18]
+    assert not any(curriculum.reset_due(cfg_of(tmp_path, *COCONUT, "coconut.reset_optimizer=false"), s, 75)
+                   for s in range(40))
+    ic = cfg_of(tmp_path, "method=icot", "icot.tokens_per_epoch=8")
+    assert [s for s in range(1, 30) if curriculum.reset_due(ic, s, 75)] == [10, 19, 29]  # floor(8 s / 75) grows
+
+
+# ------------------------------------------------------------------------------------------------ Coconut's thoughts
+def naive_coconut(m, ids, it, n: int):
+    """One example, no padding, no cache: each thought is the last hidden state of a full pass over everything
+    so far, appended as the next input embedding; then <eot> · CoT · prompt · answer."""
+    x = m.embed(torch.tensor([it.question + [ids.bot]]))
+    thoughts = []
+    for _ in range(n):
+        S = x.shape[1]
+        h = m.run(x, torch.ones(1, S, dtype=torch.long), torch.arange(S)[None], m.new_cache()).last_hidden_state
+        thoughts.append(h[:, -1:])
+        x = torch.cat([x, h[:, -1:]], 1)
+    tail = [ids.eot] + it.cot + it.prompt + it.answer
+    start = x.shape[1]
+    x = torch.cat([x, m.embed(torch.tensor([tail]))], 1)
+    S = x.shape[1]
+    h = m.run(x, torch.ones(1, S, dtype=torch.long), torch.arange(S)[None], m.new_cache()).last_hidden_state
+    logits = m.logits(h[0, start:S - 1])  # position start + j predicts tail[j + 1]
+    return torch.cat(thoughts, 1)[0] if thoughts else torch.zeros(0, h.shape[-1]), logits, tail[1:]
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_coconut_thoughts_equal_a_naive_recomputation(family):
+    m, tok = tiny_reasoner(family, projection="identity")
+    _, _, items = tokenized()
+    items = [curriculum.without_steps(it, k) for it, k in zip(items, (1, 0, 2, 5))]
+    counts = [2, 0, 4, 3]  # per example, within one latent block of 4 (the rest masked out)
+    with torch.no_grad():
+        sb = build_student_batch(items, m.ids, 4, latent_counts=counts, with_cot=True)
+        s = m.student_forward(sb, 0, mode="sequential")
+        got = m.logits(s.label_h)
+        assert s.forward_passes == 1 + 4 + 1
+        row = (sb.label_idx // (sb.ids.shape[1] - sb.answer_start)).tolist()
+        for b, (it, n) in enumerate(zip(items, counts)):
+            thoughts, logits, targets = naive_coconut(m, m.ids, it, n)
+            torch.testing.assert_close(s.latents[b, :n], thoughts, rtol=1e-5, atol=1e-5)
+            mine = [i for i, r in enumerate(row) if r == b]
+            assert s.targets[mine].tolist() == targets
+            torch.testing.assert_close(got[mine], logits, rtol=1e-4, atol=1e-4)
+
+
+def test_coconut_batch_labels_match_the_ce_denominators(tmp_path):
+    tok, f, items = tokenized()
+    cfg = cfg_of(tmp_path, *COCONUT)
+    ex = curriculum.apply(items, cfg, 6, 75)  # stage 1: one step replaced by 2 thoughts
+    b = make_batch(ex.items, special_ids(tok), cfg, latent_counts=ex.latent_counts)
+    assert b.teacher is None and b.student.num_latents == 2
+    n = int((b.student.label_tgt != IGNORE).sum())
+    assert label_counts(ex.items, cfg) == {"ce_student": n}
+    assert n == sum(len(it.cot) + len(it.prompt) + len(it.answer) for it in ex.items)
+    assert SPECS["coconut"].terms == ("ce_student",) and SPECS["icot"].terms == ("ce_teacher",)
+    m, _ = tiny_reasoner("llama", projection="identity")
+    total, log = loss_step(m, b, cfg)
+    assert set(log) == {"loss/ce_student", "loss/total"} and torch.isfinite(total)
+
+
+# ------------------------------------------------------------------------------------------------ training
+def test_coconut_resume_in_the_middle_of_a_stage_is_exact(tmp_path, synth_root):
+    common = [*COCONUT, "optim.max_steps=20", "run.save_every=3"]
+    a = kt.train(cfg_of(tmp_path, *common, "run.name=A"), progress=False, data_root=synth_root)
+    b = tmp_path / "B"
+    kt.train(cfg_of(tmp_path, *common, "run.name=B"), progress=False, data_root=synth_root, stop_after=9)
+    assert kt.latest_checkpoint(b) == b / "checkpoints" / "step_9"  # stage 1 (steps 6..11)
+    kt.train(cfg_of(tmp_path, *common, "run.name=B"), resume=b, progress=False, data_root=synth_root)
+    wa = load_file(str(a / "checkpoints" / "step_20" / "trainable.safetensors"))
+    wb = load_file(str(b / "checkpoints" / "step_20" / "trainable.safetensors"))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    rows = [json.loads(ln) for ln in (a / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if r.get("split") == "train"]
+    assert [r["curriculum/stage"] for r in train] == [0.0] * 6 + [1.0] * 6 + [2.0] * 6 + [3.0] * 2  # 0-based step s: stage s // 6
+    assert set(train[0]) >= {"loss/ce_student", "loss/total"} and "loss/ce_teacher" not in train[0]
+    # the optimizer state restarted at step 18 (stage 3): AdamW's step count there is 20 - 18 = 2
+    opt = load_file(str(a / "checkpoints" / "step_20" / "optimizer.safetensors"))
+    steps = {float(v) for k, v in opt.items() if k.endswith(".step")}
+    assert steps == {2.0}, steps
+
+
+def test_icot_trains_removes_its_cot_and_answers_without_it(tmp_path, synth_root):
+    cfg = cfg_of(tmp_path, "method=icot", "optim.max_steps=12", "icot.tokens_per_epoch=60",
+                 "icot.remove_all_beyond=8", "run.save_every=100")
+    run = kt.train(cfg, progress=False, data_root=synth_root)
+    rows = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    removed = [r["curriculum/removed"] for r in rows if r.get("split") == "train"]
+    # floor(60 s / 75) tokens, then (from 8 on) the whole CoT (-1)
+    assert removed == [0.0, 0.0, 1.0, 2.0, 3.0, 4.0, 4.0, 5.0, 6.0, 7.0, -1.0, -1.0]
+    assert SPECS["icot"].eval_mode == "nocot" and SPECS["coconut"].eval_mode == "latent"
+    # evaluated without a CoT: one pass for the question, then one per answer token
+    loaded = load_any(run, device="cpu")
+    recs = [Record(r.question, r.steps, r.answer, r.source) for r in RECORDS]
+    rows, summary = evaluate_records(loaded.model, loaded.tokenizer, loaded.cfg, recs)
+    assert summary["mode"] == "nocot" and summary["count"] == len(recs)
+    assert all(r["forward_passes"] == max(r["generated_tokens"], 1) for r in rows), rows
+
+
+@pytest.mark.parametrize("override, msg", [
+    (["method=coconut", "latent.num_latents=5"], "latent.num_latents: coconut answers after"),
+    (["method=coconut", "latent.num_latents=6"], "latent.projection: coconut feeds"),
+    (["coconut.epochs_per_stage=0"], "coconut.epochs_per_stage: must be > 0"),
+    (["coconut.mix_prob=1.5"], "coconut.mix_prob: must be in [0, 1]"),
+    (["icot.smoothing_lambda=-1"], "icot.smoothing_lambda: must be > 0 or null"),
+    (["icot.tokens_per_epoch=0"], "icot.tokens_per_epoch: must be > 0"),
+    (["coconut.stages=3"], "coconut.stages"),
+])
+def test_config_errors_name_the_key(override, msg, tmp_path):
+    with pytest.raises(ConfigError, match=msg.replace("[", r"\[").replace("]", r"\]")):
+        cfg_of(tmp_path, *override)
