@@ -29,21 +29,27 @@ import tarfile
 import time
 from pathlib import Path
 
-METHODS = ["nocot", "cot", "kava", "pccot", "codi"]
-LATENT = {"pccot", "codi", "kava"}
+METHODS = ["nocot", "cot", "kava", "pccot", "codi", "icot", "coconut"]
+LATENT = {"pccot", "codi", "kava", "coconut"}
 STYLES = ["eq", "nl"]
 SEEDS = [42, 123, 456]
 # seconds per epoch when the GPU is shared by ~10 jobs (a planning guess, used only by --budget); eval on top
-EXPECTED_S = {"nocot": 25, "cot": 40, "kava": 90, "pccot": 80, "codi": 80}
-EVAL_S = {"nocot": 40, "cot": 150, "kava": 100, "pccot": 100, "codi": 100}
+EXPECTED_S = {"nocot": 25, "cot": 40, "kava": 90, "pccot": 80, "codi": 80, "icot": 35, "coconut": 80}
+EVAL_S = {"nocot": 40, "cot": 150, "kava": 100, "pccot": 100, "codi": 100, "icot": 40, "coconut": 100}
 # GPU memory (MiB) of one training process before one of that method has been measured: the 2026-12-02 lease saw
 # kava grow to 38 GiB (CUDA-graph pools of 13-16 GiB) long after start-up, so admission is per method
-JOB_MIB = {"nocot": 14000, "cot": 18000, "kava": 40000, "pccot": 36000, "codi": 24000}
+JOB_MIB = {"nocot": 14000, "cot": 18000, "kava": 40000, "pccot": 36000, "codi": 24000, "icot": 18000,
+           "coconut": 24000}
 # every job: micro-batch 64 of the preset's effective 128 (GPU-sized), fewer captured shapes (memory), 4 epochs
 BASE_SETS = ["optim.micro_batch=64", "optim.max_graphs=12", "optim.graph_buckets=1.4", "optim.epochs=4"]
 # per method: CODI's own latent count (its paper: 6 continuous thoughts); 24 sequential passes ran at 0.05-0.28
 # steps/s under sharing on 2026-12-02
-METHOD_SETS = {"codi": ["latent.num_latents=6"]}
+# Coconut: its GSM8k recipe (c = 2 thoughts per step, 3 stages, 6 thoughts at the end, raw hidden states), one
+# stage per epoch so that the 4 epochs reach the last stage; iCoT: 12 tokens per epoch, so the whole CoT is gone
+# (remove_all_beyond 39) after 3.25 epochs
+METHOD_SETS = {"codi": ["latent.num_latents=6"],
+               "coconut": ["latent.num_latents=6", "latent.projection=identity", "coconut.epochs_per_stage=1"],
+               "icot": ["icot.tokens_per_epoch=12"]}
 KAVA = [sys.executable, "-m", "kava.cli"]
 
 

@@ -93,6 +93,27 @@ def test_answer_position_arithmetic_on_the_real_tokenizer(smol_dir, data_dir, tm
     assert sb.ids[0, ps].item() == ids(":") and sb.targets[0, ps + 1].item() == ids("1")
 
 
+@pytest.mark.parametrize("source, fmt", [("gsm8k/train.jsonl", "gsm8k"), ("gsm8k-aug/train_no_aug.txt", "icot")])
+def test_coconut_step_boundaries_on_the_real_tokenizer(source, fmt, smol_dir, data_dir, tmp_path):
+    """Coconut replaces whole CoT steps: on GSM8k's equation steps and GSM8k-Aug's NL steps, the CoT tokens up
+    to each `step_ends` entry are exactly the tokens of the steps up to it (no merge across a boundary)."""
+    from kava.checkpoint.load import load_tokenizer
+    from kava.data.format import Formatter
+    from kava.data.readers import load_records
+    from kava.data.records import SkipLog
+
+    tok = load_tokenizer(load_config("smollm2_gsm8k", overrides(smol_dir, data_dir, tmp_path)))
+    f = Formatter(tok, with_steps=True, max_question_tokens=10**6, max_cot_tokens=10**6)
+    recs = load_records(data_dir / source, fmt)[:300]
+    items = f.tokenize_all(recs, SkipLog())
+    assert len(items) == 300 and sum(len(it.step_ends) >= 2 for it in items) > 100
+    for r, it in zip(recs, items):
+        steps = f.cot_steps(r.steps)
+        assert len(it.step_ends) == len(steps)
+        for j, end in enumerate(it.step_ends):
+            assert it.cot[:end] == f._enc(" " + " ".join(steps[:j + 1])), (r.source, j)
+
+
 def test_train_and_evaluate_latent_and_cot(runs, data_dir):
     for name in ("kava", "cot"):
         rows = [json.loads(x) for x in (runs / name / "metrics.jsonl").read_text().splitlines()]
