@@ -40,7 +40,8 @@ def test_train_dry_run_prints_config_and_plan_and_trains_nothing(tmp_path, capsy
 @pytest.mark.parametrize("argv,expect", [
     (["train", "--config", "tiny_synth", "--set", "optim.lrr=1"], "unknown key optim.lrr"),
     (["train", "--config", "no/such/file.yaml"], "config file not found: no/such/file.yaml"),
-    (["eval", "--checkpoint", "{tmp}", "--datasets", "gsm8k"], "no kava model found"),
+    (["eval", "--checkpoint", "{tmp}", "--datasets", "synth-test"], "no kava model found"),
+    (["eval", "--checkpoint", "{tmp}", "--datasets", "gsm8k", "--data-dir", "{tmp}"], "gsm8k/test.jsonl: file not found"),
     (["ask", "--checkpoint", "{tmp}/missing", "--question", "x"], "missing: no such directory"),
 ])
 def test_user_errors_are_one_line_with_exit_status_2(argv, expect, tmp_path, capsys):
@@ -61,7 +62,7 @@ def test_missing_optional_package_is_one_line(tmp_path, capsys):
 
 def test_a_real_process_exits_2_without_traceback_unless_debug(tmp_path):
     src = str(Path(kava.__file__).parents[1])
-    cmd = [sys.executable, "-m", "kava.cli", "eval", "--checkpoint", str(tmp_path), "--datasets", "gsm8k"]
+    cmd = [sys.executable, "-m", "kava.cli", "eval", "--checkpoint", str(tmp_path), "--datasets", "synth-test"]
     r = subprocess.run(cmd, capture_output=True, text=True, env={"PYTHONPATH": src, "PATH": "/usr/bin:/bin"})
     assert r.returncode == 2 and "Traceback" not in r.stderr and r.stderr.count("\n") == 1, r.stderr
     r = subprocess.run(cmd[:3] + ["--debug"] + cmd[3:], capture_output=True, text=True,

@@ -59,6 +59,14 @@ TWINS: dict[str, Twin] = {
     "kava eval --checkpoint runs/llama1b_aug-s42 --datasets gsm8k --hub --diagnostics": Twin(
         "tests/test_end_to_end.py::test_three_seeds_train_eval_report", replaced={"--hub": "--data-dir"},
         why="the synthetic test split of three tiny kava runs; " + NO_HUB),
+    "kava eval --checkpoint runs/llama1b_aug-s42/checkpoints/step_400 --datasets gsm8k --hub": Twin(
+        "tests/test_evaluate.py::test_eval_takes_an_intermediate_checkpoint_and_prints_progress_without_a_tty",
+        replaced={"--hub": ""}, why="the synthetic test split of a tiny run; " + NO_HUB),
+    "kava eval --model-args pretrained=meta-llama/Llama-3.2-1B-Instruct --mode nocot --datasets gsm8k --hub": Twin(
+        "tests/test_evaluate.py::test_eval_takes_a_plain_model_and_a_peft_adapter_in_cot_and_nocot_mode",
+        replaced={"--hub": ""}, why="a tiny local model directory for the hub model, a local JSONL file; " + NO_HUB),
+    "kava eval --checkpoint my-adapter/ --mode cot --datasets my_test.jsonl": Twin(
+        "tests/test_evaluate.py::test_eval_takes_a_plain_model_and_a_peft_adapter_in_cot_and_nocot_mode"),
     "kava report runs/ --output report/": Twin("tests/test_report.py::test_cli_report_on_a_runs_folder"),
     "kava ask --checkpoint runs/llama1b_aug-s42 --question ... --show-latents": Twin(
         "tests/test_ask_inspect.py::test_ask_show_latents"),
@@ -91,6 +99,7 @@ TWINS: dict[str, Twin] = {
     "kava eval": Twin("tests/test_evaluate.py::test_eval_finds_the_runs_own_synthetic_data_and_limit_writes_beside_the_full_eval"),
     "kava export RUN --output DIR": Twin("tests/test_export.py::runs"),
     "kava report": Twin("tests/test_report.py::test_cli_report"),
+    "kava score": Twin("tests/test_scoring.py::test_cli_score_scores_a_subset_and_says_which"),
     "kava sweep": Twin("tests/test_sweep.py::test_invalid_value_fails_whole_sweep_before_running"),
     "kava train": Twin("tests/test_progress.py::test_cli_train_in_a_pipe_prints_progress_lines"),
     "kava train --config smollm2_gsm8k": Twin("tests/test_smollm2.py::runs", words=('"smollm2_gsm8k"',)),

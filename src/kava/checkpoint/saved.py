@@ -69,7 +69,11 @@ def resolve_init_dir(path: str | Path) -> Path:
 
 
 def run_dir_of(ck: Path) -> Path:
-    """The run directory a checkpoint belongs to (the checkpoint itself when it stands alone)."""
+    """The run directory a checkpoint belongs to (its best/ or final/, or a training checkpoint
+    `checkpoints/step_<n>/`); the checkpoint itself when it stands alone."""
+    ck = Path(ck)
+    if ck.parent.name == "checkpoints" and (ck.parent.parent / "config.yaml").exists():
+        return ck.parent.parent
     return ck.parent if (ck.parent / "config.yaml").exists() else ck
 
 

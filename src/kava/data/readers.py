@@ -636,6 +636,11 @@ def detect_format(source: str | Path) -> str:
     return "jsonl"
 
 
+def detect_format_reason(source: str | Path) -> tuple[str, str]:
+    """(`detect_format(source)`, how it was decided), for summaries."""
+    return detect_format(source), "detected from the first record"
+
+
 def _resolve_dir(p: Path, split: str | None) -> Path:
     if split is None:
         raise DataError(f"{p}: is a directory; pass split= to pick <split>.jsonl/.txt/.json inside it")
@@ -735,6 +740,51 @@ EVAL_DATASETS: dict[str, EvalDataset] = {
 }
 
 
+def is_data_file(name: str) -> bool:
+    """Whether an evaluation set name is a file to read with the readers' formats (not a named set)."""
+    return name not in EVAL_DATASETS and (Path(name).suffix in (".jsonl", ".json", ".txt") or Path(name).is_file())
+
+
+def eval_set_path(name: str, data_dir: str | Path | None = None) -> Path:
+    """The local file of a named evaluation set under `data_dir` (default ``$KAVA_DATA_DIR`` or ``./data``)."""
+    spec = EVAL_DATASETS[name]
+    root = Path(data_dir if data_dir is not None else os.environ.get("KAVA_DATA_DIR", "data"))
+    path = root / spec.local
+    if spec.name.startswith("synth-") and not path.exists() and (root / "synthetic" / spec.local).exists():
+        path = root / "synthetic" / spec.local
+    return path
+
+
+def check_eval_sets(names: Iterable[str], data_dir: str | Path | None = None, hub: bool = False, *,
+                    synthetic_found: bool = False) -> None:
+    """Refuse, before any model loads, an evaluation set that cannot be read: an unknown name, a missing file,
+    a local set whose file is not under the data root, a synthetic set from the hub. `synthetic_found`: the
+    synth-* sets are found elsewhere (a synthetic-task run's own data), so their files are not checked."""
+    names = list(names)
+    unknown = [n for n in names if n not in EVAL_DATASETS and not is_data_file(n)]
+    if unknown:
+        raise DataError(f"unknown evaluation set{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}; "
+                        f"expected one of {sorted(EVAL_DATASETS)}, or a .jsonl / .json / .txt file")
+    for name in names:
+        if name not in EVAL_DATASETS:
+            _check_file(name)
+            continue
+        spec = EVAL_DATASETS[name]
+        if hub:
+            if spec.hub_id is None:
+                raise DataError(f"{name}: the synthetic sets exist only locally (drop --hub, or give --data-dir)")
+            continue
+        if name.startswith("synth-") and synthetic_found and data_dir is None:
+            continue
+        path = eval_set_path(name, data_dir)
+        if not path.exists():
+            where = "--data-dir" if data_dir is not None else "$KAVA_DATA_DIR" if os.environ.get(
+                "KAVA_DATA_DIR") else "the default data root ./data"
+            shown = str(path) if path.is_absolute() else f"{path} = {path.absolute()}"
+            raise DataError(f"{name}: {shown}: file not found (from {where}); give --data-dir DIR (the "
+                            "../shared/data layout) or --hub")
+
+
 def load_eval_dataset(
     name: str,
     data_dir: str | Path | None = None,
@@ -743,26 +793,26 @@ def load_eval_dataset(
     skips: SkipLog | None = None,
     cot_style: str = "equation",
 ) -> tuple[list[Record], str]:
-    """Records of a named evaluation set and a line naming the exact file/split and count.
+    """Records of a named evaluation set (or of a data file: `name` is then its path, read in any of the
+    readers' formats, detected as `load_records` does) and a line naming the exact file/split and count.
 
     data_dir defaults to ``$KAVA_DATA_DIR`` or ``./data``. Synthetic splits are read from
     ``data_dir/<split>.jsonl`` (or ``data_dir/synthetic/<split>.jsonl``). A count that differs from the
     published size is flagged in the description rather than hidden.
     """
-    if name not in EVAL_DATASETS:
-        raise DataError(f"unknown evaluation set {name!r}; expected one of {sorted(EVAL_DATASETS)}")
-    spec = EVAL_DATASETS[name]
     skips = SkipLog() if skips is None else skips
+    if name not in EVAL_DATASETS and is_data_file(name):
+        fmt, why = detect_format_reason(_check_file(name))
+        records = load_records(name, fmt, skips=skips, cot_style=cot_style)
+        desc = f"{name} (format {fmt}: {why}), {len(records)} problems"
+        return records, desc + (f"; {skips.summary()}" if skips.total else "")
+    check_eval_sets([name], data_dir, hub, synthetic_found=True)
+    spec = EVAL_DATASETS[name]
     if hub:
-        if spec.hub_id is None:
-            raise DataError(f"{name}: the synthetic sets exist only locally (write them with write_synthetic)")
         records = read_hub(spec.hub_id, spec.hub_split or "test", config=spec.hub_config, cot_style=cot_style, skips=skips)
         where = f"hub {spec.hub_id}" + (f" {spec.hub_config}" if spec.hub_config else "") + f", split {spec.hub_split}"
     else:
-        root = Path(data_dir if data_dir is not None else os.environ.get("KAVA_DATA_DIR", "data"))
-        path = root / spec.local
-        if spec.name.startswith("synth-") and not path.exists() and (root / "synthetic" / spec.local).exists():
-            path = root / "synthetic" / spec.local
+        path = eval_set_path(name, data_dir)
         records = load_records(path, spec.format, skips=skips, cot_style=cot_style)
         where = str(path)
     desc = f"{spec.label} ({where}), {len(records)} problems"

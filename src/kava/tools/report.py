@@ -72,6 +72,8 @@ def load_run(path: str | Path) -> Run:
         s = _read_json(summ, notes)
         if s is not None and isinstance(s.get("accuracy"), (int, float)):
             name = str(s.get("dataset") or summ.parent.name)
+            if s.get("checkpoint_step") is not None:  # an intermediate checkpoint (eval/<dataset>-step<N>/)
+                name += f"-step{s['checkpoint_step']}"
             if s.get("limit"):  # a `kava eval --limit N` smoke test (eval/<dataset>-limit<N>/): not the dataset
                 name += f"-limit{s['limit']}"
             run.evals[name] = s
