@@ -38,7 +38,7 @@ def test_every_shipped_config_loads_validates_and_round_trips(name, tmp_path):
     # the resolved YAML a run saves (config.yaml) loads back to the same config (resume depends on it)
     p = tmp_path / "config.yaml"
     kc.save_config(cfg, p)
-    again = load_config(str(p))
+    again = load_config(str(p), resolve_paths=False)  # as resume reads it (kava.train.resume_config)
     assert again == cfg
     assert again.hash() == cfg.hash()
 
@@ -208,6 +208,28 @@ def test_unknown_preset_and_missing_file_are_named(tmp_path):
     bad.write_text("- a\n- b\n")
     with pytest.raises(ConfigError, match="mapping"):
         load_config(str(bad))
+
+
+def test_relative_paths_in_a_yaml_file_are_read_from_its_directory(tmp_path, monkeypatch):
+    """A config file's relative data and model paths are read from its directory (from anywhere); a hub id,
+    `synthetic`, and a preset's or a `--set` path stay as written (the current directory); a run's own
+    config.yaml is read as kava wrote it."""
+    exp = tmp_path / "exp"
+    (exp / "backbone").mkdir(parents=True)
+    (tmp_path / "data").mkdir()
+    (exp / "cfg.yaml").write_text(yaml.safe_dump({
+        "method": "kava", "model": {"name_or_path": "org/model", "init_from": "backbone"},
+        "data": {"source": "../data/train.jsonl", "valid_source": "whynlp/gsm8k-aug"}}))
+    monkeypatch.chdir(tmp_path / "data")
+    cfg = load_config(str(exp / "cfg.yaml"))
+    assert cfg.data.source == str(tmp_path / "data" / "train.jsonl")
+    assert cfg.model.init_from == str(exp / "backbone")
+    assert cfg.model.name_or_path == "org/model" and cfg.data.valid_source == "whynlp/gsm8k-aug"
+    monkeypatch.chdir(exp)
+    assert load_config("cfg.yaml").data.source == str(tmp_path / "data" / "train.jsonl")  # a relative config path
+    assert load_config("cfg.yaml", ["data.source=../x.jsonl"]).data.source == "../x.jsonl"  # --set: as written
+    assert load_config("cfg.yaml", resolve_paths=False).data.source == "../data/train.jsonl"
+    assert load_config("smollm2_gsm8k").data.source == "../shared/data/gsm8k-aug/train_no_aug.txt"  # a preset
 
 
 # -------------------------------------------------------------------------------------- overrides

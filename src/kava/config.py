@@ -11,6 +11,7 @@ import copy
 import dataclasses
 import hashlib
 import json
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -367,8 +368,34 @@ def config_from_dict(data: dict, overrides: list[str] | None = None) -> Config:
     return cfg
 
 
-def load_config(name_or_path: str | None = None, overrides: list[str] | None = None) -> Config:
-    """Load a preset name (`llama1b_aug`) or a YAML path, apply `key=value` overrides, validate."""
+# Keys that name local files or directories (or hub ids): relative ones in a YAML file are read from its directory.
+PATH_KEYS = ("data.source", "data.valid_source", "model.name_or_path", "model.tokenizer", "model.init_from")
+
+
+def resolve_relative_paths(data: dict, base: Path) -> None:
+    """The rule for relative paths in a YAML config file (in place): a `PATH_KEYS` value that starts with
+    ``./`` or ``../``, or that exists beside the file, is made absolute against the file's directory `base`;
+    anything else stays as written (a hub id, ``synthetic``, an absolute or ``~`` path, or a path from the
+    current directory). A preset shipped in the wheel has no directory of its own: its paths, and `--set`
+    values, are read from the current directory."""
+    for dotted in PATH_KEYS:
+        section, key = dotted.split(".")
+        sec = data.get(section)
+        value = sec.get(key) if isinstance(sec, dict) else None
+        if not isinstance(value, str) or not value or value == "synthetic" or value.startswith("~"):
+            continue
+        if Path(value).is_absolute():
+            continue
+        if value.startswith(("./", "../")) or (base / value).exists():
+            sec[key] = os.path.normpath(base.absolute() / value)
+
+
+def load_config(name_or_path: str | None = None, overrides: list[str] | None = None, *,
+                resolve_paths: bool = True) -> Config:
+    """Load a preset name (`llama1b_aug`) or a YAML path, apply `key=value` overrides, validate.
+
+    resolve_paths: a YAML file's relative paths are read from its directory (`resolve_relative_paths`); off for
+    a run's own config.yaml, which kava wrote with the paths as the run used them."""
     data: dict = {}
     if name_or_path:
         path = resolve_config_path(name_or_path)
@@ -379,6 +406,8 @@ def load_config(name_or_path: str | None = None, overrides: list[str] | None = N
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: top level must be a mapping")
         data.setdefault("preset", path.stem)
+        if resolve_paths and path.resolve().parent != CONFIG_DIR:
+            resolve_relative_paths(data, path.parent)
     return config_from_dict(data, overrides)
 
 

@@ -551,4 +551,4 @@ def resume_config(run_dir: str | Path) -> Config:
     p = Path(run_dir) / "config.yaml"
     if not p.exists():
         raise FileNotFoundError(f"{run_dir}: no config.yaml (not a kava run directory)")
-    return load_config(str(p))
+    return load_config(str(p), resolve_paths=False)

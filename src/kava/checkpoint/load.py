@@ -182,7 +182,7 @@ def load_step(ck: str | Path, *, device: str | torch.device = "cpu", dtype: torc
     run_dir = ck.parent.parent
     if not (run_dir / "config.yaml").exists():
         raise CheckpointError(f"{ck}: a training checkpoint outside its run directory (no {run_dir / 'config.yaml'})")
-    cfg = load_config(str(run_dir / "config.yaml"))
+    cfg = load_config(str(run_dir / "config.yaml"), resolve_paths=False)
     m = cfg.model
     if m.from_scratch is not None and cfg.lora is not None:
         raise CheckpointError(f"{ck}: a step checkpoint of a LoRA run on a model built from scratch holds the adapter "

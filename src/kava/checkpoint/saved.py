@@ -233,4 +233,4 @@ def run_config(ck: Path):
     run_dir = run_dir_of(ck)
     if not (run_dir / "config.yaml").exists():
         raise CheckpointError(f"{ck}: no config.yaml next to the checkpoint")
-    return load_config(str(run_dir / "config.yaml"))
+    return load_config(str(run_dir / "config.yaml"), resolve_paths=False)

@@ -269,10 +269,16 @@ HUB_SCHEMAS = tuple(_ROW_PARSERS)
 # files
 
 
+def _not_found(path: str | Path) -> str:
+    """`<path>: file not found`, and where a relative path was looked for (the current directory)."""
+    p = Path(path)
+    return f"{path}: file not found" + ("" if p.is_absolute() else f" (looked at {p.absolute()})")
+
+
 def _check_file(path: str | Path) -> Path:
     p = Path(path)
     if not p.exists():
-        raise DataError(f"{path}: file not found")
+        raise DataError(_not_found(path))
     if p.is_dir():
         raise DataError(f"{path}: is a directory, expected a file")
     return p
@@ -594,39 +600,36 @@ def read_hub(
 # one entry point
 
 
-def _peek_object(path: Path) -> dict | None:
-    """First JSON object of a JSONL/JSON-array file, or None if the first record is unreadable."""
-    try:
-        if _is_json_array(path):
+SAMPLE_LINES = 50  # records read to decide a file's format
+
+
+def _sample_objects(path: Path, n: int = SAMPLE_LINES) -> list[Any]:
+    """The first `n` records of a JSONL / JSON-array file, each parsed (None where a line is no JSON)."""
+    out: list[Any] = []
+    if _is_json_array(path):
+        try:
             for _, obj in _iter_json_array(path):
-                return obj if isinstance(obj, dict) else None
-            return None
-        with open(path, encoding="utf-8", errors="replace") as f:
-            for line in f:
-                if line.strip():
-                    obj = json.loads(line.lstrip("\ufeff"))
-                    return obj if isinstance(obj, dict) else None
-    except (json.JSONDecodeError, DataError):
-        return None
-    return None
+                out.append(obj)
+                if len(out) >= n:
+                    break
+        except DataError:
+            out.append(None)
+        return out
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            try:
+                out.append(json.loads(line.lstrip("\ufeff")))
+            except json.JSONDecodeError:
+                out.append(None)
+            if len(out) >= n:
+                break
+    return out
 
 
-def detect_format(source: str | Path) -> str:
-    """The reader `load_records` would use for `source` (an existing file or a hub id)."""
-    p = Path(source)
-    if not p.exists():
-        if isinstance(source, str) and _HUB_ID_RE.fullmatch(source) and p.suffix not in (".txt", ".json", ".jsonl"):
-            return "hub"
-        raise DataError(f"{source}: file not found")
-    if p.is_dir():
-        raise DataError(f"{source}: is a directory; pass split= to pick <split>.jsonl/.txt/.json inside it")
-    if p.suffix == ".txt":
-        return "icot"
-    obj = _peek_object(p)
-    if obj is None:
-        if p.suffix in (".json", ".jsonl"):
-            return "jsonl"  # the reader will report what is wrong with the first record
-        return "icot"
+def _object_format(obj: dict) -> str:
+    """The reader one JSON object looks like it belongs to."""
     if "Body" in obj and "Question" in obj:
         return "svamp"
     if "target" in obj and ("code" in obj or "input" in obj):
@@ -636,9 +639,49 @@ def detect_format(source: str | Path) -> str:
     return "jsonl"
 
 
+def _peek_object(path: Path) -> dict | None:
+    """The first readable JSON object among the first records of a JSONL/JSON-array file, or None."""
+    return next((o for o in _sample_objects(path) if isinstance(o, dict)), None)
+
+
 def detect_format_reason(source: str | Path) -> tuple[str, str]:
-    """(`detect_format(source)`, how it was decided), for summaries."""
-    return detect_format(source), "detected from the first record"
+    """The reader `load_records` would use for `source` (an existing file or a hub id), and how that was
+    decided. A JSON file's format is the majority over its first `SAMPLE_LINES` records that parse (ties: the
+    earliest), so one truncated or odd first line does not decide it; a ``.txt`` file is iCoT text."""
+    p = Path(source)
+    if not p.exists():
+        if isinstance(source, str) and _HUB_ID_RE.fullmatch(source) and p.suffix not in (".txt", ".json", ".jsonl"):
+            return "hub", "a hub id (no such local file)"
+        raise DataError(_not_found(source))
+    if p.is_dir():
+        raise DataError(f"{source}: is a directory; pass split= to pick <split>.jsonl/.txt/.json inside it")
+    if p.suffix == ".txt":
+        return "icot", "a .txt file"
+    sample = _sample_objects(p)
+    votes = [_object_format(o) for o in sample if isinstance(o, dict)]
+    if not votes:
+        if p.suffix in (".json", ".jsonl"):
+            return "jsonl", f"none of the first {len(sample)} records is a JSON object"
+        return "icot", "no JSON object in its first lines"
+    fmt = max(dict.fromkeys(votes), key=votes.count)
+    return fmt, f"detected from {votes.count(fmt)} of the first {len(sample)} records"
+
+
+def detect_format(source: str | Path) -> str:
+    """The reader `load_records` would use for `source` (an existing file or a hub id): `detect_format_reason`."""
+    return detect_format_reason(source)[0]
+
+
+def describe_format(source: str | Path, format: str = "auto", split: str | None = None) -> str:
+    """The reader `load_records(source, format, split)` uses, and why: ``format gsm8k (auto: detected from
+    50 of the first 50 records)``; what the summaries print beside a data source."""
+    p = Path(str(source))
+    if format != "auto":
+        return f"format {format}"
+    if p.is_dir():
+        p = _resolve_dir(p, split)
+    fmt, why = detect_format_reason(p if p.exists() else str(source))
+    return f"format {fmt} (auto: {why})"
 
 
 def _resolve_dir(p: Path, split: str | None) -> Path:
@@ -663,7 +706,8 @@ def load_records(
 ) -> list[Record]:
     """Read `source` (a file, a directory plus `split`, or a hub id plus `split`) into records.
 
-    format: one of `FORMATS`; ``auto`` picks by extension and first record (see `detect_format`).
+    format: one of `FORMATS`; ``auto`` picks by extension and the majority of the first records (see
+    `detect_format_reason`).
     fields: for ``jsonl``/``hub``, a mapping with keys question/steps/answer naming the columns.
     cot_style: ``equation`` or ``nl``; picks GSM8k's CoT form and the synthetic files' steps_eq/steps_nl.
     strict: raise `DataError` at the first bad record instead of counting it in `skips`.
