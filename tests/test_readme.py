@@ -86,10 +86,11 @@ TWINS: dict[str, Twin] = {
         why="the synthetic test split; sharding over processes is checked under torchrun "
             "(tests/test_end_to_end.py::test_sharded_eval_over_two_processes_equals_one)"),
     "kava sweep --configs llama1b_aug,llama1b_aug_nl,llama3b_aug,llama3b_aug_nl,qwen05b_aug,qwen05b_aug_nl --seeds "
-    "42,123,456 --eval-datasets gsm8k,gsm8k-hard,svamp --slurm --partition gpu --gpus-per-node 4 --nodes 1 --time "
-    "24:00:00 --script-dir slurm/": Twin(
+    "42,123,456 --eval-datasets gsm8k,gsm8k-hard,svamp --hub --slurm --partition gpu --gpus-per-node 4 --nodes 1 "
+    "--time 24:00:00 --script-dir slurm/": Twin(
         "tests/test_sweep.py::test_slurm_single_node",
-        why="two presets, one seed; it runs the job scripts with stand-ins for torchrun, srun and python"),
+        why="two presets, one seed; it runs the job scripts with stand-ins for torchrun, srun and python "
+            "(tests/test_sweep.py::test_readme_sweep_runs_end_to_end runs one for real on a tiny config)"),
     # inline code in the prose
     "kava --debug COMMAND ...": Twin("tests/test_cli.py::test_a_real_process_exits_2_without_traceback_unless_debug"),
     "kava --version": Twin("tests/test_cli.py::test_version"),
