@@ -75,6 +75,9 @@ TWINS: dict[str, Twin] = {
     "kava score --predictions preds.jsonl --dataset gsm8k --data-dir ../shared/data": Twin(
         "tests/test_scoring.py::test_cli_score", why="svamp in place of gsm8k: same reader and scorer"),
     "kava export runs/llama1b_aug-s42 --output llama1b-kava-hf": Twin("tests/test_export.py::runs"),
+    "kava export runs/llama1b_aug-s42 --output llama1b-kava-hf --dtype bf16 --push-to-hub me/llama1b-kava": Twin(
+        "tests/test_export.py::test_export_writes_a_model_card_drops_the_chat_template_casts_and_pushes",
+        why="huggingface_hub's upload is mocked at its API boundary (CI has no hub)"),
     "accelerate launch --num_processes 4 -m kava.cli train --config llama1b_aug": Twin(
         "tests/test_readme.py::test_accelerate_launch_runs_kava_train_and_eval", words=('"train"',), why=PRESET),
     "torchrun --nproc_per_node 4 -m kava.cli train --config llama1b_aug": Twin(

@@ -752,7 +752,7 @@ def test_run_dir_holds_safetensors_and_text_only(bad_run):
     files = [p for p in run.rglob("*") if p.is_file()]
     suffixes = {p.suffix for p in files}
     assert not suffixes & PICKLE_SUFFIXES, suffixes
-    assert suffixes <= {"", ".safetensors", ".json", ".jsonl", ".yaml"}, suffixes
+    assert suffixes <= {"", ".safetensors", ".json", ".jsonl", ".yaml", ".md"}, suffixes  # .md: the model card
     for p in files:  # every weight file parses as safetensors; everything else is plain text
         if p.suffix == ".safetensors":
             with safe_open(str(p), "pt") as f:

@@ -456,13 +456,13 @@ def save_checkpoint(t: Trainer, run_dir: Path, rng: dict[str, torch.Tensor] | No
 def save_best(t: Trainer, run_dir: Path) -> None:
     """`best/`: the loadable model of `t.best` (the caller updates it, on the main process)."""
     atomic_dir_write(run_dir / "best", lambda d: save_model(t.raw, t.tokenizer, d, meta={
-        "step": t.best["step"], "val/accuracy": t.best["val/accuracy"]}))
+        "step": t.best["step"], "val/accuracy": t.best["val/accuracy"]}, cfg=t.cfg))
 
 
 def save_final(t: Trainer, run_dir: Path, total_steps: int, skips: SkipLog) -> None:
     """`final/` (the loadable model) and `DONE` (main process)."""
     atomic_dir_write(run_dir / "final", lambda d: save_model(t.raw, t.tokenizer, d, meta={
-        "step": total_steps, "best": t.best}))
+        "step": total_steps, "best": t.best}, cfg=t.cfg))
     (run_dir / "DONE").write_text(json.dumps({"steps": total_steps, "best": t.best,
                                               "nonfinite_skipped": t.nonfinite_skipped,
                                               "skipped_records": skips.total}))

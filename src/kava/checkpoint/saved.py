@@ -29,6 +29,7 @@ from safetensors.torch import load_file, save_file
 from peft import PeftModel, get_peft_model_state_dict
 from transformers import AutoModelForCausalLM
 
+from kava.checkpoint.card import model_card
 from kava.config import load_config
 from kava.data.format import SPECIAL_TOKENS, SpecialIds, special_ids
 from kava.model.pretrained import load_pretrained_lm
@@ -161,11 +162,16 @@ def base_state_dict(peft_lm) -> dict[str, torch.Tensor]:
     return out
 
 
-def save_model(model: LatentReasoner, tokenizer, out_dir: str | Path, meta: dict | None = None) -> None:
-    """Save a loadable model (layout in the module docstring)."""
+def save_model(model: LatentReasoner, tokenizer, out_dir: str | Path, meta: dict | None = None, cfg=None) -> None:
+    """Save a loadable model (layout in the module docstring). cfg: the run's config, for the model card
+    `model/README.md` (`kava.checkpoint.card`), which replaces peft's empty placeholder."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model.lm.save_pretrained(out / "model")
+    if cfg is not None:
+        (out / "model" / "README.md").write_text(model_card(
+            cfg, base=getattr(model, "base_source", None), run_dir=out.parent, step=(meta or {}).get("step"),
+            exported=False))
     if _is_peft(model.lm):
         base = getattr(model, "base_source", None)
         if base is None:
