@@ -53,6 +53,8 @@ TWINS: dict[str, Twin] = {
     "kava train --config llama1b_aug --set method=pccot --set run.seed=123": Twin(
         "tests/test_end_to_end.py::test_three_seeds_train_eval_report", words=('"method=', 'run.seed='), why=PRESET),
     "kava train --resume runs/llama1b_aug-s42": Twin("tests/test_progress.py::test_resumed_run_says_where_it_resumes"),
+    "kava train --resume runs/llama1b_aug-s42 --set optim.max_steps=8000": Twin(
+        "tests/test_train.py::test_resume_of_a_finished_run_does_nothing_and_max_steps_extends_it", why=PRESET),
     "kava eval --checkpoint runs/llama1b_aug-s42 --datasets gsm8k,gsm8k-hard,svamp --hub": Twin(
         "tests/test_evaluate.py::test_eval_on_the_three_paper_sets_from_a_local_data_dir",
         replaced={"--hub": "--data-dir"}, words=('"gsm8k,gsm8k-hard,svamp"',), why=NO_HUB),
@@ -108,6 +110,8 @@ TWINS: dict[str, Twin] = {
     "kava train": Twin("tests/test_progress.py::test_cli_train_in_a_pipe_prints_progress_lines"),
     "kava train --config smollm2_gsm8k": Twin("tests/test_smollm2.py::runs", words=('"smollm2_gsm8k"',)),
     "kava train --resume": Twin("tests/test_progress.py::test_resumed_run_says_where_it_resumes"),
+    "kava train --resume RUN": Twin(
+        "tests/test_train.py::test_a_signal_saves_a_checkpoint_at_the_next_step_and_prints_the_resume_command"),
     "kava train ... --dry-run": Twin("tests/test_cli.py::test_train_dry_run_prints_config_and_plan_and_trains_nothing"),
 }
 

@@ -79,6 +79,11 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"kava {args.command}: error: {one_line(e)} (--debug shows the traceback)", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:  # kava train: a checkpoint was saved and the message says how to resume
+        if args.debug:
+            raise
+        print(f"kava {args.command}: interrupted" + (f": {e}" if str(e) else ""), file=sys.stderr, flush=True)
+        return 128 + getattr(e, "signum", 2)
     finally:
         leave_process_group()
     return int(rc or 0)

@@ -28,6 +28,7 @@ import functools
 import json
 import math
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +55,7 @@ from kava.model.capture import no_host_sync
 from kava.objective import ce_denominators, length_key, loss_step, make_batch
 from kava.training.gradshare import grad_share_due, grad_share_micro, measure
 from kava.training.graphs import GraphedStep, setup_graphs
+from kava.training.interrupt import StopRequest, TrainingInterrupted
 from kava.training.logger import MetricLogger
 from kava.training.progress import ProgressLine, start_summary
 
@@ -477,14 +479,20 @@ def train(cfg: Config, *, resume: str | Path | None = None, progress: bool = Tru
     """
     acc = setup_accelerator(cfg)
     main, world = acc.is_main_process, acc.num_processes
+    fresh = resume is None and not (Path(cfg.run.output_dir) / run_name(cfg)).exists()
     run_dir, resume_ck = setup_run_dir(cfg, resume, main)
-    with RunLock(run_dir, enabled=main):  # a second `kava train` on this directory fails at once
-        data = setup_data(cfg, run_dir, acc, data_root=data_root, resume_ck=resume_ck)
-        plan = make_plan(cfg, len(data.items), world)
-        if main:
-            print_start_summary(cfg, plan, run_dir, data, world, resume_ck)
-        t = setup_model_and_optimizer(cfg, data.tokenizer, acc)
-        logger = MetricLogger(run_dir, cfg.run.log + ["jsonl"], main, cfg)
+    with RunLock(run_dir, enabled=main), StopRequest() as stop:  # a second `kava train` here fails at once
+        try:
+            data = setup_data(cfg, run_dir, acc, data_root=data_root, resume_ck=resume_ck)
+            plan = make_plan(cfg, len(data.items), world)
+            if main:
+                print_start_summary(cfg, plan, run_dir, data, world, resume_ck)
+            t = setup_model_and_optimizer(cfg, data.tokenizer, acc)
+            logger = MetricLogger(run_dir, cfg.run.log + ["jsonl"], main, cfg)
+        except BaseException:  # a run that fails at set-up leaves no run directory it created
+            if fresh and main and not (run_dir / "config.yaml").exists():
+                shutil.rmtree(run_dir, ignore_errors=True)
+            raise
         if resume_ck is not None:
             resume_state(t, resume_ck)
             logger.truncate_after(t.step)  # metrics then equal an uninterrupted run's
@@ -537,6 +545,12 @@ def train(cfg: Config, *, resume: str | Path | None = None, progress: bool = Tru
                     save_best(t, run_dir)
             if t.step % save_every == 0 or t.step == plan.total_steps:
                 save_checkpoint(t, run_dir)
+            if (signum := stop.should_stop(acc)) is not None:  # Ctrl-C / SIGTERM: checkpoint, then stop
+                if not (t.step % save_every == 0 or t.step == plan.total_steps):
+                    save_checkpoint(t, run_dir)
+                bar.close()
+                logger.close()
+                raise TrainingInterrupted(signum, run_dir, t.step, plan.total_steps)
         bar.close()
         if end_step == plan.total_steps and main:
             save_final(t, run_dir, plan.total_steps, data.skips)
