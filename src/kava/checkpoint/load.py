@@ -34,13 +34,15 @@ from kava.config import Config, ConfigError, config_from_dict, load_config
 from kava.data.format import SpecialIds, add_special_tokens
 from kava.model.families import SlidingWindowTooShort, check_window
 from kava.model.lora_dropout import fuse_lora_dropout
-from kava.model.pretrained import local_or_hub, load_pretrained_lm, pretrained_dir, scratch_config
+from kava.model.pretrained import check_local_path, local_or_hub, load_pretrained_lm, pretrained_dir, scratch_config
 from kava.model.reasoner import LatentReasoner
 
 
 def load_tokenizer(cfg: Config, tokenizer_dir: str | None = None):
     m = cfg.model
     if tokenizer_dir or m.tokenizer:
+        if not tokenizer_dir:
+            check_local_path(m.tokenizer, "model.tokenizer")
         src = str(Path(tokenizer_dir or m.tokenizer).expanduser())
     elif m.name_or_path:  # the model's own (for a GGUF file: the tokenizer converted with it)
         src = pretrained_dir(m.name_or_path, m.gguf_file, trust_remote_code=m.trust_remote_code)

@@ -21,6 +21,7 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
+    import sys
     from pathlib import Path
 
     import torch
@@ -31,13 +32,14 @@ def run(args) -> int:
     km = kava.load(args.checkpoint, device="cuda" if torch.cuda.is_available() else "cpu", dtype=torch.float32)
     model, tok, cfg = km.model, km.tokenizer, km.cfg
     if not cfg.is_latent:
-        print(f"kava inspect: a {cfg.method!r} checkpoint has no latents; use a pccot, codi or kava run")
+        print(f"kava inspect: a {cfg.method!r} checkpoint has no latents; use a pccot, codi or kava run",
+              file=sys.stderr)
         return 2
     ins = inspect_example(model, tok, cfg, args.question, args.cot, args.answer, key_space=args.key_space)
     L = ins.sim_k.shape[0]
     layers = [int(x) for x in args.layers.split(",")] if args.layers else None
     if layers and not all(0 <= x < L for x in layers):
-        print(f"kava inspect: --layers must be in 0..{L - 1}")
+        print(f"kava inspect: --layers must be in 0..{L - 1}", file=sys.stderr)
         return 2
     out = plot_similarity(ins, args.output or km.run_dir / "inspect.png", layers)
     print(f"saved {out}")
