@@ -105,6 +105,7 @@ TWINS: dict[str, Twin] = {
     "kava eval": Twin("tests/test_evaluate.py::test_eval_finds_the_runs_own_synthetic_data_and_limit_writes_beside_the_full_eval"),
     "kava export RUN --output DIR": Twin("tests/test_export.py::runs"),
     "kava report": Twin("tests/test_report.py::test_cli_report"),
+    "kava inspect": Twin("tests/test_ask_inspect.py::test_inspect_writes_png", words=('"--centered"',)),
     "kava score": Twin("tests/test_scoring.py::test_cli_score_scores_a_subset_and_says_which"),
     "kava sweep": Twin("tests/test_sweep.py::test_invalid_value_fails_whole_sweep_before_running"),
     "kava train": Twin("tests/test_progress.py::test_cli_train_in_a_pipe_prints_progress_lines"),
