@@ -932,3 +932,21 @@ def test_a_run_that_fails_at_set_up_leaves_no_run_directory(tmp_path, capsys):
     (tmp_path / "tiny_synth-s42" / "notes.txt").write_text("mine")
     assert _cli("train", "--config", "tiny_synth", "--no-progress", *sets) == 2
     assert (tmp_path / "tiny_synth-s42" / "notes.txt").exists()
+
+
+def test_a_signal_during_set_up_stops_at_once_and_a_second_one_in_the_loop_too(capsys):
+    from kava.training.interrupt import StopRequest
+
+    before = signal.getsignal(signal.SIGINT)
+    with StopRequest() as stop:
+        with pytest.raises(KeyboardInterrupt):  # not armed (data, model loading): no waiting for a step
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+        stop.arm()
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.05)
+        assert stop.requested == signal.SIGTERM and "SIGTERM received" in capsys.readouterr().out
+        with pytest.raises(KeyboardInterrupt):  # the second signal does not wait
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+    assert signal.getsignal(signal.SIGINT) == before

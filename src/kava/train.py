@@ -511,6 +511,7 @@ def train(cfg: Config, *, resume: str | Path | None = None, progress: bool = Tru
         t_last, tokens = time.perf_counter(), 0
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
+        stop.arm()  # from here a signal stops at the next step boundary, with a checkpoint
         for step in range(t.step, end_step):
             step_rng = t.rng_now() if cfg.run.nan_policy == "stop" else None  # the last good state, if this step fails
             lr = lr_at(step, plan.total_steps, cfg.optim.lr, plan.warmup_steps, cfg.optim.schedule)

@@ -1,8 +1,8 @@
 """Graceful interrupts: Ctrl-C (SIGINT) or SIGTERM (what SLURM sends at the time limit or on `scancel`) asks
 training to stop at the next step boundary, where it saves a checkpoint and says how to resume.
 
-`StopRequest` is a context manager the training loop runs inside: its handlers only set a flag (a second
-signal stops at once, as Python's default would); `should_stop` reads it at a step boundary, agreed over all
+`StopRequest` is a context manager the training loop runs inside: once armed (the loop starts), its
+handlers only set a flag (a second signal, or one during the set-up, stops at once, as Python's default would); `should_stop` reads it at a step boundary, agreed over all
 processes under DDP so that every rank saves and stops at the same step. `TrainingInterrupted` is what
 `kava.train.train` then raises: a `KeyboardInterrupt`, so a sweep stops too; the CLI prints its message and
 exits with 128 + the signal number.
@@ -39,9 +39,16 @@ class StopRequest:
     def __init__(self, enabled: bool = True):
         self.enabled = enabled and threading.current_thread() is threading.main_thread()
         self.requested: int | None = None
+        self.armed = False  # before the loop (set-up: data, model) a signal stops at once, as by default
         self._previous: dict[int, object] = {}
 
+    def arm(self) -> None:
+        """From now on (the training loop) a signal waits for the next step boundary."""
+        self.armed = True
+
     def _handle(self, signum, frame) -> None:
+        if not self.armed:
+            raise KeyboardInterrupt
         if self.requested is not None:  # a second signal: stop now
             for s, h in self._previous.items():
                 signal.signal(s, h)
