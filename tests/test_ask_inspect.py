@@ -132,6 +132,10 @@ def test_inspect_writes_png(run_dir, loaded, tmp_path, capsys):
     w, h = struct.unpack(">II", data[16:24])
     assert w > 800 and h > 400 and len(data) > 20_000
     assert [ln.split(":")[0] for ln in out[2:]] == ["layer 0", "layer 1"]
+    assert main(["inspect", "--checkpoint", str(run_dir), "--question", Q, "--cot", COT, "--answer", "62",
+                 "--output", str(tmp_path / "centred.png"), "--centered", "--layers", "all"]) == 0
+    assert (tmp_path / "centred.png").read_bytes() != data  # another similarity drawn
+    capsys.readouterr()
 
     model, tok, cfg = loaded
     ins = inspect_example(model, tok, cfg, Q, COT, "62")
@@ -180,3 +184,37 @@ def test_inspect_uses_the_runs_eviction_settings(setting):
         other = dataclasses.replace(cfg, eviction=dataclasses.replace(ev, importance_softmax="cot"))
         assert not torch.equal(inspect_example(model, tok, other, rec.question, cot, rec.answer).kept, want)
         assert ins.eviction == "rkv λ=1, prefix softmax"
+
+
+def test_centred_cosine_removes_the_common_direction():
+    g = torch.Generator().manual_seed(1)
+    lat, cot = torch.randn(2, 2, 4, 5, generator=g), torch.randn(2, 2, 6, 5, generator=g)
+    common = 50.0 * torch.randn(2, 2, 1, 5, generator=g)  # what every slot and token share
+    raw = latent_cot_similarity(lat + common, cot + common)
+    assert raw.min().item() > 0.9  # the raw cosine says "all similar"
+    want = _naive_similarity(lat - lat.mean(2, keepdim=True), cot - cot.mean(2, keepdim=True))
+    torch.testing.assert_close(latent_cot_similarity(lat + common, cot + common, centered=True), want, atol=1e-4, rtol=1e-4)
+
+
+def test_inspect_plot_is_a_readable_grid_of_a_few_layers(tmp_path):
+    """A 60-layer model (the SmolLM2-135M-sized case that drew one 15,480-pixel row): by default 4 layers
+    spread over the depth, keys and values side by side, a few thousand pixels at most; more layers wrap
+    into columns of pairs."""
+    from kava.tools.inspect_latents import Inspection, default_layers, plot_similarity
+
+    L, M, C = 60, 6, 24
+    g = torch.Generator().manual_seed(0)
+    ins = Inspection([f"t{j}" for j in range(C)], torch.rand(L, M, C, generator=g) * 2 - 1,
+                     torch.rand(L, M, C, generator=g) * 2 - 1, torch.randint(0, 3, (L, C), generator=g), 2,
+                     "rkv λ=0.1", "cache")
+    assert default_layers(L) == [0, 20, 39, 59] and default_layers(3) == [0, 1, 2]
+    w, h = _png_size(plot_similarity(ins, tmp_path / "few.png"))
+    assert 1000 <= w <= 2500 and 1000 <= h <= 2500, (w, h)
+    w5, h5 = _png_size(plot_similarity(ins, tmp_path / "5.png", list(range(5))))
+    assert w5 > 1.8 * w and h5 < h, (w5, h5)  # 5 layers: 2 columns of (keys, values), 3 rows
+
+
+def _png_size(path):
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    return struct.unpack(">II", data[16:24])

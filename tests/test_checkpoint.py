@@ -62,8 +62,8 @@ def lora_run(tmp_path_factory):
     seen = {}
     real_save = kt.save_model
 
-    def spy(model, tok, d, meta=None):
-        real_save(model, tok, d, meta)
+    def spy(model, tok, d, meta=None, cfg=None):
+        real_save(model, tok, d, meta, cfg)
         seen[d.name.removesuffix(".tmp")] = probe(model, tok, cfg, test_recs)
 
     mp = pytest.MonkeyPatch()

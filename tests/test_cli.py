@@ -40,7 +40,8 @@ def test_train_dry_run_prints_config_and_plan_and_trains_nothing(tmp_path, capsy
 @pytest.mark.parametrize("argv,expect", [
     (["train", "--config", "tiny_synth", "--set", "optim.lrr=1"], "unknown key optim.lrr"),
     (["train", "--config", "no/such/file.yaml"], "config file not found: no/such/file.yaml"),
-    (["eval", "--checkpoint", "{tmp}", "--datasets", "gsm8k"], "no kava model found"),
+    (["eval", "--checkpoint", "{tmp}", "--datasets", "synth-test"], "no kava model found"),
+    (["eval", "--checkpoint", "{tmp}", "--datasets", "gsm8k", "--data-dir", "{tmp}"], "gsm8k/test.jsonl: file not found"),
     (["ask", "--checkpoint", "{tmp}/missing", "--question", "x"], "missing: no such directory"),
 ])
 def test_user_errors_are_one_line_with_exit_status_2(argv, expect, tmp_path, capsys):
@@ -48,6 +49,25 @@ def test_user_errors_are_one_line_with_exit_status_2(argv, expect, tmp_path, cap
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"kava {argv[0]}: error: ") and expect in err and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("argv, expect", [
+    (["report", "{tmp}/nothing"], "kava report: error: no run directory in {tmp}/nothing"),
+    (["score", "--predictions", "{tmp}/p.jsonl", "--dataset", "nosuch"], "kava score: error: unknown evaluation set"),
+    (["train"], "kava train: give --config PRESET_OR_YAML"),
+    (["eval", "--datasets", "gsm8k"], "kava eval: give --checkpoint DIR or --model-args"),
+    (["train", "--config", "tiny_synth", "--set", "model.from_scratch=null", "--set", "model.name_or_path=./no/such/model",
+      "--set", "run.output_dir={tmp}", "--set", "data.synth_train_size=40", "--set", "data.synth_eval_size=4"],
+     "kava train: error: model.name_or_path: ./no/such/model does not exist (looked at {cwd}/no/such/model)"),
+])
+def test_user_and_usage_errors_go_to_stderr_with_exit_status_2(argv, expect, tmp_path, capsys):
+    import os
+
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    assert main(argv) == 2
+    out, err = capsys.readouterr()
+    assert expect.format(tmp=tmp_path, cwd=os.getcwd()) in err and err.count("\n") == 1, (out, err)
+    assert not (tmp_path / "tiny_synth-s42").exists()  # the failed set-up left no run directory
 
 
 @pytest.mark.skipif(importlib.util.find_spec("wandb") is not None, reason="wandb is installed here")
@@ -61,7 +81,7 @@ def test_missing_optional_package_is_one_line(tmp_path, capsys):
 
 def test_a_real_process_exits_2_without_traceback_unless_debug(tmp_path):
     src = str(Path(kava.__file__).parents[1])
-    cmd = [sys.executable, "-m", "kava.cli", "eval", "--checkpoint", str(tmp_path), "--datasets", "gsm8k"]
+    cmd = [sys.executable, "-m", "kava.cli", "eval", "--checkpoint", str(tmp_path), "--datasets", "synth-test"]
     r = subprocess.run(cmd, capture_output=True, text=True, env={"PYTHONPATH": src, "PATH": "/usr/bin:/bin"})
     assert r.returncode == 2 and "Traceback" not in r.stderr and r.stderr.count("\n") == 1, r.stderr
     r = subprocess.run(cmd[:3] + ["--debug"] + cmd[3:], capture_output=True, text=True,

@@ -38,7 +38,7 @@ def test_every_shipped_config_loads_validates_and_round_trips(name, tmp_path):
     # the resolved YAML a run saves (config.yaml) loads back to the same config (resume depends on it)
     p = tmp_path / "config.yaml"
     kc.save_config(cfg, p)
-    again = load_config(str(p))
+    again = load_config(str(p), resolve_paths=False)  # as resume reads it (kava.train.resume_config)
     assert again == cfg
     assert again.hash() == cfg.hash()
 
@@ -208,6 +208,61 @@ def test_unknown_preset_and_missing_file_are_named(tmp_path):
     bad.write_text("- a\n- b\n")
     with pytest.raises(ConfigError, match="mapping"):
         load_config(str(bad))
+
+
+def test_relative_paths_in_a_yaml_file_are_read_from_its_directory(tmp_path, monkeypatch):
+    """A config file's relative data and model paths are read from its directory (from anywhere); a hub id,
+    `synthetic`, and a preset's or a `--set` path stay as written (the current directory); a run's own
+    config.yaml is read as kava wrote it."""
+    exp = tmp_path / "exp"
+    (exp / "backbone").mkdir(parents=True)
+    (tmp_path / "data").mkdir()
+    (exp / "cfg.yaml").write_text(yaml.safe_dump({
+        "method": "kava", "model": {"name_or_path": "org/model", "init_from": "backbone"},
+        "data": {"source": "../data/train.jsonl", "valid_source": "whynlp/gsm8k-aug"}}))
+    monkeypatch.chdir(tmp_path / "data")
+    cfg = load_config(str(exp / "cfg.yaml"))
+    assert cfg.data.source == str(tmp_path / "data" / "train.jsonl")
+    assert cfg.model.init_from == str(exp / "backbone")
+    assert cfg.model.name_or_path == "org/model" and cfg.data.valid_source == "whynlp/gsm8k-aug"
+    monkeypatch.chdir(exp)
+    assert load_config("cfg.yaml").data.source == str(tmp_path / "data" / "train.jsonl")  # a relative config path
+    assert load_config("cfg.yaml", ["data.source=../x.jsonl"]).data.source == "../x.jsonl"  # --set: as written
+    assert load_config("cfg.yaml", resolve_paths=False).data.source == "../data/train.jsonl"
+    assert load_config("smollm2_gsm8k").data.source == "../shared/data/gsm8k-aug/train_no_aug.txt"  # a preset
+
+
+def test_hugging_face_training_arguments_names_are_aliases_printed_with_the_canonical_key(tmp_path, capsys):
+    cfg = load_config("tiny_synth", ["learning_rate=1e-4", "per_device_train_batch_size=16", "max_grad_norm=1.5",
+                                     "logging_steps=5", "eval_steps=7", "save_steps=9", "report_to=none"])
+    assert (cfg.optim.lr, cfg.optim.micro_batch, cfg.optim.grad_clip) == (1e-4, 16, 1.5)
+    assert (cfg.run.log_every, cfg.run.eval_every, cfg.run.save_every, cfg.run.log) == (5, 7, 9, [])
+    out = capsys.readouterr().out
+    assert "[kava] learning_rate (a Hugging Face TrainingArguments name) is kava's optim.lr: optim.lr=1e-4" in out
+    assert "is kava's optim.micro_batch" in out and "is kava's run.log: run.log=[]" in out
+    f = tmp_path / "hf.yaml"
+    f.write_text(yaml.safe_dump({"method": "cot", "model": {"name_or_path": "org/m"}, "learning_rate": 2e-4,
+                                 "report_to": ["wandb"], "max_steps": -1}))
+    cfg = load_config(str(f))
+    assert cfg.optim.lr == 2e-4 and cfg.run.log == ["wandb"] and cfg.optim.max_steps is None
+    assert load_config(str(f), ["optim.lr=3e-4"]).optim.lr == 3e-4  # --set wins over the file, under either name
+    f.write_text(yaml.safe_dump({"model": {"name_or_path": "org/m"}, "learning_rate": 2e-4, "optim": {"lr": 1e-3}}))
+    with pytest.raises(ConfigError, match="learning_rate and optim.lr are both given"):
+        load_config(str(f))
+
+
+@pytest.mark.parametrize("item, hint", [
+    ("optim.lrr=1", "unknown key optim.lrr; did you mean optim.lr?"),
+    ("lr=1", "unknown key lr; did you mean optim.lr?"),
+    ("warmup=0.1", "unknown key warmup; did you mean optim.warmup_ratio?"),
+    ("run.nme=x", "unknown key run.nme; did you mean run.name?"),
+    ("optim.learning_rate=1", "unknown key optim.learning_rate; did you mean optim.lr? (learning_rate is its "
+                              "Hugging Face name"),
+])
+def test_an_unknown_key_suggests_the_closest_one(item, hint):
+    with pytest.raises(ConfigError) as e:
+        load_config("tiny_synth", [item])
+    assert str(e.value).startswith(hint)
 
 
 # -------------------------------------------------------------------------------------- overrides

@@ -240,7 +240,11 @@ def test_summary_weights_layers_by_valid_pairs():
     s = summarize_diagnostics(rows)
     assert s["ablations"] == {"none": pytest.approx(2 / 3), "zeros": pytest.approx(1 / 3),
                               "shuffle": pytest.approx(1 / 3)}
-    assert s["oracle"] == {"accuracy": 0.5, "count": 2, "student_accuracy": 1.0, "skipped": {NO_COT: 1}}
+    # the binomial standard error of every accuracy: sqrt(p (1 - p) / (n - 1))
+    assert s["ablations_stderr"] == {"none": pytest.approx((2 / 9 / 2) ** 0.5), "zeros": pytest.approx((2 / 9 / 2) ** 0.5),
+                                     "shuffle": pytest.approx((2 / 9 / 2) ** 0.5)}
+    assert s["oracle"] == {"accuracy": 0.5, "accuracy_stderr": pytest.approx(0.5), "count": 2,
+                           "student_accuracy": 1.0, "skipped": {NO_COT: 1}}
     k = s["kv_match"]
     assert k["pairs"] == 8 and k["examples"] == 2 and k["key_space"] == "cache"
     assert k["k_rel"] == pytest.approx([(2 + 18) / 8, (4 + 24) / 8])
@@ -374,7 +378,8 @@ def test_data_without_cot_is_skipped_and_counted():
             Record("He buys 3 .", (), "3", "s:3")]
     rows, s = evaluate_records(m, tok, eval_cfg("kava"), recs, batch_size=2,
                                diagnostics=DiagnosticsSpec(oracle=True, kv_match=True))
-    assert s["oracle"] == {"accuracy": None, "count": 0, "student_accuracy": None, "skipped": {NO_COT: 3}}
+    assert s["oracle"] == {"accuracy": None, "accuracy_stderr": None, "count": 0, "student_accuracy": None,
+                           "skipped": {NO_COT: 3}}
     assert s["kv_match"]["pairs"] == 0 and s["kv_match"]["k_rel"] is None
     text = "\n".join(format_diagnostics("svamp", s))
     assert "oracle: no problem has a CoT; skipped: 3 (no CoT in the record)" in text

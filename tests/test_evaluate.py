@@ -450,3 +450,137 @@ def test_decoding_reads_the_device_once_per_step_not_once_per_example(mode, monk
         gens = generate(m, question_items(tok), tokenizer=tok, **kw(mode, "jacobi"))
     assert len(gens) == len(ALL) and max(g.generated_tokens for g in gens) > 1
     assert reads == []
+
+
+# ------------------------------------------------------------------------------------ kava eval on any model
+def test_eval_takes_an_intermediate_checkpoint_and_prints_progress_without_a_tty(synth_run, capsys):
+    """`--checkpoint RUN/checkpoints/step_N` (what `--help` promises): the run's model rebuilt with that step's
+    weights, written to eval/<dataset>-step<N>-limit<M>/; the same answers as the final model of that step.
+    The standard error is in the summary, and without a TTY (capsys) progress lines are printed."""
+    import json
+
+    from kava.cli import main as cli
+    from kava.tools.report import load_run
+
+    rd, _ = synth_run
+    assert cli(["eval", "--checkpoint", str(rd / "checkpoints" / "step_2"), "--datasets", "synth-test",
+                "--limit", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "[kava] eval synth-test (cot): 3/3 questions (100%)" in out and " ± " in out
+    d = rd / "eval" / "synth-test-step2-limit3"
+    step = [json.loads(ln) for ln in (d / "predictions.jsonl").read_text().splitlines()]
+    s = json.loads((d / "summary.json").read_text())
+    assert s["checkpoint_step"] == 2 and s["model_kind"] == "step" and s["count"] == 3
+    p = s["accuracy"]
+    assert s["accuracy_stderr"] == pytest.approx((p * (1 - p) / 2) ** 0.5)
+    assert cli(["eval", "--checkpoint", str(rd), "--datasets", "synth-test", "--limit", "3"]) == 0  # final/ = step 2
+    final = [json.loads(ln) for ln in (rd / "eval" / "synth-test-limit3" / "predictions.jsonl").read_text().splitlines()]
+    assert [r["generated"] for r in step] == [r["generated"] for r in final]
+    assert "synth-test-step2-limit3" in load_run(rd).evals  # the report keeps it apart from the final model's
+    capsys.readouterr()
+
+
+def _plain_model(tmp_path):
+    """A Hugging Face model directory as the hub ships one (no kava tokens), and a peft adapter trained on it."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from tiny import tiny_config, tiny_tokenizer
+
+    tok = tiny_tokenizer(kava_tokens=False)
+    torch.manual_seed(3)
+    base = AutoModelForCausalLM.from_config(tiny_config("llama", len(tok), tok))
+    base.save_pretrained(tmp_path / "base")
+    tok.save_pretrained(tmp_path / "base")
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "base")  # so the adapter names this directory
+    peft_lm = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for n, p in peft_lm.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)  # a trained adapter: it changes the answers
+    peft_lm.save_pretrained(tmp_path / "adapter")
+    return tok
+
+
+def _reference(model_dir, records, mode, adapter=None, max_new=4):
+    """Greedy answers of plain transformers `generate` on kava's input ids (question, and in nocot mode the
+    answer prompt), with kava's budget (cot: CoT 128 + prompt + answer): what kava eval must print for a model
+    it did not train."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from kava.data.format import Formatter, add_special_tokens
+
+    lm = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    add_special_tokens(tok)  # kava's prompt ids: the three added tokens never appear in them
+    if adapter is not None:
+        from peft import PeftModel
+
+        lm = PeftModel.from_pretrained(lm, adapter).merge_and_unload()
+    fmt = Formatter(tok)
+    out = []
+    for r in records:
+        ids = fmt.question_ids(r.question) + (fmt.prompt_ids if mode == "nocot" else [])
+        budget = max_new + (128 + len(fmt.prompt_ids) if mode == "cot" else 0)
+        with torch.no_grad():
+            gen = lm.generate(torch.tensor([ids]), max_new_tokens=budget, do_sample=False,
+                              eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)[0, len(ids):].tolist()
+        out.append(tok.decode(gen[:-1] if gen[-1] == tok.eos_token_id else gen, skip_special_tokens=True))
+    return out
+
+
+def test_eval_takes_a_plain_model_and_a_peft_adapter_in_cot_and_nocot_mode(tmp_path, monkeypatch, capsys):
+    """The base model (the first baseline), its peft adapter (a directory, or lm-eval's model args) and a
+    custom GSM8k JSONL test file: answers equal plain transformers' greedy generate on kava's prompt; results go
+    to runs/<name>-<mode>/eval/<file stem>/ with a meta.json, which `kava report runs/` lists."""
+    import json
+
+    from kava.cli import main as cli
+    from kava.data.readers import load_records
+    from kava.tools.report import load_run
+
+    _plain_model(tmp_path)
+    test = tmp_path / "my_test.jsonl"
+    test.write_text("".join(json.dumps({"question": q, "answer": f"<<{a}>> #### {n}"}) + "\n" for q, a, n in [
+        ("Tom has 3 apples . He buys 4 more . How many ?", "3+4=7", 7), ("Tom has 12 apples .", "12-2=10", 10),
+        ("He buys 7 more apples .", "7+5=12", 12)]))
+    recs = load_records(test)
+    monkeypatch.chdir(tmp_path)
+    got = {}
+    for name, argv in {"base-cot": ["--checkpoint", "base", "--mode", "cot"],
+                       "base-nocot": ["--checkpoint", "base", "--mode", "nocot"],
+                       "adapter-nocot": ["--checkpoint", "adapter", "--mode", "nocot"],
+                       "via-args": ["--model-args", "pretrained=base,peft=adapter", "--mode", "nocot",
+                                    "--output", "via-args"]}.items():
+        assert cli(["eval", *argv, "--datasets", str(test), "--max-new-tokens", "4"]) == 0
+        d = (tmp_path / "via-args" if name == "via-args" else tmp_path / "runs" / name / "eval") / "my_test"
+        s = json.loads((d / "summary.json").read_text())
+        assert s["dataset"] == "my_test" and s["count"] == 3 and s["model_kind"] == "plain"
+        assert "format gsm8k" in s["description"] and "accuracy_stderr" in s
+        assert s["mode"] == s["method"] == name.split("-")[-1] if name != "via-args" else s["mode"] == "nocot"
+        got[name] = [json.loads(ln)["generated"] for ln in (d / "predictions.jsonl").read_text().splitlines()]
+    assert got["base-cot"] == _reference(tmp_path / "base", recs, "cot")
+    assert got["base-nocot"] == _reference(tmp_path / "base", recs, "nocot")
+    assert got["adapter-nocot"] == got["via-args"] == _reference(tmp_path / "base", recs, "nocot",
+                                                                 adapter=tmp_path / "adapter")
+    assert got["adapter-nocot"] != got["base-nocot"]  # the adapter is applied
+    run = load_run(tmp_path / "runs" / "base-nocot")
+    assert run.method == "nocot" and run.evals["my_test"]["count"] == 3
+    assert cli(["eval", "--checkpoint", "base", "--mode", "latent", "--datasets", str(test)]) == 2
+    assert "a plain model (no kava training) has no latent mode" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("datasets, expect", [
+    ("gsm8k,nosuch", "unknown evaluation set 'nosuch'"),
+    ("gsm8k", "gsm8k: {empty}/gsm8k/test.jsonl: file not found (from --data-dir)"),
+    ("missing.jsonl", "missing.jsonl: file not found"),
+])
+def test_eval_checks_the_dataset_names_before_the_model_loads(tmp_path, monkeypatch, capsys, datasets, expect):
+    from kava.cli import main as cli
+
+    monkeypatch.setattr("kava.evaluate.load_any", lambda *a, **k: pytest.fail("the model was loaded"))
+    (tmp_path / "empty").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert cli(["eval", "--checkpoint", str(tmp_path), "--datasets", datasets, "--data-dir", str(tmp_path / "empty")]) == 2
+    err = capsys.readouterr().err
+    assert expect.format(empty=tmp_path / "empty") in err and err.count("\n") == 1, err

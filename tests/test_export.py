@@ -8,6 +8,7 @@ the predictions `kava eval` wrote. The exported directory is read back with plai
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -114,3 +115,60 @@ def test_eval_and_ask_accept_an_export_dir(runs, capsys, tmp_path):
     assert err.startswith("kava export: error: ") and "exists and is not empty" in err and err.count("\n") == 1
     with pytest.raises(FileExistsError, match="not empty"):
         main(["--debug", "export", str(run), "--output", str(hf)])
+
+
+def test_export_writes_a_model_card_drops_the_chat_template_casts_and_pushes(runs, tmp_path, monkeypatch, capsys):
+    """`kava export --dtype bf16 --push-to-hub REPO`: the model card (method, data, the run's eval results, how to
+    load it), no chat template that training did not use (one planted in the run's tokenizer), bf16 weights,
+    and `upload_folder` (mocked at the huggingface_hub API boundary) receives exactly the exported files."""
+    import shutil
+
+    import huggingface_hub
+    import yaml
+    from safetensors import safe_open
+
+    src, _, _ = runs[0]["cot"]
+    run = tmp_path / "cot"
+    shutil.copytree(src, run)
+    tok = AutoTokenizer.from_pretrained(run / "best" / "tokenizer")
+    tok.chat_template = "{% for m in messages %}<|bos|>{{ m['content'] }}{% endfor %}"
+    tok.save_pretrained(run / "best" / "tokenizer")
+    assert AutoTokenizer.from_pretrained(run / "best" / "tokenizer").chat_template
+    calls = []
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", lambda self, repo_id, **kw: calls.append(("create", repo_id, kw)))
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", lambda self, **kw: calls.append(
+        ("upload", kw["repo_id"], sorted(p.name for p in Path(kw["folder_path"]).iterdir()))))
+    out = tmp_path / "cot-hf"
+    assert main(["export", str(run), "--output", str(out), "--dtype", "bf16", "--push-to-hub", "me/tiny-cot"]) == 0
+    files = sorted(p.name for p in out.iterdir())
+    assert calls[0] == ("create", "me/tiny-cot", {"repo_type": "model", "private": False, "exist_ok": True})
+    assert calls[1] == ("upload", "me/tiny-cot", files)
+    assert {"README.md", "config.json", "model.safetensors", "generation_config.json", "tokenizer.json",
+            "tokenizer_config.json", "kava.json", "kava_projection.safetensors"} <= set(files)
+    assert "chat_template.jinja" not in files and AutoTokenizer.from_pretrained(out).chat_template is None
+    assert f"pushed {len(files)} files to https://huggingface.co/me/tiny-cot" in capsys.readouterr().out
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    card = (out / "README.md").read_text()
+    front = yaml.safe_load(card.split("---")[1])
+    assert front["library_name"] == "transformers" and "cot" in front["tags"] and "base_model" not in front
+    summary = json.loads((run / "eval" / f"synth-test-limit{N}" / "summary.json").read_text())
+    assert f"| synth-test-limit{N} | cot | {100 * summary['accuracy']:.1f} | {100 * summary['accuracy_stderr']:.1f} | {N} |" in card
+    assert "- **Method:** `cot`" in card and "synthetic arithmetic task" in card and "AutoModelForCausalLM" in card
+    assert kava.load(out).generate("Tom has 3 apples .")[0].token_ids  # the bf16 export loads back
+    # a hub failure is one line naming the repository; the export stays on disk
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", lambda self, *a, **k: (_ for _ in ()).throw(
+        RuntimeError("401 Unauthorized")))
+    assert main(["export", str(run), "--output", str(tmp_path / "again"), "--push-to-hub", "me/x"]) == 2
+    err = capsys.readouterr().err
+    assert "--push-to-hub me/x: RuntimeError: 401 Unauthorized" in err and err.count("\n") == 1
+    assert (tmp_path / "again" / "README.md").exists()
+
+
+def test_a_saved_lora_model_carries_the_card_not_peft_s_placeholder(runs):
+    run, _, _ = runs[0]["kava"]
+    card = (run / "best" / "model" / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: peft\n") and "## How to load it" in card
+    assert "- **Method:** `kava`, 4 latent tokens, 3 sweeps; LoRA r=4" in card and "kava.load(\"RUN_DIR\")" in card
+    assert "[More Information Needed]" not in card  # peft's placeholder text

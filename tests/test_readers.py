@@ -446,3 +446,35 @@ def test_exclude_valid_questions_gives_the_6973_train_questions_and_counts_the_5
     skips2 = SkipLog()
     train2, _, _ = load_train_valid(load_config(None, sets), data_dir, skips2)
     assert len(train2) == 7473 and skips2.total == 0
+
+
+def test_format_is_decided_by_the_majority_of_the_first_records_not_the_first_line(tmp_path, capsys):
+    """A GSM8k JSONL whose first line is truncated is still GSM8k: 51 good records read, the bad line counted
+    as invalid json, and the guess (and how it was made) named where the source is shown."""
+    from kava.cli import main
+
+    good = [json.dumps({"question": f"Tom has {i} apples . He buys 1 more . How many ?",
+                        "answer": f"He has <<{i}+1={i + 1}>> {i + 1}.\n#### {i + 1}"}) for i in range(51)]
+    p = tmp_path / "gsm8k_test.jsonl"
+    p.write_text('{"question": "cut short", "answ\n' + "\n".join(good) + "\n")
+    assert readers.detect_format_reason(p) == ("gsm8k", "detected from 49 of the first 50 records")
+    skips = SkipLog()
+    recs = load_records(p, skips=skips)
+    assert len(recs) == 51 and recs[0].steps == ("<<0+1=1>>",) and dict(skips.counts) == {"invalid json": 1}
+    assert main(["data", str(p), "--output", str(tmp_path / "out"), "--num-latents", "2"]) == 0
+    out = capsys.readouterr().out
+    assert f"source: {p} (format gsm8k (auto: detected from 49 of the first 50 records))" in out
+    assert "records: 51; skipped 1 records (invalid json: 1)" in out
+    # a tie goes to the earliest format; no JSON object at all in a .jsonl: generic JSONL, which reports the lines
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text(json.dumps({"question": "q", "steps": [], "answer": "1"}) + "\n" + good[0] + "\n")
+    assert readers.detect_format(mixed) == "jsonl"
+    junk = tmp_path / "junk.jsonl"
+    junk.write_text("not json\n")
+    assert readers.detect_format_reason(junk) == ("jsonl", "none of the first 1 records is a JSON object")
+
+
+def test_a_missing_relative_file_says_where_it_was_looked_for(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError, match=re.escape(f"data/x.jsonl: file not found (looked at {tmp_path}/data/x.jsonl)")):
+        load_records("data/x.jsonl")

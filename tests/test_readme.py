@@ -53,12 +53,22 @@ TWINS: dict[str, Twin] = {
     "kava train --config llama1b_aug --set method=pccot --set run.seed=123": Twin(
         "tests/test_end_to_end.py::test_three_seeds_train_eval_report", words=('"method=', 'run.seed='), why=PRESET),
     "kava train --resume runs/llama1b_aug-s42": Twin("tests/test_progress.py::test_resumed_run_says_where_it_resumes"),
+    "kava train --resume runs/llama1b_aug-s42 --set optim.max_steps=8000": Twin(
+        "tests/test_train.py::test_resume_of_a_finished_run_does_nothing_and_max_steps_extends_it", why=PRESET),
     "kava eval --checkpoint runs/llama1b_aug-s42 --datasets gsm8k,gsm8k-hard,svamp --hub": Twin(
         "tests/test_evaluate.py::test_eval_on_the_three_paper_sets_from_a_local_data_dir",
         replaced={"--hub": "--data-dir"}, words=('"gsm8k,gsm8k-hard,svamp"',), why=NO_HUB),
     "kava eval --checkpoint runs/llama1b_aug-s42 --datasets gsm8k --hub --diagnostics": Twin(
         "tests/test_end_to_end.py::test_three_seeds_train_eval_report", replaced={"--hub": "--data-dir"},
         why="the synthetic test split of three tiny kava runs; " + NO_HUB),
+    "kava eval --checkpoint runs/llama1b_aug-s42/checkpoints/step_400 --datasets gsm8k --hub": Twin(
+        "tests/test_evaluate.py::test_eval_takes_an_intermediate_checkpoint_and_prints_progress_without_a_tty",
+        replaced={"--hub": ""}, why="the synthetic test split of a tiny run; " + NO_HUB),
+    "kava eval --model-args pretrained=meta-llama/Llama-3.2-1B-Instruct --mode nocot --datasets gsm8k --hub": Twin(
+        "tests/test_evaluate.py::test_eval_takes_a_plain_model_and_a_peft_adapter_in_cot_and_nocot_mode",
+        replaced={"--hub": ""}, why="a tiny local model directory for the hub model, a local JSONL file; " + NO_HUB),
+    "kava eval --checkpoint my-adapter/ --mode cot --datasets my_test.jsonl": Twin(
+        "tests/test_evaluate.py::test_eval_takes_a_plain_model_and_a_peft_adapter_in_cot_and_nocot_mode"),
     "kava report runs/ --output report/": Twin("tests/test_report.py::test_cli_report_on_a_runs_folder"),
     "kava ask --checkpoint runs/llama1b_aug-s42 --question ... --show-latents": Twin(
         "tests/test_ask_inspect.py::test_ask_show_latents"),
@@ -67,6 +77,9 @@ TWINS: dict[str, Twin] = {
     "kava score --predictions preds.jsonl --dataset gsm8k --data-dir ../shared/data": Twin(
         "tests/test_scoring.py::test_cli_score", why="svamp in place of gsm8k: same reader and scorer"),
     "kava export runs/llama1b_aug-s42 --output llama1b-kava-hf": Twin("tests/test_export.py::runs"),
+    "kava export runs/llama1b_aug-s42 --output llama1b-kava-hf --dtype bf16 --push-to-hub me/llama1b-kava": Twin(
+        "tests/test_export.py::test_export_writes_a_model_card_drops_the_chat_template_casts_and_pushes",
+        why="huggingface_hub's upload is mocked at its API boundary (CI has no hub)"),
     "accelerate launch --num_processes 4 -m kava.cli train --config llama1b_aug": Twin(
         "tests/test_readme.py::test_accelerate_launch_runs_kava_train_and_eval", words=('"train"',), why=PRESET),
     "torchrun --nproc_per_node 4 -m kava.cli train --config llama1b_aug": Twin(
@@ -78,10 +91,11 @@ TWINS: dict[str, Twin] = {
         why="the synthetic test split; sharding over processes is checked under torchrun "
             "(tests/test_end_to_end.py::test_sharded_eval_over_two_processes_equals_one)"),
     "kava sweep --configs llama1b_aug,llama1b_aug_nl,llama3b_aug,llama3b_aug_nl,qwen05b_aug,qwen05b_aug_nl --seeds "
-    "42,123,456 --eval-datasets gsm8k,gsm8k-hard,svamp --slurm --partition gpu --gpus-per-node 4 --nodes 1 --time "
-    "24:00:00 --script-dir slurm/": Twin(
+    "42,123,456 --eval-datasets gsm8k,gsm8k-hard,svamp --hub --slurm --partition gpu --gpus-per-node 4 --nodes 1 "
+    "--time 24:00:00 --script-dir slurm/": Twin(
         "tests/test_sweep.py::test_slurm_single_node",
-        why="two presets, one seed; it runs the job scripts with stand-ins for torchrun, srun and python"),
+        why="two presets, one seed; it runs the job scripts with stand-ins for torchrun, srun and python "
+            "(tests/test_sweep.py::test_readme_sweep_runs_end_to_end runs one for real on a tiny config)"),
     # inline code in the prose
     "kava --debug COMMAND ...": Twin("tests/test_cli.py::test_a_real_process_exits_2_without_traceback_unless_debug"),
     "kava --version": Twin("tests/test_cli.py::test_version"),
@@ -91,10 +105,14 @@ TWINS: dict[str, Twin] = {
     "kava eval": Twin("tests/test_evaluate.py::test_eval_finds_the_runs_own_synthetic_data_and_limit_writes_beside_the_full_eval"),
     "kava export RUN --output DIR": Twin("tests/test_export.py::runs"),
     "kava report": Twin("tests/test_report.py::test_cli_report"),
+    "kava inspect": Twin("tests/test_ask_inspect.py::test_inspect_writes_png", words=('"--centered"',)),
+    "kava score": Twin("tests/test_scoring.py::test_cli_score_scores_a_subset_and_says_which"),
     "kava sweep": Twin("tests/test_sweep.py::test_invalid_value_fails_whole_sweep_before_running"),
     "kava train": Twin("tests/test_progress.py::test_cli_train_in_a_pipe_prints_progress_lines"),
     "kava train --config smollm2_gsm8k": Twin("tests/test_smollm2.py::runs", words=('"smollm2_gsm8k"',)),
     "kava train --resume": Twin("tests/test_progress.py::test_resumed_run_says_where_it_resumes"),
+    "kava train --resume RUN": Twin(
+        "tests/test_train.py::test_a_signal_saves_a_checkpoint_at_the_next_step_and_prints_the_resume_command"),
     "kava train ... --dry-run": Twin("tests/test_cli.py::test_train_dry_run_prints_config_and_plan_and_trains_nothing"),
 }
 

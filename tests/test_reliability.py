@@ -752,7 +752,7 @@ def test_run_dir_holds_safetensors_and_text_only(bad_run):
     files = [p for p in run.rglob("*") if p.is_file()]
     suffixes = {p.suffix for p in files}
     assert not suffixes & PICKLE_SUFFIXES, suffixes
-    assert suffixes <= {"", ".safetensors", ".json", ".jsonl", ".yaml"}, suffixes
+    assert suffixes <= {"", ".safetensors", ".json", ".jsonl", ".yaml", ".md"}, suffixes  # .md: the model card
     for p in files:  # every weight file parses as safetensors; everything else is plain text
         if p.suffix == ".safetensors":
             with safe_open(str(p), "pt") as f:
@@ -927,3 +927,16 @@ def test_failure_modes_doc_names_only_existing_tests():
             assert param[1:-1] in ids, param
     for name in re.findall(r"^def (test_\w+)\(", Path(__file__).read_text(), re.M):  # and every test here is listed
         assert name in doc or name == "test_failure_modes_doc_names_only_existing_tests", name
+
+
+def test_nonfinite_loss_through_the_cli_is_one_line_naming_the_step_and_term(files, tmp_path, monkeypatch, capsys):
+    from kava.cli import main
+
+    inject(monkeypatch, "ce_teacher", {2})
+    sets = TINY + [f"data.source={files['good']}", f"data.valid_source={files['good']}", f"run.output_dir={tmp_path}",
+                   "optim.max_steps=3", "run.save_every=100"]
+    assert main(["train", "--config", "tiny_synth", "--no-progress", *[x for s in sets for x in ("--set", s)]]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("kava train: error: non-finite loss at optimizer step 2 in term(s) ['loss/ce_teacher']; "
+                          f"last good state saved in {tmp_path / 'tiny_synth-s42' / 'checkpoints' / 'step_1'}")
+    assert err.count("\n") == 1 and "Traceback" not in err

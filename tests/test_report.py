@@ -210,3 +210,50 @@ def test_report_diagnostics_tables_and_plots(runs, tmp_path):
     plain = write_report([runs[3]], tmp_path / "plain")  # a cot run: no diagnostics, no such plots
     assert "kv_match.png" not in plain["paths"] and not (tmp_path / "plain" / "grad_shares.png").exists()
     assert "Latent ablations" not in plain["paths"]["report.md"].read_text()
+
+
+def test_plots_fixed_accuracy_axis_short_legends_outside_the_data_and_integer_steps(runs, tmp_path, monkeypatch):
+    """accuracy_vs_passes.png: y from 0 to 100 in every panel, legends name the groups (no data path);
+    kv_match.png: one legend outside every panel, nothing drawn outside the saved image; grad_shares.png:
+    integer step ticks. The figures are checked as saved (Figure.savefig spied)."""
+    from pathlib import Path
+
+    from matplotlib.figure import Figure
+
+    long = {"method": "codi", "preset": None, "train_data": "../shared/data/gsm8k-aug/train_no_aug.txt"}
+    runs.append(make_run(runs[0].parent, "codi-s42", long, 42, {"gsm8k": (0.3, 0.3, 8.0)}))
+    kv = {"k_rel": [1.0, 0.5], "k_cos": [0.2, 0.4], "v_rel": [0.9, 0.8], "v_cos": [0.1, 0.3]}
+    add_diagnostics(runs[0], "gsm8k", {"none": 0.5, "zeros": 0.2}, (0.8, 0.55), kv,
+                    {1: {"ce_student": 0.7, "kv": 0.3}, 2: {"ce_student": 0.6, "kv": 0.4}})
+    figs = {}
+    real = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda self, p, *a, **k: (figs.__setitem__(Path(p).name, self),
+                                                                    real(self, p, *a, **k))[1])
+    res = write_report(runs, tmp_path / "out")
+    acc = figs["accuracy_vs_passes.png"]
+    panels = [ax for ax in acc.axes if ax.get_visible()]
+    assert len(panels) == 3 and all(ax.get_ylim() == (0.0, 100.0) for ax in panels)
+    labels = {t.get_text() for ax in panels if ax.get_legend() for t in ax.get_legend().get_texts()}
+    assert labels == {"llama1b_aug (n=3)", "llama1b_aug (n=2)", "cot (n=1)", "codi (n=1)"}, labels
+
+    kvf = figs["kv_match.png"]
+    assert all(ax.get_legend() is None for ax in kvf.axes) and len(kvf.legends) == 1
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    r = FigureCanvasAgg(kvf).get_renderer()
+    kvf.draw(r)  # the layout as saved
+    box = kvf.legends[0].get_window_extent(r)
+    assert not any(box.overlaps(ax.get_window_extent(r)) for ax in kvf.axes if ax.get_visible())
+    assert [t.get_text() for t in kvf.legends[0].get_texts()] == ["llama1b_aug · gsm8k"]
+    fig_box = kvf.bbox
+    for ax in kvf.axes:  # titles and axis labels lie inside the figure
+        for t in (ax.title, ax.xaxis.label, ax.yaxis.label):
+            e = t.get_window_extent(r)
+            assert e.x0 >= fig_box.x0 - 1 and e.x1 <= fig_box.x1 + 1 and e.y0 >= fig_box.y0 - 1 and e.y1 <= fig_box.y1 + 1
+    w, h = png_size(res["paths"]["kv_match.png"])
+    assert 600 <= w <= 1400 and 600 <= h <= 1400, (w, h)
+
+    (gax,) = [ax for ax in figs["grad_shares.png"].axes if ax.get_visible()]
+    lo, hi = gax.get_xlim()
+    ticks = [t for t in gax.get_xticks() if lo <= t <= hi]
+    assert ticks and all(float(t).is_integer() for t in ticks), ticks

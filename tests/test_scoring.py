@@ -178,6 +178,24 @@ def test_cli_score(tmp_path, data_dir, capsys):
     assert "accuracy: 0.5000" in capsys.readouterr().out
 
     bad = _write(tmp_path / "bad.jsonl", [{"index": 0, "prediction": "1"}, {"index": 0, "prediction": "1"}])
-    assert main(["score", "--predictions", str(bad), "--dataset", "svamp", "--data-dir", str(data_dir)]) == 1
+    assert main(["score", "--predictions", str(bad), "--dataset", "svamp", "--data-dir", str(data_dir)]) == 2
     err = capsys.readouterr().err
-    assert "index 0 duplicated" in err
+    assert err.startswith("kava score: error: ") and "index 0 duplicated" in err and err.count("\n") == 1
+    assert main(["score", "--predictions", str(tmp_path / "none.jsonl"), "--dataset", "svamp", "--data-dir",
+                 str(data_dir)]) == 2
+    assert "none.jsonl: predictions file not found" in capsys.readouterr().err
+
+
+def test_cli_score_scores_a_subset_and_says_which(tmp_path, data_dir, capsys):
+    """A `kava eval --limit N` predictions.jsonl (text under "generated") holds the first N indices only: those
+    are scored, with the standard error, and the output names them."""
+    records, _ = load_eval_dataset("svamp", data_dir)
+    rows = [{"index": i, "generated": f" {records[i].answer if i != 1 else plus_one(records[i].answer)}"}
+            for i in (0, 1, 2, 3, 7)]
+    p = _write(tmp_path / "predictions.jsonl", rows)
+    assert main(["score", "--predictions", str(p), "--dataset", "svamp", "--data-dir", str(data_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "accuracy: 0.8000 ± 0.2000" in out  # 4 of 5; sqrt(0.8 * 0.2 / 4)
+    assert f"count: 5 of {len(records)} (a subset: indices 0-3, 7;" in out
+    res = score_file(p, records, subset=True)
+    assert res["indices"] == [0, 1, 2, 3, 7] and res["of"] == len(records) and res["correct"][1] is False

@@ -180,6 +180,13 @@ def test_export_reproduces_kava_with_plain_transformers(runs, tmp_path):
             text = r["question"].strip() + (" " + settings["answer_prompt"] if mode == "nocot" else "")
             kw = {"max_new_tokens": settings["max_new_tokens"]} if mode == "nocot" else {}
             assert hf_answer(model, tok, text, **kw) == r["generated"], (mode, r["question"])
+    # SmolLM2-Instruct's chat template is not kava's prompt: the run's tokenizer has it, the export does not
+    assert AutoTokenizer.from_pretrained(runs / "cot" / "final" / "tokenizer").chat_template
+    assert tok.chat_template is None and not (tmp_path / "cot" / "chat_template.jinja").exists()
+    # the model cards name the GGUF base in the text; a local cache path is no hub id, so no `base_model:`
+    for card in ((tmp_path / "cot" / "README.md").read_text(), (runs / "kava" / "final" / "model" / "README.md").read_text()):
+        front = card.split("---")[1]
+        assert "base_model" not in front and smollm2.GGUF in card and "## Evaluation results" in card
     assert cli("export", str(runs / "kava"), "--output", str(tmp_path / "kava")) == 0
     got = kava.load(tmp_path / "kava").generate([r["question"] for r in preds(runs / "kava")])
     assert [a.text for a in got] == [r["generated"] for r in preds(runs / "kava")]

@@ -68,10 +68,10 @@ def test_invalid_value_fails_whole_sweep_before_running(tmp_path, no_train, caps
     # the bad value is the *last* combination: nothing may have run before the error
     rc = main(["sweep", "--configs", "tiny_synth", "--seeds", "1,2", "--grid", "eviction.lam=0.5,2.0",
                "--output-dir", str(out)])
-    assert rc == 2 and "eviction.lam" in capsys.readouterr().out
+    assert rc == 2 and "eviction.lam" in capsys.readouterr().err
     assert no_train == [] and not out.exists()
     assert main(["sweep", "--configs", "tiny_synth", "--set", "optim.lrr=1", "--output-dir", str(out)]) == 2
-    assert "optim.lrr" in capsys.readouterr().out
+    assert "optim.lrr" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="run.seed"):
         expand(["tiny_synth"], [1], fixed=["run.seed=3"])
     with pytest.raises(ConfigError, match="unknown preset"):
@@ -117,7 +117,7 @@ def test_dry_run_statuses_and_local_actions(tmp_path, no_train, capsys, monkeypa
     cfg = load_config(str(runs[1].run_dir / "config.yaml"), ["optim.lr=0.5"])
     save_config(cfg, runs[1].run_dir / "config.yaml")
     assert main(argv + ["--dry-run"]) == 2
-    assert "optim.lr" in capsys.readouterr().out
+    assert "optim.lr" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------------------ SLURM
@@ -164,7 +164,7 @@ def test_slurm_single_node(tmp_path, capsys):
     (done / "DONE").write_text("{}")
     rc = main(["sweep", "--configs", "llama1b_aug,qwen05b_aug", "--seeds", "42", "--slurm", "--script-dir", str(sd),
                "--partition", "gpu", "--nodes", "1", "--gpus-per-node", "4", "--cpus-per-task", "32", "--time", "12:00:00",
-               "--output-dir", str(out), "--set", "optim.lr=1e-4", "--eval-datasets", "gsm8k,svamp",
+               "--output-dir", str(out), "--set", "optim.lr=1e-4", "--eval-datasets", "gsm8k,svamp", "--hub",
                "--env-setup", "true"])
     assert rc == 0, capsys.readouterr().out
     scripts = sorted(sd.glob("*.sbatch"))
@@ -176,7 +176,7 @@ def test_slurm_single_node(tmp_path, capsys):
         "#SBATCH --time=12:00:00", f"#SBATCH --output={(sd / 'logs').resolve()}/llama1b_aug-s42-%j.out"]
     lines = [ln.strip() for ln in text.splitlines()]
     assert 'torchrun --standalone --nproc_per_node 4 -m kava.cli train "${TRAIN_ARGS[@]}"' in lines
-    assert 'python -m kava.cli eval --checkpoint "$RUN_DIR" --datasets gsm8k,svamp' in lines
+    assert 'python -m kava.cli eval --checkpoint "$RUN_DIR" --datasets gsm8k,svamp --hub' in lines
     assert "srun" not in text and "MASTER_ADDR" not in text
     assert (sd / "logs").is_dir()
     submit = (sd / "submit_all.sh").read_text()
@@ -192,7 +192,7 @@ def test_slurm_single_node(tmp_path, capsys):
     assert args.command == "train" and args.no_progress
     assert load_config(args.config, args.overrides).to_dict() == run.cfg.to_dict()
     assert rec["python"] == ["-m", "kava.cli", "eval", "--checkpoint", str(run.run_dir.resolve()),
-                             "--datasets", "gsm8k,svamp"]
+                             "--datasets", "gsm8k,svamp", "--hub"]
     # a requeued job with a checkpoint resumes; a finished one launches nothing
     (run.run_dir / "checkpoints" / "step_10").mkdir(parents=True)
     (run.run_dir / "checkpoints" / "step_10" / "state.json").write_text("{}")
@@ -231,7 +231,7 @@ def test_slurm_multi_node(tmp_path, capsys):
     # 128 = effective batch; micro 32 x 8 GPUs does not divide it: refused before writing anything
     rc = main(["sweep", "--configs", "llama1b_aug", "--seeds", "1", "--slurm", "--script-dir", str(tmp_path / "x"),
                "--nodes", "2", "--gpus-per-node", "4"])
-    assert rc == 2 and "optim.effective_batch" in capsys.readouterr().out and not (tmp_path / "x").exists()
+    assert rc == 2 and "optim.effective_batch" in capsys.readouterr().err and not (tmp_path / "x").exists()
 
 
 # ------------------------------------------------------------------------------------------------ local, for real
@@ -261,3 +261,67 @@ def test_local_tiny_sweep_then_skip(tmp_path, capsys, monkeypatch):
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "0 trained, 2 already done, 0 failed" in out and out.count(": done") == 2
+
+
+def _fake_hub(root: Path) -> Path:
+    """A stand-in `datasets` package (first on PYTHONPATH) whose `load_dataset` serves rows from local files:
+    the hub, offline, at its API boundary."""
+    pkg = root / "fakehub" / "datasets"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text(
+        "import json, os\n"
+        "class Dataset(list):\n"
+        "    column_names = []\n"
+        "def load_dataset(name, config=None, split=None):\n"
+        "    path = os.path.join(os.environ['FAKE_HUB'], name.replace('/', '__') + '.jsonl')\n"
+        "    return Dataset(json.loads(x) for x in open(path))\n")
+    rows = {"openai__gsm8k": [{"question": "Tom has 3 apples . He buys 4 more . How many ?",
+                               "answer": "<<3+4=7>>\n#### 7"}, {"question": "Tom has 5 .", "answer": "#### 5"}],
+            "ChilleD__SVAMP": [{"Body": "Tom has 12 apples", "Question": "He gives away 2 . How many ?", "Answer": 10.0}]}
+    for name, rs in rows.items():
+        (root / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rs))
+    return root / "fakehub"
+
+
+def test_readme_sweep_runs_end_to_end(tmp_path, capsys):
+    """The README's sweep on a tiny config, for real: `kava sweep ... --eval-datasets gsm8k,svamp --hub --slurm`
+    writes the job script; running it (torchrun's stand-in runs `python -m kava.cli` itself, one process)
+    trains the run and evaluates it on both sets from the hub (served offline). Without --hub or --data-dir, and
+    no ./data, the sweep refuses before anything is written."""
+    import sys
+
+    import kava
+
+    out, sd = tmp_path / "runs", tmp_path / "scripts"
+    base = ["sweep", "--configs", "tiny_synth", "--seeds", "42", "--eval-datasets", "gsm8k,svamp", "--slurm",
+            "--partition", "gpu", "--gpus-per-node", "1", "--nodes", "1", "--time", "1:00:00", "--script-dir",
+            str(sd), "--output-dir", str(out), "--env-setup", "true", "--set", "run.eval_max_cot_tokens=4",
+            "--set", "run.eval_max_new_tokens=2", *[x for o in TINY for x in ("--set", o)]]
+    cwd = os.getcwd()
+    os.chdir(tmp_path)  # no ./data here
+    try:
+        assert main(base) == 2
+        err = capsys.readouterr().err
+        assert "--eval-datasets: gsm8k: data/gsm8k/test.jsonl" in err and "give --data-dir DIR" in err and "--hub" in err
+        assert not sd.exists()
+        assert main(base + ["--hub"]) == 0
+    finally:
+        os.chdir(cwd)
+    (script,) = sd.glob("*.sbatch")
+    b = tmp_path / "bin"
+    b.mkdir()
+    (b / "torchrun").write_text('#!/bin/bash\nwhile [ "$1" != "-m" ]; do shift; done\nshift 2\nexec "$PY" -m kava.cli "$@"\n')
+    (b / "python").write_text('#!/bin/bash\nexec "$PY" "$@"\n')
+    for p in b.iterdir():
+        p.chmod(0o755)
+    src = str(Path(kava.__file__).parents[1])
+    env = {**os.environ, "PY": sys.executable, "PATH": f"{b}:{os.environ['PATH']}", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": f"{_fake_hub(tmp_path / 'hub')}:{src}", "FAKE_HUB": str(tmp_path / "hub")}
+    res = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    run = out / "tiny_synth-s42"
+    assert (run / "DONE").exists()
+    for name, n in (("gsm8k", 2), ("svamp", 1)):
+        s = json.loads((run / "eval" / name / "summary.json").read_text())
+        assert s["count"] == n and "hub" in s["description"]
+    assert "gsm8k: accuracy" in res.stdout and "svamp: accuracy" in res.stdout

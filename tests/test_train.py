@@ -858,3 +858,99 @@ def test_a_second_trainer_on_the_same_run_dir_is_refused(tmp_path, synth_root, m
     assert lock_holder(run) is None  # the kernel released the killed holder's lock: no stale lock
     kt.train(cfg, progress=False, data_root=synth_root)
     assert (run / "DONE").exists() and not (run / LOCK_FILE).exists()
+
+
+# ------------------------------------------------------------------------------------------------ interrupts
+def _cli(*argv):
+    from kava.cli import main
+
+    return main(list(argv))
+
+
+def _sets(items):
+    return [x for s in items for x in ("--set", s)]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_saves_a_checkpoint_at_the_next_step_and_prints_the_resume_command(tmp_path, monkeypatch, capsys, sig):
+    """Ctrl-C (SIGINT) or SLURM's SIGTERM during step 2: the step finishes, checkpoints/step_2 is written, the
+    command exits 128 + signal with one line naming the checkpoint and `kava train --resume RUN`; the resume
+    finishes the run with the losses of an uninterrupted one."""
+    real = kt.train_step
+
+    def step(t, *a, step, **kw):
+        if step == 1:
+            os.kill(os.getpid(), sig)  # arrives while the step runs
+        return real(t, *a, step=step, **kw)
+
+    sets = _sets(TINY + [f"run.output_dir={tmp_path}", "optim.max_steps=5", "run.log_every=1", "run.eval_every=50",
+                         "run.save_every=50"])
+    monkeypatch.setattr(kt, "train_step", step)
+    before = signal.getsignal(sig)
+    assert _cli("train", "--config", "tiny_synth", "--no-progress", *sets) == 128 + sig
+    monkeypatch.setattr(kt, "train_step", real)
+    run = tmp_path / "tiny_synth-s42"
+    out, err = capsys.readouterr()
+    assert f"{signal.Signals(sig).name} received: saving a checkpoint after this step" in out
+    assert err == (f"kava train: interrupted: {signal.Signals(sig).name}: stopped at step 2 of 5; checkpoint saved in "
+                   f"{run}/checkpoints/step_2; continue with: kava train --resume {run}\n")
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step_2"] and not (run / "DONE").exists()
+    assert signal.getsignal(sig) == before  # the handlers are restored
+    assert _cli("train", "--resume", str(run), "--no-progress") == 0
+    assert json.loads((run / "DONE").read_text())["steps"] == 5
+    assert _cli("train", "--config", "tiny_synth", "--no-progress", *sets, "--set", "run.name=plain") == 0
+    losses = lambda r: [(m["step"], m["loss/total"]) for m in metrics(r)]  # noqa: E731
+    assert losses(run) == losses(tmp_path / "plain")
+
+
+def test_resume_of_a_finished_run_does_nothing_and_max_steps_extends_it(tmp_path, capsys):
+    sets = _sets(TINY + [f"run.output_dir={tmp_path}", "run.eval_every=50", "optim.max_steps=3"])
+    assert _cli("train", "--config", "tiny_synth", "--no-progress", *sets) == 0
+    run = tmp_path / "tiny_synth-s42"
+    final = {p: p.stat().st_mtime_ns for p in (run / "final").rglob("*")}
+    capsys.readouterr()
+    assert _cli("train", "--resume", str(run), "--no-progress") == 0
+    assert f"{run} is finished (3 steps; DONE); nothing to do" in capsys.readouterr().out
+    assert {p: p.stat().st_mtime_ns for p in (run / "final").rglob("*")} == final  # final/ not rewritten
+    assert _cli("train", "--resume", str(run), "--set", "optim.lr=1") == 2
+    assert "--set may change only optim.max_steps" in capsys.readouterr().err
+    assert _cli("train", "--resume", str(run), "--set", "optim.max_steps=2") == 2
+    assert "is already at step 3" in capsys.readouterr().err
+    assert _cli("train", "--resume", str(run), "--no-progress", "--set", "optim.max_steps=5") == 0
+    out = capsys.readouterr().out
+    assert f"extending {run}: optim.max_steps 3 -> 5 from step 3; the LR schedule (cosine" in out
+    assert "now ends at step 5" in out and "resuming at step 3 of 5" in out
+    assert json.loads((run / "DONE").read_text())["steps"] == 5 and load_config(str(run / "config.yaml")).optim.max_steps == 5
+    assert [m["step"] for m in metrics(run)][-1] == 5
+    lrs = {m["step"]: m["lr"] for m in metrics(run)}
+    assert lrs[5] == pytest.approx(kt.lr_at(4, 5, 3e-3, 0, "cosine"))  # the new schedule's end
+    assert json.loads((run / "meta.json").read_text())["extended"] == [{"from_steps": 3, "to_steps": 5, "at_step": 3}]
+
+
+def test_a_run_that_fails_at_set_up_leaves_no_run_directory(tmp_path, capsys):
+    sets = _sets(TINY + [f"run.output_dir={tmp_path}", f"data.source={tmp_path / 'missing.jsonl'}", "method=cot"])
+    assert _cli("train", "--config", "tiny_synth", "--no-progress", *sets) == 2
+    assert "missing.jsonl: file not found" in capsys.readouterr().err
+    assert not (tmp_path / "tiny_synth-s42").exists()
+    (tmp_path / "tiny_synth-s42").mkdir()  # a directory the user made is never removed
+    (tmp_path / "tiny_synth-s42" / "notes.txt").write_text("mine")
+    assert _cli("train", "--config", "tiny_synth", "--no-progress", *sets) == 2
+    assert (tmp_path / "tiny_synth-s42" / "notes.txt").exists()
+
+
+def test_a_signal_during_set_up_stops_at_once_and_a_second_one_in_the_loop_too(capsys):
+    from kava.training.interrupt import StopRequest
+
+    before = signal.getsignal(signal.SIGINT)
+    with StopRequest() as stop:
+        with pytest.raises(KeyboardInterrupt):  # not armed (data, model loading): no waiting for a step
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+        stop.arm()
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.05)
+        assert stop.requested == signal.SIGTERM and "SIGTERM received" in capsys.readouterr().out
+        with pytest.raises(KeyboardInterrupt):  # the second signal does not wait
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+    assert signal.getsignal(signal.SIGINT) == before

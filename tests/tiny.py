@@ -15,7 +15,8 @@ WORDS = ("Tom has apples . He buys more gives away How many does have now ? The 
          "<<3+4=7>> <<7-2=5>> + - * / = << >> and then left").split()
 
 
-def tiny_tokenizer():
+def tiny_tokenizer(kava_tokens: bool = True):
+    """kava_tokens=False: a plain tokenizer, as a Hugging Face model ships it (no <bot>, <eot>, <latent>)."""
     vocab = {"<|pad|>": 0, "<|eos|>": 1, "<|bos|>": 2, "<|unk|>": 3}
     for ch in list("0123456789") + WORDS:
         vocab.setdefault(ch, len(vocab))
@@ -24,7 +25,8 @@ def tiny_tokenizer():
     tk.decoder = decoders.WordPiece()
     tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<|pad|>", eos_token="<|eos|>", bos_token="<|bos|>",
                                   unk_token="<|unk|>")
-    add_special_tokens(tok)
+    if kava_tokens:
+        add_special_tokens(tok)
     return tok
 
 

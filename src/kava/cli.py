@@ -57,6 +57,14 @@ def user_errors() -> tuple[type[BaseException], ...]:
     return (ConfigError, CheckpointError, OSError, ImportError, ValueError)
 
 
+def training_failures() -> tuple[type[BaseException], ...]:
+    """A training that stopped on its own terms (a non-finite loss under `run.nan_policy: stop`, with the last
+    good state saved): one line naming the step and the term, and exit status 1."""
+    from kava.train import NonFiniteLoss
+
+    return (NonFiniteLoss,)
+
+
 def one_line(e: BaseException) -> str:
     if isinstance(e, ModuleNotFoundError) and e.name and "." not in e.name:
         return f"the optional package {e.name!r} is not installed: pip install {e.name}"
@@ -79,6 +87,16 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"kava {args.command}: error: {one_line(e)} (--debug shows the traceback)", file=sys.stderr)
         return 2
+    except training_failures() as e:
+        if args.debug:
+            raise
+        print(f"kava {args.command}: error: {one_line(e)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt as e:  # kava train: a checkpoint was saved and the message says how to resume
+        if args.debug:
+            raise
+        print(f"kava {args.command}: interrupted" + (f": {e}" if str(e) else ""), file=sys.stderr, flush=True)
+        return 128 + getattr(e, "signum", 2)
     finally:
         leave_process_group()
     return int(rc or 0)

@@ -11,6 +11,7 @@ import copy
 import dataclasses
 import hashlib
 import json
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -316,14 +317,43 @@ def _coerce(tp, value: Any, key: str):
     raise ConfigError(f"{key}: unsupported type {tp}")
 
 
+def _leaf_keys(cls=None, prefix: str = "") -> list[str]:
+    """Every dotted key of the config (sections walked, optional ones too)."""
+    cls = cls or Config
+    out = []
+    for f in dataclasses.fields(cls):
+        tp = typing.get_type_hints(cls)[f.name]
+        sec = tp if dataclasses.is_dataclass(tp) else next((a for a in get_args(tp) if dataclasses.is_dataclass(a)), None)
+        out += _leaf_keys(sec, prefix + f.name + ".") if sec is not None else [prefix + f.name]
+    return out
+
+
+def did_you_mean(key: str, names: list[str], prefix: str = "") -> str:
+    """`; did you mean optim.lr?` for a mistyped key: the closest name of its section, or (at the top level,
+    where a key may have lost its section) the closest key anywhere; "" when nothing is close."""
+    import difflib
+
+    if key in HF_ALIASES:  # a Hugging Face name inside a section (optim.learning_rate)
+        return f"; did you mean {HF_ALIASES[key]}? ({key} is its Hugging Face name, accepted at the top level)"
+    by_leaf = {k.rsplit(".", 1)[-1]: k for k in _leaf_keys()} if not prefix else {}
+    if key in by_leaf:  # a key without its section (lr -> optim.lr)
+        return f"; did you mean {by_leaf[key]}?"
+    close = difflib.get_close_matches(key, names, n=1, cutoff=0.6)
+    if close:
+        return f"; did you mean {prefix}{close[0]}?"
+    close = difflib.get_close_matches(key, list(by_leaf), n=1, cutoff=0.6)
+    return f"; did you mean {by_leaf[close[0]]}?" if close else ""
+
+
 def _from_dict(cls, data: dict, prefix: str = ""):
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
+        hint = did_you_mean(unknown[0], sorted(names), prefix)
         raise ConfigError(
-            f"unknown key{'s' if len(unknown) > 1 else ''} {', '.join(prefix + u for u in unknown)}; "
-            f"allowed keys in {prefix.rstrip('.') or 'the top level'}: {', '.join(sorted(names))}"
+            f"unknown key{'s' if len(unknown) > 1 else ''} {', '.join(prefix + u for u in unknown)}{hint} "
+            f"(allowed keys in {prefix.rstrip('.') or 'the top level'}: {', '.join(sorted(names))})"
         )
     kwargs = {name: _coerce(hints[name], value, prefix + name) for name, value in data.items()}
     return cls(**kwargs)
@@ -383,18 +413,89 @@ def parse_override(item: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
+# Hugging Face TrainingArguments names accepted for kava's keys (at the top level of a YAML file or in --set)
+HF_ALIASES = {
+    "learning_rate": "optim.lr", "per_device_train_batch_size": "optim.micro_batch",
+    "max_grad_norm": "optim.grad_clip", "num_train_epochs": "optim.epochs", "max_steps": "optim.max_steps",
+    "weight_decay": "optim.weight_decay", "warmup_ratio": "optim.warmup_ratio",
+    "lr_scheduler_type": "optim.schedule", "logging_steps": "run.log_every", "eval_steps": "run.eval_every",
+    "save_steps": "run.save_every", "report_to": "run.log", "seed": "run.seed", "output_dir": "run.output_dir",
+    "run_name": "run.name", "gradient_checkpointing": "model.gradient_checkpointing",
+}
+
+
+def _alias_value(alias: str, value: Any) -> Any:
+    if alias == "report_to":  # a name or a list; "none" = no backend but kava's own jsonl, "all" = every one
+        names = [value] if isinstance(value, str) else list(value or [])
+        if "all" in names:
+            return ["tensorboard", "wandb"]
+        return [n for n in names if n != "none"]
+    if alias == "max_steps" and value == -1:  # HF's "no limit"
+        return None
+    return value
+
+
+def apply_aliases(data: dict) -> None:
+    """Replace Hugging Face TrainingArguments names (`HF_ALIASES`) by kava's keys, in place, printing the
+    canonical name; an alias given beside its kava key is refused."""
+    for alias in [k for k in data if k in HF_ALIASES]:
+        key = HF_ALIASES[alias]
+        section, leaf = key.split(".")
+        sec = data.get(section)
+        if isinstance(sec, dict) and leaf in sec:
+            raise ConfigError(f"{alias} and {key} are both given ({alias} is the Hugging Face name of {key}); "
+                              "keep one")
+        if sec is None:
+            data[section] = sec = {}
+        sec[leaf] = _alias_value(alias, data.pop(alias))
+        print(f"[kava] {alias} (a Hugging Face TrainingArguments name) is kava's {key}: {key}={sec[leaf]}", flush=True)
+
+
 def config_from_dict(data: dict, overrides: list[str] | None = None) -> Config:
     data = copy.deepcopy(data or {})
     for item in overrides or []:
         key, value = parse_override(item)
+        # an override wins over the file's value, under either name
+        for name in ([HF_ALIASES[key]] if key in HF_ALIASES else []) + [a for a, k in HF_ALIASES.items() if k == key]:
+            section, _, leaf = name.rpartition(".")
+            holder = data.get(section) if section else data
+            if isinstance(holder, dict):
+                holder.pop(leaf, None)
         _set_nested(data, key, value)
+    apply_aliases(data)
     cfg = _from_dict(Config, data)
     validate(cfg)
     return cfg
 
 
-def load_config(name_or_path: str | None = None, overrides: list[str] | None = None) -> Config:
-    """Load a preset name (`llama1b_aug`) or a YAML path, apply `key=value` overrides, validate."""
+# Keys that name local files or directories (or hub ids): relative ones in a YAML file are read from its directory.
+PATH_KEYS = ("data.source", "data.valid_source", "model.name_or_path", "model.tokenizer", "model.init_from")
+
+
+def resolve_relative_paths(data: dict, base: Path) -> None:
+    """The rule for relative paths in a YAML config file (in place): a `PATH_KEYS` value that starts with
+    ``./`` or ``../``, or that exists beside the file, is made absolute against the file's directory `base`;
+    anything else stays as written (a hub id, ``synthetic``, an absolute or ``~`` path, or a path from the
+    current directory). A preset shipped in the wheel has no directory of its own: its paths, and `--set`
+    values, are read from the current directory."""
+    for dotted in PATH_KEYS:
+        section, key = dotted.split(".")
+        sec = data.get(section)
+        value = sec.get(key) if isinstance(sec, dict) else None
+        if not isinstance(value, str) or not value or value == "synthetic" or value.startswith("~"):
+            continue
+        if Path(value).is_absolute():
+            continue
+        if value.startswith(("./", "../")) or (base / value).exists():
+            sec[key] = os.path.normpath(base.absolute() / value)
+
+
+def load_config(name_or_path: str | None = None, overrides: list[str] | None = None, *,
+                resolve_paths: bool = True) -> Config:
+    """Load a preset name (`llama1b_aug`) or a YAML path, apply `key=value` overrides, validate.
+
+    resolve_paths: a YAML file's relative paths are read from its directory (`resolve_relative_paths`); off for
+    a run's own config.yaml, which kava wrote with the paths as the run used them."""
     data: dict = {}
     if name_or_path:
         path = resolve_config_path(name_or_path)
@@ -405,6 +506,8 @@ def load_config(name_or_path: str | None = None, overrides: list[str] | None = N
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: top level must be a mapping")
         data.setdefault("preset", path.stem)
+        if resolve_paths and path.resolve().parent != CONFIG_DIR:
+            resolve_relative_paths(data, path.parent)
     return config_from_dict(data, overrides)
 
 

@@ -34,7 +34,7 @@ from kava.data.records import Record
 from kava.decode import answer_from_cache, decode_texts, question_batch
 from kava.model.reasoner import LatentReasoner
 from kava.objective import kv_target_batch, teacher_kv_targets
-from kava.scoring import extract_answer, numbers_match
+from kava.scoring import binomial_stderr, extract_answer, numbers_match
 from kava.spec import LATENT_METHODS, spec_of
 
 ABLATIONS = ("zeros", "placeholder", "shuffle")
@@ -313,10 +313,13 @@ def summarize_diagnostics(rows: list[dict]) -> dict:
         out["ablations"] = {"none": _mean(r["correct"] for r in abl),
                             **{k: _mean(r["ablations"][k]["correct"] for r in abl if k in r["ablations"])
                                for k in kinds}}
+        counts = {"none": len(abl), **{k: sum(k in r["ablations"] for r in abl) for k in kinds}}
+        out["ablations_stderr"] = {k: binomial_stderr(v, counts[k]) for k, v in out["ablations"].items()}
     orc = [r for r in rows if "oracle" in r]
     if orc:
         used = [r for r in orc if "correct" in r["oracle"]]
         out["oracle"] = {"accuracy": _mean(r["oracle"]["correct"] for r in used), "count": len(used),
+                         "accuracy_stderr": binomial_stderr(_mean(r["oracle"]["correct"] for r in used), len(used)),
                          "student_accuracy": _mean(r["correct"] for r in used),
                          "skipped": dict(Counter(r["oracle"]["skipped"] for r in orc if "skipped" in r["oracle"]))}
     kvm = [r["kv_match"] for r in rows if "kv_match" in r]

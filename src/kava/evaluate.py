@@ -2,13 +2,16 @@
 processes, add the latent diagnostics (`kava.diagnostics`), and write `eval/<dataset>/`.
 
 `evaluate_records` scores a list of records with a loaded model (training's validation uses it too);
-`evaluate_run` is `kava eval`: a run, checkpoint or export directory on named datasets.
+`evaluate_run` is `kava eval`: a run, a training checkpoint, an export directory, or a plain Hugging Face model
+(with its peft adapter), on named datasets or data files. Every accuracy comes with its binomial standard
+error (`kava.scoring.binomial_stderr`, as lm-evaluation-harness prints it).
 """
 
 from __future__ import annotations
 
 import json
 import platform
+import re
 import time
 from pathlib import Path
 
@@ -17,22 +20,50 @@ from accelerate import PartialState
 from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
-from kava.checkpoint.load import load_any
+from kava.checkpoint.load import Loaded, load_any, load_plain
 from kava.data.format import Formatter
 from kava.data.pipeline import find_synthetic_dir
-from kava.data.readers import load_eval_dataset
+from kava.data.readers import check_eval_sets, is_data_file, load_eval_dataset
 from kava.data.records import Record
 from kava.decode import generate_for_config
 from kava.diagnostics import (check_shards, diagnose_batch, eval_chunks, format_diagnostics, require_latent,
                               summarize_diagnostics)
 from kava.model.families import check_window
 from kava.model.reasoner import LatentReasoner
-from kava.scoring import extract_answer, numbers_match
+from kava.scoring import binomial_stderr, extract_answer, numbers_match
+from kava.training.progress import format_duration
+
+
+class EvalProgress:
+    """Progress lines when no bar shows (no TTY: SLURM, nohup, a pipe): one every `every` of the questions
+    (10%) or `seconds` (60 s), whichever comes first, and one at the end.
+
+        [kava] eval gsm8k (cot): 264/1319 questions (20%) | 3.1 questions/s | ETA 5m40s
+    """
+
+    def __init__(self, total: int, label: str, enabled: bool, every: float = 0.1, seconds: float = 60.0,
+                 clock=time.perf_counter):
+        self.total, self.label, self.enabled, self.clock = total, label, enabled, clock
+        self.step, self.seconds = max(1, int(total * every)), seconds
+        self.t0 = self.last_t = clock()
+        self.done = self.last_done = 0
+
+    def update(self, n: int) -> None:
+        self.done += n
+        now = self.clock()
+        due = self.done - self.last_done >= self.step or now - self.last_t >= self.seconds or self.done >= self.total
+        if not (self.enabled and due):
+            return
+        rate = self.done / max(now - self.t0, 1e-9)
+        eta = format_duration((self.total - self.done) / rate) if rate > 0 else "?"
+        print(f"[kava] eval {self.label}: {self.done}/{self.total} questions ({100 * self.done / max(self.total, 1):.0f}%)"
+              f" | {rate:.1f} questions/s | ETA {eta}", flush=True)
+        self.last_done, self.last_t = self.done, now
 
 
 def evaluate_records(model: LatentReasoner, tokenizer, cfg, records: list[Record], *, mode: str | None = None,
                      batch_size: int | None = None, max_new_tokens: int | None = None, rank: int = 0,
-                     world: int = 1, progress: bool = False, diagnostics=None) -> tuple[list[dict], dict]:
+                     world: int = 1, progress: bool = False, diagnostics=None, label: str = "") -> tuple[list[dict], dict]:
     """Generate and score `records` (this rank's shard: indices rank, rank+world, ...).
 
     diagnostics: a `kava.diagnostics.DiagnosticsSpec` (latent ablations, oracle check, KV match; latent
@@ -63,6 +94,8 @@ def evaluate_records(model: LatentReasoner, tokenizer, cfg, records: list[Record
     rows: list[dict] = []
     t0, diag_wall = time.perf_counter(), 0.0
     bar = tqdm(total=len(idx), desc=f"eval {mode}", disable=not progress or None, leave=False)
+    # no bar (no TTY): progress lines instead; with several processes, this rank's share
+    ticker = EvalProgress(len(idx), f"{label} ({mode})" if label else mode, enabled=progress and bar.disable)
     model.eval()
     for chunk in eval_chunks(idx, bs, diag.min_batch if diag is not None else 1):
         items = [fmt.tokenize(records[i], i, need_answer=False) for i in chunk]
@@ -82,6 +115,7 @@ def evaluate_records(model: LatentReasoner, tokenizer, cfg, records: list[Record
                 row.update(extra)
             diag_wall += time.perf_counter() - t_d
         bar.update(len(chunk))
+        ticker.update(len(chunk))
     bar.close()
     wall = time.perf_counter() - t0 - diag_wall
     return rows, summarize(rows, wall, mode)
@@ -90,11 +124,14 @@ def evaluate_records(model: LatentReasoner, tokenizer, cfg, records: list[Record
 def summarize(rows: list[dict], wall: float, mode: str) -> dict:
     """Dataset-level numbers of scored rows, plus the latent diagnostics when the rows carry them."""
     n = len(rows)
+    acc, flex = sum(r["correct"] for r in rows) / max(n, 1), sum(r["correct_flexible"] for r in rows) / max(n, 1)
     return {
         "mode": mode,
         "count": n,
-        "accuracy": sum(r["correct"] for r in rows) / max(n, 1),
-        "accuracy_flexible": sum(r["correct_flexible"] for r in rows) / max(n, 1),
+        "accuracy": acc,
+        "accuracy_stderr": binomial_stderr(acc, n),
+        "accuracy_flexible": flex,
+        "accuracy_flexible_stderr": binomial_stderr(flex, n),
         "mean_forward_passes": sum(r["forward_passes"] for r in rows) / max(n, 1),
         "mean_generated_tokens": sum(r["generated_tokens"] for r in rows) / max(n, 1),
         "wall_s": wall,
@@ -117,28 +154,60 @@ def write_eval(out_dir: Path, rows: list[dict], summary: dict) -> None:
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
 
 
-def eval_dir_name(dataset: str, limit: int | None, available: int) -> str:
-    """The folder under `eval/` of one evaluation: the dataset's name, or `<dataset>-limit<N>` when `limit`
-    cut the set short (a smoke test never overwrites the full evaluation, nor is read as one)."""
-    return f"{dataset}-limit{limit}" if limit and limit < available else dataset
+def eval_dir_name(dataset: str, limit: int | None, available: int, step: int | None = None) -> str:
+    """The folder under `eval/` of one evaluation: the dataset's name, `<dataset>-step<N>` for a training
+    checkpoint `checkpoints/step_<N>`, then `-limit<N>` when `limit` cut the set short (a smoke test never
+    overwrites the full evaluation, nor is read as one)."""
+    name = dataset if step is None else f"{dataset}-step{step}"
+    return f"{name}-limit{limit}" if limit and limit < available else name
 
 
-def evaluate_run(checkpoint: str | Path, datasets: list[str], *, data_dir=None, hub: bool = False, mode=None,
+def dataset_label(name: str) -> str:
+    """A dataset's name in eval/ and in the summary: a named set as is, a data file by its stem."""
+    return Path(name).stem if is_data_file(name) else name
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._+-]+", "_", text).strip("_") or "model"
+
+
+def default_eval_root(km, mode: str) -> Path:
+    """Where `kava eval` writes without --output: `RUN/eval` for a kava run or export; for a plain model (or
+    adapter) `runs/<name>-<mode>/eval`, beside kava's runs, with a meta.json that `kava report runs/` reads."""
+    if km.kind != "plain":
+        return km.run_dir / "eval"
+    return Path("runs") / f"{_slug(km.source.name if km.source.exists() else str(km.source))}-{mode}" / "eval"
+
+
+def evaluate_run(checkpoint: str | Path | None, datasets: list[str], *, data_dir=None, hub: bool = False, mode=None,
                  batch_size=None, max_new_tokens=None, limit=None, output=None, progress: bool = True,
-                 diagnostics=None) -> dict[str, dict]:
-    """Evaluate a run (its best/, else final/), a checkpoint or a `kava export` directory on named datasets:
-    what `kava eval` does. Returns {dataset: summary} (on the main process; {} on the others).
+                 diagnostics=None, model_args: dict | None = None) -> dict[str, dict]:
+    """Evaluate a run (its best/, else final/), a checkpoint (`checkpoints/step_<n>` too), a `kava export`
+    directory, a plain Hugging Face model directory or a peft adapter (`kava.checkpoint.load.load_any`), or the
+    model `model_args` names (`kava.checkpoint.load.load_plain`: pretrained=, peft=, gguf_file=, ...), on named
+    datasets or data files: what `kava eval` does. Returns {dataset: summary} (on the main process; {} on the
+    others).
 
-    Questions are sharded across processes (`accelerate launch` / `torchrun`); the main process gathers them
-    and writes `<output or RUN_DIR/eval>/<eval_dir_name>/{predictions.jsonl, summary.json}`.
+    The dataset names (and files) are checked before the model loads. Questions are sharded across processes
+    (`accelerate launch` / `torchrun`); the main process gathers them and writes
+    `<output or default_eval_root>/<eval_dir_name>/{predictions.jsonl, summary.json}`.
     data_dir: the local data root; for the synthetic splits of a run trained on the synthetic task it defaults
     to that run's own data (`kava.data.pipeline.find_synthetic_dir`).
     diagnostics: a `kava.diagnostics.DiagnosticsSpec` (latent runs).
     """
+    check_eval_sets(datasets, data_dir, hub, synthetic_found=True)  # before any model loads
+    if len({dataset_label(n) for n in datasets}) != len(datasets):
+        raise ValueError(f"--datasets {','.join(datasets)}: two of them share an eval/ folder name")
     state = PartialState(cpu=not torch.cuda.is_available())  # multi-process CPU runs shard too
-    km = load_any(checkpoint, device=state.device)
+    if model_args is not None:
+        args = dict(model_args)
+        km = Loaded(*load_plain(args.pop("pretrained"), mode=mode, device=state.device, **args),
+                    Path(model_args["pretrained"]), exported=False, kind="plain")
+    else:
+        km = load_any(checkpoint, device=state.device, mode=mode)
     cfg = km.cfg
-    out_root = Path(output) if output else km.run_dir / "eval"
+    step = json.loads((km.source / "state.json").read_text())["step"] if km.kind == "step" else None
+    out_root = Path(output) if output else default_eval_root(km, mode or cfg.spec.eval_mode)
     results = {}
     for name in datasets:
         root = data_dir
@@ -147,6 +216,7 @@ def evaluate_run(checkpoint: str | Path, datasets: list[str], *, data_dir=None, 
         # the CoT (used by the oracle diagnostics) in the style the run trained on
         style = cfg.data.cot_style if cfg.data.cot_style in ("equation", "nl") else "equation"
         records, desc = load_eval_dataset(name, root, hub=hub, cot_style=style)
+        label = dataset_label(name)
         available = len(records)
         if limit:
             records = records[:limit]
@@ -157,22 +227,30 @@ def evaluate_run(checkpoint: str | Path, datasets: list[str], *, data_dir=None, 
         rows, s = evaluate_records(km.model, km.tokenizer, cfg, records, mode=mode, batch_size=batch_size,
                                    max_new_tokens=max_new_tokens, rank=state.process_index,
                                    world=state.num_processes, progress=progress and state.is_main_process,
-                                   diagnostics=diagnostics)
+                                   diagnostics=diagnostics, label=label)
         rows = gather_object(rows)
         walls = gather_object([s["wall_s"]])
         if state.is_main_process:
             assert len({r["index"] for r in rows}) == len(rows) == len(records), "sharding counted an example twice"
             summary = summarize(rows, max(walls), s["mode"])
-            summary.update({"dataset": name, "description": desc, "hardware": hardware(),
+            summary.update({"dataset": label, "description": desc, "hardware": hardware(),
                             "processes": state.num_processes, "checkpoint": str(km.source), "config_hash": cfg.hash(),
-                            "method": cfg.method})
+                            "method": cfg.method, "model_kind": km.kind})
+            if step is not None:
+                summary["checkpoint_step"] = step
             if len(records) < available:
                 summary["limit"] = limit
-            write_eval(out_root / eval_dir_name(name, limit, available), rows, summary)
-            results[name] = summary
-            print(f"{name}: accuracy {summary['accuracy']:.4f} ({summary['count']} problems: {desc}); "
-                  f"forward passes/question {summary['mean_forward_passes']:.1f}; "
-                  f"{summary['questions_per_s']:.1f} questions/s")
-            for line in format_diagnostics(name, summary):
+            write_eval(out_root / eval_dir_name(label, limit, available, step), rows, summary)
+            if km.kind == "plain" and not output:  # `kava report runs/` lists the base model beside the runs
+                (out_root.parent / "meta.json").write_text(json.dumps({
+                    "method": cfg.method, "preset": out_root.parent.name, "train_data": "none (not trained by kava)",
+                    "model": str(km.source)}, indent=2))
+            results[label] = summary
+            print(f"{label}: accuracy {summary['accuracy']:.4f} ± {summary['accuracy_stderr']:.4f} "
+                  f"({summary['count']} problems: {desc}); flexible {summary['accuracy_flexible']:.4f} ± "
+                  f"{summary['accuracy_flexible_stderr']:.4f}; forward passes/question "
+                  f"{summary['mean_forward_passes']:.1f}; {summary['questions_per_s']:.1f} questions/s")
+            for line in format_diagnostics(label, summary):
                 print(line)
+            print(f"[kava] wrote {out_root / eval_dir_name(label, limit, available, step)}", flush=True)
     return results

@@ -23,6 +23,7 @@ large answer that is off by a cent or more is still wrong.
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Callable, Sequence
 from decimal import Decimal, InvalidOperation
@@ -140,6 +141,8 @@ def score_predictions(
     return {
         "accuracy": sum(correct) / n,
         "accuracy_flexible": sum(correct_flex) / n,
+        "accuracy_stderr": binomial_stderr(sum(correct) / n, n),
+        "accuracy_flexible_stderr": binomial_stderr(sum(correct_flex) / n, n),
         "count": n,
         "correct": correct,
         "correct_flexible": correct_flex,
@@ -147,10 +150,24 @@ def score_predictions(
     }
 
 
-def read_predictions(pred_path: str | Path, n_records: int) -> list[str]:
-    """Predictions from JSONL lines ``{"index": int, "prediction": str}``, ordered by index; every index in
-    ``range(n_records)`` must appear exactly once. Errors name the file, line and index."""
+def binomial_stderr(accuracy: float | None, n: int) -> float | None:
+    """Standard error of an accuracy over `n` problems, as lm-evaluation-harness prints it: the sample
+    standard deviation of the 0/1 scores over sqrt(n), i.e. sqrt(p (1 - p) / (n - 1)); 0 for n = 1."""
+    if accuracy is None or n < 1:
+        return None
+    return math.sqrt(accuracy * (1.0 - accuracy) / (n - 1)) if n > 1 else 0.0
+
+
+PREDICTION_FIELDS = ("prediction", "generated")  # kava score's own format, and `kava eval`'s predictions.jsonl
+
+
+def read_predictions(pred_path: str | Path, n_records: int, *, subset: bool = False) -> dict[int, str]:
+    """Predictions from JSONL lines ``{"index": int, "prediction": str}`` (or a `kava eval` predictions.jsonl,
+    whose text is under ``generated``), as {index: prediction}. Every index is in ``range(n_records)`` and
+    appears once; unless `subset`, every index of that range must appear. Errors name the file, line and index."""
     path = Path(pred_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: predictions file not found")
     preds: dict[int, str] = {}
     first_line: dict[int, int] = {}
     with path.open(encoding="utf-8") as f:
@@ -164,7 +181,8 @@ def read_predictions(pred_path: str | Path, n_records: int) -> list[str]:
                 raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
             if not isinstance(obj, dict):
                 raise ValueError(f"{where}: expected an object {{\"index\": int, \"prediction\": str}}")
-            idx, pred = obj.get("index"), obj.get("prediction")
+            idx = obj.get("index")
+            pred = next((obj[k] for k in PREDICTION_FIELDS if k in obj), None)
             if not isinstance(idx, int) or isinstance(idx, bool):
                 raise ValueError(f"{where}: 'index' must be an integer, got {idx!r}")
             if not isinstance(pred, str):
@@ -175,14 +193,35 @@ def read_predictions(pred_path: str | Path, n_records: int) -> list[str]:
                 raise ValueError(f"{where}: index {idx} duplicated (first on line {first_line[idx]})")
             preds[idx], first_line[idx] = pred, lineno
     missing = [i for i in range(n_records) if i not in preds]
-    if missing:
+    if missing and not subset:
         shown = ", ".join(map(str, missing[:10])) + (", ..." if len(missing) > 10 else "")
         raise ValueError(f"{path}: predictions missing for {len(missing)} of {n_records} indices: {shown}")
-    return [preds[i] for i in range(n_records)]
+    if not preds:
+        raise ValueError(f"{path}: no predictions")
+    return dict(sorted(preds.items()))
+
+
+def describe_indices(indices: Sequence[int]) -> str:
+    """``[0, 1, 2, 5, 7, 8]`` -> ``"0-2, 5, 7-8"``."""
+    parts, start = [], None
+    for k, i in enumerate(indices):
+        if start is None:
+            start = i
+        if k + 1 == len(indices) or indices[k + 1] != i + 1:
+            parts.append(str(start) if start == i else f"{start}-{i}")
+            start = None
+    return ", ".join(parts)
 
 
 def score_file(
-    pred_path: str | Path, records: Sequence[Record], answer_prompt: str = ANSWER_PROMPT, require_prompt: bool = False
+    pred_path: str | Path, records: Sequence[Record], answer_prompt: str = ANSWER_PROMPT, require_prompt: bool = False,
+    *, subset: bool = False,
 ) -> dict:
-    """`score_predictions` on a predictions JSONL file (see `read_predictions` for its format)."""
-    return score_predictions(read_predictions(pred_path, len(records)), records, answer_prompt, require_prompt)
+    """`score_predictions` on a predictions JSONL file (see `read_predictions` for its format). With `subset`,
+    only the indices the file holds are scored (a `kava eval --limit N` file): ``indices`` lists them and
+    ``of`` is the dataset's size."""
+    preds = read_predictions(pred_path, len(records), subset=subset)
+    idx = list(preds)
+    res = score_predictions(list(preds.values()), [records[i] for i in idx], answer_prompt, require_prompt)
+    res.update({"indices": idx, "of": len(records)})
+    return res

@@ -28,6 +28,7 @@ import functools
 import json
 import math
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,6 +56,7 @@ from kava.model.capture import no_host_sync
 from kava.objective import ce_denominators, length_key, loss_step, make_batch
 from kava.training.gradshare import grad_share_due, grad_share_micro, measure
 from kava.training.graphs import GraphedStep, setup_graphs
+from kava.training.interrupt import StopRequest, TrainingInterrupted
 from kava.training.logger import MetricLogger
 from kava.training.progress import ProgressLine, start_summary
 
@@ -460,13 +462,13 @@ def save_checkpoint(t: Trainer, run_dir: Path, rng: dict[str, torch.Tensor] | No
 def save_best(t: Trainer, run_dir: Path) -> None:
     """`best/`: the loadable model of `t.best` (the caller updates it, on the main process)."""
     atomic_dir_write(run_dir / "best", lambda d: save_model(t.raw, t.tokenizer, d, meta={
-        "step": t.best["step"], "val/accuracy": t.best["val/accuracy"]}))
+        "step": t.best["step"], "val/accuracy": t.best["val/accuracy"]}, cfg=t.cfg))
 
 
 def save_final(t: Trainer, run_dir: Path, total_steps: int, skips: SkipLog) -> None:
     """`final/` (the loadable model) and `DONE` (main process)."""
     atomic_dir_write(run_dir / "final", lambda d: save_model(t.raw, t.tokenizer, d, meta={
-        "step": total_steps, "best": t.best}))
+        "step": total_steps, "best": t.best}, cfg=t.cfg))
     (run_dir / "DONE").write_text(json.dumps({"steps": total_steps, "best": t.best,
                                               "nonfinite_skipped": t.nonfinite_skipped,
                                               "skipped_records": skips.total}))
@@ -481,14 +483,20 @@ def train(cfg: Config, *, resume: str | Path | None = None, progress: bool = Tru
     """
     acc = setup_accelerator(cfg)
     main, world = acc.is_main_process, acc.num_processes
+    fresh = resume is None and not (Path(cfg.run.output_dir) / run_name(cfg)).exists()
     run_dir, resume_ck = setup_run_dir(cfg, resume, main)
-    with RunLock(run_dir, enabled=main):  # a second `kava train` on this directory fails at once
-        data = setup_data(cfg, run_dir, acc, data_root=data_root, resume_ck=resume_ck)
-        plan = make_plan(cfg, len(data.items), world)
-        if main:
-            print_start_summary(cfg, plan, run_dir, data, world, resume_ck)
-        t = setup_model_and_optimizer(cfg, data.tokenizer, acc)
-        logger = MetricLogger(run_dir, cfg.run.log + ["jsonl"], main, cfg)
+    with RunLock(run_dir, enabled=main), StopRequest() as stop:  # a second `kava train` here fails at once
+        try:
+            data = setup_data(cfg, run_dir, acc, data_root=data_root, resume_ck=resume_ck)
+            plan = make_plan(cfg, len(data.items), world)
+            if main:
+                print_start_summary(cfg, plan, run_dir, data, world, resume_ck)
+            t = setup_model_and_optimizer(cfg, data.tokenizer, acc)
+            logger = MetricLogger(run_dir, cfg.run.log + ["jsonl"], main, cfg)
+        except BaseException:  # a run that fails at set-up leaves no run directory it created
+            if fresh and main and not (run_dir / "config.yaml").exists():
+                shutil.rmtree(run_dir, ignore_errors=True)
+            raise
         if resume_ck is not None:
             resume_state(t, resume_ck)
             logger.truncate_after(t.step)  # metrics then equal an uninterrupted run's
@@ -507,6 +515,7 @@ def train(cfg: Config, *, resume: str | Path | None = None, progress: bool = Tru
         t_last, tokens = time.perf_counter(), 0
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
+        stop.arm()  # from here a signal stops at the next step boundary, with a checkpoint
         for step in range(t.step, end_step):
             step_rng = t.rng_now() if cfg.run.nan_policy == "stop" else None  # the last good state, if this step fails
             lr = lr_at(step, plan.total_steps, cfg.optim.lr, plan.warmup_steps, cfg.optim.schedule)
@@ -547,6 +556,12 @@ def train(cfg: Config, *, resume: str | Path | None = None, progress: bool = Tru
                     save_best(t, run_dir)
             if t.step % save_every == 0 or t.step == plan.total_steps:
                 save_checkpoint(t, run_dir)
+            if (signum := stop.should_stop(acc)) is not None:  # Ctrl-C / SIGTERM: checkpoint, then stop
+                if not (t.step % save_every == 0 or t.step == plan.total_steps):
+                    save_checkpoint(t, run_dir)
+                bar.close()
+                logger.close()
+                raise TrainingInterrupted(signum, run_dir, t.step, plan.total_steps)
         bar.close()
         if end_step == plan.total_steps and main:
             save_final(t, run_dir, plan.total_steps, data.skips)
@@ -561,4 +576,4 @@ def resume_config(run_dir: str | Path) -> Config:
     p = Path(run_dir) / "config.yaml"
     if not p.exists():
         raise FileNotFoundError(f"{run_dir}: no config.yaml (not a kava run directory)")
-    return load_config(str(p))
+    return load_config(str(p), resolve_paths=False)

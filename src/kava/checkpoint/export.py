@@ -1,9 +1,13 @@
 """`kava export`: a plain Hugging Face model directory from a kava run, plus what latent reasoning needs.
 
     config.json, model.safetensors, generation_config.json   the backbone, LoRA merged, special rows written
-    tokenizer files                                          <bot>, <eot>, <latent> added; BOS prepended
+    tokenizer files                                          <bot>, <eot>, <latent> added; BOS prepended; no
+                                                             chat template (training used none)
     kava.json                                                method, mode, M, T, answer prompt, the run's config
     kava_projection.safetensors                              the latent projection
+    README.md                                                the model card (`kava.checkpoint.card`)
+
+`push_to_hub` uploads such a directory (`huggingface_hub`, the token of `huggingface-cli login` or `HF_TOKEN`).
 
 `kava.checkpoint.load.load_exported` (and so `kava.load`) reads such a directory back.
 """
@@ -19,8 +23,9 @@ from tokenizers import processors
 from transformers import AutoTokenizer
 
 from kava import __version__
-from kava.checkpoint.saved import (EXTRA_FILE, CheckpointError, find_checkpoint, load_lm, run_config,
-                                   saved_tokenizer_ids)
+from kava.checkpoint.card import model_card
+from kava.checkpoint.saved import (BASE_FILE, EXTRA_FILE, CheckpointError, find_checkpoint, load_lm, run_config,
+                                   run_dir_of, saved_tokenizer_ids)
 from kava.data.format import Formatter
 from kava.model import capture
 
@@ -47,7 +52,10 @@ def _bos_template(tok, bos_id: int | None) -> None:
                                                                special_tokens=[(bos, bos_id)])
 
 
-def export_model(run_or_ckpt: str | Path, output: str | Path, *, dtype: torch.dtype = torch.float32) -> Path:
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def export_model(run_or_ckpt: str | Path, output: str | Path, *, dtype: torch.dtype | str = torch.float32) -> Path:
     """Write a plain Hugging Face model directory from a kava run (best/, else final/) or checkpoint.
 
     - LoRA adapters are merged into the weights.
@@ -55,11 +63,18 @@ def export_model(run_or_ckpt: str | Path, output: str | Path, *, dtype: torch.dt
       trained rows are written there. With tied embeddings the LM head follows the embedding, so its rows for
       real tokens are unchanged (checked); the new head rows are never predicted (`suppress_tokens` in
       generation_config.json, and kava blocks them too).
-    - `tokenizer(question)` prepends BOS as training did (no chat template: kava trains on raw text).
+    - `tokenizer(question)` prepends BOS as training did; a chat template the base tokenizer had is dropped
+      (kava trains on raw text: `apply_chat_template` would give another prompt than training's).
+    - `dtype` (`fp32`, `bf16`, `fp16` or a torch dtype): the saved weights; the merge and the checks run in fp32.
+    - README.md: the model card (base model, method, data, the run's evaluation results, how to load it).
     - generation_config.json: greedy, eos = kava's eos.
     - `kava.json` (method, mode, M, T, answer prompt, the run's config) and `kava_projection.safetensors`
       (the latent projection) sit beside it; `kava.load(DIR)` uses them for latent reasoning.
     """
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"--dtype {dtype}: allowed values: {', '.join(DTYPES)}")
+        dtype = DTYPES[dtype]
     ck = find_checkpoint(run_or_ckpt)
     cfg = run_config(ck)
     out = Path(output)
@@ -67,7 +82,7 @@ def export_model(run_or_ckpt: str | Path, output: str | Path, *, dtype: torch.dt
         raise FileExistsError(f"{out} exists and is not empty; choose another --output")
     tok = AutoTokenizer.from_pretrained(ck / "tokenizer")
     ids = saved_tokenizer_ids(tok, ck / "tokenizer")
-    lm = load_lm(ck, dtype=dtype, merged=True, cfg=cfg)
+    lm = load_lm(ck, dtype=torch.float32, merged=True, cfg=cfg)
     extra = load_file(str(ck / EXTRA_FILE))
     rows = extra["special_rows"]
 
@@ -106,9 +121,12 @@ def export_model(run_or_ckpt: str | Path, output: str | Path, *, dtype: torch.dt
     lm.config.pad_token_id, lm.config.eos_token_id, lm.config.bos_token_id = ids.pad, ids.eos, ids.bos
 
     _bos_template(tok, ids.bos)
+    tok.chat_template = None  # training never used it: a plain user must not get another prompt
     out.mkdir(parents=True, exist_ok=True)
-    lm.save_pretrained(out)
+    lm.to(dtype).save_pretrained(out)
     tok.save_pretrained(out)
+    for stale in ("chat_template.jinja", "chat_template.json"):
+        (out / stale).unlink(missing_ok=True)
     save_file({k[5:]: v.contiguous() for k, v in extra.items() if k.startswith("proj.")} or {},
               str(out / PROJECTION_FILE), metadata={"format": "pt"})
     meta = json.loads((ck / "meta.json").read_text()) if (ck / "meta.json").exists() else {}
@@ -126,6 +144,9 @@ def export_model(run_or_ckpt: str | Path, output: str | Path, *, dtype: torch.dt
         "config": cfg.to_dict(),
     }
     (out / EXPORT_FILE).write_text(json.dumps(settings, indent=2))
+    base = json.loads((ck / BASE_FILE).read_text()) if (ck / BASE_FILE).exists() else None
+    (out / "README.md").write_text(model_card(cfg, base=base, run_dir=run_dir_of(ck), step=meta.get("step"),
+                                              exported=True, dtype=str(dtype).removeprefix("torch.")))
     # what a user of the plain directory will do must give the ids kava trained on
     t2 = AutoTokenizer.from_pretrained(out)
     probe = "Tom has 3 apples."
@@ -133,4 +154,24 @@ def export_model(run_or_ckpt: str | Path, output: str | Path, *, dtype: torch.dt
     if t2(probe)["input_ids"] != want:
         raise CheckpointError(f"export: the saved tokenizer does not prepend BOS as training did "
                               f"({t2(probe)['input_ids']} != {want})")
+    if getattr(t2, "chat_template", None):
+        raise CheckpointError(f"export: {out} still carries a chat template that training did not use")
     return out
+
+
+def push_to_hub(folder: str | Path, repo_id: str, *, private: bool = False) -> list[str]:
+    """Upload an exported directory to the Hugging Face Hub repository `repo_id` (created when missing);
+    returns the uploaded files. A hub failure (no token, no access) is an OSError naming the repository."""
+    from huggingface_hub import HfApi
+
+    folder = Path(folder)
+    files = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+    api = HfApi()
+    try:
+        api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+        api.upload_folder(repo_id=repo_id, folder_path=str(folder), repo_type="model",
+                          commit_message=f"kava export ({json.loads((folder / EXPORT_FILE).read_text())['method']})")
+    except Exception as e:  # noqa: BLE001 - network, auth, permissions: one line, the export stays on disk
+        raise OSError(f"--push-to-hub {repo_id}: {type(e).__name__}: {e}; the export is in {folder} "
+                      "(log in with `huggingface-cli login` or set HF_TOKEN)") from e
+    return files

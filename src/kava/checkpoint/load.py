@@ -4,7 +4,10 @@
   built from scratch, or a kava run (`model.init_from`, full or LoRA);
 - a saved checkpoint (`load_for_eval`: a run's best/, else final/, or a checkpoint directory);
 - an exported directory (`load_exported`, `kava.checkpoint.export`);
-- either of the last two (`load_any`: what `kava.load`, `kava eval`, `ask`, `inspect` open).
+- a training checkpoint `RUN/checkpoints/step_<n>` (`load_step`: the run's model rebuilt, its trainable tensors in);
+- a plain Hugging Face model, or a peft adapter on one (`load_plain`: the base model a researcher compares
+  against, in cot or nocot mode, with kava's answer prompt);
+- any of these (`load_any`: what `kava.load`, `kava eval`, `ask`, `inspect` open).
 
 Loading never executes remote code unless `model.trust_remote_code: true`; kava's own checkpoints are
 safetensors only, loaded with strict key checks (`kava.checkpoint.saved`).
@@ -24,19 +27,22 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from kava.checkpoint.export import EXPORT_FILE, PROJECTION_FILE
-from kava.checkpoint.saved import (EXTRA_FILE, find_checkpoint, load_extra, load_lm, load_saved_lm,
-                                   resolve_init_dir, run_config, run_dir_of, saved_tokenizer_ids)
-from kava.config import Config, ConfigError, config_from_dict
+from kava.checkpoint.saved import (EXTRA_FILE, CheckpointError, find_checkpoint, has_model, load_extra, load_lm,
+                                   load_saved_lm, resolve_init_dir, run_config, run_dir_of, saved_tokenizer_ids)
+from kava.checkpoint.state import is_step_checkpoint, load_trainable, tokenizer_identity
+from kava.config import Config, ConfigError, config_from_dict, load_config
 from kava.data.format import SpecialIds, add_special_tokens
 from kava.model.families import SlidingWindowTooShort, check_window
 from kava.model.lora_dropout import fuse_lora_dropout
-from kava.model.pretrained import local_or_hub, load_pretrained_lm, pretrained_dir, scratch_config
+from kava.model.pretrained import check_local_path, local_or_hub, load_pretrained_lm, pretrained_dir, scratch_config
 from kava.model.reasoner import LatentReasoner
 
 
 def load_tokenizer(cfg: Config, tokenizer_dir: str | None = None):
     m = cfg.model
     if tokenizer_dir or m.tokenizer:
+        if not tokenizer_dir:
+            check_local_path(m.tokenizer, "model.tokenizer")
         src = str(Path(tokenizer_dir or m.tokenizer).expanduser())
     elif m.name_or_path:  # the model's own (for a GGUF file: the tokenizer converted with it)
         src = pretrained_dir(m.name_or_path, m.gguf_file, trust_remote_code=m.trust_remote_code)
@@ -171,15 +177,103 @@ def load_exported(d: str | Path, *, device: str | torch.device = "cpu", dtype: t
     return model, tok, cfg
 
 
+def load_step(ck: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+    """(model, tokenizer, cfg) from a training checkpoint `RUN/checkpoints/step_<n>`: the run's model built
+    again from its config.yaml (and tokenizer), then its trainable tensors loaded with strict key checks."""
+    ck = Path(ck)
+    run_dir = ck.parent.parent
+    if not (run_dir / "config.yaml").exists():
+        raise CheckpointError(f"{ck}: a training checkpoint outside its run directory (no {run_dir / 'config.yaml'})")
+    cfg = load_config(str(run_dir / "config.yaml"), resolve_paths=False)
+    m = cfg.model
+    if m.from_scratch is not None and cfg.lora is not None:
+        raise CheckpointError(f"{ck}: a step checkpoint of a LoRA run on a model built from scratch holds the adapter "
+                              f"only; the random base weights are saved with {run_dir / 'best'} and "
+                              f"{run_dir / 'final'}: evaluate one of those")
+    own_tok = m.from_scratch is not None and not m.tokenizer and not m.init_from
+    tok = load_tokenizer(cfg, str(run_dir / "tokenizer_src") if own_tok else None)
+    saved_tok = json.loads((ck / "state.json").read_text()).get("tokenizer")
+    if saved_tok is not None and saved_tok != tokenizer_identity(tok):
+        raise CheckpointError(f"{ck}: the tokenizer changed since the checkpoint was written (checkpoint {saved_tok}, "
+                              f"now {tokenizer_identity(tok)})")
+    model = build_reasoner(cfg, tok, dtype=dtype)
+    if cfg.spec.student == "jacobi" and cfg.latent.num_sweeps == 0:  # as kava.train froze it (pause tokens)
+        model.proj.requires_grad_(False)
+    load_trainable(ck, model)
+    model.to(device).eval()
+    return model, tok, cfg
+
+
+PLAIN_MODES = ("cot", "nocot")
+
+
+def load_plain(pretrained: str, *, peft: str | None = None, gguf_file: str | None = None,
+               tokenizer: str | None = None, mode: str | None = None, trust_remote_code: bool = False,
+               device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+    """(model, tokenizer, cfg) for a plain Hugging Face causal LM (hub id, local directory, GGUF file), with a
+    peft adapter on it when `peft` is given: no latents, so `mode` is cot (default) or nocot; the config is
+    method `mode` with kava's defaults (answer prompt "The answer is:", evaluation budgets)."""
+    mode = mode or "cot"
+    if mode not in PLAIN_MODES:
+        raise ValueError(f"--mode {mode}: a plain model (no kava training) has no latent mode; use cot or nocot")
+    if tokenizer is None and peft is not None and (Path(peft) / "tokenizer_config.json").exists():
+        tokenizer = str(peft)  # an adapter saved with its tokenizer
+    cfg = config_from_dict({"method": mode, "lora": None, "model": {
+        "name_or_path": pretrained, "gguf_file": gguf_file, "tokenizer": tokenizer, "trust_remote_code": trust_remote_code}})
+    tok = load_tokenizer(cfg)
+    lm = load_pretrained_lm(pretrained, gguf_file, dtype=dtype, trust_remote_code=trust_remote_code)
+    if peft is not None:
+        from peft import PeftModel
+
+        if not (Path(peft) / "adapter_config.json").exists():
+            raise CheckpointError(f"peft={peft}: no adapter_config.json (not a peft adapter directory)")
+        lm = PeftModel.from_pretrained(lm, peft).merge_and_unload()
+    ids = add_special_tokens(tok)
+    if lm.config.pad_token_id is None:
+        lm.config.pad_token_id = ids.pad
+    model = LatentReasoner(lm, ids, attn_implementation=cfg.model.attn_implementation)
+    check_model(model, cfg, tok)
+    # kava's three tokens were added for its own formats; a head with rows for them must never predict them
+    model.blocked_ids = [i for i in (ids.bot, ids.eot, ids.latent) if i < model.head.weight.shape[0]]
+    model.to(device).eval()
+    return model, tok, cfg
+
+
+def adapter_base(adapter: Path) -> str:
+    """The base model a peft adapter directory names (`base_model_name_or_path` of adapter_config.json)."""
+    base = json.loads((adapter / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    if not base:
+        raise CheckpointError(f"{adapter / 'adapter_config.json'}: no base_model_name_or_path; give the base with "
+                              "--model-args pretrained=BASE,peft=ADAPTER")
+    return base
+
+
+def parse_model_args(text: str) -> dict:
+    """lm-evaluation-harness style ``pretrained=ID_OR_DIR,peft=ADAPTER,gguf_file=F,tokenizer=T,
+    trust_remote_code=true`` -> keyword arguments of `load_plain`."""
+    out: dict = {}
+    for item in filter(None, (x.strip() for x in text.split(","))):
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or key not in ("pretrained", "peft", "gguf_file", "tokenizer", "trust_remote_code"):
+            raise ValueError(f"--model-args {item!r}: expected key=value with key one of pretrained, peft, gguf_file, "
+                             "tokenizer, trust_remote_code")
+        out[key] = value.strip().lower() in ("1", "true", "yes") if key == "trust_remote_code" else value.strip()
+    if "pretrained" not in out:
+        raise ValueError(f"--model-args {text!r}: pretrained=ID_OR_DIR is required")
+    return out
+
+
 @dataclass
 class Loaded:
-    """A trained model with its tokenizer and config, and where it came from."""
+    """A model with its tokenizer and config, and where it came from."""
 
     model: LatentReasoner
     tokenizer: object
     cfg: Config
-    source: Path  # the checkpoint directory (a run's best/ or final/) or the export directory
+    source: Path  # the checkpoint directory (a run's best/ or final/, a step_<n>), the export directory, or the model
     exported: bool
+    kind: str = "run"  # run (best/, final/, a saved model) | step | export | plain (a HF model, with its peft adapter)
 
     @property
     def run_dir(self) -> Path:
@@ -187,9 +281,11 @@ class Loaded:
         return self.source if self.exported else run_dir_of(self.source)
 
 
-def load_any(path: str | Path, *, device: str | torch.device | None = None, dtype: torch.dtype | None = None
-             ) -> Loaded:
-    """A kava run directory (its best/, else final/ model), a saved checkpoint, or a `kava export` directory.
+def load_any(path: str | Path, *, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
+             mode: str | None = None) -> Loaded:
+    """A kava run directory (its best/, else final/ model), a saved checkpoint, a training checkpoint
+    (`checkpoints/step_<n>`), a `kava export` directory, a plain Hugging Face model directory (config.json) or a
+    peft adapter directory (adapter_config.json, on the base it names). `mode`: for a plain model (cot or nocot).
 
     device: default cuda when available, else cpu; dtype: default bf16 on cuda, fp32 on cpu.
     """
@@ -197,6 +293,20 @@ def load_any(path: str | Path, *, device: str | torch.device | None = None, dtyp
     dtype = dtype or (torch.bfloat16 if str(device).startswith("cuda") else torch.float32)
     p = Path(path)
     if (p / EXPORT_FILE).exists():
-        return Loaded(*load_exported(p, device=device, dtype=dtype), p, exported=True)
-    ck = find_checkpoint(p)
+        return Loaded(*load_exported(p, device=device, dtype=dtype), p, exported=True, kind="export")
+    if is_step_checkpoint(p):
+        return Loaded(*load_step(p, device=device, dtype=dtype), p, exported=False, kind="step")
+    if p.name == "model" and has_model(p.parent):  # best/model/ (peft's adapter files): the whole saved model
+        p = p.parent
+    if p.is_dir() and not any(has_model(c) for c in (p, p / "best", p / "final")):
+        if (p / "adapter_config.json").exists():
+            return Loaded(*load_plain(adapter_base(p), peft=str(p), mode=mode, device=device, dtype=dtype), p,
+                          exported=False, kind="plain")
+        if (p / "config.json").exists():
+            return Loaded(*load_plain(str(p), mode=mode, device=device, dtype=dtype), p, exported=False, kind="plain")
+    try:
+        ck = find_checkpoint(p)
+    except CheckpointError as e:
+        raise CheckpointError(f"{e}; also accepted: RUN/checkpoints/step_<n>, a `kava export` dir, a Hugging Face "
+                              "model dir (config.json) or a peft adapter dir (adapter_config.json)") from None
     return Loaded(*load_for_eval(ck, device=device, dtype=dtype), ck, exported=False)

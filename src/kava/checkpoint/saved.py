@@ -29,6 +29,7 @@ from safetensors.torch import load_file, save_file
 from peft import PeftModel, get_peft_model_state_dict
 from transformers import AutoModelForCausalLM
 
+from kava.checkpoint.card import model_card
 from kava.config import load_config
 from kava.data.format import SPECIAL_TOKENS, SpecialIds, special_ids
 from kava.model.pretrained import load_pretrained_lm
@@ -69,7 +70,11 @@ def resolve_init_dir(path: str | Path) -> Path:
 
 
 def run_dir_of(ck: Path) -> Path:
-    """The run directory a checkpoint belongs to (the checkpoint itself when it stands alone)."""
+    """The run directory a checkpoint belongs to (its best/ or final/, or a training checkpoint
+    `checkpoints/step_<n>/`); the checkpoint itself when it stands alone."""
+    ck = Path(ck)
+    if ck.parent.name == "checkpoints" and (ck.parent.parent / "config.yaml").exists():
+        return ck.parent.parent
     return ck.parent if (ck.parent / "config.yaml").exists() else ck
 
 
@@ -157,11 +162,16 @@ def base_state_dict(peft_lm) -> dict[str, torch.Tensor]:
     return out
 
 
-def save_model(model: LatentReasoner, tokenizer, out_dir: str | Path, meta: dict | None = None) -> None:
-    """Save a loadable model (layout in the module docstring)."""
+def save_model(model: LatentReasoner, tokenizer, out_dir: str | Path, meta: dict | None = None, cfg=None) -> None:
+    """Save a loadable model (layout in the module docstring). cfg: the run's config, for the model card
+    `model/README.md` (`kava.checkpoint.card`), which replaces peft's empty placeholder."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model.lm.save_pretrained(out / "model")
+    if cfg is not None:
+        (out / "model" / "README.md").write_text(model_card(
+            cfg, base=getattr(model, "base_source", None), run_dir=out.parent, step=(meta or {}).get("step"),
+            exported=False))
     if _is_peft(model.lm):
         base = getattr(model, "base_source", None)
         if base is None:
@@ -229,4 +239,4 @@ def run_config(ck: Path):
     run_dir = run_dir_of(ck)
     if not (run_dir / "config.yaml").exists():
         raise CheckpointError(f"{ck}: no config.yaml next to the checkpoint")
-    return load_config(str(run_dir / "config.yaml"))
+    return load_config(str(run_dir / "config.yaml"), resolve_paths=False)

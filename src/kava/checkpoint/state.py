@@ -179,6 +179,18 @@ def read_checkpoint(ck: Path, model: torch.nn.Module, optimizer: torch.optim.Opt
     """Load checkpoint `ck` into `model` (its trainable tensors: keys and shapes checked) and `optimizer`.
     Returns (state.json, every process's saved RNG states: pass them to `rng_of_rank`)."""
     state = json.loads((ck / "state.json").read_text())
+    load_trainable(ck, model)
+    load_optimizer(optimizer, load_file(str(ck / "optimizer.safetensors")), state["optimizer"])
+    return state, load_file(str(ck / "rng.safetensors"))
+
+
+def is_step_checkpoint(path: Path) -> bool:
+    """Whether `path` is a training checkpoint (`checkpoints/step_<n>/`) rather than a loadable model."""
+    return (Path(path) / "state.json").exists() and (Path(path) / "trainable.safetensors").exists()
+
+
+def load_trainable(ck: Path, model: torch.nn.Module) -> None:
+    """The trainable tensors of checkpoint `ck` into `model`: every key present and expected, every shape equal."""
     saved = load_file(str(ck / "trainable.safetensors"))
     mine = dict((n, p) for n, p in model.named_parameters() if p.requires_grad)
     missing, unexpected = sorted(set(mine) - set(saved)), sorted(set(saved) - set(mine))
@@ -194,5 +206,3 @@ def read_checkpoint(ck: Path, model: torch.nn.Module, optimizer: torch.optim.Opt
     with torch.no_grad():
         for n, p in mine.items():
             p.copy_(saved[n])
-    load_optimizer(optimizer, load_file(str(ck / "optimizer.safetensors")), state["optimizer"])
-    return state, load_file(str(ck / "rng.safetensors"))

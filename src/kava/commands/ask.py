@@ -70,7 +70,7 @@ def run(args) -> int:
     km = kava.load(args.checkpoint, device=args.device)
     mode = args.mode or km.default_mode
     if mode == "latent" and not km.cfg.is_latent:
-        print(f"kava ask: a {km.method!r} checkpoint has no latent mode; use --mode cot or nocot")
+        print(f"kava ask: a {km.method!r} checkpoint has no latent mode; use --mode cot or nocot", file=sys.stderr)
         return 2
 
     def one(q: str) -> None:

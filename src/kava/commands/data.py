@@ -31,7 +31,7 @@ def describe(source: str, *, fmt="auto", split=None, cot_style="equation", data_
     from kava.config import Config
     from kava.data.format import UNLIMITED, Formatter, add_special_tokens, build_student_batch, build_teacher_batch
     from kava.data.pipeline import synthetic_dir
-    from kava.data.readers import EVAL_DATASETS, detect_format, load_eval_dataset, load_records
+    from kava.data.readers import EVAL_DATASETS, describe_format, detect_format, load_eval_dataset, load_records
     from kava.data.readers import gsm8k_icot_lines, icot_line
     from kava.data.readers import write_icot as write_icot_file
     from kava.data.records import SkipLog
@@ -45,7 +45,7 @@ def describe(source: str, *, fmt="auto", split=None, cot_style="equation", data_
         recs, where = load_eval_dataset(source, data_dir, skips=skips, cot_style=cot_style)
     else:
         recs = load_records(source, fmt, split, skips=skips, cot_style=cot_style)
-        where = source
+        where = f"{source} ({describe_format(source, fmt, split)})"
     print(f"source: {where}")
     print(f"records: {len(recs)}; {skips.summary()}")
     for reason, ex in skips.examples.items():

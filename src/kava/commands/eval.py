@@ -5,6 +5,13 @@ launched with `accelerate launch` / `torchrun`; rank 0 gathers and writes
 `RUN_DIR/eval/<dataset>/{predictions.jsonl, summary.json}` (`eval/<dataset>-limit<N>/` under `--limit N`).
 A run trained on the synthetic task finds its own data for the synth-* sets without `--data-dir`.
 
+Any model: `--checkpoint` takes a run dir, `RUN/checkpoints/step_<n>` (written to `eval/<dataset>-step<n>/`),
+a `kava export` dir, a plain Hugging Face model dir or a peft adapter dir; `--model-args pretrained=ID,peft=DIR`
+(lm-evaluation-harness style; also gguf_file=, tokenizer=, trust_remote_code=) names a hub model or a GGUF file.
+A plain model runs in cot (default) or nocot mode with kava's answer prompt; its results go to
+`runs/<name>-<mode>/eval/`, where `kava report runs/` finds them. `--datasets` also takes data files (JSONL,
+JSON, iCoT text: the readers' formats, detected).
+
 Latent runs (pccot, codi, kava) can add diagnostics (docs/method.md §5, `kava.diagnostics`):
 `--latent-ablations zeros,placeholder,shuffle` (accuracy with the latents replaced), `--oracle` (the
 teacher's compressed CoT KV in the latent slots), `--kv-match` (student latent KV vs eviction targets per
@@ -16,18 +23,25 @@ from __future__ import annotations
 
 def add_parser(sub) -> None:
     p = sub.add_parser("eval", help="evaluate a trained run on GSM8k / GSM8k-Hard / SVAMP / synthetic splits")
-    p.add_argument("--checkpoint", required=True,
-                   help="run dir (uses best/, else final/), a checkpoint dir, or a `kava export` dir")
+    p.add_argument("--checkpoint",
+                   help="run dir (uses best/, else final/), a checkpoint dir (RUN/checkpoints/step_N too), a "
+                        "`kava export` dir, a Hugging Face model dir or a peft adapter dir")
+    p.add_argument("--model-args", metavar="pretrained=ID[,peft=DIR,gguf_file=F]",
+                   help="a plain model instead of --checkpoint, lm-eval style: pretrained= (hub id or dir), peft=, "
+                        "gguf_file=, tokenizer=, trust_remote_code=")
     p.add_argument("--datasets", default="gsm8k,gsm8k-hard,svamp",
-                   help="comma list of: gsm8k, gsm8k-hard, svamp, gsm8k-aug-valid, synth-test, synth-hard, synth-varied")
+                   help="comma list of: gsm8k, gsm8k-hard, svamp, gsm8k-aug-valid, synth-test, synth-hard, "
+                        "synth-varied, or data files (.jsonl, .json, .txt)")
     p.add_argument("--data-dir", help="local data root (../shared/data layout); default $KAVA_DATA_DIR or ./data, "
                    "and for synth-* sets of a synthetic-task run that run's own data")
     p.add_argument("--hub", action="store_true", help="load the datasets from the Hugging Face hub")
-    p.add_argument("--mode", choices=["latent", "cot", "nocot"], help="default: the method's own mode")
+    p.add_argument("--mode", choices=["latent", "cot", "nocot"],
+                   help="default: the method's own mode (cot for a plain model)")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--max-new-tokens", type=int)
     p.add_argument("--limit", type=int, help="first N questions only (smoke tests); written to eval/<dataset>-limit<N>/")
-    p.add_argument("--output", help="where to write results (default RUN_DIR/eval)")
+    p.add_argument("--output", help="where to write results (default RUN_DIR/eval; runs/<name>-<mode>/eval for a "
+                                    "plain model)")
     g = p.add_argument_group("latent diagnostics (pccot, codi, kava runs; docs/method.md §5)")
     g.add_argument("--latent-ablations", metavar="LIST",
                    help="comma list of zeros, placeholder, shuffle (or 'all'): accuracy with the latents replaced")
@@ -40,11 +54,19 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
+    import sys
+
+    from kava.checkpoint.load import parse_model_args
     from kava.diagnostics import diagnostics_spec
     from kava.evaluate import evaluate_run
 
+    if bool(args.checkpoint) == bool(args.model_args):
+        print("kava eval: give --checkpoint DIR or --model-args pretrained=ID_OR_DIR[,peft=ADAPTER] (one of them)",
+              file=sys.stderr)
+        return 2
     names = [d.strip() for d in args.datasets.split(",") if d.strip()]
-    evaluate_run(args.checkpoint, names, data_dir=args.data_dir, hub=args.hub, mode=args.mode,
+    model_args = parse_model_args(args.model_args) if args.model_args else None
+    evaluate_run(args.checkpoint, names, model_args=model_args, data_dir=args.data_dir, hub=args.hub, mode=args.mode,
                  batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, limit=args.limit,
                  output=args.output, diagnostics=diagnostics_spec(args.latent_ablations, args.oracle, args.kv_match,
                                                                   args.diagnostics))

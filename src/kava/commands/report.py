@@ -1,8 +1,13 @@
-"""`kava report RUN_DIR... [--output DIR] [--group-by preset|method]`: table (mean ± std over seeds) and plots."""
+"""`kava report RUN_DIR... [--output DIR] [--group-by preset|method]`: table (mean ± std over seeds) and plots.
+
+No run directory among the paths (a typo, an empty folder) is a user error: one line on stderr, exit 2.
+"""
 
 from __future__ import annotations
 
-from kava.tools.report import write_report
+import sys
+
+from kava.tools.report import find_run_dirs, write_report
 
 
 def add_parser(sub) -> None:
@@ -15,8 +20,16 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
+    dirs, notes = find_run_dirs(args.runs)
+    if not dirs:
+        print(f"kava report: error: no run directory in {', '.join(args.runs)} ({'; '.join(notes)})", file=sys.stderr)
+        return 2
     res = write_report(args.runs, args.output, args.group_by)
     md = res["paths"]["report.md"].read_text(encoding="utf-8")
     print(md, end="")
     print("wrote " + ", ".join(str(p) for p in res["paths"].values()))
-    return 0 if res["rows"] else 1
+    if not res["rows"]:
+        print(f"kava report: error: no run in {', '.join(args.runs)} has evaluation results (kava eval first)",
+              file=sys.stderr)
+        return 2
+    return 0

@@ -20,6 +20,7 @@ def add_parser(sub) -> None:
     p.add_argument("--dry-run", action="store_true", help="print name, status (done/resume/restart/new), overrides")
     p.add_argument("--eval-datasets", help="after training, `kava eval` each run on these (comma list)")
     p.add_argument("--data-dir", help="data root for --eval-datasets (see `kava eval --data-dir`)")
+    p.add_argument("--hub", action="store_true", help="read --eval-datasets from the Hugging Face hub")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (local mode)")
     s = p.add_argument_group("SLURM (with --slurm: write scripts instead of training)")
     s.add_argument("--slurm", action="store_true")
@@ -35,14 +36,17 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
+    import sys
+
     from kava.config import ConfigError
-    from kava.tools.sweep import (SlurmOptions, check_resumable, expand, parse_grid, parse_seeds, plan_lines,
-                            run_local, split_list, write_slurm)
+    from kava.tools.sweep import (SlurmOptions, check_evals, check_resumable, expand, parse_grid, parse_seeds,
+                                  plan_lines, run_local, split_list, write_slurm)
 
     evals = split_list(args.eval_datasets or "")
     try:
         runs = expand(split_list(args.configs), parse_seeds(args.seeds), parse_grid(args.grid), args.overrides,
                       args.output_dir)
+        data_dir = check_evals(runs, evals, args.data_dir, args.hub)  # before hours of training
         if args.dry_run:
             print("\n".join(plan_lines(runs)))
             check_resumable(runs)
@@ -52,13 +56,15 @@ def run(args) -> int:
                 raise ConfigError("--nodes and --gpus-per-node must be >= 1")
             opts = SlurmOptions(args.partition, args.nodes, args.gpus_per_node, args.cpus_per_task, args.time,
                                 args.log_dir, args.env_setup)
-            scripts, sub = write_slurm(runs, opts, args.script_dir, eval_datasets=evals, data_dir=args.data_dir)
+            scripts, sub = write_slurm(runs, opts, args.script_dir, eval_datasets=evals, data_dir=data_dir,
+                                       hub=args.hub)
             print(f"{len(scripts)} scripts in {args.script_dir} ({len(runs) - len(scripts)} runs already DONE); "
                   f"submit with: bash {sub}")
             return 0
-        result = run_local(runs, eval_datasets=evals, data_dir=args.data_dir, progress=not args.no_progress)
+        result = run_local(runs, eval_datasets=evals, data_dir=data_dir, hub=args.hub,
+                           progress=not args.no_progress)
     except ConfigError as e:
-        print(f"kava sweep: {e}")
+        print(f"kava sweep: error: {e}", file=sys.stderr)
         return 2
     failed = [n for n, s in result.items() if s == "failed"]
     print(f"sweep: {sum(s == 'done' for s in result.values())} trained, "

@@ -8,7 +8,8 @@ def add_parser(sub) -> None:
     p.add_argument("--config", help="preset name (see `kava presets list`) or a YAML path")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set optim.lr=1e-4 (repeatable)")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run exactly where it stopped")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run exactly where it stopped "
+                                                      "(with --set optim.max_steps=N: extend it to N steps)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--dry-run", action="store_true",
                    help="print the resolved config and the plan (data counts, steps, accumulation), then stop")
@@ -16,17 +17,22 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
+    import sys
+
     from kava.config import load_config
     from kava.train import resume_config, train
 
     if args.resume:
-        if args.config or args.overrides:
-            print("kava train: --resume takes the run's own config.yaml; drop --config/--set")
+        if args.config:
+            print("kava train: --resume takes the run's own config.yaml; drop --config", file=sys.stderr)
             return 2
         cfg = resume_config(args.resume)
+        cfg = resume_plan(args.resume, cfg, args.overrides)
+        if cfg is None:
+            return 0
     else:
         if not args.config:
-            print("kava train: give --config PRESET_OR_YAML (or --resume RUN_DIR)")
+            print("kava train: give --config PRESET_OR_YAML (or --resume RUN_DIR)", file=sys.stderr)
             return 2
         cfg = load_config(args.config, args.overrides)
     if args.dry_run:
@@ -35,6 +41,49 @@ def run(args) -> int:
     run_dir = train(cfg, resume=args.resume, progress=not args.no_progress)
     print(f"run directory: {run_dir}")
     return 0
+
+
+def resume_plan(run_dir, cfg, overrides: list[str]):
+    """What `--resume RUN [--set optim.max_steps=N]` continues: the run's config (None: a finished run, nothing
+    to do, said so). `optim.max_steps` is the one key a resume may change: N beyond the run's end extends it
+    (config.yaml rewritten, DONE removed, the LR schedule's end moved to N, said so); any other key is refused."""
+    import json
+    from pathlib import Path
+
+    from kava.checkpoint.state import latest_checkpoint
+    from kava.config import ConfigError, load_config, parse_override, save_config
+
+    run_dir = Path(run_dir)
+    new = load_config(str(run_dir / "config.yaml"), overrides, resolve_paths=False) if overrides else cfg
+    a, b = cfg.to_dict(), new.to_dict()
+    a["optim"]["max_steps"] = b["optim"]["max_steps"]
+    if a != b:
+        keys = ", ".join(parse_override(o)[0] for o in overrides)
+        raise ConfigError(f"--resume takes the run's own config.yaml; --set may change only optim.max_steps "
+                          f"(to extend the run), got {keys}")
+    done = json.loads((run_dir / "DONE").read_text()) if (run_dir / "DONE").exists() else None
+    if not overrides or new.optim.max_steps == cfg.optim.max_steps:
+        if done is not None:
+            print(f"kava train: {run_dir} is finished ({done['steps']} steps; DONE); nothing to do. To train it "
+                  f"further: kava train --resume {run_dir} --set optim.max_steps=N")
+            return None
+        return cfg
+    ck = latest_checkpoint(run_dir)
+    at = json.loads((ck / "state.json").read_text())["step"] if ck is not None else 0
+    meta_p = run_dir / "meta.json"
+    meta = json.loads(meta_p.read_text()) if meta_p.exists() else {}
+    before = done["steps"] if done else (meta.get("plan") or {}).get("total_steps", cfg.optim.max_steps)
+    if new.optim.max_steps <= at:
+        raise ConfigError(f"optim.max_steps={new.optim.max_steps}: {run_dir} is already at step {at}; give more steps")
+    save_config(new, run_dir / "config.yaml")
+    (run_dir / "DONE").unlink(missing_ok=True)
+    if meta:
+        meta.setdefault("extended", []).append({"from_steps": before, "to_steps": new.optim.max_steps, "at_step": at})
+        meta_p.write_text(json.dumps(meta, indent=2))
+    print(f"[kava] extending {run_dir}: optim.max_steps {before} -> {new.optim.max_steps} from step {at}; the LR "
+          f"schedule ({new.optim.schedule}, warmup {new.optim.warmup_ratio:g} of the steps) now ends at step "
+          f"{new.optim.max_steps}, so the learning rate from step {at} on follows the new schedule", flush=True)
+    return new
 
 
 def dry_run(cfg) -> list[str]:

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from kava.cache import cache_root
-from kava.data.readers import load_records
+from kava.data.readers import describe_format, load_records
 from kava.data.records import Record, SkipLog
 from kava.data.synthetic import pointer_tokens, write_pointer, write_synthetic
 
@@ -131,7 +131,8 @@ def load_train_valid(cfg: Config, data_root: Path, skips: SkipLog, valid_skips: 
         vsrc = d.valid_source or d.source
         valid = load_records(vsrc, "auto" if d.valid_source else d.format, d.valid_split, fields=fld,
                              skips=vskips, limit=d.valid_limit, cot_style=d.cot_style)
-        desc = f"{d.source} [{d.split}], validation {vsrc} [{d.valid_split}]"
+        desc = (f"{d.source} [{d.split}, {describe_format(d.source, d.format, d.split)}], validation {vsrc} "
+                f"[{d.valid_split}]")
         if d.exclude_valid_questions:
             train = exclude_questions(train, valid_questions(vsrc, d), skips)
             desc += ", validation questions excluded from training"

@@ -269,10 +269,16 @@ HUB_SCHEMAS = tuple(_ROW_PARSERS)
 # files
 
 
+def _not_found(path: str | Path) -> str:
+    """`<path>: file not found`, and where a relative path was looked for (the current directory)."""
+    p = Path(path)
+    return f"{path}: file not found" + ("" if p.is_absolute() else f" (looked at {p.absolute()})")
+
+
 def _check_file(path: str | Path) -> Path:
     p = Path(path)
     if not p.exists():
-        raise DataError(f"{path}: file not found")
+        raise DataError(_not_found(path))
     if p.is_dir():
         raise DataError(f"{path}: is a directory, expected a file")
     return p
@@ -594,39 +600,36 @@ def read_hub(
 # one entry point
 
 
-def _peek_object(path: Path) -> dict | None:
-    """First JSON object of a JSONL/JSON-array file, or None if the first record is unreadable."""
-    try:
-        if _is_json_array(path):
+SAMPLE_LINES = 50  # records read to decide a file's format
+
+
+def _sample_objects(path: Path, n: int = SAMPLE_LINES) -> list[Any]:
+    """The first `n` records of a JSONL / JSON-array file, each parsed (None where a line is no JSON)."""
+    out: list[Any] = []
+    if _is_json_array(path):
+        try:
             for _, obj in _iter_json_array(path):
-                return obj if isinstance(obj, dict) else None
-            return None
-        with open(path, encoding="utf-8", errors="replace") as f:
-            for line in f:
-                if line.strip():
-                    obj = json.loads(line.lstrip("\ufeff"))
-                    return obj if isinstance(obj, dict) else None
-    except (json.JSONDecodeError, DataError):
-        return None
-    return None
+                out.append(obj)
+                if len(out) >= n:
+                    break
+        except DataError:
+            out.append(None)
+        return out
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            try:
+                out.append(json.loads(line.lstrip("\ufeff")))
+            except json.JSONDecodeError:
+                out.append(None)
+            if len(out) >= n:
+                break
+    return out
 
 
-def detect_format(source: str | Path) -> str:
-    """The reader `load_records` would use for `source` (an existing file or a hub id)."""
-    p = Path(source)
-    if not p.exists():
-        if isinstance(source, str) and _HUB_ID_RE.fullmatch(source) and p.suffix not in (".txt", ".json", ".jsonl"):
-            return "hub"
-        raise DataError(f"{source}: file not found")
-    if p.is_dir():
-        raise DataError(f"{source}: is a directory; pass split= to pick <split>.jsonl/.txt/.json inside it")
-    if p.suffix == ".txt":
-        return "icot"
-    obj = _peek_object(p)
-    if obj is None:
-        if p.suffix in (".json", ".jsonl"):
-            return "jsonl"  # the reader will report what is wrong with the first record
-        return "icot"
+def _object_format(obj: dict) -> str:
+    """The reader one JSON object looks like it belongs to."""
     if "Body" in obj and "Question" in obj:
         return "svamp"
     if "target" in obj and ("code" in obj or "input" in obj):
@@ -634,6 +637,51 @@ def detect_format(source: str | Path) -> str:
     if isinstance(obj.get("answer"), str) and "####" in obj["answer"]:
         return "gsm8k"
     return "jsonl"
+
+
+def _peek_object(path: Path) -> dict | None:
+    """The first readable JSON object among the first records of a JSONL/JSON-array file, or None."""
+    return next((o for o in _sample_objects(path) if isinstance(o, dict)), None)
+
+
+def detect_format_reason(source: str | Path) -> tuple[str, str]:
+    """The reader `load_records` would use for `source` (an existing file or a hub id), and how that was
+    decided. A JSON file's format is the majority over its first `SAMPLE_LINES` records that parse (ties: the
+    earliest), so one truncated or odd first line does not decide it; a ``.txt`` file is iCoT text."""
+    p = Path(source)
+    if not p.exists():
+        if isinstance(source, str) and _HUB_ID_RE.fullmatch(source) and p.suffix not in (".txt", ".json", ".jsonl"):
+            return "hub", "a hub id (no such local file)"
+        raise DataError(_not_found(source))
+    if p.is_dir():
+        raise DataError(f"{source}: is a directory; pass split= to pick <split>.jsonl/.txt/.json inside it")
+    if p.suffix == ".txt":
+        return "icot", "a .txt file"
+    sample = _sample_objects(p)
+    votes = [_object_format(o) for o in sample if isinstance(o, dict)]
+    if not votes:
+        if p.suffix in (".json", ".jsonl"):
+            return "jsonl", f"none of the first {len(sample)} records is a JSON object"
+        return "icot", "no JSON object in its first lines"
+    fmt = max(dict.fromkeys(votes), key=votes.count)
+    return fmt, f"detected from {votes.count(fmt)} of the first {len(sample)} records"
+
+
+def detect_format(source: str | Path) -> str:
+    """The reader `load_records` would use for `source` (an existing file or a hub id): `detect_format_reason`."""
+    return detect_format_reason(source)[0]
+
+
+def describe_format(source: str | Path, format: str = "auto", split: str | None = None) -> str:
+    """The reader `load_records(source, format, split)` uses, and why: ``format gsm8k (auto: detected from
+    50 of the first 50 records)``; what the summaries print beside a data source."""
+    p = Path(str(source))
+    if format != "auto":
+        return f"format {format}"
+    if p.is_dir():
+        p = _resolve_dir(p, split)
+    fmt, why = detect_format_reason(p if p.exists() else str(source))
+    return f"format {fmt} (auto: {why})"
 
 
 def _resolve_dir(p: Path, split: str | None) -> Path:
@@ -658,7 +706,8 @@ def load_records(
 ) -> list[Record]:
     """Read `source` (a file, a directory plus `split`, or a hub id plus `split`) into records.
 
-    format: one of `FORMATS`; ``auto`` picks by extension and first record (see `detect_format`).
+    format: one of `FORMATS`; ``auto`` picks by extension and the majority of the first records (see
+    `detect_format_reason`).
     fields: for ``jsonl``/``hub``, a mapping with keys question/steps/answer naming the columns.
     cot_style: ``equation`` or ``nl``; picks GSM8k's CoT form and the synthetic files' steps_eq/steps_nl.
     strict: raise `DataError` at the first bad record instead of counting it in `skips`.
@@ -735,6 +784,51 @@ EVAL_DATASETS: dict[str, EvalDataset] = {
 }
 
 
+def is_data_file(name: str) -> bool:
+    """Whether an evaluation set name is a file to read with the readers' formats (not a named set)."""
+    return name not in EVAL_DATASETS and (Path(name).suffix in (".jsonl", ".json", ".txt") or Path(name).is_file())
+
+
+def eval_set_path(name: str, data_dir: str | Path | None = None) -> Path:
+    """The local file of a named evaluation set under `data_dir` (default ``$KAVA_DATA_DIR`` or ``./data``)."""
+    spec = EVAL_DATASETS[name]
+    root = Path(data_dir if data_dir is not None else os.environ.get("KAVA_DATA_DIR", "data"))
+    path = root / spec.local
+    if spec.name.startswith("synth-") and not path.exists() and (root / "synthetic" / spec.local).exists():
+        path = root / "synthetic" / spec.local
+    return path
+
+
+def check_eval_sets(names: Iterable[str], data_dir: str | Path | None = None, hub: bool = False, *,
+                    synthetic_found: bool = False) -> None:
+    """Refuse, before any model loads, an evaluation set that cannot be read: an unknown name, a missing file,
+    a local set whose file is not under the data root, a synthetic set from the hub. `synthetic_found`: the
+    synth-* sets are found elsewhere (a synthetic-task run's own data), so their files are not checked."""
+    names = list(names)
+    unknown = [n for n in names if n not in EVAL_DATASETS and not is_data_file(n)]
+    if unknown:
+        raise DataError(f"unknown evaluation set{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}; "
+                        f"expected one of {sorted(EVAL_DATASETS)}, or a .jsonl / .json / .txt file")
+    for name in names:
+        if name not in EVAL_DATASETS:
+            _check_file(name)
+            continue
+        spec = EVAL_DATASETS[name]
+        if hub:
+            if spec.hub_id is None:
+                raise DataError(f"{name}: the synthetic sets exist only locally (drop --hub, or give --data-dir)")
+            continue
+        if name.startswith("synth-") and synthetic_found and data_dir is None:
+            continue
+        path = eval_set_path(name, data_dir)
+        if not path.exists():
+            where = "--data-dir" if data_dir is not None else "$KAVA_DATA_DIR" if os.environ.get(
+                "KAVA_DATA_DIR") else "the default data root ./data"
+            shown = str(path) if path.is_absolute() else f"{path} = {path.absolute()}"
+            raise DataError(f"{name}: {shown}: file not found (from {where}); give --data-dir DIR (the "
+                            "../shared/data layout) or --hub")
+
+
 def load_eval_dataset(
     name: str,
     data_dir: str | Path | None = None,
@@ -743,26 +837,26 @@ def load_eval_dataset(
     skips: SkipLog | None = None,
     cot_style: str = "equation",
 ) -> tuple[list[Record], str]:
-    """Records of a named evaluation set and a line naming the exact file/split and count.
+    """Records of a named evaluation set (or of a data file: `name` is then its path, read in any of the
+    readers' formats, detected as `load_records` does) and a line naming the exact file/split and count.
 
     data_dir defaults to ``$KAVA_DATA_DIR`` or ``./data``. Synthetic splits are read from
     ``data_dir/<split>.jsonl`` (or ``data_dir/synthetic/<split>.jsonl``). A count that differs from the
     published size is flagged in the description rather than hidden.
     """
-    if name not in EVAL_DATASETS:
-        raise DataError(f"unknown evaluation set {name!r}; expected one of {sorted(EVAL_DATASETS)}")
-    spec = EVAL_DATASETS[name]
     skips = SkipLog() if skips is None else skips
+    if name not in EVAL_DATASETS and is_data_file(name):
+        fmt, why = detect_format_reason(_check_file(name))
+        records = load_records(name, fmt, skips=skips, cot_style=cot_style)
+        desc = f"{name} (format {fmt}: {why}), {len(records)} problems"
+        return records, desc + (f"; {skips.summary()}" if skips.total else "")
+    check_eval_sets([name], data_dir, hub, synthetic_found=True)
+    spec = EVAL_DATASETS[name]
     if hub:
-        if spec.hub_id is None:
-            raise DataError(f"{name}: the synthetic sets exist only locally (write them with write_synthetic)")
         records = read_hub(spec.hub_id, spec.hub_split or "test", config=spec.hub_config, cot_style=cot_style, skips=skips)
         where = f"hub {spec.hub_id}" + (f" {spec.hub_config}" if spec.hub_config else "") + f", split {spec.hub_split}"
     else:
-        root = Path(data_dir if data_dir is not None else os.environ.get("KAVA_DATA_DIR", "data"))
-        path = root / spec.local
-        if spec.name.startswith("synth-") and not path.exists() and (root / "synthetic" / spec.local).exists():
-            path = root / "synthetic" / spec.local
+        path = eval_set_path(name, data_dir)
         records = load_records(path, spec.format, skips=skips, cot_style=cot_style)
         where = str(path)
     desc = f"{spec.label} ({where}), {len(records)} problems"

@@ -98,8 +98,24 @@ def gguf_dir(name_or_path: str, gguf_file: str, *, trust_remote_code: bool = Fal
     return out
 
 
+def looks_like_path(name: str) -> bool:
+    """A string meant as a local path, never a hub id (`org/name`): absolute, `~`, `./`, `../`, a trailing or a
+    second `/`."""
+    return name.startswith(("/", "~", "./", "../", ".\\")) or name.endswith("/") or name.count("/") > 1
+
+
+def check_local_path(name: str, key: str = "model.name_or_path") -> None:
+    """A path-like `name` that does not exist is one clear error (FileNotFoundError naming `key`), not
+    transformers' "Repo id must be in the form 'repo_name' or 'namespace/repo_name'"."""
+    p = Path(name).expanduser()
+    if looks_like_path(name) and not p.exists():
+        raise FileNotFoundError(f"{key}: {name} does not exist (looked at {p.absolute()}); a hub id looks like "
+                                "org/name")
+
+
 def pretrained_dir(name_or_path: str, gguf_file: str | None = None, *, trust_remote_code: bool = False) -> str:
     """What `from_pretrained` should open for a `model.name_or_path` (+ `model.gguf_file`)."""
+    check_local_path(name_or_path)
     if gguf_file:
         return str(gguf_dir(name_or_path, gguf_file, trust_remote_code=trust_remote_code))
     p = Path(name_or_path).expanduser()

@@ -41,16 +41,21 @@ def token_text(tokenizer, i: int) -> str:
     return tokenizer.convert_ids_to_tokens(i) if "\ufffd" in text else text
 
 
-def latent_cot_similarity(latent: torch.Tensor, cot: torch.Tensor) -> torch.Tensor:
+def latent_cot_similarity(latent: torch.Tensor, cot: torch.Tensor, centered: bool = False) -> torch.Tensor:
     """Per-layer cosine similarity of latent slots and CoT tokens, heads concatenated.
 
     latent: [L, Hkv, M, D] (keys or values of one example); cot: [L, Hkv, C, D] -> [L, M, C] fp32, where
     sim[l, i, j] = cos(concat_h latent[l, h, i], concat_h cot[l, h, j]).
+    centered: first subtract, per layer, the mean over the M slots from the latents and the mean over the C
+    tokens from the CoT: keys and values share a large common direction (attention sinks, biases) that makes
+    every raw cosine high; the centred one shows which slot resembles which token.
     """
     L, H, M, D = latent.shape
-    a = F.normalize(latent.float().permute(0, 2, 1, 3).reshape(L, M, H * D), dim=-1)  # [L, M, H*D]
-    b = F.normalize(cot.float().permute(0, 2, 1, 3).reshape(L, -1, H * D), dim=-1)  # [L, C, H*D]
-    return a @ b.transpose(1, 2)
+    a = latent.float().permute(0, 2, 1, 3).reshape(L, M, H * D)  # [L, M, H*D]
+    b = cot.float().permute(0, 2, 1, 3).reshape(L, -1, H * D)  # [L, C, H*D]
+    if centered:
+        a, b = a - a.mean(1, keepdim=True), b - b.mean(1, keepdim=True)
+    return F.normalize(a, dim=-1) @ F.normalize(b, dim=-1).transpose(1, 2)
 
 
 @dataclass
@@ -62,11 +67,12 @@ class Inspection:
     num_kv_heads: int
     eviction: str  # "rkv λ=0.1"
     key_space: str
+    centered: bool = False
 
 
 @torch.no_grad()
 def inspect_example(model, tokenizer, cfg, question: str, cot: str, answer: str,
-                    key_space: str | None = None) -> Inspection:
+                    key_space: str | None = None, centered: bool = False) -> Inspection:
     """Teacher on question·cot·answer, student (final sweep) on the question, similarity and eviction.
 
     The CoT is used as given (no last-step dropping): the user chose what to look at.
@@ -98,8 +104,8 @@ def inspect_example(model, tokenizer, cfg, question: str, cot: str, answer: str,
     desc = f"{ev.method} λ={ev.lam:g}" if ev.method == "rkv" else ev.method
     if ev.method in NEEDS_IMPORTANCE and ev.importance_softmax != "cot":
         desc += f", {ev.importance_softmax} softmax"
-    return Inspection([token_text(tokenizer, i) for i in item.cot], latent_cot_similarity(lk, ck).cpu(),
-                      latent_cot_similarity(lv, cv).cpu(), kept.cpu(), H, desc, key_space)
+    return Inspection([token_text(tokenizer, i) for i in item.cot], latent_cot_similarity(lk, ck, centered).cpu(),
+                      latent_cot_similarity(lv, cv, centered).cpu(), kept.cpu(), H, desc, key_space, centered)
 
 
 def most_kept(ins: Inspection, layer: int, n: int | None = None) -> list[tuple[int, str, int]]:
@@ -109,44 +115,62 @@ def most_kept(ins: Inspection, layer: int, n: int | None = None) -> list[tuple[i
     return [(p, ins.cot_tokens[p], counts[p]) for p in order]
 
 
-def plot_similarity(ins: Inspection, path: str | Path, layers: list[int] | None = None) -> Path:
-    """Keys (top row) and values (bottom row), one heatmap per layer; kept CoT tokens in bold red, with a
-    marker row above each heatmap whose shade is the fraction of KV heads that kept the token."""
-    import matplotlib
+def default_layers(num_layers: int, n: int = 4) -> list[int]:
+    """The layers `kava inspect` draws by default: `n` spread over the depth, the first and the last included."""
+    if num_layers <= n:
+        return list(range(num_layers))
+    return sorted({round(i * (num_layers - 1) / (n - 1)) for i in range(n)})
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    layers = list(range(ins.sim_k.shape[0])) if layers is None else layers
+def plot_similarity(ins: Inspection, path: str | Path, layers: list[int] | None = None):
+    """A grid: one row of (keys, values) heatmaps per layer, in up to 3 columns of such pairs; kept CoT tokens
+    in bold red, with a marker row above each heatmap whose shade is the fraction of KV heads that kept the
+    token. layers: default `default_layers` (4 spread over the depth). Returns the path."""
+    import math
+
+    from matplotlib.figure import Figure
+
+    layers = default_layers(ins.sim_k.shape[0]) if layers is None else layers
     M, C = ins.sim_k.shape[1:]
-    w, h = max(3.5, 0.28 * C + 1.2), max(2.8, 0.3 * M + 2.2)
-    fig, axes = plt.subplots(2, len(layers), figsize=(w * len(layers) + 1.2, 2 * h), squeeze=False,
-                             constrained_layout=True)
+    w, h = min(max(3.5, 0.28 * C + 1.6), 12.0), max(2.6, 0.3 * M + 1.9)  # one heatmap, inches
+    pairs = 1 if len(layers) <= 4 else 2 if len(layers) <= 12 else 3
+    nrows = math.ceil(len(layers) / pairs)
+    fig = Figure(figsize=(2 * pairs * w + 0.8, nrows * h + 0.9), dpi=100, layout="constrained")
+    axes = fig.subplots(nrows, 2 * pairs, squeeze=False)
     labels = [repr(t)[1:-1].replace(" ", "␣") or "∅" for t in ins.cot_tokens]  # spaces visible
     rotation = 0 if max(map(len, labels)) <= 3 else 90
-    for col, layer in enumerate(layers):
+    font = 8 if C <= 40 else 6
+    im = None
+    for k, layer in enumerate(layers):
         frac = (ins.kept[layer].float() / ins.num_kv_heads).numpy()
-        for row, (kind, sim) in enumerate((("keys", ins.sim_k), ("values", ins.sim_v))):
-            ax = axes[row, col]
+        r, c0 = divmod(k, pairs)
+        for j, (kind, sim) in enumerate((("keys", ins.sim_k), ("values", ins.sim_v))):
+            ax = axes[r, 2 * c0 + j]
             im = ax.imshow(sim[layer].numpy(), cmap="RdBu_r", vmin=-1, vmax=1, aspect="auto",
                            extent=(-0.5, C - 0.5, M + 0.5, 0.5))
-            ax.scatter(range(C), [0.1] * C, c=frac, cmap="Greens", vmin=0, vmax=1, marker="v", s=40,
+            ax.scatter(range(C), [0.1] * C, c=frac, cmap="Greens", vmin=0, vmax=1, marker="v", s=30,
                        edgecolors="k", linewidths=0.3, clip_on=False)
             ax.set_ylim(M + 0.5, -0.3)
-            ax.set_xticks(range(C), labels, rotation=rotation, fontsize=8, fontfamily="monospace")
+            ax.set_xticks(range(C), labels, rotation=rotation, fontsize=font, fontfamily="monospace")
             for tick, f in zip(ax.get_xticklabels(), frac):
                 if f > 0:
                     tick.set_fontweight("bold")
                     tick.set_color("firebrick")
             ax.set_yticks(range(1, M + 1))
-            ax.set_ylabel("latent slot")
-            ax.set_xlabel("teacher CoT token")
-            ax.set_title(f"layer {layer} {kind}")
-        fig.colorbar(im, ax=axes[:, col], shrink=0.6, label="cosine similarity")
-    fig.suptitle(f"student latent KV vs teacher CoT KV ({ins.key_space} keys); bold red / ▼ = kept by "
-                 f"{ins.eviction} eviction (▼ shade: fraction of {ins.num_kv_heads} KV heads)")
+            ax.tick_params(axis="y", labelsize=8)
+            ax.set_title(f"layer {layer} {kind}", fontsize=10)
+            if j == 0 and c0 == 0:
+                ax.set_ylabel("latent slot")
+            if r == nrows - 1:
+                ax.set_xlabel("teacher CoT token")
+    for ax in axes.ravel()[2 * len(layers):]:
+        ax.set_visible(False)
+    fig.colorbar(im, ax=axes, shrink=0.5, label=("centred " if ins.centered else "") + "cosine similarity")
+    shown = "all layers" if len(layers) == ins.sim_k.shape[0] else f"layers {', '.join(map(str, layers))} of " \
+                                                                     f"{ins.sim_k.shape[0]}"
+    fig.suptitle(f"student latent KV vs teacher CoT KV ({ins.key_space} keys, {shown}); bold red / ▼ = kept by "
+                 f"{ins.eviction} eviction (▼ shade: fraction of {ins.num_kv_heads} KV heads)", fontsize=10)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return path

@@ -72,6 +72,8 @@ def load_run(path: str | Path) -> Run:
         s = _read_json(summ, notes)
         if s is not None and isinstance(s.get("accuracy"), (int, float)):
             name = str(s.get("dataset") or summ.parent.name)
+            if s.get("checkpoint_step") is not None:  # an intermediate checkpoint (eval/<dataset>-step<N>/)
+                name += f"-step{s['checkpoint_step']}"
             if s.get("limit"):  # a `kava eval --limit N` smoke test (eval/<dataset>-limit<N>/): not the dataset
                 name += f"-limit{s['limit']}"
             run.evals[name] = s
@@ -304,23 +306,26 @@ def _diagnostic_tables(rows: list[dict]) -> list[str]:
 def plot_kv_match(rows: list[dict], path: Path) -> bool:
     """Four panels (K/V relative error, K/V cosine), x layer, one line per (group, dataset). False (nothing
     written) when no run has KV-match numbers."""
-    series = [(i, f"{r['group']} ({r['train_data']}) {ds}", c["kv_match"]) for i, r in enumerate(rows)
+    names = short_labels(rows)
+    series = [(i, f"{names[i]} · {ds}", c["kv_match"]) for i, r in enumerate(rows)
               for ds, c in sorted(r["datasets"].items(), key=lambda x: _dataset_key(x[0])) if c.get("kv_match")]
     if not series:
         return False
     titles = {"k_rel": "K relative error", "k_cos": "K cosine", "v_rel": "V relative error", "v_cos": "V cosine"}
     from matplotlib.ticker import MaxNLocator
 
-    fig, axes = _figure(4, max_cols=2)
+    fig, axes = _figure(4, max_cols=2, layout="constrained")
     styles = ["-", "--", ":", "-."]
     for ax, st in zip(axes, KV_STATS):
         for k, (gi, label, kv) in enumerate(series):
             ax.plot(range(len(kv[st])), kv[st], styles[k % len(styles)], color=_color(gi), marker="o", label=label)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        _label_axes(ax, titles[st], "layer", titles[st])
+        _label_axes(ax, titles[st], "layer", titles[st], legend=False)
+    # one legend for the four panels, below them: never over the data
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncols=min(3, len(labels)), fontsize="small")
     fig.suptitle("KV match: final-sweep latent KV vs eviction targets (mean over runs)")
-    fig.tight_layout()
-    fig.savefig(path)
+    fig.savefig(path, bbox_inches="tight")
     return True
 
 
@@ -330,6 +335,9 @@ def plot_grad_shares(rows: list[dict], path: Path) -> bool:
     gs = [r for r in rows if r.get("grad_shares")]
     if not gs:
         return False
+    from matplotlib.ticker import MaxNLocator
+
+    names = dict(zip((id(r) for r in rows), short_labels(rows)))
     fig, axes = _figure(len(gs))
     positive = [m for r in gs for cur in r["grad_shares"].values() for m in cur["mean"] if m > 0]
     floor = min(0.1, 0.5 * min(positive)) if positive else 1e-3
@@ -343,7 +351,8 @@ def plot_grad_shares(rows: list[dict], path: Path) -> bool:
                 ax.fill_between(xs, lo, hi, color=_color(k), alpha=0.2)
         ax.set_yscale("log")  # the KV term's share can be < 1%: a linear axis would hide it
         ax.set_ylim(floor, 1.0)
-        _label_axes(ax, f"{r['group']} ({r['train_data']}, {len(r['runs'])} run(s))", "step", "gradient share")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # optimizer steps
+        _label_axes(ax, f"{names[id(r)]} ({len(r['runs'])} run(s))", "step", "gradient share")
     fig.suptitle("Per-term gradient share |g_term| / Σ|g| (log scale)")
     fig.tight_layout()
     fig.savefig(path)
@@ -449,13 +458,13 @@ def write_csv(rows: list[dict], path: Path) -> None:
             w.writerow(line)
 
 
-def _figure(n_panels: int, width: float = 5.0, height: float = 4.0, max_cols: int = 3):
+def _figure(n_panels: int, width: float = 5.0, height: float = 4.0, max_cols: int = 3, layout: str | None = None):
     """A Figure without pyplot (no global backend state; renders with Agg)."""
     from matplotlib.figure import Figure
 
     ncols = min(n_panels, max_cols) or 1
     nrows = max(1, math.ceil(n_panels / ncols))
-    fig = Figure(figsize=(width * ncols, height * nrows), dpi=100)
+    fig = Figure(figsize=(width * ncols, height * nrows), dpi=100, layout=layout)
     axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
     for ax in axes[n_panels:]:
         ax.set_visible(False)
@@ -466,10 +475,24 @@ def _color(i: int) -> str:
     return f"C{i % 10}"
 
 
+def short_labels(rows: list[dict]) -> list[str]:
+    """Legend names of the rows: the group (preset or method: the run names without the seed), with the
+    training data's file stem only where two groups would otherwise share a name (never a whole data path)."""
+    base = [str(r["group"]) for r in rows]
+    out = []
+    for b, r in zip(base, rows):
+        data = str(r.get("train_data") or "")
+        stem = Path(data.split(":")[0]).stem if "/" in data or "." in data else data
+        out.append(f"{b} [{stem}]" if base.count(b) > 1 and stem else b)
+    return out
+
+
 def plot_accuracy_vs_passes(rows: list[dict], path: Path) -> None:
-    """One panel per dataset: x forward passes per question, y accuracy %, one marker per group with
-    seed std as error bars; the paper's point is latent methods sit left of CoT at similar height."""
+    """One panel per dataset: x forward passes per question, y accuracy % (0 to 100: panels and reports
+    compare at a glance), one marker per group with seed std as error bars; the paper's point is latent
+    methods sit left of CoT at similar height. Legends name the groups, never data paths."""
     datasets = datasets_of(rows)
+    names = short_labels(rows)
     fig, axes = _figure(max(1, len(datasets)))
     if not datasets:
         axes[0].text(0.5, 0.5, "no evaluation results", ha="center", va="center")
@@ -479,20 +502,21 @@ def plot_accuracy_vs_passes(rows: list[dict], path: Path) -> None:
             if c is None or c["forward_passes"] is None:
                 continue
             ax.errorbar(c["forward_passes"], c["accuracy"], yerr=c["accuracy_std"] or 0, xerr=c["forward_passes_std"] or 0,
-                        fmt="o", capsize=4, color=_color(i), label=f"{r['group']} ({r['train_data']}, n={c['n']})")
+                        fmt="o", capsize=4, color=_color(i), label=f"{names[i]} (n={c['n']})")
+        ax.set_ylim(0, 100)
         _label_axes(ax, ds, "forward passes per question", "accuracy (%)")
     fig.suptitle("Accuracy vs forward passes (mean ± std over seeds)")
     fig.tight_layout()
     fig.savefig(path)
 
 
-def _label_axes(ax, title: str, xlabel: str, ylabel: str) -> None:
+def _label_axes(ax, title: str, xlabel: str, ylabel: str, legend: bool = True) -> None:
     """Title, axis labels, grid, and a legend when something was labelled."""
     ax.set_title(title)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
+    if legend and ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize="small")
 
 

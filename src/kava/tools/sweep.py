@@ -37,6 +37,7 @@ import kava.evaluate
 import kava.train
 from kava.checkpoint.state import latest_checkpoint
 from kava.config import Config, ConfigError, check_world_size, load_config, resolve_config_path
+from kava.data.readers import check_eval_sets
 
 PAPER_SEEDS = (42, 123, 456)
 STATUSES = ("done", "resume", "restart", "new")
@@ -217,8 +218,21 @@ def _missing_evals(run_dir: Path, datasets: list[str]) -> list[str]:
     return [d for d in datasets if not (run_dir / "eval" / d / "summary.json").exists()]
 
 
+def check_evals(runs: list[SweepRun], datasets: list[str], data_dir: str | None, hub: bool) -> str | None:
+    """Refuse, before any run trains, `--eval-datasets` that the runs' `kava eval` could not read: an unknown
+    name, or a set that is neither under `--data-dir` (default: `$KAVA_DATA_DIR` or ./data, from the directory
+    the sweep and its SLURM jobs run in) nor read with `--hub`. Returns `data_dir` absolute (a job may start
+    elsewhere), or None."""
+    synthetic = all(r.cfg.data.source == "synthetic" for r in runs)  # they find their own synth-* data
+    try:
+        check_eval_sets(datasets, data_dir, hub, synthetic_found=synthetic)
+    except ValueError as e:
+        raise ConfigError(f"--eval-datasets: {e}") from None
+    return str(Path(data_dir).resolve()) if data_dir is not None else None
+
+
 def run_local(runs: list[SweepRun], *, eval_datasets: list[str] = (), data_dir: str | None = None,
-              progress: bool = True) -> dict[str, str]:
+              hub: bool = False, progress: bool = True) -> dict[str, str]:
     """Train the runs one after another; returns {name: done|skipped|failed}.
 
     A failing run is reported (traceback printed) and the sweep goes on with the next one, so one bad
@@ -240,7 +254,7 @@ def run_local(runs: list[SweepRun], *, eval_datasets: list[str] = (), data_dir: 
                 result[r.name] = "done"
             todo = _missing_evals(r.run_dir, list(eval_datasets))
             if todo:
-                kava.evaluate.evaluate_run(str(r.run_dir), todo, data_dir=data_dir, progress=progress)
+                kava.evaluate.evaluate_run(str(r.run_dir), todo, data_dir=data_dir, hub=hub, progress=progress)
         except Exception:  # noqa: BLE001 - reported and counted, the sweep continues
             traceback.print_exc()
             result[r.name] = "failed"
@@ -283,7 +297,7 @@ def launch_line(opts: SlurmOptions) -> str:
 
 
 def slurm_script(run: SweepRun, opts: SlurmOptions, log_dir: Path, *, eval_datasets: list[str] = (),
-                 data_dir: str | None = None) -> str:
+                 data_dir: str | None = None, hub: bool = False) -> str:
     """The sbatch script of one run; it runs from the current directory (relative paths keep working)."""
     q = shlex.quote
     config = run.config
@@ -313,12 +327,14 @@ def slurm_script(run: SweepRun, opts: SlurmOptions, log_dir: Path, *, eval_datas
     lines += [f"  {launch_line(opts)}", "fi"]
     if eval_datasets:
         ev = f"python -m kava.cli eval --checkpoint \"$RUN_DIR\" --datasets {q(','.join(eval_datasets))}"
-        lines.append(ev + (f" --data-dir {q(str(Path(data_dir).resolve()))}" if data_dir else ""))
+        lines.append(ev + (f" --data-dir {q(str(Path(data_dir).resolve()))}" if data_dir else "")
+                     + (" --hub" if hub else ""))
     return "\n".join(lines) + "\n"
 
 
 def write_slurm(runs: list[SweepRun], opts: SlurmOptions, script_dir: str | Path, *,
-                eval_datasets: list[str] = (), data_dir: str | None = None) -> tuple[list[Path], Path]:
+                eval_datasets: list[str] = (), data_dir: str | None = None, hub: bool = False
+                ) -> tuple[list[Path], Path]:
     """One `<name>.sbatch` per run not yet DONE, and `submit_all.sh`; returns (scripts, submit_all)."""
     for r in runs:  # the effective batch must split over the GPUs
         try:
@@ -336,7 +352,7 @@ def write_slurm(runs: list[SweepRun], opts: SlurmOptions, script_dir: str | Path
         if run_status(r.run_dir) == "done":
             continue
         p = sd / f"{r.name}.sbatch"
-        p.write_text(slurm_script(r, opts, log_dir, eval_datasets=eval_datasets, data_dir=data_dir))
+        p.write_text(slurm_script(r, opts, log_dir, eval_datasets=eval_datasets, data_dir=data_dir, hub=hub))
         scripts.append(p)
     sub = sd / "submit_all.sh"
     sub.write_text("#!/bin/bash\n# Submit every kava sweep run that is not DONE.\nset -euo pipefail\n"
