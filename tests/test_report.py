@@ -76,6 +76,15 @@ def test_aggregate_numbers(runs):
     assert any("unreadable line" in n for n in kava["notes"])
 
 
+def test_a_preset_trained_with_another_method_is_a_group_of_its_own(runs, tmp_path):
+    """`kava train --config llama1b_aug --set method=pccot` shares the preset with the kava runs, not their row."""
+    pc = make_run(tmp_path / "more", "pccot-s42", {**KAVA, "method": "pccot"}, 42, {"gsm8k": (0.1, 0.1, 7.0)})
+    rows = aggregate(runs + [pc])
+    assert [(r["group"], r["method"]) for r in rows] == [
+        ("nocot", "nocot"), ("cot", "cot"), ("llama1b_aug", "pccot"), ("llama1b_aug", "kava")]
+    assert rows[2]["datasets"]["gsm8k"]["accuracy"] == pytest.approx(10.0) and len(rows[3]["runs"]) == 3
+
+
 def test_group_by_method_and_train_data(runs, tmp_path):
     other = make_run(tmp_path / "more", "kava-nl-s42", {**KAVA, "preset": "llama1b_aug_nl", "train_data": "synthetic:nl"}, 42,
                      {"gsm8k": (0.3, 0.3, 7.0)})

@@ -2,7 +2,8 @@
 
 A run dir holds ``meta.json`` (method, preset, train_data, seed), ``config.yaml``, ``metrics.jsonl``
 (train lines with ``loss/*`` terms, val lines with ``val/accuracy``) and ``eval/<dataset>/summary.json``.
-Runs are grouped by (preset or method, train_data), or by (method, train_data) with ``group_by="method"``.
+Runs are grouped by (preset or method, method, train_data), or by (method, train_data) with ``group_by="method"``:
+a group never mixes methods.
 Latent diagnostics, when present, get their own tables and plots: latent ablations and the oracle check
 (``ablations`` / ``oracle`` in summary.json), KV match per layer (``kv_match``, ``kv_match.png``) and the
 per-term gradient shares over steps (``grad_share/*`` lines of metrics.jsonl, ``grad_shares.png``).
@@ -138,13 +139,14 @@ def aggregate(run_dirs: list[str | Path], group_by: str = "preset") -> list[dict
     """
     if group_by not in ("preset", "method"):
         raise ValueError(f"group_by must be 'preset' or 'method', got {group_by!r}")
-    groups: dict[tuple[str, str], list[Run]] = {}
+    groups: dict[tuple[str, str, str], list[Run]] = {}
     for d in run_dirs:
         r = load_run(d)
         name = (r.preset or r.method) if group_by == "preset" else r.method
-        groups.setdefault((name, r.train_data), []).append(r)
+        # a group never mixes methods: `--config llama1b_aug --set method=pccot` is a row of its own
+        groups.setdefault((name, r.method, r.train_data), []).append(r)
     rows = []
-    for (name, train_data), runs in groups.items():
+    for (name, _, train_data), runs in groups.items():
         runs.sort(key=lambda r: (r.seed is None, r.seed if isinstance(r.seed, int) else 0, str(r.path)))
         notes = [n for r in runs for n in r.notes]
         datasets = {}
