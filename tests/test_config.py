@@ -258,6 +258,7 @@ def test_hugging_face_training_arguments_names_are_aliases_printed_with_the_cano
     ("run.nme=x", "unknown key run.nme; did you mean run.name?"),
     ("optim.learning_rate=1", "unknown key optim.learning_rate; did you mean optim.lr? (learning_rate is its "
                               "Hugging Face name"),
+    ("lerning_rate=1", "unknown key lerning_rate; did you mean optim.lr? (Hugging Face name: learning_rate)"),
 ])
 def test_an_unknown_key_suggests_the_closest_one(item, hint):
     with pytest.raises(ConfigError) as e:

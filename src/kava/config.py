@@ -342,7 +342,10 @@ def did_you_mean(key: str, names: list[str], prefix: str = "") -> str:
     if close:
         return f"; did you mean {prefix}{close[0]}?"
     close = difflib.get_close_matches(key, list(by_leaf), n=1, cutoff=0.6)
-    return f"; did you mean {by_leaf[close[0]]}?" if close else ""
+    if close:
+        return f"; did you mean {by_leaf[close[0]]}?"
+    close = difflib.get_close_matches(key, list(HF_ALIASES), n=1, cutoff=0.75) if not prefix else []
+    return f"; did you mean {HF_ALIASES[close[0]]}? (Hugging Face name: {close[0]})" if close else ""
 
 
 def _from_dict(cls, data: dict, prefix: str = ""):
