@@ -47,14 +47,9 @@ def label_counts(items: list[Tokenized], cfg) -> dict[str, int]:
     if spec.teacher:
         out["ce_teacher"] = sum((len(i.cot) + len(i.prompt) if spec.teacher_cot else 0) + len(i.answer) for i in items)
     if spec.latent:  # Coconut's answer block also holds (and learns) the CoT steps not yet replaced
-        cot = _cot_in_answer(spec)
-        out["ce_student"] = sum((len(i.cot) + len(i.prompt) if cot else 0) + len(i.answer) for i in items)
+        out["ce_student"] = sum((len(i.cot) + len(i.prompt) if spec.student_cot else 0) + len(i.answer)
+                                for i in items)
     return out
-
-
-def _cot_in_answer(spec) -> bool:
-    """Whether the student's answer block holds the (remaining) written CoT: Coconut's curriculum."""
-    return spec.curriculum == "coconut"
 
 
 def ce_denominators(step_items: list[Tokenized], cfg, num_micro: int) -> dict[str, float]:
@@ -73,15 +68,14 @@ def make_batch(items: list[Tokenized], model_ids, cfg, buckets: float | None = N
     as wide as the largest; default `latent.num_latents` for every example."""
     spec = cfg.spec
     blocks = buckets is not None or spec.latent
-    cot_in_answer = _cot_in_answer(spec)
     widths = block_widths(items, buckets, with_cot=spec.teacher_cot and spec.teacher,
-                          cot_in_answer=cot_in_answer) if blocks else None
+                          cot_in_answer=spec.student_cot) if blocks else None
     tb = build_teacher_batch(items, model_ids, with_cot=spec.teacher_cot, query_mode=cfg.eviction.importance_queries,
                              tail_window=cfg.eviction.cot_tail_window, codi_position=cfg.loss.codi_position,
                              widths=widths) if spec.teacher else None
     m = cfg.latent.num_latents if latent_counts is None else max(latent_counts, default=0)
     sb = build_student_batch(items, model_ids, m, codi_position=cfg.loss.codi_position, widths=widths,
-                             latent_counts=latent_counts, with_cot=cot_in_answer) if spec.latent else None
+                             latent_counts=latent_counts, with_cot=spec.student_cot) if spec.latent else None
     n = sum(int(part.mask.sum()) for part in (tb, sb) if part is not None)
     return Batch(tb, sb, n)
 

@@ -67,6 +67,12 @@ class MethodSpec:
         return self.student or "jacobi"
 
     @property
+    def student_cot(self) -> bool:
+        """The student's answer block holds (and learns) the written CoT steps its latents have not replaced
+        yet: Coconut's curriculum (`kava.data.format.build_student_batch(with_cot=True)`)."""
+        return self.curriculum == "coconut"
+
+    @property
     def eval_mode(self) -> str:
         """The mode `kava eval`, `kava ask` and `kava.load(...).generate` use by default."""
         if self.latent:

@@ -285,11 +285,7 @@ def setup_model_and_optimizer(cfg: Config, tokenizer, acc: Accelerator) -> Train
     # Frozen LoRA base weights live in bf16 on GPU (adapters, projection and special rows stay fp32);
     # full fine-tuning keeps fp32 master weights under bf16 autocast.
     base_dtype = torch.bfloat16 if use_bf16(cfg) and cfg.lora is not None else torch.float32
-    model = build_reasoner(cfg, tokenizer, dtype=base_dtype)
-    if cfg.spec.student == "jacobi" and cfg.latent.num_sweeps == 0:
-        # T=0 (pause tokens) never calls the projection: a trainable parameter without a gradient makes
-        # DDP (find_unused_parameters off) fail at the next step, and AdamW would decay it for nothing
-        model.proj.requires_grad_(False)
+    model = build_reasoner(cfg, tokenizer, dtype=base_dtype)  # (pause tokens: the projection frozen there)
     decay, no_decay = [], []
     for n, p in model.named_parameters():
         if p.requires_grad:
@@ -554,10 +550,11 @@ def train(cfg: Config, *, resume: str | Path | None = None, progress: bool = Tru
                 if main and v > t.best["val/accuracy"]:
                     t.best = {"val/accuracy": v, "step": t.step}
                     save_best(t, run_dir)
-            if t.step % save_every == 0 or t.step == plan.total_steps:
+            saved = t.step % save_every == 0 or t.step == plan.total_steps
+            if saved:
                 save_checkpoint(t, run_dir)
             if (signum := stop.should_stop(acc)) is not None:  # Ctrl-C / SIGTERM: checkpoint, then stop
-                if not (t.step % save_every == 0 or t.step == plan.total_steps):
+                if not saved:
                     save_checkpoint(t, run_dir)
                 bar.close()
                 logger.close()

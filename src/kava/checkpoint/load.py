@@ -96,6 +96,10 @@ def build_reasoner(cfg: Config, tokenizer, *, dtype: torch.dtype = torch.float32
     model = LatentReasoner(lm, ids, projection=cfg.latent.projection, proj_hidden=cfg.latent.proj_hidden,
                            proj_layernorm=cfg.latent.proj_layernorm, attn_implementation=m.attn_implementation)
     check_model(model, cfg, tokenizer)
+    if cfg.spec.student == "jacobi" and cfg.latent.num_sweeps == 0:
+        # T=0 (pause tokens) never calls the projection: a trainable parameter without a gradient makes
+        # DDP (find_unused_parameters off) fail at the next step, and AdamW would decay it for nothing
+        model.proj.requires_grad_(False)
     model.base_source = base  # what a saved LoRA adapter needs to be loaded again (kava.checkpoint.saved.save_model)
     if extra is not None:
         load_extra(model, extra, strict_proj=False)
@@ -196,9 +200,7 @@ def load_step(ck: str | Path, *, device: str | torch.device = "cpu", dtype: torc
     if saved_tok is not None and saved_tok != tokenizer_identity(tok):
         raise CheckpointError(f"{ck}: the tokenizer changed since the checkpoint was written (checkpoint {saved_tok}, "
                               f"now {tokenizer_identity(tok)})")
-    model = build_reasoner(cfg, tok, dtype=dtype)
-    if cfg.spec.student == "jacobi" and cfg.latent.num_sweeps == 0:  # as kava.train froze it (pause tokens)
-        model.proj.requires_grad_(False)
+    model = build_reasoner(cfg, tok, dtype=dtype)  # the trainable set of training (pause tokens: no projection)
     load_trainable(ck, model)
     model.to(device).eval()
     return model, tok, cfg
