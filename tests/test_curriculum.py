@@ -105,10 +105,41 @@ def test_coconut_apply_follows_the_schedule_and_mixes_stages(tmp_path):
     assert set(a.latent_counts) == {0, 2, 4}  # stages 0, 1, 2 and beyond (4 thoughts)
 
 
+def official_schedule(steps_per_epoch: int, rate: float, beyond: float, n_steps: int) -> list[float]:
+    """The official iCoT loop's `scheduled_to_remove` before each batch (da03/Internalize_CoT_Step_by_Step,
+    src/train.py), re-enacted with its own counters: one token every round(steps per epoch / rate) batches, the
+    whole CoT (inf) once it reaches `beyond`."""
+    every = int(round(steps_per_epoch / rate))
+    sched, counter, out = 0, 0, []
+    for step in range(n_steps):
+        if step % steps_per_epoch == 0 and sched >= beyond:
+            sched = float("inf")
+        prev = sched
+        if counter == every or every == 0:
+            sched, counter = sched + 1, 0
+        counter += 1
+        if sched >= beyond:
+            sched = float("inf")
+        out.append(sched if sched >= prev else prev)
+    return out
+
+
+@pytest.mark.parametrize("spe, rate, beyond", [(10, 8, 20), (75, 8, 1e9), (75, 10, 15), (7, 8, 30), (3, 8, 12),
+                                               (100, 3, 1e9), (25, 2, 40)])
+def test_icot_schedule_is_the_official_loops(spe, rate, beyond):
+    """One more token every round(steps_per_epoch / rate) steps, as the official loop counts (floor(step · rate /
+    steps_per_epoch) drifts from it by up to a token per epoch where the epoch is not a multiple of the rate)."""
+    ic = SimpleNamespace(tokens_per_epoch=float(rate), smoothing_lambda=None,
+                         remove_all_beyond=None if beyond >= 1e9 else int(beyond), reset_optimizer=True)
+    ours = [curriculum.icot_scheduled(s, spe, ic) for s in range(6 * spe)]
+    theirs = [curriculum.ALL if x == float("inf") else x for x in official_schedule(spe, rate, beyond, 6 * spe)]
+    assert ours == theirs
+
+
 def test_icot_schedule_and_smoothing(tmp_path):
     ic = SimpleNamespace(tokens_per_epoch=8.0, smoothing_lambda=None, remove_all_beyond=20, reset_optimizer=True)
-    assert [curriculum.icot_scheduled(s, 10, ic) for s in (0, 1, 2, 10, 24, 25, 99)] == \
-        [0, 0, 1, 8, 19, curriculum.ALL, curriculum.ALL]
+    assert [curriculum.icot_scheduled(s, 10, ic) for s in (0, 1, 2, 10, 19, 20, 99)] == \
+        [0, 1, 2, 10, 19, curriculum.ALL, curriculum.ALL]  # round(10 / 8) = 1: a token every step
     p = curriculum.icot_offset_probs(1.0)
     assert p.shape == (100,) and float(p.sum()) == pytest.approx(1.0)
     assert float(p[0]) == pytest.approx(1 - torch.e ** -1) and float(p[1] / p[0]) == pytest.approx(torch.e ** -1)
@@ -120,7 +151,7 @@ def test_icot_schedule_and_smoothing(tmp_path):
     tok, f, items = tokenized()
     cfg = cfg_of(tmp_path, "method=icot", "icot.tokens_per_epoch=10", "icot.smoothing_lambda=null",
                  "icot.remove_all_beyond=15")
-    for step, cut in ((0, 0), (10, 1), (75, 10), (150, curriculum.ALL)):  # 75 steps per epoch
+    for step, cut in ((0, 0), (10, 1), (75, 9), (150, curriculum.ALL)):  # 75 steps per epoch: a token every 8
         ex = curriculum.apply(items, cfg, step, 75)
         assert ex.latent_counts is None
         assert [g.cot for g in ex.items] == [it.cot[min(cut, len(it.cot)):] for it in items]
@@ -133,7 +164,36 @@ def test_optimizer_resets_at_each_stage_change(tmp_path):
     assert not any(curriculum.reset_due(cfg_of(tmp_path, *COCONUT, "coconut.reset_optimizer=false"), s, 75)
                    for s in range(40))
     ic = cfg_of(tmp_path, "method=icot", "icot.tokens_per_epoch=8")
-    assert [s for s in range(1, 30) if curriculum.reset_due(ic, s, 75)] == [10, 19, 29]  # floor(8 s / 75) grows
+    assert [s for s in range(1, 30) if curriculum.reset_due(ic, s, 75)] == [9, 18, 27]  # a token every round(75 / 8)
+
+
+def test_icot_no_reset_once_every_cot_is_gone(tmp_path):
+    """As the official loop: no optimizer reset after a step whose examples had all lost their whole CoT (before,
+    short CoTs meant a reset at every growth step long after nothing was left to remove)."""
+    _, _, items = tokenized()
+    longest = max(len(it.cot) for it in items)
+    cfg = cfg_of(tmp_path, "method=icot", "icot.tokens_per_epoch=75", "icot.smoothing_lambda=null",
+                 "icot.remove_all_beyond=null")  # a token every step
+    resets = [s for s in range(1, longest + 20)
+              if curriculum.reset_due(cfg, s, 75, previous=lambda s=s: curriculum.apply(items, cfg, s - 1, 75))]
+    assert resets == list(range(1, longest + 1))  # step s removes s tokens; from s - 1 = longest on, nothing is left
+    assert not curriculum.apply(items, cfg, longest - 1, 75).all_cot_removed
+    assert curriculum.apply(items, cfg, longest, 75).all_cot_removed
+    assert [s for s in range(1, longest + 20) if curriculum.reset_due(cfg, s, 75)] == list(range(1, longest + 20))
+
+
+def test_best_checkpoint_is_chosen_at_the_furthest_curriculum_point(tmp_path):
+    """iCoT keeps a best from the furthest removal only (the official loop forgets its best accuracy whenever
+    more CoT is removed); without a curriculum it is the highest accuracy."""
+    ic = cfg_of(tmp_path, "method=icot", "icot.tokens_per_epoch=75", "icot.remove_all_beyond=null")  # progress = step
+    best = {"val/accuracy": 0.9, "step": 4, "curriculum": 3}
+    assert curriculum.progress(ic, 3, 75) == 3
+    assert kt.is_better(ic, best, 0.1, 4, 75)  # more removed: replaces any accuracy
+    assert kt.is_better(ic, best, 0.95, 3, 75) and not kt.is_better(ic, best, 0.5, 3, 75)
+    cot = cfg_of(tmp_path, "method=cot")
+    assert curriculum.progress(cot, 50, 75) == 0
+    assert not kt.is_better(cot, {"val/accuracy": 0.9, "step": 4}, 0.5, 60, 75)
+    assert kt.is_better(cot, {"val/accuracy": 0.9, "step": 4}, 0.95, 60, 75)
 
 
 # ------------------------------------------------------------------------------------------------ Coconut's thoughts
@@ -218,15 +278,20 @@ def test_icot_trains_removes_its_cot_and_answers_without_it(tmp_path, synth_root
     run = kt.train(cfg, progress=False, data_root=synth_root)
     rows = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
     removed = [r["curriculum/removed"] for r in rows if r.get("split") == "train"]
-    # floor(60 s / 75) tokens, then (from 8 on) the whole CoT (-1)
-    assert removed == [0.0, 0.0, 1.0, 2.0, 3.0, 4.0, 4.0, 5.0, 6.0, 7.0, -1.0, -1.0]
-    assert SPECS["icot"].eval_mode == "nocot" and SPECS["coconut"].eval_mode == "latent"
-    # evaluated without a CoT: one pass for the question, then one per answer token
+    # round(75 / 60) = 1: a token every step, then (from 8 on) the whole CoT (-1)
+    assert removed == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, -1.0, -1.0, -1.0, -1.0]
+    assert SPECS["icot"].eval_mode == "cot" and SPECS["coconut"].eval_mode == "latent"
     loaded = load_any(run, device="cpu")
     recs = [Record(r.question, r.steps, r.answer, r.source) for r in RECORDS]
+    # evaluated as the official code does: free generation from the question, whatever CoT is left included
     rows, summary = evaluate_records(loaded.model, loaded.tokenizer, loaded.cfg, recs)
+    assert summary["mode"] == "cot" and summary["count"] == len(recs)
+    # and without a CoT on request: one pass for the question, then one per answer token
+    rows, summary = evaluate_records(loaded.model, loaded.tokenizer, loaded.cfg, recs, mode="nocot")
     assert summary["mode"] == "nocot" and summary["count"] == len(recs)
     assert all(r["forward_passes"] == max(r["generated_tokens"], 1) for r in rows), rows
+    done = json.loads((run / "DONE").read_text())
+    assert done["best"]["curriculum"] == curriculum.ALL  # chosen among the validations after the CoT was gone
 
 
 @pytest.mark.parametrize("override, msg", [

@@ -20,10 +20,11 @@ import torch
 from kava.checkpoint.load import load_any
 from kava.checkpoint.saved import run_dir_of
 from kava.data.format import Formatter
+from kava.data.pipeline import answer_kind
 from kava.data.records import Record
 from kava.decode import generate_for_config
 from kava.evaluate import evaluate_records
-from kava.scoring import extract_answer
+from kava.scoring import extract
 from kava.spec import MODES
 
 
@@ -83,7 +84,7 @@ class KavaModel:
             gens = generate_for_config(self.model, self.tokenizer, cfg, self.tokenize(chunk), mode=mode,
                                        max_new_tokens=max_new_tokens)
             for q, g in zip(chunk, gens):
-                out.append(Answer(q, g.text, extract_answer(g.text, cfg.data.answer_prompt)["strict"],
+                out.append(Answer(q, g.text, extract(g.text, answer_kind(cfg), cfg.data.answer_prompt)["strict"],
                                   g.forward_passes, list(g.token_ids)))
         return out
 

@@ -151,8 +151,9 @@ class DataConfig:
     exclude_valid_questions: bool = False
     # synthetic task generation (used when source == "synthetic")
     # arithmetic: multi-step word problems; pointer: k-hop pointer chasing over synth_num_symbols symbols,
-    # k in [synth_min_steps, synth_max_steps] (the hard split: synth_max_steps + 1 .. + 2)
-    synth_task: Literal["arithmetic", "pointer"] = "arithmetic"
+    # k in [synth_min_steps, synth_max_steps] (the hard split: synth_max_steps + 1 .. + 2); multiplication:
+    # iCoT's synth_digits x synth_digits products (kava.data.multiplication)
+    synth_task: Literal["arithmetic", "pointer", "multiplication"] = "arithmetic"
     synth_train_size: int = 20000
     synth_eval_size: int = 500
     synth_min_steps: int = 2
@@ -160,6 +161,10 @@ class DataConfig:
     synth_max_value: int = 99
     synth_seed: int = 0
     synth_num_symbols: int = 20  # pointer task: N, the symbols 10 .. 10+N-1 (chance 1/N)
+    synth_digits: int = 4  # multiplication: digits of each operand
+    # multiplication: files (any readers' format) whose questions no generated split may hold, e.g. the
+    # published valid and test sets
+    synth_exclude: list[str] = field(default_factory=list)
     tokenizer_vocab_size: int = 512  # local tokenizer for from_scratch models
 
 
@@ -472,7 +477,8 @@ def config_from_dict(data: dict, overrides: list[str] | None = None) -> Config:
 
 
 # Keys that name local files or directories (or hub ids): relative ones in a YAML file are read from its directory.
-PATH_KEYS = ("data.source", "data.valid_source", "model.name_or_path", "model.tokenizer", "model.init_from")
+PATH_KEYS = ("data.source", "data.valid_source", "data.synth_exclude", "model.name_or_path", "model.tokenizer",
+             "model.init_from")
 
 
 def resolve_relative_paths(data: dict, base: Path) -> None:
@@ -481,16 +487,22 @@ def resolve_relative_paths(data: dict, base: Path) -> None:
     anything else stays as written (a hub id, ``synthetic``, an absolute or ``~`` path, or a path from the
     current directory). A preset shipped in the wheel has no directory of its own: its paths, and `--set`
     values, are read from the current directory."""
+    def resolved(value):
+        if isinstance(value, list):  # a list of paths (data.synth_exclude): each one by the same rule
+            return [resolved(v) for v in value]
+        if not isinstance(value, str) or not value or value == "synthetic" or value.startswith("~"):
+            return value
+        if Path(value).is_absolute():
+            return value
+        if value.startswith(("./", "../")) or (base / value).exists():
+            return os.path.normpath(base.absolute() / value)
+        return value
+
     for dotted in PATH_KEYS:
         section, key = dotted.split(".")
         sec = data.get(section)
-        value = sec.get(key) if isinstance(sec, dict) else None
-        if not isinstance(value, str) or not value or value == "synthetic" or value.startswith("~"):
-            continue
-        if Path(value).is_absolute():
-            continue
-        if value.startswith(("./", "../")) or (base / value).exists():
-            sec[key] = os.path.normpath(base.absolute() / value)
+        if isinstance(sec, dict) and key in sec:
+            sec[key] = resolved(sec[key])
 
 
 def load_config(name_or_path: str | None = None, overrides: list[str] | None = None, *,
@@ -560,6 +572,8 @@ def validate(cfg: Config) -> None:
         need(getattr(d, k) >= 1, f"data.{k}: must be >= 1")
     need(d.synth_min_steps >= 1 and d.synth_max_steps >= d.synth_min_steps,
          "data.synth_min_steps / data.synth_max_steps: need 1 <= min <= max")
+    if d.synth_task == "multiplication":
+        need(1 <= d.synth_digits <= 20, f"data.synth_digits: must be in [1, 20], got {d.synth_digits}")
     if d.synth_task == "pointer":
         need(2 <= d.synth_num_symbols <= 90,
              f"data.synth_num_symbols: must be in [2, 90] (the symbols are the numbers 10..99), got {d.synth_num_symbols}")

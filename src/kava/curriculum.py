@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 
 import torch
 
@@ -33,10 +34,19 @@ def _generator(seed: int, step: int) -> torch.Generator:
 
 
 # ------------------------------------------------------------------------------------------------ iCoT
+def icot_steps_per_token(steps_per_epoch: int, ic) -> int:
+    """Optimizer steps between two removals: round(steps_per_epoch / tokens_per_epoch), Python's rounding, as
+    the official loop computes `steps_per_removed_token` (0: one more token every step)."""
+    return int(round(steps_per_epoch / ic.tokens_per_epoch))
+
+
 def icot_scheduled(step: int, steps_per_epoch: int, ic) -> int:
-    """CoT tokens scheduled for removal at optimizer step `step` (0-based): floor(step · tokens_per_epoch /
-    steps_per_epoch), or `ALL` once that reaches `icot.remove_all_beyond`."""
-    n = int(math.floor(step * ic.tokens_per_epoch / steps_per_epoch))
+    """CoT tokens scheduled for removal at optimizer step `step` (0-based), as the official loop counts them: one
+    more token every `icot_steps_per_token` steps (step // that; step + 1 when it is 0), or `ALL` once that
+    reaches `icot.remove_all_beyond`. (floor(step · tokens_per_epoch / steps_per_epoch) differs from it by up
+    to a token per epoch wherever steps_per_epoch is not a multiple of the rate.)"""
+    every = icot_steps_per_token(steps_per_epoch, ic)
+    n = step + 1 if every == 0 else step // every
     if ic.remove_all_beyond is not None and n >= ic.remove_all_beyond:
         return ALL
     return n
@@ -99,6 +109,7 @@ class StepExamples:
     items: list[Tokenized]  # the step's examples as this step trains on them
     latent_counts: list[int] | None  # Coconut: thoughts per example; None otherwise
     stats: dict[str, float]  # what the train log records (`curriculum/*`)
+    all_cot_removed: bool = False  # iCoT: no example of the step kept a CoT token
 
 
 def apply(items: list[Tokenized], cfg, step: int, steps_per_epoch: int) -> StepExamples:
@@ -111,7 +122,8 @@ def apply(items: list[Tokenized], cfg, step: int, steps_per_epoch: int) -> StepE
         sched = icot_scheduled(step, steps_per_epoch, cfg.icot)
         cut = icot_removed(len(items), sched, cfg.icot.smoothing_lambda, g)
         out = [dataclasses.replace(it, cot=it.cot[min(k, len(it.cot)):], step_ends=()) for it, k in zip(items, cut)]
-        return StepExamples(out, None, {"curriculum/removed": float(min(sched, ALL)) if sched < ALL else -1.0})
+        return StepExamples(out, None, {"curriculum/removed": float(min(sched, ALL)) if sched < ALL else -1.0},
+                            all_cot_removed=bool(items) and all(k >= len(it.cot) for it, k in zip(items, cut)))
     if kind == "coconut":
         cc = cfg.coconut
         stage = coconut_stage(step, steps_per_epoch, cc)
@@ -129,19 +141,36 @@ def apply(items: list[Tokenized], cfg, step: int, steps_per_epoch: int) -> StepE
     raise ValueError(f"unknown curriculum {kind!r}")
 
 
-def reset_due(cfg, step: int, steps_per_epoch: int) -> bool:
+def reset_due(cfg, step: int, steps_per_epoch: int, previous: Callable[[], StepExamples] | None = None) -> bool:
     """Whether the optimizer state is reset before optimizer step `step`: the curriculum moved on since the
-    previous step (a new Coconut stage, a larger iCoT removal) and its `reset_optimizer` is on."""
+    previous step (a new Coconut stage, a larger iCoT removal) and its `reset_optimizer` is on.
+
+    previous: the examples of step - 1 (`apply`), asked only at an iCoT growth: as the official loop does, no
+    reset follows a step whose examples had all lost their whole CoT (short CoTs would otherwise reset the
+    optimizer at every growth step long after nothing is left to remove)."""
     kind = cfg.spec.curriculum
     if kind is None or step == 0:
         return False
     if kind == "icot":
-        return cfg.icot.reset_optimizer and (icot_scheduled(step, steps_per_epoch, cfg.icot)
-                                             != icot_scheduled(step - 1, steps_per_epoch, cfg.icot))
+        grew = icot_scheduled(step, steps_per_epoch, cfg.icot) != icot_scheduled(step - 1, steps_per_epoch, cfg.icot)
+        return cfg.icot.reset_optimizer and grew and not (previous is not None and previous().all_cot_removed)
     cc = cfg.coconut
     last = cc.max_stages + 1  # every stage from here on has the same layout: no more resets
     return cc.reset_optimizer and (min(coconut_stage(step, steps_per_epoch, cc), last)
                                    != min(coconut_stage(step - 1, steps_per_epoch, cc), last))
+
+
+def progress(cfg, step: int, steps_per_epoch: int) -> int:
+    """How far the curriculum is at optimizer step `step`: iCoT's scheduled removal (`ALL` at the end), Coconut's
+    stage (capped past the last); 0 without a curriculum. The best checkpoint is chosen among the validations of
+    the furthest point reached (the official iCoT loop forgets its best accuracy whenever more CoT is removed):
+    an early checkpoint that still writes its CoT is not the method's model."""
+    kind = cfg.spec.curriculum
+    if kind == "icot":
+        return icot_scheduled(step, steps_per_epoch, cfg.icot)
+    if kind == "coconut":
+        return min(coconut_stage(step, steps_per_epoch, cfg.coconut), cfg.coconut.max_stages + 1)
+    return 0
 
 
 def describe(cfg, steps_per_epoch: int) -> str | None:
@@ -156,7 +185,9 @@ def describe(cfg, steps_per_epoch: int) -> str | None:
     if kind == "icot":
         ic = cfg.icot
         every = "never" if ic.remove_all_beyond is None else f"from {ic.remove_all_beyond} tokens on"
-        return (f"icot: {ic.tokens_per_epoch} CoT tokens removed per epoch ({steps_per_epoch} steps), smoothing "
+        per = icot_steps_per_token(steps_per_epoch, ic)
+        return (f"icot: {ic.tokens_per_epoch} CoT tokens removed per epoch ({steps_per_epoch} steps: one token every "
+                f"{per} steps), smoothing "
                 f"lambda {ic.smoothing_lambda}, whole CoT removed {every}; optimizer reset "
                 f"{'at each growth' if ic.reset_optimizer else 'never'}")
     return None

@@ -34,7 +34,7 @@ from kava.data.records import Record
 from kava.decode import answer_from_cache, decode_texts, question_batch
 from kava.model.reasoner import LatentReasoner
 from kava.objective import kv_target_batch, teacher_kv_targets
-from kava.scoring import binomial_stderr, extract_answer, numbers_match
+from kava.scoring import answer_matches, binomial_stderr, extract
 from kava.spec import LATENT_METHODS, spec_of
 
 ABLATIONS = ("zeros", "placeholder", "shuffle")
@@ -223,8 +223,9 @@ def _diagnose(model, tokenizer, cfg, records, chunk, fmt, spec, max_new_tokens) 
         toks, _ = answer_from_cache(model, sb, cache, mask, max_new_tokens)
         res = []
         for i, text in zip(chunk, decode_texts(tokenizer, toks, ids.eos)):
-            strict = extract_answer(text, cfg.data.answer_prompt)["strict"]
-            res.append({"generated": text, "correct": numbers_match(strict, records[i].answer)})
+            r = records[i]
+            strict = extract(text, r.answer_kind, cfg.data.answer_prompt)["strict"]
+            res.append({"generated": text, "correct": answer_matches(strict, r.answer, r.answer_kind)})
         return res
 
     if spec.ablations:

@@ -30,7 +30,7 @@ from kava.diagnostics import (check_shards, diagnose_batch, eval_chunks, format_
                               summarize_diagnostics)
 from kava.model.families import check_window
 from kava.model.reasoner import LatentReasoner
-from kava.scoring import binomial_stderr, extract_answer, numbers_match
+from kava.scoring import answer_matches, binomial_stderr, extract
 from kava.training.progress import format_duration
 
 
@@ -101,12 +101,12 @@ def evaluate_records(model: LatentReasoner, tokenizer, cfg, records: list[Record
         items = [fmt.tokenize(records[i], i, need_answer=False) for i in chunk]
         gens = generate_for_config(model, tokenizer, cfg, items, mode=mode, max_new_tokens=max_new)
         for i, g in zip(chunk, gens):
-            ext = extract_answer(g.text, cfg.data.answer_prompt)
             r = records[i]
+            ext = extract(g.text, r.answer_kind, cfg.data.answer_prompt)
             rows.append({"index": i, "question": r.question, "gold": r.answer, "generated": g.text,
                          "extracted": ext["strict"], "extracted_flexible": ext["flexible"],
-                         "correct": numbers_match(ext["strict"], r.answer),
-                         "correct_flexible": numbers_match(ext["flexible"], r.answer),
+                         "correct": answer_matches(ext["strict"], r.answer, r.answer_kind),
+                         "correct_flexible": answer_matches(ext["flexible"], r.answer, r.answer_kind),
                          "forward_passes": g.forward_passes, "generated_tokens": g.generated_tokens})
         if diag is not None:  # its time is not part of the throughput (wall_s, questions_per_s)
             t_d = time.perf_counter()

@@ -14,6 +14,11 @@ answers come from Python floats and models that imitate them print it), ``50%`` 
 counts only when it does not follow a word character, so ``5-3`` reads as 5 and 3 and ``pages 10-12``
 ends with 12, not -12.
 
+Digit-string answers (``Record.answer_kind == "digits"``, iCoT's multiplication): the answer is the run of digits
+(single digits separated by whitespace, or adjacent) after the last answer prompt, flexible the last such run
+in the text; it matches when its digit sequence equals the gold's exactly (``0 0 6`` is not ``6``, and a longer
+run is wrong). No number normalisation touches them.
+
 Matching (`numbers_match`): an integer gold needs the exact value (``18.00`` matches ``18``); a relative
 tolerance would accept 9867631 for GSM-Hard's 9867630. A non-integer gold (GSM-Hard) allows
 ``max(abs_tol, rel_tol*|gold|)`` for float noise and modest rounding, capped at ``max_tol`` so that a
@@ -122,6 +127,50 @@ def numbers_match(pred: str | None, gold: str, rel_tol: float = 1e-4, abs_tol: f
 
 
 # ----------------------------------------------------------------------------------------------------
+# answer kinds: numbers (GSM8k and the like) and digit strings (multiplication)
+
+ANSWER_KINDS = ("number", "digits")
+DIGIT_RUN_RE = re.compile(r"\d(?:\s*\d)*")
+
+
+def extract_digits(text: str, answer_prompt: str = ANSWER_PROMPT, require_prompt: bool = False) -> dict[str, str | None]:
+    """``{"strict": the digit run right after the last answer prompt (or at the start of a bare answer segment),
+    "flexible": the last digit run in the text}``, each as space-separated digits, or None."""
+    def canon(run: str | None) -> str | None:
+        return None if run is None else " ".join("".join(run.split()))
+
+    runs = DIGIT_RUN_RE.findall(text)
+    at = text.rfind(answer_prompt) if answer_prompt else -1
+    if at < 0 and require_prompt:
+        strict = None
+    else:
+        after = text[at + len(answer_prompt):] if at >= 0 else text
+        m = DIGIT_RUN_RE.match(after.lstrip())
+        strict = m.group(0) if m else None
+    return {"strict": canon(strict), "flexible": canon(runs[-1] if runs else None)}
+
+
+def digits_match(pred: str | None, gold: str) -> bool:
+    """Exact match of two digit sequences, whitespace ignored."""
+    return pred is not None and "".join(pred.split()) == "".join(gold.split())
+
+
+def extract(text: str, kind: str = "number", answer_prompt: str = ANSWER_PROMPT,
+            require_prompt: bool = False) -> dict[str, str | None]:
+    """`extract_answer` (numbers) or `extract_digits` (digit strings), by the record's answer kind."""
+    if kind == "digits":
+        return extract_digits(text, answer_prompt, require_prompt)
+    if kind != "number":
+        raise ValueError(f"unknown answer kind {kind!r}; allowed values: {', '.join(ANSWER_KINDS)}")
+    return extract_answer(text, answer_prompt, require_prompt)
+
+
+def answer_matches(pred: str | None, gold: str, kind: str = "number") -> bool:
+    """`numbers_match` or `digits_match`, by the record's answer kind."""
+    return digits_match(pred, gold) if kind == "digits" else numbers_match(pred, gold)
+
+
+# ----------------------------------------------------------------------------------------------------
 # scoring a set of predictions
 
 
@@ -134,9 +183,9 @@ def score_predictions(
         raise ValueError(f"{len(predictions)} predictions for {len(records)} records")
     if not records:
         raise ValueError("no predictions to score")
-    extracted = [extract_answer(p, answer_prompt, require_prompt) for p in predictions]
-    correct = [numbers_match(e["strict"], r.answer) for e, r in zip(extracted, records)]
-    correct_flex = [numbers_match(e["flexible"], r.answer) for e, r in zip(extracted, records)]
+    extracted = [extract(p, r.answer_kind, answer_prompt, require_prompt) for p, r in zip(predictions, records)]
+    correct = [answer_matches(e["strict"], r.answer, r.answer_kind) for e, r in zip(extracted, records)]
+    correct_flex = [answer_matches(e["flexible"], r.answer, r.answer_kind) for e, r in zip(extracted, records)]
     n = len(records)
     return {
         "accuracy": sum(correct) / n,

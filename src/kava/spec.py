@@ -10,7 +10,7 @@ export's settings and the report's row order.
 |---------|------------------|--------------------|---------------------------------|----------------------------------|-----------|
 | cot     | with the CoT     | –                  | –                               | ce_teacher                       | cot       |
 | nocot   | without the CoT  | –                  | –                               | ce_teacher (on the answer)       | nocot     |
-| icot    | with the CoT     | –                  | CoT tokens removed from the front | ce_teacher (on what remains)   | nocot     |
+| icot    | with the CoT     | –                  | CoT tokens removed from the front | ce_teacher (on what remains)   | cot       |
 | pccot   | with the CoT     | Jacobi sweeps      | –                               | ce_student, ce_teacher, codi     | latent    |
 | codi    | with the CoT     | sequential latents | –                               | ce_student, ce_teacher, codi     | latent    |
 | coconut | no teacher pass  | sequential latents | first s steps -> s·c thoughts   | ce_student (remaining CoT, answer) | latent  |
@@ -44,7 +44,6 @@ class MethodSpec:
     kv: bool  # L_KV: the student's latent KV vs the teacher's compressed CoT KV (`kava.objective.kv_targets`)
     teacher: bool = True  # a teacher pass runs, with its CE term (Coconut trains the student sequence only)
     curriculum: str | None = None  # None | "icot" | "coconut": `kava.curriculum` rewrites each step's examples
-    answers_directly: bool = False  # a CoT-trained method evaluated without CoT (iCoT internalises it)
 
     def __post_init__(self):
         if self.student is not None and self.student not in STUDENT_MODES:
@@ -77,7 +76,9 @@ class MethodSpec:
         """The mode `kava eval`, `kava ask` and `kava.load(...).generate` use by default."""
         if self.latent:
             return "latent"
-        return "cot" if self.teacher_cot and not self.answers_directly else "nocot"
+        # iCoT generates freely from the question, as the official evaluation does: whatever CoT it still writes
+        # is generated (and counted in its forward passes); once internalised it writes the answer prompt at once
+        return "cot" if self.teacher_cot else "nocot"
 
     @property
     def terms(self) -> tuple[str, ...]:
@@ -88,7 +89,7 @@ class MethodSpec:
 SPECS: dict[str, MethodSpec] = {s.name: s for s in (
     MethodSpec("cot", teacher_cot=True, student=None, codi=False, kv=False),
     MethodSpec("nocot", teacher_cot=False, student=None, codi=False, kv=False),
-    MethodSpec("icot", teacher_cot=True, student=None, codi=False, kv=False, curriculum="icot", answers_directly=True),
+    MethodSpec("icot", teacher_cot=True, student=None, codi=False, kv=False, curriculum="icot"),
     MethodSpec("pccot", teacher_cot=True, student="jacobi", codi=True, kv=False),
     MethodSpec("codi", teacher_cot=True, student="sequential", codi=True, kv=False),
     MethodSpec("coconut", teacher_cot=True, student="sequential", codi=False, kv=False, teacher=False,
@@ -112,5 +113,4 @@ def spec_of(method: str) -> MethodSpec:
 def report_order() -> tuple[str, ...]:
     """The order of methods in tables: answer-only baselines, then written CoT, then the latent methods (each
     group in table order)."""
-    return tuple(sorted(METHODS, key=lambda m: (SPECS[m].latent, SPECS[m].teacher_cot and not SPECS[m].answers_directly,
-                                                SPECS[m].answers_directly)))
+    return tuple(sorted(METHODS, key=lambda m: (SPECS[m].latent, SPECS[m].teacher_cot, SPECS[m].curriculum is not None)))

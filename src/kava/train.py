@@ -446,6 +446,16 @@ def validate(t: Trainer, valid_recs: list[Record]) -> float:
     return acc_v
 
 
+def is_better(cfg: Config, best: dict, accuracy: float, step: int, steps_per_epoch: int) -> bool:
+    """Whether a validation `accuracy` after optimizer step `step` (0-based) replaces `best`: a higher accuracy,
+    or, under a curriculum, a further point of it (`kava.curriculum.progress`) at any accuracy."""
+    if cfg.spec.curriculum is not None:
+        now, then = curriculum.progress(cfg, step, steps_per_epoch), best.get("curriculum", 0)
+        if now != then:
+            return now > then
+    return accuracy > best["val/accuracy"]
+
+
 def save_checkpoint(t: Trainer, run_dir: Path, rng: dict[str, torch.Tensor] | None = None) -> None:
     """`checkpoints/step_<t.step>` (`kava.checkpoint.state.write_checkpoint`, by the main process; every rank
     calls it, for the RNG states). rng: this rank's RNG state to store (default: now; a NaN stop passes the
@@ -518,9 +528,12 @@ def train(cfg: Config, *, resume: str | Path | None = None, progress: bool = Tru
             for g in t.opt.param_groups:
                 g["lr"] = lr
             # the method's curriculum (iCoT, Coconut) rewrites this step's examples; a pure function of the step
-            ex = curriculum.apply([data.items[j] for j in batch_indices(cfg, plan, len(data.items), step)], cfg,
-                                  step, plan.steps_per_epoch)
-            if curriculum.reset_due(cfg, step, plan.steps_per_epoch):
+            def examples(s: int) -> curriculum.StepExamples:
+                return curriculum.apply([data.items[j] for j in batch_indices(cfg, plan, len(data.items), s)], cfg,
+                                        s, plan.steps_per_epoch)
+
+            ex = examples(step)
+            if curriculum.reset_due(cfg, step, plan.steps_per_epoch, previous=lambda: examples(step - 1)):
                 t.inner_opt.state.clear()  # a fresh AdamW state at a new stage (the official recipes)
             r = train_step(t, ex.items, tuple(range(len(ex.items))), accum=plan.accum, step=step, logger=logger,
                            latent_counts=ex.latent_counts)
@@ -547,8 +560,10 @@ def train(cfg: Config, *, resume: str | Path | None = None, progress: bool = Tru
             if t.step % eval_every == 0 or t.step == plan.total_steps:
                 v = validate(t, data.valid_recs)
                 logger.log({"split": "val", "val/accuracy": v}, t.step)
-                if main and v > t.best["val/accuracy"]:
+                if main and is_better(cfg, t.best, v, t.step - 1, plan.steps_per_epoch):
                     t.best = {"val/accuracy": v, "step": t.step}
+                    if cfg.spec.curriculum is not None:
+                        t.best["curriculum"] = curriculum.progress(cfg, t.step - 1, plan.steps_per_epoch)
                     save_best(t, run_dir)
             saved = t.step % save_every == 0 or t.step == plan.total_steps
             if saved:

@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from kava.cache import cache_root
-from kava.data.readers import describe_format, load_records
+from kava.data import multiplication
+from kava.data.readers import describe_format, detect_format, load_records
 from kava.data.records import Record, SkipLog
 from kava.data.synthetic import pointer_tokens, write_pointer, write_synthetic
 
@@ -19,17 +20,48 @@ if TYPE_CHECKING:  # a type hint only: data/ sits below kava.config, which reads
 def synthetic_name(cfg: Config) -> str:
     """The folder name of the synthetic task `cfg.data` describes: every generation parameter is in it."""
     d = cfg.data
+    if d.synth_task == "multiplication":
+        excluded = excluded_questions(cfg)
+        return (f"mult{d.synth_digits}_s{d.synth_seed}_n{d.synth_train_size}_e{d.synth_eval_size}"
+                + (f"_x{multiplication.exclusion_key(excluded)}" if excluded else ""))
     if d.synth_task == "pointer":
         return (f"pointer_s{d.synth_seed}_n{d.synth_train_size}_e{d.synth_eval_size}_k{d.synth_min_steps}-"
                 f"{d.synth_max_steps}_N{d.synth_num_symbols}")
     return f"synth_s{d.synth_seed}_n{d.synth_train_size}_e{d.synth_eval_size}_st{d.synth_min_steps}-{d.synth_max_steps}_v{d.synth_max_value}"
 
 
+def excluded_questions(cfg: Config) -> set[str]:
+    """The questions of the files `data.synth_exclude` names (read in any of the readers' formats)."""
+    out: set[str] = set()
+    for path in cfg.data.synth_exclude:
+        out |= {question_key(r.question) for r in load_records(path, "auto", skips=SkipLog())}
+    return out
+
+
+def is_multiplication(cfg: Config) -> bool:
+    """Whether the run trains on multiplication problems: the generated task, or a file in that format."""
+    d = cfg.data
+    if d.source == "synthetic":
+        return d.synth_task == "multiplication"
+    if d.format != "auto":
+        return d.format == "multiplication"
+    return Path(d.source).is_file() and detect_format(d.source) == "multiplication"
+
+
+def answer_kind(cfg: Config) -> str:
+    """How the run's answers are scored when no record says it (`kava.load(...).generate`): digit strings for
+    multiplication, numbers otherwise (`kava.scoring.ANSWER_KINDS`)."""
+    return "digits" if is_multiplication(cfg) else "number"
+
+
 def synthetic_single_tokens(cfg: Config) -> list[str]:
     """Strings the local tokenizer must keep as single tokens: the pointer task's symbols and their arrow
-    forms (`kava.data.synthetic.pointer_tokens`), else none."""
+    forms (`kava.data.synthetic.pointer_tokens`), each digit and symbol of multiplication with its space
+    (`kava.data.multiplication.mult_tokens`), else none."""
     if cfg.data.source == "synthetic" and cfg.data.synth_task == "pointer":
         return pointer_tokens(cfg.data.synth_num_symbols)
+    if is_multiplication(cfg):
+        return multiplication.mult_tokens()
     return []
 
 
@@ -42,7 +74,11 @@ def synthetic_dir(cfg: Config, root: Path) -> Path:
         # write to a private temp dir, then rename: concurrent runs never read a half-written split
         tmp = root / f".{name}.{os.getpid()}.tmp"
         e = d.synth_eval_size
-        if d.synth_task == "pointer":
+        if d.synth_task == "multiplication":
+            multiplication.write_multiplication(tmp, {"train": d.synth_train_size, "valid": e, "test": e},
+                                                seed=d.synth_seed, digits=d.synth_digits,
+                                                exclude=excluded_questions(cfg))
+        elif d.synth_task == "pointer":
             write_pointer(tmp, {"train": d.synth_train_size, "valid": e, "test": e, "hard": e},
                           seed=d.synth_seed, min_hops=d.synth_min_steps, max_hops=d.synth_max_steps,
                           num_symbols=d.synth_num_symbols)
@@ -116,7 +152,13 @@ def load_train_valid(cfg: Config, data_root: Path, skips: SkipLog, valid_skips: 
     d = cfg.data
     vskips = SkipLog() if valid_skips is None else valid_skips
     fields = {"question": d.question_field, "steps": d.steps_field, "answer": d.answer_field}
-    if d.source == "synthetic":
+    if d.source == "synthetic" and d.synth_task == "multiplication":
+        root = synthetic_dir(cfg, data_root)
+        train = load_records(root / "train.txt", "multiplication", skips=skips, strict=d.strict, limit=d.limit)
+        vsrc = d.valid_source or root / "valid.txt"
+        valid = load_records(vsrc, "auto", skips=vskips, limit=d.valid_limit)
+        desc = f"multiplication {d.synth_digits}x{d.synth_digits} ({root}), validation {vsrc}"
+    elif d.source == "synthetic":
         root = synthetic_dir(cfg, data_root)
         styles = ["equation", "nl"] if d.cot_style == "both" else [d.cot_style]
         train = [r for st in styles for r in load_records(root / "train.jsonl", "jsonl", skips=skips, strict=d.strict,
@@ -143,6 +185,8 @@ def load_train_valid(cfg: Config, data_root: Path, skips: SkipLog, valid_skips: 
 
 def train_data_label(cfg: Config) -> str:
     """Short name of the training data, used to group runs in reports."""
+    if cfg.data.source == "synthetic" and cfg.data.synth_task == "multiplication":
+        return f"multiplication:{cfg.data.synth_digits}x{cfg.data.synth_digits}"
     if cfg.data.source == "synthetic":
         return f"synthetic:{cfg.data.cot_style}"
     return cfg.data.source

@@ -1,6 +1,7 @@
 """Readers for every data format KaVa trains or evaluates on, all producing `Record`s.
 
-Formats: the iCoT text format (``question||<<a=b>> <<c=d>> #### N``), GSM8k JSONL (``#### N`` answers
+Formats: the iCoT text format (``question||<<a=b>> <<c=d>> #### N``), iCoT's multiplication lines
+(``5 6 3 2 * 7 4 3 4||... #### 5 5 6 0 8 2 0 1``, `kava.data.multiplication`: digit-string answers), GSM8k JSONL (``#### N`` answers
 with ``<<expr=result>>`` calculator annotations), GSM-Hard / PAL JSONL (``input``/``target``), SVAMP
 (``SVAMP.json`` or PAL's ``svamp.jsonl``), generic JSONL, and Hugging Face Hub datasets.
 
@@ -23,9 +24,10 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
+from kava.data import multiplication
 from kava.data.records import DataError, Record, SkipLog
 
-FORMATS = ("auto", "icot", "gsm8k", "gsm_hard", "svamp", "jsonl", "hub")
+FORMATS = ("auto", "icot", "multiplication", "gsm8k", "gsm_hard", "svamp", "jsonl", "hub")
 ANSWER_PROMPT = "The answer is:"
 
 EQUATION_RE = re.compile(r"<<[^>]*>>")
@@ -639,6 +641,18 @@ def _object_format(obj: dict) -> str:
     return "jsonl"
 
 
+def _sample_lines(path: Path, n: int = SAMPLE_LINES) -> list[str]:
+    """The first `n` non-blank lines of a text file."""
+    out = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            if line.strip():
+                out.append(line.strip())
+            if len(out) >= n:
+                break
+    return out
+
+
 def _peek_object(path: Path) -> dict | None:
     """The first readable JSON object among the first records of a JSONL/JSON-array file, or None."""
     return next((o for o in _sample_objects(path) if isinstance(o, dict)), None)
@@ -656,6 +670,10 @@ def detect_format_reason(source: str | Path) -> tuple[str, str]:
     if p.is_dir():
         raise DataError(f"{source}: is a directory; pass split= to pick <split>.jsonl/.txt/.json inside it")
     if p.suffix == ".txt":
+        lines = _sample_lines(p)
+        mult = sum(multiplication.is_mult_line(ln) for ln in lines)
+        if lines and 2 * mult > len(lines):
+            return "multiplication", f"a .txt file, {mult} of its first {len(lines)} lines multiplication problems"
         return "icot", "a .txt file"
     sample = _sample_objects(p)
     votes = [_object_format(o) for o in sample if isinstance(o, dict)]
@@ -731,6 +749,9 @@ def load_records(
     fmt = detect_format(p) if format == "auto" else format
     if fmt == "icot":
         return read_icot(p, skips, limit)
+    if fmt == "multiplication":
+        return _finish(multiplication.read_multiplication(p, _iter_lines(_check_file(p), skips), skips, limit),
+                       str(p), skips, limit)
     if fmt == "gsm8k":
         return read_gsm8k_jsonl(p, cot_style, skips, limit)
     if fmt == "gsm_hard":
@@ -778,8 +799,15 @@ EVAL_DATASETS: dict[str, EvalDataset] = {
         "gsm8k-aug-valid", "gsm8k-aug valid", "gsm8k-aug/valid.txt", "icot", "whynlp/gsm8k-aug", None, "validation", 500,
     ),
     **{
-        f"synth-{s}": EvalDataset(f"synth-{s}", f"synthetic {s}", f"{s}.jsonl", "jsonl", None, None, None, None)
+        f"synth-{s}": EvalDataset(f"synth-{s}", f"synthetic {s}", f"{s}.jsonl", "auto", None, None, None, None)
         for s in ("test", "hard", "varied", "valid")
+    },
+    # iCoT's published multiplication sets (`kava.data.multiplication`), local only
+    **{
+        f"mult{n}-{s}": EvalDataset(f"mult{n}-{s}", f"multiplication {n}x{n} {s}",
+                                    f"multiplication/{n}x{n}/{'test_bigbench' if s == 'test' else s}.txt",
+                                    "multiplication", None, None, None, 1000)
+        for n in (4, 5, 7, 9) for s in ("valid", "test")
     },
 }
 
@@ -794,8 +822,12 @@ def eval_set_path(name: str, data_dir: str | Path | None = None) -> Path:
     spec = EVAL_DATASETS[name]
     root = Path(data_dir if data_dir is not None else os.environ.get("KAVA_DATA_DIR", "data"))
     path = root / spec.local
-    if spec.name.startswith("synth-") and not path.exists() and (root / "synthetic" / spec.local).exists():
-        path = root / "synthetic" / spec.local
+    if spec.name.startswith("synth-"):
+        # the generated tasks write JSONL, multiplication writes iCoT lines (.txt); either under root or root/synthetic
+        for cand in (path, path.with_suffix(".txt"), root / "synthetic" / spec.local,
+                     (root / "synthetic" / spec.local).with_suffix(".txt")):
+            if cand.exists():
+                return cand
     return path
 
 
@@ -816,7 +848,7 @@ def check_eval_sets(names: Iterable[str], data_dir: str | Path | None = None, hu
         spec = EVAL_DATASETS[name]
         if hub:
             if spec.hub_id is None:
-                raise DataError(f"{name}: the synthetic sets exist only locally (drop --hub, or give --data-dir)")
+                raise DataError(f"{name}: this set exists only locally (drop --hub, or give --data-dir)")
             continue
         if name.startswith("synth-") and synthetic_found and data_dir is None:
             continue

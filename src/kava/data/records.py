@@ -19,14 +19,18 @@ class Record:
     question: the problem text.
     steps: the chain of thought as a list of steps (equations ``<<a=b>>`` or sentences); may be empty
         for evaluation-only sources (GSM8k-Hard, SVAMP).
-    answer: the final answer as a string, normalised (no thousands separators), e.g. ``"18"``, ``"-3.5"``.
+    answer: the final answer as a string, normalised (no thousands separators), e.g. ``"18"``, ``"-3.5"``;
+        for ``answer_kind="digits"`` the digit string as written (``"5 5 6 0 8 2 0 1"``).
     source: where it came from, ``"<file or hub id>:<line or index>"``, for error messages and analysis.
+    answer_kind: how a generated answer is scored (`kava.scoring.ANSWER_KINDS`): ``"number"`` (numeric match) or
+        ``"digits"`` (exact match of the digit sequence: iCoT's multiplication, `kava.data.multiplication`).
     """
 
     question: str
     steps: tuple[str, ...]
     answer: str
     source: str = ""
+    answer_kind: str = "number"
 
 
 class DataError(ValueError):

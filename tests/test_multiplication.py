@@ -1,0 +1,203 @@
+"""iCoT's multiplication task: the generator reproduces every published valid and test line from its inputs, the
+reader keeps digit-string answers as written, the scorer matches digit sequences exactly, every digit and symbol
+is one token, the generated splits are deterministic and disjoint and avoid the excluded questions, and a tiny
+`kava train` + `kava eval` of cot and icot runs on it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from kava.cli import main as cli
+from kava.config import load_config
+from kava.data import multiplication as mult
+from kava.data.pipeline import answer_kind, synthetic_single_tokens
+from kava.data.readers import detect_format, load_eval_dataset, load_records
+from kava.data.records import SkipLog
+from kava.data.tokenizer import build_tokenizer, tokenizer_texts
+from kava.scoring import answer_matches, extract, extract_digits, score_predictions
+
+SIZES = (4, 5, 7, 9)
+
+
+def naive_line(a: int, b: int, n: int) -> str:
+    """The published rule computed independently of `kava.data.multiplication`: numbers as reversed zero-padded
+    strings, partial products and running sums by plain integer arithmetic."""
+    def rev(x: int, w: int) -> str:
+        return " ".join(str(x).zfill(w)[::-1])
+
+    parts, sums, total = [], [], 0
+    for i in range(n):
+        p = a * ((b // 10**i) % 10) * 10**i
+        total += p
+        parts.append(rev(p, n + 1 + i))
+        sums.append(rev(total, n + 1 + i))
+    cot = parts[0]
+    for i in range(1, n):
+        cot += " + " + parts[i] + (f" ( {sums[i]} )" if i < n - 1 else "")
+    return f"{rev(a, n)} * {rev(b, n)}||{cot} #### {rev(a * b, 2 * n)}"
+
+
+def published(data_dir: Path, n: int, name: str) -> list[str]:
+    return (data_dir / "multiplication" / f"{n}x{n}" / name).read_text().splitlines()
+
+
+def test_generator_reproduces_every_published_line(data_dir):
+    """8,000 of 8,000: each published valid and test line equals the generator's line for its two operands."""
+    total = same = same_naive = 0
+    for n in SIZES:
+        for name in ("valid.txt", "test_bigbench.txt"):
+            for line in published(data_dir, n, name):
+                a, b, k = mult.parse_question(line.split("||")[0])
+                assert k == n and 10 ** (n - 1) <= a < 10**n and 10 ** (n - 1) <= b < 10**n
+                total += 1
+                same += mult.mult_line(a, b, n) == line
+                same_naive += naive_line(a, b, n) == line
+    assert (total, same, same_naive) == (8000, 8000, 8000)
+
+
+def test_reader_keeps_digit_answers_and_steps(data_dir):
+    """`kava data` used to skip every line ("non-numeric answer"); now every record is read, its answer is the
+    digit string as written, and its steps (one per digit of B) joined by spaces are the CoT text."""
+    path = data_dir / "multiplication" / "5x5" / "valid.txt"
+    assert detect_format(path) == "multiplication"
+    skips = SkipLog()
+    recs = load_records(path, skips=skips)
+    assert len(recs) == 1000 and skips.total == 0
+    for r, line in zip(recs, published(data_dir, 5, "valid.txt")):
+        q, rest = line.split("||")
+        cot, ans = rest.split(" #### ")
+        assert (r.question, " ".join(r.steps), r.answer, r.answer_kind) == (q, cot, ans, "digits")
+        assert len(r.steps) == 5 and r.steps[1].startswith("+ ") and "(" in r.steps[1] and "(" not in r.steps[-1]
+    first = recs[0]
+    a, b, _ = mult.parse_question(first.question)
+    assert mult.read_lsd(first.answer) == a * b
+
+
+def test_reader_counts_bad_lines(tmp_path, data_dir):
+    lines = published(data_dir, 4, "valid.txt")[:3]
+    wrong = lines[1].rsplit(" #### ", 1)[0] + " #### " + " ".join("0" * 8)  # not A x B
+    path = tmp_path / "m.txt"
+    path.write_text("\n".join([lines[0], wrong, lines[2], "12 * 34||4 #### 408"]) + "\n")
+    skips = SkipLog()
+    recs = load_records(path, "multiplication", skips=skips)
+    assert [r.question for r in recs] == [lines[0].split("||")[0], lines[2].split("||")[0]]
+    assert skips.counts == {"answer is not A x B with 2n digits": 1,
+                            "not a multiplication line (A * B||CoT #### C, digits least significant first)": 1}
+    assert load_records(path, "multiplication", limit=0, skips=SkipLog()) == []
+
+
+def test_named_eval_sets(data_dir):
+    recs, desc = load_eval_dataset("mult5-test", data_dir)
+    assert len(recs) == 1000 and "test_bigbench.txt" in desc and "expected" not in desc
+    assert all(r.answer_kind == "digits" for r in recs)
+
+
+@pytest.mark.parametrize("text,strict,flexible", [
+    (" 5 5 6 0 8 2 0 1", "5 5 6 0 8 2 0 1", "5 5 6 0 8 2 0 1"),
+    ("5 5 5 6 1 + 0 0 6 #### 0 0 6", "0 0 6", "0 0 6"),
+    (" #### 55608201", "5 5 6 0 8 2 0 1", "5 5 6 0 8 2 0 1"),
+    (" #### x 1 2", None, "1 2"),
+    ("", None, None),
+])
+def test_extract_digits(text, strict, flexible):
+    assert extract_digits(text, "####") == {"strict": strict, "flexible": flexible}
+
+
+def test_digits_are_matched_exactly_never_as_numbers():
+    """Leading zeros count, a longer or shorter run is wrong, and numeric normalisation never applies."""
+    assert answer_matches("0 0 6", "0 0 6", "digits")
+    assert not answer_matches("6", "0 0 6", "digits")  # as numbers these would be equal
+    assert answer_matches("6", "6", "number") and answer_matches("6.0", "6", "number")
+    assert not answer_matches("0 0 6 0", "0 0 6", "digits") and not answer_matches("0 0", "0 0 6", "digits")
+    assert not answer_matches(None, "0 0 6", "digits")
+    assert extract(" 0 0 6 0<eos>", "digits", "####")["strict"] == "0 0 6 0"
+    from kava.data.records import Record
+
+    recs = [Record("1 * 2", (), "2 0", answer_kind="digits"), Record("q", (), "20")]
+    res = score_predictions([" #### 2 0", " #### 20"], recs, answer_prompt="####")
+    assert res["correct"] == [True, True]
+    res = score_predictions([" #### 2", " #### 20.0"], recs, answer_prompt="####")
+    assert res["correct"] == [False, True]
+    with pytest.raises(ValueError, match="unknown answer kind"):
+        extract("1", "words")
+
+
+def test_one_token_per_digit_and_symbol(tmp_path, data_dir):
+    """The local tokenizer of a multiplication run: every whitespace-separated digit or symbol of the published
+    lines is one token, and decoding gives the text back exactly."""
+    cfg = load_config("mult5_scratch")
+    recs = load_records(data_dir / "multiplication" / "5x5" / "valid.txt")
+    tok = build_tokenizer(tokenizer_texts(recs[:200], cfg.data.answer_prompt), tmp_path / "tok", vocab_size=300,
+                          single_tokens=synthetic_single_tokens(cfg))
+    for r in recs[:50]:
+        for text in (r.question, " " + " ".join(r.steps), " " + cfg.data.answer_prompt, " " + r.answer):
+            ids = tok(text, add_special_tokens=False)["input_ids"]
+            assert len(ids) == len(text.split()) and tok.decode(ids) == text
+    assert answer_kind(cfg) == "digits" and answer_kind(load_config("tiny_synth")) == "number"
+
+
+def test_generated_splits_are_deterministic_disjoint_and_exclude(tmp_path):
+    """Each split is a pure function of (seed, digits, split); no question repeats within or across splits; none
+    of the excluded questions is drawn (2-digit operands: 8,100 pairs, so collisions are certain)."""
+    sizes = {"train": 1500, "valid": 200, "test": 200}
+    exclude = [mult.question(a, b, 2) for a in range(10, 40) for b in range(10, 40)]  # 900 of the 8,100 pairs
+    m1 = mult.write_multiplication(tmp_path / "a", sizes, seed=3, digits=2, exclude=exclude)
+    mult.write_multiplication(tmp_path / "b", sizes, seed=3, digits=2, exclude=exclude)
+    m3 = mult.write_multiplication(tmp_path / "c", {"train": 10, "valid": 200, "test": 200}, seed=3, digits=2,
+                                   exclude=exclude)
+    split = {s: (tmp_path / "a" / f"{s}.txt").read_text().splitlines() for s in sizes}
+    for s in sizes:
+        assert split[s] == (tmp_path / "b" / f"{s}.txt").read_text().splitlines()
+    for s in ("valid", "test"):  # train's size does not change the eval splits
+        assert split[s] == (tmp_path / "c" / f"{s}.txt").read_text().splitlines()
+    qs = [ln.split("||")[0] for s in sizes for ln in split[s]]
+    assert len(qs) == len(set(qs)) == 1900 and not set(qs) & set(exclude)
+    assert all(mult.mult_line(*mult.parse_question(ln.split("||")[0])) == ln for s in sizes for ln in split[s])
+    assert all(ln[2] != "0" and ln.split(" * ")[1][2] != "0" for s in sizes for ln in split[s])  # leading digits
+    assert m1["redrawn"]["train"]["excluded"] > 0 and m1["redrawn"]["train"]["within_or_across_splits"] > 0
+    assert m1["counts"] == sizes and m3["exclusion_key"] == m1["exclusion_key"] == mult.exclusion_key(exclude)
+    with pytest.raises(ValueError, match="at most half"):
+        mult.write_multiplication(tmp_path / "d", {"train": 50}, digits=1)
+
+
+def test_preset_excludes_the_published_sets_from_training(tmp_path, data_dir):
+    """The presets' data: the published valid and test questions are never in the generated training set, and
+    validation reads the published valid.txt."""
+    from kava.data.pipeline import load_train_valid
+
+    root = data_dir / "multiplication" / "4x4"
+    cfg = load_config("mult4_scratch", [f"data.synth_exclude=[{root / 'valid.txt'}, {root / 'test_bigbench.txt'}]",
+                                        f"data.valid_source={root / 'valid.txt'}", "data.synth_train_size=3000",
+                                        "data.synth_eval_size=10", "data.valid_limit=null"])
+    train, valid, desc = load_train_valid(cfg, tmp_path, SkipLog())
+    held = {ln.split("||")[0] for name in ("valid.txt", "test_bigbench.txt") for ln in published(data_dir, 4, name)}
+    assert len(train) == 3000 and not {r.question for r in train} & held
+    assert len(valid) == 1000 and "valid.txt" in desc
+    meta = json.loads(next(tmp_path.glob("mult4_*_x*")).joinpath("meta.json").read_text())
+    assert meta["excluded_questions"] == 2000
+
+
+TINY = ["model.from_scratch.n_embd=32", "model.from_scratch.n_layer=1", "data.synth_digits=2",
+        "data.synth_exclude=[]", "data.valid_source=null", "data.synth_train_size=300", "data.synth_eval_size=8",
+        "data.valid_limit=4", "optim.effective_batch=16", "optim.micro_batch=16", "optim.max_steps=4",
+        "run.eval_every=2", "run.eval_batch_size=8", "icot.tokens_per_epoch=20"]
+
+
+@pytest.mark.parametrize("method", ["cot", "icot"])
+def test_train_and_eval_end_to_end(method, tmp_path):
+    """`kava train` from scratch on generated 2x2 products, then `kava eval` on its own test split: every problem
+    scored as a digit string, in free generation (iCoT generates whatever CoT it still writes)."""
+    sets = [f"method={method}", f"run.output_dir={tmp_path}", f"run.name={method}"]
+    assert cli(["train", "--config", "mult4_scratch", "--no-progress", *sum((["--set", s] for s in TINY + sets), [])]) == 0
+    rd = tmp_path / method
+    assert cli(["eval", "--checkpoint", str(rd), "--datasets", "synth-test"]) == 0
+    s = json.loads((rd / "eval" / "synth-test" / "summary.json").read_text())
+    assert s["count"] == 8 and s["mode"] == "cot" and 0.0 <= s["accuracy"] <= 1.0
+    rows = [json.loads(x) for x in (rd / "eval" / "synth-test" / "predictions.jsonl").read_text().splitlines()]
+    assert all(len(r["gold"].split()) == 4 for r in rows)
+    assert all(r["correct"] == answer_matches(r["extracted"], r["gold"], "digits") for r in rows)
+    done = json.loads((rd / "DONE").read_text())
+    assert ("curriculum" in done["best"]) == (method == "icot")
