@@ -1,0 +1,182 @@
+"""iCoT's multiplication benchmark on one GPU: many `kava train` jobs side by side, stopped at a deadline, then
+each run's best validation model evaluated on the published test set. Results: results/multiplication/README.md.
+
+    python experiments/multiplication/driver.py run --data DATA --out OUT --budget 1000 --jobs gate,icot
+    python experiments/multiplication/driver.py status --out OUT
+    python experiments/multiplication/driver.py pack --out OUT --tar results.tgz
+
+One job = `kava train --config multN_scratch --set method=M ...`; at `--budget` seconds after the start every job
+still training gets SIGTERM, which makes kava save a checkpoint and stop (`kava train --resume RUN` continues it
+exactly). Then `kava eval --checkpoint RUN --datasets multN-test` evaluates `best/`, the best validation step
+(validation: the published valid.txt, 500 questions, every `run.eval_every` steps; under iCoT, the best among the
+validations at the furthest removal). `status.jsonl` in OUT records every start, stop and evaluation.
+Budget rule: every method trains at least as many samples as No-CoT of its size (the same batch, at least the
+same steps); stopping and checkpoint choice use validation only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+KAVA = [sys.executable, "-m", "kava.cli"]
+DEEP = ["model.from_scratch.n_layer=6"]
+# name -> (preset, --set values). Every job: batch 128, validation on 500 published valid questions.
+JOBS: dict[str, tuple[str, list[str]]] = {
+    # the gate: CoT >= 95 and No-CoT <= 5 on 5x5; 4x4 No-CoT as measured
+    "cot4": ("mult4_scratch", ["method=cot"]),
+    "nocot4": ("mult4_scratch", ["method=nocot"]),
+    "cot5": ("mult5_scratch", ["method=cot"]),
+    "nocot5": ("mult5_scratch", ["method=nocot"]),
+    "cot5-6l": ("mult5_scratch", ["method=cot", *DEEP]),
+    "nocot5-6l": ("mult5_scratch", ["method=nocot", *DEEP]),
+    # iCoT from scratch, as the official recipe (removal from step 0). The official rate is 8 tokens per epoch
+    # of 808k at batch 32 (3,156 steps per token); at batch 128 a preset epoch is 6,312 steps, so
+    # tokens_per_epoch 40 removes a token every 158 steps (4x4's 46 CoT tokens in ~7.3k steps).
+    "icot4": ("mult4_scratch", ["method=icot", "icot.tokens_per_epoch=40"]),
+    "icot5": ("mult5_scratch", ["method=icot", "icot.tokens_per_epoch=40"]),
+}
+GROUPS = {"gate": ["cot4", "nocot4", "cot5", "nocot5", "cot5-6l", "nocot5-6l"], "icot": ["icot4", "icot5"]}
+COMMON = ["optim.max_steps=20000", "run.eval_every=500", "run.save_every=500"]
+
+
+def digits_of(preset: str) -> int:
+    return int(preset.removeprefix("mult")[0])
+
+
+def job_sets(name: str, data: Path, out: Path, seed: int, extra: list[str]) -> list[str]:
+    preset, sets = JOBS[name]
+    n = digits_of(preset)
+    root = data / "multiplication" / f"{n}x{n}"
+    return [*COMMON, *sets, f"run.seed={seed}", f"run.output_dir={out / 'runs'}", f"run.name={name}-s{seed}",
+            f"data.valid_source={root / 'valid.txt'}",
+            f"data.synth_exclude=[{root / 'valid.txt'}, {root / 'test_bigbench.txt'}]", *extra]
+
+
+def train_cmd(name: str, data: Path, out: Path, seed: int, extra: list[str]) -> list[str]:
+    sets = job_sets(name, data, out, seed, extra)
+    return KAVA + ["train", "--config", JOBS[name][0], "--no-progress"] + sum((["--set", s] for s in sets), [])
+
+
+def eval_cmd(name: str, data: Path, out: Path, seed: int) -> list[str]:
+    n = digits_of(JOBS[name][0])
+    return KAVA + ["eval", "--checkpoint", str(out / "runs" / f"{name}-s{seed}"), "--datasets", f"mult{n}-test",
+                   "--data-dir", str(data), "--batch-size", "500"]
+
+
+def log(out: Path, **event) -> None:
+    event["t"] = round(time.time(), 1)
+    with open(out / "status.jsonl", "a") as f:
+        f.write(json.dumps(event) + "\n")
+    print(json.dumps(event), flush=True)
+
+
+def expand(jobs: str) -> list[str]:
+    names = [j for part in jobs.split(",") for j in GROUPS.get(part, [part])]
+    unknown = [j for j in names if j not in JOBS]
+    if unknown:
+        raise SystemExit(f"unknown jobs {unknown}; known: {sorted(JOBS)} and groups {sorted(GROUPS)}")
+    return names
+
+
+def run(args) -> None:
+    out, data = Path(args.out).absolute(), Path(args.data).absolute()
+    (out / "logs").mkdir(parents=True, exist_ok=True)
+    names, start = expand(args.jobs), time.time()
+    deadline = start + args.budget
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    procs: dict[str, subprocess.Popen] = {}
+    for name in names:  # the first job of each size writes the shared data; the rest find it (`synthetic_dir`)
+        cmd = train_cmd(name, data, out, args.seed, args.set)
+        if args.dry_run:
+            print(" ".join(cmd))
+            continue
+        procs[name] = subprocess.Popen(cmd, stdout=open(out / "logs" / f"{name}.log", "w"), stderr=subprocess.STDOUT,
+                                       env=env)
+        log(out, event="start", job=name, pid=procs[name].pid, cmd=cmd)
+        time.sleep(args.stagger)
+    if args.dry_run:
+        return
+    stopped: set[str] = set()
+    while any(p.poll() is None for p in procs.values()):
+        if time.time() > deadline:
+            for name, p in procs.items():
+                if p.poll() is None and name not in stopped:
+                    p.send_signal(signal.SIGTERM)  # kava saves a checkpoint at the step boundary and exits 143
+                    stopped.add(name)
+                    log(out, event="deadline", job=name)
+        time.sleep(5)
+    for name, p in procs.items():
+        log(out, event="end", job=name, rc=p.returncode, stopped=name in stopped, wall_s=round(time.time() - start))
+    evals = {}
+    for name in names:
+        if (out / "runs" / f"{name}-s{args.seed}" / "best").exists():
+            evals[name] = subprocess.Popen(eval_cmd(name, data, out, args.seed), env=env, stderr=subprocess.STDOUT,
+                                           stdout=open(out / "logs" / f"{name}.eval.log", "w"))
+        else:
+            log(out, event="no best/ to evaluate", job=name)
+    for name, p in evals.items():
+        log(out, event="eval", job=name, rc=p.wait())
+    log(out, event="all done", wall_s=round(time.time() - start))
+
+
+def status(args) -> None:
+    out = Path(args.out)
+    for run_dir in sorted((out / "runs").glob("*-s*")):
+        vals = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()] \
+            if (run_dir / "metrics.jsonl").exists() else []
+        train = [v for v in vals if v.get("split") == "train"]
+        val = [(v["step"], v["val/accuracy"]) for v in vals if v.get("split") == "val"]
+        last = train[-1] if train else {}
+        print(f"{run_dir.name}: step {last.get('step')} loss {last.get('loss/total', float('nan')):.4f} "
+              f"removed {last.get('curriculum/removed', '-')} val {val[-6:]}")
+
+
+KEEP_SUFFIXES = (".json", ".jsonl", ".yaml", ".log", ".txt", ".md")
+
+
+def pack(args) -> None:
+    """A tarball of what the results need (configs, metrics, summaries, predictions, logs; no weights, no data)."""
+    out = Path(args.out)
+    with tarfile.open(args.tar, "w:gz") as tar:
+        for p in sorted(out.rglob("*")):
+            rel = p.relative_to(out)
+            if not p.is_file() or "_data" in rel.parts or "tokenizer_src" in rel.parts or "model" in rel.parts:
+                continue
+            if "checkpoints" in rel.parts and p.name != "state.json":
+                continue
+            if p.suffix in KEEP_SUFFIXES or p.name == "DONE":
+                tar.add(p, arcname=str(rel))
+    print(f"packed {args.tar}: {Path(args.tar).stat().st_size} bytes")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run")
+    r.add_argument("--data", required=True, help="the shared data root (multiplication/NxN/*.txt)")
+    r.add_argument("--out", required=True)
+    r.add_argument("--jobs", default="gate,icot", help="job names or groups, comma-separated")
+    r.add_argument("--budget", type=float, default=1000, help="seconds until every job still training is stopped")
+    r.add_argument("--seed", type=int, default=42)
+    r.add_argument("--stagger", type=float, default=2.0, help="seconds between job starts")
+    r.add_argument("--set", action="append", default=[], help="extra --set for every job")
+    r.add_argument("--dry-run", action="store_true")
+    s = sub.add_parser("status")
+    s.add_argument("--out", required=True)
+    p = sub.add_parser("pack")
+    p.add_argument("--out", required=True)
+    p.add_argument("--tar", required=True)
+    args = ap.parse_args()
+    {"run": run, "status": status, "pack": pack}[args.cmd](args)
+
+
+if __name__ == "__main__":
+    main()
