@@ -317,3 +317,21 @@ def test_codi_column_predicts_the_first_answer_digit(kind, position, tmp_path):
             assert int(b.targets[0, col]) == it.answer[0]
     with pytest.raises(ValueError, match="codi_position"):
         build_teacher_batch([it], ids, codi_position="middle")
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 4096])
+def test_batched_tokenization_equals_one_record_at_a_time(tok, chunk, data_dir):
+    """`tokenize_all` tokenises `chunk` records per call; every segment, index, answer lead, step end and skip equals
+    `tokenize` one record at a time (GSM8k lines, multiplication lines, the tiny records, an empty CoT)."""
+    from kava.data.readers import load_records
+
+    recs = (list(RECORDS) + [Record("Q with no CoT?", (), "7", "t:empty")]
+            + load_records(data_dir / "gsm8k-aug" / "valid.txt", limit=20)
+            + load_records(data_dir / "multiplication" / "4x4" / "valid.txt", limit=10))
+    for kw in ({}, {"max_cot_tokens": 30, "with_steps": True, "drop_last_step": False}):
+        fmt = Formatter(tok, **kw)
+        s1, s2 = SkipLog(), SkipLog()
+        batched = fmt.tokenize_all(recs, s1, chunk=chunk)
+        single = [t for t in (fmt.tokenize(r, i, s2) for i, r in enumerate(recs)) if t is not None]
+        assert batched == single and s1.as_dict() == s2.as_dict()
+    assert 0 < s1.total < len(recs) - 5  # the limits cut some, not all

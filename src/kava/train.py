@@ -69,6 +69,9 @@ class NonFiniteLoss(RuntimeError):
 
 
 # ------------------------------------------------------------------------------------------------ schedule
+TOKENIZER_RECORDS = 200_000  # a from-scratch run's tokenizer learns from the first ones (808k take minutes)
+
+
 def lr_at(step: int, total: int, base: float, warmup: int, schedule: str) -> float:
     """Learning rate of optimizer step `step` (0-based): linear warmup, then cosine / linear / constant."""
     if step < warmup:
@@ -201,8 +204,8 @@ def setup_data(cfg: Config, run_dir: Path, acc: Accelerator, *, data_root: str |
     if cfg.model.from_scratch is not None and not cfg.model.tokenizer and not cfg.model.init_from:
         tok_dir = run_dir / "tokenizer_src"
         if not (tok_dir / "tokenizer_config.json").exists() and main:
-            atomic_dir_write(tok_dir, lambda d: build_tokenizer(tokenizer_texts(train_recs, cfg.data.answer_prompt),
-                                                                 d, vocab_size=cfg.data.tokenizer_vocab_size,
+            texts = tokenizer_texts(train_recs[:TOKENIZER_RECORDS], cfg.data.answer_prompt)
+            atomic_dir_write(tok_dir, lambda d: build_tokenizer(texts, d, vocab_size=cfg.data.tokenizer_vocab_size,
                                                                  single_tokens=synthetic_single_tokens(cfg)))
         acc.wait_for_everyone()
         tokenizer = load_tokenizer(cfg, str(tok_dir))

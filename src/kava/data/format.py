@@ -94,6 +94,7 @@ class Formatter:
         self.ids = special_ids(tokenizer)
         self.drop_last_step = drop_last_step
         self.max_q, self.max_c, self.max_a = max_question_tokens, max_cot_tokens, max_answer_tokens
+        self._blank_ids: dict[int, bool] = {}
         self.prompt_ids = self._enc(" " + answer_prompt.strip())
         if not self.prompt_ids:
             raise ValueError("data.answer_prompt tokenises to nothing")
@@ -138,19 +139,24 @@ class Formatter:
             ends.append(prev)
         return tuple(ends + [len(cot)]) if steps else ()
 
-    def question_ids(self, question: str) -> list[int]:
+    def question_ids(self, question: str, ids: list[int] | None = None) -> list[int]:
+        """BOS (if the model has one) and the question's tokens (`ids`: already tokenised)."""
         bos = [self.ids.bos] if self.ids.bos is not None else []
-        return bos + self._enc(question.strip())
+        return bos + (self._enc(question.strip()) if ids is None else ids)
 
     def tokenize(self, rec: Record, index: int = 0, skips: SkipLog | None = None, *,
                  need_answer: bool = True) -> Tokenized | None:
         """Segments of one record, or None (and a counted skip) when a limit is exceeded."""
-        where = rec.source or f"record {index}"
-        q = self.question_ids(rec.question)
         steps = self.cot_steps(rec.steps)
         cot_text = " ".join(steps)
         c = self._enc(" " + cot_text) if cot_text else []
         a = (self._enc(" " + rec.answer.strip()) + [self.ids.eos]) if need_answer else []
+        return self._segments(rec, index, skips, self.question_ids(rec.question), c, a, steps)
+
+    def _segments(self, rec: Record, index: int, skips: SkipLog | None, q: list[int], c: list[int], a: list[int],
+                  steps: list[str]) -> Tokenized | None:
+        """The length limits on tokenised segments, then the `Tokenized`."""
+        where = rec.source or f"record {index}"
         reason = None
         if len(q) > self.max_q:
             reason = "question too long"
@@ -169,17 +175,42 @@ class Formatter:
     def answer_lead(self, answer: list[int]) -> int:
         """How many leading answer tokens decode to whitespace only (the eos is never counted)."""
         n = 0
-        while n < len(answer) - 1 and not self.tok.decode(answer[n:n + 1]).strip():
+        while n < len(answer) - 1 and self._blank(answer[n]):
             n += 1
         return n
 
-    def tokenize_all(self, records: list[Record], skips: SkipLog, **kw) -> list[Tokenized]:
+    def _blank(self, token: int) -> bool:
+        if token not in self._blank_ids:  # one decode per token id, not per record
+            self._blank_ids[token] = not self.tok.decode([token]).strip()
+        return self._blank_ids[token]
+
+    def tokenize_all(self, records: list[Record], skips: SkipLog, *, chunk: int = 4096) -> list[Tokenized]:
+        """`tokenize` of every record (the skipped ones left out and counted), with the question, CoT and answer
+        texts of `chunk` records tokenised in one batched call each: the same ids as one record at a time
+        (tests/test_format.py), several times faster on large training sets."""
         out = []
-        for i, r in enumerate(records):
-            t = self.tokenize(r, i, skips, **kw)
-            if t is not None:
-                out.append(t)
+        for start in range(0, len(records), chunk):
+            recs = records[start:start + chunk]
+            steps = [self.cot_steps(r.steps) for r in recs]
+            qs = self._enc_batch([r.question.strip() for r in recs])
+            cs = self._enc_batch([" " + " ".join(st) if st else "" for st in steps])
+            ans = self._enc_batch([" " + r.answer.strip() for r in recs])
+            for k, r in enumerate(recs):
+                t = self._segments(r, start + k, skips, self.question_ids(r.question, qs[k]), cs[k],
+                                   ans[k] + [self.ids.eos], steps[k])
+                if t is not None:
+                    out.append(t)
         return out
+
+    def _enc_batch(self, texts: list[str]) -> list[list[int]]:
+        if not texts:
+            return []
+        core = getattr(self.tok, "_tokenizer", None)  # a fast tokenizer's Rust core: ids, no Python-side encodings
+        if core is not None and not self.tok.init_kwargs.get("add_prefix_space") and core.truncation is None:
+            ids = [e.ids for e in core.encode_batch(texts, add_special_tokens=False)]
+        else:
+            ids = self.tok(texts, add_special_tokens=False)["input_ids"]
+        return [i if t else [] for i, t in zip(ids, texts)]
 
 
 def positions(mask: torch.Tensor) -> torch.Tensor:
