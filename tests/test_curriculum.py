@@ -127,6 +127,17 @@ def test_icot_schedule_and_smoothing(tmp_path):
     assert curriculum.apply(items, cfg_of(tmp_path, "method=cot"), 150, 75).items == items  # no curriculum
 
 
+def test_icot_infinite_smoothing_lambda_means_no_smoothing(tmp_path):
+    """`icot.smoothing_lambda: inf` (the official code's "no smoothing") is λ null: every offset 0 (its
+    formula gave NaN probabilities, and torch.multinomial failed at step 1)."""
+    p = curriculum.icot_offset_probs(float("inf"))
+    assert torch.equal(p, curriculum.icot_offset_probs(None)) and float(p[0]) == 1.0
+    assert curriculum.icot_removed(50, 4, float("inf"), torch.Generator().manual_seed(0)) == [4] * 50
+    tok, f, items = tokenized()
+    cfg = cfg_of(tmp_path, "method=icot", "icot.tokens_per_epoch=10", "icot.smoothing_lambda=inf")
+    assert [g.cot for g in curriculum.apply(items, cfg, 75, 75).items] == [it.cot[10:] for it in items]
+
+
 def test_optimizer_resets_at_each_stage_change(tmp_path):
     cfg = cfg_of(tmp_path, *COCONUT)
     assert [s for s in range(1, 40) if curriculum.reset_due(cfg, s, 75)] == [6, 12, 18]

@@ -92,7 +92,7 @@ class IcotConfig:
     training goes on. Defaults: the official GSM8k command."""
 
     tokens_per_epoch: float = 8.0  # scheduled removal grows by this many tokens per epoch
-    smoothing_lambda: float | None = 4.0  # each example removes P(o) ∝ exp(-λ·o) extra tokens; null: no smoothing
+    smoothing_lambda: float | None = 4.0  # each example removes P(o) ∝ exp(-λ·o) extra tokens; null or inf: none
     remove_all_beyond: int | None = 39  # once the schedule reaches this many tokens, remove the whole CoT
     reset_optimizer: bool = True  # a fresh AdamW state whenever the scheduled removal grows
 
