@@ -584,3 +584,15 @@ def test_eval_checks_the_dataset_names_before_the_model_loads(tmp_path, monkeypa
     assert cli(["eval", "--checkpoint", str(tmp_path), "--datasets", datasets, "--data-dir", str(tmp_path / "empty")]) == 2
     err = capsys.readouterr().err
     assert expect.format(empty=tmp_path / "empty") in err and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("flag, value", [("--limit", "-1"), ("--limit", "0"), ("--max-new-tokens", "0"),
+                                         ("--batch-size", "0"), ("--batch-size", "-2")])
+def test_eval_refuses_a_non_positive_limit_batch_size_or_token_budget(tmp_path, monkeypatch, capsys, flag, value):
+    """`--limit -1` evaluated all questions but the last, and 0 (for any of the three) fell back to the
+    default: each is one line on stderr and exit 2, before the model loads."""
+    from kava.cli import main as cli
+
+    monkeypatch.setattr("kava.evaluate.load_any", lambda *a, **k: pytest.fail("the model was loaded"))
+    assert cli(["eval", "--checkpoint", str(tmp_path), "--datasets", "synth-test", flag, value]) == 2
+    assert capsys.readouterr().err == f"kava eval: {flag} must be a positive number, got {value}\n"

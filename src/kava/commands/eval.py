@@ -64,6 +64,11 @@ def run(args) -> int:
         print("kava eval: give --checkpoint DIR or --model-args pretrained=ID_OR_DIR[,peft=ADAPTER] (one of them)",
               file=sys.stderr)
         return 2
+    # 0 would fall back to the default and -1 cut one question off (records[:-1]), silently
+    for flag, v in (("--limit", args.limit), ("--batch-size", args.batch_size), ("--max-new-tokens", args.max_new_tokens)):
+        if v is not None and v < 1:
+            print(f"kava eval: {flag} must be a positive number, got {v}", file=sys.stderr)
+            return 2
     names = [d.strip() for d in args.datasets.split(",") if d.strip()]
     model_args = parse_model_args(args.model_args) if args.model_args else None
     evaluate_run(args.checkpoint, names, model_args=model_args, data_dir=args.data_dir, hub=args.hub, mode=args.mode,
