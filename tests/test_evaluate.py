@@ -325,6 +325,31 @@ def test_eval_finds_the_runs_own_synthetic_data_and_limit_writes_beside_the_full
     capsys.readouterr()
 
 
+def test_eval_counts_a_skipped_line_of_a_data_file_in_the_summary_and_on_stderr(synth_run, tmp_path, capsys):
+    """A data file with one bad line in five: the skip was only free text in the description (exit 0, nothing
+    on stderr); it is a counted field of summary.json and a line on stderr naming the line."""
+    import json
+
+    from kava.cli import main as cli
+    from kava.data.pipeline import synthetic_name
+
+    rd, cfg = synth_run
+    lines = (rd.parent / "_data" / synthetic_name(cfg) / "test.jsonl").read_text().splitlines()[:4]
+    f = tmp_path / "mine.jsonl"
+    f.write_text("\n".join(lines[:2] + ['{"question": "no answer here"}'] + lines[2:]) + "\n")
+    assert cli(["eval", "--checkpoint", str(rd), "--datasets", str(f), "--max-new-tokens", "2",
+                "--output", str(tmp_path / "out")]) == 0
+    err = capsys.readouterr().err
+    s = json.loads((tmp_path / "out" / "mine" / "summary.json").read_text())
+    assert s["count"] == 4 and s["skipped"]["total"] == 1 and sum(s["skipped"]["by_reason"].values()) == 1
+    assert s["skipped"]["examples"] == {r: [f"{f}:3"] for r in s["skipped"]["by_reason"]}
+    assert err.count("\n") == 1 and "[kava] eval mine: skipped 1 records (" in err and f"{f}:3" in err, err
+    assert cli(["eval", "--checkpoint", str(rd), "--datasets", "synth-test", "--limit", "2", "--max-new-tokens", "2",
+                "--output", str(tmp_path / "out")]) == 0
+    assert json.loads((tmp_path / "out" / "synth-test-limit2" / "summary.json").read_text())["skipped"]["total"] == 0
+    assert capsys.readouterr().err == ""
+
+
 def test_a_missing_synthetic_folder_is_generated_again_identically(synth_run, tmp_path, monkeypatch):
     import dataclasses
     import shutil
