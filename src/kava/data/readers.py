@@ -383,15 +383,27 @@ def _read_objects(
     return _finish(out, str(path), skips, limit)
 
 
-def icot_separator(line: str) -> int | None:
-    """Where an iCoT line's ``||`` between question and CoT is: the last ``||`` before the CoT (its first
-    ``<<`` equation, else its ``####``), so that a question may contain ``||`` itself
-    (``Q d || with bars?||<<1+2=3>> #### 3`` -> question ``Q d || with bars?``). None: no separator (counted
-    as "missing ||")."""
+def icot_separator(line: str) -> tuple[int | None, str | None]:
+    """(where an iCoT line's ``||`` between question and CoT is, None), or (None, the skip reason).
+
+    With an equation CoT the separator is the last ``||`` before its first ``<<``, so that a question may
+    contain ``||`` (``Q d || with bars?||<<1+2=3>> #### 3`` -> question ``Q d || with bars?``); a ``||`` after
+    it is in the CoT ("|| in the CoT"), and a ``<<`` before every ``||`` is in the question ("<< in the
+    question"). A natural-language CoT has no mark where it starts: a second ``||`` could be the question's or
+    the CoT's ("|| more than once in a natural-language line"; iCoT's own reader, which keeps only lines with
+    exactly one ``||``, drops these too). A ``||`` after ``####`` does not count ("missing ||")."""
     end = line.find("####")
-    end = len(line) if end < 0 else end
-    eq = line.find("<<", 0, end)
-    return None if (i := line.rfind("||", 0, end if eq < 0 else eq)) < 0 else i
+    head = line if end < 0 else line[:end]
+    bars = head.count("||")
+    if bars == 0:
+        return None, "missing ||"
+    eq = head.find("<<")
+    if eq < 0:
+        return (head.find("||"), None) if bars == 1 else (None, "|| more than once in a natural-language line")
+    i = head.rfind("||", 0, eq)
+    if i < 0:
+        return None, "<< in the question"
+    return (i, None) if "||" not in head[i + 2:] else (None, "|| in the CoT")
 
 
 def read_icot(path: str | Path, skips: SkipLog | None = None, limit: int | None = None) -> list[Record]:
@@ -403,9 +415,9 @@ def read_icot(path: str | Path, skips: SkipLog | None = None, limit: int | None 
         return out
     for lineno, line in _iter_lines(p, skips):
         where = f"{path}:{lineno}"
-        sep = icot_separator(line)
+        sep, why = icot_separator(line)
         if sep is None:
-            skips.skip("missing ||", where)
+            skips.skip(why, where)
             continue
         question, rest = line[:sep], line[sep + 2:]
         parts = _split_hashes(rest, where, skips)
