@@ -78,6 +78,11 @@ def test_gold_scores_full_and_perturbed_zero(name, data_dir):
         ("The answer is: 1,5 then 3", None, "3"),
         ("The answer is: 2,125.", "2125", "2125"),  # the standard GSM8k thousands group
         ("1, 2 and 3", "1", "3"),  # a comma and a space: a list, not a number
+        # a simple fraction is read as the reader reads a gold one (a gold 3/4 is stored 0.75), not as 3 and 4
+        ("The answer is: 3/4", "0.75", "0.75"),
+        ("-3/4 of it", "-0.75", "-0.75"),
+        ("The answer is: 1/3 cup", None, None),  # no exact decimal: no number, as such a gold is none
+        ("on 12/25/2020 he paid 7", "12", "7"),  # a date is no fraction
         ("no number here", None, None),
         ("The answer is: unknown", None, None),
         ("", None, None),
@@ -85,6 +90,20 @@ def test_gold_scores_full_and_perturbed_zero(name, data_dir):
 )
 def test_extract_literal(text, strict, flexible):
     assert extract_answer(text) == {"strict": strict, "flexible": flexible}
+
+
+def test_a_fraction_gold_matches_the_same_fraction_generated(tmp_path):
+    """`#### 3/4` is stored 0.75; a generated "3/4" was read as 3 (strict) and 4 (flexible) and never matched."""
+    from kava.data.readers import load_records
+
+    f = tmp_path / "frac.jsonl"
+    f.write_text("".join(json.dumps({"question": "Q?", "answer": f"<<{a}>> #### {a}"}) + "\n"
+                         for a in ("3/4", "-1/8", "5/2")))
+    records = load_records(f, "gsm8k")
+    assert [r.answer for r in records] == ["0.75", "-0.125", "2.5"]
+    res = score_predictions([" 3/4", "So -1/8. The answer is: -1/8.", " 5/2 cups"], records)
+    assert res["correct"] == res["correct_flexible"] == [True, True, True]
+    assert score_predictions([" 3/5", " 1/8", " 2/5"], records)["correct"] == [False, False, False]
 
 
 def test_extract_prompt_options():

@@ -10,9 +10,10 @@ A text with no number gives None, which counts as wrong: nothing is skipped.
 Numbers: ``1,234`` (thousands groups of exactly three; ``1,5`` or ``12,34`` is one malformed number, as for
 the gold answers: `kava.data.readers.normalize_number`), ``$18.00``, ``-3``, ``18.`` (the period ends the
 sentence), ``.5``, ``0.5``, ``1e3`` and ``2.0107e-06`` (scientific notation is accepted because GSM-Hard
-answers come from Python floats and models that imitate them print it), ``50%`` (-> 50). A minus sign
-counts only when it does not follow a word character, so ``5-3`` reads as 5 and 3 and ``pages 10-12``
-ends with 12, not -12.
+answers come from Python floats and models that imitate them print it), ``50%`` (-> 50), and a simple
+fraction ``3/4`` (-> 0.75, the decimal the readers store for a gold ``#### 3/4``; ``1/3``, which has no exact
+decimal, is one malformed number, as such a gold is no number). A minus sign counts only when it does not
+follow a word character, so ``5-3`` reads as 5 and 3 and ``pages 10-12`` ends with 12, not -12.
 
 Matching (`numbers_match`): an integer gold needs the exact value (``18.00`` matches ``18``); a relative
 tolerance would accept 9867631 for GSM-Hard's 9867630. A non-integer gold (GSM-Hard) allows
@@ -33,11 +34,13 @@ from kava.data.readers import ANSWER_PROMPT, THOUSANDS_RE
 from kava.data.readers import normalize_number as canonical_number
 from kava.data.records import Record
 
-# sign (not after a word char) | optional "$ " | digits with commas or plain digits, optional fraction | or .5 |
-# exponent. Digits joined by commas are read as one token: 1,234 is a number, 1,5 is one malformed number
-# (None, as `normalize_number` says of a gold 1,5), never 1 followed by 5.
+# sign (not after a word char) | optional "$ " | a simple fraction, or digits with commas or plain digits,
+# optional decimals | or .5 | exponent. Digits joined by commas are read as one token: 1,234 is a number, 1,5 is
+# one malformed number (None, as `normalize_number` says of a gold 1,5), never 1 followed by 5. A fraction is
+# one token too, read as the reader reads a gold one (3/4 -> 0.75, 1/3 -> None); a date 12/25/2020 is not one.
+_FRACTION = r"(?<![\d/])\d+/\d+(?![\d/])"
 _DIGITS = r"(?:\d+(?:,\d+)+|\d+)(?:\.\d+)?|\.\d+"
-NUMBER_RE = re.compile(rf"(?:(?<![\w.])-)?(?:\$\s?)?(?:{_DIGITS})(?:[eE][-+]?\d+)?")
+NUMBER_RE = re.compile(rf"(?:(?<![\w.])-)?(?:\$\s?)?(?:{_FRACTION}|{_DIGITS})(?:[eE][-+]?\d+)?")
 
 
 # ----------------------------------------------------------------------------------------------------
