@@ -350,6 +350,31 @@ def test_eval_counts_a_skipped_line_of_a_data_file_in_the_summary_and_on_stderr(
     assert capsys.readouterr().err == ""
 
 
+def test_eval_writes_each_question_s_place_in_its_file_and_kava_score_reads_it_so(synth_run, tmp_path, capsys):
+    """predictions.jsonl's "index" is the question's place in the data file, a skipped line counted (it was the
+    place among the questions read, which `kava score` then matched against other questions)."""
+    import json
+
+    from kava.cli import main as cli
+    from kava.data.pipeline import synthetic_name
+
+    rd, cfg = synth_run
+    lines = (rd.parent / "_data" / synthetic_name(cfg) / "test.jsonl").read_text().splitlines()[:4]
+    f = tmp_path / "mine.jsonl"
+    f.write_text("\n".join(lines[:1] + ['{"question": "no answer here"}'] + lines[1:]) + "\n")
+    assert cli(["eval", "--checkpoint", str(rd), "--datasets", str(f), "--max-new-tokens", "2",
+                "--output", str(tmp_path / "out")]) == 0
+    d = tmp_path / "out" / "mine"
+    rows = [json.loads(ln) for ln in (d / "predictions.jsonl").read_text().splitlines()]
+    assert [r["index"] for r in rows] == [0, 2, 3, 4]
+    assert [r["question"] for r in rows] == [json.loads(ln)["question"] for ln in lines]
+    s = json.loads((d / "summary.json").read_text())
+    capsys.readouterr()
+    assert cli(["score", "--predictions", str(d / "predictions.jsonl"), "--dataset", str(f)]) == 0
+    out = capsys.readouterr().out
+    assert f"accuracy: {s['accuracy']:.4f}" in out and "count: 4\n" in out, out
+
+
 def test_a_missing_synthetic_folder_is_generated_again_identically(synth_run, tmp_path, monkeypatch):
     import dataclasses
     import shutil

@@ -236,6 +236,9 @@ def evaluate_run(checkpoint: str | Path | None, datasets: list[str], *, data_dir
         walls = gather_object([s["wall_s"]])
         if state.is_main_process:
             assert len({r["index"] for r in rows}) == len(rows) == len(records), "sharding counted an example twice"
+            for r in rows:  # the index `kava score` reads: the record's place in its file, skipped entries counted
+                rec = records[r["index"]]
+                r["index"] = r["index"] if rec.index is None else rec.index
             summary = summarize(rows, max(walls), s["mode"])
             summary.update({"dataset": label, "description": desc, "hardware": hardware(),
                             "processes": state.num_processes, "checkpoint": str(km.source), "config_hash": cfg.hash(),

@@ -164,10 +164,12 @@ def binomial_stderr(accuracy: float | None, n: int) -> float | None:
 PREDICTION_FIELDS = ("prediction", "generated")  # kava score's own format, and `kava eval`'s predictions.jsonl
 
 
-def read_predictions(pred_path: str | Path, n_records: int, *, subset: bool = False) -> dict[int, str]:
+def read_predictions(pred_path: str | Path, n_records: int, *, subset: bool = False,
+                     expected: Sequence[int] | None = None) -> dict[int, str]:
     """Predictions from JSONL lines ``{"index": int, "prediction": str}`` (or a `kava eval` predictions.jsonl,
     whose text is under ``generated``), as {index: prediction}. Every index is in ``range(n_records)`` and
-    appears once; unless `subset`, every index of that range must appear. Errors name the file, line and index."""
+    appears once; unless `subset`, every index of `expected` (default: that range) must appear. Errors name the
+    file, line and index."""
     path = Path(pred_path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: predictions file not found")
@@ -195,10 +197,11 @@ def read_predictions(pred_path: str | Path, n_records: int, *, subset: bool = Fa
             if idx in preds:
                 raise ValueError(f"{where}: index {idx} duplicated (first on line {first_line[idx]})")
             preds[idx], first_line[idx] = pred, lineno
-    missing = [i for i in range(n_records) if i not in preds]
+    expected = range(n_records) if expected is None else expected
+    missing = [i for i in expected if i not in preds]
     if missing and not subset:
         shown = ", ".join(map(str, missing[:10])) + (", ..." if len(missing) > 10 else "")
-        raise ValueError(f"{path}: predictions missing for {len(missing)} of {n_records} indices: {shown}")
+        raise ValueError(f"{path}: predictions missing for {len(missing)} of {len(expected)} indices: {shown}")
     if not preds:
         raise ValueError(f"{path}: no predictions")
     return dict(sorted(preds.items()))
@@ -218,13 +221,21 @@ def describe_indices(indices: Sequence[int]) -> str:
 
 def score_file(
     pred_path: str | Path, records: Sequence[Record], answer_prompt: str = ANSWER_PROMPT, require_prompt: bool = False,
-    *, subset: bool = False,
+    *, subset: bool = False, skipped: int = 0,
 ) -> dict:
-    """`score_predictions` on a predictions JSONL file (see `read_predictions` for its format). With `subset`,
-    only the indices the file holds are scored (a `kava eval --limit N` file): ``indices`` lists them and
-    ``of`` is the dataset's size."""
-    preds = read_predictions(pred_path, len(records), subset=subset)
-    idx = list(preds)
-    res = score_predictions(list(preds.values()), [records[i] for i in idx], answer_prompt, require_prompt)
-    res.update({"indices": idx, "of": len(records)})
+    """`score_predictions` on a predictions JSONL file (see `read_predictions` for its format). An index is a
+    record's place in its file (`Record.index`, as `kava eval` writes it; its place in `records` for records
+    built by hand), so `skipped` entries the reader left out keep theirs: a prediction for one is listed in
+    ``skipped_predictions``, not scored. With `subset`, only the indices the file holds are scored (a
+    `kava eval --limit N` file): ``indices`` lists them and ``of`` is the number of records."""
+    index = [k if r.index is None else r.index for k, r in enumerate(records)]
+    at = dict(zip(index, records))
+    preds = read_predictions(pred_path, max(len(records) + skipped, max(index, default=-1) + 1), subset=subset,
+                             expected=index)
+    idx = [i for i in preds if i in at]
+    if not idx:
+        raise ValueError(f"{pred_path}: no predictions for the records read (only for skipped ones: "
+                         f"{describe_indices(list(preds))})")
+    res = score_predictions([preds[i] for i in idx], [at[i] for i in idx], answer_prompt, require_prompt)
+    res.update({"indices": idx, "of": len(records), "skipped_predictions": [i for i in preds if i not in at]})
     return res

@@ -17,7 +17,7 @@ import math
 import os
 import re
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from decimal import Decimal, localcontext
 from fractions import Fraction
 from pathlib import Path
@@ -284,6 +284,12 @@ def _check_file(path: str | Path) -> Path:
     return p
 
 
+def _placed(rec: Record, out: list[Record], skips: SkipLog, skipped_before: int) -> Record:
+    """`rec` with its `Record.index`: each entry before it is a record in `out` or one skip counted since the
+    reader started (`skipped_before` = the count then), whichever line, element or row it was."""
+    return replace(rec, index=len(out) + skips.total - skipped_before)
+
+
 def _finish(records: list[Record], where: str, skips: SkipLog, limit: int | None) -> list[Record]:
     if not records and limit != 0:
         extra = f" ({skips.summary()})" if skips.total else ""
@@ -374,10 +380,11 @@ def _read_objects(
     if limit == 0:
         _check_file(path)
         return out
+    start = skips.total
     for where, obj in iter_json_objects(path, skips):
         rec = parser(obj, where, skips, **opts)
         if rec is not None:
-            out.append(rec)
+            out.append(_placed(rec, out, skips, start))
             if limit is not None and len(out) >= limit:
                 break
     return _finish(out, str(path), skips, limit)
@@ -413,6 +420,7 @@ def read_icot(path: str | Path, skips: SkipLog | None = None, limit: int | None 
     out: list[Record] = []
     if limit == 0:
         return out
+    start = skips.total
     for lineno, line in _iter_lines(p, skips):
         where = f"{path}:{lineno}"
         sep, why = icot_separator(line)
@@ -425,7 +433,7 @@ def read_icot(path: str | Path, skips: SkipLog | None = None, limit: int | None 
             continue
         rec = _make_record(question, split_cot(parts[0]), parts[1], where, skips)
         if rec is not None:
-            out.append(rec)
+            out.append(_placed(rec, out, skips, start))
             if limit is not None and len(out) >= limit:
                 break
     return _finish(out, str(path), skips, limit)
@@ -561,7 +569,7 @@ def records_from_rows(
             continue
         rec = parser(row, where, skips, **opts)
         if rec is not None:
-            out.append(rec)
+            out.append(replace(rec, index=i))
             if limit is not None and len(out) >= limit:
                 break
     return _finish(out, where_prefix, skips, limit)

@@ -21,12 +21,16 @@ class Record:
         for evaluation-only sources (GSM8k-Hard, SVAMP).
     answer: the final answer as a string, normalised (no thousands separators), e.g. ``"18"``, ``"-3.5"``.
     source: where it came from, ``"<file or hub id>:<line or index>"``, for error messages and analysis.
+    index: its place among the entries of its file or hub split, 0-based, skipped entries counted (a JSON
+        array's element, a text file's non-blank line): the index `kava eval` writes and `kava score` reads.
+        None for a record built by hand; not part of equality.
     """
 
     question: str
     steps: tuple[str, ...]
     answer: str
     source: str = ""
+    index: int | None = field(default=None, compare=False)
 
 
 class DataError(ValueError):
