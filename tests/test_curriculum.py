@@ -240,9 +240,33 @@ def test_icot_trains_removes_its_cot_and_answers_without_it(tmp_path, synth_root
     assert all(r["forward_passes"] == max(r["generated_tokens"], 1) for r in rows), rows
 
 
+def test_coconut_on_another_method_s_preset_derives_m_and_the_projection_and_says_so(tmp_path, capsys):
+    """`--set method=coconut` on a preset written for another method (tiny_synth: cot, M = 8, mlp) stopped with
+    "= 6 thoughts, got latent.num_latents=8": M = max_stages x c and the identity projection are Coconut's own,
+    derived unless the user sets them (an explicit conflict is refused: test_config_errors_name_the_key), and
+    the start summary says so. A file written for coconut keeps its values (a run's config.yaml)."""
+    from kava.cli import main
+    from kava.config import save_config
+
+    cfg = load_config("tiny_synth", [f"run.output_dir={tmp_path}", "method=coconut", "coconut.max_stages=4"])
+    assert (cfg.latent.num_latents, cfg.latent.projection) == (8, "identity")
+    cfg = load_config("tiny_synth", [f"run.output_dir={tmp_path}", "method=coconut"])
+    assert (cfg.latent.num_latents, cfg.latent.projection) == (6, "identity")
+    assert cfg.derived == ("latent.num_latents=6 (coconut.max_stages x coconut.thoughts_per_step; was 8)",
+                           "latent.projection=identity (coconut feeds hidden states back unchanged; was mlp)")
+    save_config(cfg, tmp_path / "config.yaml")
+    again = load_config(str(tmp_path / "config.yaml"), resolve_paths=False)
+    assert again.to_dict() == cfg.to_dict() and again.derived == ()
+    assert main(["train", "--config", "tiny_synth", "--dry-run", "--set", f"run.output_dir={tmp_path}",
+                 "--set", "method=coconut"]) == 0
+    out = capsys.readouterr().out
+    assert "  method:           coconut (full fine-tuning); derived: latent.num_latents=6 (coconut.max_stages x " in out
+
+
 @pytest.mark.parametrize("override, msg", [
     (["method=coconut", "latent.num_latents=5"], "latent.num_latents: coconut answers after"),
-    (["method=coconut", "latent.num_latents=6"], "latent.projection: coconut feeds"),
+    (["method=coconut", "latent.projection=mlp"], "latent.projection: coconut feeds"),
+    (["method=coconut", "coconut.max_stages=0"], "coconut.max_stages: must be >= 1"),
     (["coconut.epochs_per_stage=0"], "coconut.epochs_per_stage: must be > 0"),
     (["coconut.mix_prob=1.5"], "coconut.mix_prob: must be in [0, 1]"),
     (["icot.smoothing_lambda=-1"], "icot.smoothing_lambda: must be > 0 or null"),
