@@ -204,7 +204,7 @@ class RunConfig:
     eval_max_cot_tokens: int = 128
     eval_batch_size: int = 64
     nan_policy: Literal["stop", "skip"] = "stop"
-    grad_share_every: int = 50  # per-term gradient norms every N optimizer steps (latent methods); 0 = off
+    grad_share_every: int = 50  # per-term gradient norms every N optimizer steps (methods of 2+ loss terms); 0 = off
     deterministic: bool = False
 
 
