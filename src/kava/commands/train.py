@@ -4,7 +4,9 @@ from __future__ import annotations
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("train", help="train a method (cot, nocot, pccot, codi, kava) from a preset or YAML")
+    from kava.spec import METHODS
+
+    p = sub.add_parser("train", help=f"train a method ({', '.join(METHODS)}) from a preset or YAML")
     p.add_argument("--config", help="preset name (see `kava presets list`) or a YAML path")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set optim.lr=1e-4 (repeatable)")
