@@ -140,6 +140,24 @@ def test_init_from_a_lora_run_starts_from_its_merged_weights(lora_run):
     assert hasattr(m2.lm, "peft_config")
 
 
+def test_a_damaged_adapter_config_is_named_by_export_and_eval(lora_run, tmp_path, capsys):
+    """A truncated adapter_config.json: the error was json's "Expecting value: line 1 column 63" alone."""
+    run, _, _, _ = lora_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    for d in ("best", "final"):
+        f = copy / d / "model" / "adapter_config.json"
+        if f.exists():
+            f.write_text(f.read_text()[:60])
+    ck = find_checkpoint(copy)
+    capsys.readouterr()
+    for argv in (["export", str(copy), "--output", str(tmp_path / "hf")], ["eval", "--checkpoint", str(ck / "model"),
+                                                                          "--datasets", "synth-test"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert f"{ck / 'model' / 'adapter_config.json'}: not valid JSON (" in err and err.count("\n") == 1, err
+
+
 def test_lora_loading_is_strict(lora_run, tmp_path):
     run, _, _, _ = lora_run
     copy = tmp_path / "run"

@@ -43,12 +43,20 @@ def test_train_dry_run_prints_config_and_plan_and_trains_nothing(tmp_path, capsy
     (["eval", "--checkpoint", "{tmp}", "--datasets", "synth-test"], "no kava model found"),
     (["eval", "--checkpoint", "{tmp}", "--datasets", "gsm8k", "--data-dir", "{tmp}"], "gsm8k/test.jsonl: file not found"),
     (["ask", "--checkpoint", "{tmp}/missing", "--question", "x"], "missing: no such directory"),
+    # argparse's `choices` printed its usage and the error (4 lines)
+    (["export", "{tmp}", "--output", "{tmp}/out", "--dtype", "xx"], "--dtype xx: allowed values: fp32, bf16, fp16"),
+    # json's bare "Expecting value: line 1 column 39" named no file
+    (["eval", "--checkpoint", "{tmp}/adapter", "--datasets", "synth-test"],
+     "{tmp}/adapter/adapter_config.json: not valid JSON (Expecting value: line 1 column 39"),
 ])
 def test_user_errors_are_one_line_with_exit_status_2(argv, expect, tmp_path, capsys):
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "adapter_config.json").write_text('{"base_model_name_or_path": "x", "r": ')
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
     assert main(argv) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"kava {argv[0]}: error: ") and expect in err and err.count("\n") == 1, err
+    assert err.startswith(f"kava {argv[0]}: error: ") and expect.replace("{tmp}", str(tmp_path)) in err \
+        and err.count("\n") == 1, err
 
 
 @pytest.mark.parametrize("argv, expect", [

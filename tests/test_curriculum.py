@@ -158,6 +158,17 @@ def test_icot_schedule_and_smoothing(tmp_path):
     assert curriculum.apply(items, cfg_of(tmp_path, "method=cot"), 150, 75).items == items  # no curriculum
 
 
+def test_icot_infinite_smoothing_lambda_means_no_smoothing(tmp_path):
+    """`icot.smoothing_lambda: inf` (the official code's "no smoothing") is λ null: every offset 0 (its
+    formula gave NaN probabilities, and torch.multinomial failed at step 1)."""
+    p = curriculum.icot_offset_probs(float("inf"))
+    assert torch.equal(p, curriculum.icot_offset_probs(None)) and float(p[0]) == 1.0
+    assert curriculum.icot_removed(50, 4, float("inf"), torch.Generator().manual_seed(0)) == [4] * 50
+    tok, f, items = tokenized()
+    cfg = cfg_of(tmp_path, "method=icot", "icot.tokens_per_epoch=10", "icot.smoothing_lambda=inf")
+    assert [g.cot for g in curriculum.apply(items, cfg, 75, 75).items] == [it.cot[10:] for it in items]
+
+
 def test_optimizer_resets_at_each_stage_change(tmp_path):
     cfg = cfg_of(tmp_path, *COCONUT)
     assert [s for s in range(1, 40) if curriculum.reset_due(cfg, s, 75)] == [6, 12, 18]
@@ -294,9 +305,33 @@ def test_icot_trains_removes_its_cot_and_answers_without_it(tmp_path, synth_root
     assert done["best"]["curriculum"] == curriculum.ALL  # chosen among the validations after the CoT was gone
 
 
+def test_coconut_on_another_method_s_preset_derives_m_and_the_projection_and_says_so(tmp_path, capsys):
+    """`--set method=coconut` on a preset written for another method (tiny_synth: cot, M = 8, mlp) stopped with
+    "= 6 thoughts, got latent.num_latents=8": M = max_stages x c and the identity projection are Coconut's own,
+    derived unless the user sets them (an explicit conflict is refused: test_config_errors_name_the_key), and
+    the start summary says so. A file written for coconut keeps its values (a run's config.yaml)."""
+    from kava.cli import main
+    from kava.config import save_config
+
+    cfg = load_config("tiny_synth", [f"run.output_dir={tmp_path}", "method=coconut", "coconut.max_stages=4"])
+    assert (cfg.latent.num_latents, cfg.latent.projection) == (8, "identity")
+    cfg = load_config("tiny_synth", [f"run.output_dir={tmp_path}", "method=coconut"])
+    assert (cfg.latent.num_latents, cfg.latent.projection) == (6, "identity")
+    assert cfg.derived == ("latent.num_latents=6 (coconut.max_stages x coconut.thoughts_per_step; was 8)",
+                           "latent.projection=identity (coconut feeds hidden states back unchanged; was mlp)")
+    save_config(cfg, tmp_path / "config.yaml")
+    again = load_config(str(tmp_path / "config.yaml"), resolve_paths=False)
+    assert again.to_dict() == cfg.to_dict() and again.derived == ()
+    assert main(["train", "--config", "tiny_synth", "--dry-run", "--set", f"run.output_dir={tmp_path}",
+                 "--set", "method=coconut"]) == 0
+    out = capsys.readouterr().out
+    assert "  method:           coconut (full fine-tuning); derived: latent.num_latents=6 (coconut.max_stages x " in out
+
+
 @pytest.mark.parametrize("override, msg", [
     (["method=coconut", "latent.num_latents=5"], "latent.num_latents: coconut answers after"),
-    (["method=coconut", "latent.num_latents=6"], "latent.projection: coconut feeds"),
+    (["method=coconut", "latent.projection=mlp"], "latent.projection: coconut feeds"),
+    (["method=coconut", "coconut.max_stages=0"], "coconut.max_stages: must be >= 1"),
     (["coconut.epochs_per_stage=0"], "coconut.epochs_per_stage: must be > 0"),
     (["coconut.mix_prob=1.5"], "coconut.mix_prob: must be in [0, 1]"),
     (["icot.smoothing_lambda=-1"], "icot.smoothing_lambda: must be > 0 or null"),

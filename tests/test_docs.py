@@ -101,6 +101,31 @@ def test_config_doc_has_no_stale_keys():
     assert not stale, f"docs/config.md documents keys that kava.config does not have: {stale}"
 
 
+def choices_rows() -> list[list[str]]:
+    """Rows of docs/method.md's table "Choices the paper leaves open": choice | option | default | what we do."""
+    text = METHOD_MD.read_text()
+    table = text[text.index("## Choices the paper leaves open"):]
+    table = table[:table.index("\n## ", 1)]
+    return [_cells(ln) for ln in table.splitlines() if ln.startswith("|")][2:]
+
+
+CHOICE_KEYS = [(k, d) for k, tp, d in KEYS if get_origin(tp) is Literal and k.split(".")[0] in ("latent", "eviction", "loss")]
+
+
+@pytest.mark.parametrize("key,default", CHOICE_KEYS, ids=[k for k, _ in CHOICE_KEYS])
+def test_method_doc_names_every_method_option_with_its_default(key, default):
+    """Each option of the method (a Literal key of latent, eviction, loss) has a row in method.md's table of
+    choices the paper leaves open, whose default cell says the dataclass default. (The softmax of `I` was
+    described there as a fixed choice, the opposite of the default `eviction.importance_softmax: cot`.)"""
+    for cells in choices_rows():
+        keys = re.findall(r"`([a-z_]+\.[\w.]+)", cells[1])
+        if key in keys:
+            values = [re.sub(r"\s*\(.*\)$", "", v).strip("`") for v in cells[2].split(", ")]
+            assert values[keys.index(key)] == default, f"docs/method.md: default of {key} is {cells[2]!r}, not {default!r}"
+            return
+    pytest.fail(f"docs/method.md: no row of 'Choices the paper leaves open' names {key}")
+
+
 # ------------------------------------------------------------------------------------------ presets
 def _fmt(v) -> str:
     if isinstance(v, bool):

@@ -325,6 +325,56 @@ def test_eval_finds_the_runs_own_synthetic_data_and_limit_writes_beside_the_full
     capsys.readouterr()
 
 
+def test_eval_counts_a_skipped_line_of_a_data_file_in_the_summary_and_on_stderr(synth_run, tmp_path, capsys):
+    """A data file with one bad line in five: the skip was only free text in the description (exit 0, nothing
+    on stderr); it is a counted field of summary.json and a line on stderr naming the line."""
+    import json
+
+    from kava.cli import main as cli
+    from kava.data.pipeline import synthetic_name
+
+    rd, cfg = synth_run
+    lines = (rd.parent / "_data" / synthetic_name(cfg) / "test.jsonl").read_text().splitlines()[:4]
+    f = tmp_path / "mine.jsonl"
+    f.write_text("\n".join(lines[:2] + ['{"question": "no answer here"}'] + lines[2:]) + "\n")
+    assert cli(["eval", "--checkpoint", str(rd), "--datasets", str(f), "--max-new-tokens", "2",
+                "--output", str(tmp_path / "out")]) == 0
+    err = capsys.readouterr().err
+    s = json.loads((tmp_path / "out" / "mine" / "summary.json").read_text())
+    assert s["count"] == 4 and s["skipped"]["total"] == 1 and sum(s["skipped"]["by_reason"].values()) == 1
+    assert s["skipped"]["examples"] == {r: [f"{f}:3"] for r in s["skipped"]["by_reason"]}
+    assert err.count("\n") == 1 and "[kava] eval mine: skipped 1 records (" in err and f"{f}:3" in err, err
+    assert cli(["eval", "--checkpoint", str(rd), "--datasets", "synth-test", "--limit", "2", "--max-new-tokens", "2",
+                "--output", str(tmp_path / "out")]) == 0
+    assert json.loads((tmp_path / "out" / "synth-test-limit2" / "summary.json").read_text())["skipped"]["total"] == 0
+    assert capsys.readouterr().err == ""
+
+
+def test_eval_writes_each_question_s_place_in_its_file_and_kava_score_reads_it_so(synth_run, tmp_path, capsys):
+    """predictions.jsonl's "index" is the question's place in the data file, a skipped line counted (it was the
+    place among the questions read, which `kava score` then matched against other questions)."""
+    import json
+
+    from kava.cli import main as cli
+    from kava.data.pipeline import synthetic_name
+
+    rd, cfg = synth_run
+    lines = (rd.parent / "_data" / synthetic_name(cfg) / "test.jsonl").read_text().splitlines()[:4]
+    f = tmp_path / "mine.jsonl"
+    f.write_text("\n".join(lines[:1] + ['{"question": "no answer here"}'] + lines[1:]) + "\n")
+    assert cli(["eval", "--checkpoint", str(rd), "--datasets", str(f), "--max-new-tokens", "2",
+                "--output", str(tmp_path / "out")]) == 0
+    d = tmp_path / "out" / "mine"
+    rows = [json.loads(ln) for ln in (d / "predictions.jsonl").read_text().splitlines()]
+    assert [r["index"] for r in rows] == [0, 2, 3, 4]
+    assert [r["question"] for r in rows] == [json.loads(ln)["question"] for ln in lines]
+    s = json.loads((d / "summary.json").read_text())
+    capsys.readouterr()
+    assert cli(["score", "--predictions", str(d / "predictions.jsonl"), "--dataset", str(f)]) == 0
+    out = capsys.readouterr().out
+    assert f"accuracy: {s['accuracy']:.4f}" in out and "count: 4\n" in out, out
+
+
 def test_a_missing_synthetic_folder_is_generated_again_identically(synth_run, tmp_path, monkeypatch):
     import dataclasses
     import shutil
@@ -584,3 +634,15 @@ def test_eval_checks_the_dataset_names_before_the_model_loads(tmp_path, monkeypa
     assert cli(["eval", "--checkpoint", str(tmp_path), "--datasets", datasets, "--data-dir", str(tmp_path / "empty")]) == 2
     err = capsys.readouterr().err
     assert expect.format(empty=tmp_path / "empty") in err and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("flag, value", [("--limit", "-1"), ("--limit", "0"), ("--max-new-tokens", "0"),
+                                         ("--batch-size", "0"), ("--batch-size", "-2")])
+def test_eval_refuses_a_non_positive_limit_batch_size_or_token_budget(tmp_path, monkeypatch, capsys, flag, value):
+    """`--limit -1` evaluated all questions but the last, and 0 (for any of the three) fell back to the
+    default: each is one line on stderr and exit 2, before the model loads."""
+    from kava.cli import main as cli
+
+    monkeypatch.setattr("kava.evaluate.load_any", lambda *a, **k: pytest.fail("the model was loaded"))
+    assert cli(["eval", "--checkpoint", str(tmp_path), "--datasets", "synth-test", flag, value]) == 2
+    assert capsys.readouterr().err == f"kava eval: {flag} must be a positive number, got {value}\n"

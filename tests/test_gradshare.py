@@ -15,6 +15,7 @@ from kava.data.format import Formatter
 from kava.data.records import SkipLog
 from kava.training.gradshare import grad_share_due, grad_share_micro, grad_shares, share_metrics
 from kava.objective import loss_step, make_batch
+from kava.spec import METHODS, spec_of
 from tiny import RECORDS, tiny_reasoner
 
 
@@ -123,6 +124,14 @@ def test_due_only_for_latent_methods():
     assert not any(grad_share_due(off, s) for s in range(1, 200))
     with pytest.raises(ValueError, match="run.grad_share_every"):
         config_from_dict({"method": "kava", "model": {"name_or_path": "x"}, "run": {"grad_share_every": -1}})
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_due_only_for_methods_with_more_than_one_loss_term(method):
+    """A share of one term is always 1: Coconut (latent, one term: ce_student) was measured too."""
+    cfg = config_from_dict({"method": method, "model": {"name_or_path": "x"}, "run": {"grad_share_every": 3}})
+    assert any(grad_share_due(cfg, s) for s in range(1, 10)) == (len(spec_of(method).terms) > 1)
+    assert grad_share_due(cfg, 3) == (method in ("pccot", "codi", "kava"))
 
 
 def test_grad_shares_hold_at_most_two_gradients_and_equal_share_metrics(monkeypatch):

@@ -84,6 +84,7 @@ def test_reader_counts_bad_lines(tmp_path, data_dir):
     skips = SkipLog()
     recs = load_records(path, "multiplication", skips=skips)
     assert [r.question for r in recs] == [lines[0].split("||")[0], lines[2].split("||")[0]]
+    assert [r.index for r in recs] == [0, 2]  # the line's place in the file, the skipped one counted
     assert skips.counts == {"answer is not A x B with 2n digits": 1,
                             "not a multiplication line (A * B||CoT #### C, digits least significant first)": 1}
     assert load_records(path, "multiplication", limit=0, skips=SkipLog()) == []

@@ -150,15 +150,33 @@ def test_icot_question_with_bars_splits_at_the_last_bars_before_the_cot(tmp_path
     path.write_text("Q d || with bars?||<<1+2=3>> #### 3\n"
                     "How many? a||b||<<2*3=6>> <<6+1=7>> #### 7\n"
                     "no separator <<1+1=2>> #### 2\n"
-                    "nl style || two parts||She adds 2 and 2. #### 4\n"
+                    "nl style||She adds 2 and 2. #### 4\n"
                     "the bars come after #### 5 || x\n")
     skips = SkipLog()
     recs = read_icot(path, skips)
     assert [(r.question, r.steps, r.answer) for r in recs] == [
         ("Q d || with bars?", ("<<1+2=3>>",), "3"),
         ("How many? a||b", ("<<2*3=6>>", "<<6+1=7>>"), "7"),
-        ("nl style || two parts", ("She adds 2 and 2.",), "4")]
+        ("nl style", ("She adds 2 and 2.",), "4")]
     assert skips.counts == {"missing ||": 2} and skips.examples["missing ||"] == [f"{path}:3", f"{path}:5"]
+
+
+def test_icot_bars_in_the_cot_and_angles_in_the_question_are_skips_with_their_reason(tmp_path):
+    """A natural-language CoT holding `||` was cut there, silently (its first part read as the question's);
+    with two `||` and no equation the split cannot be known, and iCoT's reader drops such lines: counted
+    skips, as is a `||` inside an equation CoT. A `<<` in the question was "missing ||"; it says why."""
+    path = tmp_path / "bars.txt"
+    path.write_text("Q?||She has 2 || 3 apples, so 5. #### 5\n"
+                    "nl style || two parts||She adds 2 and 2. #### 4\n"
+                    "Q?||<<1+1=2>> || <<2+1=3>> #### 3\n"
+                    "Is 3 << 2 twelve?||<<3*4=12>> #### 12\n"
+                    "Q?||She has 2 and 3, so 5. #### 5\n")
+    skips = SkipLog()
+    recs = read_icot(path, skips)
+    assert [(r.question, r.steps) for r in recs] == [("Q?", ("She has 2 and 3, so 5.",))]
+    assert skips.examples == {"|| more than once in a natural-language line": [f"{path}:1", f"{path}:2"],
+                              "|| in the CoT": [f"{path}:3"], "<< in the question": [f"{path}:4"]}
+    assert skips.total == 4
 
 
 def test_split_sentences_and_cot():
@@ -180,6 +198,9 @@ BAD = [
     ("icot", GOOD_ICOT + b"Q?||<<1+1=2>> 2\n", "missing ####"),
     ("icot", GOOD_ICOT + b"Q?||<<1+1=2>> #### 2 #### 3\n", "duplicated ####"),
     ("icot", GOOD_ICOT + b"Q? <<1+1=2>> #### 2\n", "missing ||"),
+    ("icot", GOOD_ICOT + b"Q?||He has 1 || 1. #### 2\n", "|| more than once in a natural-language line"),
+    ("icot", GOOD_ICOT + b"Q?||<<1+1=2>> || <<2*1=2>> #### 2\n", "|| in the CoT"),
+    ("icot", GOOD_ICOT + b"Is 1 << 1 two?||<<1+1=2>> #### 2\n", "<< in the question"),
     ("icot", GOOD_ICOT + b"Q?||<<1+1=2>> #### two\n", "non-numeric answer"),
     ("icot", GOOD_ICOT + b"Q?||<<1+1=2>> ####   \n", "empty answer"),
     ("icot", GOOD_ICOT + b"   ||<<1+1=2>> #### 2\n", "empty question"),

@@ -78,6 +78,11 @@ def test_gold_scores_full_and_perturbed_zero(name, data_dir):
         ("The answer is: 1,5 then 3", None, "3"),
         ("The answer is: 2,125.", "2125", "2125"),  # the standard GSM8k thousands group
         ("1, 2 and 3", "1", "3"),  # a comma and a space: a list, not a number
+        # a simple fraction is read as the reader reads a gold one (a gold 3/4 is stored 0.75), not as 3 and 4
+        ("The answer is: 3/4", "0.75", "0.75"),
+        ("-3/4 of it", "-0.75", "-0.75"),
+        ("The answer is: 1/3 cup", None, None),  # no exact decimal: no number, as such a gold is none
+        ("on 12/25/2020 he paid 7", "12", "7"),  # a date is no fraction
         ("no number here", None, None),
         ("The answer is: unknown", None, None),
         ("", None, None),
@@ -85,6 +90,20 @@ def test_gold_scores_full_and_perturbed_zero(name, data_dir):
 )
 def test_extract_literal(text, strict, flexible):
     assert extract_answer(text) == {"strict": strict, "flexible": flexible}
+
+
+def test_a_fraction_gold_matches_the_same_fraction_generated(tmp_path):
+    """`#### 3/4` is stored 0.75; a generated "3/4" was read as 3 (strict) and 4 (flexible) and never matched."""
+    from kava.data.readers import load_records
+
+    f = tmp_path / "frac.jsonl"
+    f.write_text("".join(json.dumps({"question": "Q?", "answer": f"<<{a}>> #### {a}"}) + "\n"
+                         for a in ("3/4", "-1/8", "5/2")))
+    records = load_records(f, "gsm8k")
+    assert [r.answer for r in records] == ["0.75", "-0.125", "2.5"]
+    res = score_predictions([" 3/4", "So -1/8. The answer is: -1/8.", " 5/2 cups"], records)
+    assert res["correct"] == res["correct_flexible"] == [True, True, True]
+    assert score_predictions([" 3/5", " 1/8", " 2/5"], records)["correct"] == [False, False, False]
 
 
 def test_extract_prompt_options():
@@ -199,3 +218,32 @@ def test_cli_score_scores_a_subset_and_says_which(tmp_path, data_dir, capsys):
     assert f"count: 5 of {len(records)} (a subset: indices 0-3, 7;" in out
     res = score_file(p, records, subset=True)
     assert res["indices"] == [0, 1, 2, 3, 7] and res["of"] == len(records) and res["correct"][1] is False
+
+
+def test_score_indexes_by_the_place_in_the_file_and_counts_predictions_for_skipped_records(tmp_path, capsys):
+    """Golds 1,5 (skipped: no number), 2,125 and 18: the predictions index the file's entries, as `kava eval`
+    writes them. Indices 1 and 2 were "out of range for 2 records"; 0 and 1 scored 100% against the wrong
+    questions (by place among the records read)."""
+    from kava.data.records import SkipLog
+
+    gold = tmp_path / "gold.jsonl"
+    gold.write_text("".join(json.dumps({"question": f"Q{k}?", "answer": f"#### {a}"}) + "\n"
+                            for k, a in enumerate(("1,5", "2,125", "18"))))
+    skips = SkipLog()
+    records, _ = load_eval_dataset(str(gold), skips=skips)
+    assert [(r.index, r.answer) for r in records] == [(1, "2125"), (2, "18")] and skips.total == 1
+    right = _write(tmp_path / "right.jsonl", [{"index": 1, "prediction": " 2125"}, {"index": 2, "prediction": " 18"}])
+    assert main(["score", "--predictions", str(right), "--dataset", str(gold)]) == 0
+    out = capsys.readouterr().out
+    assert "accuracy: 1.0000" in out and "count: 2\n" in out and "not scored" not in out
+    shifted = _write(tmp_path / "shifted.jsonl", [{"index": 0, "prediction": " 2125"}, {"index": 1, "prediction": " 18"}])
+    assert main(["score", "--predictions", str(shifted), "--dataset", str(gold)]) == 0
+    out = capsys.readouterr().out
+    assert "accuracy: 0.0000" in out and "count: 1 of 2" in out
+    assert "not scored: 1 predictions for records the reader skipped (indices 0)" in out
+    res = score_file(shifted, records, subset=True, skipped=1)
+    assert res["indices"] == [1] and res["skipped_predictions"] == [0] and res["correct"] == [False]
+    with pytest.raises(ValueError, match=r"index 3 out of range for 3 records"):
+        score_file(_write(tmp_path / "p.jsonl", [{"index": 3, "prediction": "1"}]), records, subset=True, skipped=1)
+    with pytest.raises(ValueError, match=r"predictions missing for 1 of 2 indices: 2"):
+        score_file(_write(tmp_path / "p.jsonl", [{"index": 1, "prediction": "1"}]), records, skipped=1)

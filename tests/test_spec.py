@@ -4,6 +4,7 @@ that ask about a method read the table instead of naming methods."""
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -87,3 +88,45 @@ def test_no_module_names_a_method_to_decide_what_it_does():
                 if "method" in text:
                     found.append(f"{p.relative_to(SRC)}: {text}")
     assert found == []
+
+
+_NAME = r"`?(?:%s)`?" % "|".join(sorted(METHODS, key=len, reverse=True))
+_SEP = r"(?:\s*,\s*(?:or\s+|and\s+)?|\s*/\s*|\s+or\s+|\s+and\s+)"
+METHOD_LIST = re.compile(rf"(?<![\w.`-]){_NAME}(?:{_SEP}{_NAME}){{2,}}(?![\w`-])")  # "cot, nocot or kava"
+
+
+def test_no_module_writes_a_list_of_the_methods():
+    """Lists of methods written by hand fell behind the table (help texts without icot and coconut, a model card
+    that read just "coconut."): outside `kava.spec`, no string names three methods in a row, no dict is keyed by
+    three methods, and no dict maps to inference modes (`MethodSpec.eval_mode` restated)."""
+    assert METHOD_LIST.search("train a method (cot, nocot, pccot, codi, kava)") and METHOD_LIST.search(
+        "a trained `pccot`, `codi` or `kava` model") and not METHOD_LIST.search("--mode latent, cot or nocot")
+    found = []
+    for p in SRC.rglob("*.py"):
+        if p == SRC / "spec.py":
+            continue
+        for node in ast.walk(ast.parse(p.read_text())):
+            where = f"{p.relative_to(SRC)}:{getattr(node, 'lineno', '?')}"
+            if isinstance(node, ast.Constant) and isinstance(node.value, str):
+                found += [f"{where}: {m.group(0)!r}" for m in METHOD_LIST.finditer(node.value)]
+            elif isinstance(node, ast.Dict):
+                keys = [k.value for k in node.keys if isinstance(k, ast.Constant) and k.value in METHODS]
+                values = [v.value if isinstance(v, ast.Constant) else None for v in node.values]
+                if len(keys) >= 3 or (len(values) >= 2 and all(v in MODES for v in values)):
+                    found.append(f"{where}: {ast.unparse(node)[:80]}")
+    assert found == []
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_the_model_card_and_the_help_name_every_method(method):
+    from kava.checkpoint.card import model_card
+    from kava.cli import build_parser
+
+    spec = spec_of(method)
+    assert spec.title.split(":")[0].lower().replace("-", "") == method  # "No-CoT: ..." for nocot
+    assert f"): {spec.title}." in model_card(cfg_of(method))
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command").choices
+    assert f"train a method ({', '.join(METHODS)})" in " ".join(parser.format_help().split())
+    if spec.latent:
+        assert method in sub["eval"].format_help().split("latent diagnostics (")[1].split(")")[0]

@@ -927,6 +927,33 @@ def test_resume_of_a_finished_run_does_nothing_and_max_steps_extends_it(tmp_path
     assert json.loads((run / "meta.json").read_text())["extended"] == [{"from_steps": 3, "to_steps": 5, "at_step": 3}]
 
 
+def test_an_extension_of_a_run_in_use_is_refused_before_it_edits_the_run(tmp_path, capsys):
+    """`--resume RUN --set optim.max_steps=N` while another process holds RUN's lock: exit 2 with the "in use"
+    line, and config.yaml, meta.json and DONE exactly as they were (they were rewritten before the refusal)."""
+    from kava.config import save_config
+
+    run = tmp_path / "busy"
+    run.mkdir()
+    save_config(tiny_cfg(tmp_path, "optim.max_steps=3"), run / "config.yaml")
+    (run / "meta.json").write_text(json.dumps({"plan": {"total_steps": 3}}))
+    (run / "DONE").write_text(json.dumps({"steps": 3}))
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    hold = ("import sys, time; sys.path.insert(0, sys.argv[2]); from kava.checkpoint.rundir import RunLock; "
+            "lock = RunLock(sys.argv[1]); print('held', flush=True); time.sleep(60)")
+    src = str(Path(kt.__file__).resolve().parents[1])
+    p = subprocess.Popen([sys.executable, "-c", hold, str(run), src], stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline().strip() == "held"
+        capsys.readouterr()
+        assert _cli("train", "--resume", str(run), "--no-progress", "--set", "optim.max_steps=900") == 2
+        out, err = capsys.readouterr()
+        assert f"{run} is in use by another `kava train` (pid {p.pid} " in err and "extending" not in out
+        assert {p.name: p.read_bytes() for p in run.iterdir() if p.name != "train.lock"} == before
+    finally:
+        p.kill()
+        p.wait()
+
+
 def test_a_run_that_fails_at_set_up_leaves_no_run_directory(tmp_path, capsys):
     sets = _sets(TINY + [f"run.output_dir={tmp_path}", f"data.source={tmp_path / 'missing.jsonl'}", "method=cot"])
     assert _cli("train", "--config", "tiny_synth", "--no-progress", *sets) == 2

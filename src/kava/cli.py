@@ -28,11 +28,14 @@ COMMANDS = [
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from kava import __version__
+    from kava.spec import METHODS
+
     parser = argparse.ArgumentParser(
         prog="kava",
-        description="KaVa: latent reasoning via compressed KV-cache distillation (and the cot/nocot/pccot/codi baselines).",
+        description=f"KaVa: latent reasoning via compressed KV-cache distillation (and the "
+                    f"{'/'.join(m for m in METHODS if m != 'kava')} baselines).",
     )
-    from kava import __version__
 
     parser.add_argument("--version", action="version", version=f"kava {__version__}")
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")

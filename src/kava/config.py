@@ -92,7 +92,7 @@ class IcotConfig:
     training goes on. Defaults: the official GSM8k command."""
 
     tokens_per_epoch: float = 8.0  # scheduled removal grows by this many tokens per epoch
-    smoothing_lambda: float | None = 4.0  # each example removes P(o) ∝ exp(-λ·o) extra tokens; null: no smoothing
+    smoothing_lambda: float | None = 4.0  # each example removes P(o) ∝ exp(-λ·o) extra tokens; null or inf: none
     remove_all_beyond: int | None = 39  # once the schedule reaches this many tokens, remove the whole CoT
     reset_optimizer: bool = True  # a fresh AdamW state whenever the scheduled removal grows
 
@@ -209,7 +209,7 @@ class RunConfig:
     eval_max_cot_tokens: int = 128
     eval_batch_size: int = 64
     nan_policy: Literal["stop", "skip"] = "stop"
-    grad_share_every: int = 50  # per-term gradient norms every N optimizer steps (latent methods); 0 = off
+    grad_share_every: int = 50  # per-term gradient norms every N optimizer steps (methods of 2+ loss terms); 0 = off
     deterministic: bool = False
 
 
@@ -227,6 +227,9 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    # what `config_from_dict` derived instead of reading ("key=value (why)"), for the start summary; not a
+    # field, so never saved: the run's config.yaml holds the values themselves
+    derived: typing.ClassVar[tuple[str, ...]] = ()
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -461,8 +464,11 @@ def apply_aliases(data: dict) -> None:
 
 def config_from_dict(data: dict, overrides: list[str] | None = None) -> Config:
     data = copy.deepcopy(data or {})
+    file_method, file_keys = data.get("method", Config.method), _given_keys(data)
+    set_keys = set()
     for item in overrides or []:
         key, value = parse_override(item)
+        set_keys.add(HF_ALIASES.get(key, key))
         # an override wins over the file's value, under either name
         for name in ([HF_ALIASES[key]] if key in HF_ALIASES else []) + [a for a, k in HF_ALIASES.items() if k == key]:
             section, _, leaf = name.rpartition(".")
@@ -472,8 +478,38 @@ def config_from_dict(data: dict, overrides: list[str] | None = None) -> Config:
         _set_nested(data, key, value)
     apply_aliases(data)
     cfg = _from_dict(Config, data)
+    # a file's keys were chosen for its own method: under another one (`--set method=...`) only `--set` is explicit
+    explicit = set_keys | (file_keys if file_method == cfg.method else set())
+    cfg.derived = derive_method_keys(cfg, explicit)
     validate(cfg)
     return cfg
+
+
+def _given_keys(data: dict, prefix: str = "") -> set[str]:
+    """The dotted keys a (nested) config dict sets."""
+    out = set()
+    for k, v in data.items():
+        out |= _given_keys(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}"}
+    return out
+
+
+def derive_method_keys(cfg: Config, explicit: set[str]) -> tuple[str, ...]:
+    """Set, in place, the keys the method fixes that `explicit` (the keys the user chose for this method) does
+    not name: Coconut's M = coconut.max_stages x coconut.thoughts_per_step thoughts and its identity projection
+    (a preset's latent.num_latents is the one of its own method). Returns what changed, for the start summary;
+    an explicit value that disagrees is left for `validate` to refuse."""
+    out = []
+    if cfg.spec.curriculum == "coconut":
+        lat, cc = cfg.latent, cfg.coconut
+        m = cc.max_stages * cc.thoughts_per_step  # < 1: `validate` names the coconut key at fault
+        if "latent.num_latents" not in explicit and lat.num_latents != m and m >= 1:
+            out.append(f"latent.num_latents={m} (coconut.max_stages x coconut.thoughts_per_step; "
+                       f"was {lat.num_latents})")
+            lat.num_latents = m
+        if "latent.projection" not in explicit and lat.projection != "identity":
+            out.append(f"latent.projection=identity (coconut feeds hidden states back unchanged; was {lat.projection})")
+            lat.projection = "identity"
+    return tuple(out)
 
 
 # Keys that name local files or directories (or hub ids): relative ones in a YAML file are read from its directory.

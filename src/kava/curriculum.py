@@ -53,9 +53,10 @@ def icot_scheduled(step: int, steps_per_epoch: int, ic) -> int:
 
 
 def icot_offset_probs(lam: float | None) -> torch.Tensor:
-    """[100] P(o) = (1 - e^-λ) e^(-λ·o) for o < 99, the rest of the mass on o = 99; λ None: always 0."""
+    """[100] P(o) = (1 - e^-λ) e^(-λ·o) for o < 99, the rest of the mass on o = 99; λ None or inf: always 0
+    (inf is the official code's "no smoothing"; the formula would give inf·0 = NaN at o = 0)."""
     p = torch.zeros(_OFFSETS, dtype=torch.float64)
-    if lam is None:
+    if lam is None or math.isinf(lam):
         p[0] = 1.0
         return p
     o = torch.arange(_OFFSETS, dtype=torch.float64)

@@ -1,6 +1,6 @@
 """Diagnostics that show whether the answer uses the latent thoughts (issue 11 §2), for latent runs.
 
-All three run on a trained `pccot`, `codi` or `kava` model in `kava eval` (docs/method.md §5 defines them):
+All three run on a trained model of a latent method (`kava.spec.LATENT_METHODS`) in `kava eval` (docs/method.md §5 defines them):
 
 - **Latent ablation.** The latent embeddings z ``[B, M, d]`` that the answer pass consumes (Jacobi: the
   input of the final sweep, ``StudentOut.latents``; sequential: z_1..z_M) are replaced by zeros, by the

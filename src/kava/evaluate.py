@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import platform
 import re
+import sys
 import time
 from pathlib import Path
 
@@ -24,7 +25,7 @@ from kava.checkpoint.load import Loaded, load_any, load_plain
 from kava.data.format import Formatter
 from kava.data.pipeline import find_synthetic_dir
 from kava.data.readers import check_eval_sets, is_data_file, load_eval_dataset
-from kava.data.records import Record
+from kava.data.records import Record, SkipLog
 from kava.decode import generate_for_config
 from kava.diagnostics import (check_shards, diagnose_batch, eval_chunks, format_diagnostics, require_latent,
                               summarize_diagnostics)
@@ -194,6 +195,8 @@ def evaluate_run(checkpoint: str | Path | None, datasets: list[str], *, data_dir
     data_dir: the local data root; for the synthetic splits of a run trained on the synthetic task it defaults
     to that run's own data (`kava.data.pipeline.find_synthetic_dir`).
     diagnostics: a `kava.diagnostics.DiagnosticsSpec` (latent runs).
+    A record the reader skipped (a bad line of a data file) is counted in summary.json's "skipped" (as a run's
+    skips.json) and named in a line on stderr; the accuracy is over the records read.
     """
     check_eval_sets(datasets, data_dir, hub, synthetic_found=True)  # before any model loads
     if len({dataset_label(n) for n in datasets}) != len(datasets):
@@ -215,7 +218,8 @@ def evaluate_run(checkpoint: str | Path | None, datasets: list[str], *, data_dir
             root = find_synthetic_dir(cfg, None if km.exported else km.run_dir)
         # the CoT (used by the oracle diagnostics) in the style the run trained on
         style = cfg.data.cot_style if cfg.data.cot_style in ("equation", "nl") else "equation"
-        records, desc = load_eval_dataset(name, root, hub=hub, cot_style=style)
+        skips = SkipLog()
+        records, desc = load_eval_dataset(name, root, hub=hub, cot_style=style, skips=skips)
         label = dataset_label(name)
         available = len(records)
         if limit:
@@ -232,10 +236,13 @@ def evaluate_run(checkpoint: str | Path | None, datasets: list[str], *, data_dir
         walls = gather_object([s["wall_s"]])
         if state.is_main_process:
             assert len({r["index"] for r in rows}) == len(rows) == len(records), "sharding counted an example twice"
+            for r in rows:  # the index `kava score` reads: the record's place in its file, skipped entries counted
+                rec = records[r["index"]]
+                r["index"] = r["index"] if rec.index is None else rec.index
             summary = summarize(rows, max(walls), s["mode"])
             summary.update({"dataset": label, "description": desc, "hardware": hardware(),
                             "processes": state.num_processes, "checkpoint": str(km.source), "config_hash": cfg.hash(),
-                            "method": cfg.method, "model_kind": km.kind})
+                            "method": cfg.method, "model_kind": km.kind, "skipped": skips.as_dict()})
             if step is not None:
                 summary["checkpoint_step"] = step
             if len(records) < available:
@@ -252,5 +259,9 @@ def evaluate_run(checkpoint: str | Path | None, datasets: list[str], *, data_dir
                   f"{summary['mean_forward_passes']:.1f}; {summary['questions_per_s']:.1f} questions/s")
             for line in format_diagnostics(label, summary):
                 print(line)
+            if skips.total:  # unread questions are not in the accuracy: say so where a warning is looked for
+                print(f"[kava] eval {label}: {skips.summary()}, not evaluated (first: "
+                      f"{'; '.join(ex[0] for ex in skips.examples.values())}); summary.json \"skipped\" counts them",
+                      file=sys.stderr, flush=True)
             print(f"[kava] wrote {out_root / eval_dir_name(label, limit, available, step)}", flush=True)
     return results

@@ -10,9 +10,10 @@ A text with no number gives None, which counts as wrong: nothing is skipped.
 Numbers: ``1,234`` (thousands groups of exactly three; ``1,5`` or ``12,34`` is one malformed number, as for
 the gold answers: `kava.data.readers.normalize_number`), ``$18.00``, ``-3``, ``18.`` (the period ends the
 sentence), ``.5``, ``0.5``, ``1e3`` and ``2.0107e-06`` (scientific notation is accepted because GSM-Hard
-answers come from Python floats and models that imitate them print it), ``50%`` (-> 50). A minus sign
-counts only when it does not follow a word character, so ``5-3`` reads as 5 and 3 and ``pages 10-12``
-ends with 12, not -12.
+answers come from Python floats and models that imitate them print it), ``50%`` (-> 50), and a simple
+fraction ``3/4`` (-> 0.75, the decimal the readers store for a gold ``#### 3/4``; ``1/3``, which has no exact
+decimal, is one malformed number, as such a gold is no number). A minus sign counts only when it does not
+follow a word character, so ``5-3`` reads as 5 and 3 and ``pages 10-12`` ends with 12, not -12.
 
 Digit-string answers (``Record.answer_kind == "digits"``, iCoT's multiplication): the answer is the run of digits
 (single digits separated by whitespace, or adjacent) after the last answer prompt, flexible the last such run
@@ -38,11 +39,13 @@ from kava.data.readers import ANSWER_PROMPT, THOUSANDS_RE
 from kava.data.readers import normalize_number as canonical_number
 from kava.data.records import Record
 
-# sign (not after a word char) | optional "$ " | digits with commas or plain digits, optional fraction | or .5 |
-# exponent. Digits joined by commas are read as one token: 1,234 is a number, 1,5 is one malformed number
-# (None, as `normalize_number` says of a gold 1,5), never 1 followed by 5.
+# sign (not after a word char) | optional "$ " | a simple fraction, or digits with commas or plain digits,
+# optional decimals | or .5 | exponent. Digits joined by commas are read as one token: 1,234 is a number, 1,5 is
+# one malformed number (None, as `normalize_number` says of a gold 1,5), never 1 followed by 5. A fraction is
+# one token too, read as the reader reads a gold one (3/4 -> 0.75, 1/3 -> None); a date 12/25/2020 is not one.
+_FRACTION = r"(?<![\d/])\d+/\d+(?![\d/])"
 _DIGITS = r"(?:\d+(?:,\d+)+|\d+)(?:\.\d+)?|\.\d+"
-NUMBER_RE = re.compile(rf"(?:(?<![\w.])-)?(?:\$\s?)?(?:{_DIGITS})(?:[eE][-+]?\d+)?")
+NUMBER_RE = re.compile(rf"(?:(?<![\w.])-)?(?:\$\s?)?(?:{_FRACTION}|{_DIGITS})(?:[eE][-+]?\d+)?")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -210,10 +213,12 @@ def binomial_stderr(accuracy: float | None, n: int) -> float | None:
 PREDICTION_FIELDS = ("prediction", "generated")  # kava score's own format, and `kava eval`'s predictions.jsonl
 
 
-def read_predictions(pred_path: str | Path, n_records: int, *, subset: bool = False) -> dict[int, str]:
+def read_predictions(pred_path: str | Path, n_records: int, *, subset: bool = False,
+                     expected: Sequence[int] | None = None) -> dict[int, str]:
     """Predictions from JSONL lines ``{"index": int, "prediction": str}`` (or a `kava eval` predictions.jsonl,
     whose text is under ``generated``), as {index: prediction}. Every index is in ``range(n_records)`` and
-    appears once; unless `subset`, every index of that range must appear. Errors name the file, line and index."""
+    appears once; unless `subset`, every index of `expected` (default: that range) must appear. Errors name the
+    file, line and index."""
     path = Path(pred_path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: predictions file not found")
@@ -241,10 +246,11 @@ def read_predictions(pred_path: str | Path, n_records: int, *, subset: bool = Fa
             if idx in preds:
                 raise ValueError(f"{where}: index {idx} duplicated (first on line {first_line[idx]})")
             preds[idx], first_line[idx] = pred, lineno
-    missing = [i for i in range(n_records) if i not in preds]
+    expected = range(n_records) if expected is None else expected
+    missing = [i for i in expected if i not in preds]
     if missing and not subset:
         shown = ", ".join(map(str, missing[:10])) + (", ..." if len(missing) > 10 else "")
-        raise ValueError(f"{path}: predictions missing for {len(missing)} of {n_records} indices: {shown}")
+        raise ValueError(f"{path}: predictions missing for {len(missing)} of {len(expected)} indices: {shown}")
     if not preds:
         raise ValueError(f"{path}: no predictions")
     return dict(sorted(preds.items()))
@@ -264,13 +270,21 @@ def describe_indices(indices: Sequence[int]) -> str:
 
 def score_file(
     pred_path: str | Path, records: Sequence[Record], answer_prompt: str = ANSWER_PROMPT, require_prompt: bool = False,
-    *, subset: bool = False,
+    *, subset: bool = False, skipped: int = 0,
 ) -> dict:
-    """`score_predictions` on a predictions JSONL file (see `read_predictions` for its format). With `subset`,
-    only the indices the file holds are scored (a `kava eval --limit N` file): ``indices`` lists them and
-    ``of`` is the dataset's size."""
-    preds = read_predictions(pred_path, len(records), subset=subset)
-    idx = list(preds)
-    res = score_predictions(list(preds.values()), [records[i] for i in idx], answer_prompt, require_prompt)
-    res.update({"indices": idx, "of": len(records)})
+    """`score_predictions` on a predictions JSONL file (see `read_predictions` for its format). An index is a
+    record's place in its file (`Record.index`, as `kava eval` writes it; its place in `records` for records
+    built by hand), so `skipped` entries the reader left out keep theirs: a prediction for one is listed in
+    ``skipped_predictions``, not scored. With `subset`, only the indices the file holds are scored (a
+    `kava eval --limit N` file): ``indices`` lists them and ``of`` is the number of records."""
+    index = [k if r.index is None else r.index for k, r in enumerate(records)]
+    at = dict(zip(index, records))
+    preds = read_predictions(pred_path, max(len(records) + skipped, max(index, default=-1) + 1), subset=subset,
+                             expected=index)
+    idx = [i for i in preds if i in at]
+    if not idx:
+        raise ValueError(f"{pred_path}: no predictions for the records read (only for skipped ones: "
+                         f"{describe_indices(list(preds))})")
+    res = score_predictions([preds[i] for i in idx], [at[i] for i in idx], answer_prompt, require_prompt)
+    res.update({"indices": idx, "of": len(records), "skipped_predictions": [i for i in preds if i not in at]})
     return res

@@ -43,6 +43,7 @@ class MethodSpec:
     codi: bool  # L_CODI: student vs teacher hidden states at the answer position
     kv: bool  # L_KV: the student's latent KV vs the teacher's compressed CoT KV (`kava.objective.kv_targets`)
     teacher: bool = True  # a teacher pass runs, with its CE term (Coconut trains the student sequence only)
+    title: str = ""  # what the method is, in a few words (the model card's sentence)
     curriculum: str | None = None  # None | "icot" | "coconut": `kava.curriculum` rewrites each step's examples
 
     def __post_init__(self):
@@ -87,14 +88,21 @@ class MethodSpec:
 
 
 SPECS: dict[str, MethodSpec] = {s.name: s for s in (
-    MethodSpec("cot", teacher_cot=True, student=None, codi=False, kv=False),
-    MethodSpec("nocot", teacher_cot=False, student=None, codi=False, kv=False),
-    MethodSpec("icot", teacher_cot=True, student=None, codi=False, kv=False, curriculum="icot"),
-    MethodSpec("pccot", teacher_cot=True, student="jacobi", codi=True, kv=False),
-    MethodSpec("codi", teacher_cot=True, student="sequential", codi=True, kv=False),
+    MethodSpec("cot", teacher_cot=True, student=None, codi=False, kv=False,
+               title="CoT: supervised fine-tuning on the written chain of thought"),
+    MethodSpec("nocot", teacher_cot=False, student=None, codi=False, kv=False,
+               title="No-CoT: supervised fine-tuning on the answer alone"),
+    MethodSpec("icot", teacher_cot=True, student=None, codi=False, kv=False, curriculum="icot",
+               title="iCoT: stepwise internalization, the CoT's tokens removed from the front as training goes on"),
+    MethodSpec("pccot", teacher_cot=True, student="jacobi", codi=True, kv=False,
+               title="PCCoT: parallel continuous chain of thought (Jacobi sweeps over latent tokens)"),
+    MethodSpec("codi", teacher_cot=True, student="sequential", codi=True, kv=False,
+               title="CODI: latent reasoning by self-distillation of the teacher's hidden state"),
     MethodSpec("coconut", teacher_cot=True, student="sequential", codi=False, kv=False, teacher=False,
-               curriculum="coconut"),
-    MethodSpec("kava", teacher_cot=True, student="jacobi", codi=True, kv=True),
+               curriculum="coconut",
+               title="Coconut: continuous thoughts, the CoT's steps replaced stage by stage by hidden states fed back"),
+    MethodSpec("kava", teacher_cot=True, student="jacobi", codi=True, kv=True,
+               title="KaVa: latent reasoning distilled from a compressed KV-cache of the CoT teacher"),
 )}
 
 METHODS: tuple[str, ...] = tuple(SPECS)

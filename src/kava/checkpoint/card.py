@@ -19,13 +19,6 @@ import yaml
 from kava.data.readers import HUB_DATASETS
 
 PAPER = "https://arxiv.org/abs/2510.02312"
-METHODS = {
-    "kava": "KaVa: latent reasoning distilled from a compressed KV-cache of the CoT teacher",
-    "codi": "CODI: latent reasoning by self-distillation of the teacher's hidden state",
-    "pccot": "PCCoT: parallel continuous chain of thought (Jacobi sweeps over latent tokens)",
-    "cot": "CoT: supervised fine-tuning on the written chain of thought",
-    "nocot": "No-CoT: supervised fine-tuning on the answer alone",
-}
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
@@ -99,7 +92,7 @@ def model_card(cfg, *, base: dict | None = None, run_dir: Path | None = None, st
     lines = ["---", yaml.safe_dump(meta, sort_keys=False).rstrip(), "---", "",
              f"# {cfg.preset or cfg.method} ({cfg.method})", "",
              f"Trained with `kava` (the KaVa method and its baselines, [arXiv 2510.02312]({PAPER})): "
-             f"{METHODS.get(cfg.method, cfg.method)}.", "",
+             f"{cfg.spec.title}.", "",
              f"- **Base model:** {base_text}",
              f"- **Method:** `{cfg.method}`" + (f", {cfg.latent.num_latents} latent tokens, {cfg.latent.num_sweeps} "
                                                 f"sweeps" if latent else "") + f"; {fine_tune}",

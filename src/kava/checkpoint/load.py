@@ -28,7 +28,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from kava.checkpoint.export import EXPORT_FILE, PROJECTION_FILE
 from kava.checkpoint.saved import (EXTRA_FILE, CheckpointError, find_checkpoint, has_model, load_extra, load_lm,
-                                   load_saved_lm, resolve_init_dir, run_config, run_dir_of, saved_tokenizer_ids)
+                                   load_saved_lm, read_adapter_config, resolve_init_dir, run_config, run_dir_of,
+                                   saved_tokenizer_ids)
 from kava.checkpoint.state import is_step_checkpoint, load_trainable, tokenizer_identity
 from kava.config import Config, ConfigError, config_from_dict, load_config
 from kava.data.format import SpecialIds, add_special_tokens
@@ -229,6 +230,7 @@ def load_plain(pretrained: str, *, peft: str | None = None, gguf_file: str | Non
 
         if not (Path(peft) / "adapter_config.json").exists():
             raise CheckpointError(f"peft={peft}: no adapter_config.json (not a peft adapter directory)")
+        read_adapter_config(peft)
         lm = PeftModel.from_pretrained(lm, peft).merge_and_unload()
     ids = add_special_tokens(tok)
     if lm.config.pad_token_id is None:
@@ -243,7 +245,7 @@ def load_plain(pretrained: str, *, peft: str | None = None, gguf_file: str | Non
 
 def adapter_base(adapter: Path) -> str:
     """The base model a peft adapter directory names (`base_model_name_or_path` of adapter_config.json)."""
-    base = json.loads((adapter / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    base = read_adapter_config(adapter).get("base_model_name_or_path")
     if not base:
         raise CheckpointError(f"{adapter / 'adapter_config.json'}: no base_model_name_or_path; give the base with "
                               "--model-args pretrained=BASE,peft=ADAPTER")

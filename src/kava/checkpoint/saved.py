@@ -105,6 +105,16 @@ def load_saved_lm(model_dir: Path, **kw):
     return lm
 
 
+def read_adapter_config(model_dir: str | Path) -> dict:
+    """A peft adapter directory's adapter_config.json, read before peft does: a damaged one is an error naming
+    the file (peft's is json's bare "Expecting value: line 1 column 63")."""
+    f = Path(model_dir) / "adapter_config.json"
+    try:
+        return json.loads(f.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{f}: not valid JSON ({e}); the adapter's config is damaged") from None
+
+
 def check_adapter_keys(lm, model_dir: Path) -> None:
     """A LoRA adapter kava saved must hold exactly the adapter tensors of the model (peft only warns)."""
     f = Path(model_dir) / "adapter_model.safetensors"
@@ -228,6 +238,7 @@ def load_lm(ck: str | Path, *, dtype: torch.dtype = torch.float32, merged: bool 
         return load_saved_lm(model_dir, dtype=dtype)
     if not (model_dir / "adapter_model.safetensors").exists():
         raise CheckpointError(f"{model_dir}: no adapter_model.safetensors (kava loads only safetensors checkpoints)")
+    read_adapter_config(model_dir)  # before the base loads
     base = load_base(_base_of(ck, cfg), ck, dtype=dtype)
     lm = PeftModel.from_pretrained(base, model_dir)
     check_adapter_keys(lm, model_dir)

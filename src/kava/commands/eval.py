@@ -12,7 +12,7 @@ A plain model runs in cot (default) or nocot mode with kava's answer prompt; its
 `runs/<name>-<mode>/eval/`, where `kava report runs/` finds them. `--datasets` also takes data files (JSONL,
 JSON, iCoT text: the readers' formats, detected).
 
-Latent runs (pccot, codi, kava) can add diagnostics (docs/method.md §5, `kava.diagnostics`):
+Runs of a latent method (`kava.spec.LATENT_METHODS`) can add diagnostics (docs/method.md §5, `kava.diagnostics`):
 `--latent-ablations zeros,placeholder,shuffle` (accuracy with the latents replaced), `--oracle` (the
 teacher's compressed CoT KV in the latent slots), `--kv-match` (student latent KV vs eviction targets per
 layer), or `--diagnostics` for all three.
@@ -22,6 +22,8 @@ from __future__ import annotations
 
 
 def add_parser(sub) -> None:
+    from kava.spec import LATENT_METHODS
+
     p = sub.add_parser("eval", help="evaluate a trained run on GSM8k / GSM8k-Hard / SVAMP / synthetic splits")
     p.add_argument("--checkpoint",
                    help="run dir (uses best/, else final/), a checkpoint dir (RUN/checkpoints/step_N too), a "
@@ -42,7 +44,7 @@ def add_parser(sub) -> None:
     p.add_argument("--limit", type=int, help="first N questions only (smoke tests); written to eval/<dataset>-limit<N>/")
     p.add_argument("--output", help="where to write results (default RUN_DIR/eval; runs/<name>-<mode>/eval for a "
                                     "plain model)")
-    g = p.add_argument_group("latent diagnostics (pccot, codi, kava runs; docs/method.md §5)")
+    g = p.add_argument_group(f"latent diagnostics ({', '.join(LATENT_METHODS)} runs; docs/method.md §5)")
     g.add_argument("--latent-ablations", metavar="LIST",
                    help="comma list of zeros, placeholder, shuffle (or 'all'): accuracy with the latents replaced")
     g.add_argument("--oracle", action="store_true",
@@ -64,6 +66,12 @@ def run(args) -> int:
         print("kava eval: give --checkpoint DIR or --model-args pretrained=ID_OR_DIR[,peft=ADAPTER] (one of them)",
               file=sys.stderr)
         return 2
+    # 0 would fall back to the default and -1 cut one question off (records[:-1]), silently
+    for flag, v in (("--limit", args.limit), ("--batch-size", args.batch_size),
+                    ("--max-new-tokens", args.max_new_tokens)):
+        if v is not None and v < 1:
+            print(f"kava eval: {flag} must be a positive number, got {v}", file=sys.stderr)
+            return 2
     names = [d.strip() for d in args.datasets.split(",") if d.strip()]
     model_args = parse_model_args(args.model_args) if args.model_args else None
     evaluate_run(args.checkpoint, names, model_args=model_args, data_dir=args.data_dir, hub=args.hub, mode=args.mode,

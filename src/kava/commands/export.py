@@ -8,7 +8,8 @@ def add_parser(sub) -> None:
     p = sub.add_parser("export", help="write a plain Hugging Face model directory from a trained run")
     p.add_argument("checkpoint", metavar="RUN", help="run dir (uses best/, else final/) or a checkpoint dir")
     p.add_argument("--output", required=True, help="new directory to write")
-    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="saved weights (default fp32)")
+    # no argparse `choices`: its refusal is the usage and the error (4 lines); export_model's is one
+    p.add_argument("--dtype", default="fp32", help="saved weights: fp32 (default), bf16 or fp16")
     p.add_argument("--push-to-hub", metavar="REPO", help="then upload the directory to this Hub repository "
                                                          "(created when missing; huggingface_hub's login or HF_TOKEN)")
     p.add_argument("--private", action="store_true", help="with --push-to-hub: create the repository private")

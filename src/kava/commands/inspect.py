@@ -32,12 +32,13 @@ def run(args) -> int:
     import torch
 
     import kava
+    from kava.spec import LATENT_METHODS
     from kava.tools.inspect_latents import inspect_example, most_kept, plot_similarity
 
     km = kava.load(args.checkpoint, device="cuda" if torch.cuda.is_available() else "cpu", dtype=torch.float32)
     model, tok, cfg = km.model, km.tokenizer, km.cfg
     if not cfg.is_latent:
-        print(f"kava inspect: a {cfg.method!r} checkpoint has no latents; use a pccot, codi or kava run",
+        print(f"kava inspect: a {cfg.method!r} checkpoint has no latents; use a run of {', '.join(LATENT_METHODS)}",
               file=sys.stderr)
         return 2
     ins = inspect_example(model, tok, cfg, args.question, args.cot, args.answer, key_space=args.key_space,

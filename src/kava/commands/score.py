@@ -1,9 +1,10 @@
 """`kava score --predictions FILE.jsonl --dataset NAME`: score saved generations without a model.
 
 The predictions file has one ``{"index": int, "prediction": str}`` per line (a `kava eval`
-predictions.jsonl, whose text is under ``generated``, works as is), index into the dataset as
-`load_eval_dataset` orders it. The indices may be a subset (a `kava eval --limit N` run): only those are
-scored, and the output says which. A bad file or dataset is one line on stderr and exit status 2.
+predictions.jsonl, whose text is under ``generated``, works as is), the index being the problem's place in the
+dataset's file, skipped entries counted (`Record.index`, as `kava eval` writes it). The indices may be a subset
+(a `kava eval --limit N` run): only those are scored, and the output says which; predictions for records the
+reader skipped are counted, not scored. A bad file or dataset is one line on stderr and exit status 2.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import sys
 
 from kava.data.readers import ANSWER_PROMPT, load_eval_dataset
+from kava.data.records import SkipLog
 from kava.scoring import describe_indices, score_file
 
 
@@ -26,9 +28,10 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
+    skips = SkipLog()
     try:
-        records, desc = load_eval_dataset(args.dataset, args.data_dir, hub=args.hub)
-        res = score_file(args.predictions, records, args.answer_prompt, subset=True)
+        records, desc = load_eval_dataset(args.dataset, args.data_dir, hub=args.hub, skips=skips)
+        res = score_file(args.predictions, records, args.answer_prompt, subset=True, skipped=skips.total)
     except (ValueError, OSError) as e:  # DataError is a ValueError
         print(f"kava score: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
@@ -37,5 +40,8 @@ def run(args) -> int:
     n, of = res["count"], res["of"]
     print(f"count: {n}" + ("" if n == of else f" of {of} (a subset: indices {describe_indices(res['indices'])}; "
                                               "the accuracy is over these only)"))
+    if res["skipped_predictions"]:
+        print(f"not scored: {len(res['skipped_predictions'])} predictions for records the reader skipped (indices "
+              f"{describe_indices(res['skipped_predictions'])})")
     print(f"dataset: {desc}")
     return 0

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("train", help="train a method (cot, nocot, pccot, codi, kava) from a preset or YAML")
+    from kava.spec import METHODS
+
+    p = sub.add_parser("train", help=f"train a method ({', '.join(METHODS)}) from a preset or YAML")
     p.add_argument("--config", help="preset name (see `kava presets list`) or a YAML path")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set optim.lr=1e-4 (repeatable)")
@@ -46,10 +48,13 @@ def run(args) -> int:
 def resume_plan(run_dir, cfg, overrides: list[str]):
     """What `--resume RUN [--set optim.max_steps=N]` continues: the run's config (None: a finished run, nothing
     to do, said so). `optim.max_steps` is the one key a resume may change: N beyond the run's end extends it
-    (config.yaml rewritten, DONE removed, the LR schedule's end moved to N, said so); any other key is refused."""
+    (config.yaml rewritten, DONE removed, the LR schedule's end moved to N, said so; a run in use is refused
+    before any of that); any other key is refused."""
     import json
+    import os
     from pathlib import Path
 
+    from kava.checkpoint.rundir import RunLock
     from kava.checkpoint.state import latest_checkpoint
     from kava.config import ConfigError, load_config, parse_override, save_config
 
@@ -75,11 +80,17 @@ def resume_plan(run_dir, cfg, overrides: list[str]):
     before = done["steps"] if done else (meta.get("plan") or {}).get("total_steps", cfg.optim.max_steps)
     if new.optim.max_steps <= at:
         raise ConfigError(f"optim.max_steps={new.optim.max_steps}: {run_dir} is already at step {at}; give more steps")
-    save_config(new, run_dir / "config.yaml")
-    (run_dir / "DONE").unlink(missing_ok=True)
-    if meta:
-        meta.setdefault("extended", []).append({"from_steps": before, "to_steps": new.optim.max_steps, "at_step": at})
-        meta_p.write_text(json.dumps(meta, indent=2))
+    # the run's files change only under its lock (a run in use is refused untouched); the main process alone
+    # writes them (no Accelerator yet: RANK is what a launcher sets) and `train` takes the lock again after
+    main = int(os.environ.get("RANK", "0")) == 0
+    with RunLock(run_dir, enabled=main):
+        if main:
+            save_config(new, run_dir / "config.yaml")
+            (run_dir / "DONE").unlink(missing_ok=True)
+            if meta:
+                meta.setdefault("extended", []).append({"from_steps": before, "to_steps": new.optim.max_steps,
+                                                        "at_step": at})
+                meta_p.write_text(json.dumps(meta, indent=2))
     print(f"[kava] extending {run_dir}: optim.max_steps {before} -> {new.optim.max_steps} from step {at}; the LR "
           f"schedule ({new.optim.schedule}, warmup {new.optim.warmup_ratio:g} of the steps) now ends at step "
           f"{new.optim.max_steps}, so the learning rate from step {at} on follows the new schedule", flush=True)

@@ -107,6 +107,7 @@ def read_multiplication(path: str | Path, lines: Iterable[tuple[int, str]], skip
     out: list[Record] = []
     if limit == 0:
         return out
+    start = skips.total  # Record.index: the line's place among the entries, skipped ones counted
     for lineno, line in lines:
         where = f"{path}:{lineno}"
         m = LINE_RE.fullmatch(line.strip())
@@ -119,7 +120,7 @@ def read_multiplication(path: str | Path, lines: Iterable[tuple[int, str]], skip
             skips.skip("answer is not A x B with 2n digits", where)
             continue
         out.append(Record(question=f"{qa} * {qb}", steps=split_cot(cot), answer=ans, source=where,
-                          answer_kind="digits"))
+                          answer_kind="digits", index=len(out) + skips.total - start))
         if limit is not None and len(out) >= limit:
             break
     return out

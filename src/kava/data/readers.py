@@ -18,7 +18,7 @@ import math
 import os
 import re
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from decimal import Decimal, localcontext
 from fractions import Fraction
 from pathlib import Path
@@ -286,6 +286,12 @@ def _check_file(path: str | Path) -> Path:
     return p
 
 
+def _placed(rec: Record, out: list[Record], skips: SkipLog, skipped_before: int) -> Record:
+    """`rec` with its `Record.index`: each entry before it is a record in `out` or one skip counted since the
+    reader started (`skipped_before` = the count then), whichever line, element or row it was."""
+    return replace(rec, index=len(out) + skips.total - skipped_before)
+
+
 def _finish(records: list[Record], where: str, skips: SkipLog, limit: int | None) -> list[Record]:
     if not records and limit != 0:
         extra = f" ({skips.summary()})" if skips.total else ""
@@ -376,24 +382,37 @@ def _read_objects(
     if limit == 0:
         _check_file(path)
         return out
+    start = skips.total
     for where, obj in iter_json_objects(path, skips):
         rec = parser(obj, where, skips, **opts)
         if rec is not None:
-            out.append(rec)
+            out.append(_placed(rec, out, skips, start))
             if limit is not None and len(out) >= limit:
                 break
     return _finish(out, str(path), skips, limit)
 
 
-def icot_separator(line: str) -> int | None:
-    """Where an iCoT line's ``||`` between question and CoT is: the last ``||`` before the CoT (its first
-    ``<<`` equation, else its ``####``), so that a question may contain ``||`` itself
-    (``Q d || with bars?||<<1+2=3>> #### 3`` -> question ``Q d || with bars?``). None: no separator (counted
-    as "missing ||")."""
+def icot_separator(line: str) -> tuple[int | None, str | None]:
+    """(where an iCoT line's ``||`` between question and CoT is, None), or (None, the skip reason).
+
+    With an equation CoT the separator is the last ``||`` before its first ``<<``, so that a question may
+    contain ``||`` (``Q d || with bars?||<<1+2=3>> #### 3`` -> question ``Q d || with bars?``); a ``||`` after
+    it is in the CoT ("|| in the CoT"), and a ``<<`` before every ``||`` is in the question ("<< in the
+    question"). A natural-language CoT has no mark where it starts: a second ``||`` could be the question's or
+    the CoT's ("|| more than once in a natural-language line"; iCoT's own reader, which keeps only lines with
+    exactly one ``||``, drops these too). A ``||`` after ``####`` does not count ("missing ||")."""
     end = line.find("####")
-    end = len(line) if end < 0 else end
-    eq = line.find("<<", 0, end)
-    return None if (i := line.rfind("||", 0, end if eq < 0 else eq)) < 0 else i
+    head = line if end < 0 else line[:end]
+    bars = head.count("||")
+    if bars == 0:
+        return None, "missing ||"
+    eq = head.find("<<")
+    if eq < 0:
+        return (head.find("||"), None) if bars == 1 else (None, "|| more than once in a natural-language line")
+    i = head.rfind("||", 0, eq)
+    if i < 0:
+        return None, "<< in the question"
+    return (i, None) if "||" not in head[i + 2:] else (None, "|| in the CoT")
 
 
 def read_icot(path: str | Path, skips: SkipLog | None = None, limit: int | None = None) -> list[Record]:
@@ -403,11 +422,12 @@ def read_icot(path: str | Path, skips: SkipLog | None = None, limit: int | None 
     out: list[Record] = []
     if limit == 0:
         return out
+    start = skips.total
     for lineno, line in _iter_lines(p, skips):
         where = f"{path}:{lineno}"
-        sep = icot_separator(line)
+        sep, why = icot_separator(line)
         if sep is None:
-            skips.skip("missing ||", where)
+            skips.skip(why, where)
             continue
         question, rest = line[:sep], line[sep + 2:]
         parts = _split_hashes(rest, where, skips)
@@ -415,7 +435,7 @@ def read_icot(path: str | Path, skips: SkipLog | None = None, limit: int | None 
             continue
         rec = _make_record(question, split_cot(parts[0]), parts[1], where, skips)
         if rec is not None:
-            out.append(rec)
+            out.append(_placed(rec, out, skips, start))
             if limit is not None and len(out) >= limit:
                 break
     return _finish(out, str(path), skips, limit)
@@ -551,7 +571,7 @@ def records_from_rows(
             continue
         rec = parser(row, where, skips, **opts)
         if rec is not None:
-            out.append(rec)
+            out.append(replace(rec, index=i))
             if limit is not None and len(out) >= limit:
                 break
     return _finish(out, where_prefix, skips, limit)

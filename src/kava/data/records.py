@@ -24,6 +24,9 @@ class Record:
     source: where it came from, ``"<file or hub id>:<line or index>"``, for error messages and analysis.
     answer_kind: how a generated answer is scored (`kava.scoring.ANSWER_KINDS`): ``"number"`` (numeric match) or
         ``"digits"`` (exact match of the digit sequence: iCoT's multiplication, `kava.data.multiplication`).
+    index: its place among the entries of its file or hub split, 0-based, skipped entries counted (a JSON
+        array's element, a text file's non-blank line): the index `kava eval` writes and `kava score` reads.
+        None for a record built by hand; not part of equality.
     """
 
     question: str
@@ -31,6 +34,7 @@ class Record:
     answer: str
     source: str = ""
     answer_kind: str = "number"
+    index: int | None = field(default=None, compare=False)
 
 
 class DataError(ValueError):

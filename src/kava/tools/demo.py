@@ -33,7 +33,6 @@ STAGES = {
     "nocot": ("nocot", ["optim.max_steps=64", "optim.lr=1e-3", "run.eval_every=64"]),
     "kava": ("kava", ["optim.max_steps=64", "optim.lr=1e-3", "run.eval_every=64", "data.drop_last_step=true"]),
 }
-EVAL_MODE = {"backbone": "cot", "nocot": "nocot", "kava": "latent"}
 
 
 def stage_config(name: str, out: Path, extra: list[str]):
@@ -68,10 +67,11 @@ def run_demo(output: str | Path = "runs/demo", extra: list[str] | None = None, e
             kava.train.train(cfg, resume=resume, progress=progress)
             print(f"[demo] {name}: trained in {time.perf_counter() - ts:.0f}s", flush=True)
         data_dir = synthetic_dir(cfg, out / "_data")
-        diag = DiagnosticsSpec(ablations=("zeros",)) if EVAL_MODE[name] == "latent" else None
-        res = kava.evaluate.evaluate_run(str(rd), ["synth-test"], data_dir=str(data_dir), mode=EVAL_MODE[name],
+        mode = cfg.spec.eval_mode
+        diag = DiagnosticsSpec(ablations=("zeros",)) if mode == "latent" else None
+        res = kava.evaluate.evaluate_run(str(rd), ["synth-test"], data_dir=str(data_dir), mode=mode,
                            limit=eval_limit, progress=progress, diagnostics=diag)["synth-test"]
-        rows.append({"run": name, "method": cfg.method, "mode": EVAL_MODE[name], **res})
+        rows.append({"run": name, "method": cfg.method, "mode": mode, **res})
     report = write_report([str(out / n) for n in STAGES], out / "report", group_by="preset")
     wall = time.perf_counter() - t0
     print(f"\nKaVa demo: synthetic multi-step arithmetic, test split ({rows[0]['description']})")

@@ -130,7 +130,7 @@ def _dataset_key(ds: str) -> tuple[int, str]:
 
 
 def aggregate(run_dirs: list[str | Path], group_by: str = "preset") -> list[dict]:
-    """One row per group, ordered nocot, cot, pccot, codi, kava, then others.
+    """One row per group, in the methods' order (`kava.spec.report_order`), then others.
 
     Row: ``group, method, preset, train_data, runs, seeds, notes`` and ``datasets[ds]`` with
     ``accuracy`` and ``accuracy_flexible`` (mean, std in %, std None for n=1), ``n``,

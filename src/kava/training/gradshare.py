@@ -108,9 +108,10 @@ def _metrics(names, norms: dict[str, float], total_norm: float, dots: dict[str, 
 
 def grad_share_due(cfg, done_steps: int) -> bool:
     """Whether optimizer step `done_steps` (1-based) measures gradient shares: every `run.grad_share_every`
-    steps, for methods with more than one loss term (pccot, codi, kava)."""
+    steps, for methods with more than one loss term (`kava.spec.MethodSpec.terms`; not Coconut, a latent
+    method with one term)."""
     every = cfg.run.grad_share_every
-    return bool(every) and cfg.is_latent and done_steps % every == 0
+    return bool(every) and len(cfg.spec.terms) > 1 and done_steps % every == 0
 
 
 def grad_share_micro(cfg, done_steps: int, num_micro: int) -> int:

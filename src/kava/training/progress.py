@@ -30,7 +30,8 @@ def plan_lines(cfg, plan, *, run_dir: Path, world: int, data_desc: str, train_de
     fine_tune = f"LoRA r={cfg.lora.r}" if cfg.lora is not None else "full fine-tuning"
     return [
         f"  run dir:          {run_dir}",
-        f"  method:           {cfg.method} ({fine_tune})",
+        f"  method:           {cfg.method} ({fine_tune})"
+        + (f"; derived: {', '.join(cfg.derived)}" if cfg.derived else ""),
         f"  model:            {describe_model(cfg)}",
         f"  data:             {data_desc}",
         f"  train:            {train_desc}",
