@@ -334,4 +334,6 @@ def test_batched_tokenization_equals_one_record_at_a_time(tok, chunk, data_dir):
         batched = fmt.tokenize_all(recs, s1, chunk=chunk)
         single = [t for t in (fmt.tokenize(r, i, s2) for i, r in enumerate(recs)) if t is not None]
         assert batched == single and s1.as_dict() == s2.as_dict()
+        assert fmt.tokenize_all(recs, SkipLog(), need_answer=False, chunk=chunk) == [
+            t for t in (fmt.tokenize(r, i, SkipLog(), need_answer=False) for i, r in enumerate(recs)) if t is not None]
     assert 0 < s1.total < len(recs) - 5  # the limits cut some, not all

@@ -121,4 +121,5 @@ def spec_of(method: str) -> MethodSpec:
 def report_order() -> tuple[str, ...]:
     """The order of methods in tables: answer-only baselines, then written CoT, then the latent methods (each
     group in table order)."""
-    return tuple(sorted(METHODS, key=lambda m: (SPECS[m].latent, SPECS[m].teacher_cot, SPECS[m].curriculum is not None)))
+    return tuple(sorted(METHODS, key=lambda m: (SPECS[m].latent, SPECS[m].teacher_cot,
+                                                not SPECS[m].latent and SPECS[m].curriculum is not None)))

@@ -184,7 +184,8 @@ class Formatter:
             self._blank_ids[token] = not self.tok.decode([token]).strip()
         return self._blank_ids[token]
 
-    def tokenize_all(self, records: list[Record], skips: SkipLog, *, chunk: int = 4096) -> list[Tokenized]:
+    def tokenize_all(self, records: list[Record], skips: SkipLog, *, need_answer: bool = True,
+                     chunk: int = 4096) -> list[Tokenized]:
         """`tokenize` of every record (the skipped ones left out and counted), with the question, CoT and answer
         texts of `chunk` records tokenised in one batched call each: the same ids as one record at a time
         (tests/test_format.py), several times faster on large training sets."""
@@ -194,10 +195,10 @@ class Formatter:
             steps = [self.cot_steps(r.steps) for r in recs]
             qs = self._enc_batch([r.question.strip() for r in recs])
             cs = self._enc_batch([" " + " ".join(st) if st else "" for st in steps])
-            ans = self._enc_batch([" " + r.answer.strip() for r in recs])
+            ans = self._enc_batch([" " + r.answer.strip() for r in recs]) if need_answer else None
             for k, r in enumerate(recs):
                 t = self._segments(r, start + k, skips, self.question_ids(r.question, qs[k]), cs[k],
-                                   ans[k] + [self.ids.eos], steps[k])
+                                   ans[k] + [self.ids.eos] if need_answer else [], steps[k])
                 if t is not None:
                     out.append(t)
         return out
