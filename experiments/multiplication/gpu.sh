@@ -31,7 +31,8 @@ start)
   # CUDA MPS lets the jobs' small kernels run side by side instead of time-sliced; used only if it works here
   if command -v nvidia-cuda-mps-control >/dev/null; then
     export CUDA_MPS_PIPE_DIRECTORY=$S/mps/pipe CUDA_MPS_LOG_DIRECTORY=$S/mps/log
-    mkdir -p $CUDA_MPS_PIPE_DIRECTORY $CUDA_MPS_LOG_DIRECTORY && nvidia-cuda-mps-control -d && sleep 2
+    # the daemon must not hold this call's output open (a `| tail` on the call then waits for it until the limit)
+    mkdir -p $CUDA_MPS_PIPE_DIRECTORY $CUDA_MPS_LOG_DIRECTORY && nvidia-cuda-mps-control -d >/dev/null 2>&1 </dev/null && sleep 2
     if timeout 60 python3 -c "import torch; x = torch.randn(64, 64, device='cuda'); print(float((x @ x).sum()))"; then
       echo "MPS: on"; else echo quit | nvidia-cuda-mps-control; unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY; echo "MPS: off"; fi
   fi
