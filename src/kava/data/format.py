@@ -409,12 +409,16 @@ def build_teacher_batch(items: list[Tokenized], ids: SpecialIds, *, with_cot: bo
     t_ids = torch.full((B, S), ids.pad, dtype=torch.long)
     mask = torch.zeros((B, S), dtype=torch.long)
     targets = torch.full((B, S), IGNORE, dtype=torch.long)
+    rows, tcols, tvals = [], [], []  # one indexed write for all labels (per-element writes cost ms per step)
     for b, (s, l, cols) in enumerate(zip(seqs, lab, col_of)):
         t_ids[b, cols] = torch.tensor(s)
         mask[b, cols] = 1
-        for k in range(len(s) - 1):  # the column of each real token predicts the next real token
-            if l[k + 1]:
-                targets[b, cols[k]] = s[k + 1]
+        ks = [k for k in range(len(s) - 1) if l[k + 1]]  # the column of each real token predicts the next one
+        rows += [b] * len(ks)
+        tcols += [cols[k] for k in ks]
+        tvals += [s[k + 1] for k in ks]
+    targets[torch.tensor(rows, dtype=torch.long), torch.tensor(tcols, dtype=torch.long)] = \
+        torch.tensor(tvals, dtype=torch.long)
     cot_cols = [[cols[k] for k in ks] for cols, ks in zip(col_of, cot_k)]
     q_cols = [[cols[k] for k in ks] for cols, ks in zip(col_of, q_k)]
     cot_valid = pad_rows([[1] * len(c) for c in cot_cols], C, 0).bool()
@@ -463,18 +467,23 @@ def build_student_batch(items: list[Tokenized], ids: SpecialIds, num_latents: in
     lat_mask = pad_rows([[1] * c for c in counts], M, 0)
     mask = torch.cat([q_mask, torch.ones(B, 1, dtype=torch.long), lat_mask, a_mask], 1)
     targets = torch.full_like(s_ids, IGNORE)
-    p_last = []
+    p_last, rows, tcols, tvals = [], [], [], []  # the labels, written in one indexed assignment
     for b, it in enumerate(items):
         cot = it.cot if with_cot else []
-        for j, tok in enumerate(cot):  # column Qb + M (<eot>) predicts the first CoT token
-            targets[b, Qb + M + j] = tok
+        # column Qb + M (<eot>) predicts the first CoT token; the prompt is labelled like the teacher's when the
+        # CoT is (Coconut), whether steps remain or not; column start - 1 predicts the first answer token
+        labelled = cot + (it.prompt if with_cot else [])
         start = Qb + M + 1 + len(cot) + len(it.prompt)  # first answer column
-        for j, tok in enumerate(it.prompt if with_cot else []):  # labelled like the teacher's, CoT or not
-            targets[b, Qb + M + len(cot) + j] = tok
+        rows += [b] * len(labelled)
+        tcols += range(Qb + M, Qb + M + len(labelled))
+        tvals += labelled
         p_last.append(start - 1)
         if with_answer:
-            for j, tok in enumerate(it.answer):
-                targets[b, start - 1 + j] = tok
+            rows += [b] * len(it.answer)
+            tcols += range(start - 1, start - 1 + len(it.answer))
+            tvals += it.answer
+    targets[torch.tensor(rows, dtype=torch.long), torch.tensor(tcols, dtype=torch.long)] = \
+        torch.tensor(tvals, dtype=torch.long)
     label_idx, label_tgt = _labels(targets[:, Qb + M:], B * Ab if widths is not None and widths.static else None)
     return StudentBatch(s_ids, mask, positions(mask), targets, torch.tensor(p_last),
                         codi_columns(items, p_last, codi_position), Qb, M, label_idx, label_tgt)
