@@ -202,3 +202,38 @@ def test_train_and_eval_end_to_end(method, tmp_path):
     assert all(r["correct"] == answer_matches(r["extracted"], r["gold"], "digits") for r in rows)
     done = json.loads((rd / "DONE").read_text())
     assert ("curriculum" in done["best"]) == (method == "icot")
+
+
+def _driver():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "experiments" / "multiplication" / "driver.py"
+    spec = importlib.util.spec_from_file_location("mult_driver", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_driver_jobs_are_valid_configs_and_pack_keeps_no_weights(tmp_path, data_dir):
+    """Every job of experiments/multiplication/driver.py resolves to a valid config (a typo in a job costs device
+    time otherwise), and `pack` keeps the run files but no weights or data."""
+    d = _driver()
+    for name, (preset, _) in d.JOBS.items():
+        cfg = load_config(preset, d.job_sets(name, data_dir, tmp_path, 42, []))
+        assert cfg.data.synth_task == "multiplication" and cfg.run.name == f"{name}-s42"
+        assert cfg.data.valid_source.endswith("valid.txt") and len(cfg.data.synth_exclude) == 2
+    assert set(d.expand("gate,icot")) == {"cot4", "nocot4", "cot5", "nocot5", "cot5-6l", "nocot5-6l", "icot4", "icot5"}
+    run = tmp_path / "out" / "runs" / "cot4-s42"
+    for f in ("config.yaml", "metrics.jsonl", "eval/mult4-test/summary.json", "best/model/model.safetensors",
+              "checkpoints/step_5/state.json", "checkpoints/step_5/model.safetensors", "DONE"):
+        (run / f).parent.mkdir(parents=True, exist_ok=True)
+        (run / f).write_text("x")
+    (tmp_path / "out" / "runs" / "_data" / "mult4").mkdir(parents=True)
+    (tmp_path / "out" / "runs" / "_data" / "mult4" / "train.txt").write_text("x")
+    import argparse
+    import tarfile
+
+    d.pack(argparse.Namespace(out=str(tmp_path / "out"), tar=str(tmp_path / "r.tgz")))
+    names = set(tarfile.open(tmp_path / "r.tgz").getnames())
+    assert names == {f"runs/cot4-s42/{f}" for f in ("config.yaml", "metrics.jsonl", "eval/mult4-test/summary.json",
+                                                       "checkpoints/step_5/state.json", "DONE")}

@@ -42,8 +42,20 @@ JOBS: dict[str, tuple[str, list[str]]] = {
     # tokens_per_epoch 40 removes a token every 158 steps (4x4's 46 CoT tokens in ~7.3k steps).
     "icot4": ("mult4_scratch", ["method=icot", "icot.tokens_per_epoch=40"]),
     "icot5": ("mult5_scratch", ["method=icot", "icot.tokens_per_epoch=40"]),
+    # iCoT at the official per-sample rate (8 tokens per 808k samples), after the 2026-12-06 lease (each removal
+    # cost 10-50 validation points at lr 3e-4 with an AdamW reset): batch 512 (a token every 197 steps, so
+    # 4x4's 46 tokens take ~9k steps), and the suspects one at a time: the lr, the resets, the start
+    "icot4-b512": ("mult4_scratch", ["method=icot", "icot.tokens_per_epoch=8", "optim.effective_batch=512",
+                                     "optim.micro_batch=512", "optim.lr=3e-4"]),
+    "icot4-b512-lr1e4": ("mult4_scratch", ["method=icot", "icot.tokens_per_epoch=8", "optim.effective_batch=512",
+                                           "optim.micro_batch=512", "optim.lr=1e-4"]),
+    "icot4-b512-noreset": ("mult4_scratch", ["method=icot", "icot.tokens_per_epoch=8", "optim.effective_batch=512",
+                                             "optim.micro_batch=512", "optim.lr=3e-4", "icot.reset_optimizer=false"]),
+    "icot5-b512-lr1e4": ("mult5_scratch", ["method=icot", "icot.tokens_per_epoch=8", "optim.effective_batch=512",
+                                           "optim.micro_batch=512", "optim.lr=1e-4"]),
 }
-GROUPS = {"gate": ["cot4", "nocot4", "cot5", "nocot5", "cot5-6l", "nocot5-6l"], "icot": ["icot4", "icot5"]}
+GROUPS = {"gate": ["cot4", "nocot4", "cot5", "nocot5", "cot5-6l", "nocot5-6l"], "icot": ["icot4", "icot5"],
+          "icot-next": ["icot4-b512", "icot4-b512-lr1e4", "icot4-b512-noreset", "icot5-b512-lr1e4"]}
 COMMON = ["optim.max_steps=20000", "run.eval_every=500", "run.save_every=500"]
 
 
