@@ -232,3 +232,31 @@ def test_init_from_the_lora_run(runs, smol_dir, data_dir):
                                                              "path": str((runs / "kava" / "final").resolve())}
     m = kava.load(runs / "child")
     assert m.method == "pccot" and len(m.generate(["What is 2 plus 3?"])[0].token_ids) >= 1
+
+
+def test_multiplication_tokens_on_the_real_tokenizer(smol_dir, data_dir, tmp_path):
+    """SmolLM2 splits each digit but keeps the space apart (' 5' is 'Ġ' '5'): the published spaced lines cost two
+    tokens per digit. With `data.mult_compact` every digit and symbol is one token (a CoT's ')+' is one token for
+    two symbols), plus the answer's leading space; a batch equals one record at a time, and Coconut's step
+    boundaries stay exact."""
+    from kava.checkpoint.load import load_tokenizer
+    from kava.data.format import Formatter
+    from kava.data.readers import load_records
+    from kava.data.records import SkipLog
+
+    tok = load_tokenizer(load_config("smollm2_gsm8k", overrides(smol_dir, data_dir, tmp_path)))
+    recs = load_records(data_dir / "multiplication" / "5x5" / "valid.txt", limit=50)
+    lim = {"max_answer_tokens": 64, "max_cot_tokens": 512}
+    spaced = Formatter(tok, answer_prompt="####", drop_last_step=False, **lim)
+    compact = Formatter(tok, answer_prompt="####", drop_last_step=False, compact_digits=True, with_steps=True, **lim)
+    for r in recs:
+        n_q, n_c, n_a = (len(r.question.split()), sum(len(st.split()) for st in r.steps), len(r.answer.split()))
+        s, c = spaced.tokenize(r), compact.tokenize(r)
+        assert (len(s.question) - 1, len(s.answer) - 1) == (2 * n_q - 2, 2 * n_a)  # BOS, eos aside; " *" is one
+        assert len(c.question) - 1 == n_q and len(c.answer) - 1 == n_a + 1 and c.answer_lead == 1
+        assert n_c - n_c // 8 <= len(c.cot) <= n_c + 1
+        assert tok.decode(c.answer[1:-1]) == r.answer.replace(" ", "")
+        steps = compact.texts(r)[1]
+        for j, end in enumerate(c.step_ends):
+            assert c.cot[:end] == compact._enc(" " + " ".join(steps[:j + 1]))
+    assert compact.tokenize_all(recs, SkipLog(), chunk=7) == [compact.tokenize(r, i) for i, r in enumerate(recs)]

@@ -162,6 +162,9 @@ class DataConfig:
     synth_seed: int = 0
     synth_num_symbols: int = 20  # pointer task: N, the symbols 10 .. 10+N-1 (chance 1/N)
     synth_digits: int = 4  # multiplication: digits of each operand
+    # multiplication: tokenise its lines without spaces (5632*7434||55561+006490(551111)...), one token per digit
+    # and symbol for tokenizers that split digits but keep the space apart (SmolLM2, Qwen2.5)
+    mult_compact: bool = False
     # multiplication: files (any readers' format) whose questions no generated split may hold, e.g. the
     # published valid and test sets
     synth_exclude: list[str] = field(default_factory=list)

@@ -86,11 +86,12 @@ class Formatter:
 
     def __init__(self, tokenizer, *, answer_prompt: str = "The answer is:", drop_last_step: bool = True,
                  max_question_tokens: int = 256, max_cot_tokens: int = 256, max_answer_tokens: int = 16,
-                 with_steps: bool = False):
+                 with_steps: bool = False, compact_digits: bool = False):
         """with_steps: also find where each CoT step ends (`Tokenized.step_ends`, for Coconut; one more
         tokenisation per step)."""
         self.tok = tokenizer
         self.with_steps = with_steps
+        self.compact_digits = compact_digits
         self.ids = special_ids(tokenizer)
         self.drop_last_step = drop_last_step
         self.max_q, self.max_c, self.max_a = max_question_tokens, max_cot_tokens, max_answer_tokens
@@ -109,7 +110,8 @@ class Formatter:
         return cls(tokenizer, answer_prompt=d.answer_prompt,
                    drop_last_step=d.drop_last_step if drop_last_step is None else drop_last_step,
                    max_question_tokens=lim[0], max_cot_tokens=lim[1], max_answer_tokens=lim[2],
-                   with_steps=limits and cfg.spec.curriculum == "coconut")  # training only
+                   with_steps=limits and cfg.spec.student_cot,  # training only: Coconut's step boundaries
+                   compact_digits=d.mult_compact)
 
     def _enc(self, text: str) -> list[int]:
         return self.tok(text, add_special_tokens=False)["input_ids"] if text else []
@@ -144,14 +146,23 @@ class Formatter:
         bos = [self.ids.bos] if self.ids.bos is not None else []
         return bos + (self._enc(question.strip()) if ids is None else ids)
 
+    def texts(self, rec: Record) -> tuple[str, list[str], str]:
+        """(question, CoT steps, answer) as they are tokenised: the steps trained on (`cot_steps`), and with
+        `compact_digits` a digit-string record (multiplication) written without spaces (``5632*7434``), so that a
+        tokenizer that splits digits but keeps spaces apart (SmolLM2, Qwen2.5) spends one token per digit."""
+        q, steps, a = rec.question.strip(), self.cot_steps(rec.steps), rec.answer.strip()
+        if self.compact_digits and rec.answer_kind == "digits":
+            q, a, steps = q.replace(" ", ""), a.replace(" ", ""), [st.replace(" ", "") for st in steps]
+        return q, steps, a
+
     def tokenize(self, rec: Record, index: int = 0, skips: SkipLog | None = None, *,
                  need_answer: bool = True) -> Tokenized | None:
         """Segments of one record, or None (and a counted skip) when a limit is exceeded."""
-        steps = self.cot_steps(rec.steps)
+        q, steps, ans = self.texts(rec)
         cot_text = " ".join(steps)
         c = self._enc(" " + cot_text) if cot_text else []
-        a = (self._enc(" " + rec.answer.strip()) + [self.ids.eos]) if need_answer else []
-        return self._segments(rec, index, skips, self.question_ids(rec.question), c, a, steps)
+        a = (self._enc(" " + ans) + [self.ids.eos]) if need_answer else []
+        return self._segments(rec, index, skips, self.question_ids(q), c, a, steps)
 
     def _segments(self, rec: Record, index: int, skips: SkipLog | None, q: list[int], c: list[int], a: list[int],
                   steps: list[str]) -> Tokenized | None:
@@ -192,12 +203,13 @@ class Formatter:
         out = []
         for start in range(0, len(records), chunk):
             recs = records[start:start + chunk]
-            steps = [self.cot_steps(r.steps) for r in recs]
-            qs = self._enc_batch([r.question.strip() for r in recs])
+            texts = [self.texts(r) for r in recs]
+            steps = [st for _, st, _ in texts]
+            qs = self._enc_batch([q for q, _, _ in texts])
             cs = self._enc_batch([" " + " ".join(st) if st else "" for st in steps])
-            ans = self._enc_batch([" " + r.answer.strip() for r in recs]) if need_answer else None
+            ans = self._enc_batch([" " + a for _, _, a in texts]) if need_answer else None
             for k, r in enumerate(recs):
-                t = self._segments(r, start + k, skips, self.question_ids(r.question, qs[k]), cs[k],
+                t = self._segments(r, start + k, skips, self.question_ids(texts[k][0], qs[k]), cs[k],
                                    ans[k] + [self.ids.eos] if need_answer else [], steps[k])
                 if t is not None:
                     out.append(t)
