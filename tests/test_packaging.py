@@ -36,7 +36,7 @@ def test_wheel_in_a_fresh_venv_lists_the_presets(tmp_path):
     env["PIP_DISABLE_PIP_VERSION_CHECK"] = "1"
     run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-q",
          "-w", str(tmp_path / "dist"), str(src)], env=env)
-    (wheel,) = (tmp_path / "dist").glob("kava-*.whl")
+    (wheel,) = (tmp_path / "dist").glob("kava_latent-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     shipped = {Path(n).stem for n in names if n.startswith("kava/configs/") and n.endswith(".yaml")}
     assert set(PAPER_TABLE) <= shipped

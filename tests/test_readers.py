@@ -387,7 +387,7 @@ def test_read_hub_uses_schema_and_config(monkeypatch):
 
 def test_read_hub_without_datasets(monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", None)  # makes `import datasets` raise ImportError
-    with pytest.raises(ImportError, match=re.escape("pip install kava[hub]")):
+    with pytest.raises(ImportError, match=re.escape("pip install 'kava-latent[hub]'")):
         read_hub("whynlp/gsm8k-aug", "train")
 
 

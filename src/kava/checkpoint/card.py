@@ -116,7 +116,7 @@ def model_card(cfg, *, base: dict | None = None, run_dir: Path | None = None, st
         if latent:
             lines += ["Latent reasoning needs kava (the projection is in `kava_projection.safetensors`, M, T and "
                       "the answer prompt in `kava.json`):", ""]
-    lines += ["```python", "import kava   # pip install kava",
+    lines += ["```python", "import kava   # pip install kava-latent",
               f'model = kava.load("{"THIS_DIR" if exported else "RUN_DIR"}")',
               'print(model.generate(["Tom has 3 apples and buys 4 more. How many?"])[0].answer)', "```", ""]
     if not exported:

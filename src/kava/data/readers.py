@@ -605,7 +605,7 @@ def read_hub(
     except ImportError as e:
         raise ImportError(
             f"reading {hub_id!r} from the Hugging Face Hub needs the optional `datasets` package: "
-            "pip install kava[hub]"
+            "pip install 'kava-latent[hub]'"
         ) from e
     known_schema, known_config = HUB_DATASETS.get(hub_id.lower(), (None, None))
     config = config if config is not None else known_config
