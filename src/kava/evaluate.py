@@ -22,6 +22,7 @@ from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
 from kava.checkpoint.load import Loaded, load_any, load_plain
+from kava.checkpoint.rundir import RunDir, read_state
 from kava.data.format import Formatter
 from kava.data.pipeline import find_synthetic_dir
 from kava.data.readers import check_eval_sets, is_data_file, load_eval_dataset
@@ -176,8 +177,8 @@ def default_eval_root(km, mode: str) -> Path:
     """Where `kava eval` writes without --output: `RUN/eval` for a kava run or export; for a plain model (or
     adapter) `runs/<name>-<mode>/eval`, beside kava's runs, with a meta.json that `kava report runs/` reads."""
     if km.kind != "plain":
-        return km.run_dir / "eval"
-    return Path("runs") / f"{_slug(km.source.name if km.source.exists() else str(km.source))}-{mode}" / "eval"
+        return RunDir(km.run_dir).eval
+    return RunDir(Path("runs") / f"{_slug(km.source.name if km.source.exists() else str(km.source))}-{mode}").eval
 
 
 def evaluate_run(checkpoint: str | Path | None, datasets: list[str], *, data_dir=None, hub: bool = False, mode=None,
@@ -209,7 +210,7 @@ def evaluate_run(checkpoint: str | Path | None, datasets: list[str], *, data_dir
     else:
         km = load_any(checkpoint, device=state.device, mode=mode)
     cfg = km.cfg
-    step = json.loads((km.source / "state.json").read_text())["step"] if km.kind == "step" else None
+    step = read_state(km.source)["step"] if km.kind == "step" else None
     out_root = Path(output) if output else default_eval_root(km, mode or cfg.spec.eval_mode)
     results = {}
     for name in datasets:
@@ -249,7 +250,7 @@ def evaluate_run(checkpoint: str | Path | None, datasets: list[str], *, data_dir
                 summary["limit"] = limit
             write_eval(out_root / eval_dir_name(label, limit, available, step), rows, summary)
             if km.kind == "plain" and not output:  # `kava report runs/` lists the base model beside the runs
-                (out_root.parent / "meta.json").write_text(json.dumps({
+                RunDir(out_root.parent).meta.write_text(json.dumps({
                     "method": cfg.method, "preset": out_root.parent.name, "train_data": "none (not trained by kava)",
                     "model": str(km.source)}, indent=2))
             results[label] = summary

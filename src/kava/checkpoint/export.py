@@ -24,8 +24,9 @@ from transformers import AutoTokenizer
 
 from kava import __version__
 from kava.checkpoint.card import model_card
-from kava.checkpoint.saved import (BASE_FILE, EXTRA_FILE, CheckpointError, find_checkpoint, load_lm, run_config,
-                                   run_dir_of, saved_tokenizer_ids)
+from kava.checkpoint.rundir import run_dir_of
+from kava.checkpoint.saved import (BASE_FILE, EXTRA_FILE, META_FILE, CheckpointError, find_checkpoint, load_lm,
+                                   run_config, saved_tokenizer_ids)
 from kava.data.format import Formatter
 from kava.model import capture
 
@@ -129,7 +130,7 @@ def export_model(run_or_ckpt: str | Path, output: str | Path, *, dtype: torch.dt
         (out / stale).unlink(missing_ok=True)
     save_file({k[5:]: v.contiguous() for k, v in extra.items() if k.startswith("proj.")} or {},
               str(out / PROJECTION_FILE), metadata={"format": "pt"})
-    meta = json.loads((ck / "meta.json").read_text()) if (ck / "meta.json").exists() else {}
+    meta = json.loads((ck / META_FILE).read_text()) if (ck / META_FILE).exists() else {}
     settings = {
         "kava_version": __version__, "source": str(ck.resolve()), "step": meta.get("step"),
         "method": cfg.method, "mode": cfg.spec.eval_mode,
