@@ -27,7 +27,7 @@ from kava.data.format import Formatter
 from kava.data.pipeline import find_synthetic_dir
 from kava.data.readers import check_eval_sets, is_data_file, load_eval_dataset
 from kava.data.records import Record, SkipLog
-from kava.decode import generate_for_config
+from kava.decode import generate_for_config, sequence_length
 from kava.diagnostics import (check_shards, diagnose_batch, eval_chunks, format_diagnostics, require_latent,
                               summarize_diagnostics)
 from kava.model.families import check_window
@@ -86,8 +86,9 @@ def evaluate_records(model: LatentReasoner, tokenizer, cfg, records: list[Record
         # decided on every rank from all records, before any pass: a refusal from inside one rank's shard
         # would leave the other ranks waiting in the gather
         longest = max(len(fmt.question_ids(r.question)) for r in records)
-        extra = {"latent": 2 + cfg.latent.num_latents, "cot": cfg.run.eval_max_cot_tokens}.get(mode, 0)
-        check_window(model.sliding_window, longest + extra + len(fmt.prompt_ids) + max_new,
+        need = sequence_length(mode, longest, num_latents=cfg.latent.num_latents, prompt_len=len(fmt.prompt_ids),
+                               max_new_tokens=max_new, max_cot_tokens=cfg.run.eval_max_cot_tokens)
+        check_window(model.sliding_window, need,
                      what=f"the longest question of this evaluation ({mode} mode, with its generation budget)")
         if diag is not None and (diag.oracle or diag.kv_match):  # the teacher pass over the gold CoT too
             teacher = max(len(t.question) + len(t.cot) + len(t.prompt) + len(t.answer)

@@ -28,6 +28,7 @@ from kava.checkpoint.rundir import run_dir_of
 from kava.checkpoint.saved import (BASE_FILE, EXTRA_FILE, META_FILE, CheckpointError, find_checkpoint, load_lm,
                                    run_config, saved_tokenizer_ids)
 from kava.data.format import Formatter
+from kava.decode import budget
 from kava.model import capture
 
 EXPORT_FILE = "kava.json"  # latent settings beside an exported model
@@ -117,8 +118,8 @@ def export_model(run_or_ckpt: str | Path, output: str | Path, *, dtype: torch.dt
     gc.eos_token_id, gc.pad_token_id, gc.bos_token_id = ids.eos, ids.pad, ids.bos
     gc.suppress_tokens = special
     prompt_len = len(Formatter.from_config(cfg, tok, limits=False).prompt_ids)
-    gc.max_new_tokens = cfg.run.eval_max_new_tokens + (  # kava's budget: CoT + prompt + answer
-        cfg.run.eval_max_cot_tokens + prompt_len if cfg.spec.eval_mode == "cot" else 0)
+    gc.max_new_tokens = budget(cfg.spec.eval_mode, max_new_tokens=cfg.run.eval_max_new_tokens,  # cot: + CoT + prompt
+                               max_cot_tokens=cfg.run.eval_max_cot_tokens, prompt_len=prompt_len)
     lm.config.pad_token_id, lm.config.eos_token_id, lm.config.bos_token_id = ids.pad, ids.eos, ids.bos
 
     _bos_template(tok, ids.bos)

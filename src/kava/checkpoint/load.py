@@ -33,10 +33,12 @@ from kava.checkpoint.saved import (EXTRA_FILE, CheckpointError, find_checkpoint,
 from kava.checkpoint.state import check_tokenizer, is_step_checkpoint, load_trainable
 from kava.config import Config, ConfigError, config_from_dict, load_config
 from kava.data.format import SpecialIds, add_special_tokens
+from kava.decode import sequence_length
 from kava.model.families import SlidingWindowTooShort, check_window
 from kava.model.lora_dropout import fuse_lora_dropout
 from kava.model.pretrained import check_local_path, local_or_hub, load_pretrained_lm, pretrained_dir, scratch_config
 from kava.model.reasoner import LatentReasoner
+from kava.spec import MODES
 
 
 def load_tokenizer(cfg: Config, tokenizer_dir: str | None = None):
@@ -112,8 +114,10 @@ def longest_sequence(cfg: Config, tokenizer) -> int:
     answer prompt, answer, and the special tokens around them)."""
     d = cfg.data
     prompt = len(tokenizer(d.answer_prompt, add_special_tokens=False)["input_ids"]) if d.answer_prompt else 0
-    middle = max(d.max_cot_tokens, cfg.latent.num_latents + 2)
-    return d.max_question_tokens + middle + prompt + d.max_answer_tokens + 4
+    # the teacher's question · CoT · prompt · answer is cot mode's layout, the student's latent mode's
+    return 4 + max(sequence_length(mode, d.max_question_tokens, num_latents=cfg.latent.num_latents, prompt_len=prompt,
+                                   max_new_tokens=d.max_answer_tokens, max_cot_tokens=d.max_cot_tokens)
+                   for mode in MODES)
 
 
 def check_model(model: LatentReasoner, cfg: Config, tokenizer) -> None:
