@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from kava.checkpoint.load import load_any
-from kava.checkpoint.saved import run_dir_of
+from kava.checkpoint.rundir import run_dir_of
 from kava.data.format import Formatter
 from kava.data.pipeline import answer_kind
 from kava.data.records import Record

@@ -9,8 +9,12 @@ Modes (`kava.spec.MODES`):
 A *decode step* is one forward call that emits a token (the eos included); `generated_tokens` excludes
 the eos. Counts are per example: an example stops counting once it has emitted eos.
 
+Each mode's layout is asked of this module, never recomputed: `budget` (the tokens a mode generates),
+`sequence_length` (the longest sequence it decodes: what a sliding window must cover), `passes` (the forward
+passes before the first decode step) and `latent_pass` (the question-only student pass of latent mode).
+
 Evaluation (`kava.evaluate`), the diagnostics (`kava.diagnostics`), `kava ask` and `kava.load(...).generate`
-(`kava.api`) all decode through this module.
+(`kava.api`) all decode through this module; `kava inspect` and `kava export` ask it for the layout.
 """
 
 from __future__ import annotations
@@ -19,10 +23,46 @@ from dataclasses import dataclass
 
 import torch
 
-from kava.data.format import BlockWidths, Tokenized, build_student_batch, pad_rows, positions
+from kava.data.format import BlockWidths, StudentBatch, Tokenized, build_student_batch, pad_rows, positions
 from kava.model.capture import no_host_sync
-from kava.model.reasoner import LatentReasoner
+from kava.model.reasoner import LatentReasoner, StudentOut
 from kava.spec import MODES
+
+
+# ------------------------------------------------------------------------------------------------ layout
+def check_mode(mode: str) -> str:
+    if mode not in MODES:
+        raise ValueError(f"mode {mode!r}; allowed values: {', '.join(MODES)}")
+    return mode
+
+
+def budget(mode: str, *, max_new_tokens: int, max_cot_tokens: int = 0, prompt_len: int = 0) -> int:
+    """The most tokens `mode` generates after its input: the answer's `max_new_tokens` (eos included); in cot
+    mode also the CoT (`max_cot_tokens`) and the answer prompt (`prompt_len` tokens) it writes before the answer."""
+    return max_new_tokens + (max_cot_tokens + prompt_len if check_mode(mode) == "cot" else 0)
+
+
+def input_columns(mode: str, *, num_latents: int = 0, prompt_len: int = 0) -> int:
+    """Columns of `mode`'s input after the question: latent `<bot>` · M slots · `<eot>` · prompt, nocot the
+    prompt, cot none (it writes the prompt itself)."""
+    return {"latent": 2 + num_latents + prompt_len, "cot": 0, "nocot": prompt_len}[check_mode(mode)]
+
+
+def sequence_length(mode: str, question_len: int, *, num_latents: int, prompt_len: int, max_new_tokens: int,
+                    max_cot_tokens: int) -> int:
+    """The longest sequence `mode` decodes for a question of `question_len` tokens: the question, the mode's
+    input columns (`input_columns`) and what it generates (`budget`)."""
+    return question_len + input_columns(mode, num_latents=num_latents, prompt_len=prompt_len) + budget(
+        mode, max_new_tokens=max_new_tokens, max_cot_tokens=max_cot_tokens, prompt_len=prompt_len)
+
+
+def passes(mode: str, *, student_mode: str = "jacobi", num_latents: int = 0, num_sweeps: int = 0) -> int:
+    """Forward passes of `mode` before its first decode step: latent 1 prefix + T sweeps (jacobi) or + M
+    sequential latents (sequential); cot and nocot none (the prefill's logits give the first token). A
+    generation's `forward_passes` is this plus its decode steps."""
+    if check_mode(mode) != "latent":
+        return 0
+    return 1 + (num_latents if student_mode == "sequential" else num_sweeps)
 
 
 @dataclass
@@ -105,6 +145,25 @@ def question_batch(model: LatentReasoner, items: list[Tokenized], num_latents: i
     return build_student_batch(items, model.ids, num_latents, with_answer=False, widths=widths)
 
 
+def latent_pass(model: LatentReasoner, items: list[Tokenized], *, num_latents: int, num_sweeps: int,
+                student_mode: str = "jacobi", key_space: str = "cache", keep_sweeps: str = "all",
+                round_width: bool = True) -> tuple[StudentBatch, StudentOut]:
+    """The question-only student pass of latent mode: `question_batch` (`round_width=False`: the question
+    block as wide as the longest question) on the model's device, then the prefix pass and the T sweeps (or M
+    sequential latents) on a new cache (`LatentReasoner.student_forward`, no answer pass). Returns (the batch,
+    the student's output: latents, their KV per `key_space` / `keep_sweeps`, and the cache that the answer
+    block runs on, `answer_from_cache`). Run it under `torch.no_grad()` and `model.autocast()` as the caller
+    needs."""
+    if round_width:
+        sb = question_batch(model, items, num_latents)
+    else:
+        sb = build_student_batch(items, model.ids, num_latents, with_answer=False)
+    sb = sb.to(model.special_rows.device)
+    s = model.student_forward(sb, num_sweeps, mode=student_mode, key_space=key_space, keep_sweeps=keep_sweeps,
+                              with_answer=False)
+    return sb, s
+
+
 def prefill(model: LatentReasoner, rows: list[list[int]]):
     """One pass over token rows of different lengths (right-padded to `question_width`) on a new cache.
 
@@ -124,20 +183,17 @@ def prefill(model: LatentReasoner, rows: list[list[int]]):
 def _generate(model, items, *, mode, num_latents, num_sweeps, student_mode, max_new_tokens, max_cot_tokens,
               tokenizer) -> list[Generation]:
     ids = model.ids
-    dev = model.special_rows.device
-    if mode == "latent":
-        sb = question_batch(model, items, num_latents).to(dev)
-        s = model.student_forward(sb, num_sweeps, mode=student_mode, with_answer=False)
+    if check_mode(mode) == "latent":
+        sb, s = latent_pass(model, items, num_latents=num_latents, num_sweeps=num_sweeps, student_mode=student_mode)
         toks, steps = answer_from_cache(model, sb, s.cache, sb.mask, max_new_tokens)
         base_passes = s.forward_passes
-    elif mode in ("cot", "nocot"):
+    else:
         rows = [it.question + (it.prompt if mode == "nocot" else []) for it in items]
         cache, logits, mask, last = prefill(model, rows)
-        budget = max_new_tokens + (max_cot_tokens + len(items[0].prompt) if mode == "cot" else 0)
-        toks, steps = greedy(model, cache, logits, mask, last + 1, budget, ids.eos)
+        new = budget(mode, max_new_tokens=max_new_tokens, max_cot_tokens=max_cot_tokens,
+                     prompt_len=len(items[0].prompt))
+        toks, steps = greedy(model, cache, logits, mask, last + 1, new, ids.eos)
         base_passes = 0
-    else:
-        raise ValueError(f"mode {mode!r}; allowed values: {', '.join(MODES)}")
     res = []
     for b, t in enumerate(toks):
         content = t[:-1] if t and t[-1] == ids.eos else t

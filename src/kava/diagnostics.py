@@ -31,7 +31,7 @@ from transformers import DynamicCache
 
 from kava.data.format import Formatter, StudentBatch
 from kava.data.records import Record
-from kava.decode import answer_from_cache, decode_texts, question_batch
+from kava.decode import answer_from_cache, decode_texts, latent_pass
 from kava.model.reasoner import LatentReasoner
 from kava.objective import kv_target_batch, teacher_kv_targets
 from kava.scoring import answer_matches, binomial_stderr, extract
@@ -213,10 +213,10 @@ def _diagnose(model, tokenizer, cfg, records, chunk, fmt, spec, max_new_tokens) 
     M = cfg.latent.num_latents
     key_space = cfg.loss.kv_key_space
     q_items = [fmt.tokenize(records[i], i, need_answer=False) for i in chunk]
-    sb = question_batch(model, q_items, M).to(dev)  # the layout of the scored generations
+    # the layout of the scored generations
+    sb, s = latent_pass(model, q_items, num_latents=M, num_sweeps=cfg.latent.num_sweeps,
+                        student_mode=require_latent(cfg.method), key_space=key_space, keep_sweeps="last")
     Qb = sb.q_block
-    s = model.student_forward(sb, cfg.latent.num_sweeps, mode=require_latent(cfg.method), key_space=key_space,
-                              keep_sweeps="last", with_answer=False)
     out: list[dict] = [{} for _ in chunk]
 
     def decode_and_score(cache, mask) -> list[dict]:

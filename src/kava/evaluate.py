@@ -22,11 +22,12 @@ from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
 from kava.checkpoint.load import Loaded, load_any, load_plain
+from kava.checkpoint.rundir import RunDir, read_state
 from kava.data.format import Formatter
 from kava.data.pipeline import find_synthetic_dir
 from kava.data.readers import check_eval_sets, is_data_file, load_eval_dataset
 from kava.data.records import Record, SkipLog
-from kava.decode import generate_for_config
+from kava.decode import generate_for_config, sequence_length
 from kava.diagnostics import (check_shards, diagnose_batch, eval_chunks, format_diagnostics, require_latent,
                               summarize_diagnostics)
 from kava.model.families import check_window
@@ -85,8 +86,9 @@ def evaluate_records(model: LatentReasoner, tokenizer, cfg, records: list[Record
         # decided on every rank from all records, before any pass: a refusal from inside one rank's shard
         # would leave the other ranks waiting in the gather
         longest = max(len(fmt.question_ids(r.question)) for r in records)
-        extra = {"latent": 2 + cfg.latent.num_latents, "cot": cfg.run.eval_max_cot_tokens}.get(mode, 0)
-        check_window(model.sliding_window, longest + extra + len(fmt.prompt_ids) + max_new,
+        need = sequence_length(mode, longest, num_latents=cfg.latent.num_latents, prompt_len=len(fmt.prompt_ids),
+                               max_new_tokens=max_new, max_cot_tokens=cfg.run.eval_max_cot_tokens)
+        check_window(model.sliding_window, need,
                      what=f"the longest question of this evaluation ({mode} mode, with its generation budget)")
         if diag is not None and (diag.oracle or diag.kv_match):  # the teacher pass over the gold CoT too
             teacher = max(len(t.question) + len(t.cot) + len(t.prompt) + len(t.answer)
@@ -176,8 +178,8 @@ def default_eval_root(km, mode: str) -> Path:
     """Where `kava eval` writes without --output: `RUN/eval` for a kava run or export; for a plain model (or
     adapter) `runs/<name>-<mode>/eval`, beside kava's runs, with a meta.json that `kava report runs/` reads."""
     if km.kind != "plain":
-        return km.run_dir / "eval"
-    return Path("runs") / f"{_slug(km.source.name if km.source.exists() else str(km.source))}-{mode}" / "eval"
+        return RunDir(km.run_dir).eval
+    return RunDir(Path("runs") / f"{_slug(km.source.name if km.source.exists() else str(km.source))}-{mode}").eval
 
 
 def evaluate_run(checkpoint: str | Path | None, datasets: list[str], *, data_dir=None, hub: bool = False, mode=None,
@@ -209,7 +211,7 @@ def evaluate_run(checkpoint: str | Path | None, datasets: list[str], *, data_dir
     else:
         km = load_any(checkpoint, device=state.device, mode=mode)
     cfg = km.cfg
-    step = json.loads((km.source / "state.json").read_text())["step"] if km.kind == "step" else None
+    step = read_state(km.source)["step"] if km.kind == "step" else None
     out_root = Path(output) if output else default_eval_root(km, mode or cfg.spec.eval_mode)
     results = {}
     for name in datasets:
@@ -249,7 +251,7 @@ def evaluate_run(checkpoint: str | Path | None, datasets: list[str], *, data_dir
                 summary["limit"] = limit
             write_eval(out_root / eval_dir_name(label, limit, available, step), rows, summary)
             if km.kind == "plain" and not output:  # `kava report runs/` lists the base model beside the runs
-                (out_root.parent / "meta.json").write_text(json.dumps({
+                RunDir(out_root.parent).meta.write_text(json.dumps({
                     "method": cfg.method, "preset": out_root.parent.name, "train_data": "none (not trained by kava)",
                     "model": str(km.source)}, indent=2))
             results[label] = summary

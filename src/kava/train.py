@@ -41,12 +41,13 @@ from tqdm.auto import tqdm
 
 from kava import curriculum
 from kava.checkpoint.load import build_reasoner, load_tokenizer
-from kava.checkpoint.rundir import RunLock, RunLocked, git_revision, lock_holder, run_name, versions
-from kava.checkpoint.saved import CheckpointError, save_model
-from kava.checkpoint.state import (atomic_dir_write, check_resume_state, gather_rng, latest_checkpoint,
-                                   read_checkpoint, restore_rng, rng_of_rank, rng_tensors, tokenizer_identity,
-                                   write_checkpoint, model_identity)
-from kava.config import Config, check_world_size, load_config, save_config, use_bf16
+from kava.checkpoint.rundir import (RunDir, RunLock, RunLocked, git_revision, lock_holder, own_tokenizer, read_state,
+                                    run_name, versions)
+from kava.checkpoint.saved import save_model
+from kava.checkpoint.state import (atomic_dir_write, check_resume_state, check_tokenizer, gather_rng,
+                                   latest_checkpoint, read_checkpoint, restore_rng, rng_of_rank, rng_tensors,
+                                   tokenizer_identity, write_checkpoint, model_identity)
+from kava.config import Config, ConfigError, check_world_size, load_config, parse_override, save_config, use_bf16
 from kava.data.format import Formatter, Tokenized
 from kava.data.pipeline import load_train_valid, synthetic_single_tokens, train_data_label
 from kava.data.records import Record, SkipLog
@@ -58,7 +59,7 @@ from kava.training.gradshare import grad_share_due, grad_share_micro, measure
 from kava.training.graphs import GraphedStep, setup_graphs
 from kava.training.interrupt import StopRequest, TrainingInterrupted
 from kava.training.logger import MetricLogger
-from kava.training.progress import ProgressLine, start_summary
+from kava.training.progress import ProgressLine, plan_lines, start_summary
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -153,15 +154,17 @@ def setup_run_dir(cfg: Config, resume: str | Path | None, main: bool) -> tuple[P
     """(run dir, checkpoint to resume from or None). Refuses to overwrite a run, checks the directory is
     writable, and checks a resume's checkpoint against `cfg` — all before any data or model is loaded."""
     run_dir = Path(resume) if resume else Path(cfg.run.output_dir) / run_name(cfg)
+    rd = RunDir(run_dir)
     # before any other check, say what is going on (the main process only: the others would see its own lock)
     if main and (holder := lock_holder(run_dir)) is not None:
         raise RunLocked(run_dir, holder)
-    if not resume and (run_dir / "config.yaml").exists():
-        if (run_dir / "DONE").exists():
+    if not resume and rd.started():
+        if rd.finished():
             raise FileExistsError(f"{run_dir} holds a finished run; choose another run.name or delete it")
         raise FileExistsError(f"{run_dir} holds an unfinished run; continue it with `kava train --resume {run_dir}`")
-    if resume and not (run_dir / "config.yaml").exists():
-        raise FileNotFoundError(f"{run_dir}: no checkpoint to resume from (no config.yaml: not a kava run directory)")
+    if resume and not rd.started():
+        raise FileNotFoundError(f"{run_dir}: no checkpoint to resume from (no {rd.config.name}: not a kava run "
+                                "directory)")
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         probe = run_dir / f".write_test.{os.getpid()}"  # one per process: ranks probe the same directory at once
@@ -174,7 +177,7 @@ def setup_run_dir(cfg: Config, resume: str | Path | None, main: bool) -> tuple[P
     if resume and resume_ck is None and main:
         print(f"[kava] {run_dir}: no checkpoint yet (stopped before the first one); starting from step 0")
     if resume_ck is not None:
-        check_resume_state(json.loads((resume_ck / "state.json").read_text()), cfg, resume_ck)
+        check_resume_state(read_state(resume_ck), cfg, resume_ck)
     return run_dir, resume_ck
 
 
@@ -201,8 +204,8 @@ def setup_data(cfg: Config, run_dir: Path, acc: Accelerator, *, data_root: str |
     skips, valid_skips = SkipLog(strict=cfg.data.strict), SkipLog()
     root = Path(data_root) if data_root else Path(cfg.run.output_dir) / "_data"
     train_recs, valid_recs, data_desc = load_train_valid(cfg, root, skips, valid_skips)
-    if cfg.model.from_scratch is not None and not cfg.model.tokenizer and not cfg.model.init_from:
-        tok_dir = run_dir / "tokenizer_src"
+    if own_tokenizer(cfg):
+        tok_dir = RunDir(run_dir).tokenizer_src
         if not (tok_dir / "tokenizer_config.json").exists() and main:
             texts = tokenizer_texts(train_recs[:TOKENIZER_RECORDS], cfg.data.answer_prompt)
             atomic_dir_write(tok_dir, lambda d: build_tokenizer(texts, d, vocab_size=cfg.data.tokenizer_vocab_size,
@@ -212,11 +215,7 @@ def setup_data(cfg: Config, run_dir: Path, acc: Accelerator, *, data_root: str |
     else:
         tokenizer = load_tokenizer(cfg)
     if resume_ck is not None:  # the special rows were trained for these ids: the tokenizer must not have changed
-        saved_tok = json.loads((resume_ck / "state.json").read_text()).get("tokenizer")  # absent in older ones
-        if saved_tok is not None and saved_tok != tokenizer_identity(tokenizer):
-            raise CheckpointError(f"{resume_ck}: the tokenizer changed since the checkpoint was written "
-                                  f"(checkpoint {saved_tok}, now {tokenizer_identity(tokenizer)}); the trained "
-                                  "special-token rows and embeddings would meet other ids")
+        check_tokenizer(resume_ck, tokenizer, "; the trained special-token rows and embeddings would meet other ids")
     items = Formatter.from_config(cfg, tokenizer).tokenize_all(train_recs, skips)
     if not items:
         raise ValueError(f"no usable training records ({skips.summary()})")
@@ -238,7 +237,7 @@ def setup_data(cfg: Config, run_dir: Path, acc: Accelerator, *, data_root: str |
 def print_start_summary(cfg: Config, plan: Plan, run_dir: Path, data: Data, world: int,
                         resume_ck: Path | None) -> None:
     """What `kava train` prints before the model loads (kava.training.progress.start_summary)."""
-    start = json.loads((resume_ck / "state.json").read_text())["step"] if resume_ck is not None else 0
+    start = read_state(resume_ck)["step"] if resume_ck is not None else 0
     print("\n".join(start_summary(cfg, plan, run_dir=run_dir, world=world, data_desc=data.desc,
                                   n_records=len(data.train_recs), n_examples=len(data.items), skips=data.skips,
                                   n_valid=len(data.valid_recs), start_step=start, valid_skips=data.valid_skips)),
@@ -328,17 +327,17 @@ def resume_state(t: Trainer, ck: Path) -> None:
 def save_run_files(cfg: Config, run_dir: Path, data: Data, plan: Plan, world: int, graphs: bool = False) -> None:
     """A new run's config.yaml, meta.json and skips.json (main process); `graphs`: whether CUDA graphs run
     the micro-steps (what `optim.cuda_graphs: auto` decided)."""
-    save_config(cfg, run_dir / "config.yaml")
+    rd = RunDir(run_dir)
+    save_config(cfg, rd.config)
     meta = {"method": cfg.method, "preset": cfg.preset, "train_data": train_data_label(cfg),
             "data": data.desc, "seed": cfg.run.seed, "model": cfg.model.name_or_path or "from_scratch",
             "init_from": cfg.model.init_from, "world_size": world, "git": git_revision(), "versions": versions(),
             "train_examples": len(data.items), "train_examples_without_cot": data.no_cot, "plan": plan.__dict__,
             "cuda_graphs": graphs, "valid_examples": len(data.valid_recs),
             "valid_skips": {"total": data.valid_skips.total, "by_reason": dict(data.valid_skips.counts)}}
-    (run_dir / "meta.json").write_text(json.dumps(meta, indent=2))
+    rd.meta.write_text(json.dumps(meta, indent=2))
     # the start summary named it; the training skips at the top level, the validation ones under "validation"
-    (run_dir / "skips.json").write_text(json.dumps({**data.skips.as_dict(), "validation": data.valid_skips.as_dict()},
-                                                   indent=2))
+    rd.skips.write_text(json.dumps({**data.skips.as_dict(), "validation": data.valid_skips.as_dict()}, indent=2))
 
 
 @dataclass
@@ -418,7 +417,7 @@ def nonfinite_error(bad: list[str], step: int, run_dir: Path) -> NonFiniteLoss:
     """What `run.nan_policy: stop` raises at 0-based step `step`, after saving the state before it."""
     what = "gradient" if bad == ["grad_norm"] else "loss"
     return NonFiniteLoss(f"non-finite {what} at optimizer step {step + 1} in term(s) {bad or ['total']}; "
-                         f"last good state saved in {run_dir / 'checkpoints' / f'step_{step}'}; "
+                         f"last good state saved in {RunDir(run_dir).step(step)}; "
                          "set run.nan_policy=skip to skip such batches")
 
 
@@ -470,17 +469,17 @@ def save_checkpoint(t: Trainer, run_dir: Path, rng: dict[str, torch.Tensor] | No
 
 def save_best(t: Trainer, run_dir: Path) -> None:
     """`best/`: the loadable model of `t.best` (the caller updates it, on the main process)."""
-    atomic_dir_write(run_dir / "best", lambda d: save_model(t.raw, t.tokenizer, d, meta={
+    atomic_dir_write(RunDir(run_dir).best, lambda d: save_model(t.raw, t.tokenizer, d, meta={
         "step": t.best["step"], "val/accuracy": t.best["val/accuracy"]}, cfg=t.cfg))
 
 
 def save_final(t: Trainer, run_dir: Path, total_steps: int, skips: SkipLog) -> None:
     """`final/` (the loadable model) and `DONE` (main process)."""
-    atomic_dir_write(run_dir / "final", lambda d: save_model(t.raw, t.tokenizer, d, meta={
+    rd = RunDir(run_dir)
+    atomic_dir_write(rd.final, lambda d: save_model(t.raw, t.tokenizer, d, meta={
         "step": total_steps, "best": t.best}, cfg=t.cfg))
-    (run_dir / "DONE").write_text(json.dumps({"steps": total_steps, "best": t.best,
-                                              "nonfinite_skipped": t.nonfinite_skipped,
-                                              "skipped_records": skips.total}))
+    rd.done.write_text(json.dumps({"steps": total_steps, "best": t.best, "nonfinite_skipped": t.nonfinite_skipped,
+                                   "skipped_records": skips.total}))
 
 
 # ------------------------------------------------------------------------------------------------ the loop
@@ -503,7 +502,7 @@ def train(cfg: Config, *, resume: str | Path | None = None, progress: bool = Tru
             t = setup_model_and_optimizer(cfg, data.tokenizer, acc)
             logger = MetricLogger(run_dir, cfg.run.log + ["jsonl"], main, cfg)
         except BaseException:  # a run that fails at set-up leaves no run directory it created
-            if fresh and main and not (run_dir / "config.yaml").exists():
+            if fresh and main and not RunDir(run_dir).started():
                 shutil.rmtree(run_dir, ignore_errors=True)
             raise
         if resume_ck is not None:
@@ -581,14 +580,67 @@ def train(cfg: Config, *, resume: str | Path | None = None, progress: bool = Tru
         if end_step == plan.total_steps and main:
             save_final(t, run_dir, plan.total_steps, data.skips)
         if main and data.skips.total:  # again at the end: the first report has long scrolled away
-            print(f"[kava] training data: {data.skips.summary()}; where: {run_dir / 'skips.json'}")
+            print(f"[kava] training data: {data.skips.summary()}; where: {RunDir(run_dir).skips}")
         logger.close()
         acc.wait_for_everyone()
         return run_dir
 
 
+# ------------------------------------------------------------------------------------------------ before a run
+def plan_only(cfg: Config) -> list[str]:
+    """The resolved config and the training plan, without loading a model: the lines `kava train --dry-run`
+    prints. The data is read (and tokenized, unless the run would train its own tokenizer); nothing is written
+    but the data cache under `run.output_dir/_data`."""
+    skips, valid_skips = SkipLog(strict=cfg.data.strict), SkipLog()
+    train_recs, valid_recs, desc = load_train_valid(cfg, Path(cfg.run.output_dir) / "_data", skips, valid_skips)
+    n = len(train_recs)
+    how = "records (not tokenized: the tokenizer is built at the start of training)"
+    if not own_tokenizer(cfg):
+        n = len(Formatter.from_config(cfg, load_tokenizer(cfg)).tokenize_all(train_recs, skips))
+        how = "examples after the length limits"
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    plan = make_plan(cfg, n, world)
+    return [cfg.to_yaml().rstrip(), "", "plan:"] + plan_lines(
+        cfg, plan, run_dir=Path(cfg.run.output_dir) / run_name(cfg), world=world, data_desc=desc,
+        train_desc=f"{n} {how}; {skips.summary()}", n_valid=len(valid_recs), valid_skips=valid_skips)
+
+
+def resume_plan(run_dir: str | Path, cfg: Config, overrides: list[str]) -> Config | None:
+    """What `kava train --resume RUN [--set optim.max_steps=N]` continues: the run's config `cfg` (None: a
+    finished run, nothing to do, said so). `optim.max_steps` is the one key a resume may change: N beyond the
+    run's end extends it (`RunDir.extend`: config.yaml rewritten, DONE removed, the LR schedule's end moved to N,
+    said so; a run in use is refused before any of that); any other key is refused."""
+    rd = RunDir(run_dir)
+    run_dir = rd.path
+    new = load_config(str(rd.config), overrides, resolve_paths=False) if overrides else cfg
+    a, b = cfg.to_dict(), new.to_dict()
+    a["optim"]["max_steps"] = b["optim"]["max_steps"]
+    if a != b:
+        keys = ", ".join(parse_override(o)[0] for o in overrides)
+        raise ConfigError(f"--resume takes the run's own config.yaml; --set may change only optim.max_steps "
+                          f"(to extend the run), got {keys}")
+    done = rd.read_done()
+    if not overrides or new.optim.max_steps == cfg.optim.max_steps:
+        if done is not None:
+            print(f"kava train: {run_dir} is finished ({done['steps']} steps; DONE); nothing to do. To train it "
+                  f"further: kava train --resume {run_dir} --set optim.max_steps=N")
+            return None
+        return cfg
+    ck = rd.latest_checkpoint()
+    at = read_state(ck)["step"] if ck is not None else 0
+    before = done["steps"] if done else (rd.read_meta().get("plan") or {}).get("total_steps", cfg.optim.max_steps)
+    if new.optim.max_steps <= at:
+        raise ConfigError(f"optim.max_steps={new.optim.max_steps}: {run_dir} is already at step {at}; give more steps")
+    # the main process alone writes the run's files (no Accelerator yet: RANK is what a launcher sets)
+    rd.extend(new, before=before, at=at, main=int(os.environ.get("RANK", "0")) == 0)
+    print(f"[kava] extending {run_dir}: optim.max_steps {before} -> {new.optim.max_steps} from step {at}; the LR "
+          f"schedule ({new.optim.schedule}, warmup {new.optim.warmup_ratio:g} of the steps) now ends at step "
+          f"{new.optim.max_steps}, so the learning rate from step {at} on follows the new schedule", flush=True)
+    return new
+
+
 def resume_config(run_dir: str | Path) -> Config:
-    p = Path(run_dir) / "config.yaml"
+    p = RunDir(run_dir).config
     if not p.exists():
-        raise FileNotFoundError(f"{run_dir}: no config.yaml (not a kava run directory)")
+        raise FileNotFoundError(f"{run_dir}: no {p.name} (not a kava run directory)")
     return load_config(str(p), resolve_paths=False)

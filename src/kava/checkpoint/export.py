@@ -24,9 +24,11 @@ from transformers import AutoTokenizer
 
 from kava import __version__
 from kava.checkpoint.card import model_card
-from kava.checkpoint.saved import (BASE_FILE, EXTRA_FILE, CheckpointError, find_checkpoint, load_lm, run_config,
-                                   run_dir_of, saved_tokenizer_ids)
+from kava.checkpoint.rundir import run_dir_of
+from kava.checkpoint.saved import (BASE_FILE, EXTRA_FILE, META_FILE, CheckpointError, find_checkpoint, load_lm,
+                                   run_config, saved_tokenizer_ids)
 from kava.data.format import Formatter
+from kava.decode import budget
 from kava.model import capture
 
 EXPORT_FILE = "kava.json"  # latent settings beside an exported model
@@ -116,8 +118,8 @@ def export_model(run_or_ckpt: str | Path, output: str | Path, *, dtype: torch.dt
     gc.eos_token_id, gc.pad_token_id, gc.bos_token_id = ids.eos, ids.pad, ids.bos
     gc.suppress_tokens = special
     prompt_len = len(Formatter.from_config(cfg, tok, limits=False).prompt_ids)
-    gc.max_new_tokens = cfg.run.eval_max_new_tokens + (  # kava's budget: CoT + prompt + answer
-        cfg.run.eval_max_cot_tokens + prompt_len if cfg.spec.eval_mode == "cot" else 0)
+    gc.max_new_tokens = budget(cfg.spec.eval_mode, max_new_tokens=cfg.run.eval_max_new_tokens,  # cot: + CoT + prompt
+                               max_cot_tokens=cfg.run.eval_max_cot_tokens, prompt_len=prompt_len)
     lm.config.pad_token_id, lm.config.eos_token_id, lm.config.bos_token_id = ids.pad, ids.eos, ids.bos
 
     _bos_template(tok, ids.bos)
@@ -129,7 +131,7 @@ def export_model(run_or_ckpt: str | Path, output: str | Path, *, dtype: torch.dt
         (out / stale).unlink(missing_ok=True)
     save_file({k[5:]: v.contiguous() for k, v in extra.items() if k.startswith("proj.")} or {},
               str(out / PROJECTION_FILE), metadata={"format": "pt"})
-    meta = json.loads((ck / "meta.json").read_text()) if (ck / "meta.json").exists() else {}
+    meta = json.loads((ck / META_FILE).read_text()) if (ck / META_FILE).exists() else {}
     settings = {
         "kava_version": __version__, "source": str(ck.resolve()), "step": meta.get("step"),
         "method": cfg.method, "mode": cfg.spec.eval_mode,

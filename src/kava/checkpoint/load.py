@@ -15,10 +15,9 @@ safetensors only, loaded with strict key checks (`kava.checkpoint.saved`).
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from peft import LoraConfig, get_peft_model
@@ -27,16 +26,19 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from kava.checkpoint.export import EXPORT_FILE, PROJECTION_FILE
+from kava.checkpoint.rundir import RunDir, run_dir_of
 from kava.checkpoint.saved import (EXTRA_FILE, CheckpointError, find_checkpoint, has_model, load_extra, load_lm,
-                                   load_saved_lm, read_adapter_config, resolve_init_dir, run_config, run_dir_of,
+                                   load_saved_lm, read_adapter_config, resolve_init_dir, run_config,
                                    saved_tokenizer_ids)
-from kava.checkpoint.state import is_step_checkpoint, load_trainable, tokenizer_identity
+from kava.checkpoint.state import check_tokenizer, is_step_checkpoint, load_trainable
 from kava.config import Config, ConfigError, config_from_dict, load_config
 from kava.data.format import SpecialIds, add_special_tokens
+from kava.decode import sequence_length
 from kava.model.families import SlidingWindowTooShort, check_window
 from kava.model.lora_dropout import fuse_lora_dropout
 from kava.model.pretrained import check_local_path, local_or_hub, load_pretrained_lm, pretrained_dir, scratch_config
 from kava.model.reasoner import LatentReasoner
+from kava.spec import MODES
 
 
 def load_tokenizer(cfg: Config, tokenizer_dir: str | None = None):
@@ -112,8 +114,10 @@ def longest_sequence(cfg: Config, tokenizer) -> int:
     answer prompt, answer, and the special tokens around them)."""
     d = cfg.data
     prompt = len(tokenizer(d.answer_prompt, add_special_tokens=False)["input_ids"]) if d.answer_prompt else 0
-    middle = max(d.max_cot_tokens, cfg.latent.num_latents + 2)
-    return d.max_question_tokens + middle + prompt + d.max_answer_tokens + 4
+    # the teacher's question · CoT · prompt · answer is cot mode's layout, the student's latent mode's
+    return 4 + max(sequence_length(mode, d.max_question_tokens, num_latents=cfg.latent.num_latents, prompt_len=prompt,
+                                   max_new_tokens=d.max_answer_tokens, max_cot_tokens=d.max_cot_tokens)
+                   for mode in MODES)
 
 
 def check_model(model: LatentReasoner, cfg: Config, tokenizer) -> None:
@@ -186,21 +190,16 @@ def load_step(ck: str | Path, *, device: str | torch.device = "cpu", dtype: torc
     """(model, tokenizer, cfg) from a training checkpoint `RUN/checkpoints/step_<n>`: the run's model built
     again from its config.yaml (and tokenizer), then its trainable tensors loaded with strict key checks."""
     ck = Path(ck)
-    run_dir = ck.parent.parent
-    if not (run_dir / "config.yaml").exists():
-        raise CheckpointError(f"{ck}: a training checkpoint outside its run directory (no {run_dir / 'config.yaml'})")
-    cfg = load_config(str(run_dir / "config.yaml"), resolve_paths=False)
-    m = cfg.model
-    if m.from_scratch is not None and cfg.lora is not None:
+    rd = RunDir(ck.parent.parent)
+    if not rd.started():
+        raise CheckpointError(f"{ck}: a training checkpoint outside its run directory (no {rd.config})")
+    cfg = load_config(str(rd.config), resolve_paths=False)
+    if cfg.model.from_scratch is not None and cfg.lora is not None:
         raise CheckpointError(f"{ck}: a step checkpoint of a LoRA run on a model built from scratch holds the adapter "
-                              f"only; the random base weights are saved with {run_dir / 'best'} and "
-                              f"{run_dir / 'final'}: evaluate one of those")
-    own_tok = m.from_scratch is not None and not m.tokenizer and not m.init_from
-    tok = load_tokenizer(cfg, str(run_dir / "tokenizer_src") if own_tok else None)
-    saved_tok = json.loads((ck / "state.json").read_text()).get("tokenizer")
-    if saved_tok is not None and saved_tok != tokenizer_identity(tok):
-        raise CheckpointError(f"{ck}: the tokenizer changed since the checkpoint was written (checkpoint {saved_tok}, "
-                              f"now {tokenizer_identity(tok)})")
+                              f"only; the random base weights are saved with {rd.best} and {rd.final}: evaluate one "
+                              "of those")
+    tok = load_tokenizer(cfg, rd.tokenizer_dir(cfg))
+    check_tokenizer(ck, tok)
     model = build_reasoner(cfg, tok, dtype=dtype)  # the trainable set of training (pause tokens: no projection)
     load_trainable(ck, model)
     model.to(device).eval()
@@ -302,7 +301,7 @@ def load_any(path: str | Path, *, device: str | torch.device | None = None, dtyp
         return Loaded(*load_step(p, device=device, dtype=dtype), p, exported=False, kind="step")
     if p.name == "model" and has_model(p.parent):  # best/model/ (peft's adapter files): the whole saved model
         p = p.parent
-    if p.is_dir() and not any(has_model(c) for c in (p, p / "best", p / "final")):
+    if p.is_dir() and not any(has_model(c) for c in (p, RunDir(p).best, RunDir(p).final)):
         if (p / "adapter_config.json").exists():
             return Loaded(*load_plain(adapter_base(p), peft=str(p), mode=mode, device=device, dtype=dtype), p,
                           exported=False, kind="plain")

@@ -1,33 +1,154 @@
-"""The run directory itself: its name, the lock that keeps a second trainer out, and meta.json's provenance.
+"""The run directory: the one place that names its files, reads them back, and extends a run; its name, the
+lock that keeps a second trainer out, and meta.json's provenance.
 
-A run directory (`kava.train` writes it):
+A run directory (`kava.train` writes it; `RunDir(path)` names each file):
 
     config.yaml  resolved config          meta.json     versions, git revision, method, data, seed, skips
     skips.json   skipped records          metrics.jsonl one JSON object per logged step (train and val)
-    tb/          TensorBoard              checkpoints/step_<n>/  the training state (`kava.checkpoint.state`)
+    tb/          TensorBoard              checkpoints/step_<n>/  the training state (`kava.checkpoint.state`),
+                                                        its counters in state.json (`read_state`)
     best/, final/  loadable models (`kava.checkpoint.saved`)  DONE  written when the run finished
-    wandb.json   the W&B run id           train.lock    while a `kava train` runs in it (`RunLock`)
+    tokenizer_src/ the tokenizer a from-scratch run trains for itself (`own_tokenizer`)
+    eval/<dataset>/  `kava eval`'s predictions and summary      wandb.json  the W&B run id
+    train.lock   while a `kava train` runs in it (`RunLock`)
+
+No other module spells these names (tests/test_rundir.py checks the source). The module imports no third-party
+library at its top, so that `kava report` (which only reads run directories) stays quick to start.
 """
 
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import accelerate
-import peft
-import torch
-import transformers
-
 from kava import __version__
 
+# ------------------------------------------------------------------------------------------------ the files
+CONFIG_FILE = "config.yaml"
+META_FILE = "meta.json"
+SKIPS_FILE = "skips.json"
+METRICS_FILE = "metrics.jsonl"
+DONE_FILE = "DONE"
+TOKENIZER_DIR = "tokenizer_src"
+CHECKPOINTS_DIR = "checkpoints"
+STEP_PREFIX = "step_"  # checkpoints/step_<n>/
+STATE_FILE = "state.json"  # in checkpoints/step_<n>/: step, method, model and tokenizer identity, best, ...
+BEST_DIR = "best"
+FINAL_DIR = "final"
+EVAL_DIR = "eval"
+TB_DIR = "tb"
+WANDB_FILE = "wandb.json"
 LOCK_FILE = "train.lock"
 
 
+class RunDir:
+    """A run directory's files (paths; nothing is created) and the reads of them that more than one module
+    needs."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.path)!r})"
+
+    config = property(lambda self: self.path / CONFIG_FILE)
+    meta = property(lambda self: self.path / META_FILE)
+    skips = property(lambda self: self.path / SKIPS_FILE)
+    metrics = property(lambda self: self.path / METRICS_FILE)
+    done = property(lambda self: self.path / DONE_FILE)
+    tokenizer_src = property(lambda self: self.path / TOKENIZER_DIR)
+    checkpoints = property(lambda self: self.path / CHECKPOINTS_DIR)
+    best = property(lambda self: self.path / BEST_DIR)
+    final = property(lambda self: self.path / FINAL_DIR)
+    eval = property(lambda self: self.path / EVAL_DIR)
+    tb = property(lambda self: self.path / TB_DIR)
+    wandb = property(lambda self: self.path / WANDB_FILE)
+    lock = property(lambda self: self.path / LOCK_FILE)
+
+    def step(self, n: int) -> Path:
+        """`checkpoints/step_<n>`, the training checkpoint after optimizer step n."""
+        return self.checkpoints / f"{STEP_PREFIX}{n}"
+
+    def step_dirs(self) -> list[Path]:
+        """The `checkpoints/step_<n>` directories (complete or not), by step."""
+        return sorted((p for p in self.checkpoints.glob(f"{STEP_PREFIX}*") if step_of(p) is not None), key=step_of)
+
+    def latest_checkpoint(self) -> Path | None:
+        """The newest complete training checkpoint (one with its state.json), or None."""
+        done = [p for p in self.step_dirs() if (p / STATE_FILE).exists()] if self.checkpoints.exists() else []
+        return done[-1] if done else None
+
+    def started(self) -> bool:
+        """Whether a run was started here (its config.yaml is written first)."""
+        return self.config.exists()
+
+    def finished(self) -> bool:
+        return self.done.exists()
+
+    def read_done(self) -> dict | None:
+        """DONE's record of a finished run (steps, best, skips), or None for an unfinished one."""
+        return json.loads(self.done.read_text()) if self.done.exists() else None
+
+    def read_meta(self) -> dict:
+        """meta.json, or {} when the run has none yet."""
+        return json.loads(self.meta.read_text()) if self.meta.exists() else {}
+
+    def tokenizer_dir(self, cfg) -> str | None:
+        """Where this run's tokenizer is built (`tokenizer_src/`) when it trains its own (`own_tokenizer`), else
+        None (the config names it): the `tokenizer_dir` of `kava.checkpoint.load.load_tokenizer`."""
+        return str(self.tokenizer_src) if own_tokenizer(cfg) else None
+
+    def extend(self, cfg, *, before: int, at: int, main: bool = True) -> None:
+        """Extend the run to `cfg.optim.max_steps` steps (`kava train --resume RUN --set optim.max_steps=N`): under
+        its lock (a run in use is refused untouched, `RunLocked`), the main process rewrites config.yaml with
+        `cfg`, removes DONE and records `{from_steps: before, to_steps, at_step: at}` under meta.json's
+        "extended". `train` takes the lock again after."""
+        with RunLock(self.path, enabled=main):
+            if main:
+                self.config.write_text(cfg.to_yaml())  # `kava.config.save_config`
+                self.done.unlink(missing_ok=True)
+                meta = self.read_meta()
+                if meta:
+                    meta.setdefault("extended", []).append({"from_steps": before, "to_steps": cfg.optim.max_steps,
+                                                            "at_step": at})
+                    self.meta.write_text(json.dumps(meta, indent=2))
+
+
+def step_of(ck: str | Path) -> int | None:
+    """n of a `step_<n>` directory name, else None."""
+    name = Path(ck).name
+    n = name[len(STEP_PREFIX):]
+    return int(n) if name.startswith(STEP_PREFIX) and n.isdigit() else None
+
+
+def read_state(ck: str | Path) -> dict:
+    """state.json of training checkpoint `ck` (`checkpoints/step_<n>`): step, method, model, tokenizer, best,
+    non-finite skips, the optimizer's scalars."""
+    return json.loads((Path(ck) / STATE_FILE).read_text())
+
+
+def own_tokenizer(cfg) -> bool:
+    """Whether a run trains its own tokenizer (into `tokenizer_src/`): a model built from scratch, with neither
+    `model.tokenizer` nor `model.init_from` to take one from."""
+    m = cfg.model
+    return m.from_scratch is not None and not m.tokenizer and not m.init_from
+
+
+def run_dir_of(ck: str | Path) -> Path:
+    """The run directory a checkpoint belongs to (its best/ or final/, or a training checkpoint
+    `checkpoints/step_<n>/`); the checkpoint itself when it stands alone."""
+    ck = Path(ck)
+    if ck.parent.name == CHECKPOINTS_DIR and RunDir(ck.parent.parent).started():
+        return ck.parent.parent
+    return ck.parent if RunDir(ck.parent).started() else ck
+
+
+# ------------------------------------------------------------------------------------------------ provenance
 def run_name(cfg) -> str:
     """The run directory's name: `run.name`, else `<preset or method>-s<seed>`."""
     return cfg.run.name or f"{cfg.preset or cfg.method}-s{cfg.run.seed}"
@@ -45,11 +166,18 @@ def git_revision() -> str | None:
 
 
 def versions() -> dict:
+    """The versions meta.json records (the libraries are imported here, not at the module's top: see above)."""
+    import accelerate
+    import peft
+    import torch
+    import transformers
+
     return {"kava": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
             "peft": peft.__version__, "accelerate": accelerate.__version__,
             "cuda": torch.version.cuda, "python": sys.version.split()[0]}
 
 
+# ------------------------------------------------------------------------------------------------ the lock
 class RunLocked(OSError):
     """Another `kava train` holds the run directory."""
 

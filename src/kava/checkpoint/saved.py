@@ -30,6 +30,7 @@ from peft import PeftModel, get_peft_model_state_dict
 from transformers import AutoModelForCausalLM
 
 from kava.checkpoint.card import model_card
+from kava.checkpoint.rundir import BEST_DIR, FINAL_DIR, RunDir, run_dir_of
 from kava.config import load_config
 from kava.data.format import SPECIAL_TOKENS, SpecialIds, special_ids
 from kava.model.pretrained import load_pretrained_lm
@@ -37,6 +38,7 @@ from kava.model.reasoner import LatentReasoner
 
 EXTRA_FILE = "kava_extra.safetensors"  # special-token rows + projection
 BASE_FILE = "base.json"  # what a LoRA adapter was trained on
+META_FILE = "meta.json"  # step and validation accuracy (a run's own meta.json is `kava.checkpoint.rundir`'s)
 
 
 class CheckpointError(RuntimeError):
@@ -52,7 +54,7 @@ def is_lora_checkpoint(ck: Path) -> bool:
     return (Path(ck) / "model" / "adapter_config.json").exists()
 
 
-def find_checkpoint(path: str | Path, prefer: tuple[str, ...] = ("best", "final")) -> Path:
+def find_checkpoint(path: str | Path, prefer: tuple[str, ...] = (BEST_DIR, FINAL_DIR)) -> Path:
     """A saved model directory: `path` itself, or its `best/` / `final/` (in the order `prefer` gives)."""
     p = Path(path)
     if not p.exists():
@@ -66,16 +68,7 @@ def find_checkpoint(path: str | Path, prefer: tuple[str, ...] = ("best", "final"
 
 def resolve_init_dir(path: str | Path) -> Path:
     """The checkpoint `model.init_from` means: the run's final model, else its best, else `path` itself."""
-    return find_checkpoint(path, ("final", "best"))
-
-
-def run_dir_of(ck: Path) -> Path:
-    """The run directory a checkpoint belongs to (its best/ or final/, or a training checkpoint
-    `checkpoints/step_<n>/`); the checkpoint itself when it stands alone."""
-    ck = Path(ck)
-    if ck.parent.name == "checkpoints" and (ck.parent.parent / "config.yaml").exists():
-        return ck.parent.parent
-    return ck.parent if (ck.parent / "config.yaml").exists() else ck
+    return find_checkpoint(path, (FINAL_DIR, BEST_DIR))
 
 
 # ------------------------------------------------------------------------------------------------ pieces
@@ -194,7 +187,7 @@ def save_model(model: LatentReasoner, tokenizer, out_dir: str | Path, meta: dict
     tokenizer.save_pretrained(out / "tokenizer")
     save_file(extra_state(model), str(out / EXTRA_FILE))
     if meta is not None:
-        (out / "meta.json").write_text(json.dumps(meta, indent=2))
+        (out / META_FILE).write_text(json.dumps(meta, indent=2))
 
 
 # ------------------------------------------------------------------------------------------------ load
@@ -247,7 +240,7 @@ def load_lm(ck: str | Path, *, dtype: torch.dtype = torch.float32, merged: bool 
 
 def run_config(ck: Path):
     """The resolved config of the run a checkpoint belongs to."""
-    run_dir = run_dir_of(ck)
-    if not (run_dir / "config.yaml").exists():
-        raise CheckpointError(f"{ck}: no config.yaml next to the checkpoint")
-    return load_config(str(run_dir / "config.yaml"), resolve_paths=False)
+    rd = RunDir(run_dir_of(ck))
+    if not rd.started():
+        raise CheckpointError(f"{ck}: no {rd.config.name} next to the checkpoint")
+    return load_config(str(rd.config), resolve_paths=False)

@@ -21,6 +21,7 @@ import torch
 from accelerate.utils import gather_object
 from safetensors.torch import load_file, save_file
 
+from kava.checkpoint.rundir import STATE_FILE, RunDir, read_state
 from kava.checkpoint.saved import CheckpointError
 from kava.data.format import special_ids
 
@@ -125,11 +126,18 @@ def check_resume_state(state: dict, cfg, ck: Path) -> None:
                          f"(checkpoint {({k: saved.get(k) for k in diff})}, config {({k: mine.get(k) for k in diff})})")
 
 
+def check_tokenizer(ck: Path, tokenizer, hint: str = "") -> None:
+    """Refuse a tokenizer other than the one checkpoint `ck` was trained with (`tokenizer_identity`; checkpoints
+    written before state.json recorded it pass). hint: what the message adds after the two identities."""
+    saved, now = read_state(ck).get("tokenizer"), tokenizer_identity(tokenizer)
+    if saved is not None and saved != now:
+        raise CheckpointError(f"{ck}: the tokenizer changed since the checkpoint was written (checkpoint {saved}, "
+                              f"now {now}){hint}")
+
+
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    ck = run_dir / "checkpoints"
-    steps = sorted((int(p.name.split("_")[1]), p) for p in ck.glob("step_*") if p.name.split("_")[1].isdigit()
-                   and (p / "state.json").exists()) if ck.exists() else []
-    return steps[-1][1] if steps else None
+    """`RunDir.latest_checkpoint`: the newest complete `checkpoints/step_<n>`, or None."""
+    return RunDir(run_dir).latest_checkpoint()
 
 
 def gather_rng(rng: dict[str, torch.Tensor], num_processes: int) -> dict[str, torch.Tensor]:
@@ -158,18 +166,17 @@ def write_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, optimizer
                      rng: dict[str, torch.Tensor], state: dict) -> Path:
     """`run_dir/checkpoints/step_<step>`: the trainable tensors of `model`, the optimizer, `rng` (all processes',
     `gather_rng`) and `state` (state.json, with the optimizer's scalars added); the `KEEP` newest are kept."""
-    ck = run_dir / "checkpoints" / f"step_{step}"
+    ck = RunDir(run_dir).step(step)
 
     def write(d: Path):
         save_file(trainable_state(model), str(d / "trainable.safetensors"))
         ot, ometa = optimizer_tensors(optimizer)
         save_file(ot, str(d / "optimizer.safetensors"))
         save_file({k: v.contiguous() for k, v in rng.items()}, str(d / "rng.safetensors"))
-        (d / "state.json").write_text(json.dumps({**state, "optimizer": ometa}))
+        (d / STATE_FILE).write_text(json.dumps({**state, "optimizer": ometa}))
 
     atomic_dir_write(ck, write)
-    for old in sorted((p for p in ck.parent.glob("step_*") if p.name.split("_")[1].isdigit()),
-                      key=lambda p: int(p.name.split("_")[1]))[:-KEEP]:
+    for old in RunDir(run_dir).step_dirs()[:-KEEP]:
         shutil.rmtree(old, ignore_errors=True)
     return ck
 
@@ -178,7 +185,7 @@ def read_checkpoint(ck: Path, model: torch.nn.Module, optimizer: torch.optim.Opt
                     ) -> tuple[dict, dict[str, torch.Tensor]]:
     """Load checkpoint `ck` into `model` (its trainable tensors: keys and shapes checked) and `optimizer`.
     Returns (state.json, every process's saved RNG states: pass them to `rng_of_rank`)."""
-    state = json.loads((ck / "state.json").read_text())
+    state = read_state(ck)
     load_trainable(ck, model)
     load_optimizer(optimizer, load_file(str(ck / "optimizer.safetensors")), state["optimizer"])
     return state, load_file(str(ck / "rng.safetensors"))
@@ -186,7 +193,7 @@ def read_checkpoint(ck: Path, model: torch.nn.Module, optimizer: torch.optim.Opt
 
 def is_step_checkpoint(path: Path) -> bool:
     """Whether `path` is a training checkpoint (`checkpoints/step_<n>/`) rather than a loadable model."""
-    return (Path(path) / "state.json").exists() and (Path(path) / "trainable.safetensors").exists()
+    return (Path(path) / STATE_FILE).exists() and (Path(path) / "trainable.safetensors").exists()
 
 
 def load_trainable(ck: Path, model: torch.nn.Module) -> None:

@@ -30,7 +30,7 @@ def answer(model, tok, cfg, question: str, *, mode: str, max_new_tokens: int | N
     import torch
 
     from kava.api import KavaModel
-    from kava.data.format import build_student_batch
+    from kava.decode import latent_pass, passes
     from kava.tools.inspect_latents import nearest_tokens
 
     km = model if isinstance(model, KavaModel) else KavaModel(model, tok, cfg, None, exported=False)
@@ -42,12 +42,13 @@ def answer(model, tok, cfg, question: str, *, mode: str, max_new_tokens: int | N
         torch.cuda.synchronize()
     dt = time.perf_counter() - t0
     steps = len(g.token_ids)  # decode steps: forward calls that emitted a token (eos included)
+    pre = passes(mode, student_mode=cfg.spec.student_mode, num_latents=M, num_sweeps=T)  # before the first step
     if mode != "latent":  # the prefill's logits give the first token: every pass is a decode step
-        pre, how = 0, ""
-    elif cfg.spec.student == "sequential":
-        pre, how = 1 + M, f"1 prefix + {M} sequential latents + "
+        how = ""
+    elif cfg.spec.student_mode == "sequential":
+        how = f"1 prefix + {M} sequential latents + "
     else:
-        pre, how = 1 + T, f"1 prefix + {T} sweeps + "
+        how = f"1 prefix + {T} sweeps + "
     lines = [f"answer: {g.text.strip()}", f"extracted: {g.answer}",
              f"forward passes: {g.forward_passes} ({how}{steps} decode steps)", f"time: {dt:.3f} s"]
     assert g.forward_passes == pre + steps, "forward-pass accounting disagrees with evaluate.generate"
@@ -55,10 +56,9 @@ def answer(model, tok, cfg, question: str, *, mode: str, max_new_tokens: int | N
         if mode != "latent":
             lines.append(f"(no latents in mode {mode})")
         else:
-            item = km.tokenize([question])[0]
-            sb = build_student_batch([item], model.ids, M, with_answer=False).to(model.special_rows.device)
             with torch.no_grad():
-                s = model.student_forward(sb, T, mode=cfg.spec.student_mode, with_answer=False)
+                _, s = latent_pass(model, km.tokenize([question]), num_latents=M, num_sweeps=T,
+                                   student_mode=cfg.spec.student_mode, round_width=False)
             for i, toks in enumerate(nearest_tokens(model, tok, s.latents[0], k=5), 1):
                 lines.append(f"latent {i:>2}: " + "  ".join(f"{t!r} {p:.3f}" for t, p in toks))
     return lines

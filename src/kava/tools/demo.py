@@ -21,6 +21,7 @@ from pathlib import Path
 
 import kava.evaluate
 import kava.train
+from kava.checkpoint.rundir import RunDir
 from kava.config import load_config
 from kava.data.pipeline import synthetic_dir
 from kava.diagnostics import DiagnosticsSpec
@@ -56,11 +57,11 @@ def run_demo(output: str | Path = "runs/demo", extra: list[str] | None = None, e
     for name in STAGES:
         cfg = stage_config(name, out, extra)
         rd = out / name
-        if (rd / "DONE").exists():
+        if RunDir(rd).finished():
             print(f"[demo] {name}: reusing the finished run in {rd}")
         else:
             print(f"[demo] {name}: training {cfg.method} for {cfg.optim.max_steps} steps ...", flush=True)
-            resume = rd if (rd / "checkpoints").exists() else None
+            resume = rd if RunDir(rd).checkpoints.exists() else None
             if resume is None and rd.exists():
                 shutil.rmtree(rd)
             ts = time.perf_counter()

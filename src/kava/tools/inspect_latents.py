@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from kava.data.format import Formatter, build_student_batch
+from kava.data.format import Formatter
+from kava.decode import latent_pass
 from kava.eviction import NEEDS_IMPORTANCE
 from kava.data.records import Record
 from kava.objective import kv_target_batch, teacher_kv_targets
@@ -91,9 +92,8 @@ def inspect_example(model, tokenizer, cfg, question: str, cot: str, answer: str,
     tb = kv_target_batch([item], model.ids, cfg).to(dev)
     t, tgt = teacher_kv_targets(model, tb, cfg, cfg.latent.num_latents, torch.Generator(device=dev).manual_seed(0),
                                 key_space=key_space)
-    sb = build_student_batch([item], model.ids, cfg.latent.num_latents, with_answer=False).to(dev)
-    s = model.student_forward(sb, cfg.latent.num_sweeps, mode=cfg.spec.student_mode,
-                              key_space=key_space, keep_sweeps="last", with_answer=False)
+    _, s = latent_pass(model, [item], num_latents=cfg.latent.num_latents, num_sweeps=cfg.latent.num_sweeps,
+                       student_mode=cfg.spec.student_mode, key_space=key_space, keep_sweeps="last", round_width=False)
     lk, lv = s.latent_k[-1][:, 0], s.latent_v[-1][:, 0]  # [L, Hkv, M, D]
     ck, cv = t.cot_k[:, 0], t.cot_v[:, 0]  # [L, Hkv, C, D]
     idx, slot_mask = tgt.idx, tgt.slot_mask

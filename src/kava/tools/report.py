@@ -22,6 +22,7 @@ from pathlib import Path
 
 import yaml
 
+from kava.checkpoint.rundir import RunDir
 from kava.spec import report_order
 
 METHOD_ORDER = report_order()  # nocot, cot, then the latent methods (`kava.spec`)
@@ -56,12 +57,13 @@ def _read_json(path: Path, notes: list[str]) -> dict | None:
 def load_run(path: str | Path) -> Run:
     """Everything a report needs from one run dir; what is missing is noted, not raised."""
     path = Path(path)
+    rd = RunDir(path)
     notes: list[str] = []
-    meta = _read_json(path / "meta.json", notes) if (path / "meta.json").exists() else None
+    meta = _read_json(rd.meta, notes) if rd.meta.exists() else None
     if meta is None:  # fall back on the resolved config so a run killed before meta.json still shows up
         notes.append(f"{path}: no usable meta.json; method, preset, seed and data read from config.yaml")
         try:
-            cfg = yaml.safe_load((path / "config.yaml").read_text(encoding="utf-8")) or {}
+            cfg = yaml.safe_load(rd.config.read_text(encoding="utf-8")) or {}
         except (OSError, yaml.YAMLError):
             cfg = {}
         cfg = cfg if isinstance(cfg, dict) else {}
@@ -69,7 +71,7 @@ def load_run(path: str | Path) -> Run:
                 "train_data": (cfg.get("data") or {}).get("source"), "seed": (cfg.get("run") or {}).get("seed")}
     run = Run(path, str(meta.get("method") or "unknown"), meta.get("preset"), str(meta.get("train_data") or "?"),
               meta.get("seed"), notes=notes)
-    for summ in sorted(path.glob("eval/*/summary.json")):
+    for summ in sorted(rd.eval.glob("*/summary.json")):
         s = _read_json(summ, notes)
         if s is not None and isinstance(s.get("accuracy"), (int, float)):
             name = str(s.get("dataset") or summ.parent.name)
@@ -82,7 +84,7 @@ def load_run(path: str | Path) -> Run:
             notes.append(f"{summ}: no numeric 'accuracy'")
     if not run.evals:
         notes.append(f"{path}: no eval results")
-    mpath = path / "metrics.jsonl"
+    mpath = rd.metrics
     if mpath.exists():
         bad = 0
         for line in mpath.read_text(encoding="utf-8").splitlines():
@@ -102,7 +104,7 @@ def find_run_dirs(paths: list[str | Path]) -> tuple[list[Path], list[str]]:
     """Run dirs among `paths`; a dir that is not a run (no meta.json/config.yaml/eval) but has runs below
     it (one level) is expanded, so ``kava report runs/`` works."""
     out, notes = [], []
-    is_run = lambda p: any((p / n).exists() for n in ("meta.json", "config.yaml", "eval", "metrics.jsonl"))
+    is_run = lambda p: any(f.exists() for f in (RunDir(p).meta, RunDir(p).config, RunDir(p).eval, RunDir(p).metrics))
     for p in map(Path, paths):
         if not p.is_dir():
             notes.append(f"{p}: not a directory, skipped")

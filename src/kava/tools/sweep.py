@@ -35,6 +35,7 @@ import yaml
 
 import kava.evaluate
 import kava.train
+from kava.checkpoint.rundir import RunDir
 from kava.checkpoint.state import latest_checkpoint
 from kava.config import Config, ConfigError, check_world_size, load_config, resolve_config_path
 from kava.data.readers import check_eval_sets
@@ -173,7 +174,7 @@ def config_diff(run: SweepRun) -> list[str]:
 
     run.output_dir is left out: `runs` and `./runs` name the same place, and the run dir is found anyway.
     """
-    p = run.run_dir / "config.yaml"
+    p = RunDir(run.run_dir).config
     if not p.exists():
         return []
     saved, want = _flat(yaml.safe_load(p.read_text()) or {}), _flat(run.cfg.to_dict())
@@ -182,11 +183,11 @@ def config_diff(run: SweepRun) -> list[str]:
 
 def run_status(run_dir: Path) -> str:
     """done (DONE written) | resume (a checkpoint) | restart (started, nothing to resume) | new."""
-    if (run_dir / "DONE").exists():
+    if RunDir(run_dir).finished():
         return "done"
     if latest_checkpoint(run_dir) is not None:
         return "resume"
-    return "restart" if (run_dir / "config.yaml").exists() else "new"
+    return "restart" if RunDir(run_dir).started() else "new"
 
 
 def check_resumable(runs: list[SweepRun]) -> None:
@@ -215,7 +216,7 @@ def plan_lines(runs: list[SweepRun]) -> list[str]:
 
 # ------------------------------------------------------------------------------------------------ local
 def _missing_evals(run_dir: Path, datasets: list[str]) -> list[str]:
-    return [d for d in datasets if not (run_dir / "eval" / d / "summary.json").exists()]
+    return [d for d in datasets if not (RunDir(run_dir).eval / d / "summary.json").exists()]
 
 
 def check_evals(runs: list[SweepRun], datasets: list[str], data_dir: str | None, hub: bool) -> str | None:

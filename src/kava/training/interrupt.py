@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from kava.checkpoint.rundir import RunDir
+
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
@@ -26,7 +28,7 @@ class TrainingInterrupted(KeyboardInterrupt):
         self.signum, self.run_dir, self.step = signum, run_dir, step
         name = signal.Signals(signum).name
         super().__init__(f"{name}: stopped at step {step} of {total}; checkpoint saved in "
-                         f"{run_dir / 'checkpoints' / f'step_{step}'}; continue with: kava train --resume {run_dir}")
+                         f"{RunDir(run_dir).step(step)}; continue with: kava train --resume {run_dir}")
 
     def __str__(self) -> str:
         return self.args[0]

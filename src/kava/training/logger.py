@@ -8,12 +8,15 @@ import json
 import secrets
 from pathlib import Path
 
+from kava.checkpoint.rundir import RunDir
+
+
 class MetricLogger:
     """JSONL (always) + TensorBoard + W&B + stdout backends; writes on the main process only."""
 
     def __init__(self, run_dir: Path, backends: list[str], enabled: bool, cfg):
         self.enabled = enabled
-        self.path = run_dir / "metrics.jsonl"
+        self.path = RunDir(run_dir).metrics
         self.tb = self.wandb = None
         self.stdout = "stdout" in backends
         if not enabled:
@@ -21,7 +24,7 @@ class MetricLogger:
         if "tensorboard" in backends:
             from torch.utils.tensorboard import SummaryWriter  # an opt-in backend (run.log), slow to import
 
-            self.tb = SummaryWriter(str(run_dir / "tb"))
+            self.tb = SummaryWriter(str(RunDir(run_dir).tb))
         if "wandb" in backends:
             self.wandb = wandb_init(run_dir, cfg)
 
@@ -63,9 +66,6 @@ class MetricLogger:
             self.wandb.finish()
 
 
-WANDB_FILE = "wandb.json"  # in the run dir: the W&B run id, so that `--resume` continues the same W&B run
-
-
 def wandb_init(run_dir: Path, cfg):
     """Start (or, when the run dir already names one, continue) the run's W&B run: `run.wandb_project`,
     `run.wandb_entity`, `run.wandb_tags`. The id is written before `wandb.init`, so a run killed at any
@@ -73,7 +73,7 @@ def wandb_init(run_dir: Path, cfg):
     are ones W&B already holds with the same values (resume is exact); W&B keeps the first copy."""
     import wandb  # optional (`pip install wandb`); a missing package is a one-line user error (`kava.cli.user_errors`)
 
-    path = run_dir / WANDB_FILE
+    path = RunDir(run_dir).wandb  # the W&B run id, so that `--resume` continues the same W&B run
     if path.exists():
         run_id = json.loads(path.read_text())["id"]
     else:

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from kava import curriculum
+from kava.checkpoint.rundir import RunDir
 
 
 def describe_model(cfg) -> str:
@@ -49,7 +50,7 @@ def start_summary(cfg, plan, *, run_dir: Path, world: int, data_desc: str, n_rec
     head = f"[kava] train {cfg.method}: " + (f"resuming at step {start_step} of {plan.total_steps}"
                                                if start_step else f"{plan.total_steps} steps")
     train_desc = (f"{n_examples} examples (of {n_records} records, after the length limits); "
-                  f"{skips.summary()}" + (f" (where: {run_dir / 'skips.json'})" if skips.total else ""))
+                  f"{skips.summary()}" + (f" (where: {RunDir(run_dir).skips})" if skips.total else ""))
     return [head] + plan_lines(cfg, plan, run_dir=run_dir, world=world, data_desc=data_desc, train_desc=train_desc,
                                n_valid=n_valid, valid_skips=valid_skips)
 
