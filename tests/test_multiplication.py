@@ -223,6 +223,9 @@ def test_driver_jobs_are_valid_configs_and_pack_keeps_no_weights(tmp_path, data_
         assert cfg.data.synth_task == "multiplication" and cfg.run.name == f"{name}-s42"
         assert cfg.data.valid_source.endswith("valid.txt") and len(cfg.data.synth_exclude) == 2
     assert set(d.expand("gate,icot")) == {"cot4", "nocot4", "cot5", "nocot5", "cot5-6l", "nocot5-6l", "icot4", "icot5"}
+    for name, dep in d.AFTER.items():  # a student starts from its CoT run of the same seed
+        assert f"model.init_from={d.run_dir(tmp_path, dep, 7)}" in d.job_sets(name, data_dir, tmp_path, 7, [])
+        assert d.method_of(dep) == "cot"
     run = tmp_path / "out" / "runs" / "cot4-s42"
     for f in ("config.yaml", "metrics.jsonl", "eval/mult4-test/summary.json", "best/model/model.safetensors",
               "checkpoints/step_5/state.json", "checkpoints/step_5/model.safetensors", "DONE"):

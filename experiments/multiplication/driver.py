@@ -53,10 +53,27 @@ JOBS: dict[str, tuple[str, list[str]]] = {
                                              "optim.micro_batch=512", "optim.lr=3e-4", "icot.reset_optimizer=false"]),
     "icot5-b512-lr1e4": ("mult5_scratch", ["method=icot", "icot.tokens_per_epoch=8", "optim.effective_batch=512",
                                            "optim.micro_batch=512", "optim.lr=1e-4"]),
+    # The 7-method table on 5x5: a CoT model that finishes (3,000 steps: 100% validation by step 2,000 on
+    # 2026-12-06), then every student from it (`AFTER`: started when its CoT run is DONE, initialised from it) for
+    # 3,000 more steps; No-CoT gets the same 6,000 steps (the budget rule: nobody trains fewer samples).
+    # Latent budgets that allow the serial work: M = 5 = the CoT steps, T = 3 and T = M; Coconut one thought per
+    # step; CODI its own 6 latents.
+    "cot5-base": ("mult5_scratch", ["method=cot", "optim.max_steps=3000"]),
+    "nocot5-6k": ("mult5_scratch", ["method=nocot", "optim.max_steps=6000"]),
+    "pccot5": ("mult5_scratch", ["method=pccot", "optim.max_steps=3000"]),
+    "kava5": ("mult5_scratch", ["method=kava", "optim.max_steps=3000"]),
+    "kava5-T5": ("mult5_scratch", ["method=kava", "optim.max_steps=3000", "latent.num_sweeps=5"]),
+    "codi5": ("mult5_scratch", ["method=codi", "optim.max_steps=3000", "latent.num_latents=6"]),
+    "coconut5": ("mult5_scratch", ["method=coconut", "optim.max_steps=3000", "coconut.epochs_per_stage=0.06"]),
+    # iCoT from the finished CoT model, all ~74 tokens removed within ~2,700 steps (a token every 37 steps)
+    "icot5-fromcot": ("mult5_scratch", ["method=icot", "optim.max_steps=3000", "icot.tokens_per_epoch=170"]),
 }
+AFTER = {name: "cot5-base" for name in ("pccot5", "kava5", "kava5-T5", "codi5", "coconut5", "icot5-fromcot")}
 GROUPS = {"gate": ["cot4", "nocot4", "cot5", "nocot5", "cot5-6l", "nocot5-6l"], "icot": ["icot4", "icot5"],
-          "icot-next": ["icot4-b512", "icot4-b512-lr1e4", "icot4-b512-noreset", "icot5-b512-lr1e4"]}
+          "icot-next": ["icot4-b512", "icot4-b512-lr1e4", "icot4-b512-noreset", "icot5-b512-lr1e4"],
+          "table5": ["cot5-base", "nocot5-6k", "pccot5", "kava5", "kava5-T5", "codi5", "coconut5", "icot5-fromcot"]}
 COMMON = ["optim.max_steps=20000", "run.eval_every=500", "run.save_every=500"]
+LATENT = {"pccot", "kava", "codi", "coconut"}
 
 
 def digits_of(preset: str) -> int:
@@ -67,9 +84,18 @@ def job_sets(name: str, data: Path, out: Path, seed: int, extra: list[str]) -> l
     preset, sets = JOBS[name]
     n = digits_of(preset)
     root = data / "multiplication" / f"{n}x{n}"
-    return [*COMMON, *sets, f"run.seed={seed}", f"run.output_dir={out / 'runs'}", f"run.name={name}-s{seed}",
+    init = [f"model.init_from={run_dir(out, AFTER[name], seed)}"] if name in AFTER else []
+    return [*COMMON, *sets, *init, f"run.seed={seed}", f"run.output_dir={out / 'runs'}", f"run.name={name}-s{seed}",
             f"data.valid_source={root / 'valid.txt'}",
             f"data.synth_exclude=[{root / 'valid.txt'}, {root / 'test_bigbench.txt'}]", *extra]
+
+
+def run_dir(out: Path, name: str, seed: int) -> Path:
+    return out / "runs" / f"{name}-s{seed}"
+
+
+def method_of(name: str) -> str:
+    return next(v.split("=", 1)[1] for v in JOBS[name][1] if v.startswith("method="))
 
 
 def train_cmd(name: str, data: Path, out: Path, seed: int, extra: list[str]) -> list[str]:
@@ -78,9 +104,12 @@ def train_cmd(name: str, data: Path, out: Path, seed: int, extra: list[str]) -> 
 
 
 def eval_cmd(name: str, data: Path, out: Path, seed: int) -> list[str]:
+    """The test evaluation of a job's best/; latent students also with the diagnostics (latents zeroed, shuffled,
+    the oracle, the KV match)."""
     n = digits_of(JOBS[name][0])
-    return KAVA + ["eval", "--checkpoint", str(out / "runs" / f"{name}-s{seed}"), "--datasets", f"mult{n}-test",
-                   "--data-dir", str(data), "--batch-size", "500"]
+    diag = ["--diagnostics"] if method_of(name) in LATENT else []
+    return KAVA + ["eval", "--checkpoint", str(run_dir(out, name, seed)), "--datasets", f"mult{n}-test",
+                   "--data-dir", str(data), "--batch-size", "500", *diag]
 
 
 def log(out: Path, **event) -> None:
@@ -99,43 +128,65 @@ def expand(jobs: str) -> list[str]:
 
 
 def run(args) -> None:
+    """Start every job of every seed whose dependency (`AFTER`) is done, stop what still trains at the deadline,
+    then evaluate each run's best/ on the test set."""
     out, data = Path(args.out).absolute(), Path(args.data).absolute()
     (out / "logs").mkdir(parents=True, exist_ok=True)
-    names, start = expand(args.jobs), time.time()
+    seeds = [int(x) for x in str(args.seeds).split(",")]
+    pending = [(name, seed) for seed in seeds for name in expand(args.jobs)]
+    start = time.time()
     deadline = start + args.budget
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    procs: dict[str, subprocess.Popen] = {}
-    for name in names:  # the first job of each size writes the shared data; the rest find it (`synthetic_dir`)
-        cmd = train_cmd(name, data, out, args.seed, args.set)
-        if args.dry_run:
-            print(" ".join(cmd))
-            continue
-        procs[name] = subprocess.Popen(cmd, stdout=open(out / "logs" / f"{name}.log", "w"), stderr=subprocess.STDOUT,
-                                       env=env)
-        log(out, event="start", job=name, pid=procs[name].pid, cmd=cmd)
-        time.sleep(args.stagger)
+    procs: dict[tuple[str, int], subprocess.Popen] = {}
+    stopped: set[tuple[str, int]] = set()
     if args.dry_run:
+        for name, seed in pending:
+            print(("after " + AFTER[name] + ": " if name in AFTER else "") +
+                  " ".join(train_cmd(name, data, out, seed, args.set)))
         return
-    stopped: set[str] = set()
-    while any(p.poll() is None for p in procs.values()):
+    while pending or any(p.poll() is None for p in procs.values()):
+        for name, seed in list(pending):
+            dep = AFTER.get(name)
+            if dep is not None:
+                dep_proc = procs.get((dep, seed))
+                if (run_dir(out, dep, seed) / "DONE").exists():
+                    pass  # ready: the CoT model it starts from is final
+                elif dep_proc is not None and dep_proc.poll() is not None or (dep, seed) not in procs and \
+                        (dep, seed) not in pending:
+                    pending.remove((name, seed))  # its CoT model failed, was stopped or is not part of this run
+                    log(out, event="not started", job=name, seed=seed, why=f"{dep}-s{seed} did not finish")
+                    continue
+                else:
+                    continue
+            if time.time() > deadline:
+                pending.remove((name, seed))
+                log(out, event="not started", job=name, seed=seed, why="deadline")
+                continue
+            cmd = train_cmd(name, data, out, seed, args.set)
+            procs[(name, seed)] = subprocess.Popen(cmd, stdout=open(out / "logs" / f"{name}-s{seed}.log", "w"),
+                                                   stderr=subprocess.STDOUT, env=env)
+            pending.remove((name, seed))
+            log(out, event="start", job=name, seed=seed, pid=procs[(name, seed)].pid, cmd=cmd)
+            time.sleep(args.stagger)
         if time.time() > deadline:
-            for name, p in procs.items():
-                if p.poll() is None and name not in stopped:
+            for key, p in procs.items():
+                if p.poll() is None and key not in stopped:
                     p.send_signal(signal.SIGTERM)  # kava saves a checkpoint at the step boundary and exits 143
-                    stopped.add(name)
-                    log(out, event="deadline", job=name)
+                    stopped.add(key)
+                    log(out, event="deadline", job=key[0], seed=key[1])
         time.sleep(5)
-    for name, p in procs.items():
-        log(out, event="end", job=name, rc=p.returncode, stopped=name in stopped, wall_s=round(time.time() - start))
+    for (name, seed), p in procs.items():
+        log(out, event="end", job=name, seed=seed, rc=p.returncode, stopped=(name, seed) in stopped,
+            wall_s=round(time.time() - start))
     evals = {}
-    for name in names:
-        if (out / "runs" / f"{name}-s{args.seed}" / "best").exists():
-            evals[name] = subprocess.Popen(eval_cmd(name, data, out, args.seed), env=env, stderr=subprocess.STDOUT,
-                                           stdout=open(out / "logs" / f"{name}.eval.log", "w"))
+    for name, seed in procs:
+        if (run_dir(out, name, seed) / "best").exists():
+            evals[(name, seed)] = subprocess.Popen(eval_cmd(name, data, out, seed), env=env, stderr=subprocess.STDOUT,
+                                                   stdout=open(out / "logs" / f"{name}-s{seed}.eval.log", "w"))
         else:
-            log(out, event="no best/ to evaluate", job=name)
-    for name, p in evals.items():
-        log(out, event="eval", job=name, rc=p.wait())
+            log(out, event="no best/ to evaluate", job=name, seed=seed)
+    for (name, seed), p in evals.items():
+        log(out, event="eval", job=name, seed=seed, rc=p.wait())
     log(out, event="all done", wall_s=round(time.time() - start))
 
 
@@ -177,7 +228,7 @@ def main() -> None:
     r.add_argument("--out", required=True)
     r.add_argument("--jobs", default="gate,icot", help="job names or groups, comma-separated")
     r.add_argument("--budget", type=float, default=1000, help="seconds until every job still training is stopped")
-    r.add_argument("--seed", type=int, default=42)
+    r.add_argument("--seeds", default="42", help="comma-separated: every job runs once per seed")
     r.add_argument("--stagger", type=float, default=2.0, help="seconds between job starts")
     r.add_argument("--set", action="append", default=[], help="extra --set for every job")
     r.add_argument("--dry-run", action="store_true")

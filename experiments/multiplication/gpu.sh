@@ -37,7 +37,7 @@ start)
       echo "MPS: on"; else echo quit | nvidia-cuda-mps-control; unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY; echo "MPS: off"; fi
   fi
   cd $S && PYTHONPATH=$S/src PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True setsid nohup python3 driver.py run \
-    --data $S/data --out $S/out --jobs ${JOBS:-gate,icot} --budget ${BUDGET:-1000} ${EXTRA:-} \
+    --data $S/data --out $S/out --jobs ${JOBS:-gate,icot} --budget ${BUDGET:-1000} ${SEEDS:+--seeds $SEEDS} ${EXTRA:-} \
     > $S/driver.log 2>&1 < /dev/null &
   cd - >/dev/null
   end=$(( $(date +%s) + ${2:-500} ))
