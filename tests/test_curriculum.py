@@ -29,7 +29,8 @@ TINY = [
     "run.log=[jsonl]", "run.log_every=1", "run.eval_max_cot_tokens=24", "run.eval_max_new_tokens=6",
 ]
 # 600 examples / 8 = 75 steps per epoch; 0.08 epochs per stage = 6 steps: stages 0, 1, 2, 3 (= all) in 20 steps
-COCONUT = ["method=coconut", "latent.num_latents=4", "latent.projection=identity", "coconut.thoughts_per_step=2",
+COCONUT = ["method=coconut", "coconut.reset_every=stage", "latent.num_latents=4", "latent.projection=identity",
+           "coconut.thoughts_per_step=2",
            "coconut.max_stages=2", "coconut.epochs_per_stage=0.08"]
 
 
@@ -176,6 +177,18 @@ def test_optimizer_resets_at_each_stage_change(tmp_path):
                    for s in range(40))
     ic = cfg_of(tmp_path, "method=icot", "icot.tokens_per_epoch=8")
     assert [s for s in range(1, 30) if curriculum.reset_due(ic, s, 75)] == [9, 18, 27]  # a token every round(75 / 8)
+
+
+def test_coconut_resets_at_every_epoch_by_default_as_the_official_run_py(tmp_path):
+    """The official Coconut run.py re-creates AdamW at every epoch start when reset_optimizer is set, stage change
+    or not (here 3 epochs per stage, and after the last stage too); `coconut.reset_every=stage` resets at stage
+    changes only."""
+    base = [c for c in COCONUT if not c.startswith(("coconut.reset_every", "coconut.epochs_per_stage"))]
+    cfg = cfg_of(tmp_path, *base, "coconut.epochs_per_stage=3")
+    assert cfg.coconut.reset_every == "epoch"
+    assert [s for s in range(1, 800) if curriculum.reset_due(cfg, s, 75)] == list(range(75, 800, 75))
+    stage = cfg_of(tmp_path, *base, "coconut.epochs_per_stage=3", "coconut.reset_every=stage")
+    assert [s for s in range(1, 800) if curriculum.reset_due(stage, s, 75)] == [225, 450, 675]
 
 
 def test_icot_no_reset_once_every_cot_is_gone(tmp_path):

@@ -81,7 +81,9 @@ class CoconutConfig:
     thoughts_per_step: int = 2  # c
     max_stages: int = 3  # stages after the last one replace every step (latent.num_latents = max_stages · c)
     epochs_per_stage: float = 3.0
-    reset_optimizer: bool = True  # a fresh AdamW state at each stage change
+    reset_optimizer: bool = True  # a fresh AdamW state at each `reset_every` boundary
+    # "epoch": at every epoch start, as the official run.py with reset_optimizer; "stage": at stage changes only
+    reset_every: Literal["epoch", "stage"] = "epoch"
     mix_prob: float = 0.0  # share of examples trained at a random stage (official `uniform_prob`)
     pad_latents_to_max: bool = True  # past the last stage every example gets max_stages · c thoughts
 

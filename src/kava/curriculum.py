@@ -156,6 +156,8 @@ def reset_due(cfg, step: int, steps_per_epoch: int, previous: Callable[[], StepE
         grew = icot_scheduled(step, steps_per_epoch, cfg.icot) != icot_scheduled(step - 1, steps_per_epoch, cfg.icot)
         return cfg.icot.reset_optimizer and grew and not (previous is not None and previous().all_cot_removed)
     cc = cfg.coconut
+    if cc.reset_every == "epoch":  # the official run.py re-creates AdamW at every epoch start
+        return cc.reset_optimizer and step % steps_per_epoch == 0
     last = cc.max_stages + 1  # every stage from here on has the same layout: no more resets
     return cc.reset_optimizer and (min(coconut_stage(step, steps_per_epoch, cc), last)
                                    != min(coconut_stage(step - 1, steps_per_epoch, cc), last))
@@ -182,7 +184,7 @@ def describe(cfg, steps_per_epoch: int) -> str | None:
         return (f"coconut: {cc.max_stages} stages of {coconut_steps_per_stage(steps_per_epoch, cc)} steps, "
                 f"{cc.thoughts_per_step} thoughts per CoT step, then every step replaced "
                 f"({cc.max_stages * cc.thoughts_per_step} thoughts); optimizer reset "
-                f"{'at each stage' if cc.reset_optimizer else 'never'}; mix_prob {cc.mix_prob}")
+                f"{'at each ' + cc.reset_every if cc.reset_optimizer else 'never'}; mix_prob {cc.mix_prob}")
     if kind == "icot":
         ic = cfg.icot
         every = "never" if ic.remove_all_beyond is None else f"from {ic.remove_all_beyond} tokens on"
