@@ -365,3 +365,33 @@ def test_lora_on_the_lm_head_with_dropout_is_refused():
     with pytest.raises(ConfigError, match="lora.target_modules: lm_head with lora.dropout"):
         load_config("tiny_synth", ["lora.r=4", "lora.dropout=0.1", "lora.target_modules=[q_proj,lm_head]"])
     load_config("tiny_synth", ["lora.r=4", "lora.dropout=0.0", "lora.target_modules=[q_proj,lm_head]"])
+
+
+def test_allowed_values_come_from_their_owners():
+    """The config's allowed values are the tuples of the modules that dispatch on them, not a second spelling: a new
+    projection, importance rule, query mode, CODI position, CoT style or synthetic task is added in one place."""
+    from typing import get_args
+
+    from kava import config as c
+    from kava.data import format as data_format
+    from kava.data import readers, synthetic
+    from kava.model import reasoner
+
+    def allowed(section, key):
+        return get_args(section.__annotations__[key] if not isinstance(section.__annotations__[key], str)
+                        else eval(section.__annotations__[key], vars(c)))
+
+    assert allowed(c.LatentConfig, "projection") == reasoner.PROJECTIONS
+    assert allowed(c.EvictionConfig, "importance_softmax") == reasoner.IMPORTANCE_SOFTMAX
+    assert allowed(c.EvictionConfig, "importance_queries") == data_format.QUERY_MODES
+    assert allowed(c.LossConfig, "codi_position") == data_format.CODI_POSITIONS
+    assert allowed(c.DataConfig, "cot_style") == (*readers.COT_STYLES, "both")
+    assert allowed(c.DataConfig, "synth_task") == synthetic.SYNTH_TASKS
+    # spelled as the owner's name in kava/config.py (equal values written out again would drift apart later)
+    owners = {(c.LatentConfig, "projection"): "reasoner.PROJECTIONS",
+              (c.EvictionConfig, "importance_softmax"): "reasoner.IMPORTANCE_SOFTMAX",
+              (c.EvictionConfig, "importance_queries"): "data_format.QUERY_MODES",
+              (c.LossConfig, "codi_position"): "data_format.CODI_POSITIONS",
+              (c.DataConfig, "cot_style"): "readers.COT_STYLES", (c.DataConfig, "synth_task"): "synthetic.SYNTH_TASKS"}
+    for (section, key), owner in owners.items():
+        assert owner in str(section.__annotations__[key]), (key, section.__annotations__[key])

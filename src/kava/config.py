@@ -22,7 +22,9 @@ import torch
 import yaml
 
 from kava import eviction, losses
-from kava.data import readers
+from kava.data import format as data_format
+from kava.data import readers, synthetic
+from kava.model import reasoner
 from kava.model.capture import ATTN_CHOICES
 from kava.model.families import FAMILIES
 from kava.spec import KV_METHODS, METHODS, spec_of
@@ -68,7 +70,7 @@ class LoraSection:
 class LatentConfig:
     num_latents: int = 24  # M
     num_sweeps: int = 3  # T (0 = pause tokens)
-    projection: Literal["mlp", "identity"] = "mlp"
+    projection: Literal[reasoner.PROJECTIONS] = "mlp"
     proj_hidden: int | None = None  # MLP width; None = the model's hidden size
     proj_layernorm: bool = True  # CODI's projection ends with a LayerNorm
 
@@ -103,11 +105,11 @@ class IcotConfig:
 class EvictionConfig:
     method: Literal[EVICTION_METHODS] = "rkv"
     lam: float = 0.1  # λ: weight of importance vs redundancy
-    importance_queries: Literal["answer", "cot_tail"] = "answer"
+    importance_queries: Literal[data_format.QUERY_MODES] = "answer"
     cot_tail_window: int = 8  # α: the last α CoT positions as queries when importance_queries=cot_tail
     # "cot": the paper's Listing 1 (softmax of the query rows' logits over the CoT keys only);
     # "prefix": the model's own softmax over every visible key, restricted to the CoT columns afterwards.
-    importance_softmax: Literal["cot", "prefix"] = "cot"
+    importance_softmax: Literal[reasoner.IMPORTANCE_SOFTMAX] = "cot"
 
 
 @dataclass
@@ -125,7 +127,7 @@ class LossConfig:
     codi_layers: list[int] | None = None  # None = all transformer layers
     # Where L_CODI compares teacher and student: "answer" = the position that predicts the first
     # non-whitespace answer token (as the official CODI code); "prompt" = the last answer-prompt token.
-    codi_position: Literal["answer", "prompt"] = "answer"
+    codi_position: Literal[data_format.CODI_POSITIONS] = "answer"
 
 
 @dataclass
@@ -139,7 +141,7 @@ class DataConfig:
     steps_field: str = "steps"
     answer_field: str = "answer"
     # for synthetic data and GSM8k-style JSONL; "both" (synthetic only) trains on each problem in both styles
-    cot_style: Literal["equation", "nl", "both"] = "equation"
+    cot_style: Literal[(*readers.COT_STYLES, "both")] = "equation"
     drop_last_step: bool = True
     answer_prompt: str = "The answer is:"
     max_question_tokens: int = 256
@@ -155,7 +157,7 @@ class DataConfig:
     # arithmetic: multi-step word problems; pointer: k-hop pointer chasing over synth_num_symbols symbols,
     # k in [synth_min_steps, synth_max_steps] (the hard split: synth_max_steps + 1 .. + 2); multiplication:
     # iCoT's synth_digits x synth_digits products (kava.data.multiplication)
-    synth_task: Literal["arithmetic", "pointer", "multiplication"] = "arithmetic"
+    synth_task: Literal[synthetic.SYNTH_TASKS] = "arithmetic"
     synth_train_size: int = 20000
     synth_eval_size: int = 500
     synth_min_steps: int = 2

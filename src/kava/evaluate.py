@@ -25,7 +25,7 @@ from kava.checkpoint.load import Loaded, load_any, load_plain
 from kava.checkpoint.rundir import RunDir, read_state
 from kava.data.format import Formatter
 from kava.data.pipeline import find_synthetic_dir
-from kava.data.readers import check_eval_sets, is_data_file, load_eval_dataset
+from kava.data.readers import COT_STYLES, check_eval_sets, is_data_file, load_eval_dataset
 from kava.data.records import Record, SkipLog
 from kava.decode import generate_for_config, sequence_length
 from kava.diagnostics import (check_shards, diagnose_batch, eval_chunks, format_diagnostics, require_latent,
@@ -219,7 +219,7 @@ def evaluate_run(checkpoint: str | Path | None, datasets: list[str], *, data_dir
         if root is None and not hub and name.startswith("synth-") and cfg.data.source == "synthetic":
             root = find_synthetic_dir(cfg, None if km.exported else km.run_dir)
         # the CoT (used by the oracle diagnostics) in the style the run trained on
-        style = cfg.data.cot_style if cfg.data.cot_style in ("equation", "nl") else "equation"
+        style = cfg.data.cot_style if cfg.data.cot_style in COT_STYLES else COT_STYLES[0]
         skips = SkipLog()
         records, desc = load_eval_dataset(name, root, hub=hub, cot_style=style, skips=skips)
         label = dataset_label(name)

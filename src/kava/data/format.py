@@ -30,6 +30,8 @@ from kava.data.records import Record, SkipLog
 IGNORE = -100
 UNLIMITED = 10**9  # a length limit that never binds (evaluation, inspection, the Python API)
 SPECIAL_TOKENS = ("<bot>", "<eot>", "<latent>")
+QUERY_MODES = ("answer", "cot_tail")  # `eviction.importance_queries`: the rows whose attention scores the CoT keys
+CODI_POSITIONS = ("answer", "prompt")  # `loss.codi_position` (`codi_columns`)
 
 
 @dataclass(frozen=True)
@@ -365,8 +367,8 @@ def codi_columns(items: list[Tokenized], prompt_last: list[int], codi_position: 
     at the position that predicts a constant ' ' distils nothing about the answer.
     "prompt": the last answer-prompt token, whatever it predicts.
     """
-    if codi_position not in ("answer", "prompt"):
-        raise ValueError(f"loss.codi_position: {codi_position!r}; allowed values: answer, prompt")
+    if codi_position not in CODI_POSITIONS:
+        raise ValueError(f"loss.codi_position: {codi_position!r}; allowed values: {', '.join(CODI_POSITIONS)}")
     lead = [it.answer_lead if codi_position == "answer" else 0 for it in items]
     return torch.tensor([p + n for p, n in zip(prompt_last, lead)])
 
@@ -402,7 +404,7 @@ def build_teacher_batch(items: list[Tokenized], ids: SpecialIds, *, with_cot: bo
         elif query_mode == "cot_tail":  # the last α CoT positions, as R-KV does at decode time
             q_k.append(list(range(max(n_q, n_q + n_c - tail_window), n_q + n_c)))
         else:
-            raise ValueError(f"eviction.importance_queries: {query_mode!r}; allowed values: answer, cot_tail")
+            raise ValueError(f"eviction.importance_queries: {query_mode!r}; allowed values: {', '.join(QUERY_MODES)}")
     B = len(items)
     S = max(len(s) for s in seqs) if widths is None else widths.q + widths.c + widths.a
     if widths is None or not widths.static:

@@ -29,6 +29,7 @@ from kava.data.records import DataError, Record, SkipLog
 
 FORMATS = ("auto", "icot", "multiplication", "gsm8k", "gsm_hard", "svamp", "jsonl", "hub")
 ANSWER_PROMPT = "The answer is:"
+COT_STYLES = ("equation", "nl")  # GSM8k's calculator annotations, or its solution sentences (`data.cot_style`)
 
 EQUATION_RE = re.compile(r"<<[^>]*>>")
 _NUMBER_RE = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
@@ -476,7 +477,7 @@ def read_gsm8k_jsonl(
     path: str | Path, cot_style: str = "equation", skips: SkipLog | None = None, limit: int | None = None
 ) -> list[Record]:
     """GSM8k JSONL. ``equation``: the ``<<expr=result>>`` annotations; ``nl``: solution lines without them."""
-    if cot_style not in ("equation", "nl"):
+    if cot_style not in COT_STYLES:
         raise DataError(f"cot_style must be 'equation' or 'nl', got {cot_style!r}")
     return _read_objects(path, _row_gsm8k, skips, limit, cot_style=cot_style)
 
@@ -752,7 +753,7 @@ def load_records(
     """
     if format not in FORMATS:
         raise DataError(f"unknown data format {format!r}; expected one of {FORMATS}")
-    if cot_style not in ("equation", "nl"):
+    if cot_style not in COT_STYLES:
         raise DataError(f"cot_style must be 'equation' or 'nl', got {cot_style!r}")
     if skips is None:
         skips = SkipLog(strict=strict)

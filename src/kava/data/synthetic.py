@@ -26,6 +26,9 @@ import random
 from collections.abc import Sequence
 from pathlib import Path
 
+# `data.synth_task`: the generated tasks, this module's two and `kava.data.multiplication` (`kava.data.pipeline`
+# dispatches on them)
+SYNTH_TASKS = ("arithmetic", "pointer", "multiplication")
 GENERATOR_VERSION = "kava-synthetic-1"
 SPLITS = ("valid", "test", "hard", "varied", "train")  # generation order: eval splits claim questions first
 DEFAULT_SIZES = {"train": 20000, "valid": 500, "test": 1000, "hard": 1000, "varied": 1000}

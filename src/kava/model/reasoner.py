@@ -24,6 +24,9 @@ from kava.data.format import SpecialIds, StudentBatch, TeacherBatch
 from kava.model import capture
 from kava.model.capture import ImportanceCapture
 from kava.model.compat import cache_kwarg
+
+PROJECTIONS = ("mlp", "identity")  # `latent.projection`: CODI's MLP, or the hidden state as it is (Coconut)
+IMPORTANCE_SOFTMAX = ("cot", "prefix")  # `eviction.importance_softmax` (docs/method.md §3)
 from kava.model.families import check_window, sliding_window, text_config
 from kava.model.rope import LayerRopes, RopeUnsupported
 
@@ -43,7 +46,7 @@ class Projection(nn.Module):
                 layers.append(nn.LayerNorm(d))
             self.net = nn.Sequential(*layers)
         else:
-            raise ValueError(f"latent.projection: {kind!r}; allowed values: mlp, identity")
+            raise ValueError(f"latent.projection: {kind!r}; allowed values: {', '.join(PROJECTIONS)}")
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return self.net(h)
@@ -384,7 +387,8 @@ class LatentReasoner(nn.Module):
             elif importance_softmax == "prefix":
                 key_mask = None
             else:
-                raise ValueError(f"eviction.importance_softmax: {importance_softmax!r}; allowed values: cot, prefix")
+                raise ValueError(f"eviction.importance_softmax: {importance_softmax!r}; allowed values: "
+                                 f"{', '.join(IMPORTANCE_SOFTMAX)}")
             rows = (tb.query_idx - W).clamp(min=0)  # rows of this pass (padding rows, invalid, point at 0)
             with ImportanceCapture(rows, tb.query_valid, key_mask) as cap:
                 out = self.run(x[:, W:], tb.mask, tb.pos[:, W:], cache, hidden_states=True)
