@@ -599,7 +599,7 @@ def test_eval_takes_a_plain_model_and_a_peft_adapter_in_cot_and_nocot_mode(tmp_p
     got = {}
     for name, argv in {"base-cot": ["--checkpoint", "base", "--mode", "cot"],
                        "base-nocot": ["--checkpoint", "base", "--mode", "nocot"],
-                       "adapter-nocot": ["--checkpoint", "adapter", "--mode", "nocot"],
+                       "base+adapter-nocot": ["--checkpoint", "adapter", "--mode", "nocot"],
                        "via-args": ["--model-args", "pretrained=base,peft=adapter", "--mode", "nocot",
                                     "--output", "via-args"]}.items():
         assert cli(["eval", *argv, "--datasets", str(test), "--max-new-tokens", "4"]) == 0
@@ -611,13 +611,57 @@ def test_eval_takes_a_plain_model_and_a_peft_adapter_in_cot_and_nocot_mode(tmp_p
         got[name] = [json.loads(ln)["generated"] for ln in (d / "predictions.jsonl").read_text().splitlines()]
     assert got["base-cot"] == _reference(tmp_path / "base", recs, "cot")
     assert got["base-nocot"] == _reference(tmp_path / "base", recs, "nocot")
-    assert got["adapter-nocot"] == got["via-args"] == _reference(tmp_path / "base", recs, "nocot",
-                                                                 adapter=tmp_path / "adapter")
-    assert got["adapter-nocot"] != got["base-nocot"]  # the adapter is applied
+    assert got["base+adapter-nocot"] == got["via-args"] == _reference(tmp_path / "base", recs, "nocot",
+                                                                      adapter=tmp_path / "adapter")
+    assert got["base+adapter-nocot"] != got["base-nocot"]  # the adapter is applied
     run = load_run(tmp_path / "runs" / "base-nocot")
     assert run.method == "nocot" and run.evals["my_test"]["count"] == 3
     assert cli(["eval", "--checkpoint", "base", "--mode", "latent", "--datasets", str(test)]) == 2
     assert "a plain model (no kava training) has no latent mode" in capsys.readouterr().err
+
+
+def test_a_peft_evaluation_has_its_own_folder_and_records_its_model_args(tmp_path, monkeypatch, capsys):
+    """`--model-args pretrained=D` and `pretrained=D,peft=A` wrote the same runs/D-nocot/eval/<set>/ (the
+    adapter's numbers replaced the base's, and `kava report` showed them as the base's). Each model identity
+    (base, adapter, GGUF file) has its folder; summary.json and the folder's meta.json record the model args;
+    `--checkpoint ADAPTER` is the same model as `pretrained=BASE,peft=ADAPTER`, and a folder of the same name
+    holding another model is refused."""
+    import json
+
+    from kava.cli import main as cli
+    from kava.tools.report import aggregate, find_run_dirs
+
+    _plain_model(tmp_path)
+    test = tmp_path / "t.jsonl"
+    test.write_text("".join(json.dumps({"question": q, "answer": f"#### {n}"}) + "\n" for q, n in [
+        ("Tom has 3 apples . He buys 4 more . How many ?", 7), ("Tom has 12 apples .", 12)]))
+    monkeypatch.chdir(tmp_path)
+    common = ["--mode", "nocot", "--datasets", str(test), "--max-new-tokens", "4"]
+    assert cli(["eval", "--model-args", "pretrained=base", *common]) == 0
+    assert cli(["eval", "--model-args", "pretrained=base,peft=adapter", *common]) == 0
+    base, adapted = tmp_path / "runs" / "base-nocot", tmp_path / "runs" / "base+adapter-nocot"
+    sb = json.loads((base / "eval" / "t" / "summary.json").read_text())
+    sa = json.loads((adapted / "eval" / "t" / "summary.json").read_text())
+    assert sb["model_args"] == {"pretrained": str(tmp_path / "base")}
+    assert sa["model_args"] == {"pretrained": str(tmp_path / "base"), "peft": str(tmp_path / "adapter")}
+    assert json.loads((adapted / "meta.json").read_text())["model_args"] == sa["model_args"]
+    preds = lambda d: (d / "eval" / "t" / "predictions.jsonl").read_text()  # noqa: E731
+    assert preds(base) != preds(adapted)  # the base's evaluation is still the base's
+    assert sorted(r["group"] for r in aggregate(find_run_dirs([tmp_path / "runs"])[0])) == ["base+adapter-nocot",
+                                                                                           "base-nocot"]
+    before = preds(adapted)
+    assert cli(["eval", "--checkpoint", "adapter", *common]) == 0  # the same model: the same folder
+    assert preds(adapted) == before and sorted(p.name for p in (tmp_path / "runs").iterdir()) == [
+        "base+adapter-nocot", "base-nocot"]
+    # another model whose directory is also called "base": refused, not mixed in
+    (tmp_path / "other").mkdir()
+    import shutil
+
+    shutil.copytree(tmp_path / "base", tmp_path / "other" / "base")
+    capsys.readouterr()
+    assert cli(["eval", "--model-args", f"pretrained={tmp_path / 'other' / 'base'}", *common]) == 2
+    assert "holds the evaluations of another model" in capsys.readouterr().err
+    assert json.loads((base / "eval" / "t" / "summary.json").read_text()) == sb
 
 
 @pytest.mark.parametrize("datasets, expect", [

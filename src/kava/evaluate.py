@@ -21,7 +21,7 @@ from accelerate import PartialState
 from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
-from kava.checkpoint.load import Loaded, load_any, load_plain
+from kava.checkpoint.load import Loaded, load_any, load_plain, plain_identity, plain_name
 from kava.checkpoint.rundir import RunDir, read_state
 from kava.data.format import Formatter
 from kava.data.pipeline import find_synthetic_dir
@@ -175,11 +175,19 @@ def _slug(text: str) -> str:
 
 
 def default_eval_root(km, mode: str) -> Path:
-    """Where `kava eval` writes without --output: `RUN/eval` for a kava run or export; for a plain model (or
-    adapter) `runs/<name>-<mode>/eval`, beside kava's runs, with a meta.json that `kava report runs/` reads."""
+    """Where `kava eval` writes without --output: `RUN/eval` for a kava run or export; for a plain model
+    `runs/<name>-<mode>/eval`, beside kava's runs, with a meta.json that `kava report runs/` reads. The name is
+    the model's identity (`kava.checkpoint.load.plain_name`: the base, its GGUF file, its peft adapter), so an
+    adapter's evaluation never lands in its base model's folder; a folder whose meta.json names another model
+    (two bases of one directory name) is refused."""
     if km.kind != "plain":
         return RunDir(km.run_dir).eval
-    return RunDir(Path("runs") / f"{_slug(km.source.name if km.source.exists() else str(km.source))}-{mode}").eval
+    rd = RunDir(Path("runs") / f"{_slug(plain_name(km.model_args))}-{mode}")
+    other = rd.read_meta().get("model_args")
+    if other is not None and other != km.model_args:
+        raise ValueError(f"{rd.path} holds the evaluations of another model ({other}), not of {km.model_args}; "
+                         "give --output DIR")
+    return rd.eval
 
 
 def evaluate_run(checkpoint: str | Path | None, datasets: list[str], *, data_dir=None, hub: bool = False, mode=None,
@@ -207,7 +215,8 @@ def evaluate_run(checkpoint: str | Path | None, datasets: list[str], *, data_dir
     if model_args is not None:
         args = dict(model_args)
         km = Loaded(*load_plain(args.pop("pretrained"), mode=mode, device=state.device, **args),
-                    Path(model_args["pretrained"]), exported=False, kind="plain")
+                    Path(model_args["pretrained"]), exported=False, kind="plain",
+                    model_args=plain_identity(model_args))
     else:
         km = load_any(checkpoint, device=state.device, mode=mode)
     cfg = km.cfg
@@ -244,7 +253,8 @@ def evaluate_run(checkpoint: str | Path | None, datasets: list[str], *, data_dir
             summary = summarize(rows, max(walls), s["mode"])
             summary.update({"dataset": label, "description": desc, "hardware": hardware(),
                             "processes": state.num_processes, "checkpoint": str(km.source), "config_hash": cfg.hash(),
-                            "method": cfg.method, "model_kind": km.kind, "skipped": skips.as_dict()})
+                            "method": cfg.method, "model_kind": km.kind, "model_args": km.model_args,
+                            "skipped": skips.as_dict()})
             if step is not None:
                 summary["checkpoint_step"] = step
             if len(records) < available:
@@ -253,7 +263,7 @@ def evaluate_run(checkpoint: str | Path | None, datasets: list[str], *, data_dir
             if km.kind == "plain" and not output:  # `kava report runs/` lists the base model beside the runs
                 RunDir(out_root.parent).meta.write_text(json.dumps({
                     "method": cfg.method, "preset": out_root.parent.name, "train_data": "none (not trained by kava)",
-                    "model": str(km.source)}, indent=2))
+                    "model": str(km.source), "model_args": km.model_args}, indent=2))
             results[label] = summary
             print(f"{label}: accuracy {summary['accuracy']:.4f} ± {summary['accuracy_stderr']:.4f} "
                   f"({summary['count']} problems: {desc}); flexible {summary['accuracy_flexible']:.4f} ± "

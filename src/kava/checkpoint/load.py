@@ -267,6 +267,34 @@ def parse_model_args(text: str) -> dict:
     return out
 
 
+def plain_identity(model_args: dict) -> dict:
+    """What makes a plain model (`load_plain`'s arguments) one model: pretrained, peft, gguf_file, tokenizer,
+    trust_remote_code, the ones given, a local path made absolute (a hub id kept). Two evaluations are of the
+    same model when these are equal; summary.json records them as "model_args"."""
+    out = {}
+    for key in ("pretrained", "peft", "gguf_file", "tokenizer", "trust_remote_code"):
+        value = model_args.get(key)
+        if value in (None, False, ""):
+            continue
+        out[key] = local_or_hub(value) if key in ("pretrained", "peft", "tokenizer") else value
+    return out
+
+
+def plain_name(identity: dict) -> str:
+    """A readable name of a plain model (`plain_identity`): the base's directory name (or hub id), then
+    `+<GGUF file stem>`, `+<adapter directory name>` and `+tok-<tokenizer name>` when given, e.g.
+    `Llama-3.2-1B+my-adapter`."""
+    name = lambda v: Path(v).name if Path(v).exists() else v  # noqa: E731
+    parts = [name(identity["pretrained"])]
+    if identity.get("gguf_file"):
+        parts.append(Path(identity["gguf_file"]).stem)
+    if identity.get("peft"):
+        parts.append(name(identity["peft"]))
+    if identity.get("tokenizer"):
+        parts.append("tok-" + name(identity["tokenizer"]))
+    return "+".join(parts)
+
+
 @dataclass
 class Loaded:
     """A model with its tokenizer and config, and where it came from."""
@@ -277,6 +305,7 @@ class Loaded:
     source: Path  # the checkpoint directory (a run's best/ or final/, a step_<n>), the export directory, or the model
     exported: bool
     kind: str = "run"  # run (best/, final/, a saved model) | step | export | plain (a HF model, with its peft adapter)
+    model_args: dict | None = None  # a plain model's identity (`plain_identity`); None for a kava model
 
     @property
     def run_dir(self) -> Path:
@@ -303,10 +332,12 @@ def load_any(path: str | Path, *, device: str | torch.device | None = None, dtyp
         p = p.parent
     if p.is_dir() and not any(has_model(c) for c in (p, RunDir(p).best, RunDir(p).final)):
         if (p / "adapter_config.json").exists():
-            return Loaded(*load_plain(adapter_base(p), peft=str(p), mode=mode, device=device, dtype=dtype), p,
-                          exported=False, kind="plain")
+            base = adapter_base(p)
+            return Loaded(*load_plain(base, peft=str(p), mode=mode, device=device, dtype=dtype), p,
+                          exported=False, kind="plain", model_args=plain_identity({"pretrained": base, "peft": str(p)}))
         if (p / "config.json").exists():
-            return Loaded(*load_plain(str(p), mode=mode, device=device, dtype=dtype), p, exported=False, kind="plain")
+            return Loaded(*load_plain(str(p), mode=mode, device=device, dtype=dtype), p, exported=False, kind="plain",
+                          model_args=plain_identity({"pretrained": str(p)}))
     try:
         ck = find_checkpoint(p)
     except CheckpointError as e:

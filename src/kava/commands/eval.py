@@ -9,7 +9,8 @@ Any model: `--checkpoint` takes a run dir, `RUN/checkpoints/step_<n>` (written t
 a `kava export` dir, a plain Hugging Face model dir or a peft adapter dir; `--model-args pretrained=ID,peft=DIR`
 (lm-evaluation-harness style; also gguf_file=, tokenizer=, trust_remote_code=) names a hub model or a GGUF file.
 A plain model runs in cot (default) or nocot mode with kava's answer prompt; its results go to
-`runs/<name>-<mode>/eval/`, where `kava report runs/` finds them. `--datasets` also takes data files (JSONL,
+`runs/<name>-<mode>/eval/`, where `kava report runs/` finds them; <name> is the model's identity (base, GGUF
+file, adapter: `base+adapter`), recorded as "model_args" in summary.json. `--datasets` also takes data files (JSONL,
 JSON, iCoT text: the readers' formats, detected).
 
 Runs of a latent method (`kava.spec.LATENT_METHODS`) can add diagnostics (docs/method.md §5, `kava.diagnostics`):
