@@ -530,6 +530,47 @@ def test_eval_takes_an_intermediate_checkpoint_and_prints_progress_without_a_tty
     capsys.readouterr()
 
 
+def test_an_evaluation_records_its_step_and_goes_stale_when_the_run_is_extended(tmp_path, capsys):
+    """A run evaluated, then extended (`kava train --resume RUN --set optim.max_steps=N`): summary.json named
+    best/ (or final/) but no step, `eval`/`ask` never said which step they loaded, and `kava report` and the
+    export's model card kept showing the old numbers. The step is recorded and printed; an evaluation of a
+    best/ or final/ that now holds another step is left out of both, with a line saying why."""
+    import json
+
+    from kava.checkpoint.export import export_model
+    from kava.cli import main as cli
+    from kava.tools.report import load_run
+
+    from test_sweep import TINY
+
+    sets = [x for o in TINY + [f"run.output_dir={tmp_path}", "optim.max_steps=2", "run.eval_every=2", "run.name=r",
+                               "run.eval_max_cot_tokens=4", "run.eval_max_new_tokens=2"] for x in ("--set", o)]
+    assert cli(["train", "--config", "tiny_synth", "--no-progress", *sets]) == 0
+    rd = tmp_path / "r"
+    capsys.readouterr()
+    assert cli(["eval", "--checkpoint", str(rd / "final"), "--datasets", "synth-test"]) == 0
+    assert f"[kava] eval: {rd / 'final'} (the run's final/, step 2)" in capsys.readouterr().out
+    s = json.loads((rd / "eval" / "synth-test" / "summary.json").read_text())
+    assert (s["checkpoint_name"], s["model_step"], s["model_kind"]) == ("final", 2, "run")
+    assert "synth-test" in load_run(rd).evals
+
+    assert cli(["train", "--resume", str(rd), "--no-progress", "--set", "optim.max_steps=4"]) == 0
+    capsys.readouterr()
+    assert cli(["ask", "--checkpoint", str(rd / "final"), "--question", "Tom has 3 apples ."]) == 0
+    out, err = capsys.readouterr()
+    assert f"[kava] ask: {rd / 'final'} (the run's final/, step 4)\n" in err and out.startswith("answer: ")
+    run = load_run(rd)
+    assert "synth-test" not in run.evals
+    assert f"{rd / 'eval' / 'synth-test'}: left out: evaluated final/ at step 2; final/ is now the model of step 4 " \
+           "(kava eval it again)" in run.notes
+    card = (export_model(rd / "final", tmp_path / "hf") / "README.md").read_text()
+    assert "| synth-test |" not in card and "Not evaluated yet" in card
+    assert "Left out, evaluations of another model of this run: synth-test (final/ at step 2)." in card
+    assert cli(["eval", "--checkpoint", str(rd / "final"), "--datasets", "synth-test"]) == 0  # again: current
+    assert load_run(rd).evals["synth-test"]["model_step"] == 4
+    capsys.readouterr()
+
+
 def _plain_model(tmp_path):
     """A Hugging Face model directory as the hub ships one (no kava tokens), and a peft adapter trained on it."""
     from peft import LoraConfig, get_peft_model

@@ -154,7 +154,7 @@ def test_export_writes_a_model_card_drops_the_chat_template_casts_and_pushes(run
     front = yaml.safe_load(card.split("---")[1])
     assert front["library_name"] == "transformers" and "cot" in front["tags"] and "base_model" not in front
     summary = json.loads((run / "eval" / f"synth-test-limit{N}" / "summary.json").read_text())
-    assert f"| synth-test-limit{N} | cot | {100 * summary['accuracy']:.1f} | {100 * summary['accuracy_stderr']:.1f} | {N} |" in card
+    assert f"| synth-test-limit{N} | 3 | cot | {100 * summary['accuracy']:.1f} | {100 * summary['accuracy_stderr']:.1f} | {N} |" in card
     assert "- **Method:** `cot`" in card and "synthetic arithmetic task" in card and "AutoModelForCausalLM" in card
     assert kava.load(out).generate("Tom has 3 apples .")[0].token_ids  # the bf16 export loads back
     # a hub failure is one line naming the repository; the export stays on disk

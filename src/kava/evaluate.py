@@ -21,7 +21,8 @@ from accelerate import PartialState
 from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
-from kava.checkpoint.load import Loaded, load_any, load_plain, plain_identity, plain_name
+from kava.checkpoint.load import (Loaded, describe_source, load_any, load_plain, model_checkpoint,
+                                 plain_identity, plain_name)
 from kava.checkpoint.rundir import RunDir, read_state
 from kava.data.format import Formatter
 from kava.data.pipeline import find_synthetic_dir
@@ -221,6 +222,9 @@ def evaluate_run(checkpoint: str | Path | None, datasets: list[str], *, data_dir
         km = load_any(checkpoint, device=state.device, mode=mode)
     cfg = km.cfg
     step = read_state(km.source)["step"] if km.kind == "step" else None
+    which, model_step = model_checkpoint(km.source, km.kind)  # summary.json: `kava report` checks it is current
+    if state.is_main_process:
+        print(f"[kava] eval: {describe_source(km.source, km.kind, km.model_args)}", flush=True)
     out_root = Path(output) if output else default_eval_root(km, mode or cfg.spec.eval_mode)
     results = {}
     for name in datasets:
@@ -254,7 +258,7 @@ def evaluate_run(checkpoint: str | Path | None, datasets: list[str], *, data_dir
             summary.update({"dataset": label, "description": desc, "hardware": hardware(),
                             "processes": state.num_processes, "checkpoint": str(km.source), "config_hash": cfg.hash(),
                             "method": cfg.method, "model_kind": km.kind, "model_args": km.model_args,
-                            "skipped": skips.as_dict()})
+                            "checkpoint_name": which, "model_step": model_step, "skipped": skips.as_dict()})
             if step is not None:
                 summary["checkpoint_step"] = step
             if len(records) < available:

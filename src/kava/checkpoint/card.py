@@ -58,18 +58,37 @@ def eval_results(run_dir: Path | None) -> list[dict]:
     return out
 
 
-def _results_table(evals: list[dict]) -> list[str]:
+def other_model(s: dict, step: int | None) -> str | None:
+    """Why evaluation `s` (a summary.json) is not of the model of training step `step` the card describes, or
+    None: it evaluated the run's best/ or final/ ("checkpoint_name") at another step ("model_step"; an
+    evaluation that did not record it is kept, its step shown as ?). Evaluations of training checkpoints
+    (`-stepN`) are kept: they name their step."""
+    which, at = s.get("checkpoint_name"), s.get("model_step")
+    if step is None or at is None or at == step or s.get("model_kind", "run") != "run" or which is None:
+        return None
+    return f"{which}/ at step {at}"
+
+
+def _results_table(evals: list[dict], step: int | None = None) -> list[str]:
+    """The card's table of `evals` (`eval_results`), leaving out, with a line naming them, those of another
+    model than the one of step `step` (`other_model`: the run was extended, or validated better, since)."""
+    left = [(s["folder"], why) for s in evals if (why := other_model(s, step))]
+    evals = [s for s in evals if not other_model(s, step)]
+    out = [f"Left out, evaluations of another model of this run: "
+           f"{'; '.join(f'{f} ({why})' for f, why in left)}.", ""] if left else []
     if not evals:
-        return ["Not evaluated yet: `kava eval --checkpoint RUN --datasets gsm8k,gsm8k-hard,svamp --hub`.", ""]
-    lines = ["| evaluation | mode | accuracy (%) | ± stderr | problems | forward passes / question |",
-             "|---|---|---|---|---|---|"]
+        return ["Not evaluated yet: `kava eval --checkpoint RUN --datasets gsm8k,gsm8k-hard,svamp --hub`.", "", *out]
+    lines = ["| evaluation | step | mode | accuracy (%) | ± stderr | problems | forward passes / question |",
+             "|---|---|---|---|---|---|---|"]
     for s in evals:
         err = s.get("accuracy_stderr")
-        lines.append(f"| {s['folder']} | {s.get('mode', '?')} | {100 * s['accuracy']:.1f} | "
-                     f"{'' if err is None else f'{100 * err:.1f}'} | {s.get('count', '?')} | "
-                     f"{s.get('mean_forward_passes', float('nan')):.1f} |")
+        at = s.get("model_step", s.get("checkpoint_step"))
+        lines.append(f"| {s['folder']} | {'?' if at is None else at} | {s.get('mode', '?')} | "
+                     f"{100 * s['accuracy']:.1f} | {'' if err is None else f'{100 * err:.1f}'} | "
+                     f"{s.get('count', '?')} | {s.get('mean_forward_passes', float('nan')):.1f} |")
     return lines + ["", "Greedy decoding; strict extraction (the number after `The answer is:`); `-limitN`: "
-                        "the first N problems only; `-stepN`: an intermediate checkpoint.", ""]
+                        "the first N problems only; `-stepN`: an intermediate checkpoint; step: the training "
+                        "step of the model evaluated.", "", *out]
 
 
 def model_card(cfg, *, base: dict | None = None, run_dir: Path | None = None, step: int | None = None,
@@ -103,7 +122,7 @@ def model_card(cfg, *, base: dict | None = None, run_dir: Path | None = None, st
              + (f"; this is the model of step {step}" if step is not None else "") + f", seed {cfg.run.seed}",
              f"- **Prompt:** raw text, no chat template: `question` then, for the answer, `{d.answer_prompt}`",
              *([f"- **Weights:** {dtype}"] if dtype else []), "",
-             "## Evaluation results", "", *_results_table(eval_results(run_dir)), "## How to load it", ""]
+             "## Evaluation results", "", *_results_table(eval_results(run_dir), step), "## How to load it", ""]
     if exported:
         lines += ["```python",
                   "from transformers import AutoModelForCausalLM, AutoTokenizer",

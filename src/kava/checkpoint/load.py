@@ -26,7 +26,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from kava.checkpoint.export import EXPORT_FILE, PROJECTION_FILE
-from kava.checkpoint.rundir import RunDir, run_dir_of
+from kava.checkpoint.rundir import BEST_DIR, FINAL_DIR, RunDir, read_state, run_dir_of, saved_step
 from kava.checkpoint.saved import (EXTRA_FILE, CheckpointError, find_checkpoint, has_model, load_extra, load_lm,
                                    load_saved_lm, read_adapter_config, resolve_init_dir, run_config,
                                    saved_tokenizer_ids)
@@ -311,6 +311,35 @@ class Loaded:
     def run_dir(self) -> Path:
         """Where results of this model go (`eval/`, `inspect.png`): the run dir, or the export dir."""
         return self.source if self.exported else run_dir_of(self.source)
+
+
+def model_checkpoint(source: str | Path, kind: str) -> tuple[str | None, int | None]:
+    """(which checkpoint, its training step) of a loaded model (`Loaded.source`, `Loaded.kind`): ("best" or
+    "final", step) for a run's saved model, ("step_<n>", n) for a training checkpoint, (None, step) for a
+    `kava export` directory (the step it was exported at) or a saved model outside a run, (None, None) for a
+    plain model."""
+    source = Path(source)
+    if kind == "step":
+        return source.name, read_state(source)["step"]
+    if kind == "export":
+        return None, json.loads((source / EXPORT_FILE).read_text()).get("step")
+    if kind == "run":
+        inside = source.name in (BEST_DIR, FINAL_DIR) and run_dir_of(source) != source
+        return (source.name if inside else None), saved_step(source)
+    return None, None
+
+
+def describe_source(source: str | Path, kind: str, model_args: dict | None = None) -> str:
+    """The model `kava eval` and `kava ask` say they loaded: `runs/x/best (the run's best/, step 200)`,
+    `RUN/checkpoints/step_40 (training checkpoint, step 40)`, `DIR (kava export of step 200)`, or a plain
+    model's args."""
+    if kind == "plain":
+        return "plain model " + ",".join(f"{k}={v}" for k, v in (model_args or {"pretrained": source}).items())
+    which, step = model_checkpoint(source, kind)
+    at = f"step {step}" if step is not None else "step not recorded"
+    what = {"step": "training checkpoint", "export": "kava export of"}.get(kind) or (
+        f"the run's {which}/," if which else "saved model,")
+    return f"{source} ({what} {at})"
 
 
 def load_any(path: str | Path, *, device: str | torch.device | None = None, dtype: torch.dtype | None = None,

@@ -73,7 +73,9 @@ def load_run(path: str | Path) -> Run:
               meta.get("seed"), notes=notes)
     for summ in sorted(rd.eval.glob("*/summary.json")):
         s = _read_json(summ, notes)
-        if s is not None and isinstance(s.get("accuracy"), (int, float)):
+        if s is not None and (why := rd.stale_eval(s)):  # the run was extended, or has a new best/, since
+            notes.append(f"{summ.parent}: left out: {why} (kava eval it again)")
+        elif s is not None and isinstance(s.get("accuracy"), (int, float)):
             name = str(s.get("dataset") or summ.parent.name)
             if s.get("checkpoint_step") is not None:  # an intermediate checkpoint (eval/<dataset>-step<N>/)
                 name += f"-step{s['checkpoint_step']}"
