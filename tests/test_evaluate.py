@@ -271,6 +271,43 @@ def test_evaluate_records_batched_equals_one_by_one(eos_models, method):
     assert sorted((r for s in shards for r in s), key=lambda r: r["index"]) == rows_b
 
 
+@pytest.mark.parametrize("mode", ["latent", "cot", "nocot"])
+def test_each_prediction_records_the_exact_prompt_fed_and_the_question_s_hash(mode, monkeypatch):
+    """predictions.jsonl had the question but not the prompt the model was given (the answer prompt in nocot
+    mode, the latent slots): each row now has the input ids decoded (`prompt`), its sha256 and the sha256 of
+    the question and gold answer (`doc_hash`), as lm-evaluation-harness's samples_*.jsonl do."""
+    import hashlib
+    import json
+
+    import kava.decode as kd
+
+    m, tok = tiny_reasoner("llama")
+    cfg = config_from_dict({"method": {"latent": "kava"}.get(mode, mode), "model": {"name_or_path": "tiny"},
+                            "latent": {"num_latents": M, "num_sweeps": T},
+                            "run": {"eval_max_new_tokens": 2, "eval_max_cot_tokens": 2}})
+    fed = []
+    prefill, latent_pass = kd.prefill, kd.latent_pass
+    monkeypatch.setattr(kd, "prefill", lambda model, rows: fed.extend(rows) or prefill(model, rows))
+
+    def spy(model, items, **kw):  # the student batch's ids without the question block's padding
+        sb, s = latent_pass(model, items, **kw)
+        Wq = sb.ids.shape[1] - 1 - M - (1 + len(items[0].prompt))
+        fed.extend(it.question + sb.ids[b, Wq:].tolist() for b, it in enumerate(items))
+        return sb, s
+
+    monkeypatch.setattr(kd, "latent_pass", spy)
+    rows, _ = evaluate_records(m, tok, cfg, ALL[:3], batch_size=2)
+    assert [r["prompt"] for r in rows] == [tok.decode(ids) for ids in fed]
+    sha = lambda t: hashlib.sha256(t.encode()).hexdigest()  # noqa: E731
+    q = ALL[0].question
+    want = {"cot": f"<|bos|>{q}", "nocot": f"<|bos|>{q} The answer is:",
+            "latent": f"<|bos|>{q}<bot>{'<latent>' * M}<eot> The answer is:"}[mode]
+    assert tok.decode(tok(want, add_special_tokens=False)["input_ids"]) == rows[0]["prompt"]
+    assert [r["prompt_hash"] for r in rows] == [sha(r["prompt"]) for r in rows]
+    assert [r["doc_hash"] for r in rows] == [sha(json.dumps({"question": r.question, "answer": r.answer},
+                                                            sort_keys=True)) for r in ALL[:3]]
+
+
 # ------------------------------------------------------------------------------------ evaluate_run (kava eval)
 @pytest.fixture(scope="module")
 def synth_run(tmp_path_factory):
@@ -406,6 +443,36 @@ def test_find_synthetic_dir_refuses_a_run_on_other_data():
 
     with pytest.raises(ValueError, match="give --data-dir"):
         find_synthetic_dir(load_config("smollm2_gsm8k"), None)
+
+
+def test_summary_records_date_versions_git_generation_settings_and_model(synth_run, tmp_path, capsys):
+    """summary.json had no date, versions, git revision, generation settings or model identity (lm-eval's
+    results_*.json has them all)."""
+    import json
+    from datetime import datetime, timezone
+
+    import torch
+    import transformers
+
+    import kava
+    from kava.checkpoint.rundir import git_revision
+    from kava.checkpoint.state import model_identity
+    from kava.cli import main as cli
+
+    rd, cfg = synth_run
+    before = datetime.now(timezone.utc).replace(microsecond=0)
+    assert cli(["eval", "--checkpoint", str(rd), "--datasets", "synth-test", "--limit", "2", "--batch-size", "3",
+                "--output", str(tmp_path)]) == 0
+    s = json.loads((tmp_path / "synth-test-limit2" / "summary.json").read_text())
+    date = datetime.fromisoformat(s["date"])
+    assert date.tzinfo == timezone.utc and before <= date <= datetime.now(timezone.utc)
+    assert (s["versions"]["kava"], s["versions"]["torch"], s["versions"]["transformers"]) == (
+        kava.__version__, torch.__version__, transformers.__version__)
+    assert s["git"] == git_revision()
+    assert s["generation"] == {"mode": "cot", "greedy": True, "max_new_tokens": 3, "max_cot_tokens": 12,
+                               "batch_size": 3, "answer_prompt": "The answer is:"}
+    assert s["model"] == {"source": str((rd / "best").resolve()), "identity": model_identity(cfg)}
+    capsys.readouterr()
 
 
 def test_eval_dir_name():

@@ -9,11 +9,13 @@ error (`kava.scoring.binomial_stderr`, as lm-evaluation-harness prints it).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import platform
 import re
 import sys
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -23,12 +25,13 @@ from tqdm.auto import tqdm
 
 from kava.checkpoint.load import (Loaded, describe_source, load_any, load_plain, model_checkpoint,
                                  plain_identity, plain_name)
-from kava.checkpoint.rundir import RunDir, read_state
+from kava.checkpoint.rundir import RunDir, git_revision, read_state, versions
+from kava.checkpoint.state import model_identity
 from kava.data.format import Formatter
 from kava.data.pipeline import find_synthetic_dir
 from kava.data.readers import check_eval_sets, is_data_file, load_eval_dataset
 from kava.data.records import Record, SkipLog
-from kava.decode import generate_for_config, sequence_length
+from kava.decode import generate_for_config, input_ids, sequence_length
 from kava.diagnostics import (check_shards, diagnose_batch, eval_chunks, format_diagnostics, require_latent,
                               summarize_diagnostics)
 from kava.model.families import check_window
@@ -104,10 +107,12 @@ def evaluate_records(model: LatentReasoner, tokenizer, cfg, records: list[Record
     for chunk in eval_chunks(idx, bs, diag.min_batch if diag is not None else 1):
         items = [fmt.tokenize(records[i], i, need_answer=False) for i in chunk]
         gens = generate_for_config(model, tokenizer, cfg, items, mode=mode, max_new_tokens=max_new)
-        for i, g in zip(chunk, gens):
+        for i, it, g in zip(chunk, items, gens):
             r = records[i]
             ext = extract(g.text, r.answer_kind, cfg.data.answer_prompt)
-            rows.append({"index": i, "question": r.question, "gold": r.answer, "generated": g.text,
+            prompt = tokenizer.decode(input_ids(it, mode, model.ids, cfg.latent.num_latents))
+            rows.append({"index": i, "question": r.question, "gold": r.answer, "doc_hash": doc_hash(r),
+                         "prompt": prompt, "prompt_hash": sha256(prompt), "generated": g.text,
                          "extracted": ext["strict"], "extracted_flexible": ext["flexible"],
                          "correct": answer_matches(ext["strict"], r.answer, r.answer_kind),
                          "correct_flexible": answer_matches(ext["flexible"], r.answer, r.answer_kind),
@@ -123,6 +128,35 @@ def evaluate_records(model: LatentReasoner, tokenizer, cfg, records: list[Record
     bar.close()
     wall = time.perf_counter() - t0 - diag_wall
     return rows, summarize(rows, wall, mode)
+
+
+def sha256(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def doc_hash(r: Record) -> str:
+    """A question's identity in predictions.jsonl (lm-evaluation-harness's `doc_hash`): the sha256 of its
+    question and gold answer, so two evaluations can be matched question by question."""
+    return sha256(json.dumps({"question": r.question, "answer": r.answer}, sort_keys=True, ensure_ascii=False))
+
+
+def generation_settings(cfg, mode: str, *, batch_size: int | None = None, max_new_tokens: int | None = None) -> dict:
+    """How `evaluate_records` decodes (summary.json's "generation"): greedy, the mode, the answer budget, the
+    CoT budget (cot mode), the batch size, the answer prompt, and in latent mode M, T and the student mode."""
+    out = {"mode": mode, "greedy": True, "max_new_tokens": max_new_tokens or cfg.run.eval_max_new_tokens,
+           "max_cot_tokens": cfg.run.eval_max_cot_tokens if mode == "cot" else None,
+           "batch_size": batch_size or cfg.run.eval_batch_size, "answer_prompt": cfg.data.answer_prompt}
+    if mode == "latent":
+        out.update({"num_latents": cfg.latent.num_latents, "num_sweeps": cfg.latent.num_sweeps,
+                    "student_mode": cfg.spec.student_mode})
+    return out
+
+
+def provenance() -> dict:
+    """When and with what an evaluation ran (summary.json): the UTC date, the library versions and the git
+    revision of kava's checkout (None outside one), as a training run's meta.json records them."""
+    return {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "versions": versions(),
+            "git": git_revision()}
 
 
 def summarize(rows: list[dict], wall: float, mode: str) -> dict:
@@ -258,7 +292,11 @@ def evaluate_run(checkpoint: str | Path | None, datasets: list[str], *, data_dir
             summary.update({"dataset": label, "description": desc, "hardware": hardware(),
                             "processes": state.num_processes, "checkpoint": str(km.source), "config_hash": cfg.hash(),
                             "method": cfg.method, "model_kind": km.kind, "model_args": km.model_args,
-                            "checkpoint_name": which, "model_step": model_step, "skipped": skips.as_dict()})
+                            "checkpoint_name": which, "model_step": model_step, "skipped": skips.as_dict(),
+                            "model": {"source": str(km.source.resolve()), "identity": model_identity(cfg)},
+                            "generation": generation_settings(cfg, s["mode"], batch_size=batch_size,
+                                                              max_new_tokens=max_new_tokens),
+                            **provenance()})
             if step is not None:
                 summary["checkpoint_step"] = step
             if len(records) < available:
