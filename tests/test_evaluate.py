@@ -357,7 +357,7 @@ def test_eval_finds_the_runs_own_synthetic_data_and_limit_writes_beside_the_full
 
     from kava.tools.report import load_run
 
-    run = load_run(rd)  # the report keeps the two apart
+    run = load_run(rd, include_limited=True)  # the report keeps the two apart
     assert run.evals["synth-test"]["count"] == 10 and run.evals["synth-test-limit4"]["count"] == 4
     capsys.readouterr()
 
@@ -384,7 +384,7 @@ def test_eval_counts_a_skipped_line_of_a_data_file_in_the_summary_and_on_stderr(
     assert cli(["eval", "--checkpoint", str(rd), "--datasets", "synth-test", "--limit", "2", "--max-new-tokens", "2",
                 "--output", str(tmp_path / "out")]) == 0
     assert json.loads((tmp_path / "out" / "synth-test-limit2" / "summary.json").read_text())["skipped"]["total"] == 0
-    assert capsys.readouterr().err == ""
+    assert capsys.readouterr().err.startswith("[kava] eval: --limit 2 evaluates only")  # and no skip line
 
 
 def test_eval_writes_each_question_s_place_in_its_file_and_kava_score_reads_it_so(synth_run, tmp_path, capsys):
@@ -472,6 +472,38 @@ def test_summary_records_date_versions_git_generation_settings_and_model(synth_r
     assert s["generation"] == {"mode": "cot", "greedy": True, "max_new_tokens": 3, "max_cot_tokens": 12,
                                "batch_size": 3, "answer_prompt": "The answer is:"}
     assert s["model"] == {"source": str((rd / "best").resolve()), "identity": model_identity(cfg)}
+    capsys.readouterr()
+
+
+def test_a_limited_evaluation_warns_once_and_stays_out_of_the_card_and_the_report(synth_run, tmp_path, capsys):
+    """`kava eval --limit N` results flowed into the model card and `kava report`'s tables without a word. It
+    warns in one stderr line (lm-evaluation-harness: --limit is for testing), and the card and the report leave
+    it out, with a line (`kava report --include-limited` shows it as <dataset>-limit<N>)."""
+    import shutil
+
+    from kava.checkpoint.card import model_card
+    from kava.cli import main as cli
+
+    src, cfg = synth_run
+    rd = tmp_path / "run"
+    shutil.copytree(src, rd, ignore=shutil.ignore_patterns("eval"))
+    data = src.parent / "_data"
+    capsys.readouterr()
+    assert cli(["eval", "--checkpoint", str(rd), "--datasets", "synth-test,synth-hard", "--limit", "2",
+                "--data-dir", str(next(data.iterdir()))]) == 0
+    err = capsys.readouterr().err
+    assert err == ("[kava] eval: --limit 2 evaluates only the first 2 questions: for testing, not a result (written to "
+                   "eval/<set>-limit2/; left out of the model card, and of `kava report` unless --include-limited)\n")
+    card = model_card(cfg, run_dir=rd, step=2, exported=False)
+    assert "| synth-test-limit2 |" not in card and "Not evaluated yet" in card
+    assert "Left out, `--limit` tests (the first questions only): synth-hard-limit2, synth-test-limit2." in card
+    assert cli(["report", str(rd), "--output", str(tmp_path / "rep")]) == 0
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "limit2" not in md.split("## Notes")[0]
+    assert f"- {rd / 'eval' / 'synth-test-limit2'}: left out: a --limit 2 test (--include-limited shows it)" in md
+    assert cli(["report", str(rd), "--output", str(tmp_path / "rep2"), "--include-limited"]) == 0
+    md = (tmp_path / "rep2" / "report.md").read_text()
+    assert "| group | method | train data | runs | synth-hard-limit2 | synth-test-limit2 |" in md
     capsys.readouterr()
 
 
@@ -593,7 +625,7 @@ def test_eval_takes_an_intermediate_checkpoint_and_prints_progress_without_a_tty
     assert cli(["eval", "--checkpoint", str(rd), "--datasets", "synth-test", "--limit", "3"]) == 0  # final/ = step 2
     final = [json.loads(ln) for ln in (rd / "eval" / "synth-test-limit3" / "predictions.jsonl").read_text().splitlines()]
     assert [r["generated"] for r in step] == [r["generated"] for r in final]
-    assert "synth-test-step2-limit3" in load_run(rd).evals  # the report keeps it apart from the final model's
+    assert "synth-test-step2-limit3" in load_run(rd, include_limited=True).evals  # apart from the final model's
     capsys.readouterr()
 
 

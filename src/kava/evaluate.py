@@ -260,7 +260,7 @@ def evaluate_run(checkpoint: str | Path | None, datasets: list[str], *, data_dir
     if state.is_main_process:
         print(f"[kava] eval: {describe_source(km.source, km.kind, km.model_args)}", flush=True)
     out_root = Path(output) if output else default_eval_root(km, mode or cfg.spec.eval_mode)
-    results = {}
+    results, warned = {}, False
     for name in datasets:
         root = data_dir
         if root is None and not hub and name.startswith("synth-") and cfg.data.source == "synthetic":
@@ -271,9 +271,14 @@ def evaluate_run(checkpoint: str | Path | None, datasets: list[str], *, data_dir
         records, desc = load_eval_dataset(name, root, hub=hub, cot_style=style, skips=skips)
         label = dataset_label(name)
         available = len(records)
-        if limit:
+        if limit and limit < available:
             records = records[:limit]
             desc += f" (first {limit})"
+            if state.is_main_process and not warned:  # once, as lm-evaluation-harness warns
+                print(f"[kava] eval: --limit {limit} evaluates only the first {limit} questions: for testing, not a "
+                      f"result (written to eval/<set>-limit{limit}/; left out of the model card, and of `kava "
+                      "report` unless --include-limited)", file=sys.stderr, flush=True)
+                warned = True
         if diagnostics is not None and diagnostics.active:  # before any rank starts: all refuse, or none
             check_shards(len(records), state.num_processes, batch_size or cfg.run.eval_batch_size,
                          diagnostics.min_batch)

@@ -3,8 +3,8 @@ model directory needs.
 
 `model_card` writes the card of a `kava export` directory and of a run's `best/model/` or `final/model/`
 (`kava.checkpoint.saved.save_model`, in place of peft's empty placeholder): the base model, the method, the
-training data and recipe, the run's evaluation results (`RUN/eval/*/summary.json`, with their standard errors),
-and how to load it. Its YAML front matter names `base_model` and `datasets` only when they are hub ids: a
+training data and recipe, the run's evaluation results (`RUN/eval/*/summary.json`, with their standard errors;
+`--limit` tests and evaluations of another step of the run are left out, with a line), and how to load it. Its YAML front matter names `base_model` and `datasets` only when they are hub ids: a
 local path (a cache directory, a GGUF conversion) means nothing on the Hub, so it is described in the text.
 """
 
@@ -71,11 +71,15 @@ def other_model(s: dict, step: int | None) -> str | None:
 
 def _results_table(evals: list[dict], step: int | None = None) -> list[str]:
     """The card's table of `evals` (`eval_results`), leaving out, with a line naming them, those of another
-    model than the one of step `step` (`other_model`: the run was extended, or validated better, since)."""
+    model than the one of step `step` (`other_model`: the run was extended, or validated better, since) and
+    `kava eval --limit` tests."""
     left = [(s["folder"], why) for s in evals if (why := other_model(s, step))]
-    evals = [s for s in evals if not other_model(s, step)]
+    limited = [s["folder"] for s in evals if s.get("limit") and not other_model(s, step)]
+    evals = [s for s in evals if not other_model(s, step) and not s.get("limit")]
     out = [f"Left out, evaluations of another model of this run: "
            f"{'; '.join(f'{f} ({why})' for f, why in left)}.", ""] if left else []
+    if limited:  # `kava eval --limit N`: a smoke test, not a result
+        out += [f"Left out, `--limit` tests (the first questions only): {', '.join(limited)}.", ""]
     if not evals:
         return ["Not evaluated yet: `kava eval --checkpoint RUN --datasets gsm8k,gsm8k-hard,svamp --hub`.", "", *out]
     lines = ["| evaluation | step | mode | accuracy (%) | ± stderr | problems | forward passes / question |",
@@ -86,9 +90,8 @@ def _results_table(evals: list[dict], step: int | None = None) -> list[str]:
         lines.append(f"| {s['folder']} | {'?' if at is None else at} | {s.get('mode', '?')} | "
                      f"{100 * s['accuracy']:.1f} | {'' if err is None else f'{100 * err:.1f}'} | "
                      f"{s.get('count', '?')} | {s.get('mean_forward_passes', float('nan')):.1f} |")
-    return lines + ["", "Greedy decoding; strict extraction (the number after `The answer is:`); `-limitN`: "
-                        "the first N problems only; `-stepN`: an intermediate checkpoint; step: the training "
-                        "step of the model evaluated.", "", *out]
+    return lines + ["", "Greedy decoding; strict extraction (the number after `The answer is:`); `-stepN`: an "
+                        "intermediate checkpoint; step: the training step of the model evaluated.", "", *out]
 
 
 def model_card(cfg, *, base: dict | None = None, run_dir: Path | None = None, step: int | None = None,

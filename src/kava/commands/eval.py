@@ -42,7 +42,8 @@ def add_parser(sub) -> None:
                    help="default: the method's own mode (cot for a plain model)")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--max-new-tokens", type=int)
-    p.add_argument("--limit", type=int, help="first N questions only (smoke tests); written to eval/<dataset>-limit<N>/")
+    p.add_argument("--limit", type=int, help="first N questions only (smoke tests: a warning; written to "
+                   "eval/<dataset>-limit<N>/, left out of the model card and of `kava report`)")
     p.add_argument("--output", help="where to write results (default RUN_DIR/eval; runs/<name>-<mode>/eval for a "
                                     "plain model)")
     g = p.add_argument_group(f"latent diagnostics ({', '.join(LATENT_METHODS)} runs; docs/method.md §5)")

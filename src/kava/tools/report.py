@@ -54,8 +54,10 @@ def _read_json(path: Path, notes: list[str]) -> dict | None:
     return obj
 
 
-def load_run(path: str | Path) -> Run:
-    """Everything a report needs from one run dir; what is missing is noted, not raised."""
+def load_run(path: str | Path, include_limited: bool = False) -> Run:
+    """Everything a report needs from one run dir; what is missing is noted, not raised. An evaluation of
+    another model than the run's best/ or final/ now (`RunDir.stale_eval`) is left out with a note, and so is
+    a `kava eval --limit N` smoke test unless `include_limited` (then as `<dataset>-limit<N>`)."""
     path = Path(path)
     rd = RunDir(path)
     notes: list[str] = []
@@ -81,6 +83,9 @@ def load_run(path: str | Path) -> Run:
                 name += f"-step{s['checkpoint_step']}"
             if s.get("limit"):  # a `kava eval --limit N` smoke test (eval/<dataset>-limit<N>/): not the dataset
                 name += f"-limit{s['limit']}"
+                if not include_limited:
+                    notes.append(f"{summ.parent}: left out: a --limit {s['limit']} test (--include-limited shows it)")
+                    continue
             run.evals[name] = s
         elif s is not None:
             notes.append(f"{summ}: no numeric 'accuracy'")
@@ -133,19 +138,19 @@ def _dataset_key(ds: str) -> tuple[int, str]:
     return (DATASET_ORDER.index(ds) if ds in DATASET_ORDER else len(DATASET_ORDER), ds)
 
 
-def aggregate(run_dirs: list[str | Path], group_by: str = "preset") -> list[dict]:
+def aggregate(run_dirs: list[str | Path], group_by: str = "preset", include_limited: bool = False) -> list[dict]:
     """One row per group, in the methods' order (`kava.spec.report_order`), then others.
 
     Row: ``group, method, preset, train_data, runs, seeds, notes`` and ``datasets[ds]`` with
     ``accuracy`` and ``accuracy_flexible`` (mean, std in %, std None for n=1), ``n``,
     ``forward_passes`` / ``forward_passes_std``, ``values`` (per-run accuracy %), and ``run_data`` (the
-    loaded `Run`s, for plotting).
+    loaded `Run`s, for plotting). include_limited: `kava eval --limit` tests too (`load_run`).
     """
     if group_by not in ("preset", "method"):
         raise ValueError(f"group_by must be 'preset' or 'method', got {group_by!r}")
     groups: dict[tuple[str, str, str], list[Run]] = {}
     for d in run_dirs:
-        r = load_run(d)
+        r = load_run(d, include_limited)
         name = (r.preset or r.method) if group_by == "preset" else r.method
         # a group never mixes methods: `--config llama1b_aug --set method=pccot` is a row of its own
         groups.setdefault((name, r.method, r.train_data), []).append(r)
@@ -554,11 +559,12 @@ def plot_training_curves(rows: list[dict], path: Path) -> None:
     fig.savefig(path)
 
 
-def write_report(run_paths: list[str | Path], output: str | Path, group_by: str = "preset") -> dict:
+def write_report(run_paths: list[str | Path], output: str | Path, group_by: str = "preset",
+                 include_limited: bool = False) -> dict:
     """Write report.md, report.csv, accuracy_vs_passes.png and training_curves.png into `output` (and
     kv_match.png, grad_shares.png when a run has those diagnostics); return the rows and the paths written."""
     dirs, notes = find_run_dirs(run_paths)
-    rows = aggregate(dirs, group_by)
+    rows = aggregate(dirs, group_by, include_limited)
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     paths = {n: out / n for n in ("report.md", "report.csv", "accuracy_vs_passes.png", "training_curves.png")}
