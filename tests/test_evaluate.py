@@ -804,6 +804,61 @@ def test_a_peft_evaluation_has_its_own_folder_and_records_its_model_args(tmp_pat
     assert json.loads((base / "eval" / "t" / "summary.json").read_text()) == sb
 
 
+def test_eval_reads_a_file_without_cot_field_names_and_hub_dataset_ids(synth_run, tmp_path, monkeypatch, capsys):
+    """A `{"question", "answer"}` JSONL failed with "missing field: steps" (evaluation needs no CoT);
+    `--datasets openai/gsm8k` was an "unknown evaluation set"; there were no field-mapping flags. The hub is
+    not reachable here: `datasets.load_dataset` is replaced, and the test checks what it was asked for."""
+    import json
+    import sys
+    import types
+
+    from kava.cli import main as cli
+
+    rd, _ = synth_run
+    qs = ["Tom has 3 apples .", "He buys 4 more .", "How many ?"]
+    plain = tmp_path / "plain.jsonl"
+    plain.write_text("".join(json.dumps({"question": q, "answer": n}) + "\n" for q, n in zip(qs, (3, "4", 7))))
+    run = lambda *a: cli(["eval", "--checkpoint", str(rd), "--max-new-tokens", "2", "--output",  # noqa: E731
+                          str(tmp_path / "out"), *a])
+    assert run("--datasets", str(plain)) == 0
+    s = json.loads((tmp_path / "out" / "plain" / "summary.json").read_text())
+    assert s["count"] == 3 and s["skipped"]["total"] == 0
+    renamed = tmp_path / "renamed.jsonl"
+    renamed.write_text("".join(json.dumps({"problem": q, "solution": n, "steps": "x"}) + "\n" for q, n in zip(qs, (3, 4, 7))))
+    assert run("--datasets", str(renamed), "--question-field", "problem", "--answer-field", "solution") == 0
+    rows = [json.loads(ln) for ln in (tmp_path / "out" / "renamed" / "predictions.jsonl").read_text().splitlines()]
+    assert [(r["question"], r["gold"]) for r in rows] == list(zip(qs, ("3", "4", "7")))
+
+    asked = []
+
+    class Rows(list):
+        column_names = ["problem", "solution"]
+
+    def load_dataset(hub_id, config=None, split=None):
+        asked.append((hub_id, config, split))
+        if hub_id == "openai/gsm8k":
+            return Rows({"question": q, "answer": f"<<1+2=3>> #### {n}"} for q, n in zip(qs, (3, 4, 7)))
+        return Rows({"problem": q, "solution": n} for q, n in zip(qs, (3, 4, 7)))
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    capsys.readouterr()
+    assert run("--datasets", "openai/gsm8k") == 0  # no --hub: an org/name id is the hub's
+    assert asked == [("openai/gsm8k", "main", "test")]
+    s = json.loads((tmp_path / "out" / "gsm8k" / "summary.json").read_text())
+    assert s["dataset"] == "gsm8k" and s["count"] == 3 and "hub openai/gsm8k main, split test" in s["description"]
+    assert run("--datasets", "someone/math-qa:validation", "--question-field", "problem",
+               "--answer-field", "solution") == 0
+    assert asked[-1] == ("someone/math-qa", None, "validation")
+    d = tmp_path / "out" / "someone__math-qa-validation"
+    assert json.loads((d / "summary.json").read_text())["count"] == 3
+    assert [json.loads(ln)["gold"] for ln in (d / "predictions.jsonl").read_text().splitlines()] == ["3", "4", "7"]
+    # field names for a named set: refused before the model loads
+    monkeypatch.setattr("kava.evaluate.load_any", lambda *a, **k: pytest.fail("the model was loaded"))
+    capsys.readouterr()
+    assert run("--datasets", "gsm8k", "--question-field", "problem") == 2
+    assert "apply to data files and hub datasets, not to the named set gsm8k" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("datasets, expect", [
     ("gsm8k,nosuch", "unknown evaluation set 'nosuch'"),
     ("gsm8k", "gsm8k: {empty}/gsm8k/test.jsonl: file not found (from --data-dir)"),

@@ -29,7 +29,7 @@ from kava.checkpoint.rundir import RunDir, git_revision, read_state, versions
 from kava.checkpoint.state import model_identity
 from kava.data.format import Formatter
 from kava.data.pipeline import find_synthetic_dir
-from kava.data.readers import check_eval_sets, is_data_file, load_eval_dataset
+from kava.data.readers import check_eval_sets, hub_eval_spec, is_data_file, load_eval_dataset
 from kava.data.records import Record, SkipLog
 from kava.decode import generate_for_config, input_ids, sequence_length
 from kava.diagnostics import (check_shards, diagnose_batch, eval_chunks, format_diagnostics, require_latent,
@@ -201,8 +201,12 @@ def eval_dir_name(dataset: str, limit: int | None, available: int, step: int | N
 
 
 def dataset_label(name: str) -> str:
-    """A dataset's name in eval/ and in the summary: a named set as is, a data file by its stem."""
-    return Path(name).stem if is_data_file(name) else name
+    """A dataset's name in eval/ and in the summary: a named set as is, a data file by its stem, a hub dataset
+    id by its set's name (`openai/gsm8k` is gsm8k; `org/name:split` is `org__name-split`: `hub_eval_spec`)."""
+    if is_data_file(name):
+        return Path(name).stem
+    hub = hub_eval_spec(name)
+    return hub.name if hub is not None else name
 
 
 def _slug(text: str) -> str:
@@ -227,7 +231,7 @@ def default_eval_root(km, mode: str) -> Path:
 
 def evaluate_run(checkpoint: str | Path | None, datasets: list[str], *, data_dir=None, hub: bool = False, mode=None,
                  batch_size=None, max_new_tokens=None, limit=None, output=None, progress: bool = True,
-                 diagnostics=None, model_args: dict | None = None) -> dict[str, dict]:
+                 diagnostics=None, model_args: dict | None = None, fields: dict | None = None) -> dict[str, dict]:
     """Evaluate a run (its best/, else final/), a checkpoint (`checkpoints/step_<n>` too), a `kava export`
     directory, a plain Hugging Face model directory or a peft adapter (`kava.checkpoint.load.load_any`), or the
     model `model_args` names (`kava.checkpoint.load.load_plain`: pretrained=, peft=, gguf_file=, ...), on named
@@ -240,10 +244,11 @@ def evaluate_run(checkpoint: str | Path | None, datasets: list[str], *, data_dir
     data_dir: the local data root; for the synthetic splits of a run trained on the synthetic task it defaults
     to that run's own data (`kava.data.pipeline.find_synthetic_dir`).
     diagnostics: a `kava.diagnostics.DiagnosticsSpec` (latent runs).
+    fields: the columns of data files and hub datasets (keys question, answer, steps: `load_eval_dataset`).
     A record the reader skipped (a bad line of a data file) is counted in summary.json's "skipped" (as a run's
     skips.json) and named in a line on stderr; the accuracy is over the records read.
     """
-    check_eval_sets(datasets, data_dir, hub, synthetic_found=True)  # before any model loads
+    check_eval_sets(datasets, data_dir, hub, synthetic_found=True, fields=fields)  # before any model loads
     if len({dataset_label(n) for n in datasets}) != len(datasets):
         raise ValueError(f"--datasets {','.join(datasets)}: two of them share an eval/ folder name")
     state = PartialState(cpu=not torch.cuda.is_available())  # multi-process CPU runs shard too
@@ -268,7 +273,7 @@ def evaluate_run(checkpoint: str | Path | None, datasets: list[str], *, data_dir
         # the CoT (used by the oracle diagnostics) in the style the run trained on
         style = cfg.data.cot_style if cfg.data.cot_style in ("equation", "nl") else "equation"
         skips = SkipLog()
-        records, desc = load_eval_dataset(name, root, hub=hub, cot_style=style, skips=skips)
+        records, desc = load_eval_dataset(name, root, hub=hub, cot_style=style, skips=skips, fields=fields)
         label = dataset_label(name)
         available = len(records)
         if limit and limit < available:
