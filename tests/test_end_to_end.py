@@ -73,7 +73,8 @@ def test_three_seeds_train_eval_report(tmp_path, capsys):
         accs.append(100 * s["accuracy"])
         lines = (rd / "eval" / "synth-test-limit6" / "predictions.jsonl").read_text().splitlines()
         assert sorted(json.loads(x)["index"] for x in lines) == list(range(6))
-    assert cli(["report", *map(str, runs), "--output", str(tmp_path / "rep"), "--group-by", "method"]) == 0
+    assert cli(["report", *map(str, runs), "--output", str(tmp_path / "rep"), "--group-by", "method",
+                "--include-limited"]) == 0
     md = (tmp_path / "rep" / "report.md").read_text()
     mean = sum(accs) / 3
     assert f"{mean:.1f}" in md and "n=3" in md

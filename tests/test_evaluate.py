@@ -271,6 +271,43 @@ def test_evaluate_records_batched_equals_one_by_one(eos_models, method):
     assert sorted((r for s in shards for r in s), key=lambda r: r["index"]) == rows_b
 
 
+@pytest.mark.parametrize("mode", ["latent", "cot", "nocot"])
+def test_each_prediction_records_the_exact_prompt_fed_and_the_question_s_hash(mode, monkeypatch):
+    """predictions.jsonl had the question but not the prompt the model was given (the answer prompt in nocot
+    mode, the latent slots): each row now has the input ids decoded (`prompt`), its sha256 and the sha256 of
+    the question and gold answer (`doc_hash`), as lm-evaluation-harness's samples_*.jsonl do."""
+    import hashlib
+    import json
+
+    import kava.decode as kd
+
+    m, tok = tiny_reasoner("llama")
+    cfg = config_from_dict({"method": {"latent": "kava"}.get(mode, mode), "model": {"name_or_path": "tiny"},
+                            "latent": {"num_latents": M, "num_sweeps": T},
+                            "run": {"eval_max_new_tokens": 2, "eval_max_cot_tokens": 2}})
+    fed = []
+    prefill, latent_pass = kd.prefill, kd.latent_pass
+    monkeypatch.setattr(kd, "prefill", lambda model, rows: fed.extend(rows) or prefill(model, rows))
+
+    def spy(model, items, **kw):  # the student batch's ids without the question block's padding
+        sb, s = latent_pass(model, items, **kw)
+        Wq = sb.ids.shape[1] - 1 - M - (1 + len(items[0].prompt))
+        fed.extend(it.question + sb.ids[b, Wq:].tolist() for b, it in enumerate(items))
+        return sb, s
+
+    monkeypatch.setattr(kd, "latent_pass", spy)
+    rows, _ = evaluate_records(m, tok, cfg, ALL[:3], batch_size=2)
+    assert [r["prompt"] for r in rows] == [tok.decode(ids) for ids in fed]
+    sha = lambda t: hashlib.sha256(t.encode()).hexdigest()  # noqa: E731
+    q = ALL[0].question
+    want = {"cot": f"<|bos|>{q}", "nocot": f"<|bos|>{q} The answer is:",
+            "latent": f"<|bos|>{q}<bot>{'<latent>' * M}<eot> The answer is:"}[mode]
+    assert tok.decode(tok(want, add_special_tokens=False)["input_ids"]) == rows[0]["prompt"]
+    assert [r["prompt_hash"] for r in rows] == [sha(r["prompt"]) for r in rows]
+    assert [r["doc_hash"] for r in rows] == [sha(json.dumps({"question": r.question, "answer": r.answer},
+                                                            sort_keys=True)) for r in ALL[:3]]
+
+
 # ------------------------------------------------------------------------------------ evaluate_run (kava eval)
 @pytest.fixture(scope="module")
 def synth_run(tmp_path_factory):
@@ -320,7 +357,7 @@ def test_eval_finds_the_runs_own_synthetic_data_and_limit_writes_beside_the_full
 
     from kava.tools.report import load_run
 
-    run = load_run(rd)  # the report keeps the two apart
+    run = load_run(rd, include_limited=True)  # the report keeps the two apart
     assert run.evals["synth-test"]["count"] == 10 and run.evals["synth-test-limit4"]["count"] == 4
     capsys.readouterr()
 
@@ -347,7 +384,7 @@ def test_eval_counts_a_skipped_line_of_a_data_file_in_the_summary_and_on_stderr(
     assert cli(["eval", "--checkpoint", str(rd), "--datasets", "synth-test", "--limit", "2", "--max-new-tokens", "2",
                 "--output", str(tmp_path / "out")]) == 0
     assert json.loads((tmp_path / "out" / "synth-test-limit2" / "summary.json").read_text())["skipped"]["total"] == 0
-    assert capsys.readouterr().err == ""
+    assert capsys.readouterr().err.startswith("[kava] eval: --limit 2 evaluates only")  # and no skip line
 
 
 def test_eval_writes_each_question_s_place_in_its_file_and_kava_score_reads_it_so(synth_run, tmp_path, capsys):
@@ -406,6 +443,68 @@ def test_find_synthetic_dir_refuses_a_run_on_other_data():
 
     with pytest.raises(ValueError, match="give --data-dir"):
         find_synthetic_dir(load_config("smollm2_gsm8k"), None)
+
+
+def test_summary_records_date_versions_git_generation_settings_and_model(synth_run, tmp_path, capsys):
+    """summary.json had no date, versions, git revision, generation settings or model identity (lm-eval's
+    results_*.json has them all)."""
+    import json
+    from datetime import datetime, timezone
+
+    import torch
+    import transformers
+
+    import kava
+    from kava.checkpoint.rundir import git_revision
+    from kava.checkpoint.state import model_identity
+    from kava.cli import main as cli
+
+    rd, cfg = synth_run
+    before = datetime.now(timezone.utc).replace(microsecond=0)
+    assert cli(["eval", "--checkpoint", str(rd), "--datasets", "synth-test", "--limit", "2", "--batch-size", "3",
+                "--output", str(tmp_path)]) == 0
+    s = json.loads((tmp_path / "synth-test-limit2" / "summary.json").read_text())
+    date = datetime.fromisoformat(s["date"])
+    assert date.tzinfo == timezone.utc and before <= date <= datetime.now(timezone.utc)
+    assert (s["versions"]["kava"], s["versions"]["torch"], s["versions"]["transformers"]) == (
+        kava.__version__, torch.__version__, transformers.__version__)
+    assert s["git"] == git_revision()
+    assert s["generation"] == {"mode": "cot", "greedy": True, "max_new_tokens": 3, "max_cot_tokens": 12,
+                               "batch_size": 3, "answer_prompt": "The answer is:"}
+    assert s["model"] == {"source": str((rd / "best").resolve()), "identity": model_identity(cfg)}
+    capsys.readouterr()
+
+
+def test_a_limited_evaluation_warns_once_and_stays_out_of_the_card_and_the_report(synth_run, tmp_path, capsys):
+    """`kava eval --limit N` results flowed into the model card and `kava report`'s tables without a word. It
+    warns in one stderr line (lm-evaluation-harness: --limit is for testing), and the card and the report leave
+    it out, with a line (`kava report --include-limited` shows it as <dataset>-limit<N>)."""
+    import shutil
+
+    from kava.checkpoint.card import model_card
+    from kava.cli import main as cli
+
+    src, cfg = synth_run
+    rd = tmp_path / "run"
+    shutil.copytree(src, rd, ignore=shutil.ignore_patterns("eval"))
+    data = src.parent / "_data"
+    capsys.readouterr()
+    assert cli(["eval", "--checkpoint", str(rd), "--datasets", "synth-test,synth-hard", "--limit", "2",
+                "--data-dir", str(next(data.iterdir()))]) == 0
+    err = capsys.readouterr().err
+    assert err == ("[kava] eval: --limit 2 evaluates only the first 2 questions: for testing, not a result (written to "
+                   "eval/<set>-limit2/; left out of the model card, and of `kava report` unless --include-limited)\n")
+    card = model_card(cfg, run_dir=rd, step=2, exported=False)
+    assert "| synth-test-limit2 |" not in card and "Not evaluated yet" in card
+    assert "Left out, `--limit` tests (the first questions only): synth-hard-limit2, synth-test-limit2." in card
+    assert cli(["report", str(rd), "--output", str(tmp_path / "rep")]) == 0
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "limit2" not in md.split("## Notes")[0]
+    assert f"- {rd / 'eval' / 'synth-test-limit2'}: left out: a --limit 2 test (--include-limited shows it)" in md
+    assert cli(["report", str(rd), "--output", str(tmp_path / "rep2"), "--include-limited"]) == 0
+    md = (tmp_path / "rep2" / "report.md").read_text()
+    assert "| group | method | train data | runs | synth-hard-limit2 | synth-test-limit2 |" in md
+    capsys.readouterr()
 
 
 def test_eval_dir_name():
@@ -526,7 +625,48 @@ def test_eval_takes_an_intermediate_checkpoint_and_prints_progress_without_a_tty
     assert cli(["eval", "--checkpoint", str(rd), "--datasets", "synth-test", "--limit", "3"]) == 0  # final/ = step 2
     final = [json.loads(ln) for ln in (rd / "eval" / "synth-test-limit3" / "predictions.jsonl").read_text().splitlines()]
     assert [r["generated"] for r in step] == [r["generated"] for r in final]
-    assert "synth-test-step2-limit3" in load_run(rd).evals  # the report keeps it apart from the final model's
+    assert "synth-test-step2-limit3" in load_run(rd, include_limited=True).evals  # apart from the final model's
+    capsys.readouterr()
+
+
+def test_an_evaluation_records_its_step_and_goes_stale_when_the_run_is_extended(tmp_path, capsys):
+    """A run evaluated, then extended (`kava train --resume RUN --set optim.max_steps=N`): summary.json named
+    best/ (or final/) but no step, `eval`/`ask` never said which step they loaded, and `kava report` and the
+    export's model card kept showing the old numbers. The step is recorded and printed; an evaluation of a
+    best/ or final/ that now holds another step is left out of both, with a line saying why."""
+    import json
+
+    from kava.checkpoint.export import export_model
+    from kava.cli import main as cli
+    from kava.tools.report import load_run
+
+    from test_sweep import TINY
+
+    sets = [x for o in TINY + [f"run.output_dir={tmp_path}", "optim.max_steps=2", "run.eval_every=2", "run.name=r",
+                               "run.eval_max_cot_tokens=4", "run.eval_max_new_tokens=2"] for x in ("--set", o)]
+    assert cli(["train", "--config", "tiny_synth", "--no-progress", *sets]) == 0
+    rd = tmp_path / "r"
+    capsys.readouterr()
+    assert cli(["eval", "--checkpoint", str(rd / "final"), "--datasets", "synth-test"]) == 0
+    assert f"[kava] eval: {rd / 'final'} (the run's final/, step 2)" in capsys.readouterr().out
+    s = json.loads((rd / "eval" / "synth-test" / "summary.json").read_text())
+    assert (s["checkpoint_name"], s["model_step"], s["model_kind"]) == ("final", 2, "run")
+    assert "synth-test" in load_run(rd).evals
+
+    assert cli(["train", "--resume", str(rd), "--no-progress", "--set", "optim.max_steps=4"]) == 0
+    capsys.readouterr()
+    assert cli(["ask", "--checkpoint", str(rd / "final"), "--question", "Tom has 3 apples ."]) == 0
+    out, err = capsys.readouterr()
+    assert f"[kava] ask: {rd / 'final'} (the run's final/, step 4)\n" in err and out.startswith("answer: ")
+    run = load_run(rd)
+    assert "synth-test" not in run.evals
+    assert f"{rd / 'eval' / 'synth-test'}: left out: evaluated final/ at step 2; final/ is now the model of step 4 " \
+           "(kava eval it again)" in run.notes
+    card = (export_model(rd / "final", tmp_path / "hf") / "README.md").read_text()
+    assert "| synth-test |" not in card and "Not evaluated yet" in card
+    assert "Left out, evaluations of another model of this run: synth-test (final/ at step 2)." in card
+    assert cli(["eval", "--checkpoint", str(rd / "final"), "--datasets", "synth-test"]) == 0  # again: current
+    assert load_run(rd).evals["synth-test"]["model_step"] == 4
     capsys.readouterr()
 
 
@@ -599,7 +739,7 @@ def test_eval_takes_a_plain_model_and_a_peft_adapter_in_cot_and_nocot_mode(tmp_p
     got = {}
     for name, argv in {"base-cot": ["--checkpoint", "base", "--mode", "cot"],
                        "base-nocot": ["--checkpoint", "base", "--mode", "nocot"],
-                       "adapter-nocot": ["--checkpoint", "adapter", "--mode", "nocot"],
+                       "base+adapter-nocot": ["--checkpoint", "adapter", "--mode", "nocot"],
                        "via-args": ["--model-args", "pretrained=base,peft=adapter", "--mode", "nocot",
                                     "--output", "via-args"]}.items():
         assert cli(["eval", *argv, "--datasets", str(test), "--max-new-tokens", "4"]) == 0
@@ -611,13 +751,112 @@ def test_eval_takes_a_plain_model_and_a_peft_adapter_in_cot_and_nocot_mode(tmp_p
         got[name] = [json.loads(ln)["generated"] for ln in (d / "predictions.jsonl").read_text().splitlines()]
     assert got["base-cot"] == _reference(tmp_path / "base", recs, "cot")
     assert got["base-nocot"] == _reference(tmp_path / "base", recs, "nocot")
-    assert got["adapter-nocot"] == got["via-args"] == _reference(tmp_path / "base", recs, "nocot",
-                                                                 adapter=tmp_path / "adapter")
-    assert got["adapter-nocot"] != got["base-nocot"]  # the adapter is applied
+    assert got["base+adapter-nocot"] == got["via-args"] == _reference(tmp_path / "base", recs, "nocot",
+                                                                      adapter=tmp_path / "adapter")
+    assert got["base+adapter-nocot"] != got["base-nocot"]  # the adapter is applied
     run = load_run(tmp_path / "runs" / "base-nocot")
     assert run.method == "nocot" and run.evals["my_test"]["count"] == 3
     assert cli(["eval", "--checkpoint", "base", "--mode", "latent", "--datasets", str(test)]) == 2
     assert "a plain model (no kava training) has no latent mode" in capsys.readouterr().err
+
+
+def test_a_peft_evaluation_has_its_own_folder_and_records_its_model_args(tmp_path, monkeypatch, capsys):
+    """`--model-args pretrained=D` and `pretrained=D,peft=A` wrote the same runs/D-nocot/eval/<set>/ (the
+    adapter's numbers replaced the base's, and `kava report` showed them as the base's). Each model identity
+    (base, adapter, GGUF file) has its folder; summary.json and the folder's meta.json record the model args;
+    `--checkpoint ADAPTER` is the same model as `pretrained=BASE,peft=ADAPTER`, and a folder of the same name
+    holding another model is refused."""
+    import json
+
+    from kava.cli import main as cli
+    from kava.tools.report import aggregate, find_run_dirs
+
+    _plain_model(tmp_path)
+    test = tmp_path / "t.jsonl"
+    test.write_text("".join(json.dumps({"question": q, "answer": f"#### {n}"}) + "\n" for q, n in [
+        ("Tom has 3 apples . He buys 4 more . How many ?", 7), ("Tom has 12 apples .", 12)]))
+    monkeypatch.chdir(tmp_path)
+    common = ["--mode", "nocot", "--datasets", str(test), "--max-new-tokens", "4"]
+    assert cli(["eval", "--model-args", "pretrained=base", *common]) == 0
+    assert cli(["eval", "--model-args", "pretrained=base,peft=adapter", *common]) == 0
+    base, adapted = tmp_path / "runs" / "base-nocot", tmp_path / "runs" / "base+adapter-nocot"
+    sb = json.loads((base / "eval" / "t" / "summary.json").read_text())
+    sa = json.loads((adapted / "eval" / "t" / "summary.json").read_text())
+    assert sb["model_args"] == {"pretrained": str(tmp_path / "base")}
+    assert sa["model_args"] == {"pretrained": str(tmp_path / "base"), "peft": str(tmp_path / "adapter")}
+    assert json.loads((adapted / "meta.json").read_text())["model_args"] == sa["model_args"]
+    preds = lambda d: (d / "eval" / "t" / "predictions.jsonl").read_text()  # noqa: E731
+    assert preds(base) != preds(adapted)  # the base's evaluation is still the base's
+    assert sorted(r["group"] for r in aggregate(find_run_dirs([tmp_path / "runs"])[0])) == ["base+adapter-nocot",
+                                                                                           "base-nocot"]
+    before = preds(adapted)
+    assert cli(["eval", "--checkpoint", "adapter", *common]) == 0  # the same model: the same folder
+    assert preds(adapted) == before and sorted(p.name for p in (tmp_path / "runs").iterdir()) == [
+        "base+adapter-nocot", "base-nocot"]
+    # another model whose directory is also called "base": refused, not mixed in
+    (tmp_path / "other").mkdir()
+    import shutil
+
+    shutil.copytree(tmp_path / "base", tmp_path / "other" / "base")
+    capsys.readouterr()
+    assert cli(["eval", "--model-args", f"pretrained={tmp_path / 'other' / 'base'}", *common]) == 2
+    assert "holds the evaluations of another model" in capsys.readouterr().err
+    assert json.loads((base / "eval" / "t" / "summary.json").read_text()) == sb
+
+
+def test_eval_reads_a_file_without_cot_field_names_and_hub_dataset_ids(synth_run, tmp_path, monkeypatch, capsys):
+    """A `{"question", "answer"}` JSONL failed with "missing field: steps" (evaluation needs no CoT);
+    `--datasets openai/gsm8k` was an "unknown evaluation set"; there were no field-mapping flags. The hub is
+    not reachable here: `datasets.load_dataset` is replaced, and the test checks what it was asked for."""
+    import json
+    import sys
+    import types
+
+    from kava.cli import main as cli
+
+    rd, _ = synth_run
+    qs = ["Tom has 3 apples .", "He buys 4 more .", "How many ?"]
+    plain = tmp_path / "plain.jsonl"
+    plain.write_text("".join(json.dumps({"question": q, "answer": n}) + "\n" for q, n in zip(qs, (3, "4", 7))))
+    run = lambda *a: cli(["eval", "--checkpoint", str(rd), "--max-new-tokens", "2", "--output",  # noqa: E731
+                          str(tmp_path / "out"), *a])
+    assert run("--datasets", str(plain)) == 0
+    s = json.loads((tmp_path / "out" / "plain" / "summary.json").read_text())
+    assert s["count"] == 3 and s["skipped"]["total"] == 0
+    renamed = tmp_path / "renamed.jsonl"
+    renamed.write_text("".join(json.dumps({"problem": q, "solution": n, "steps": "x"}) + "\n" for q, n in zip(qs, (3, 4, 7))))
+    assert run("--datasets", str(renamed), "--question-field", "problem", "--answer-field", "solution") == 0
+    rows = [json.loads(ln) for ln in (tmp_path / "out" / "renamed" / "predictions.jsonl").read_text().splitlines()]
+    assert [(r["question"], r["gold"]) for r in rows] == list(zip(qs, ("3", "4", "7")))
+
+    asked = []
+
+    class Rows(list):
+        column_names = ["problem", "solution"]
+
+    def load_dataset(hub_id, config=None, split=None):
+        asked.append((hub_id, config, split))
+        if hub_id == "openai/gsm8k":
+            return Rows({"question": q, "answer": f"<<1+2=3>> #### {n}"} for q, n in zip(qs, (3, 4, 7)))
+        return Rows({"problem": q, "solution": n} for q, n in zip(qs, (3, 4, 7)))
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    capsys.readouterr()
+    assert run("--datasets", "openai/gsm8k") == 0  # no --hub: an org/name id is the hub's
+    assert asked == [("openai/gsm8k", "main", "test")]
+    s = json.loads((tmp_path / "out" / "gsm8k" / "summary.json").read_text())
+    assert s["dataset"] == "gsm8k" and s["count"] == 3 and "hub openai/gsm8k main, split test" in s["description"]
+    assert run("--datasets", "someone/math-qa:validation", "--question-field", "problem",
+               "--answer-field", "solution") == 0
+    assert asked[-1] == ("someone/math-qa", None, "validation")
+    d = tmp_path / "out" / "someone__math-qa-validation"
+    assert json.loads((d / "summary.json").read_text())["count"] == 3
+    assert [json.loads(ln)["gold"] for ln in (d / "predictions.jsonl").read_text().splitlines()] == ["3", "4", "7"]
+    # field names for a named set: refused before the model loads
+    monkeypatch.setattr("kava.evaluate.load_any", lambda *a, **k: pytest.fail("the model was loaded"))
+    capsys.readouterr()
+    assert run("--datasets", "gsm8k", "--question-field", "problem") == 2
+    assert "apply to data files and hub datasets, not to the named set gsm8k" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("datasets, expect", [

@@ -89,6 +89,33 @@ def test_with_a_progress_bar_there_are_no_progress_lines(tmp_path, capsys, monke
     assert "train cot" in sys.stderr.getvalue()  # the bar
 
 
+VAL = re.compile(r"^\[kava\] step (\d+): val accuracy (\d\.\d{4}) \(best (\d\.\d{4}) at step (\d+)\)$")
+
+
+@pytest.mark.parametrize("tty", [False, True])
+def test_each_validation_prints_its_accuracy_and_the_best_so_far_with_and_without_a_bar(tmp_path, capsys,
+                                                                                      monkeypatch, tty):
+    """Training printed no validation accuracy and no best step: one line per validation, whether a bar is
+    drawn (a TTY: written above it) or not, with the numbers metrics.jsonl and best/ hold."""
+    if tty:
+        monkeypatch.setattr(sys, "stderr", _Tty())  # a terminal: tqdm draws its bar there
+    run_dir = train(_cfg(tmp_path, ["run.eval_every=2"]), progress=True)
+    got = [m.groups() for m in map(VAL.match, capsys.readouterr().out.splitlines()) if m]
+    vals = [(r["step"], r["val/accuracy"]) for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+            if r.get("split") == "val"]
+    assert [int(s) for s, *_ in got] == [s for s, _ in vals] == [2, 4, 6]
+    assert [float(a) for _, a, _, _ in got] == pytest.approx([a for _, a in vals], abs=5e-5)
+    best_acc, best_step = -1.0, -1
+    for (step, acc), (*_, shown, shown_step) in zip(vals, got):  # the best so far: a higher accuracy replaces it
+        if acc > best_acc:
+            best_acc, best_step = acc, step
+        assert float(shown) == pytest.approx(best_acc, abs=5e-5) and int(shown_step) == best_step
+    final_best = json.loads((run_dir / "best" / "meta.json").read_text())
+    assert int(got[-1][3]) == final_best["step"]
+    if tty:
+        assert "train cot" in sys.stderr.getvalue()  # the bar was drawn
+
+
 def test_resumed_run_says_where_it_resumes(tmp_path, capsys):
     cfg = _cfg(tmp_path, ["run.save_every=2"])
     run_dir = train(cfg, progress=False, stop_after=4)

@@ -18,12 +18,15 @@ COT = {"method": "cot", "preset": None, "train_data": "whynlp/gsm8k-aug"}
 NOCOT = {"method": "nocot", "preset": None, "train_data": "whynlp/gsm8k-aug"}
 
 
-def make_run(root, name, meta, seed, evals, n_steps=6, bad_metrics_line=False):
+def make_run(root, name, meta, seed, evals, n_steps=6, bad_metrics_line=False, max_steps=None, finished=True):
     """A run dir as training + evaluation write it. evals: dataset -> (accuracy, flexible, forward passes)."""
     d = root / name
     (d / "eval").mkdir(parents=True)
     (d / "meta.json").write_text(json.dumps({**meta, "seed": seed}))
-    (d / "config.yaml").write_text(f"method: {meta['method']}\nrun:\n  seed: {seed}\n")
+    (d / "config.yaml").write_text(f"method: {meta['method']}\nrun:\n  seed: {seed}\n  name: {name}\n"
+                                   + (f"optim:\n  max_steps: {max_steps}\n" if max_steps else ""))
+    if finished:
+        (d / "DONE").write_text(json.dumps({"steps": max_steps or n_steps}))
     lines = []
     for step in range(0, n_steps * 10, 10):
         lo = {"step": step, "split": "train", "loss/total": 5.0 / (1 + step) + seed * 1e-3, "loss/ce_teacher": 2.0 / (1 + step), "lr": 1e-4}
@@ -85,6 +88,53 @@ def test_a_preset_trained_with_another_method_is_a_group_of_its_own(runs, tmp_pa
     assert rows[2]["datasets"]["gsm8k"]["accuracy"] == pytest.approx(10.0) and len(rows[3]["runs"]) == 3
 
 
+def test_only_runs_that_differ_by_seed_alone_are_pooled_unfinished_ones_marked_legends_distinct(tmp_path, monkeypatch):
+    """Ten seed-42 runs of one preset, 4 to 60 steps, one unfinished, became one "± std over seeds" row, and the
+    training-curve legend had nine identical "tiny_synth seed 42" entries. Runs pool only when their configs
+    differ in the seed alone; two runs of one config and one seed are never pooled; rows and legend entries
+    are told apart; an unfinished run is marked."""
+    from pathlib import Path
+
+    from matplotlib.figure import Figure
+
+    root = tmp_path / "runs"
+    meta = {"method": "cot", "preset": "tiny_synth", "train_data": "synthetic:equation"}
+    steps = [4, 8, 12, 16, 20, 30, 40, 50, 60]
+    for i, n in enumerate(steps):
+        make_run(root, f"r{n}", meta, 42, {"synth-test": (0.1 * (i % 3), 0.1, 20.0)}, max_steps=n, finished=n != 60)
+    for seed in (1, 2, 3):  # one experiment over three seeds: pooled
+        make_run(root, f"s{seed}", meta, seed, {"synth-test": (0.2 + seed / 10, 0.3, 20.0)}, max_steps=100)
+    for name in ("again-a", "again-b"):  # a rerun of one config and one seed (r8's): not pooled with it
+        make_run(root, name, meta, 42, {"synth-test": (0.5, 0.5, 20.0)}, max_steps=8)
+        (root / name / "config.yaml").write_text((root / "r8" / "config.yaml").read_text())
+    figs = {}
+    real = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda self, p, *a, **k: (figs.__setitem__(Path(p).name, self),
+                                                                    real(self, p, *a, **k))[1])
+    res = write_report([root], tmp_path / "out")
+    rows = res["rows"]
+    by = {r["group"]: r for r in rows}
+    assert len(rows) == 8 + 1 + 3  # r8 and its two reruns: three rows
+    for n in (4, 12, 60):
+        assert by[f"tiny_synth (optim.max_steps={n})"]["runs"] == [str(root / f"r{n}")]
+    pooled = by["tiny_synth (optim.max_steps=100)"]
+    assert pooled["seeds"] == [1, 2, 3] and pooled["datasets"]["synth-test"]["accuracy_std"] is not None
+    assert [by[f"tiny_synth (optim.max_steps=8; {n})"]["runs"] for n in ("r8", "again-a", "again-b")] == [
+        [str(root / n)] for n in ("r8", "again-a", "again-b")]
+    assert any("3 runs of one config with the same seed (42): not pooled" in n
+               for n in by["tiny_synth (optim.max_steps=8; r8)"]["notes"])
+    assert all(r["datasets"]["synth-test"]["accuracy_std"] is None for r in rows if r is not pooled)
+    assert by["tiny_synth (optim.max_steps=60)"]["unfinished"] == [str(root / "r60")]
+    md = res["paths"]["report.md"].read_text()
+    assert "| tiny_synth (optim.max_steps=60) | cot | synthetic:equation | 1 (1 unfinished) |" in md
+    assert f"seed 42: `{root / 'r60'}` (unfinished: no DONE" in md
+    curves = figs["training_curves.png"]
+    panels = [[t.get_text() for t in ax.get_legend().get_texts()] for ax in curves.axes if ax.get_legend()]
+    assert panels and all(len(labels) == len(set(labels)) == 14 for labels in panels), panels  # one per run
+    assert "tiny_synth (optim.max_steps=60) seed 42 (unfinished)" in panels[0]
+    assert "tiny_synth (optim.max_steps=8; again-a) seed 42" in panels[0]
+
+
 def test_group_by_method_and_train_data(runs, tmp_path):
     other = make_run(tmp_path / "more", "kava-nl-s42", {**KAVA, "preset": "llama1b_aug_nl", "train_data": "synthetic:nl"}, 42,
                      {"gsm8k": (0.3, 0.3, 7.0)})
@@ -139,7 +189,7 @@ def test_report_survives_missing_pieces(tmp_path):
     (broken / "eval" / "gsm8k" / "summary.json").write_text('{"dataset": "gsm8k"}')
     res = write_report([bare, broken, tmp_path / "nope"], tmp_path / "out")
     md = res["paths"]["report.md"].read_text()
-    assert "| codi | codi | synthetic | 1 |" in md and "| unknown | unknown | ? | 1 |" in md
+    assert "| codi | codi | synthetic | 1 (1 unfinished) |" in md and "| unknown | unknown | ? | 1 |" in md
     assert "nope: not a directory" in md and "no numeric 'accuracy'" in md and "no usable meta.json" in md
     for name in ("accuracy_vs_passes.png", "training_curves.png"):
         png_size(res["paths"][name])

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from kava.checkpoint.load import load_any
+from kava.checkpoint.load import describe_source, load_any
 from kava.checkpoint.rundir import run_dir_of
 from kava.data.format import Formatter
 from kava.data.pipeline import answer_kind
@@ -40,9 +40,16 @@ class Answer:
 class KavaModel:
     """A trained kava model (any method) with its tokenizer and config, ready to answer questions."""
 
-    def __init__(self, model, tokenizer, cfg, source: Path, exported: bool):
+    def __init__(self, model, tokenizer, cfg, source: Path, exported: bool, kind: str = "run",
+                 model_args: dict | None = None):
         self.model, self.tokenizer, self.cfg = model, tokenizer, cfg
         self.source, self.exported = source, exported
+        self.kind, self.model_args = kind, model_args  # `kava.checkpoint.load.Loaded`'s
+
+    def describe(self) -> str:
+        """Which model this is: its directory, and for a kava model which checkpoint and training step
+        (`kava.checkpoint.load.describe_source`)."""
+        return describe_source(self.source, self.kind, self.model_args)
 
     @property
     def method(self) -> str:
@@ -101,4 +108,4 @@ def load(path: str | Path, *, device: str | torch.device | None = None, dtype: t
     device: default cuda when available, else cpu; dtype: default bf16 on cuda, fp32 on cpu.
     """
     m = load_any(path, device=device, dtype=dtype)
-    return KavaModel(m.model, m.tokenizer, m.cfg, m.source, m.exported)
+    return KavaModel(m.model, m.tokenizer, m.cfg, m.source, m.exported, m.kind, m.model_args)

@@ -56,6 +56,14 @@ def sequence_length(mode: str, question_len: int, *, num_latents: int, prompt_le
         mode, max_new_tokens=max_new_tokens, max_cot_tokens=max_cot_tokens, prompt_len=prompt_len)
 
 
+def input_ids(item: Tokenized, mode: str, ids, num_latents: int = 0) -> list[int]:
+    """The token ids `mode` feeds the model for a question-only item, before it generates: latent question ·
+    `<bot>` · M `<latent>` slots (their embeddings are the latents the sweeps compute) · `<eot>` · prompt,
+    nocot question · prompt, cot the question. `kava eval` writes them, decoded, as each prediction's prompt."""
+    return item.question + {"latent": [ids.bot] + [ids.latent] * num_latents + [ids.eot] + item.prompt,
+                            "nocot": item.prompt, "cot": []}[check_mode(mode)]
+
+
 def passes(mode: str, *, student_mode: str = "jacobi", num_latents: int = 0, num_sweeps: int = 0) -> int:
     """Forward passes of `mode` before its first decode step: latent 1 prefix + T sweeps (jacobi) or + M
     sequential latents (sequential); cot and nocot none (the prefill's logits give the first token). A
@@ -188,7 +196,7 @@ def _generate(model, items, *, mode, num_latents, num_sweeps, student_mode, max_
         toks, steps = answer_from_cache(model, sb, s.cache, sb.mask, max_new_tokens)
         base_passes = s.forward_passes
     else:
-        rows = [it.question + (it.prompt if mode == "nocot" else []) for it in items]
+        rows = [input_ids(it, mode, ids) for it in items]
         cache, logits, mask, last = prefill(model, rows)
         new = budget(mode, max_new_tokens=max_new_tokens, max_cot_tokens=max_cot_tokens,
                      prompt_len=len(items[0].prompt))

@@ -9,11 +9,13 @@ error (`kava.scoring.binomial_stderr`, as lm-evaluation-harness prints it).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import platform
 import re
 import sys
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -21,13 +23,15 @@ from accelerate import PartialState
 from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
-from kava.checkpoint.load import Loaded, load_any, load_plain
-from kava.checkpoint.rundir import RunDir, read_state
+from kava.checkpoint.load import (Loaded, describe_source, load_any, load_plain, model_checkpoint,
+                                 plain_identity, plain_name)
+from kava.checkpoint.rundir import RunDir, git_revision, read_state, versions
+from kava.checkpoint.state import model_identity
 from kava.data.format import Formatter
 from kava.data.pipeline import find_synthetic_dir
-from kava.data.readers import COT_STYLES, check_eval_sets, is_data_file, load_eval_dataset
+from kava.data.readers import COT_STYLES, check_eval_sets, hub_eval_spec, is_data_file, load_eval_dataset
 from kava.data.records import Record, SkipLog
-from kava.decode import generate_for_config, sequence_length
+from kava.decode import generate_for_config, input_ids, sequence_length
 from kava.diagnostics import (check_shards, diagnose_batch, eval_chunks, format_diagnostics, require_latent,
                               summarize_diagnostics)
 from kava.model.families import check_window
@@ -103,10 +107,12 @@ def evaluate_records(model: LatentReasoner, tokenizer, cfg, records: list[Record
     for chunk in eval_chunks(idx, bs, diag.min_batch if diag is not None else 1):
         items = [fmt.tokenize(records[i], i, need_answer=False) for i in chunk]
         gens = generate_for_config(model, tokenizer, cfg, items, mode=mode, max_new_tokens=max_new)
-        for i, g in zip(chunk, gens):
+        for i, it, g in zip(chunk, items, gens):
             r = records[i]
             ext = extract(g.text, r.answer_kind, cfg.data.answer_prompt)
-            rows.append({"index": i, "question": r.question, "gold": r.answer, "generated": g.text,
+            prompt = tokenizer.decode(input_ids(it, mode, model.ids, cfg.latent.num_latents))
+            rows.append({"index": i, "question": r.question, "gold": r.answer, "doc_hash": doc_hash(r),
+                         "prompt": prompt, "prompt_hash": sha256(prompt), "generated": g.text,
                          "extracted": ext["strict"], "extracted_flexible": ext["flexible"],
                          "correct": answer_matches(ext["strict"], r.answer, r.answer_kind),
                          "correct_flexible": answer_matches(ext["flexible"], r.answer, r.answer_kind),
@@ -122,6 +128,35 @@ def evaluate_records(model: LatentReasoner, tokenizer, cfg, records: list[Record
     bar.close()
     wall = time.perf_counter() - t0 - diag_wall
     return rows, summarize(rows, wall, mode)
+
+
+def sha256(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def doc_hash(r: Record) -> str:
+    """A question's identity in predictions.jsonl (lm-evaluation-harness's `doc_hash`): the sha256 of its
+    question and gold answer, so two evaluations can be matched question by question."""
+    return sha256(json.dumps({"question": r.question, "answer": r.answer}, sort_keys=True, ensure_ascii=False))
+
+
+def generation_settings(cfg, mode: str, *, batch_size: int | None = None, max_new_tokens: int | None = None) -> dict:
+    """How `evaluate_records` decodes (summary.json's "generation"): greedy, the mode, the answer budget, the
+    CoT budget (cot mode), the batch size, the answer prompt, and in latent mode M, T and the student mode."""
+    out = {"mode": mode, "greedy": True, "max_new_tokens": max_new_tokens or cfg.run.eval_max_new_tokens,
+           "max_cot_tokens": cfg.run.eval_max_cot_tokens if mode == "cot" else None,
+           "batch_size": batch_size or cfg.run.eval_batch_size, "answer_prompt": cfg.data.answer_prompt}
+    if mode == "latent":
+        out.update({"num_latents": cfg.latent.num_latents, "num_sweeps": cfg.latent.num_sweeps,
+                    "student_mode": cfg.spec.student_mode})
+    return out
+
+
+def provenance() -> dict:
+    """When and with what an evaluation ran (summary.json): the UTC date, the library versions and the git
+    revision of kava's checkout (None outside one), as a training run's meta.json records them."""
+    return {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "versions": versions(),
+            "git": git_revision()}
 
 
 def summarize(rows: list[dict], wall: float, mode: str) -> dict:
@@ -166,8 +201,12 @@ def eval_dir_name(dataset: str, limit: int | None, available: int, step: int | N
 
 
 def dataset_label(name: str) -> str:
-    """A dataset's name in eval/ and in the summary: a named set as is, a data file by its stem."""
-    return Path(name).stem if is_data_file(name) else name
+    """A dataset's name in eval/ and in the summary: a named set as is, a data file by its stem, a hub dataset
+    id by its set's name (`openai/gsm8k` is gsm8k; `org/name:split` is `org__name-split`: `hub_eval_spec`)."""
+    if is_data_file(name):
+        return Path(name).stem
+    hub = hub_eval_spec(name)
+    return hub.name if hub is not None else name
 
 
 def _slug(text: str) -> str:
@@ -175,16 +214,24 @@ def _slug(text: str) -> str:
 
 
 def default_eval_root(km, mode: str) -> Path:
-    """Where `kava eval` writes without --output: `RUN/eval` for a kava run or export; for a plain model (or
-    adapter) `runs/<name>-<mode>/eval`, beside kava's runs, with a meta.json that `kava report runs/` reads."""
+    """Where `kava eval` writes without --output: `RUN/eval` for a kava run or export; for a plain model
+    `runs/<name>-<mode>/eval`, beside kava's runs, with a meta.json that `kava report runs/` reads. The name is
+    the model's identity (`kava.checkpoint.load.plain_name`: the base, its GGUF file, its peft adapter), so an
+    adapter's evaluation never lands in its base model's folder; a folder whose meta.json names another model
+    (two bases of one directory name) is refused."""
     if km.kind != "plain":
         return RunDir(km.run_dir).eval
-    return RunDir(Path("runs") / f"{_slug(km.source.name if km.source.exists() else str(km.source))}-{mode}").eval
+    rd = RunDir(Path("runs") / f"{_slug(plain_name(km.model_args))}-{mode}")
+    other = rd.read_meta().get("model_args")
+    if other is not None and other != km.model_args:
+        raise ValueError(f"{rd.path} holds the evaluations of another model ({other}), not of {km.model_args}; "
+                         "give --output DIR")
+    return rd.eval
 
 
 def evaluate_run(checkpoint: str | Path | None, datasets: list[str], *, data_dir=None, hub: bool = False, mode=None,
                  batch_size=None, max_new_tokens=None, limit=None, output=None, progress: bool = True,
-                 diagnostics=None, model_args: dict | None = None) -> dict[str, dict]:
+                 diagnostics=None, model_args: dict | None = None, fields: dict | None = None) -> dict[str, dict]:
     """Evaluate a run (its best/, else final/), a checkpoint (`checkpoints/step_<n>` too), a `kava export`
     directory, a plain Hugging Face model directory or a peft adapter (`kava.checkpoint.load.load_any`), or the
     model `model_args` names (`kava.checkpoint.load.load_plain`: pretrained=, peft=, gguf_file=, ...), on named
@@ -197,23 +244,28 @@ def evaluate_run(checkpoint: str | Path | None, datasets: list[str], *, data_dir
     data_dir: the local data root; for the synthetic splits of a run trained on the synthetic task it defaults
     to that run's own data (`kava.data.pipeline.find_synthetic_dir`).
     diagnostics: a `kava.diagnostics.DiagnosticsSpec` (latent runs).
+    fields: the columns of data files and hub datasets (keys question, answer, steps: `load_eval_dataset`).
     A record the reader skipped (a bad line of a data file) is counted in summary.json's "skipped" (as a run's
     skips.json) and named in a line on stderr; the accuracy is over the records read.
     """
-    check_eval_sets(datasets, data_dir, hub, synthetic_found=True)  # before any model loads
+    check_eval_sets(datasets, data_dir, hub, synthetic_found=True, fields=fields)  # before any model loads
     if len({dataset_label(n) for n in datasets}) != len(datasets):
         raise ValueError(f"--datasets {','.join(datasets)}: two of them share an eval/ folder name")
     state = PartialState(cpu=not torch.cuda.is_available())  # multi-process CPU runs shard too
     if model_args is not None:
         args = dict(model_args)
         km = Loaded(*load_plain(args.pop("pretrained"), mode=mode, device=state.device, **args),
-                    Path(model_args["pretrained"]), exported=False, kind="plain")
+                    Path(model_args["pretrained"]), exported=False, kind="plain",
+                    model_args=plain_identity(model_args))
     else:
         km = load_any(checkpoint, device=state.device, mode=mode)
     cfg = km.cfg
     step = read_state(km.source)["step"] if km.kind == "step" else None
+    which, model_step = model_checkpoint(km.source, km.kind)  # summary.json: `kava report` checks it is current
+    if state.is_main_process:
+        print(f"[kava] eval: {describe_source(km.source, km.kind, km.model_args)}", flush=True)
     out_root = Path(output) if output else default_eval_root(km, mode or cfg.spec.eval_mode)
-    results = {}
+    results, warned = {}, False
     for name in datasets:
         root = data_dir
         if root is None and not hub and name.startswith("synth-") and cfg.data.source == "synthetic":
@@ -221,12 +273,17 @@ def evaluate_run(checkpoint: str | Path | None, datasets: list[str], *, data_dir
         # the CoT (used by the oracle diagnostics) in the style the run trained on
         style = cfg.data.cot_style if cfg.data.cot_style in COT_STYLES else COT_STYLES[0]
         skips = SkipLog()
-        records, desc = load_eval_dataset(name, root, hub=hub, cot_style=style, skips=skips)
+        records, desc = load_eval_dataset(name, root, hub=hub, cot_style=style, skips=skips, fields=fields)
         label = dataset_label(name)
         available = len(records)
-        if limit:
+        if limit and limit < available:
             records = records[:limit]
             desc += f" (first {limit})"
+            if state.is_main_process and not warned:  # once, as lm-evaluation-harness warns
+                print(f"[kava] eval: --limit {limit} evaluates only the first {limit} questions: for testing, not a "
+                      f"result (written to eval/<set>-limit{limit}/; left out of the model card, and of `kava "
+                      "report` unless --include-limited)", file=sys.stderr, flush=True)
+                warned = True
         if diagnostics is not None and diagnostics.active:  # before any rank starts: all refuse, or none
             check_shards(len(records), state.num_processes, batch_size or cfg.run.eval_batch_size,
                          diagnostics.min_batch)
@@ -244,7 +301,12 @@ def evaluate_run(checkpoint: str | Path | None, datasets: list[str], *, data_dir
             summary = summarize(rows, max(walls), s["mode"])
             summary.update({"dataset": label, "description": desc, "hardware": hardware(),
                             "processes": state.num_processes, "checkpoint": str(km.source), "config_hash": cfg.hash(),
-                            "method": cfg.method, "model_kind": km.kind, "skipped": skips.as_dict()})
+                            "method": cfg.method, "model_kind": km.kind, "model_args": km.model_args,
+                            "checkpoint_name": which, "model_step": model_step, "skipped": skips.as_dict(),
+                            "model": {"source": str(km.source.resolve()), "identity": model_identity(cfg)},
+                            "generation": generation_settings(cfg, s["mode"], batch_size=batch_size,
+                                                              max_new_tokens=max_new_tokens),
+                            **provenance()})
             if step is not None:
                 summary["checkpoint_step"] = step
             if len(records) < available:
@@ -253,7 +315,7 @@ def evaluate_run(checkpoint: str | Path | None, datasets: list[str], *, data_dir
             if km.kind == "plain" and not output:  # `kava report runs/` lists the base model beside the runs
                 RunDir(out_root.parent).meta.write_text(json.dumps({
                     "method": cfg.method, "preset": out_root.parent.name, "train_data": "none (not trained by kava)",
-                    "model": str(km.source)}, indent=2))
+                    "model": str(km.source), "model_args": km.model_args}, indent=2))
             results[label] = summary
             print(f"{label}: accuracy {summary['accuracy']:.4f} ± {summary['accuracy_stderr']:.4f} "
                   f"({summary['count']} problems: {desc}); flexible {summary['accuracy_flexible']:.4f} ± "

@@ -59,7 +59,7 @@ from kava.training.gradshare import grad_share_due, grad_share_micro, measure
 from kava.training.graphs import GraphedStep, setup_graphs
 from kava.training.interrupt import StopRequest, TrainingInterrupted
 from kava.training.logger import MetricLogger
-from kava.training.progress import ProgressLine, plan_lines, start_summary
+from kava.training.progress import ProgressLine, plan_lines, print_line, start_summary, validation_line
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -567,6 +567,8 @@ def train(cfg: Config, *, resume: str | Path | None = None, progress: bool = Tru
                     if cfg.spec.curriculum is not None:
                         t.best["curriculum"] = curriculum.progress(cfg, t.step - 1, plan.steps_per_epoch)
                     save_best(t, run_dir)
+                if main:
+                    print_line(validation_line(t.step, v, t.best))
             saved = t.step % save_every == 0 or t.step == plan.total_steps
             if saved:
                 save_checkpoint(t, run_dir)

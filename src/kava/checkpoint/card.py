@@ -3,8 +3,8 @@ model directory needs.
 
 `model_card` writes the card of a `kava export` directory and of a run's `best/model/` or `final/model/`
 (`kava.checkpoint.saved.save_model`, in place of peft's empty placeholder): the base model, the method, the
-training data and recipe, the run's evaluation results (`RUN/eval/*/summary.json`, with their standard errors),
-and how to load it. Its YAML front matter names `base_model` and `datasets` only when they are hub ids: a
+training data and recipe, the run's evaluation results (`RUN/eval/*/summary.json`, with their standard errors;
+`--limit` tests and evaluations of another step of the run are left out, with a line), and how to load it. Its YAML front matter names `base_model` and `datasets` only when they are hub ids: a
 local path (a cache directory, a GGUF conversion) means nothing on the Hub, so it is described in the text.
 """
 
@@ -58,18 +58,40 @@ def eval_results(run_dir: Path | None) -> list[dict]:
     return out
 
 
-def _results_table(evals: list[dict]) -> list[str]:
+def other_model(s: dict, step: int | None) -> str | None:
+    """Why evaluation `s` (a summary.json) is not of the model of training step `step` the card describes, or
+    None: it evaluated the run's best/ or final/ ("checkpoint_name") at another step ("model_step"; an
+    evaluation that did not record it is kept, its step shown as ?). Evaluations of training checkpoints
+    (`-stepN`) are kept: they name their step."""
+    which, at = s.get("checkpoint_name"), s.get("model_step")
+    if step is None or at is None or at == step or s.get("model_kind", "run") != "run" or which is None:
+        return None
+    return f"{which}/ at step {at}"
+
+
+def _results_table(evals: list[dict], step: int | None = None) -> list[str]:
+    """The card's table of `evals` (`eval_results`), leaving out, with a line naming them, those of another
+    model than the one of step `step` (`other_model`: the run was extended, or validated better, since) and
+    `kava eval --limit` tests."""
+    left = [(s["folder"], why) for s in evals if (why := other_model(s, step))]
+    limited = [s["folder"] for s in evals if s.get("limit") and not other_model(s, step)]
+    evals = [s for s in evals if not other_model(s, step) and not s.get("limit")]
+    out = [f"Left out, evaluations of another model of this run: "
+           f"{'; '.join(f'{f} ({why})' for f, why in left)}.", ""] if left else []
+    if limited:  # `kava eval --limit N`: a smoke test, not a result
+        out += [f"Left out, `--limit` tests (the first questions only): {', '.join(limited)}.", ""]
     if not evals:
-        return ["Not evaluated yet: `kava eval --checkpoint RUN --datasets gsm8k,gsm8k-hard,svamp --hub`.", ""]
-    lines = ["| evaluation | mode | accuracy (%) | ± stderr | problems | forward passes / question |",
-             "|---|---|---|---|---|---|"]
+        return ["Not evaluated yet: `kava eval --checkpoint RUN --datasets gsm8k,gsm8k-hard,svamp --hub`.", "", *out]
+    lines = ["| evaluation | step | mode | accuracy (%) | ± stderr | problems | forward passes / question |",
+             "|---|---|---|---|---|---|---|"]
     for s in evals:
         err = s.get("accuracy_stderr")
-        lines.append(f"| {s['folder']} | {s.get('mode', '?')} | {100 * s['accuracy']:.1f} | "
-                     f"{'' if err is None else f'{100 * err:.1f}'} | {s.get('count', '?')} | "
-                     f"{s.get('mean_forward_passes', float('nan')):.1f} |")
-    return lines + ["", "Greedy decoding; strict extraction (the number after `The answer is:`); `-limitN`: "
-                        "the first N problems only; `-stepN`: an intermediate checkpoint.", ""]
+        at = s.get("model_step", s.get("checkpoint_step"))
+        lines.append(f"| {s['folder']} | {'?' if at is None else at} | {s.get('mode', '?')} | "
+                     f"{100 * s['accuracy']:.1f} | {'' if err is None else f'{100 * err:.1f}'} | "
+                     f"{s.get('count', '?')} | {s.get('mean_forward_passes', float('nan')):.1f} |")
+    return lines + ["", "Greedy decoding; strict extraction (the number after `The answer is:`); `-stepN`: an "
+                        "intermediate checkpoint; step: the training step of the model evaluated.", "", *out]
 
 
 def model_card(cfg, *, base: dict | None = None, run_dir: Path | None = None, step: int | None = None,
@@ -103,7 +125,7 @@ def model_card(cfg, *, base: dict | None = None, run_dir: Path | None = None, st
              + (f"; this is the model of step {step}" if step is not None else "") + f", seed {cfg.run.seed}",
              f"- **Prompt:** raw text, no chat template: `question` then, for the answer, `{d.answer_prompt}`",
              *([f"- **Weights:** {dtype}"] if dtype else []), "",
-             "## Evaluation results", "", *_results_table(eval_results(run_dir)), "## How to load it", ""]
+             "## Evaluation results", "", *_results_table(eval_results(run_dir), step), "## How to load it", ""]
     if exported:
         lines += ["```python",
                   "from transformers import AutoModelForCausalLM, AutoTokenizer",

@@ -26,7 +26,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from kava.checkpoint.export import EXPORT_FILE, PROJECTION_FILE
-from kava.checkpoint.rundir import RunDir, run_dir_of
+from kava.checkpoint.rundir import BEST_DIR, FINAL_DIR, RunDir, read_state, run_dir_of, saved_step
 from kava.checkpoint.saved import (EXTRA_FILE, CheckpointError, find_checkpoint, has_model, load_extra, load_lm,
                                    load_saved_lm, read_adapter_config, resolve_init_dir, run_config,
                                    saved_tokenizer_ids)
@@ -267,6 +267,34 @@ def parse_model_args(text: str) -> dict:
     return out
 
 
+def plain_identity(model_args: dict) -> dict:
+    """What makes a plain model (`load_plain`'s arguments) one model: pretrained, peft, gguf_file, tokenizer,
+    trust_remote_code, the ones given, a local path made absolute (a hub id kept). Two evaluations are of the
+    same model when these are equal; summary.json records them as "model_args"."""
+    out = {}
+    for key in ("pretrained", "peft", "gguf_file", "tokenizer", "trust_remote_code"):
+        value = model_args.get(key)
+        if value in (None, False, ""):
+            continue
+        out[key] = local_or_hub(value) if key in ("pretrained", "peft", "tokenizer") else value
+    return out
+
+
+def plain_name(identity: dict) -> str:
+    """A readable name of a plain model (`plain_identity`): the base's directory name (or hub id), then
+    `+<GGUF file stem>`, `+<adapter directory name>` and `+tok-<tokenizer name>` when given, e.g.
+    `Llama-3.2-1B+my-adapter`."""
+    name = lambda v: Path(v).name if Path(v).exists() else v  # noqa: E731
+    parts = [name(identity["pretrained"])]
+    if identity.get("gguf_file"):
+        parts.append(Path(identity["gguf_file"]).stem)
+    if identity.get("peft"):
+        parts.append(name(identity["peft"]))
+    if identity.get("tokenizer"):
+        parts.append("tok-" + name(identity["tokenizer"]))
+    return "+".join(parts)
+
+
 @dataclass
 class Loaded:
     """A model with its tokenizer and config, and where it came from."""
@@ -277,11 +305,41 @@ class Loaded:
     source: Path  # the checkpoint directory (a run's best/ or final/, a step_<n>), the export directory, or the model
     exported: bool
     kind: str = "run"  # run (best/, final/, a saved model) | step | export | plain (a HF model, with its peft adapter)
+    model_args: dict | None = None  # a plain model's identity (`plain_identity`); None for a kava model
 
     @property
     def run_dir(self) -> Path:
         """Where results of this model go (`eval/`, `inspect.png`): the run dir, or the export dir."""
         return self.source if self.exported else run_dir_of(self.source)
+
+
+def model_checkpoint(source: str | Path, kind: str) -> tuple[str | None, int | None]:
+    """(which checkpoint, its training step) of a loaded model (`Loaded.source`, `Loaded.kind`): ("best" or
+    "final", step) for a run's saved model, ("step_<n>", n) for a training checkpoint, (None, step) for a
+    `kava export` directory (the step it was exported at) or a saved model outside a run, (None, None) for a
+    plain model."""
+    source = Path(source)
+    if kind == "step":
+        return source.name, read_state(source)["step"]
+    if kind == "export":
+        return None, json.loads((source / EXPORT_FILE).read_text()).get("step")
+    if kind == "run":
+        inside = source.name in (BEST_DIR, FINAL_DIR) and run_dir_of(source) != source
+        return (source.name if inside else None), saved_step(source)
+    return None, None
+
+
+def describe_source(source: str | Path, kind: str, model_args: dict | None = None) -> str:
+    """The model `kava eval` and `kava ask` say they loaded: `runs/x/best (the run's best/, step 200)`,
+    `RUN/checkpoints/step_40 (training checkpoint, step 40)`, `DIR (kava export of step 200)`, or a plain
+    model's args."""
+    if kind == "plain":
+        return "plain model " + ",".join(f"{k}={v}" for k, v in (model_args or {"pretrained": source}).items())
+    which, step = model_checkpoint(source, kind)
+    at = f"step {step}" if step is not None else "step not recorded"
+    what = {"step": "training checkpoint", "export": "kava export of"}.get(kind) or (
+        f"the run's {which}/," if which else "saved model,")
+    return f"{source} ({what} {at})"
 
 
 def load_any(path: str | Path, *, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
@@ -303,10 +361,12 @@ def load_any(path: str | Path, *, device: str | torch.device | None = None, dtyp
         p = p.parent
     if p.is_dir() and not any(has_model(c) for c in (p, RunDir(p).best, RunDir(p).final)):
         if (p / "adapter_config.json").exists():
-            return Loaded(*load_plain(adapter_base(p), peft=str(p), mode=mode, device=device, dtype=dtype), p,
-                          exported=False, kind="plain")
+            base = adapter_base(p)
+            return Loaded(*load_plain(base, peft=str(p), mode=mode, device=device, dtype=dtype), p,
+                          exported=False, kind="plain", model_args=plain_identity({"pretrained": base, "peft": str(p)}))
         if (p / "config.json").exists():
-            return Loaded(*load_plain(str(p), mode=mode, device=device, dtype=dtype), p, exported=False, kind="plain")
+            return Loaded(*load_plain(str(p), mode=mode, device=device, dtype=dtype), p, exported=False, kind="plain",
+                          model_args=plain_identity({"pretrained": str(p)}))
     try:
         ck = find_checkpoint(p)
     except CheckpointError as e:

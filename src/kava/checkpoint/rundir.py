@@ -98,6 +98,25 @@ class RunDir:
         """meta.json, or {} when the run has none yet."""
         return json.loads(self.meta.read_text()) if self.meta.exists() else {}
 
+    def saved_step(self, which: str) -> int | None:
+        """The training step of the run's `best/` or `final/` model now (`saved_step`), None when it has none."""
+        return saved_step(self.path / which)
+
+    def stale_eval(self, summary: dict) -> str | None:
+        """Why an evaluation of this run (an `eval/<set>/summary.json`) is not of the run's model any more, or
+        None: it evaluated `best/` or `final/` at a step ("checkpoint_name", "model_step") and that directory
+        now holds another step (the run was extended, or a later validation was better), or no longer exists.
+        Evaluations of a training checkpoint, an export or a plain model are of a fixed model (None), and so is
+        one that did not record its step (`kava eval` before it did): that cannot be told (None)."""
+        which, step = summary.get("checkpoint_name"), summary.get("model_step")
+        if summary.get("model_kind", "run") != "run" or which not in (BEST_DIR, FINAL_DIR) or step is None:
+            return None
+        now = self.saved_step(which)
+        if now == step:
+            return None
+        return (f"evaluated {which}/ at step {step}; {which}/ is now "
+                + (f"the model of step {now}" if now is not None else "gone"))
+
     def tokenizer_dir(self, cfg) -> str | None:
         """Where this run's tokenizer is built (`tokenizer_src/`) when it trains its own (`own_tokenizer`), else
         None (the config names it): the `tokenizer_dir` of `kava.checkpoint.load.load_tokenizer`."""
@@ -124,6 +143,16 @@ def step_of(ck: str | Path) -> int | None:
     name = Path(ck).name
     n = name[len(STEP_PREFIX):]
     return int(n) if name.startswith(STEP_PREFIX) and n.isdigit() else None
+
+
+def saved_step(ck: str | Path) -> int | None:
+    """The training step of a saved model (`best/`, `final/`: the "step" of its meta.json,
+    `kava.checkpoint.saved.META_FILE`), None when it has none."""
+    try:
+        step = json.loads((Path(ck) / META_FILE).read_text()).get("step")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return step if isinstance(step, int) else None
 
 
 def read_state(ck: str | Path) -> dict:

@@ -2,7 +2,7 @@
 
 Answers one question, or each line read from stdin until EOF (a `> ` prompt when stdin is a terminal):
 the generated answer segment, the extracted number, forward passes and time. Uses the same checkpoint
-`kava eval` scores (best/, else final/).
+`kava eval` scores (best/, else final/), and names it, with its training step, in a line on stderr.
 """
 
 from __future__ import annotations
@@ -68,6 +68,7 @@ def run(args) -> int:
     import kava
 
     km = kava.load(args.checkpoint, device=args.device)
+    print(f"[kava] ask: {km.describe()}", file=sys.stderr, flush=True)  # stdout: the answers only
     mode = args.mode or km.default_mode
     if mode == "latent" and not km.cfg.is_latent:
         print(f"kava ask: a {km.method!r} checkpoint has no latent mode; use --mode cot or nocot", file=sys.stderr)

@@ -9,8 +9,10 @@ Any model: `--checkpoint` takes a run dir, `RUN/checkpoints/step_<n>` (written t
 a `kava export` dir, a plain Hugging Face model dir or a peft adapter dir; `--model-args pretrained=ID,peft=DIR`
 (lm-evaluation-harness style; also gguf_file=, tokenizer=, trust_remote_code=) names a hub model or a GGUF file.
 A plain model runs in cot (default) or nocot mode with kava's answer prompt; its results go to
-`runs/<name>-<mode>/eval/`, where `kava report runs/` finds them. `--datasets` also takes data files (JSONL,
-JSON, iCoT text: the readers' formats, detected).
+`runs/<name>-<mode>/eval/`, where `kava report runs/` finds them; <name> is the model's identity (base, GGUF
+file, adapter: `base+adapter`), recorded as "model_args" in summary.json. `--datasets` also takes data files (JSONL,
+JSON, iCoT text: the readers' formats, detected; no CoT needed) and Hugging Face dataset ids (`org/name[:split]`);
+`--question-field`, `--answer-field`, `--steps-field` name the columns of a JSON/JSONL file or hub dataset.
 
 Runs of a latent method (`kava.spec.LATENT_METHODS`) can add diagnostics (docs/method.md §5, `kava.diagnostics`):
 `--latent-ablations zeros,placeholder,shuffle` (accuracy with the latents replaced), `--oracle` (the
@@ -33,7 +35,12 @@ def add_parser(sub) -> None:
                         "gguf_file=, tokenizer=, trust_remote_code=")
     p.add_argument("--datasets", default="gsm8k,gsm8k-hard,svamp",
                    help="comma list of: gsm8k, gsm8k-hard, svamp, gsm8k-aug-valid, synth-test, synth-hard, "
-                        "synth-varied, or data files (.jsonl, .json, .txt)")
+                        "synth-varied, data files (.jsonl, .json, .txt), or Hugging Face dataset ids "
+                        "(org/name[:split], default split test; openai/gsm8k is gsm8k from the hub)")
+    for key, what in (("question", "the question"), ("answer", "the gold answer (a number)"),
+                      ("steps", "the CoT (a list of steps or one string; optional: evaluation needs none)")):
+        p.add_argument(f"--{key}-field", metavar="NAME",
+                       help=f"the field of a JSON/JSONL file or hub dataset holding {what}")
     p.add_argument("--data-dir", help="local data root (../shared/data layout); default $KAVA_DATA_DIR or ./data, "
                    "and for synth-* sets of a synthetic-task run that run's own data")
     p.add_argument("--hub", action="store_true", help="load the datasets from the Hugging Face hub")
@@ -41,7 +48,8 @@ def add_parser(sub) -> None:
                    help="default: the method's own mode (cot for a plain model)")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--max-new-tokens", type=int)
-    p.add_argument("--limit", type=int, help="first N questions only (smoke tests); written to eval/<dataset>-limit<N>/")
+    p.add_argument("--limit", type=int, help="first N questions only (smoke tests: a warning; written to "
+                   "eval/<dataset>-limit<N>/, left out of the model card and of `kava report`)")
     p.add_argument("--output", help="where to write results (default RUN_DIR/eval; runs/<name>-<mode>/eval for a "
                                     "plain model)")
     g = p.add_argument_group(f"latent diagnostics ({', '.join(LATENT_METHODS)} runs; docs/method.md §5)")
@@ -74,7 +82,9 @@ def run(args) -> int:
             return 2
     names = [d.strip() for d in args.datasets.split(",") if d.strip()]
     model_args = parse_model_args(args.model_args) if args.model_args else None
+    fields = {"question": args.question_field, "answer": args.answer_field, "steps": args.steps_field}
     evaluate_run(args.checkpoint, names, model_args=model_args, data_dir=args.data_dir, hub=args.hub, mode=args.mode,
+                 fields={k: v for k, v in fields.items() if v} or None,
                  batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, limit=args.limit,
                  output=args.output, diagnostics=diagnostics_spec(args.latent_ablations, args.oracle, args.kv_match,
                                                                   args.diagnostics))

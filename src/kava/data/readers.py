@@ -838,6 +838,34 @@ def is_data_file(name: str) -> bool:
     return name not in EVAL_DATASETS and (Path(name).suffix in (".jsonl", ".json", ".txt") or Path(name).is_file())
 
 
+def hub_eval_spec(name: str) -> EvalDataset | None:
+    """The evaluation set that a Hugging Face Hub dataset id names (`kava eval --datasets ID[:SPLIT]`), or None
+    when `name` is no hub id (a named set, a data file, anything else). A named set's own hub id (and split, if
+    given) is that set, read from the hub (`openai/gsm8k` is `gsm8k --hub`); any other id is read with its
+    reader in `HUB_DATASETS` (else the one its columns suggest, `infer_schema`), split SPLIT (default test),
+    and named `<org>__<name>[-<split>]` in eval/."""
+    hub_id, _, split = name.partition(":")
+    if name in EVAL_DATASETS or is_data_file(name) or not _HUB_ID_RE.fullmatch(hub_id):
+        return None
+    for spec in EVAL_DATASETS.values():
+        if spec.hub_id and spec.hub_id.lower() == hub_id.lower() and split in ("", spec.hub_split):
+            return spec
+    label = hub_id.replace("/", "__") + (f"-{split}" if split else "")
+    return EvalDataset(label, hub_id, "", "hub", hub_id, HUB_DATASETS.get(hub_id.lower(), (None, None))[1],
+                       split or "test", None)
+
+
+def eval_fields(path: Path, fields: dict | None) -> dict | None:
+    """The `fields` mapping to read an evaluation file with: the given one (`kava eval --question-field`, ...),
+    and no CoT field when the file has none (evaluation needs no CoT: a `{"question", "answer"}` file is read,
+    not refused with "missing field: steps")."""
+    fields = {k: v for k, v in (fields or {}).items() if v is not None}
+    obj = _peek_object(path) or {}
+    if "steps" not in fields and not any(k in obj for k in ("steps", "cot", "steps_eq", "steps_nl")):
+        fields["steps"] = None
+    return fields or None
+
+
 def eval_set_path(name: str, data_dir: str | Path | None = None) -> Path:
     """The local file of a named evaluation set under `data_dir` (default ``$KAVA_DATA_DIR`` or ``./data``)."""
     spec = EVAL_DATASETS[name]
@@ -853,19 +881,25 @@ def eval_set_path(name: str, data_dir: str | Path | None = None) -> Path:
 
 
 def check_eval_sets(names: Iterable[str], data_dir: str | Path | None = None, hub: bool = False, *,
-                    synthetic_found: bool = False) -> None:
+                    synthetic_found: bool = False, fields: dict | None = None) -> None:
     """Refuse, before any model loads, an evaluation set that cannot be read: an unknown name, a missing file,
-    a local set whose file is not under the data root, a synthetic set from the hub. `synthetic_found`: the
-    synth-* sets are found elsewhere (a synthetic-task run's own data), so their files are not checked."""
+    a local set whose file is not under the data root, a synthetic set from the hub, field names (`fields`) for
+    a named set. `synthetic_found`: the synth-* sets are found elsewhere (a synthetic-task run's own data), so
+    their files are not checked."""
     names = list(names)
-    unknown = [n for n in names if n not in EVAL_DATASETS and not is_data_file(n)]
+    if fields and (named := [n for n in names if n in EVAL_DATASETS]):
+        raise DataError(f"--question-field / --answer-field / --steps-field apply to data files and hub datasets, "
+                        f"not to the named set{'s' if len(named) > 1 else ''} {', '.join(named)}")
+    unknown = [n for n in names if n not in EVAL_DATASETS and not is_data_file(n) and hub_eval_spec(n) is None]
     if unknown:
         raise DataError(f"unknown evaluation set{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}; "
-                        f"expected one of {sorted(EVAL_DATASETS)}, or a .jsonl / .json / .txt file")
+                        f"expected one of {sorted(EVAL_DATASETS)}, a .jsonl / .json / .txt file, or a Hugging "
+                        "Face dataset id (org/name[:split])")
     for name in names:
         if name not in EVAL_DATASETS:
-            _check_file(name)
-            continue
+            if is_data_file(name):
+                _check_file(name)
+            continue  # a hub id: read from the hub
         spec = EVAL_DATASETS[name]
         if hub:
             if spec.hub_id is None:
@@ -889,24 +923,40 @@ def load_eval_dataset(
     *,
     skips: SkipLog | None = None,
     cot_style: str = "equation",
+    fields: dict | None = None,
 ) -> tuple[list[Record], str]:
-    """Records of a named evaluation set (or of a data file: `name` is then its path, read in any of the
-    readers' formats, detected as `load_records` does) and a line naming the exact file/split and count.
+    """Records of a named evaluation set, of a data file (`name` is then its path, read in any of the
+    readers' formats, detected as `load_records` does) or of a Hugging Face dataset (`name` is its id, with
+    `:split`: `hub_eval_spec`), and a line naming the exact file/split and count.
 
     data_dir defaults to ``$KAVA_DATA_DIR`` or ``./data``. Synthetic splits are read from
     ``data_dir/<split>.jsonl`` (or ``data_dir/synthetic/<split>.jsonl``). A count that differs from the
     published size is flagged in the description rather than hidden.
+    fields: for a JSON/JSONL file or a hub dataset, the columns to read (keys question, answer, steps; `kava
+    eval --question-field ...`); a file or dataset without a CoT is read without one (evaluation needs none).
     """
     skips = SkipLog() if skips is None else skips
+    fields = {k: v for k, v in (fields or {}).items() if v is not None} or None
     if name not in EVAL_DATASETS and is_data_file(name):
         fmt, why = detect_format_reason(_check_file(name))
-        records = load_records(name, fmt, skips=skips, cot_style=cot_style)
+        if fields and fmt not in ("jsonl", "gsm8k"):
+            raise DataError(f"{name}: --question-field / --answer-field / --steps-field read JSON / JSONL files; "
+                            f"this one is format {fmt}")
+        if fields or fmt == "jsonl":  # the fields given, and no CoT field where the file has none
+            fmt, why = "jsonl", why if not fields else f"fields {fields}"
+            records = load_records(name, "jsonl", fields=eval_fields(Path(name), fields), skips=skips,
+                                   cot_style=cot_style)
+        else:
+            records = load_records(name, fmt, skips=skips, cot_style=cot_style)
         desc = f"{name} (format {fmt}: {why}), {len(records)} problems"
         return records, desc + (f"; {skips.summary()}" if skips.total else "")
-    check_eval_sets([name], data_dir, hub, synthetic_found=True)
-    spec = EVAL_DATASETS[name]
-    if hub:
-        records = read_hub(spec.hub_id, spec.hub_split or "test", config=spec.hub_config, cot_style=cot_style, skips=skips)
+    check_eval_sets([name], data_dir, hub, synthetic_found=True, fields=fields)
+    spec = hub_eval_spec(name) or EVAL_DATASETS[name]
+    if hub or spec.format == "hub" or name not in EVAL_DATASETS:
+        if fields is not None and "steps" not in fields:
+            fields["steps"] = None  # evaluation needs no CoT
+        records = read_hub(spec.hub_id, spec.hub_split or "test", config=spec.hub_config, fields=fields,
+                           cot_style=cot_style, skips=skips)
         where = f"hub {spec.hub_id}" + (f" {spec.hub_config}" if spec.hub_config else "") + f", split {spec.hub_split}"
     else:
         path = eval_set_path(name, data_dir)

@@ -3,7 +3,10 @@
 A run dir holds ``meta.json`` (method, preset, train_data, seed), ``config.yaml``, ``metrics.jsonl``
 (train lines with ``loss/*`` terms, val lines with ``val/accuracy``) and ``eval/<dataset>/summary.json``.
 Runs are grouped by (preset or method, method, train_data), or by (method, train_data) with ``group_by="method"``:
-a group never mixes methods.
+a group never mixes methods, and pools only runs whose resolved configs differ in the seed alone (`seed_groups`:
+two runs of one seed are never pooled; rows of one name are labelled by what tells them apart). Unfinished
+runs (no DONE) are marked. Evaluations of a best/ or final/ that has since moved on, and `--limit` tests, are
+left out with a note (`load_run`).
 Latent diagnostics, when present, get their own tables and plots: latent ablations and the oracle check
 (``ablations`` / ``oracle`` in summary.json), KV match per layer (``kv_match``, ``kv_match.png``) and the
 per-term gradient shares over steps (``grad_share/*`` lines of metrics.jsonl, ``grad_shares.png``).
@@ -40,6 +43,23 @@ class Run:
     evals: dict[str, dict] = field(default_factory=dict)  # dataset -> summary.json
     metrics: list[dict] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    config: dict | None = None  # config.yaml flattened (`a.b` keys), less SEED_KEYS; None without one
+    finished: bool | None = None  # DONE written; None for a folder kava did not train (a plain model's evals)
+
+
+# what the seeds of one experiment may differ in: runs whose configs differ in anything else are not pooled
+SEED_KEYS = ("run.seed", "run.name", "run.output_dir")
+
+
+def flat_config(cfg: dict, prefix: str = "") -> dict:
+    """A nested config as `{"optim.max_steps": 4, ...}` (lists and scalars as leaves)."""
+    out = {}
+    for k, v in cfg.items():
+        if isinstance(v, dict) and v:
+            out.update(flat_config(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 def _read_json(path: Path, notes: list[str]) -> dict | None:
@@ -54,31 +74,42 @@ def _read_json(path: Path, notes: list[str]) -> dict | None:
     return obj
 
 
-def load_run(path: str | Path) -> Run:
-    """Everything a report needs from one run dir; what is missing is noted, not raised."""
+def load_run(path: str | Path, include_limited: bool = False) -> Run:
+    """Everything a report needs from one run dir; what is missing is noted, not raised. An evaluation of
+    another model than the run's best/ or final/ now (`RunDir.stale_eval`) is left out with a note, and so is
+    a `kava eval --limit N` smoke test unless `include_limited` (then as `<dataset>-limit<N>`)."""
     path = Path(path)
     rd = RunDir(path)
     notes: list[str] = []
     meta = _read_json(rd.meta, notes) if rd.meta.exists() else None
+    try:
+        cfg = yaml.safe_load(rd.config.read_text(encoding="utf-8")) if rd.config.exists() else None
+    except (OSError, yaml.YAMLError):
+        cfg = None
+        notes.append(f"{rd.config}: unreadable; this run is grouped only with runs without a config")
+    cfg = cfg if isinstance(cfg, dict) else None
     if meta is None:  # fall back on the resolved config so a run killed before meta.json still shows up
         notes.append(f"{path}: no usable meta.json; method, preset, seed and data read from config.yaml")
-        try:
-            cfg = yaml.safe_load(rd.config.read_text(encoding="utf-8")) or {}
-        except (OSError, yaml.YAMLError):
-            cfg = {}
-        cfg = cfg if isinstance(cfg, dict) else {}
-        meta = {"method": cfg.get("method"), "preset": cfg.get("preset"),
-                "train_data": (cfg.get("data") or {}).get("source"), "seed": (cfg.get("run") or {}).get("seed")}
+        c = cfg or {}
+        meta = {"method": c.get("method"), "preset": c.get("preset"),
+                "train_data": (c.get("data") or {}).get("source"), "seed": (c.get("run") or {}).get("seed")}
     run = Run(path, str(meta.get("method") or "unknown"), meta.get("preset"), str(meta.get("train_data") or "?"),
-              meta.get("seed"), notes=notes)
+              meta.get("seed"), notes=notes, finished=rd.finished() if rd.started() else None)
+    if cfg is not None:
+        run.config = {k: v for k, v in flat_config(cfg).items() if k not in SEED_KEYS}
     for summ in sorted(rd.eval.glob("*/summary.json")):
         s = _read_json(summ, notes)
-        if s is not None and isinstance(s.get("accuracy"), (int, float)):
+        if s is not None and (why := rd.stale_eval(s)):  # the run was extended, or has a new best/, since
+            notes.append(f"{summ.parent}: left out: {why} (kava eval it again)")
+        elif s is not None and isinstance(s.get("accuracy"), (int, float)):
             name = str(s.get("dataset") or summ.parent.name)
             if s.get("checkpoint_step") is not None:  # an intermediate checkpoint (eval/<dataset>-step<N>/)
                 name += f"-step{s['checkpoint_step']}"
             if s.get("limit"):  # a `kava eval --limit N` smoke test (eval/<dataset>-limit<N>/): not the dataset
                 name += f"-limit{s['limit']}"
+                if not include_limited:
+                    notes.append(f"{summ.parent}: left out: a --limit {s['limit']} test (--include-limited shows it)")
+                    continue
             run.evals[name] = s
         elif s is not None:
             notes.append(f"{summ}: no numeric 'accuracy'")
@@ -131,26 +162,21 @@ def _dataset_key(ds: str) -> tuple[int, str]:
     return (DATASET_ORDER.index(ds) if ds in DATASET_ORDER else len(DATASET_ORDER), ds)
 
 
-def aggregate(run_dirs: list[str | Path], group_by: str = "preset") -> list[dict]:
+def aggregate(run_dirs: list[str | Path], group_by: str = "preset", include_limited: bool = False) -> list[dict]:
     """One row per group, in the methods' order (`kava.spec.report_order`), then others.
 
     Row: ``group, method, preset, train_data, runs, seeds, notes`` and ``datasets[ds]`` with
     ``accuracy`` and ``accuracy_flexible`` (mean, std in %, std None for n=1), ``n``,
     ``forward_passes`` / ``forward_passes_std``, ``values`` (per-run accuracy %), and ``run_data`` (the
-    loaded `Run`s, for plotting).
+    loaded `Run`s, for plotting). include_limited: `kava eval --limit` tests too (`load_run`).
     """
     if group_by not in ("preset", "method"):
         raise ValueError(f"group_by must be 'preset' or 'method', got {group_by!r}")
-    groups: dict[tuple[str, str, str], list[Run]] = {}
-    for d in run_dirs:
-        r = load_run(d)
-        name = (r.preset or r.method) if group_by == "preset" else r.method
-        # a group never mixes methods: `--config llama1b_aug --set method=pccot` is a row of its own
-        groups.setdefault((name, r.method, r.train_data), []).append(r)
     rows = []
-    for (name, _, train_data), runs in groups.items():
+    for name, train_data, runs, split_note in seed_groups([load_run(d, include_limited) for d in run_dirs],
+                                                          group_by):
         runs.sort(key=lambda r: (r.seed is None, r.seed if isinstance(r.seed, int) else 0, str(r.path)))
-        notes = [n for r in runs for n in r.notes]
+        notes = [n for r in runs for n in r.notes] + ([split_note] if split_note else [])
         datasets = {}
         for ds in sorted({ds for r in runs for ds in r.evals}, key=_dataset_key):
             have = [r for r in runs if ds in r.evals]
@@ -173,10 +199,56 @@ def aggregate(run_dirs: list[str | Path], group_by: str = "preset") -> list[dict
         rows.append({
             "group": name, "method": runs[0].method, "preset": runs[0].preset, "train_data": train_data,
             "runs": [str(r.path) for r in runs], "seeds": [r.seed for r in runs],
+            "unfinished": [str(r.path) for r in runs if r.finished is False],
             "datasets": datasets, "notes": notes, "run_data": runs, "grad_shares": grad_share_curves(runs),
         })
     rows.sort(key=lambda r: (_method_rank(r["method"]), r["group"], r["train_data"]))
     return rows
+
+
+def seed_groups(runs: list[Run], group_by: str = "preset") -> list[tuple[str, str, list[Run], str | None]]:
+    """The runs as groups of seeds of one experiment: (label, train data, runs, a note or None).
+
+    Runs are pooled only when they share the name (preset or method, by `group_by`), the method, the training
+    data and the whole resolved config apart from `SEED_KEYS`: runs of one preset trained for 4 and for 60
+    steps are two rows. Two runs of one config and one seed are never pooled (their spread is not a spread
+    over seeds): each is a row of its own, with a note. Rows that would share a name are told apart by the
+    config keys they differ in (`tiny_synth (optim.max_steps=4)`), else by their directory's name."""
+    groups: dict[tuple, list[Run]] = {}
+    for r in runs:
+        name = (r.preset or r.method) if group_by == "preset" else r.method
+        # a group never mixes methods: `--config llama1b_aug --set method=pccot` is a row of its own
+        key = json.dumps(r.config, sort_keys=True, default=str) if r.config is not None else None
+        groups.setdefault((name, r.method, r.train_data, key), []).append(r)
+    out: list[tuple[tuple, list[Run], str | None]] = []
+    for k, members in groups.items():
+        seeds = [r.seed for r in members if r.seed is not None]
+        if len(seeds) == len(set(seeds)):
+            out.append((k, members, None))
+            continue
+        same = sorted({s for s in seeds if seeds.count(s) > 1}, key=str)
+        note = (f"{k[0]} ({k[2]}): {len(members)} runs of one config with the same seed "
+                f"({', '.join(map(str, same))}): not pooled, one row each")
+        out += [(k, [r], note) for r in members]
+    labels = []
+    for k, members, _ in out:
+        twins = [m for kk, m, _ in out if kk[:3] == k[:3]]  # rows that would share the name, method and data
+        labels.append(k[0] if len(twins) == 1 else f"{k[0]} ({_difference(members, twins)})")
+    return [(label, k[2], members, note) for label, (k, members, note) in zip(labels, out)]
+
+
+def _difference(members: list[Run], twins: list[list[Run]]) -> str:
+    """What tells one row (`members`) from the others of its name (`twins`, itself included): the config keys
+    whose values differ between them (at most three, `key=value`), and the directory name of its run where
+    another row has the same config (one seed run twice)."""
+    cfgs = [m[0].config or {} for m in twins]
+    keys = sorted(k for k in set().union(*cfgs) if len({json.dumps(c.get(k), default=str) for c in cfgs}) > 1)
+    mine = members[0].config or {}
+    text = ", ".join(f"{k}={mine.get(k)}" for k in keys[:3]) + (", ..." if len(keys) > 3 else "")
+    text = text if len(text) <= 60 else text[:57] + "..."
+    if sum(c == mine for c in cfgs) > 1:
+        text += ("; " if text else "") + ", ".join(r.path.name for r in members)
+    return text
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -388,7 +460,8 @@ def _md_table(rows: list[dict], datasets: list[str], cell) -> list[str]:
     head = ["group", "method", "train data", "runs"] + datasets
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [r["group"], r["method"], r["train_data"], str(len(r["runs"]))]
+        n = str(len(r["runs"])) + (f" ({len(r['unfinished'])} unfinished)" if r.get("unfinished") else "")
+        cells = [r["group"], r["method"], r["train_data"], n]
         cells += [cell(r["datasets"].get(ds)) for ds in datasets]
         out.append("| " + " | ".join(cells) + " |")
     return out
@@ -402,7 +475,8 @@ def render_markdown(rows: list[dict], notes: list[str], group_by: str) -> str:
         f"{n_runs} run(s) in {len(rows)} group(s), grouped by "
         f"({'preset or method' if group_by == 'preset' else 'method'}, train data).", "",
         "## Accuracy (%), strict match", "",
-        "Mean ± sample standard deviation over seeds; n = number of runs with that dataset.", "",
+        "Mean ± sample standard deviation over seeds (runs whose configs differ only in the seed); n = number "
+        "of runs with that dataset.", "",
         *_md_table(rows, datasets, fmt_acc), "",
         "## Accuracy (%), flexible extract (last number)", "",
         *_md_table(rows, datasets, lambda c: _fmt(c and c["accuracy_flexible"])), "",
@@ -415,7 +489,9 @@ def render_markdown(rows: list[dict], notes: list[str], group_by: str) -> str:
     ]
     for r in rows:
         for path, seed in zip(r["runs"], r["seeds"]):
-            lines.append(f"- {r['group']} ({r['train_data']}), seed {seed}: `{path}`")
+            late = " (unfinished: no DONE; its evaluation is of the model it had then)" if path in r.get(
+                "unfinished", ()) else ""
+            lines.append(f"- {r['group']} ({r['train_data']}), seed {seed}: `{path}`{late}")
     all_notes = notes + [n for r in rows for n in r["notes"]]
     if all_notes:
         lines += ["", "## Notes", "", *[f"- {n}" for n in all_notes]]
@@ -442,7 +518,7 @@ def write_csv(rows: list[dict], path: Path) -> None:
     """Machine-readable twin of the table: numbers unformatted (accuracy in %), empty cells where missing;
     latent-diagnostic columns (ablations, oracle, KV match means over layers) for datasets that have them."""
     datasets = datasets_of(rows)
-    head = ["group", "method", "preset", "train_data", "n_runs", "seeds"]
+    head = ["group", "method", "preset", "train_data", "n_runs", "seeds", "n_unfinished"]
     diag = {ds: _diag_columns(rows, ds) for ds in datasets}
     for ds in datasets:
         head += [f"{ds}/accuracy_mean", f"{ds}/accuracy_std", f"{ds}/n", f"{ds}/accuracy_flexible_mean", f"{ds}/forward_passes"]
@@ -453,7 +529,7 @@ def write_csv(rows: list[dict], path: Path) -> None:
         w.writerow(head)
         for r in rows:
             line = [r["group"], r["method"], r["preset"] or "", r["train_data"], len(r["runs"]),
-                    " ".join(str(s) for s in r["seeds"])]
+                    " ".join(str(s) for s in r["seeds"]), len(r.get("unfinished", ()))]
             for ds in datasets:
                 c = r["datasets"].get(ds)
                 line += ["", "", 0, "", ""] if c is None else [
@@ -526,7 +602,12 @@ def _label_axes(ax, title: str, xlabel: str, ylabel: str, legend: bool = True) -
 
 def plot_training_curves(rows: list[dict], path: Path) -> None:
     """One panel per loss term found in the runs' metrics.jsonl (plus val/accuracy), one line per run."""
-    runs = [(i, r["group"], run) for i, r in enumerate(rows) for run in r["run_data"]]
+    names = short_labels(rows)
+    runs = [(i, names[i], run) for i, r in enumerate(rows) for run in r["run_data"]]
+    label = [f"{group} seed {run.seed}" for _, group, run in runs]
+    # distinct legend entries: a label two runs share gets the run directory's name instead
+    label = {id(run): (lb if label.count(lb) == 1 else f"{group} {run.path.name}")
+             for lb, (_, group, run) in zip(label, runs)}
     keys = sorted({k for _, _, run in runs for m in run.metrics if m.get("split", "train") == "train"
                    for k in m if k.startswith("loss/")}, key=lambda k: (k != "loss/total", k))
     if any("val/accuracy" in m for _, _, run in runs for m in run.metrics):
@@ -545,18 +626,19 @@ def plot_training_curves(rows: list[dict], path: Path) -> None:
             k = seen[gi] = seen.get(gi, -1) + 1
             xs, ys = zip(*sorted(pts))
             ax.plot(xs, ys, styles[k % len(styles)], color=_color(gi), marker="o" if len(xs) < 3 else None,
-                    label=f"{group} seed {run.seed}")
+                    label=label[id(run)] + (" (unfinished)" if run.finished is False else ""))
         _label_axes(ax, key, "step", key)
     fig.suptitle("Training curves")
     fig.tight_layout()
     fig.savefig(path)
 
 
-def write_report(run_paths: list[str | Path], output: str | Path, group_by: str = "preset") -> dict:
+def write_report(run_paths: list[str | Path], output: str | Path, group_by: str = "preset",
+                 include_limited: bool = False) -> dict:
     """Write report.md, report.csv, accuracy_vs_passes.png and training_curves.png into `output` (and
     kv_match.png, grad_shares.png when a run has those diagnostics); return the rows and the paths written."""
     dirs, notes = find_run_dirs(run_paths)
-    rows = aggregate(dirs, group_by)
+    rows = aggregate(dirs, group_by, include_limited)
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     paths = {n: out / n for n in ("report.md", "report.csv", "accuracy_vs_passes.png", "training_curves.png")}

@@ -6,12 +6,19 @@ tqdm bar is not shown (no TTY: SLURM, nohup, a pipe; or `--no-progress`), `Progr
 every `run.log_every` optimizer steps instead:
 
     [kava] step 40/400 (10%) | loss 1.2345 | 2.50 steps/s | ETA 2m24s
+
+Each validation prints a line, bar or no bar (`validation_line`, above the bar: `print_line`):
+
+    [kava] step 400: val accuracy 0.4120 (best 0.4300 at step 200)
 """
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
+
+from tqdm.auto import tqdm
 
 from kava import curriculum
 from kava.checkpoint.rundir import RunDir
@@ -89,3 +96,16 @@ class ProgressLine:
     def update(self, step: int, loss: float) -> None:
         if self.enabled:
             print(self.line(step, loss), flush=True)
+
+
+def validation_line(step: int, accuracy: float, best: dict) -> str:
+    """The line of a validation after optimizer step `step`; `best`: the run's best so far (`Trainer.best`,
+    this validation included)."""
+    return (f"[kava] step {step}: val accuracy {accuracy:.4f} (best {best['val/accuracy']:.4f} at step "
+            f"{best['step']})")
+
+
+def print_line(line: str) -> None:
+    """Print `line` on stdout, flushed; above tqdm's bar when one is drawn (it is not broken)."""
+    tqdm.write(line, file=sys.stdout)
+    sys.stdout.flush()
