@@ -264,3 +264,22 @@ def test_relative_links_exist(doc):
         assert path.exists(), f"{doc.name}: link {target!r} points to a missing file"
         if anchor and path.suffix == ".md":
             assert anchor in github_anchors(path), f"{doc.name}: link {target!r}: no heading with that anchor"
+
+
+INTERNAL_WORDS = re.compile(r"SPEC §|\bissue \d+|the issue's|\binstrument not measured\b")
+
+
+def test_no_internal_words_in_the_readme_docs_or_help(capsys):
+    """A reader has only the repository: no references to the project's internal spec or issue numbers in the
+    README, the docs or any `kava ... --help`."""
+    from kava.cli import main
+
+    found = [f"{p.relative_to(ROOT)}:{i}" for p in [ROOT / "README.md", *sorted(DOCS.glob("*.md"))]
+             for i, line in enumerate(p.read_text().splitlines(), 1) if INTERNAL_WORDS.search(line)]
+    for cmd in ([], ["train"], ["eval"], ["report"], ["ask"], ["inspect"], ["export"], ["score"], ["data"],
+                ["presets"], ["sweep"], ["demo"]):
+        with pytest.raises(SystemExit):
+            main([*cmd, "--help"])
+        found += [f"kava {' '.join(cmd)} --help: {line.strip()}" for line in capsys.readouterr().out.splitlines()
+                  if INTERNAL_WORDS.search(line)]
+    assert not found, found

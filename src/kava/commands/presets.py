@@ -6,7 +6,7 @@ import sys
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("presets", help="list, show or check the configuration presets (paper table, SPEC §6)")
+    p = sub.add_parser("presets", help="list, show or check the configuration presets (the paper's table)")
     p.add_argument("action", choices=["list", "show", "check"])
     p.add_argument("name", nargs="?", help="preset name (for show)")
     p.set_defaults(func=run)
