@@ -12,13 +12,15 @@ heads, vocabulary 151,936, an untied LM head; Q5_0 / Q8_0 / Q6_K / Q4_K tensors)
 
 from __future__ import annotations
 
-import hashlib
 import os
 import subprocess
 import sys
 import tempfile
 import zipfile
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # experiments/: the device kit's file hash
+from devicekit import sha256  # noqa: E402
 
 VERSION = "0.9.0"
 PARTS = 6
@@ -29,14 +31,6 @@ SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
 
 def cache_dir() -> Path:
     return Path(os.environ.get("KAVA_QWEN05_DIR") or Path.home() / ".cache" / "kava" / "qwen05").expanduser()
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def ensure() -> Path:
