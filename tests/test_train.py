@@ -79,6 +79,14 @@ METHOD_RUNS = {
 STEPS = 20
 
 
+def hold_lock(run: Path) -> subprocess.Popen:
+    """Another process holding `run`'s lock (`RunLock`) for 60 s; it prints "held" once it has it."""
+    hold = ("import sys, time; sys.path.insert(0, sys.argv[2]); from kava.checkpoint.rundir import RunLock; "
+            "lock = RunLock(sys.argv[1]); print('held', flush=True); time.sleep(60)")
+    src = str(Path(kt.__file__).resolve().parents[1])
+    return subprocess.Popen([sys.executable, "-c", hold, str(run), src], stdout=subprocess.PIPE, text=True)
+
+
 @pytest.mark.parametrize("name", list(METHOD_RUNS))
 def test_method_trains_and_writes_a_complete_run_dir(name, tmp_path, synth_root):
     method = name.split("-")[0]
@@ -841,10 +849,7 @@ def test_a_second_trainer_on_the_same_run_dir_is_refused(tmp_path, synth_root, m
     cfg = tiny_cfg(tmp_path, "optim.max_steps=2", "run.name=locked")
     run = Path(cfg.run.output_dir) / "locked"
     run.mkdir(parents=True)
-    hold = ("import sys, time; sys.path.insert(0, sys.argv[2]); from kava.checkpoint.rundir import RunLock; "
-            "lock = RunLock(sys.argv[1]); print('held', flush=True); time.sleep(60)")
-    src = str(Path(kt.__file__).resolve().parents[1])
-    p = subprocess.Popen([sys.executable, "-c", hold, str(run), src], stdout=subprocess.PIPE, text=True)
+    p = hold_lock(run)
     try:
         assert p.stdout.readline().strip() == "held"
         assert lock_holder(run).startswith(f"pid {p.pid} ")
@@ -938,10 +943,7 @@ def test_an_extension_of_a_run_in_use_is_refused_before_it_edits_the_run(tmp_pat
     (run / "meta.json").write_text(json.dumps({"plan": {"total_steps": 3}}))
     (run / "DONE").write_text(json.dumps({"steps": 3}))
     before = {p.name: p.read_bytes() for p in run.iterdir()}
-    hold = ("import sys, time; sys.path.insert(0, sys.argv[2]); from kava.checkpoint.rundir import RunLock; "
-            "lock = RunLock(sys.argv[1]); print('held', flush=True); time.sleep(60)")
-    src = str(Path(kt.__file__).resolve().parents[1])
-    p = subprocess.Popen([sys.executable, "-c", hold, str(run), src], stdout=subprocess.PIPE, text=True)
+    p = hold_lock(run)
     try:
         assert p.stdout.readline().strip() == "held"
         capsys.readouterr()

@@ -86,12 +86,13 @@ class KavaModel:
         bs = batch_size or cfg.run.eval_batch_size
         self.model.eval()
         out: list[Answer] = []
+        kind = answer_kind(cfg)  # may read the data file's head: once, not per answer
         for start in range(0, len(questions), bs):
             chunk = questions[start:start + bs]
             gens = generate_for_config(self.model, self.tokenizer, cfg, self.tokenize(chunk), mode=mode,
                                        max_new_tokens=max_new_tokens)
             for q, g in zip(chunk, gens):
-                out.append(Answer(q, g.text, extract(g.text, answer_kind(cfg), cfg.data.answer_prompt)["strict"],
+                out.append(Answer(q, g.text, extract(g.text, kind, cfg.data.answer_prompt)["strict"],
                                   g.forward_passes, list(g.token_ids)))
         return out
 

@@ -524,16 +524,18 @@ def train(cfg: Config, *, resume: str | Path | None = None, progress: bool = Tru
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         stop.arm()  # from here a signal stops at the next step boundary, with a checkpoint
+
+        def examples(s: int) -> curriculum.StepExamples:
+            """Optimizer step s's examples, as its curriculum rewrites them."""
+            return curriculum.apply([data.items[j] for j in batch_indices(cfg, plan, len(data.items), s)], cfg, s,
+                                    plan.steps_per_epoch)
+
         for step in range(t.step, end_step):
             step_rng = t.rng_now() if cfg.run.nan_policy == "stop" else None  # the last good state, if this step fails
             lr = lr_at(step, plan.total_steps, cfg.optim.lr, plan.warmup_steps, cfg.optim.schedule)
             for g in t.opt.param_groups:
                 g["lr"] = lr
             # the method's curriculum (iCoT, Coconut) rewrites this step's examples; a pure function of the step
-            def examples(s: int) -> curriculum.StepExamples:
-                return curriculum.apply([data.items[j] for j in batch_indices(cfg, plan, len(data.items), s)], cfg,
-                                        s, plan.steps_per_epoch)
-
             ex = examples(step)
             if curriculum.reset_due(cfg, step, plan.steps_per_epoch, previous=lambda: examples(step - 1)):
                 t.inner_opt.state.clear()  # a fresh AdamW state at a new stage (the official recipes)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 from pathlib import Path
@@ -30,12 +31,14 @@ def synthetic_name(cfg: Config) -> str:
     return f"synth_s{d.synth_seed}_n{d.synth_train_size}_e{d.synth_eval_size}_st{d.synth_min_steps}-{d.synth_max_steps}_v{d.synth_max_value}"
 
 
-def excluded_questions(cfg: Config) -> set[str]:
+def excluded_questions(cfg: Config) -> frozenset[str]:
     """The questions of the files `data.synth_exclude` names (read in any of the readers' formats)."""
-    out: set[str] = set()
-    for path in cfg.data.synth_exclude:
-        out |= {question_key(r.question) for r in load_records(path, "auto", skips=SkipLog())}
-    return out
+    return _questions_of(tuple(cfg.data.synth_exclude))
+
+
+@functools.lru_cache(maxsize=4)  # asked by every `synthetic_name` (the folder's name hashes them)
+def _questions_of(paths: tuple[str, ...]) -> frozenset[str]:
+    return frozenset(question_key(r.question) for path in paths for r in load_records(path, "auto", skips=SkipLog()))
 
 
 def is_multiplication(cfg: Config) -> bool:
