@@ -8,6 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from accelerate import Accelerator
 from safetensors.torch import load_file
 
 import kava.train as kt
@@ -214,6 +215,13 @@ def test_best_checkpoint_is_chosen_at_the_furthest_curriculum_point(tmp_path):
     assert curriculum.progress(ic, 3, 75) == 3
     assert kt.is_better(ic, best, 0.1, 4, 75)  # more removed: replaces any accuracy
     assert kt.is_better(ic, best, 0.95, 3, 75) and not kt.is_better(ic, best, 0.5, 3, 75)
+    # once the schedule has removed the longest CoT, accuracies compare again (the official loop keeps its best
+    # across batches that had no CoT left): before, a later validation at 0% replaced a better one
+    assert curriculum.progress(ic, 40, 75, longest_cot=30) == curriculum.progress(ic, 60, 75, longest_cot=30) == 30
+    done = {"val/accuracy": 0.9, "step": 41, "curriculum": 30}
+    assert not kt.is_better(ic, done, 0.0, 60, 75, longest_cot=30)
+    assert kt.is_better(ic, done, 0.95, 60, 75, longest_cot=30)
+    assert kt.is_better(ic, {"val/accuracy": 0.9, "step": 21, "curriculum": 20}, 0.1, 29, 75, longest_cot=30)
     cot = cfg_of(tmp_path, "method=cot")
     assert curriculum.progress(cot, 50, 75) == 0
     assert not kt.is_better(cot, {"val/accuracy": 0.9, "step": 4}, 0.5, 60, 75)
@@ -315,7 +323,9 @@ def test_icot_trains_removes_its_cot_and_answers_without_it(tmp_path, synth_root
     assert summary["mode"] == "nocot" and summary["count"] == len(recs)
     assert all(r["forward_passes"] == max(r["generated_tokens"], 1) for r in rows), rows
     done = json.loads((run / "DONE").read_text())
-    assert done["best"]["curriculum"] == curriculum.ALL  # chosen among the validations after the CoT was gone
+    # chosen among the validations after the CoT was gone: progress stops at the longest training CoT
+    longest = max(len(it.cot) for it in kt.setup_data(cfg, run, Accelerator(cpu=True), data_root=synth_root).items)
+    assert done["best"]["curriculum"] == longest
 
 
 def test_coconut_on_another_method_s_preset_derives_m_and_the_projection_and_says_so(tmp_path, capsys):

@@ -163,14 +163,17 @@ def reset_due(cfg, step: int, steps_per_epoch: int, previous: Callable[[], StepE
                                    != min(coconut_stage(step - 1, steps_per_epoch, cc), last))
 
 
-def progress(cfg, step: int, steps_per_epoch: int) -> int:
-    """How far the curriculum is at optimizer step `step`: iCoT's scheduled removal (`ALL` at the end), Coconut's
-    stage (capped past the last); 0 without a curriculum. The best checkpoint is chosen among the validations of
-    the furthest point reached (the official iCoT loop forgets its best accuracy whenever more CoT is removed):
-    an early checkpoint that still writes its CoT is not the method's model."""
+def progress(cfg, step: int, steps_per_epoch: int, longest_cot: int | None = None) -> int:
+    """How far the curriculum is at optimizer step `step`: iCoT's scheduled removal, capped at `longest_cot` (the
+    longest training CoT, in tokens: from there on every example has lost its whole CoT, so the schedule's growth
+    changes nothing), Coconut's stage (capped past the last); 0 without a curriculum. The best checkpoint is
+    chosen among the validations of the furthest point reached (the official iCoT loop forgets its best accuracy
+    whenever a batch still kept CoT tokens, and compares accuracies once none does): an early checkpoint that
+    still writes its CoT is not the method's model."""
     kind = cfg.spec.curriculum
     if kind == "icot":
-        return icot_scheduled(step, steps_per_epoch, cfg.icot)
+        n = icot_scheduled(step, steps_per_epoch, cfg.icot)
+        return n if longest_cot is None else min(n, longest_cot)
     if kind == "coconut":
         return min(coconut_stage(step, steps_per_epoch, cfg.coconut), cfg.coconut.max_stages + 1)
     return 0

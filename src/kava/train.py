@@ -448,11 +448,13 @@ def validate(t: Trainer, valid_recs: list[Record]) -> float:
     return acc_v
 
 
-def is_better(cfg: Config, best: dict, accuracy: float, step: int, steps_per_epoch: int) -> bool:
+def is_better(cfg: Config, best: dict, accuracy: float, step: int, steps_per_epoch: int,
+              longest_cot: int | None = None) -> bool:
     """Whether a validation `accuracy` after optimizer step `step` (0-based) replaces `best`: a higher accuracy,
-    or, under a curriculum, a further point of it (`kava.curriculum.progress`) at any accuracy."""
+    or, under a curriculum, a further point of it (`kava.curriculum.progress`, iCoT's capped at `longest_cot`)
+    at any accuracy."""
     if cfg.spec.curriculum is not None:
-        now, then = curriculum.progress(cfg, step, steps_per_epoch), best.get("curriculum", 0)
+        now, then = curriculum.progress(cfg, step, steps_per_epoch, longest_cot), best.get("curriculum", 0)
         if now != then:
             return now > then
     return accuracy > best["val/accuracy"]
@@ -514,6 +516,7 @@ def train(cfg: Config, *, resume: str | Path | None = None, progress: bool = Tru
             save_run_files(cfg, run_dir, data, plan, world, graphs=t.graphs is not None)
 
         eval_every = cfg.run.eval_every or plan.steps_per_epoch
+        longest_cot = max((len(it.cot) for it in data.items), default=0)  # iCoT's progress stops growing there
         save_every = cfg.run.save_every or eval_every
         end_step = plan.total_steps if stop_after is None else min(plan.total_steps, stop_after)
         bar = tqdm(total=plan.total_steps, initial=t.step, desc=f"train {cfg.method}", disable=not main or not progress
@@ -564,10 +567,10 @@ def train(cfg: Config, *, resume: str | Path | None = None, progress: bool = Tru
             if t.step % eval_every == 0 or t.step == plan.total_steps:
                 v = validate(t, data.valid_recs)
                 logger.log({"split": "val", "val/accuracy": v}, t.step)
-                if main and is_better(cfg, t.best, v, t.step - 1, plan.steps_per_epoch):
+                if main and is_better(cfg, t.best, v, t.step - 1, plan.steps_per_epoch, longest_cot):
                     t.best = {"val/accuracy": v, "step": t.step}
                     if cfg.spec.curriculum is not None:
-                        t.best["curriculum"] = curriculum.progress(cfg, t.step - 1, plan.steps_per_epoch)
+                        t.best["curriculum"] = curriculum.progress(cfg, t.step - 1, plan.steps_per_epoch, longest_cot)
                     save_best(t, run_dir)
                 if main:
                     print_line(validation_line(t.step, v, t.best))
