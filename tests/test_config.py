@@ -251,6 +251,63 @@ def test_hugging_face_training_arguments_names_are_aliases_printed_with_the_cano
         load_config(str(f))
 
 
+def test_hugging_face_precision_and_accumulation_names_set_kava_s_keys(tmp_path, capsys):
+    """`--set bf16=true` and `--set gradient_accumulation_steps=4` were unknown keys with no hint. bf16 is
+    optim.precision; HF's accumulation steps give kava's effective batch (micro-batch x steps, kept on any number
+    of processes); fp16, which kava does not train in, is refused naming optim.precision."""
+    cfg = load_config("tiny_synth", ["bf16=true", "per_device_train_batch_size=16", "gradient_accumulation_steps=4"])
+    assert (cfg.optim.precision, cfg.optim.micro_batch, cfg.optim.effective_batch) == ("bf16", 16, 64)
+    out = capsys.readouterr().out
+    assert "[kava] bf16 (a Hugging Face TrainingArguments name) sets kava's optim.precision: optim.precision=bf16" in out
+    assert ("sets kava's optim.effective_batch: optim.effective_batch=64 = optim.micro_batch 16 x 4; kava keeps this "
+            "effective batch on any number of processes") in out
+    assert load_config("tiny_synth", ["bf16=false", "fp16=false"]).optim.precision == "fp32"  # HF: full precision
+    assert load_config("tiny_synth", ["gradient_accumulation_steps=2"]).optim.effective_batch == 2 * 64  # the preset's
+    f = tmp_path / "hf.yaml"  # in a file too; beside the kava key it names, refused
+    f.write_text(yaml.safe_dump({"model": {"name_or_path": "org/m"}, "bf16": True, "optim": {"micro_batch": 4}}))
+    assert load_config(str(f), ["gradient_accumulation_steps=3"]).optim.effective_batch == 12
+    f.write_text(yaml.safe_dump({"model": {"name_or_path": "org/m"}, "gradient_accumulation_steps": 2,
+                                 "optim": {"effective_batch": 64}}))
+    with pytest.raises(ConfigError, match="gradient_accumulation_steps and optim.effective_batch are both given"):
+        load_config(str(f))
+    for item, msg in (("fp16=true", "fp16=true: kava trains in bf16 or fp32, not fp16; set optim.precision=bf16"),
+                      ("bf16=yes please", "bf16: expected true or false"),
+                      ("gradient_accumulation_steps=0", "gradient_accumulation_steps: expected a positive integer"),
+                      ("optim.bf16=true", "unknown key optim.bf16; did you mean optim.precision?")):
+        with pytest.raises(ConfigError) as e:
+            load_config("tiny_synth", [item])
+        assert str(e.value).startswith(msg), e.value
+
+
+@pytest.mark.parametrize("requested, precision, cuda, refused", [
+    ("bf16", "auto", True, False), ("bf16", "bf16", True, False), ("no", "auto", True, False), (None, "fp32", True, False),
+    ("fp16", "auto", True, True), ("bf16", "fp32", True, True), ("bf16", "auto", False, True), ("fp8", "bf16", True, True),
+])
+def test_accelerate_launch_mixed_precision_is_honoured_or_refused_naming_optim_precision(requested, precision, cuda,
+                                                                                         refused):
+    """`accelerate launch --mixed_precision X` sets ACCELERATE_MIXED_PRECISION, which kava's own Accelerator (given
+    optim.precision) ignored in silence. Where X is what kava runs it goes through; otherwise it is refused
+    naming optim.precision. "no" is what the launcher sets when not asked: not checked."""
+    cfg = load_config("tiny_synth", [f"optim.precision={precision}"])
+    if not refused:
+        kc.check_launcher_precision(cfg, requested, cuda)
+        return
+    with pytest.raises(ConfigError) as e:
+        kc.check_launcher_precision(cfg, requested, cuda)
+    assert str(e.value).startswith(f"accelerate launch --mixed_precision {requested} (ACCELERATE_MIXED_PRECISION): "
+                                   "kava takes the precision from optim.precision") and "set optim.precision" in str(e.value)
+
+
+def test_kava_train_checks_the_launcher_s_precision_before_it_writes_anything(tmp_path, monkeypatch):
+    from kava.train import train
+
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")
+    cfg = load_config("tiny_synth", [f"run.output_dir={tmp_path}"])
+    with pytest.raises(ConfigError, match="accelerate launch --mixed_precision fp16"):
+        train(cfg, progress=False)
+    assert not any(tmp_path.iterdir())
+
+
 @pytest.mark.parametrize("item, hint", [
     ("optim.lrr=1", "unknown key optim.lrr; did you mean optim.lr?"),
     ("lr=1", "unknown key lr; did you mean optim.lr?"),

@@ -348,8 +348,9 @@ def did_you_mean(key: str, names: list[str], prefix: str = "") -> str:
     where a key may have lost its section) the closest key anywhere; "" when nothing is close."""
     import difflib
 
-    if key in HF_ALIASES:  # a Hugging Face name inside a section (optim.learning_rate)
-        return f"; did you mean {HF_ALIASES[key]}? ({key} is its Hugging Face name, accepted at the top level)"
+    if key in HF_ALIASES or key in HF_DERIVED:  # a Hugging Face name inside a section (optim.learning_rate)
+        return (f"; did you mean {HF_ALIASES.get(key) or HF_DERIVED[key]}? ({key} is its Hugging Face name, "
+                "accepted at the top level)")
     by_leaf = {k.rsplit(".", 1)[-1]: k for k in _leaf_keys()} if not prefix else {}
     if key in by_leaf:  # a key without its section (lr -> optim.lr)
         return f"; did you mean {by_leaf[key]}?"
@@ -441,6 +442,25 @@ HF_ALIASES = {
     "run_name": "run.name", "gradient_checkpointing": "model.gradient_checkpointing",
 }
 
+# Hugging Face names whose kava key holds another quantity: the bf16 / fp16 flags are `optim.precision`, and since
+# kava's batch key is the effective batch (kept whatever the process count), HF's accumulation steps become
+# `optim.micro_batch` x steps (`derived_value`)
+HF_DERIVED = {"bf16": "optim.precision", "fp16": "optim.precision",
+              "gradient_accumulation_steps": "optim.effective_batch"}
+
+
+def derived_value(alias: str, value: Any, section: dict) -> tuple[Any, str]:
+    """(kava's value for the `HF_DERIVED` name `alias`, how it was derived) given the config's `section`."""
+    if alias == "gradient_accumulation_steps":
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ConfigError(f"gradient_accumulation_steps: expected a positive integer, got {value!r}")
+        micro = section.get("micro_batch", OptimConfig.micro_batch)
+        return micro * value, (f" = optim.micro_batch {micro} x {value}; kava keeps this effective batch on any "
+                               "number of processes (the accumulation adapts)")
+    if not isinstance(value, bool):
+        raise ConfigError(f"{alias}: expected true or false, got {value!r}")
+    return ("bf16" if value else "fp32"), ""
+
 
 def _alias_value(alias: str, value: Any) -> Any:
     if alias == "report_to":  # a name or a list; "none" = no backend but kava's own jsonl, "all" = every one
@@ -467,17 +487,32 @@ def apply_aliases(data: dict) -> None:
             data[section] = sec = {}
         sec[leaf] = _alias_value(alias, data.pop(alias))
         print(f"[kava] {alias} (a Hugging Face TrainingArguments name) is kava's {key}: {key}={sec[leaf]}", flush=True)
+    if data.get("fp16") is True:
+        raise ConfigError("fp16=true: kava trains in bf16 or fp32, not fp16; set optim.precision=bf16 (or bf16=true)")
+    if data.get("fp16") is False:  # HF's default: full precision unless bf16 says otherwise
+        data.pop("fp16")
+    for alias in [k for k in data if k in HF_DERIVED]:  # after the aliases: optim.micro_batch may come from one
+        key = HF_DERIVED[alias]
+        section, leaf = key.split(".")
+        sec = data.get(section)
+        if sec is None:
+            data[section] = sec = {}
+        if not isinstance(sec, dict) or leaf in sec:
+            raise ConfigError(f"{alias} and {key} are both given ({alias} is the Hugging Face name of {key}); keep one")
+        sec[leaf], how = derived_value(alias, data.pop(alias), sec)
+        print(f"[kava] {alias} (a Hugging Face TrainingArguments name) sets kava's {key}: {key}={sec[leaf]}{how}",
+              flush=True)
 
 
 def config_from_dict(data: dict, overrides: list[str] | None = None) -> Config:
     data = copy.deepcopy(data or {})
     file_method, file_keys = data.get("method", Config.method), _given_keys(data)
-    set_keys = set()
+    set_keys, names = set(), {**HF_ALIASES, **HF_DERIVED}
     for item in overrides or []:
         key, value = parse_override(item)
-        set_keys.add(HF_ALIASES.get(key, key))
+        set_keys.add(names.get(key, key))
         # an override wins over the file's value, under either name
-        for name in ([HF_ALIASES[key]] if key in HF_ALIASES else []) + [a for a, k in HF_ALIASES.items() if k == key]:
+        for name in ([names[key]] if key in names else []) + [a for a, k in names.items() if k == key]:
             section, _, leaf = name.rpartition(".")
             holder = data.get(section) if section else data
             if isinstance(holder, dict):
@@ -685,6 +720,19 @@ def validate(cfg: Config) -> None:
 def use_bf16(cfg: Config) -> bool:
     """bf16 autocast: `optim.precision` auto or bf16, on a GPU (fp32 on CPU)."""
     return torch.cuda.is_available() and cfg.optim.precision in ("auto", "bf16")
+
+
+def check_launcher_precision(cfg: Config, requested: str | None, cuda: bool) -> None:
+    """`accelerate launch --mixed_precision X` sets ACCELERATE_MIXED_PRECISION=X (`requested`), but kava hands its
+    own Accelerator `optim.precision`, so an X other than what kava runs would be dropped in silence: refused,
+    naming the key. "no" says nothing: `accelerate launch` sets it when not asked."""
+    if requested in (None, "", "no"):
+        return
+    runs = "bf16" if cuda and cfg.optim.precision in ("auto", "bf16") else "fp32"
+    if requested != runs:
+        raise ConfigError(f"accelerate launch --mixed_precision {requested} (ACCELERATE_MIXED_PRECISION): kava takes "
+                          f"the precision from optim.precision (auto: bf16 on a GPU, fp32 on CPU), which runs {runs} "
+                          f"here{'' if cuda else ' (no GPU)'}; drop --mixed_precision and set optim.precision")
 
 
 def graph_exclusion(cfg: Config, *, cuda: bool = True, world_size: int = 1) -> str | None:

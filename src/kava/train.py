@@ -47,7 +47,8 @@ from kava.checkpoint.saved import save_model
 from kava.checkpoint.state import (atomic_dir_write, check_resume_state, check_tokenizer, gather_rng,
                                    latest_checkpoint, read_checkpoint, restore_rng, rng_of_rank, rng_tensors,
                                    tokenizer_identity, write_checkpoint, model_identity)
-from kava.config import Config, ConfigError, check_world_size, load_config, parse_override, save_config, use_bf16
+from kava.config import (Config, ConfigError, check_launcher_precision, check_world_size, load_config, parse_override,
+                         save_config, use_bf16)
 from kava.data.format import Formatter, Tokenized
 from kava.data.pipeline import load_train_valid, synthetic_single_tokens, train_data_label
 from kava.data.records import Record, SkipLog
@@ -138,11 +139,12 @@ def batch_indices(cfg: Config, plan: Plan, n: int, step: int) -> tuple[int, ...]
 
 # ------------------------------------------------------------------------------------------------ stages
 def setup_accelerator(cfg: Config) -> Accelerator:
-    """The `Accelerator` (DDP, bf16 autocast on GPU), the world size checked against the batch sizes before
-    any data or model is read, and the seeds set."""
+    """The `Accelerator` (DDP, bf16 autocast on GPU), a launcher's --mixed_precision and the world size checked
+    against the config before any data or model is read, and the seeds set."""
     # methods without a latent student (cot, nocot) never touch the projection or the special-token rows:
     # DDP must be told
     ddp = DistributedDataParallelKwargs(find_unused_parameters=not cfg.spec.latent)
+    check_launcher_precision(cfg, os.environ.get("ACCELERATE_MIXED_PRECISION"), torch.cuda.is_available())
     acc = Accelerator(mixed_precision="bf16" if use_bf16(cfg) else "no", cpu=not torch.cuda.is_available(),
                       kwargs_handlers=[ddp])
     check_world_size(cfg, acc.num_processes)  # before reading (and tokenizing) the data or loading a model
