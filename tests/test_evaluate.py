@@ -496,7 +496,8 @@ def test_a_limited_evaluation_warns_once_and_stays_out_of_the_card_and_the_repor
                    "eval/<set>-limit2/; left out of the model card, and of `kava report` unless --include-limited)\n")
     card = model_card(cfg, run_dir=rd, step=2, exported=False)
     assert "| synth-test-limit2 |" not in card and "Not evaluated yet" in card
-    assert "Left out, `--limit` tests (the first questions only): synth-hard-limit2, synth-test-limit2." in card
+    assert ("Partial evaluations, not results: synth-hard-limit2 (`--limit`: the first 2 questions); "
+            "synth-test-limit2 (`--limit`: the first 2 questions).") in card
     assert cli(["report", str(rd), "--output", str(tmp_path / "rep")]) == 0
     md = (tmp_path / "rep" / "report.md").read_text()
     assert "limit2" not in md.split("## Notes")[0]

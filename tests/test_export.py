@@ -143,6 +143,9 @@ def test_export_writes_a_model_card_drops_the_chat_template_casts_and_pushes(run
     files = sorted(p.name for p in out.iterdir())
     assert calls[0] == ("create", "me/tiny-cot", {"repo_type": "model", "private": False, "exist_ok": True})
     assert calls[1] == ("upload", "me/tiny-cot", files)
+    pushed = (out / "README.md").read_text()  # what the Hub shows: its loading code names the repository
+    assert "THIS_DIR" not in pushed and 'AutoModelForCausalLM.from_pretrained("me/tiny-cot")' in pushed
+    assert 'kava.load(snapshot_download("me/tiny-cot"))' in pushed
     assert {"README.md", "config.json", "model.safetensors", "generation_config.json", "tokenizer.json",
             "tokenizer_config.json", "kava.json", "kava_projection.safetensors"} <= set(files)
     assert "chat_template.jinja" not in files and AutoTokenizer.from_pretrained(out).chat_template is None
@@ -154,8 +157,8 @@ def test_export_writes_a_model_card_drops_the_chat_template_casts_and_pushes(run
     front = yaml.safe_load(card.split("---")[1])
     assert front["library_name"] == "transformers" and "cot" in front["tags"] and "base_model" not in front
     summary = json.loads((run / "eval" / f"synth-test-limit{N}" / "summary.json").read_text())
-    assert f"| synth-test-limit{N} |" not in card and f"Left out, `--limit` tests (the first questions only): " \
-        f"synth-test-limit{N}." in card  # a smoke test is not a result
+    assert f"| synth-test-limit{N} |" not in card and "model-index" not in front  # a smoke test is not a result
+    assert f"Partial evaluations, not results: synth-test-limit{N} (`--limit`: the first {N} questions)." in card
     (run / "eval" / "synth-test").mkdir()
     (run / "eval" / "synth-test" / "summary.json").write_text(json.dumps({**summary, "limit": None}))
     from kava.checkpoint.card import model_card
@@ -170,6 +173,7 @@ def test_export_writes_a_model_card_drops_the_chat_template_casts_and_pushes(run
     assert main(["export", str(run), "--output", str(tmp_path / "again"), "--push-to-hub", "me/x"]) == 2
     err = capsys.readouterr().err
     assert "--push-to-hub me/x: RuntimeError: 401 Unauthorized" in err and err.count("\n") == 1
+    assert "log in with `hf auth login` or set HF_TOKEN" in err  # the CLI huggingface_hub installs now
     assert (tmp_path / "again" / "README.md").exists()
 
 
@@ -179,3 +183,46 @@ def test_a_saved_lora_model_carries_the_card_not_peft_s_placeholder(runs):
     assert card.startswith("---\nlibrary_name: peft\n") and "## How to load it" in card
     assert "- **Method:** `kava`, 4 latent tokens, 3 sweeps; LoRA r=4" in card and "kava.load(\"RUN_DIR\")" in card
     assert "[More Information Needed]" not in card  # peft's placeholder text
+
+
+def _summary(folder: str, source: str, kind: str, count: int, accuracy: float, **extra) -> dict:
+    return {"dataset": folder.split("-limit")[0], "dataset_source": source, "dataset_kind": kind, "count": count,
+            "accuracy": accuracy, "accuracy_stderr": 0.01, "mode": "latent", "mean_forward_passes": 7.0,
+            "model_kind": "run", "checkpoint_name": "best", "model_step": 300, **extra}
+
+
+@pytest.mark.parametrize("preset, license, want", [
+    ("tiny_synth", None, {"license": "other"}),
+    ("llama1b_aug", None, {"license": "other", "license_link": "https://huggingface.co/meta-llama/Llama-3.2-1B-Instruct"}),
+    ("llama1b_aug", "llama3.2", {"license": "llama3.2"}),
+])
+def test_the_card_front_matter_is_hub_ready(tmp_path, preset, license, want):
+    """The card lacked license, pipeline_tag and model-index, listed `--limit` tests and ad-hoc evaluations of a
+    local file as results, and repeated the kava tag for the kava method. Now: a license (the one given, else
+    `other` pointing at the base model's), pipeline_tag text-generation, each tag once, and the results as
+    model-index: the full evaluations of published sets only, the others listed as partial."""
+    import yaml
+
+    from kava.checkpoint.card import model_card
+
+    evals = {"gsm8k": _summary("gsm8k", "gsm8k", "named", 1319, 0.4125),
+             "gsm8k-limit2": _summary("gsm8k-limit2", "gsm8k", "named", 2, 1.0, limit=2),
+             "my_test": _summary("my_test", "/data/my_test.jsonl", "file", 2, 1.0),
+             "svamp-step100": _summary("svamp-step100", "svamp", "named", 1000, 0.3, checkpoint_step=100,
+                                       model_kind="step", model_step=100)}
+    for folder, s in evals.items():
+        (tmp_path / "eval" / folder).mkdir(parents=True)
+        (tmp_path / "eval" / folder / "summary.json").write_text(json.dumps(s))
+    card = model_card(load_config(preset, ["method=kava"]), run_dir=tmp_path, step=300, license=license)
+    front = yaml.safe_load(card.split("---\n")[1])
+    assert {k: front.get(k) for k in ("license", "license_link") if k in front} == want
+    assert front["pipeline_tag"] == "text-generation" and front["tags"] == ["kava", "latent-reasoning"]
+    assert front["model-index"] == [{"name": preset, "results": [{
+        "task": {"type": "text-generation"},
+        "dataset": {"name": "gsm8k test", "type": "openai/gsm8k", "config": "main", "split": "test"},
+        "metrics": [{"type": "accuracy", "value": 41.25, "name": "accuracy (latent mode, strict)"}]}]}]
+    table = card.split("## Evaluation results")[1].split("## How to load it")[0]
+    assert "| gsm8k | 300 | latent | 41.2 |" in table and "| svamp-step100 | 100 |" in table  # an earlier step: a row
+    assert "| my_test |" not in table and "| gsm8k-limit2 |" not in table
+    assert ("Partial evaluations, not results: gsm8k-limit2 (`--limit`: the first 2 questions); my_test (a local "
+            "data file, 2 questions).") in table

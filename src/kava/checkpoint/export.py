@@ -7,7 +7,8 @@
     kava_projection.safetensors                              the latent projection
     README.md                                                the model card (`kava.checkpoint.card`)
 
-`push_to_hub` uploads such a directory (`huggingface_hub`, the token of `huggingface-cli login` or `HF_TOKEN`).
+`push_to_hub` uploads such a directory (`huggingface_hub`, the token of `hf auth login` or `HF_TOKEN`), its card
+naming the repository (`kava.checkpoint.card.card_for_repo`).
 
 `kava.checkpoint.load.load_exported` (and so `kava.load`) reads such a directory back.
 """
@@ -23,7 +24,7 @@ from tokenizers import processors
 from transformers import AutoTokenizer
 
 from kava import __version__
-from kava.checkpoint.card import model_card
+from kava.checkpoint.card import card_for_repo, model_card
 from kava.checkpoint.rundir import run_dir_of
 from kava.checkpoint.saved import (BASE_FILE, EXTRA_FILE, META_FILE, CheckpointError, find_checkpoint, load_lm,
                                    run_config, saved_tokenizer_ids)
@@ -57,7 +58,8 @@ def _bos_template(tok, bos_id: int | None) -> None:
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def export_model(run_or_ckpt: str | Path, output: str | Path, *, dtype: torch.dtype | str = torch.float32) -> Path:
+def export_model(run_or_ckpt: str | Path, output: str | Path, *, dtype: torch.dtype | str = torch.float32,
+                 license: str | None = None) -> Path:
     """Write a plain Hugging Face model directory from a kava run (best/, else final/) or checkpoint.
 
     - LoRA adapters are merged into the weights.
@@ -68,7 +70,8 @@ def export_model(run_or_ckpt: str | Path, output: str | Path, *, dtype: torch.dt
     - `tokenizer(question)` prepends BOS as training did; a chat template the base tokenizer had is dropped
       (kava trains on raw text: `apply_chat_template` would give another prompt than training's).
     - `dtype` (`fp32`, `bf16`, `fp16` or a torch dtype): the saved weights; the merge and the checks run in fp32.
-    - README.md: the model card (base model, method, data, the run's evaluation results, how to load it).
+    - README.md: the model card (base model, method, data, the run's evaluation results, how to load it; `license`:
+      its Hub license id, `kava.checkpoint.card.license_meta`).
     - generation_config.json: greedy, eos = kava's eos.
     - `kava.json` (method, mode, M, T, answer prompt, the run's config) and `kava_projection.safetensors`
       (the latent projection) sit beside it; `kava.load(DIR)` uses them for latent reasoning.
@@ -148,7 +151,8 @@ def export_model(run_or_ckpt: str | Path, output: str | Path, *, dtype: torch.dt
     (out / EXPORT_FILE).write_text(json.dumps(settings, indent=2))
     base = json.loads((ck / BASE_FILE).read_text()) if (ck / BASE_FILE).exists() else None
     (out / "README.md").write_text(model_card(cfg, base=base, run_dir=run_dir_of(ck), step=meta.get("step"),
-                                              exported=True, dtype=str(dtype).removeprefix("torch.")))
+                                              exported=True, dtype=str(dtype).removeprefix("torch."),
+                                              license=license))
     # what a user of the plain directory will do must give the ids kava trained on
     t2 = AutoTokenizer.from_pretrained(out)
     probe = "Tom has 3 apples."
@@ -162,11 +166,15 @@ def export_model(run_or_ckpt: str | Path, output: str | Path, *, dtype: torch.dt
 
 
 def push_to_hub(folder: str | Path, repo_id: str, *, private: bool = False) -> list[str]:
-    """Upload an exported directory to the Hugging Face Hub repository `repo_id` (created when missing);
-    returns the uploaded files. A hub failure (no token, no access) is an OSError naming the repository."""
+    """Upload an exported directory to the Hugging Face Hub repository `repo_id` (created when missing), its card's
+    loading code naming `repo_id`; returns the uploaded files. A hub failure (no token, no access) is an OSError
+    naming the repository."""
     from huggingface_hub import HfApi
 
     folder = Path(folder)
+    card = folder / "README.md"
+    if card.exists():  # the copy on disk is the one on the Hub
+        card.write_text(card_for_repo(card.read_text(), repo_id))
     files = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
     api = HfApi()
     try:
@@ -175,5 +183,5 @@ def push_to_hub(folder: str | Path, repo_id: str, *, private: bool = False) -> l
                           commit_message=f"kava export ({json.loads((folder / EXPORT_FILE).read_text())['method']})")
     except Exception as e:  # noqa: BLE001 - network, auth, permissions: one line, the export stays on disk
         raise OSError(f"--push-to-hub {repo_id}: {type(e).__name__}: {e}; the export is in {folder} "
-                      "(log in with `huggingface-cli login` or set HF_TOKEN)") from e
+                      "(log in with `hf auth login` or set HF_TOKEN)") from e
     return files

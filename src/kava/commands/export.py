@@ -1,5 +1,5 @@
-"""`kava export RUN --output DIR [--dtype bf16|fp16|fp32] [--push-to-hub REPO]`: a plain Hugging Face model
-directory (and model card) from a trained run, uploaded to the Hub when asked."""
+"""`kava export RUN --output DIR [--dtype bf16|fp16|fp32] [--license ID] [--push-to-hub REPO]`: a plain Hugging
+Face model directory (and model card) from a trained run, uploaded to the Hub when asked."""
 
 from __future__ import annotations
 
@@ -13,13 +13,15 @@ def add_parser(sub) -> None:
     p.add_argument("--push-to-hub", metavar="REPO", help="then upload the directory to this Hub repository "
                                                          "(created when missing; huggingface_hub's login or HF_TOKEN)")
     p.add_argument("--private", action="store_true", help="with --push-to-hub: create the repository private")
+    p.add_argument("--license", metavar="ID", help="the model card's Hub license id (mit, apache-2.0, llama3.2, ...); "
+                                                  "default other, pointing at the base model's license")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     from kava.checkpoint.export import export_model, push_to_hub
 
-    out = export_model(args.checkpoint, args.output, dtype=args.dtype)
+    out = export_model(args.checkpoint, args.output, dtype=args.dtype, license=args.license)
     print(f"exported to {out}: load it with transformers' AutoModelForCausalLM / AutoTokenizer, or with "
           f"kava.load({str(out)!r}) for latent reasoning; model card: {out / 'README.md'}")
     if args.push_to_hub:
