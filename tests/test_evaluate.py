@@ -8,6 +8,8 @@ where batching and per-example counting can go wrong.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -813,6 +815,7 @@ def test_eval_reads_a_file_without_cot_field_names_and_hub_dataset_ids(synth_run
     import sys
     import types
 
+    from kava.checkpoint.card import result_set
     from kava.cli import main as cli
 
     rd, _ = synth_run
@@ -824,6 +827,7 @@ def test_eval_reads_a_file_without_cot_field_names_and_hub_dataset_ids(synth_run
     assert run("--datasets", str(plain)) == 0
     s = json.loads((tmp_path / "out" / "plain" / "summary.json").read_text())
     assert s["count"] == 3 and s["skipped"]["total"] == 0
+    assert s["dataset_kind"] == "file" and result_set(s) is None  # the model card: partial, not a result
     renamed = tmp_path / "renamed.jsonl"
     renamed.write_text("".join(json.dumps({"problem": q, "solution": n, "steps": "x"}) + "\n" for q, n in zip(qs, (3, 4, 7))))
     assert run("--datasets", str(renamed), "--question-field", "problem", "--answer-field", "solution") == 0
@@ -847,11 +851,13 @@ def test_eval_reads_a_file_without_cot_field_names_and_hub_dataset_ids(synth_run
     assert asked == [("openai/gsm8k", "main", "test")]
     s = json.loads((tmp_path / "out" / "gsm8k" / "summary.json").read_text())
     assert s["dataset"] == "gsm8k" and s["count"] == 3 and "hub openai/gsm8k main, split test" in s["description"]
+    assert s["dataset_kind"] == "hub" and result_set(s).name == "gsm8k"
     assert run("--datasets", "someone/math-qa:validation", "--question-field", "problem",
                "--answer-field", "solution") == 0
     assert asked[-1] == ("someone/math-qa", None, "validation")
     d = tmp_path / "out" / "someone__math-qa-validation"
-    assert json.loads((d / "summary.json").read_text())["count"] == 3
+    s = json.loads((d / "summary.json").read_text())
+    assert s["count"] == 3 and result_set(s).hub_id == "someone/math-qa" and result_set(s).hub_split == "validation"
     assert [json.loads(ln)["gold"] for ln in (d / "predictions.jsonl").read_text().splitlines()] == ["3", "4", "7"]
     # field names for a named set: refused before the model loads
     monkeypatch.setattr("kava.evaluate.load_any", lambda *a, **k: pytest.fail("the model was loaded"))
@@ -876,13 +882,71 @@ def test_eval_checks_the_dataset_names_before_the_model_loads(tmp_path, monkeypa
     assert expect.format(empty=tmp_path / "empty") in err and err.count("\n") == 1, err
 
 
-@pytest.mark.parametrize("flag, value", [("--limit", "-1"), ("--limit", "0"), ("--max-new-tokens", "0"),
-                                         ("--batch-size", "0"), ("--batch-size", "-2")])
+@pytest.mark.parametrize("flag, value", [("--limit", "-1"), ("--limit", "0"), ("--limit", "1.5"), ("--limit", "x"),
+                                         ("--max-new-tokens", "0"), ("--batch-size", "0"), ("--batch-size", "-2")])
 def test_eval_refuses_a_non_positive_limit_batch_size_or_token_budget(tmp_path, monkeypatch, capsys, flag, value):
     """`--limit -1` evaluated all questions but the last, and 0 (for any of the three) fell back to the
-    default: each is one line on stderr and exit 2, before the model loads."""
+    default: each is one line on stderr and exit 2, before the model loads. `--limit` also takes a fraction
+    (lm-eval's 0.01), so 1.5 is neither."""
     from kava.cli import main as cli
 
     monkeypatch.setattr("kava.evaluate.load_any", lambda *a, **k: pytest.fail("the model was loaded"))
     assert cli(["eval", "--checkpoint", str(tmp_path), "--datasets", "synth-test", flag, value]) == 2
-    assert capsys.readouterr().err == f"kava eval: {flag} must be a positive number, got {value}\n"
+    what = " of questions or a fraction between 0 and 1" if flag == "--limit" else ""
+    assert capsys.readouterr().err == f"kava eval: {flag} must be a positive number{what}, got {value}\n"
+
+
+# lm-evaluation-harness's command line, as its users type it (`lm_eval --model hf --model_args ... --tasks ...`)
+LM_EVAL_REFUSED = [
+    (["--num_fewshot", "5"], "--num_fewshot: kava eval has no few-shot prompt"),
+    (["--apply_chat_template"], "--apply_chat_template: kava eval feeds raw text, as kava trains (no chat template)"),
+    (["--device", "cuda:0"], "--device: kava eval picks the device itself (cuda when there is one, else cpu); choose "
+                             "GPUs with CUDA_VISIBLE_DEVICES"),
+    (["--seed", "1234"], "--seed: kava eval decodes greedily: nothing is drawn at random"),
+    (["--model", "vllm"], "--model vllm: kava eval loads a kava run with --checkpoint RUN and a Hugging Face model with "
+                          "--model-args pretrained=ID (lm-eval's --model hf)"),
+    (["--tasks", "gsm8k_cot"], "--tasks gsm8k_cot: not a kava evaluation set"),
+]
+
+
+@pytest.mark.parametrize("argv, expect", LM_EVAL_REFUSED, ids=[a[0] for a, _ in LM_EVAL_REFUSED])
+def test_lm_eval_flags_without_a_kava_counterpart_are_one_line_naming_what_to_do(tmp_path, monkeypatch, capsys,
+                                                                                   argv, expect):
+    """They failed with the top-level usage and `unrecognized arguments` (and `--model hf` was read as an
+    abbreviation of --model-args): each is now one line on stderr, exit 2, before the model loads."""
+    from kava.cli import main as cli
+
+    monkeypatch.setattr("kava.evaluate.load_any", lambda *a, **k: pytest.fail("the model was loaded"))
+    assert cli(["eval", "--checkpoint", str(tmp_path), *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"kava eval: {expect}") and err.count("\n") == 1 and "usage" not in err, err
+
+
+def test_lm_eval_flags_that_mean_kava_flags_are_taken(synth_run, tmp_path, monkeypatch, capsys):
+    """`--model hf --model_args pretrained=DIR --tasks SET --output_path DIR --log_samples --num_fewshot 0
+    --batch_size N --limit 0.25`: the same evaluation as kava's own flags with `--limit` = a quarter of the set
+    (rounded, said in the output); the predictions equal those of `--model-args ... --datasets ... --limit N`."""
+    import json
+
+    from kava.checkpoint.export import export_model
+    from kava.cli import main as cli
+
+    src, _ = synth_run
+    model = export_model(src, tmp_path / "hf")
+    data = str(next((src.parent / "_data").iterdir()))
+    n = len((Path(data) / "test.jsonl").read_text().splitlines())  # 10
+    assert cli(["eval", "--model", "hf", "--model_args", f"pretrained={model}", "--tasks", "synth-test", "--data-dir",
+                data, "--output_path", str(tmp_path / "lm"), "--log_samples", "--num_fewshot", "0", "--batch_size",
+                "3", "--limit", "0.25"]) == 0
+    out = capsys.readouterr().out
+    k = round(0.25 * n)
+    assert "[kava] eval: --tasks synth-test is --datasets synth-test" in out
+    assert f"({k} problems: " in out and f"(first {k}: --limit 0.25 of {n}, rounded)" in out
+    assert cli(["eval", "--model-args", f"pretrained={model}", "--datasets", "synth-test", "--data-dir", data,
+                "--output", str(tmp_path / "kava"), "--batch-size", "3", "--limit", str(k)]) == 0
+    got, want = (json.loads((tmp_path / d / f"synth-test-limit{k}" / "summary.json").read_text()) for d in ("lm", "kava"))
+    assert got["limit"] == want["limit"] == k and got["limit_fraction"] == 0.25 and got["count"] == k
+    assert got["model_args"] == want["model_args"] and got["generation"] == want["generation"]
+    rows = [(tmp_path / d / f"synth-test-limit{k}" / "predictions.jsonl").read_text().splitlines() for d in ("lm", "kava")]
+    assert [json.loads(r)["generated"] for r in rows[0]] == [json.loads(r)["generated"] for r in rows[1]]
+    capsys.readouterr()

@@ -200,6 +200,14 @@ def eval_dir_name(dataset: str, limit: int | None, available: int, step: int | N
     return f"{name}-limit{limit}" if limit and limit < available else name
 
 
+def limit_count(limit: int | float | None, available: int) -> int | None:
+    """How many questions of a set of `available` `--limit` keeps: N (an int), or a fraction 0 < F < 1 of the set
+    as lm-evaluation-harness reads `--limit 0.01`, rounded (at least one); None without a limit."""
+    if not limit:
+        return None
+    return limit if isinstance(limit, int) else max(1, round(limit * available))
+
+
 def dataset_label(name: str) -> str:
     """A dataset's name in eval/ and in the summary: a named set as is, a data file by its stem, a hub dataset
     id by its set's name (`openai/gsm8k` is gsm8k; `org/name:split` is `org__name-split`: `hub_eval_spec`)."""
@@ -245,6 +253,8 @@ def evaluate_run(checkpoint: str | Path | None, datasets: list[str], *, data_dir
     to that run's own data (`kava.data.pipeline.find_synthetic_dir`).
     diagnostics: a `kava.diagnostics.DiagnosticsSpec` (latent runs).
     fields: the columns of data files and hub datasets (keys question, answer, steps: `load_eval_dataset`).
+    limit: the first N questions of each set, or a fraction 0 < F < 1 of each (`limit_count`); a test, written
+    to `eval/<set>-limit<N>/`.
     A record the reader skipped (a bad line of a data file) is counted in summary.json's "skipped" (as a run's
     skips.json) and named in a line on stderr; the accuracy is over the records read.
     """
@@ -276,13 +286,16 @@ def evaluate_run(checkpoint: str | Path | None, datasets: list[str], *, data_dir
         records, desc = load_eval_dataset(name, root, hub=hub, cot_style=style, skips=skips, fields=fields)
         label = dataset_label(name)
         available = len(records)
-        if limit and limit < available:
-            records = records[:limit]
-            desc += f" (first {limit})"
+        n = limit_count(limit, available)
+        if n is not None and n < available:
+            records = records[:n]
+            fraction = isinstance(limit, float)
+            desc += f" (first {n}: --limit {limit:g} of {available}, rounded)" if fraction else f" (first {n})"
             if state.is_main_process and not warned:  # once, as lm-evaluation-harness warns
-                print(f"[kava] eval: --limit {limit} evaluates only the first {limit} questions: for testing, not a "
-                      f"result (written to eval/<set>-limit{limit}/; left out of the model card, and of `kava "
-                      "report` unless --include-limited)", file=sys.stderr, flush=True)
+                first, tag = ("the first questions of each set", "<N>") if fraction else (f"the first {n} questions", n)
+                print(f"[kava] eval: --limit {limit:g} evaluates only {first}: for testing, not a result (written to "
+                      f"eval/<set>-limit{tag}/; left out of the model card, and of `kava report` unless "
+                      "--include-limited)", file=sys.stderr, flush=True)
                 warned = True
         if diagnostics is not None and diagnostics.active:  # before any rank starts: all refuse, or none
             check_shards(len(records), state.num_processes, batch_size or cfg.run.eval_batch_size,
@@ -299,9 +312,11 @@ def evaluate_run(checkpoint: str | Path | None, datasets: list[str], *, data_dir
                 rec = records[r["index"]]
                 r["index"] = r["index"] if rec.index is None else rec.index
             summary = summarize(rows, max(walls), s["mode"])
-            summary.update({"dataset": label, "description": desc, "hardware": hardware(),
-                            "processes": state.num_processes, "checkpoint": str(km.source), "config_hash": cfg.hash(),
-                            "method": cfg.method, "model_kind": km.kind, "model_args": km.model_args,
+            kind = "file" if is_data_file(name) else "hub" if hub_eval_spec(name) else "named"  # the card's results
+            summary.update({"dataset": label, "dataset_source": name, "dataset_kind": kind, "description": desc,
+                            "hardware": hardware(), "processes": state.num_processes, "checkpoint": str(km.source),
+                            "config_hash": cfg.hash(), "method": cfg.method, "model_kind": km.kind,
+                            "model_args": km.model_args,
                             "checkpoint_name": which, "model_step": model_step, "skipped": skips.as_dict(),
                             "model": {"source": str(km.source.resolve()), "identity": model_identity(cfg)},
                             "generation": generation_settings(cfg, s["mode"], batch_size=batch_size,
@@ -310,8 +325,10 @@ def evaluate_run(checkpoint: str | Path | None, datasets: list[str], *, data_dir
             if step is not None:
                 summary["checkpoint_step"] = step
             if len(records) < available:
-                summary["limit"] = limit
-            write_eval(out_root / eval_dir_name(label, limit, available, step), rows, summary)
+                summary["limit"] = n
+                if isinstance(limit, float):
+                    summary["limit_fraction"] = limit
+            write_eval(out_root / eval_dir_name(label, n, available, step), rows, summary)
             if km.kind == "plain" and not output:  # `kava report runs/` lists the base model beside the runs
                 RunDir(out_root.parent).meta.write_text(json.dumps({
                     "method": cfg.method, "preset": out_root.parent.name, "train_data": "none (not trained by kava)",
@@ -327,5 +344,5 @@ def evaluate_run(checkpoint: str | Path | None, datasets: list[str], *, data_dir
                 print(f"[kava] eval {label}: {skips.summary()}, not evaluated (first: "
                       f"{'; '.join(ex[0] for ex in skips.examples.values())}); summary.json \"skipped\" counts them",
                       file=sys.stderr, flush=True)
-            print(f"[kava] wrote {out_root / eval_dir_name(label, limit, available, step)}", flush=True)
+            print(f"[kava] wrote {out_root / eval_dir_name(label, n, available, step)}", flush=True)
     return results
