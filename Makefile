@@ -14,9 +14,10 @@ $(BIN)/kava: pyproject.toml
 	$(BIN)/pip install -q -e .
 	touch $(BIN)/kava
 
-# and the test extras (pytest, datasets, gguf)
+# and the test extras (pytest, datasets, gguf) and lm-evaluation-harness (tests/test_lm_eval_plugin.py); torch is
+# pinned on the same line, so that no dependency moves it
 $(VENV)/.dev: $(BIN)/kava
-	$(BIN)/pip install -q -e ".[dev,hub]"
+	$(BIN)/pip install -q $(TORCH_PIN) -e ".[dev,hub,lm-eval]"
 	touch $(VENV)/.dev
 
 setup: $(VENV)/.dev

@@ -11,6 +11,7 @@ A new module needs a floor here; docs/architecture.md draws the same floors.
 from __future__ import annotations
 
 import ast
+import importlib.util
 import json
 import pkgutil
 import subprocess
@@ -23,9 +24,15 @@ import kava
 SRC = Path(kava.__file__).resolve().parents[1]
 
 
+# modules that import an optional extra at their top: imported only where it is installed
+OPTIONAL = {"kava.lm_eval_plugin": "lm_eval"}
+
+
 def library_modules() -> list[str]:
     names = [m.name for m in pkgutil.walk_packages([str(SRC / "kava")], prefix="kava.")]
-    return sorted(n for n in ["kava", *names] if n != "kava.cli" and not n.startswith("kava.commands"))
+    missing = [m for m, pkg in OPTIONAL.items() if importlib.util.find_spec(pkg) is None]
+    return sorted(n for n in ["kava", *names] if n != "kava.cli" and not n.startswith("kava.commands")
+                  and not any(n == m or n.startswith(m + ".") for m in missing))
 
 
 PROBE = """
@@ -95,7 +102,7 @@ FLOORS = {
     "kava.diagnostics": 5,
     "kava.evaluate": 6,
     "kava.train": 7, "kava.api": 7,
-    "kava.tools": 8,
+    "kava.tools": 8, "kava.lm_eval_plugin": 8,  # lm-evaluation-harness's `--model kava`, beside the tools
     "kava.cli": 9, "kava.commands": 9,
 }
 ALLOWED_LOCAL = {("kava", "kava.api")}  # kava.load: `import kava` stays light
