@@ -253,6 +253,21 @@ def test_summary_weights_layers_by_valid_pairs():
     text = "\n".join(format_diagnostics("ds", s))
     assert "zeros 0.3333 (-0.3333)" in text and "oracle" in text and f"skipped: 1 ({NO_COT})" in text
     assert summarize_diagnostics([{"correct": True}]) == {}
+    assert "ablations_digits" not in s and "digits" not in s["oracle"]  # number answers: no graded score
+
+
+def test_digit_answers_summarise_the_digits_in_place_with_the_latents_replaced():
+    """Multiplication's students are often at 0% exact match with and without their latents: the share of digits
+    in place (`kava.scoring.digit_agreement`, per row) is what can still differ, so it is averaged alongside."""
+    rows = [{"correct": False, "digits": 0.5, "ablations": {"zeros": {"correct": False, "digits": 0.25}},
+             "oracle": {"correct": True, "digits": 1.0}},
+            {"correct": False, "digits": 0.7, "ablations": {"zeros": {"correct": False, "digits": 0.05}},
+             "oracle": {"skipped": NO_COT}}]
+    s = summarize_diagnostics(rows)
+    assert s["ablations"] == {"none": 0.0, "zeros": 0.0}
+    assert s["ablations_digits"] == {"none": pytest.approx(0.6), "zeros": pytest.approx(0.15)}
+    assert s["oracle"]["digits"] == 1.0 and s["oracle"]["student_digits"] == 0.5
+    assert "zeros 0.1500 (-0.4500)" in "\n".join(format_diagnostics("ds", s))
 
 
 # ------------------------------------------------------------------------------------------ evaluation

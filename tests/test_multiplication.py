@@ -17,7 +17,7 @@ from kava.data.pipeline import answer_kind, synthetic_single_tokens
 from kava.data.readers import detect_format, load_eval_dataset, load_records
 from kava.data.records import SkipLog
 from kava.data.tokenizer import build_tokenizer, tokenizer_texts
-from kava.scoring import answer_matches, extract, extract_digits, score_predictions
+from kava.scoring import answer_matches, digit_agreement, extract, extract_digits, score_predictions
 
 SIZES = (4, 5, 7, 9)
 
@@ -126,6 +126,25 @@ def test_digits_are_matched_exactly_never_as_numbers():
         extract("1", "words")
 
 
+def naive_digit_share(pred, gold):
+    """The graded score written out: position by position over the gold digits."""
+    g = [c for c in gold if c.isdigit()]
+    p = [c for c in (pred or "") if c.isdigit()]
+    hits = 0
+    for i in range(len(g)):
+        if i < len(p) and p[i] == g[i]:
+            hits += 1
+    return hits / len(g)
+
+
+@pytest.mark.parametrize("pred,gold", [("0 0 6", "0 0 6"), ("6", "0 0 6"), ("0 0 6 0 9", "0 0 6"), (None, "1 2"),
+                                       ("1 3 3 4", "1 2 3 4"), ("9 9 9 9", "1 2 3 4"), ("", "5")])
+def test_digit_agreement_is_the_share_of_gold_digits_in_place(pred, gold):
+    assert digit_agreement(pred, gold) == naive_digit_share(pred, gold)
+    assert (digit_agreement(pred, gold) == 1.0) == answer_matches(pred, gold, "digits") or \
+        len("".join((pred or "").split())) > len("".join(gold.split()))  # extra digits: exact match fails
+
+
 def test_one_token_per_digit_and_symbol(tmp_path, data_dir):
     """The local tokenizer of a multiplication run: every whitespace-separated digit or symbol of the published
     lines is one token, and decoding gives the text back exactly."""
@@ -200,8 +219,28 @@ def test_train_and_eval_end_to_end(method, tmp_path):
     rows = [json.loads(x) for x in (rd / "eval" / "synth-test" / "predictions.jsonl").read_text().splitlines()]
     assert all(len(r["gold"].split()) == 4 for r in rows)
     assert all(r["correct"] == answer_matches(r["extracted"], r["gold"], "digits") for r in rows)
+    # the graded score: per row from the extracted answer, and its mean in the summary
+    assert all(r["digits"] == naive_digit_share(r["extracted"], r["gold"]) for r in rows)
+    assert s["accuracy_digits"] == pytest.approx(sum(r["digits"] for r in rows) / len(rows))
     done = json.loads((rd / "DONE").read_text())
     assert ("curriculum" in done["best"]) == (method == "icot")
+    vals = [json.loads(x) for x in (rd / "metrics.jsonl").read_text().splitlines()]
+    vals = [v for v in vals if v.get("split") == "val"]
+    assert vals and all(0.0 <= v["val/digits"] <= 1.0 for v in vals) and "val/digits" in done["best"]
+
+
+def test_equal_accuracy_is_decided_by_the_digits_in_place(tmp_path):
+    """A latent student at 0% exact match keeps the validation with more digits in place, not its first one;
+    a higher accuracy still wins whatever the digits, and without digits (number answers) ties keep the first."""
+    import kava.train as kt
+
+    cfg = load_config("mult4_scratch", ["method=cot"])
+    best = {"val/accuracy": 0.0, "val/digits": 0.30, "step": 500}
+    assert kt.is_better(cfg, best, 0.0, 999, 6312, digits=0.45)
+    assert not kt.is_better(cfg, best, 0.0, 999, 6312, digits=0.25)
+    assert kt.is_better(cfg, {**best, "val/accuracy": 0.1}, 0.2, 999, 6312, digits=0.0)
+    assert not kt.is_better(cfg, {**best, "val/accuracy": 0.2}, 0.1, 999, 6312, digits=0.99)
+    assert not kt.is_better(cfg, {"val/accuracy": 0.0, "step": 500}, 0.0, 999, 6312)
 
 
 def _driver():

@@ -34,7 +34,7 @@ from kava.data.records import Record
 from kava.decode import answer_from_cache, decode_texts, latent_pass
 from kava.model.reasoner import LatentReasoner
 from kava.objective import kv_target_batch, teacher_kv_targets
-from kava.scoring import answer_matches, binomial_stderr, extract
+from kava.scoring import answer_matches, binomial_stderr, digit_agreement, extract
 from kava.spec import LATENT_METHODS, spec_of
 
 ABLATIONS = ("zeros", "placeholder", "shuffle")
@@ -225,7 +225,8 @@ def _diagnose(model, tokenizer, cfg, records, chunk, fmt, spec, max_new_tokens) 
         for i, text in zip(chunk, decode_texts(tokenizer, toks, ids.eos)):
             r = records[i]
             strict = extract(text, r.answer_kind, cfg.data.answer_prompt)["strict"]
-            res.append({"generated": text, "correct": answer_matches(strict, r.answer, r.answer_kind)})
+            res.append({"generated": text, "correct": answer_matches(strict, r.answer, r.answer_kind),
+                        **({"digits": digit_agreement(strict, r.answer)} if r.answer_kind == "digits" else {})})
         return res
 
     if spec.ablations:
@@ -316,6 +317,10 @@ def summarize_diagnostics(rows: list[dict]) -> dict:
                                for k in kinds}}
         counts = {"none": len(abl), **{k: sum(k in r["ablations"] for r in abl) for k in kinds}}
         out["ablations_stderr"] = {k: binomial_stderr(v, counts[k]) for k, v in out["ablations"].items()}
+        if all("digits" in r for r in abl):  # digit answers: the graded score too (exact match is often 0 for all)
+            out["ablations_digits"] = {"none": _mean(r["digits"] for r in abl),
+                                       **{k: _mean(r["ablations"][k]["digits"] for r in abl if k in r["ablations"])
+                                          for k in kinds}}
     orc = [r for r in rows if "oracle" in r]
     if orc:
         used = [r for r in orc if "correct" in r["oracle"]]
@@ -323,6 +328,9 @@ def summarize_diagnostics(rows: list[dict]) -> dict:
                          "accuracy_stderr": binomial_stderr(_mean(r["oracle"]["correct"] for r in used), len(used)),
                          "student_accuracy": _mean(r["correct"] for r in used),
                          "skipped": dict(Counter(r["oracle"]["skipped"] for r in orc if "skipped" in r["oracle"]))}
+        if used and all("digits" in r["oracle"] and "digits" in r for r in used):
+            out["oracle"]["digits"] = _mean(r["oracle"]["digits"] for r in used)
+            out["oracle"]["student_digits"] = _mean(r["digits"] for r in used)
     kvm = [r["kv_match"] for r in rows if "kv_match" in r]
     if kvm:
         have = [m for m in kvm if m["pairs"]]
@@ -346,6 +354,10 @@ def format_diagnostics(name: str, summary: dict) -> list[str]:
         a = summary["ablations"]
         cells = [f"none {a['none']:.4f}"] + [f"{k} {a[k]:.4f} ({a[k] - a['none']:+.4f})" for k in a if k != "none"]
         lines.append(f"{name}: accuracy with the latents replaced: " + ", ".join(cells))
+        if "ablations_digits" in summary:
+            d = summary["ablations_digits"]
+            lines.append(f"{name}: digits in place with the latents replaced: " + ", ".join(
+                [f"none {d['none']:.4f}"] + [f"{k} {d[k]:.4f} ({d[k] - d['none']:+.4f})" for k in d if k != "none"]))
     if "oracle" in summary:
         o = summary["oracle"]
         skipped = ", ".join(f"{n} ({r})" for r, n in o["skipped"].items()) or "none"

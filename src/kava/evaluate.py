@@ -36,7 +36,7 @@ from kava.diagnostics import (check_shards, diagnose_batch, eval_chunks, format_
                               summarize_diagnostics)
 from kava.model.families import check_window
 from kava.model.reasoner import LatentReasoner
-from kava.scoring import answer_matches, binomial_stderr, extract
+from kava.scoring import answer_matches, binomial_stderr, digit_agreement, extract
 from kava.training.progress import format_duration
 
 
@@ -116,7 +116,8 @@ def evaluate_records(model: LatentReasoner, tokenizer, cfg, records: list[Record
                          "extracted": ext["strict"], "extracted_flexible": ext["flexible"],
                          "correct": answer_matches(ext["strict"], r.answer, r.answer_kind),
                          "correct_flexible": answer_matches(ext["flexible"], r.answer, r.answer_kind),
-                         "forward_passes": g.forward_passes, "generated_tokens": g.generated_tokens})
+                         "forward_passes": g.forward_passes, "generated_tokens": g.generated_tokens,
+                         **({"digits": digit_agreement(ext["strict"], r.answer)} if r.answer_kind == "digits" else {})})
         if diag is not None:  # its time is not part of the throughput (wall_s, questions_per_s)
             t_d = time.perf_counter()
             for row, extra in zip(rows[-len(chunk):], diagnose_batch(model, tokenizer, cfg, records, chunk, fmt,
@@ -170,6 +171,8 @@ def summarize(rows: list[dict], wall: float, mode: str) -> dict:
         "accuracy_stderr": binomial_stderr(acc, n),
         "accuracy_flexible": flex,
         "accuracy_flexible_stderr": binomial_stderr(flex, n),
+        # digit answers: the mean share of gold digits in place (`kava.scoring.digit_agreement`)
+        **({"accuracy_digits": sum(r["digits"] for r in rows) / n} if n and all("digits" in r for r in rows) else {}),
         "mean_forward_passes": sum(r["forward_passes"] for r in rows) / max(n, 1),
         "mean_generated_tokens": sum(r["generated_tokens"] for r in rows) / max(n, 1),
         "wall_s": wall,
@@ -336,7 +339,9 @@ def evaluate_run(checkpoint: str | Path | None, datasets: list[str], *, data_dir
             results[label] = summary
             print(f"{label}: accuracy {summary['accuracy']:.4f} ± {summary['accuracy_stderr']:.4f} "
                   f"({summary['count']} problems: {desc}); flexible {summary['accuracy_flexible']:.4f} ± "
-                  f"{summary['accuracy_flexible_stderr']:.4f}; forward passes/question "
+                  f"{summary['accuracy_flexible_stderr']:.4f}; "
+                  + (f"digits in place {summary['accuracy_digits']:.4f}; " if "accuracy_digits" in summary else "")
+                  + "forward passes/question "
                   f"{summary['mean_forward_passes']:.1f}; {summary['questions_per_s']:.1f} questions/s")
             for line in format_diagnostics(label, summary):
                 print(line)

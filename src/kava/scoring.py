@@ -158,6 +158,14 @@ def digits_match(pred: str | None, gold: str) -> bool:
     return pred is not None and "".join(pred.split()) == "".join(gold.split())
 
 
+def digit_agreement(pred: str | None, gold: str) -> float:
+    """The share of the gold digits that `pred` has at the same place (whitespace ignored; a missing digit
+    counts as wrong, extra digits are ignored). Exact match decides the accuracy; this graded score tells a
+    model that gets 9 of 10 digits right from one that gets none (multiplication's latent students)."""
+    g, p = "".join(gold.split()), "".join((pred or "").split())
+    return sum(a == b for a, b in zip(g, p)) / len(g) if g else 0.0
+
+
 def extract(text: str, kind: str = "number", answer_prompt: str = ANSWER_PROMPT,
             require_prompt: bool = False) -> dict[str, str | None]:
     """`extract_answer` (numbers) or `extract_digits` (digit strings), by the record's answer kind."""

@@ -440,25 +440,32 @@ def train_metrics(t: Trainer, r: StepResult, *, epoch: float, lr: float, tokens_
     return payload
 
 
-def validate(t: Trainer, valid_recs: list[Record]) -> float:
-    """Greedy accuracy on the validation records, each rank decoding its share; leaves the model in train mode."""
+def validate(t: Trainer, valid_recs: list[Record]) -> dict[str, float]:
+    """Greedy accuracy on the validation records (`val/accuracy`), each rank decoding its share, and for digit
+    answers the share of digits in place (`val/digits`, `kava.scoring.digit_agreement`); leaves the model in
+    train mode."""
     rows, _ = evaluate_records(t.raw, t.tokenizer, t.cfg, valid_recs, rank=t.acc.process_index,
                                world=t.acc.num_processes)
     rows = gather_object(rows)
-    acc_v = sum(r["correct"] for r in rows) / max(1, len(rows))
+    out = {"val/accuracy": sum(r["correct"] for r in rows) / max(1, len(rows))}
+    if rows and all("digits" in r for r in rows):
+        out["val/digits"] = sum(r["digits"] for r in rows) / len(rows)
     t.raw.train()
-    return acc_v
+    return out
 
 
 def is_better(cfg: Config, best: dict, accuracy: float, step: int, steps_per_epoch: int,
-              longest_cot: int | None = None) -> bool:
+              longest_cot: int | None = None, digits: float | None = None) -> bool:
     """Whether a validation `accuracy` after optimizer step `step` (0-based) replaces `best`: a higher accuracy,
     or, under a curriculum, a further point of it (`kava.curriculum.progress`, iCoT's capped at `longest_cot`)
-    at any accuracy."""
+    at any accuracy. At equal accuracy, more `digits` in place (digit answers) wins: a latent student at 0%
+    exact match would otherwise keep its first validation whatever it learnt later."""
     if cfg.spec.curriculum is not None:
         now, then = curriculum.progress(cfg, step, steps_per_epoch, longest_cot), best.get("curriculum", 0)
         if now != then:
             return now > then
+    if accuracy == best["val/accuracy"] and digits is not None and "val/digits" in best:
+        return digits > best["val/digits"]
     return accuracy > best["val/accuracy"]
 
 
@@ -567,10 +574,12 @@ def train(cfg: Config, *, resume: str | Path | None = None, progress: bool = Tru
                 ticker.update(t.step, payload["loss/total"])
                 t_last, tokens = now, 0
             if t.step % eval_every == 0 or t.step == plan.total_steps:
-                v = validate(t, data.valid_recs)
-                logger.log({"split": "val", "val/accuracy": v}, t.step)
-                if main and is_better(cfg, t.best, v, t.step - 1, plan.steps_per_epoch, longest_cot):
-                    t.best = {"val/accuracy": v, "step": t.step}
+                val = validate(t, data.valid_recs)
+                v = val["val/accuracy"]
+                logger.log({"split": "val", **val}, t.step)
+                if main and is_better(cfg, t.best, v, t.step - 1, plan.steps_per_epoch, longest_cot,
+                                      val.get("val/digits")):
+                    t.best = {**val, "step": t.step}
                     if cfg.spec.curriculum is not None:
                         t.best["curriculum"] = curriculum.progress(cfg, t.step - 1, plan.steps_per_epoch, longest_cot)
                     save_best(t, run_dir)
