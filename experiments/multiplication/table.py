@@ -1,0 +1,48 @@
+"""The rows of results/multiplication/README.md from run folders: test accuracy (exact match), the share of gold
+digits in place, forward passes, the evaluated checkpoint, and for latent students the same with the latents
+replaced. Reads each run's eval/<set>/predictions.jsonl and best/meta.json, so it also grades evaluations written
+before summary.json had `accuracy_digits`.
+
+    python experiments/multiplication/table.py results/multiplication/2026-12-06b/icot-fc/runs/*
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from kava.scoring import digit_agreement, extract
+
+
+def grade(pred_file: Path) -> dict:
+    rows = [json.loads(x) for x in pred_file.read_text().splitlines()]
+    out = {"n": len(rows), "exact": sum(r["correct"] for r in rows) / len(rows),
+           "digits": sum(digit_agreement(r["extracted"], r["gold"]) for r in rows) / len(rows),
+           "passes": sum(r["forward_passes"] for r in rows) / len(rows)}
+    kinds = sorted({k for r in rows for k in r.get("ablations", {})})
+    for k in kinds:  # the ablation rows keep the generation only: extracted here as the accuracy is
+        got = [extract(r["ablations"][k]["generated"], "digits", "####")["strict"] for r in rows]
+        out[k] = sum(digit_agreement(g, r["gold"]) for g, r in zip(got, rows)) / len(rows)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("runs", nargs="+", type=Path)
+    a = ap.parse_args()
+    print("| run | test exact % | digits in place % | latents zeroed / shuffled: digits % | passes | checkpoint step |")
+    print("|---|---|---|---|---|---|")
+    for run in a.runs:
+        for pred in sorted(run.glob("eval/*/predictions.jsonl")):
+            g = grade(pred)
+            step = json.loads((run / "best" / "meta.json").read_text()).get("step") \
+                if (run / "best" / "meta.json").exists() else "?"
+            abl = f"{100 * g['zeros']:.1f} / {100 * g['shuffle']:.1f}" if "zeros" in g else "-"
+            where = "/".join(run.parts[-4:-2] + (run.name,)) if len(run.parts) >= 4 else run.name
+            print(f"| {where} ({pred.parent.name}) | {100 * g['exact']:.1f} | {100 * g['digits']:.1f} | {abl} | "
+                  f"{g['passes']:.0f} | {step} |")
+
+
+if __name__ == "__main__":
+    main()
