@@ -26,9 +26,9 @@ from kava.training.graphs import EagerReplay, GraphedStep, batch_key, model_grap
 from kava.objective import Batch, length_key, loss_step, make_batch
 from kava.model.capture import no_host_sync
 from kava.checkpoint.load import build_reasoner
+from kava.spec import METHODS
 from tiny import RECORDS, tiny_tokenizer
 
-METHODS = ("cot", "nocot", "icot", "pccot", "codi", "coconut", "kava")
 SMALL = ["model.from_scratch.hidden_size=32", "model.from_scratch.intermediate_size=64",
          "model.from_scratch.num_hidden_layers=2", "latent.num_latents=3", "latent.num_sweeps=2"]
 # Coconut answers after max_stages x thoughts_per_step raw hidden states (3 x 1 with SMALL's 3 latents)
