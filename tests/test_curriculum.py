@@ -92,7 +92,7 @@ def test_coconut_apply_follows_the_schedule_and_mixes_stages(tmp_path):
     tok, f, items = tokenized()
     cfg = cfg_of(tmp_path, *COCONUT)  # 2 stages of c = 2, 6 steps each at 75 steps per epoch
     for step, stage in ((0, 0), (5, 0), (6, 1), (11, 1), (12, 2), (18, 3), (500, 3)):
-        ex = curriculum.apply(items, cfg, step, 75)
+        ex = curriculum.for_config(cfg, 75).apply(items, step)
         assert ex.stats == {"curriculum/stage": float(stage)}
         for it, got, n in zip(items, ex.items, ex.latent_counts):
             skip, thoughts = curriculum.coconut_layout(len(it.step_ends), stage, cfg.coconut)
@@ -101,9 +101,9 @@ def test_coconut_apply_follows_the_schedule_and_mixes_stages(tmp_path):
     # mixing: every example at a random stage 0..its steps, drawn from (run.seed, step) only
     mixed = cfg_of(tmp_path, *COCONUT, "coconut.mix_prob=1.0")
     many = items * 50
-    a = curriculum.apply(many, mixed, 7, 75)
-    assert a.latent_counts == curriculum.apply(many, mixed, 7, 75).latent_counts
-    assert a.latent_counts != curriculum.apply(many, mixed, 8, 75).latent_counts
+    a = curriculum.for_config(mixed, 75).apply(many, 7)
+    assert a.latent_counts == curriculum.for_config(mixed, 75).apply(many, 7).latent_counts
+    assert a.latent_counts != curriculum.for_config(mixed, 75).apply(many, 8).latent_counts
     assert set(a.latent_counts) == {0, 2, 4}  # stages 0, 1, 2 and beyond (4 thoughts)
 
 
@@ -154,10 +154,10 @@ def test_icot_schedule_and_smoothing(tmp_path):
     cfg = cfg_of(tmp_path, "method=icot", "icot.tokens_per_epoch=10", "icot.smoothing_lambda=null",
                  "icot.remove_all_beyond=15")
     for step, cut in ((0, 0), (10, 1), (75, 9), (150, curriculum.ALL)):  # 75 steps per epoch: a token every 8
-        ex = curriculum.apply(items, cfg, step, 75)
+        ex = curriculum.for_config(cfg, 75).apply(items, step)
         assert ex.latent_counts is None
         assert [g.cot for g in ex.items] == [it.cot[min(cut, len(it.cot)):] for it in items]
-    assert curriculum.apply(items, cfg_of(tmp_path, "method=cot"), 150, 75).items == items  # no curriculum
+    assert curriculum.for_config(cfg_of(tmp_path, "method=cot"), 75) is None  # no curriculum
 
 
 def test_icot_infinite_smoothing_lambda_means_no_smoothing(tmp_path):
@@ -168,16 +168,16 @@ def test_icot_infinite_smoothing_lambda_means_no_smoothing(tmp_path):
     assert curriculum.icot_removed(50, 4, float("inf"), torch.Generator().manual_seed(0)) == [4] * 50
     tok, f, items = tokenized()
     cfg = cfg_of(tmp_path, "method=icot", "icot.tokens_per_epoch=10", "icot.smoothing_lambda=inf")
-    assert [g.cot for g in curriculum.apply(items, cfg, 75, 75).items] == [it.cot[9:] for it in items]  # 75 // 8
+    assert [g.cot for g in curriculum.for_config(cfg, 75).apply(items, 75).items] == [it.cot[9:] for it in items]  # 75 // 8
 
 
 def test_optimizer_resets_at_each_stage_change(tmp_path):
     cfg = cfg_of(tmp_path, *COCONUT)
-    assert [s for s in range(1, 40) if curriculum.reset_due(cfg, s, 75)] == [6, 12, 18]
-    assert not any(curriculum.reset_due(cfg_of(tmp_path, *COCONUT, "coconut.reset_optimizer=false"), s, 75)
+    assert [s for s in range(1, 40) if curriculum.for_config(cfg, 75).reset_due(s)] == [6, 12, 18]
+    assert not any(curriculum.for_config(cfg_of(tmp_path, *COCONUT, "coconut.reset_optimizer=false"), 75).reset_due(s)
                    for s in range(40))
     ic = cfg_of(tmp_path, "method=icot", "icot.tokens_per_epoch=8")
-    assert [s for s in range(1, 30) if curriculum.reset_due(ic, s, 75)] == [9, 18, 27]  # a token every round(75 / 8)
+    assert [s for s in range(1, 30) if curriculum.for_config(ic, 75).reset_due(s)] == [9, 18, 27]  # a token every round(75 / 8)
 
 
 def test_coconut_resets_at_every_epoch_by_default_as_the_official_run_py(tmp_path):
@@ -187,9 +187,9 @@ def test_coconut_resets_at_every_epoch_by_default_as_the_official_run_py(tmp_pat
     base = [c for c in COCONUT if not c.startswith(("coconut.reset_every", "coconut.epochs_per_stage"))]
     cfg = cfg_of(tmp_path, *base, "coconut.epochs_per_stage=3")
     assert cfg.coconut.reset_every == "epoch"
-    assert [s for s in range(1, 800) if curriculum.reset_due(cfg, s, 75)] == list(range(75, 800, 75))
+    assert [s for s in range(1, 800) if curriculum.for_config(cfg, 75).reset_due(s)] == list(range(75, 800, 75))
     stage = cfg_of(tmp_path, *base, "coconut.epochs_per_stage=3", "coconut.reset_every=stage")
-    assert [s for s in range(1, 800) if curriculum.reset_due(stage, s, 75)] == [225, 450, 675]
+    assert [s for s in range(1, 800) if curriculum.for_config(stage, 75).reset_due(s)] == [225, 450, 675]
 
 
 def test_icot_no_reset_once_every_cot_is_gone(tmp_path):
@@ -200,32 +200,32 @@ def test_icot_no_reset_once_every_cot_is_gone(tmp_path):
     cfg = cfg_of(tmp_path, "method=icot", "icot.tokens_per_epoch=75", "icot.smoothing_lambda=null",
                  "icot.remove_all_beyond=null")  # a token every step
     resets = [s for s in range(1, longest + 20)
-              if curriculum.reset_due(cfg, s, 75, previous=lambda s=s: curriculum.apply(items, cfg, s - 1, 75))]
+              if curriculum.for_config(cfg, 75).reset_due(s, previous=lambda s=s: curriculum.for_config(cfg, 75).apply(items, s - 1))]
     assert resets == list(range(1, longest + 1))  # step s removes s tokens; from s - 1 = longest on, nothing is left
-    assert not curriculum.apply(items, cfg, longest - 1, 75).all_cot_removed
-    assert curriculum.apply(items, cfg, longest, 75).all_cot_removed
-    assert [s for s in range(1, longest + 20) if curriculum.reset_due(cfg, s, 75)] == list(range(1, longest + 20))
+    assert not curriculum.for_config(cfg, 75).apply(items, longest - 1).all_cot_removed
+    assert curriculum.for_config(cfg, 75).apply(items, longest).all_cot_removed
+    assert [s for s in range(1, longest + 20) if curriculum.for_config(cfg, 75).reset_due(s)] == list(range(1, longest + 20))
 
 
 def test_best_checkpoint_is_chosen_at_the_furthest_curriculum_point(tmp_path):
     """iCoT keeps a best from the furthest removal only (the official loop forgets its best accuracy whenever
     more CoT is removed); without a curriculum it is the highest accuracy."""
-    ic = cfg_of(tmp_path, "method=icot", "icot.tokens_per_epoch=75", "icot.remove_all_beyond=null")  # progress = step
+    ic = curriculum.for_config(cfg_of(tmp_path, "method=icot", "icot.tokens_per_epoch=75",
+                                      "icot.remove_all_beyond=null"), 75)  # progress = step
     best = {"val/accuracy": 0.9, "step": 4, "curriculum": 3}
-    assert curriculum.progress(ic, 3, 75) == 3
-    assert kt.is_better(ic, best, 0.1, 4, 75)  # more removed: replaces any accuracy
-    assert kt.is_better(ic, best, 0.95, 3, 75) and not kt.is_better(ic, best, 0.5, 3, 75)
+    assert ic.progress(3) == 3
+    assert kt.is_better(ic, best, 0.1, 4)  # more removed: replaces any accuracy
+    assert kt.is_better(ic, best, 0.95, 3) and not kt.is_better(ic, best, 0.5, 3)
     # once the schedule has removed the longest CoT, accuracies compare again (the official loop keeps its best
     # across batches that had no CoT left): before, a later validation at 0% replaced a better one
-    assert curriculum.progress(ic, 40, 75, longest_cot=30) == curriculum.progress(ic, 60, 75, longest_cot=30) == 30
+    assert ic.progress(40, longest_cot=30) == ic.progress(60, longest_cot=30) == 30
     done = {"val/accuracy": 0.9, "step": 41, "curriculum": 30}
-    assert not kt.is_better(ic, done, 0.0, 60, 75, longest_cot=30)
-    assert kt.is_better(ic, done, 0.95, 60, 75, longest_cot=30)
-    assert kt.is_better(ic, {"val/accuracy": 0.9, "step": 21, "curriculum": 20}, 0.1, 29, 75, longest_cot=30)
-    cot = cfg_of(tmp_path, "method=cot")
-    assert curriculum.progress(cot, 50, 75) == 0
-    assert not kt.is_better(cot, {"val/accuracy": 0.9, "step": 4}, 0.5, 60, 75)
-    assert kt.is_better(cot, {"val/accuracy": 0.9, "step": 4}, 0.95, 60, 75)
+    assert not kt.is_better(ic, done, 0.0, 60, longest_cot=30)
+    assert kt.is_better(ic, done, 0.95, 60, longest_cot=30)
+    assert kt.is_better(ic, {"val/accuracy": 0.9, "step": 21, "curriculum": 20}, 0.1, 29, longest_cot=30)
+    assert curriculum.for_config(cfg_of(tmp_path, "method=cot"), 75) is None  # no curriculum: the accuracy
+    assert not kt.is_better(None, {"val/accuracy": 0.9, "step": 4}, 0.5, 60)
+    assert kt.is_better(None, {"val/accuracy": 0.9, "step": 4}, 0.95, 60)
 
 
 # ------------------------------------------------------------------------------------------------ Coconut's thoughts
@@ -271,7 +271,7 @@ def test_coconut_thoughts_equal_a_naive_recomputation(family):
 def test_coconut_batch_labels_match_the_ce_denominators(tmp_path):
     tok, f, items = tokenized()
     cfg = cfg_of(tmp_path, *COCONUT)
-    ex = curriculum.apply(items, cfg, 6, 75)  # stage 1: one step replaced by 2 thoughts
+    ex = curriculum.for_config(cfg, 75).apply(items, 6)  # stage 1: one step replaced by 2 thoughts
     b = make_batch(ex.items, special_ids(tok), cfg, latent_counts=ex.latent_counts)
     assert b.teacher is None and b.student.num_latents == 2
     n = int((b.student.label_tgt != IGNORE).sum())

@@ -21,7 +21,7 @@ from typing import Any, Literal, get_args, get_origin
 import torch
 import yaml
 
-from kava import eviction, losses
+from kava import curriculum, eviction, losses
 from kava.data import format as data_format
 from kava.data import readers, synthetic
 from kava.model import reasoner
@@ -540,17 +540,8 @@ def derive_method_keys(cfg: Config, explicit: set[str]) -> tuple[str, ...]:
     not name: Coconut's M = coconut.max_stages x coconut.thoughts_per_step thoughts and its identity projection
     (a preset's latent.num_latents is the one of its own method). Returns what changed, for the start summary;
     an explicit value that disagrees is left for `validate` to refuse."""
-    out = []
-    if cfg.spec.curriculum == "coconut":
-        lat, cc = cfg.latent, cfg.coconut
-        m = cc.max_stages * cc.thoughts_per_step  # < 1: `validate` names the coconut key at fault
-        if "latent.num_latents" not in explicit and lat.num_latents != m and m >= 1:
-            out.append(f"latent.num_latents={m} (coconut.max_stages x coconut.thoughts_per_step; "
-                       f"was {lat.num_latents})")
-            lat.num_latents = m
-        if "latent.projection" not in explicit and lat.projection != "identity":
-            out.append(f"latent.projection=identity (coconut feeds hidden states back unchanged; was {lat.projection})")
-            lat.projection = "identity"
+    cls = curriculum.schedule_class(cfg)
+    out = cls.derive(cfg, explicit) if cls is not None else []
     return tuple(out)
 
 
@@ -621,13 +612,8 @@ def validate(cfg: Config) -> None:
     need(cc.max_stages >= 1, f"coconut.max_stages: must be >= 1, got {cc.max_stages}")
     need(cc.epochs_per_stage > 0, f"coconut.epochs_per_stage: must be > 0, got {cc.epochs_per_stage}")
     need(0 <= cc.mix_prob <= 1, f"coconut.mix_prob: must be in [0, 1], got {cc.mix_prob}")
-    if cfg.spec.curriculum == "coconut":
-        need(lat.num_latents == cc.max_stages * cc.thoughts_per_step,
-             f"latent.num_latents: coconut answers after coconut.max_stages x coconut.thoughts_per_step = "
-             f"{cc.max_stages * cc.thoughts_per_step} thoughts, got latent.num_latents={lat.num_latents}; set them to agree")
-        need(lat.projection == "identity",
-             f"latent.projection: coconut feeds each last hidden state back as the next input embedding "
-             f"(identity), got {lat.projection!r}; set latent.projection=identity")
+    if (cls := curriculum.schedule_class(cfg)) is not None and (bad := cls.check(cfg)):
+        raise ConfigError(bad[0])  # what the method's curriculum needs of the rest of the config
     need(ic.tokens_per_epoch > 0, f"icot.tokens_per_epoch: must be > 0, got {ic.tokens_per_epoch}")
     need(ic.smoothing_lambda is None or ic.smoothing_lambda > 0,
          f"icot.smoothing_lambda: must be > 0 or null (no smoothing), got {ic.smoothing_lambda}")

@@ -3,13 +3,15 @@
     icot     stepwise internalization (Deng et al. 2024, arXiv 2405.14838): the first r(step) CoT tokens are
              removed, r growing by `icot.tokens_per_epoch` per epoch, plus a per-example offset o with
              P(o) ∝ exp(-λ·o) ("removal smoothing"); past `icot.remove_all_beyond` the whole CoT goes. CE on
-             what remains; evaluated without CoT.
+             what remains; evaluated by free generation from the question (whatever CoT is left is written).
     coconut  continuous thoughts (Hao et al. 2024, arXiv 2412.06769): at stage s the first s CoT steps are
              replaced by s·c thoughts (each the last hidden state fed back as the next input embedding,
              `LatentReasoner.student_forward(mode="sequential")` with the identity projection); past the last
              stage every step is. CE on the remaining steps and the answer.
 
-Everything here is a pure function of (config, step, steps per epoch, the example): a resumed run sees the
+`for_config` gives the method's schedule (`Icot`, `Coconut`: `apply`, `reset_due`, `progress`, `describe`;
+`derive` and `check` for the config). Everything here is a pure function of (config, step, steps per epoch, the
+example): a resumed run sees the
 same examples and the same optimizer resets as an uninterrupted one, with no state in the checkpoint. The
 random draws (iCoT's offsets, Coconut's stage mixing) come from a generator seeded by (run.seed, step), one
 draw per example in the step's order.
@@ -104,7 +106,7 @@ def without_steps(item: Tokenized, skip: int) -> Tokenized:
     return dataclasses.replace(item, cot=item.cot[cut:], step_ends=tuple(e - cut for e in ends[skip:]))
 
 
-# ------------------------------------------------------------------------------------------------ both
+# ------------------------------------------------------------------------------------------------ the schedules
 @dataclasses.dataclass
 class StepExamples:
     items: list[Tokenized]  # the step's examples as this step trains on them
@@ -113,21 +115,71 @@ class StepExamples:
     all_cot_removed: bool = False  # iCoT: no example of the step kept a CoT token
 
 
-def apply(items: list[Tokenized], cfg, step: int, steps_per_epoch: int) -> StepExamples:
-    """The examples of optimizer step `step` under the method's curriculum (unchanged without one)."""
-    kind = cfg.spec.curriculum
-    if kind is None:
-        return StepExamples(items, None, {})
-    g = _generator(cfg.run.seed, step)
-    if kind == "icot":
-        sched = icot_scheduled(step, steps_per_epoch, cfg.icot)
-        cut = icot_removed(len(items), sched, cfg.icot.smoothing_lambda, g)
+class Icot:
+    """iCoT's schedule over optimizer steps (`icot.*`, `run.seed`). Every method is a pure function of the step."""
+
+    name = "icot"
+
+    def __init__(self, ic, seed: int, steps_per_epoch: int):
+        self.ic, self.seed, self.spe = ic, seed, steps_per_epoch
+
+    def scheduled(self, step: int) -> int:
+        return icot_scheduled(step, self.spe, self.ic)
+
+    def apply(self, items: list[Tokenized], step: int) -> StepExamples:
+        """Step `step`'s examples with the scheduled tokens, plus each one's offset, cut from the CoT's front."""
+        sched = self.scheduled(step)
+        cut = icot_removed(len(items), sched, self.ic.smoothing_lambda, _generator(self.seed, step))
         out = [dataclasses.replace(it, cot=it.cot[min(k, len(it.cot)):], step_ends=()) for it, k in zip(items, cut)]
         return StepExamples(out, None, {"curriculum/removed": float(min(sched, ALL)) if sched < ALL else -1.0},
                             all_cot_removed=bool(items) and all(k >= len(it.cot) for it, k in zip(items, cut)))
-    if kind == "coconut":
-        cc = cfg.coconut
-        stage = coconut_stage(step, steps_per_epoch, cc)
+
+    def reset_due(self, step: int, previous: Callable[[], StepExamples] | None = None) -> bool:
+        """The scheduled removal grew at `step` (and `icot.reset_optimizer`), unless every example of the previous
+        step (`previous()`, asked only then) had lost its whole CoT: the official loop skips that reset (short
+        CoTs would otherwise reset the optimizer at every growth step long after nothing is left to remove)."""
+        grew = step > 0 and self.scheduled(step) != self.scheduled(step - 1)
+        return self.ic.reset_optimizer and grew and not (previous is not None and previous().all_cot_removed)
+
+    def progress(self, step: int, longest_cot: int | None = None) -> int:
+        """The scheduled removal, capped at `longest_cot` (the longest training CoT: from there on every example
+        has lost its whole CoT, and the schedule's growth changes nothing)."""
+        n = self.scheduled(step)
+        return n if longest_cot is None else min(n, longest_cot)
+
+    def describe(self) -> str:
+        ic = self.ic
+        every = "never" if ic.remove_all_beyond is None else f"from {ic.remove_all_beyond} tokens on"
+        return (f"icot: {ic.tokens_per_epoch} CoT tokens removed per epoch ({self.spe} steps: one token every "
+                f"{icot_steps_per_token(self.spe, ic)} steps), smoothing lambda {ic.smoothing_lambda}, whole CoT "
+                f"removed {every}; optimizer reset {'at each growth' if ic.reset_optimizer else 'never'}")
+
+    @staticmethod
+    def derive(cfg, explicit: set[str]) -> list[str]:
+        return []
+
+    @staticmethod
+    def check(cfg) -> list[str]:
+        return []
+
+
+class Coconut:
+    """Coconut's stages over optimizer steps (`coconut.*`, `run.seed`). Every method is a pure function of the
+    step."""
+
+    name = "coconut"
+
+    def __init__(self, cc, seed: int, steps_per_epoch: int):
+        self.cc, self.seed, self.spe = cc, seed, steps_per_epoch
+
+    def stage(self, step: int) -> int:
+        return coconut_stage(step, self.spe, self.cc)
+
+    def apply(self, items: list[Tokenized], step: int) -> StepExamples:
+        """Step `step`'s examples with their first s CoT steps replaced by s·c thoughts (s: the stage, or with
+        `coconut.mix_prob` a random stage in 0..n per example)."""
+        cc, stage = self.cc, self.stage(step)
+        g = _generator(self.seed, step)
         u = torch.rand(len(items), generator=g, dtype=torch.float64).tolist()
         pick = torch.rand(len(items), generator=g, dtype=torch.float64).tolist()
         out, counts = [], []
@@ -139,61 +191,69 @@ def apply(items: list[Tokenized], cfg, step: int, steps_per_epoch: int) -> StepE
             counts.append(lat)
         # logged stage: max_stages + 1 for every stage past the last (all steps replaced)
         return StepExamples(out, counts, {"curriculum/stage": float(min(stage, cc.max_stages + 1))})
-    raise ValueError(f"unknown curriculum {kind!r}")
 
+    def reset_due(self, step: int, previous: Callable[[], StepExamples] | None = None) -> bool:
+        """`coconut.reset_optimizer`: at every epoch start (`reset_every: epoch`, the official run.py) or at every
+        stage change up to the last (`stage`)."""
+        cc = self.cc
+        if step == 0 or not cc.reset_optimizer:
+            return False
+        if cc.reset_every == "epoch":
+            return step % self.spe == 0
+        return self.progress(step) != self.progress(step - 1)  # past the last stage the layout no longer changes
 
-def reset_due(cfg, step: int, steps_per_epoch: int, previous: Callable[[], StepExamples] | None = None) -> bool:
-    """Whether the optimizer state is reset before optimizer step `step`: the curriculum moved on since the
-    previous step (a new Coconut stage, a larger iCoT removal) and its `reset_optimizer` is on.
+    def progress(self, step: int, longest_cot: int | None = None) -> int:
+        """The stage, capped past the last (`max_stages + 1`: every step replaced)."""
+        return min(self.stage(step), self.cc.max_stages + 1)
 
-    previous: the examples of step - 1 (`apply`), asked only at an iCoT growth: as the official loop does, no
-    reset follows a step whose examples had all lost their whole CoT (short CoTs would otherwise reset the
-    optimizer at every growth step long after nothing is left to remove)."""
-    kind = cfg.spec.curriculum
-    if kind is None or step == 0:
-        return False
-    if kind == "icot":
-        grew = icot_scheduled(step, steps_per_epoch, cfg.icot) != icot_scheduled(step - 1, steps_per_epoch, cfg.icot)
-        return cfg.icot.reset_optimizer and grew and not (previous is not None and previous().all_cot_removed)
-    cc = cfg.coconut
-    if cc.reset_every == "epoch":  # the official run.py re-creates AdamW at every epoch start
-        return cc.reset_optimizer and step % steps_per_epoch == 0
-    last = cc.max_stages + 1  # every stage from here on has the same layout: no more resets
-    return cc.reset_optimizer and (min(coconut_stage(step, steps_per_epoch, cc), last)
-                                   != min(coconut_stage(step - 1, steps_per_epoch, cc), last))
-
-
-def progress(cfg, step: int, steps_per_epoch: int, longest_cot: int | None = None) -> int:
-    """How far the curriculum is at optimizer step `step`: iCoT's scheduled removal, capped at `longest_cot` (the
-    longest training CoT, in tokens: from there on every example has lost its whole CoT, so the schedule's growth
-    changes nothing), Coconut's stage (capped past the last); 0 without a curriculum. The best checkpoint is
-    chosen among the validations of the furthest point reached (the official iCoT loop forgets its best accuracy
-    whenever a batch still kept CoT tokens, and compares accuracies once none does): an early checkpoint that
-    still writes its CoT is not the method's model."""
-    kind = cfg.spec.curriculum
-    if kind == "icot":
-        n = icot_scheduled(step, steps_per_epoch, cfg.icot)
-        return n if longest_cot is None else min(n, longest_cot)
-    if kind == "coconut":
-        return min(coconut_stage(step, steps_per_epoch, cfg.coconut), cfg.coconut.max_stages + 1)
-    return 0
-
-
-def describe(cfg, steps_per_epoch: int) -> str | None:
-    """One line for the start summary: the schedule in optimizer steps (None without a curriculum)."""
-    kind = cfg.spec.curriculum
-    if kind == "coconut":
-        cc = cfg.coconut
-        return (f"coconut: {cc.max_stages} stages of {coconut_steps_per_stage(steps_per_epoch, cc)} steps, "
+    def describe(self) -> str:
+        cc = self.cc
+        return (f"coconut: {cc.max_stages} stages of {coconut_steps_per_stage(self.spe, cc)} steps, "
                 f"{cc.thoughts_per_step} thoughts per CoT step, then every step replaced "
                 f"({cc.max_stages * cc.thoughts_per_step} thoughts); optimizer reset "
                 f"{'at each ' + cc.reset_every if cc.reset_optimizer else 'never'}; mix_prob {cc.mix_prob}")
-    if kind == "icot":
-        ic = cfg.icot
-        every = "never" if ic.remove_all_beyond is None else f"from {ic.remove_all_beyond} tokens on"
-        per = icot_steps_per_token(steps_per_epoch, ic)
-        return (f"icot: {ic.tokens_per_epoch} CoT tokens removed per epoch ({steps_per_epoch} steps: one token every "
-                f"{per} steps), smoothing "
-                f"lambda {ic.smoothing_lambda}, whole CoT removed {every}; optimizer reset "
-                f"{'at each growth' if ic.reset_optimizer else 'never'}")
-    return None
+
+    @staticmethod
+    def derive(cfg, explicit: set[str]) -> list[str]:
+        """Set, in place, what Coconut fixes and `explicit` (the keys the user chose) does not name: M =
+        max_stages x thoughts_per_step thoughts and the identity projection (a preset's latent.num_latents is the
+        one of its own method). Returns the changes, for the start summary."""
+        lat, cc, out = cfg.latent, cfg.coconut, []
+        m = cc.max_stages * cc.thoughts_per_step  # < 1: `check` names the coconut key at fault
+        if "latent.num_latents" not in explicit and lat.num_latents != m and m >= 1:
+            out.append(f"latent.num_latents={m} (coconut.max_stages x coconut.thoughts_per_step; "
+                       f"was {lat.num_latents})")
+            lat.num_latents = m
+        if "latent.projection" not in explicit and lat.projection != "identity":
+            out.append(f"latent.projection=identity (coconut feeds hidden states back unchanged; was {lat.projection})")
+            lat.projection = "identity"
+        return out
+
+    @staticmethod
+    def check(cfg) -> list[str]:
+        """What Coconut needs of the rest of the config (errors, each naming its key)."""
+        lat, cc, bad = cfg.latent, cfg.coconut, []
+        if lat.num_latents != cc.max_stages * cc.thoughts_per_step:
+            bad.append(f"latent.num_latents: coconut answers after coconut.max_stages x coconut.thoughts_per_step = "
+                       f"{cc.max_stages * cc.thoughts_per_step} thoughts, got latent.num_latents={lat.num_latents}; "
+                       "set them to agree")
+        if lat.projection != "identity":
+            bad.append(f"latent.projection: coconut feeds each last hidden state back as the next input embedding "
+                       f"(identity), got {lat.projection!r}; set latent.projection=identity")
+        return bad
+
+
+SCHEDULES = {c.name: c for c in (Icot, Coconut)}  # `MethodSpec.curriculum` names one of these
+
+
+def schedule_class(cfg):
+    """The class of the method's curriculum (None without one)."""
+    return None if cfg.spec.curriculum is None else SCHEDULES[cfg.spec.curriculum]
+
+
+def for_config(cfg, steps_per_epoch: int) -> Icot | Coconut | None:
+    """The method's curriculum as a schedule over optimizer steps, or None."""
+    cls = schedule_class(cfg)
+    if cls is None:
+        return None
+    return cls(getattr(cfg, cls.name), cfg.run.seed, steps_per_epoch)  # its config section has its name

@@ -64,7 +64,7 @@ def make_batch(items: list[Tokenized], model_ids, cfg, buckets: float | None = N
     """The teacher (and student) batch of `items`. Latent methods lay both out in blocks with one question
     block, which `loss_step` runs once for both. buckets: static shapes for CUDA graphs: block widths from the
     geometric series of this growth (`kava.data.format.block_widths`); same losses as without.
-    latent_counts: thoughts per example (Coconut's curriculum, `kava.curriculum.apply`): the latent block is
+    latent_counts: thoughts per example (Coconut's curriculum, `kava.curriculum.Coconut.apply`): the latent block is
     as wide as the largest; default `latent.num_latents` for every example."""
     spec = cfg.spec
     blocks = buckets is not None or spec.latent

@@ -353,7 +353,7 @@ class StepResult:
 def train_step(t: Trainer, items: list[Tokenized], batch: tuple[int, ...], *, accum: int, step: int,
                logger: MetricLogger, latent_counts: list[int] | None = None) -> StepResult:
     """One optimizer step on the global batch `batch` (example indices; `step` is 0-based).
-    latent_counts: per example of `items`, its thoughts (Coconut's curriculum, `kava.curriculum.apply`).
+    latent_counts: per example of `items`, its thoughts (Coconut's curriculum, `kava.curriculum.Coconut.apply`).
 
     Splits it into `optim.micro_batch`-sized micro-batches (of similar lengths with `optim.group_by_length`),
     takes this rank's share, back-propagates each one's `total / accum` (DDP syncs only on the last), then
@@ -454,14 +454,15 @@ def validate(t: Trainer, valid_recs: list[Record]) -> dict[str, float]:
     return out
 
 
-def is_better(cfg: Config, best: dict, accuracy: float, step: int, steps_per_epoch: int,
-              longest_cot: int | None = None, digits: float | None = None) -> bool:
+def is_better(schedule, best: dict, accuracy: float, step: int, longest_cot: int | None = None,
+              digits: float | None = None) -> bool:
     """Whether a validation `accuracy` after optimizer step `step` (0-based) replaces `best`: a higher accuracy,
-    or, under a curriculum, a further point of it (`kava.curriculum.progress`, iCoT's capped at `longest_cot`)
-    at any accuracy. At equal accuracy, more `digits` in place (digit answers) wins: a latent student at 0%
-    exact match would otherwise keep its first validation whatever it learnt later."""
-    if cfg.spec.curriculum is not None:
-        now, then = curriculum.progress(cfg, step, steps_per_epoch, longest_cot), best.get("curriculum", 0)
+    or, under a curriculum (`schedule`, `kava.curriculum.for_config`; None without one), a further point of it
+    (its `progress`, iCoT's capped at `longest_cot`) at any accuracy: the official iCoT loop forgets its best
+    whenever more CoT is removed. At equal accuracy, more `digits` in place (digit answers) wins: a latent
+    student at 0% exact match would otherwise keep its first validation whatever it learnt later."""
+    if schedule is not None:
+        now, then = schedule.progress(step, longest_cot), best.get("curriculum", 0)
         if now != then:
             return now > then
     if accuracy == best["val/accuracy"] and digits is not None and "val/digits" in best:
@@ -537,10 +538,12 @@ def train(cfg: Config, *, resume: str | Path | None = None, progress: bool = Tru
             torch.cuda.reset_peak_memory_stats()
         stop.arm()  # from here a signal stops at the next step boundary, with a checkpoint
 
+        schedule = curriculum.for_config(cfg, plan.steps_per_epoch)  # iCoT's or Coconut's; None without one
+
         def examples(s: int) -> curriculum.StepExamples:
             """Optimizer step s's examples, as its curriculum rewrites them."""
-            return curriculum.apply([data.items[j] for j in batch_indices(cfg, plan, len(data.items), s)], cfg, s,
-                                    plan.steps_per_epoch)
+            items = [data.items[j] for j in batch_indices(cfg, plan, len(data.items), s)]
+            return curriculum.StepExamples(items, None, {}) if schedule is None else schedule.apply(items, s)
 
         for step in range(t.step, end_step):
             step_rng = t.rng_now() if cfg.run.nan_policy == "stop" else None  # the last good state, if this step fails
@@ -549,7 +552,7 @@ def train(cfg: Config, *, resume: str | Path | None = None, progress: bool = Tru
                 g["lr"] = lr
             # the method's curriculum (iCoT, Coconut) rewrites this step's examples; a pure function of the step
             ex = examples(step)
-            if curriculum.reset_due(cfg, step, plan.steps_per_epoch, previous=lambda: examples(step - 1)):
+            if schedule is not None and schedule.reset_due(step, previous=lambda: examples(step - 1)):
                 t.inner_opt.state.clear()  # a fresh AdamW state at a new stage (the official recipes)
             r = train_step(t, ex.items, tuple(range(len(ex.items))), accum=plan.accum, step=step, logger=logger,
                            latent_counts=ex.latent_counts)
@@ -577,11 +580,10 @@ def train(cfg: Config, *, resume: str | Path | None = None, progress: bool = Tru
                 val = validate(t, data.valid_recs)
                 v = val["val/accuracy"]
                 logger.log({"split": "val", **val}, t.step)
-                if main and is_better(cfg, t.best, v, t.step - 1, plan.steps_per_epoch, longest_cot,
-                                      val.get("val/digits")):
+                if main and is_better(schedule, t.best, v, t.step - 1, longest_cot, val.get("val/digits")):
                     t.best = {**val, "step": t.step}
-                    if cfg.spec.curriculum is not None:
-                        t.best["curriculum"] = curriculum.progress(cfg, t.step - 1, plan.steps_per_epoch, longest_cot)
+                    if schedule is not None:
+                        t.best["curriculum"] = schedule.progress(t.step - 1, longest_cot)
                     save_best(t, run_dir)
                 if main:
                     print_line(validation_line(t.step, v, t.best))

@@ -48,7 +48,7 @@ def plan_lines(cfg, plan, *, run_dir: Path, world: int, data_desc: str, train_de
         f"  batch:            effective {cfg.optim.effective_batch} = micro {cfg.optim.micro_batch} x "
         f"{world} process(es) x {plan.accum} accumulation",
         f"  world size:       {world}",
-    ] + ([f"  curriculum:       {c}"] if (c := curriculum.describe(cfg, plan.steps_per_epoch)) else [])
+    ] + ([f"  curriculum:       {c.describe()}"] if (c := curriculum.for_config(cfg, plan.steps_per_epoch)) else [])
 
 
 def start_summary(cfg, plan, *, run_dir: Path, world: int, data_desc: str, n_records: int, n_examples: int,
