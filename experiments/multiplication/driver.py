@@ -12,19 +12,39 @@ exactly). Then `kava eval --checkpoint RUN --datasets multN-test` evaluates `bes
 validations at the furthest removal). `status.jsonl` in OUT records every start, stop and evaluation.
 Budget rule: every method trains at least as many samples as No-CoT of its size (the same batch, at least the
 same steps); stopping and checkpoint choice use validation only.
+
+A job whose run directory holds an unfinished run continues it (`kava train --resume RUN` with the job's --set
+list: kava refuses any value that differs from the run's config.yaml, except a larger optim.max_steps, which
+extends it; event "resume" with from_step); a finished one (DONE) is only evaluated. So a run longer than a lease
+goes on in the next one (on the device: experiments/multiplication/gpu.sh back / stash / restore):
+
+    python experiments/multiplication/driver.py ship --out OUT --name RUN --into DIR   # DIR/pNN, 16,000,000 B
+    python experiments/multiplication/driver.py gather --name RUN    # here: /work/.device/*/ -> .carry/...
+    python experiments/multiplication/driver.py unship --pieces DIR --out OUT          # or --tar T
+
+`ship` tars what a resume needs (config.yaml, meta.json, skips.json, metrics.jsonl, the tokenizer the run
+trained, the latest checkpoints/step_N, best/meta.json, eval/; not best/ or final/ weights, nor the data, which
+is regenerated from the seed) as RUN.step_N.tar and splits it with experiments/devicekit.py. A resumed run ends
+bit for bit where an uninterrupted one would (tests/test_ship.py). Its best/ holds no weights until a later
+validation beats the shipped best; until then the driver does not evaluate it (the lease that saved that best/
+evaluated it).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import tarfile
 import time
 from pathlib import Path
+
+from kava.checkpoint.rundir import BEST_DIR, META_FILE, STEP_PREFIX, RunDir, lock_holder, step_of
 
 KAVA = [sys.executable, "-m", "kava.cli"]
 DEEP = ["model.from_scratch.n_layer=6"]
@@ -87,6 +107,8 @@ GROUPS = {"gate": ["cot4", "nocot4", "cot5", "nocot5", "cot5-6l", "nocot5-6l"], 
           "icot-fc": ["cot4-base", "cot5-base"] + [name for name in JOBS if "-fc-" in name]}
 COMMON = ["optim.max_steps=20000", "run.eval_every=500", "run.save_every=500"]
 LATENT = {"pccot", "kava", "codi", "coconut"}
+POLL_S = 5.0  # seconds between looks at the jobs
+SHIP_PIECE_BYTES = 16_000_000  # a device call brings back files of at most 16 MiB each
 
 
 def digits_of(preset: str) -> int:
@@ -116,6 +138,15 @@ def train_cmd(name: str, data: Path, out: Path, seed: int, extra: list[str]) -> 
     return KAVA + ["train", "--config", JOBS[name][0], "--no-progress"] + sum((["--set", s] for s in sets), [])
 
 
+def resume_cmd(name: str, data: Path, out: Path, seed: int, extra: list[str]) -> list[str]:
+    """`kava train --resume RUN` with the job's --set list: kava refuses any value that differs from the run's
+    config.yaml except optim.max_steps (a larger one extends the run), so a job edited since cannot continue a
+    run under another definition."""
+    sets = job_sets(name, data, out, seed, extra)
+    return KAVA + ["train", "--resume", str(run_dir(out, name, seed)), "--no-progress"] + \
+        sum((["--set", s] for s in sets), [])
+
+
 def eval_cmd(name: str, data: Path, out: Path, seed: int) -> list[str]:
     """The test evaluation of a job's best/; latent students also with the diagnostics (latents zeroed, shuffled,
     the oracle, the KV match)."""
@@ -142,7 +173,9 @@ def expand(jobs: str) -> list[str]:
 
 def run(args) -> None:
     """Start every job of every seed whose dependency (`AFTER`) is done, stop what still trains at the deadline,
-    then evaluate each run's best/ on the test set."""
+    then evaluate each run's best/ on the test set. A job whose run directory holds an unfinished run (stopped
+    at an earlier deadline, or shipped from an earlier lease and restored) continues it (`kava train --resume`);
+    a finished one (DONE) is not trained again, only evaluated if its test evaluation is missing or stale."""
     out, data = Path(args.out).absolute(), Path(args.data).absolute()
     (out / "logs").mkdir(parents=True, exist_ok=True)
     seeds = [int(x) for x in str(args.seeds).split(",")]
@@ -152,13 +185,22 @@ def run(args) -> None:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     procs: dict[tuple[str, int], subprocess.Popen] = {}
     stopped: set[tuple[str, int]] = set()
+    finished: list[tuple[str, int]] = []  # DONE before this call: evaluated only
     if args.dry_run:
         for name, seed in pending:
-            print(("after " + AFTER[name] + ": " if name in AFTER else "") +
-                  " ".join(train_cmd(name, data, out, seed, args.set)))
+            rd = RunDir(run_dir(out, name, seed))
+            cmd = resume_cmd if rd.started() and not rd.finished() else train_cmd
+            print(("after " + AFTER[name] + ": " if name in AFTER else "") + ("(DONE) " if rd.finished() else "") +
+                  " ".join(cmd(name, data, out, seed, args.set)))
         return
     while pending or any(p.poll() is None for p in procs.values()):
         for name, seed in list(pending):
+            rd = RunDir(run_dir(out, name, seed))
+            if rd.finished():
+                pending.remove((name, seed))
+                finished.append((name, seed))
+                log(out, event="done before", job=name, seed=seed, steps=(rd.read_done() or {}).get("steps"))
+                continue
             dep = AFTER.get(name)
             if dep is not None:
                 dep_proc = procs.get((dep, seed))
@@ -175,11 +217,15 @@ def run(args) -> None:
                 pending.remove((name, seed))
                 log(out, event="not started", job=name, seed=seed, why="deadline")
                 continue
-            cmd = train_cmd(name, data, out, seed, args.set)
-            procs[(name, seed)] = subprocess.Popen(cmd, stdout=open(out / "logs" / f"{name}-s{seed}.log", "w"),
+            resume = rd.started()  # config.yaml written: kava refuses to start it over, --resume continues it
+            cmd = (resume_cmd if resume else train_cmd)(name, data, out, seed, args.set)
+            procs[(name, seed)] = subprocess.Popen(cmd, stdout=open(out / "logs" / f"{name}-s{seed}.log",
+                                                                    "a" if resume else "w"),
                                                    stderr=subprocess.STDOUT, env=env)
             pending.remove((name, seed))
-            log(out, event="start", job=name, seed=seed, pid=procs[(name, seed)].pid, cmd=cmd)
+            ck = rd.latest_checkpoint() if resume else None
+            log(out, event="resume" if resume else "start", job=name, seed=seed, pid=procs[(name, seed)].pid,
+                **({"from_step": step_of(ck) if ck else 0} if resume else {}), cmd=cmd)
             time.sleep(args.stagger)
         if time.time() > deadline:
             for key, p in procs.items():
@@ -187,20 +233,38 @@ def run(args) -> None:
                     p.send_signal(signal.SIGTERM)  # kava saves a checkpoint at the step boundary and exits 143
                     stopped.add(key)
                     log(out, event="deadline", job=key[0], seed=key[1])
-        time.sleep(5)
+        time.sleep(POLL_S)
     for (name, seed), p in procs.items():
         log(out, event="end", job=name, seed=seed, rc=p.returncode, stopped=(name, seed) in stopped,
             wall_s=round(time.time() - start))
     evals = {}
-    for name, seed in procs:
-        if (run_dir(out, name, seed) / "best").exists():
+    for name, seed in [*procs, *finished]:
+        why = no_eval(name, out, seed, again=(name, seed) in procs)
+        if why is None:
             evals[(name, seed)] = subprocess.Popen(eval_cmd(name, data, out, seed), env=env, stderr=subprocess.STDOUT,
                                                    stdout=open(out / "logs" / f"{name}-s{seed}.eval.log", "w"))
         else:
-            log(out, event="no best/ to evaluate", job=name, seed=seed)
+            log(out, event="no evaluation", job=name, seed=seed, why=why)
     for (name, seed), p in evals.items():
         log(out, event="eval", job=name, seed=seed, rc=p.wait())
     log(out, event="all done", wall_s=round(time.time() - start))
+
+
+def no_eval(name: str, out: Path, seed: int, again: bool) -> str | None:
+    """Why a run's best/ is not evaluated now, or None. `again`: it trained in this call (else: DONE before it,
+    evaluated only if its test evaluation is missing or no longer of best/)."""
+    from kava.checkpoint.saved import has_model
+
+    rd = RunDir(run_dir(out, name, seed))
+    if not rd.best.exists():
+        return "no best/"
+    if not has_model(rd.best):  # `ship` carries best/meta.json, not the weights
+        return (f"best/ (step {rd.saved_step(BEST_DIR)}) has no weights here: it came from an earlier lease, whose "
+                "evaluation of it is in that lease's results")
+    summary = rd.eval / f"mult{digits_of(JOBS[name][0])}-test" / "summary.json"
+    if not again and summary.exists() and rd.stale_eval(json.loads(summary.read_text())) is None:
+        return f"already evaluated: {summary}"
+    return None
 
 
 def status(args) -> None:
@@ -233,6 +297,137 @@ def pack(args) -> None:
     print(f"packed {args.tar}: {Path(args.tar).stat().st_size} bytes")
 
 
+# ------------------------------------------------------------------------------------------------ leases
+def devicekit():
+    """experiments/devicekit.py (split, stash, join), next to this file's folder."""
+    path = Path(__file__).resolve().parents[1] / "devicekit.py"
+    spec = importlib.util.spec_from_file_location("devicekit", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def ship_members(rd: RunDir) -> tuple[Path, list[Path]]:
+    """(the latest checkpoint, what a resume of run `rd` needs): config.yaml, meta.json, skips.json,
+    metrics.jsonl, DONE, wandb.json, the run's own tokenizer, the latest `checkpoints/step_N` (weights, AdamW,
+    RNGs, state.json), best/meta.json (which step is best: a later validation must beat it) and eval/ (small).
+    Not best/ or final/ weights, older checkpoints, tb/, nor the data (`_data`, outside the run: regenerated
+    from the seed)."""
+    ck = rd.latest_checkpoint()
+    if ck is None:
+        raise SystemExit(f"{rd.path}: no complete checkpoint to ship (a resume would start from step 0)")
+    files = [rd.config, rd.meta, rd.skips, rd.metrics, rd.done, rd.wandb, rd.best / META_FILE]
+    return ck, [f for f in files if f.is_file()] + [d for d in (rd.tokenizer_src, ck, rd.eval) if d.is_dir()]
+
+
+def ship(args) -> None:
+    """One tar of what `kava train --resume` needs from OUT/runs/NAME (`ship_members`), named
+    NAME.step_N.tar, split by devicekit into DIR/pNN (one piece and the manifest each). Made once: pieces of the
+    same checkpoint already in DIR are kept."""
+    dk = devicekit()
+    rd = RunDir(Path(args.out) / "runs" / args.name)
+    if not rd.started():
+        raise SystemExit(f"{rd.path}: not a run directory (no {rd.config.name})")
+    if (holder := lock_holder(rd.path)) is not None:
+        raise SystemExit(f"{rd.path} is in use by a trainer ({holder}): ship it once the driver stopped it")
+    ck, members = ship_members(rd)
+    tar_name = f"{args.name}.{ck.name}.tar"
+    into = Path(args.into)
+    old = into / "p00" / "manifest.json"
+    if old.exists():
+        m = json.loads(old.read_text())
+        if m["name"] == tar_name and all((into / f"p{k:02d}" / p["file"]).is_file() and
+                                         (into / f"p{k:02d}" / p["file"]).stat().st_size == p["size"]
+                                         for k, p in enumerate(m["pieces"])):
+            print(f"{into}: {len(m['pieces'])} pieces of {tar_name} already made ({m['size']} bytes)")
+            return
+    tmp = into.parent / f".{into.name}.tar.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        with tarfile.open(tmp / tar_name, "w") as tar:
+            for path in members:
+                tar.add(path, arcname=str(path.relative_to(rd.path.parent)))
+        m = dk.split(tmp / tar_name, into, args.piece_bytes, exclude=None)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"{tar_name}: {m['size']} bytes, sha256 {m['sha256']}, {len(m['pieces'])} pieces in {into}/p00 ..; "
+          f"holds {', '.join(str(p.relative_to(rd.path)) for p in members)}")
+
+
+def unship(args) -> None:
+    """A shipped run back into OUT/runs/NAME: from the tar, or from a folder of its pieces and manifest (joined
+    and checked by devicekit, the tar written next to that folder). If the run's config.yaml names another
+    run.output_dir (the run moved), it is set to OUT/runs (its data cache, `_data`, follows)."""
+    out = Path(args.out).absolute()
+    tar_path = Path(args.tar) if args.tar else None
+    if args.pieces:
+        pieces = Path(args.pieces)
+        name = json.loads((pieces / "manifest.json").read_text())["name"]
+        tar_path = devicekit().join(pieces, pieces.parent / name)
+    with tarfile.open(tar_path) as tar:
+        tops = {n.split("/", 1)[0] for n in tar.getnames()}
+        if len(tops) != 1:
+            raise SystemExit(f"{tar_path}: not one run (top-level entries {sorted(tops)})")
+        rd = RunDir(out / "runs" / tops.pop())
+        if rd.path.exists():
+            if not args.replace:
+                raise SystemExit(f"{rd.path} exists; remove it first (or --replace)")
+            shutil.rmtree(rd.path)
+        rd.path.parent.mkdir(parents=True, exist_ok=True)
+        tar.extractall(rd.path.parent, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
+    from kava.config import load_config, save_config
+
+    cfg = load_config(str(rd.config), resolve_paths=False)
+    where = str(rd.path.parent)
+    if cfg.run.output_dir != where:
+        save_config(load_config(str(rd.config), [f"run.output_dir={where}"], resolve_paths=False), rd.config)
+        print(f"{rd.config}: run.output_dir {cfg.run.output_dir} -> {where} (the run moved)")
+    ck = rd.latest_checkpoint()
+    print(f"{rd.path}: {'finished (DONE)' if rd.finished() else 'unfinished'}, checkpoint "
+          f"{ck.name if ck else None}, from {tar_path}")
+
+
+def gather(args) -> None:
+    """Here, after `gpu.sh back NAME K` calls: the newest shipment of run NAME (the manifest NAME.step_N.tar with
+    the highest N) collected from the device calls' folders (SRC/*/) into INTO/NAME/; once every piece is there
+    (devicekit join checks each and the whole by sha256), unpacked into UNPACK/runs/NAME (`unship`) and split
+    into carry pieces SHIP/NAME/pNN for the next lease (devicekit's default size)."""
+    dk = devicekit()
+    found = []
+    for mpath in Path(args.src).glob("*/manifest.json"):
+        m = json.loads(mpath.read_text())
+        stem = m["name"].removesuffix(".tar")
+        if m["name"].endswith(".tar") and stem.rsplit(".", 1)[0] == args.name and \
+                step_of(stem.rsplit(".", 1)[-1]) is not None:
+            found.append((step_of(stem.rsplit(".", 1)[-1]), mpath.stat().st_mtime, mpath, m))
+    if not found:
+        raise SystemExit(f"no manifest of {args.name}.{STEP_PREFIX}N.tar in {args.src}/*/")
+    _, _, mpath, m = max(found, key=lambda f: f[:2])
+    into = Path(args.into) / args.name
+    if (into / "manifest.json").exists() and json.loads((into / "manifest.json").read_text())["name"] != m["name"]:
+        shutil.rmtree(into)  # an older shipment's pieces
+    into.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(mpath, into / "manifest.json")
+    for p in m["pieces"]:
+        have = into / p["file"]
+        if have.is_file() and have.stat().st_size == p["size"]:
+            continue
+        src = next((f for f in Path(args.src).glob(f"*/{p['file']}") if f.stat().st_size == p["size"]), None)
+        if src is not None:
+            shutil.copyfile(src, have)
+    gone = dk.missing(into)
+    if gone:
+        k = len(m["pieces"]) - len(gone)
+        print(f"{m['name']}: {k} of {len(m['pieces'])} pieces in {into}; missing {', '.join(gone)}")
+        raise SystemExit(3)
+    unship(argparse.Namespace(out=args.unpack, tar=None, pieces=str(into), replace=True))
+    tar_path = into.parent / m["name"]
+    s = dk.split(tar_path, Path(args.ship) / args.name)
+    print(f"for the next lease: {len(s['pieces'])} carry pieces {Path(args.ship) / args.name}/p00 .. "
+          f"p{len(s['pieces']) - 1:02d} of {tar_path}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -250,8 +445,25 @@ def main() -> None:
     p = sub.add_parser("pack")
     p.add_argument("--out", required=True)
     p.add_argument("--tar", required=True)
+    sh = sub.add_parser("ship", help="a run's resume state as one tar, in pieces of at most --piece-bytes")
+    sh.add_argument("--out", required=True)
+    sh.add_argument("--name", required=True, help="the run directory's name, e.g. icot4-s42")
+    sh.add_argument("--into", required=True, help="folder of the pieces: INTO/p00, INTO/p01, ...")
+    sh.add_argument("--piece-bytes", type=int, default=SHIP_PIECE_BYTES)
+    u = sub.add_parser("unship", help="a shipped run (tar or pieces) into OUT/runs/NAME")
+    u.add_argument("--out", required=True)
+    g = u.add_mutually_exclusive_group(required=True)
+    g.add_argument("--tar")
+    g.add_argument("--pieces", help="a folder of the pieces and manifest.json (joined and checked first)")
+    u.add_argument("--replace", action="store_true", help="replace OUT/runs/NAME if it exists")
+    ga = sub.add_parser("gather", help="here: collect a run's pieces from device calls, join, unpack, re-split")
+    ga.add_argument("--name", required=True)
+    ga.add_argument("--src", default="/work/.device", help="the folders device calls' files land in: SRC/*/")
+    ga.add_argument("--into", default=".carry/back")
+    ga.add_argument("--unpack", default=".carry/back/out", help="the local OUT the run is unpacked into")
+    ga.add_argument("--ship", default=".carry/ship", help="carry pieces for the next lease: SHIP/NAME/pNN")
     args = ap.parse_args()
-    {"run": run, "status": status, "pack": pack}[args.cmd](args)
+    {"run": run, "status": status, "pack": pack, "ship": ship, "unship": unship, "gather": gather}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -6,8 +6,35 @@
 #   calls 2..:                    bash experiments/multiplication/gpu.sh wait 560
 # Every call packs what exists into $OUT/results.tgz (no weights): a lease that ends early still brings results.
 # The jobs run from a copy of the source in /root/mult/src, so later calls' tree copies cannot change them.
+#
+# A run longer than a lease (RUN = the run directory's name, e.g. icot4-s42) goes on in the next lease:
+#   end of lease, after the driver's "all done" (the deadline stopped it with a checkpoint), calls K = 0, 1, ..:
+#     bash experiments/multiplication/gpu.sh back RUN K
+#       (the first makes /root/mult/ship/RUN/pNN: `driver.py ship`, pieces of 16,000,000 bytes; each call brings
+#       pieces 4K..4K+3 and manifest.json back and prints which calls remain; ~175 MB = 11 pieces = K 0..2)
+#   here, after each back call (the files land in /work/.device/<n>/):
+#     bash experiments/multiplication/gpu.sh gather RUN
+#       (collects the pieces into .carry/back/RUN/; once all are there: joins and checks them (sha256) into
+#       .carry/back/RUN.step_N.tar, unpacks it into .carry/back/out/runs/RUN, splits it into 49.5 MB carry
+#       pieces .carry/ship/RUN/p00 ..)
+#   next lease, one call per piece, each within the warm window of the one before:
+#     carry [.carry/ship/RUN/pKK]:  bash experiments/multiplication/gpu.sh stash RUN pKK
+#     the last piece's call, carry [.carry/ship/RUN/pLAST, .carry/mult]:
+#       bash experiments/multiplication/gpu.sh stash RUN pLAST && bash experiments/multiplication/gpu.sh restore RUN \
+#         && JOBS=JOB BUDGET=1000 bash experiments/multiplication/gpu.sh start 480
+#       (restore: joins and checks the pieces, unpacks into /root/mult/out/runs/RUN; the driver then continues
+#       the run with `kava train --resume`, event "resume" in status.jsonl)
+#   then `wait` calls, and `back` again at the end of the lease while the run is unfinished.
+# Environment (tests): MULT_ROOT (/root/mult), CARRY (.carry), DEVICE_FILES (/work/.device), PYTHON, PIECE_BYTES.
 set -uo pipefail
 S=${MULT_ROOT:-/root/mult}
+C=${CARRY:-.carry}
+PY=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
+py() { PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} "$PY" "$@"; }  # the tree's kava and experiments/
+ignore_carry() {  # .carry/ must never travel as untracked files, nor be committed (a worktree has no .git/info)
+  local ex; ex=$(git rev-parse --git-path info/exclude) && mkdir -p "$(dirname "$ex")" && \
+    { grep -qx '/.carry/' "$ex" 2>/dev/null || echo '/.carry/' >> "$ex"; }
+}
 report() {
   export PYTHONPATH=$S/src
   tail -5 $S/driver.log; python3 $S/driver.py status --out $S/out
@@ -19,7 +46,7 @@ case "${1:-}" in
 prepare)
   data=${DATA:-../shared/data}
   rm -rf .carry/mult && mkdir -p .carry/mult/data/multiplication
-  grep -qx '/.carry/' .git/info/exclude 2>/dev/null || echo '/.carry/' >> .git/info/exclude
+  ignore_carry
   for n in 4 5; do cp -r "$data/multiplication/${n}x${n}" .carry/mult/data/multiplication/; done
   { git rev-parse HEAD; git status --short; } > .carry/mult/revision
   du -sh .carry/mult ;;
@@ -47,5 +74,30 @@ wait)
   end=$(( $(date +%s) + ${2:-560} ))
   while [ $(date +%s) -lt $end ] && ! grep -q '"all done"' $S/driver.log 2>/dev/null; do sleep 10; done
   report ;;
-*) echo "usage: $0 prepare | start [SECONDS] | wait [SECONDS]"; exit 2 ;;
+back)  # device: pieces 4K..4K+3 of run $2's resume state (made once) and the manifest into $OUT
+  run=${2:?usage: back RUN_NAME K}; k=${3:-0}; d=$S/ship/$run
+  py experiments/multiplication/driver.py ship --out $S/out --name "$run" --into $d \
+    --piece-bytes ${PIECE_BYTES:-16000000} || exit 1
+  n=$(ls -d $d/p[0-9][0-9] | wc -l); last=$(( (n + 3) / 4 - 1 )); sent=""
+  for i in $(seq $((4 * k)) $((4 * k + 3))); do
+    p=$d/$(printf p%02d $i); [ -d $p ] || break
+    find $p -type f ! -name manifest.json -exec cp {} $OUT/ \; && sent="$sent $(basename $p)"
+  done
+  cp $d/p00/manifest.json $OUT/ && ls -l $OUT
+  echo "back $run $k: sent${sent:- nothing} of $n pieces (p00..p$(printf %02d $((n - 1))))"
+  if [ $k -lt $last ]; then echo "remaining: back $run K for K in $(seq -s ' ' $((k + 1)) $last)"
+  else echo "remaining: none; here: bash experiments/multiplication/gpu.sh gather $run"; fi ;;
+gather)  # here: the pieces from /work/.device/*/ into $C/back/RUN; once complete, joined, unpacked, re-split
+  run=${2:?usage: gather RUN_NAME}
+  [ "$C" = .carry ] && ignore_carry
+  py experiments/multiplication/driver.py gather --name "$run" --src ${DEVICE_FILES:-/work/.device} --into $C/back \
+    --unpack $C/back/out --ship $C/ship ;;
+stash)  # device: carried piece $C/ship/RUN/pKK out of the tree, to /root/mult/stash/RUN
+  run=${2:?usage: stash RUN_NAME pKK}; piece=${3:?usage: stash RUN_NAME pKK}
+  py experiments/devicekit.py stash $C/ship/$run/$piece --to $S/stash/$run ;;
+restore)  # device: the stashed pieces joined, checked and unpacked into /root/mult/out/runs/RUN
+  run=${2:?usage: restore RUN_NAME}
+  py experiments/multiplication/driver.py unship --pieces $S/stash/$run --out $S/out ;;
+*) echo "usage: $0 prepare | start [SECONDS] | wait [SECONDS] | back RUN K | gather RUN | stash RUN pKK | restore RUN"
+   exit 2 ;;
 esac
