@@ -98,6 +98,35 @@ def test_lm_eval_scores_a_kava_model_in_latent_mode_as_kava_eval_does(run, tmp_p
     capsys.readouterr()
 
 
+def test_plain_lm_eval_runs_the_kava_model_when_the_task_yaml_names_kava_s_filter(run, tmp_path):
+    """`lm_eval --model kava` itself, no wrapper: lm-eval imports a task file's `!function` references before it
+    asks its registry for the model, so a task YAML given by path whose filter is
+    `!function kava.lm_eval_plugin.KavaAnswer` registers the kava model on the way. Same accuracy as `kava eval`."""
+    synth = next((run.parent / "_data").iterdir()) / "test.jsonl"
+    questions = [json.loads(x)["question"] for x in synth.read_text().splitlines()][:6] + ODD
+    answers = [a.answer for a in kava.load(run).generate(questions, mode="latent")]
+    golds = [a if i % 2 == 0 and a is not None else str(100 + i) for i, a in enumerate(answers)]
+    data = tmp_path / "q.jsonl"
+    data.write_text("".join(json.dumps({"question": q, "answer": g}) + "\n" for q, g in zip(questions, golds)))
+    task = TASK.format(data=data).replace("      - function: kava_answer",
+                                          "      - function: !function kava.lm_eval_plugin.KavaAnswer")
+    (tmp_path / "kava_q.yaml").write_text(task)
+    lm_eval = os.path.join(os.path.dirname(sys.executable), "lm_eval")
+    r = subprocess.run([lm_eval, "--model", "kava", "--model_args", f"pretrained={run},mode=latent",
+                        "--tasks", str(tmp_path / "kava_q.yaml"), "--batch_size", "5",
+                        "--output_path", str(tmp_path / "lm")],
+                       capture_output=True, text=True, timeout=600, cwd=tmp_path,
+                       env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+                            "HF_DATASETS_CACHE": str(tmp_path / "hf")})
+    assert r.returncode == 0, r.stderr[-3000:]
+    results = json.loads(next((tmp_path / "lm").rglob("results_*.json")).read_text())["results"]["kava_q"]
+    assert main(["eval", "--checkpoint", str(run), "--datasets", str(data), "--mode", "latent", "--output",
+                 str(tmp_path / "kava")]) == 0
+    summary = json.loads((tmp_path / "kava" / "q" / "summary.json").read_text())
+    assert 0 < summary["accuracy"] < 1
+    assert results["exact_match,kava"] == results["exact_match,regex"] == summary["accuracy"]
+
+
 def test_continuation_leads_with_the_fed_prompt_and_stops_at_the_task_s_stop_sequences():
     assert continuation(" 42", "latent", "The answer is:", []) == " The answer is: 42"
     assert continuation(" 42", "nocot", " The answer is: ", []) == " The answer is: 42"
