@@ -57,3 +57,11 @@ def test_wheel_in_a_fresh_venv_lists_the_presets(tmp_path):
     where = run([str(py), "-c", "import kava.config as c; print(c.__file__); print(c.CONFIG_DIR)"], cwd=tmp_path,
                 env=env).split()
     assert all(Path(w).is_relative_to(venv) for w in where), where  # the installed copy, not this tree
+
+    # the installed command: its version is the package's, and the demo runs end to end (a few steps per stage)
+    version = next(ln.split('"')[1] for ln in (ROOT / "pyproject.toml").read_text().splitlines()
+                   if ln.startswith("version"))
+    assert run([str(venv / "bin" / "kava"), "--version"], cwd=tmp_path, env=env).strip() == f"kava {version}"
+    out = run([str(venv / "bin" / "kava"), "demo", "--output", str(tmp_path / "demo"), "--set", "optim.max_steps=2",
+               "--eval-limit", "4", "--no-progress"], cwd=tmp_path, env=env, timeout=600)
+    assert "KaVa with its latents zeroed" in out, out[-2000:]
