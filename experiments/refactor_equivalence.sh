@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Behaviour check for a refactor (issue 20): a fixed-seed tiny run of every method, its evaluation (with the
+# Behaviour check for a refactor: a fixed-seed tiny run of every method, its evaluation (with the
 # latent diagnostics for latent methods), `kava inspect`, `kava ask` and `kava export`, into OUT_DIR.
 # Run it on two checkouts, then compare the two trees with experiments/compare_run_dirs.py:
 #
@@ -22,13 +22,18 @@ SET=(--set model.from_scratch.hidden_size=64 --set model.from_scratch.intermedia
      --set optim.max_steps=6 --set run.eval_every=3 --set run.save_every=3 --set run.log_every=1
      --set data.synth_train_size=400 --set data.synth_eval_size=40 --set data.valid_limit=12
      --set latent.num_latents=6 --set run.grad_share_every=2 --set run.log=[jsonl] --set run.output_dir="$OUT")
-for m in cot nocot pccot codi kava; do
-  kava train --config tiny_synth --no-progress --set method=$m --set run.name=$m "${SET[@]}" > "$OUT/$m.train.out" 2>&1
-  diag=(); [ "$m" = cot ] || [ "$m" = nocot ] || diag=(--diagnostics)
+for m in cot nocot icot pccot codi coconut kava; do
+  extra=()  # the curricula: iCoT a token every step; Coconut 3 stages of 2 thoughts (= the 6 latents), 2 steps each
+  [ "$m" = icot ] && extra=(--set icot.tokens_per_epoch=25)
+  [ "$m" = coconut ] && extra=(--set coconut.max_stages=3 --set coconut.thoughts_per_step=2
+                               --set latent.projection=identity --set coconut.epochs_per_stage=0.08)
+  kava train --config tiny_synth --no-progress --set method=$m --set run.name=$m "${SET[@]}" "${extra[@]}" \
+    > "$OUT/$m.train.out" 2>&1
+  diag=(); [ "$m" = cot ] || [ "$m" = nocot ] || [ "$m" = icot ] || diag=(--diagnostics)
   kava eval --checkpoint "$OUT/$m" --datasets synth-test,synth-hard --limit 10 --batch-size 4 "${diag[@]}" \
     > "$OUT/$m.eval.out" 2>&1
   kava ask --checkpoint "$OUT/$m" --question "Tom has 3 apples and buys 4 more. How many?" --device cpu \
-    $( [ "$m" = cot ] || [ "$m" = nocot ] || echo --show-latents ) | grep -v '^time:' > "$OUT/$m.ask.out" 2>&1
+    $( [ "$m" = cot ] || [ "$m" = nocot ] || [ "$m" = icot ] || echo --show-latents ) | grep -v '^time:' > "$OUT/$m.ask.out" 2>&1
 done
 # a second eviction rule and the prefix softmax (what `kava inspect` now honours), random eviction for the RNG
 kava train --config tiny_synth --no-progress --set method=kava --set run.name=kava_prefix "${SET[@]}" \

@@ -67,7 +67,7 @@ class KavaModel:
     def check_mode(self, mode: str) -> str:
         if mode not in MODES:
             raise ValueError(f"mode {mode!r}; allowed values: {', '.join(MODES)}")
-        if mode == "latent" and not self.cfg.is_latent:
+        if mode == "latent" and not self.cfg.spec.latent:
             raise ValueError(f"a {self.cfg.method!r} model has no latent mode; use mode='cot' or 'nocot'")
         return mode
 

@@ -40,6 +40,12 @@ class ConfigError(ValueError):
     """A bad configuration value; the message names the key."""
 
 
+def _need(cond, msg: str) -> None:
+    """A section's check: `msg` (which names the key and what it allows) as a ConfigError unless `cond`."""
+    if not cond:
+        raise ConfigError(msg)
+
+
 @dataclass
 class ModelConfig:
     name_or_path: str | None = None  # hub id or local dir of a HF causal LM (or of a kava run's model/)
@@ -55,6 +61,23 @@ class ModelConfig:
     trust_remote_code: bool = False
     gradient_checkpointing: bool = False
 
+    def check(self) -> None:
+        _need(self.name_or_path or self.from_scratch or self.init_from,
+              "model: set model.name_or_path (hub id or local dir), model.from_scratch, or model.init_from")
+        if self.gguf_file is not None:
+            _need(self.name_or_path is not None and self.from_scratch is None and self.init_from is None,
+                  "model.gguf_file: names a file inside model.name_or_path; set model.name_or_path (the directory or "
+                  "hub id holding it) and neither model.from_scratch nor model.init_from")
+        if self.from_scratch is not None:
+            fam = self.from_scratch.get("family")
+            _need(fam in FAMILIES,
+                  f"model.from_scratch.family: {fam!r} is not allowed; allowed values: {', '.join(FAMILIES)}")
+        attn = self.attn_implementation
+        _need(attn in ATTN_CHOICES,
+              f"model.attn_implementation: {attn!r} is not allowed; allowed values: {', '.join(ATTN_CHOICES)}"
+              + (" (kava captures the importance block inside attention and lays padding inside sequences; flash "
+                 "attention kernels expose neither, so they are not supported)" if "flash" in attn else ""))
+
 
 @dataclass
 class LoraSection:
@@ -65,6 +88,14 @@ class LoraSection:
     # dropout fused into lora_A: keeps a bool mask, not each adapter's dropped input (kava.model.lora_dropout)
     fused_dropout: bool = False
 
+    def check(self) -> None:
+        _need(self.r >= 1, "lora.r: must be >= 1")
+        _need(0 <= self.dropout < 1, "lora.dropout: must be in [0, 1)")
+        _need(len(self.target_modules) > 0, "lora.target_modules: must not be empty")
+        _need(not (self.dropout > 0 and "lm_head" in self.target_modules),
+              "lora.target_modules: lm_head with lora.dropout > 0 is not supported (the CE recomputes the LM head "
+              "in backward without replaying dropout draws); set lora.dropout: 0 or drop lm_head")
+
 
 @dataclass
 class LatentConfig:
@@ -73,6 +104,11 @@ class LatentConfig:
     projection: Literal[reasoner.PROJECTIONS] = "mlp"
     proj_hidden: int | None = None  # MLP width; None = the model's hidden size
     proj_layernorm: bool = True  # CODI's projection ends with a LayerNorm
+
+    def check(self) -> None:
+        _need(self.num_latents >= 1, f"latent.num_latents: must be >= 1, got {self.num_latents}")
+        _need(self.num_sweeps >= 0, f"latent.num_sweeps: must be >= 0, got {self.num_sweeps}")
+        _need(self.proj_hidden is None or self.proj_hidden >= 1, "latent.proj_hidden: must be >= 1 or null")
 
 
 @dataclass
@@ -89,6 +125,12 @@ class CoconutConfig:
     mix_prob: float = 0.0  # share of examples trained at a random stage (official `uniform_prob`)
     pad_latents_to_max: bool = True  # past the last stage every example gets max_stages · c thoughts
 
+    def check(self) -> None:
+        _need(self.thoughts_per_step >= 1, f"coconut.thoughts_per_step: must be >= 1, got {self.thoughts_per_step}")
+        _need(self.max_stages >= 1, f"coconut.max_stages: must be >= 1, got {self.max_stages}")
+        _need(self.epochs_per_stage > 0, f"coconut.epochs_per_stage: must be > 0, got {self.epochs_per_stage}")
+        _need(0 <= self.mix_prob <= 1, f"coconut.mix_prob: must be in [0, 1], got {self.mix_prob}")
+
 
 @dataclass
 class IcotConfig:
@@ -100,6 +142,13 @@ class IcotConfig:
     remove_all_beyond: int | None = 39  # once the schedule reaches this many tokens, remove the whole CoT
     reset_optimizer: bool = True  # a fresh AdamW state whenever the scheduled removal grows
 
+    def check(self) -> None:
+        _need(self.tokens_per_epoch > 0, f"icot.tokens_per_epoch: must be > 0, got {self.tokens_per_epoch}")
+        _need(self.smoothing_lambda is None or self.smoothing_lambda > 0,
+              f"icot.smoothing_lambda: must be > 0 or null (no smoothing), got {self.smoothing_lambda}")
+        _need(self.remove_all_beyond is None or self.remove_all_beyond >= 1,
+              f"icot.remove_all_beyond: must be >= 1 or null, got {self.remove_all_beyond}")
+
 
 @dataclass
 class EvictionConfig:
@@ -110,6 +159,10 @@ class EvictionConfig:
     # "cot": the paper's Listing 1 (softmax of the query rows' logits over the CoT keys only);
     # "prefix": the model's own softmax over every visible key, restricted to the CoT columns afterwards.
     importance_softmax: Literal[reasoner.IMPORTANCE_SOFTMAX] = "cot"
+
+    def check(self) -> None:
+        _need(0.0 <= self.lam <= 1.0, f"eviction.lam: must be in [0, 1], got {self.lam}")
+        _need(self.cot_tail_window >= 1, f"eviction.cot_tail_window: must be >= 1, got {self.cot_tail_window}")
 
 
 @dataclass
@@ -128,6 +181,12 @@ class LossConfig:
     # Where L_CODI compares teacher and student: "answer" = the position that predicts the first
     # non-whitespace answer token (as the official CODI code); "prompt" = the last answer-prompt token.
     codi_position: Literal[data_format.CODI_POSITIONS] = "answer"
+
+    def check(self) -> None:
+        for k in ("ce_student", "ce_teacher", "alpha_codi", "alpha_kv"):
+            _need(getattr(self, k) >= 0, f"loss.{k}: must be >= 0, got {getattr(self, k)}")
+        if self.codi_layers is not None:
+            _need(len(self.codi_layers) > 0, "loss.codi_layers: must be null (all layers) or a non-empty list")
 
 
 @dataclass
@@ -174,6 +233,23 @@ class DataConfig:
     synth_exclude: list[str] = field(default_factory=list)
     tokenizer_vocab_size: int = 512  # local tokenizer for from_scratch models
 
+    def check(self) -> None:
+        _need(self.cot_style != "both" or self.source == "synthetic",
+              "data.cot_style: 'both' is only available for data.source: synthetic; allowed values: equation, nl")
+        for k in ("max_question_tokens", "max_cot_tokens", "max_answer_tokens"):
+            _need(getattr(self, k) >= 1, f"data.{k}: must be >= 1")
+        _need(self.synth_min_steps >= 1 and self.synth_max_steps >= self.synth_min_steps,
+              "data.synth_min_steps / data.synth_max_steps: need 1 <= min <= max")
+        if self.synth_task == "multiplication":
+            _need(1 <= self.synth_digits <= 20, f"data.synth_digits: must be in [1, 20], got {self.synth_digits}")
+        if self.synth_task == "pointer":
+            _need(2 <= self.synth_num_symbols <= 90, f"data.synth_num_symbols: must be in [2, 90] (the symbols are "
+                                                     f"the numbers 10..99), got {self.synth_num_symbols}")
+            _need(self.synth_max_steps + 2 < self.synth_num_symbols,
+                  f"data.synth_max_steps: the pointer task's hard split has synth_max_steps + 2 hops, which must be "
+                  f"fewer than data.synth_num_symbols; got synth_max_steps={self.synth_max_steps}, "
+                  f"synth_num_symbols={self.synth_num_symbols}")
+
 
 @dataclass
 class OptimConfig:
@@ -199,6 +275,22 @@ class OptimConfig:
     # the step's CE gradient is unchanged (step-wide denominators), per-micro-batch normalisers regroup
     group_by_length: bool = True
 
+    def check(self) -> None:
+        _need(self.lr > 0, f"optim.lr: must be > 0, got {self.lr}")
+        _need(0 <= self.warmup_ratio < 1, f"optim.warmup_ratio: must be in [0, 1), got {self.warmup_ratio}")
+        _need(self.weight_decay >= 0, "optim.weight_decay: must be >= 0")
+        _need(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "optim.betas: two numbers in [0, 1)")
+        _need(self.micro_batch >= 1, "optim.micro_batch: must be >= 1")
+        _need(self.effective_batch >= self.micro_batch and self.effective_batch % self.micro_batch == 0,
+              f"optim.effective_batch ({self.effective_batch}) must be a multiple of optim.micro_batch "
+              f"({self.micro_batch})")
+        _need(self.grad_clip >= 0, "optim.grad_clip: must be >= 0 (0 disables)")
+        _need(self.epochs > 0, "optim.epochs: must be > 0")
+        _need(self.max_steps is None or self.max_steps >= 1, "optim.max_steps: must be >= 1 or null")
+        _need(self.graph_buckets > 1.0, f"optim.graph_buckets: must be > 1 (the growth of the width series), got "
+                                        f"{self.graph_buckets}")
+        _need(self.max_graphs >= 1, f"optim.max_graphs: must be >= 1, got {self.max_graphs}")
+
 
 @dataclass
 class RunConfig:
@@ -218,6 +310,24 @@ class RunConfig:
     nan_policy: Literal["stop", "skip"] = "stop"
     grad_share_every: int = 50  # per-term gradient norms every N optimizer steps (methods of 2+ loss terms); 0 = off
     deterministic: bool = False
+
+    def check(self) -> None:
+        allowed_logs = {"jsonl", "tensorboard", "wandb", "stdout"}
+        bad = [x for x in self.log if x not in allowed_logs]
+        _need(not bad, f"run.log: unknown backend(s) {bad}; allowed values: {', '.join(sorted(allowed_logs))}")
+        _need(self.log_every >= 1, "run.log_every: must be >= 1")
+        _need(bool(self.wandb_project.strip()), "run.wandb_project: must not be empty")
+        _need(self.wandb_entity is None or bool(self.wandb_entity.strip()),
+              "run.wandb_entity: must not be empty (null = default)")
+        bad = [t for t in self.wandb_tags if not t.strip() or len(t) > 64]
+        _need(not bad, f"run.wandb_tags: each tag must be 1-64 characters, got {bad}")
+        for k in ("eval_every", "save_every"):
+            _need(getattr(self, k) is None or getattr(self, k) >= 1,
+                  f"run.{k}: must be >= 1 or null, got {getattr(self, k)}")
+        _need(self.grad_share_every >= 0, f"run.grad_share_every: must be >= 0 (0 = off), got {self.grad_share_every}")
+        _need(self.eval_batch_size >= 1, f"run.eval_batch_size: must be >= 1, got {self.eval_batch_size}")
+        _need(self.eval_max_new_tokens >= 1, f"run.eval_max_new_tokens: must be >= 1, got {self.eval_max_new_tokens}")
+        _need(self.eval_max_cot_tokens >= 0, f"run.eval_max_cot_tokens: must be >= 0, got {self.eval_max_cot_tokens}")
 
 
 @dataclass
@@ -252,10 +362,6 @@ class Config:
     def spec(self):
         """The method's row of `kava.spec.SPECS` (`kava.spec.MethodSpec`)."""
         return spec_of(self.method)
-
-    @property
-    def is_latent(self) -> bool:
-        return self.spec.latent
 
 
 # --------------------------------------------------------------------------------------------------
@@ -596,111 +702,25 @@ def load_config(name_or_path: str | None = None, overrides: list[str] | None = N
 
 
 def validate(cfg: Config) -> None:
-    """Cross-field checks; each error names the key(s) and the allowed values."""
-
-    def need(cond: bool, msg: str) -> None:
-        if not cond:
-            raise ConfigError(msg)
-
-    lat, ev, lo, d, o, r = cfg.latent, cfg.eviction, cfg.loss, cfg.data, cfg.optim, cfg.run
-    need(lat.num_latents >= 1, f"latent.num_latents: must be >= 1, got {lat.num_latents}")
-    need(lat.num_sweeps >= 0, f"latent.num_sweeps: must be >= 0, got {lat.num_sweeps}")
-    need(lat.proj_hidden is None or lat.proj_hidden >= 1, "latent.proj_hidden: must be >= 1 or null")
-    need(0.0 <= ev.lam <= 1.0, f"eviction.lam: must be in [0, 1], got {ev.lam}")
-    cc, ic = cfg.coconut, cfg.icot
-    need(cc.thoughts_per_step >= 1, f"coconut.thoughts_per_step: must be >= 1, got {cc.thoughts_per_step}")
-    need(cc.max_stages >= 1, f"coconut.max_stages: must be >= 1, got {cc.max_stages}")
-    need(cc.epochs_per_stage > 0, f"coconut.epochs_per_stage: must be > 0, got {cc.epochs_per_stage}")
-    need(0 <= cc.mix_prob <= 1, f"coconut.mix_prob: must be in [0, 1], got {cc.mix_prob}")
+    """Each section's own checks (`check()`), then the rules across sections; each error names the key(s) and the
+    allowed values."""
+    sections = [getattr(cfg, f.name) for f in dataclasses.fields(cfg) if dataclasses.is_dataclass(getattr(cfg, f.name))]
+    for section in sections:  # lora is None under full fine-tuning
+        section.check()
     if (cls := curriculum.schedule_class(cfg)) is not None and (bad := cls.check(cfg)):
         raise ConfigError(bad[0])  # what the method's curriculum needs of the rest of the config
-    need(ic.tokens_per_epoch > 0, f"icot.tokens_per_epoch: must be > 0, got {ic.tokens_per_epoch}")
-    need(ic.smoothing_lambda is None or ic.smoothing_lambda > 0,
-         f"icot.smoothing_lambda: must be > 0 or null (no smoothing), got {ic.smoothing_lambda}")
-    need(ic.remove_all_beyond is None or ic.remove_all_beyond >= 1,
-         f"icot.remove_all_beyond: must be >= 1 or null, got {ic.remove_all_beyond}")
-    need(ev.cot_tail_window >= 1, f"eviction.cot_tail_window: must be >= 1, got {ev.cot_tail_window}")
-    for k in ("ce_student", "ce_teacher", "alpha_codi", "alpha_kv"):
-        need(getattr(lo, k) >= 0, f"loss.{k}: must be >= 0, got {getattr(lo, k)}")
-    if lo.codi_layers is not None:
-        need(len(lo.codi_layers) > 0, "loss.codi_layers: must be null (all layers) or a non-empty list")
-    if not cfg.spec.kv and lo.kv_supervision == "all":
+    if not cfg.spec.kv and cfg.loss.kv_supervision == "all":
         kv = " or ".join(repr(m) for m in KV_METHODS)
         raise ConfigError(
             f"loss.kv_supervision: 'all' supervises latent KV, which only method {kv} has (method is {cfg.method!r}); "
             f"use kv_supervision: last or method: {KV_METHODS[0]}"
         )
-    need(d.cot_style != "both" or d.source == "synthetic",
-         "data.cot_style: 'both' is only available for data.source: synthetic; allowed values: equation, nl")
-    for k in ("max_question_tokens", "max_cot_tokens", "max_answer_tokens"):
-        need(getattr(d, k) >= 1, f"data.{k}: must be >= 1")
-    need(d.synth_min_steps >= 1 and d.synth_max_steps >= d.synth_min_steps,
-         "data.synth_min_steps / data.synth_max_steps: need 1 <= min <= max")
-    if d.synth_task == "multiplication":
-        need(1 <= d.synth_digits <= 20, f"data.synth_digits: must be in [1, 20], got {d.synth_digits}")
-    if d.synth_task == "pointer":
-        need(2 <= d.synth_num_symbols <= 90,
-             f"data.synth_num_symbols: must be in [2, 90] (the symbols are the numbers 10..99), got {d.synth_num_symbols}")
-        need(d.synth_max_steps + 2 < d.synth_num_symbols,
-             f"data.synth_max_steps: the pointer task's hard split has synth_max_steps + 2 hops, which must be "
-             f"fewer than data.synth_num_symbols; got synth_max_steps={d.synth_max_steps}, "
-             f"synth_num_symbols={d.synth_num_symbols}")
-    need(o.lr > 0, f"optim.lr: must be > 0, got {o.lr}")
-    need(0 <= o.warmup_ratio < 1, f"optim.warmup_ratio: must be in [0, 1), got {o.warmup_ratio}")
-    need(o.weight_decay >= 0, "optim.weight_decay: must be >= 0")
-    need(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas: two numbers in [0, 1)")
-    need(o.micro_batch >= 1, "optim.micro_batch: must be >= 1")
-    need(o.effective_batch >= o.micro_batch and o.effective_batch % o.micro_batch == 0,
-         f"optim.effective_batch ({o.effective_batch}) must be a multiple of optim.micro_batch ({o.micro_batch})")
-    need(o.grad_clip >= 0, "optim.grad_clip: must be >= 0 (0 disables)")
-    need(o.epochs > 0, "optim.epochs: must be > 0")
-    need(o.max_steps is None or o.max_steps >= 1, "optim.max_steps: must be >= 1 or null")
-    need(o.graph_buckets > 1.0, f"optim.graph_buckets: must be > 1 (the growth of the width series), got "
-                                f"{o.graph_buckets}")
-    need(o.max_graphs >= 1, f"optim.max_graphs: must be >= 1, got {o.max_graphs}")
-    if o.cuda_graphs is True:
-        why = graph_exclusion(cfg)
-        need(why is None, f"optim.cuda_graphs: true is not possible with {why}; use auto or false")
-    allowed_logs = {"jsonl", "tensorboard", "wandb", "stdout"}
-    bad = [x for x in r.log if x not in allowed_logs]
-    need(not bad, f"run.log: unknown backend(s) {bad}; allowed values: {', '.join(sorted(allowed_logs))}")
-    need(r.log_every >= 1, "run.log_every: must be >= 1")
-    need(bool(r.wandb_project.strip()), "run.wandb_project: must not be empty")
-    need(r.wandb_entity is None or bool(r.wandb_entity.strip()), "run.wandb_entity: must not be empty (null = default)")
-    bad = [t for t in r.wandb_tags if not t.strip() or len(t) > 64]
-    need(not bad, f"run.wandb_tags: each tag must be 1-64 characters, got {bad}")
-    for k in ("eval_every", "save_every"):
-        need(getattr(r, k) is None or getattr(r, k) >= 1, f"run.{k}: must be >= 1 or null, got {getattr(r, k)}")
-    need(r.grad_share_every >= 0, f"run.grad_share_every: must be >= 0 (0 = off), got {r.grad_share_every}")
-    need(r.eval_batch_size >= 1, f"run.eval_batch_size: must be >= 1, got {r.eval_batch_size}")
-    need(r.eval_max_new_tokens >= 1, f"run.eval_max_new_tokens: must be >= 1, got {r.eval_max_new_tokens}")
-    need(r.eval_max_cot_tokens >= 0, f"run.eval_max_cot_tokens: must be >= 0, got {r.eval_max_cot_tokens}")
-    need(cfg.model.name_or_path or cfg.model.from_scratch or cfg.model.init_from,
-         "model: set model.name_or_path (hub id or local dir), model.from_scratch, or model.init_from")
+    if cfg.optim.cuda_graphs is True and (why := graph_exclusion(cfg)) is not None:
+        raise ConfigError(f"optim.cuda_graphs: true is not possible with {why}; use auto or false")
     if cfg.model.gradient_checkpointing and cfg.spec.latent:
         raise ConfigError(
             f"model.gradient_checkpointing: HF decoders drop the KV cache under gradient checkpointing, and "
             f"method {cfg.method!r} needs it for its latent passes; use it only with method cot or nocot")
-    if cfg.model.gguf_file is not None:
-        need(cfg.model.name_or_path is not None and cfg.model.from_scratch is None and cfg.model.init_from is None,
-             "model.gguf_file: names a file inside model.name_or_path; set model.name_or_path (the directory or hub "
-             "id holding it) and neither model.from_scratch nor model.init_from")
-    if cfg.model.from_scratch is not None:
-        fam = cfg.model.from_scratch.get("family")
-        need(fam in FAMILIES,
-             f"model.from_scratch.family: {fam!r} is not allowed; allowed values: {', '.join(FAMILIES)}")
-    attn = cfg.model.attn_implementation
-    need(attn in ATTN_CHOICES,
-         f"model.attn_implementation: {attn!r} is not allowed; allowed values: {', '.join(ATTN_CHOICES)}"
-         + (" (kava captures the importance block inside attention and lays padding inside sequences; flash "
-            "attention kernels expose neither, so they are not supported)" if "flash" in attn else ""))
-    if cfg.lora is not None:
-        need(cfg.lora.r >= 1, "lora.r: must be >= 1")
-        need(0 <= cfg.lora.dropout < 1, "lora.dropout: must be in [0, 1)")
-        need(len(cfg.lora.target_modules) > 0, "lora.target_modules: must not be empty")
-        need(not (cfg.lora.dropout > 0 and "lm_head" in cfg.lora.target_modules),
-             "lora.target_modules: lm_head with lora.dropout > 0 is not supported (the CE recomputes the LM head "
-             "in backward without replaying dropout draws); set lora.dropout: 0 or drop lm_head")
 
 
 def use_bf16(cfg: Config) -> bool:

@@ -70,7 +70,7 @@ def run(args) -> int:
     km = kava.load(args.checkpoint, device=args.device)
     print(f"[kava] ask: {km.describe()}", file=sys.stderr, flush=True)  # stdout: the answers only
     mode = args.mode or km.default_mode
-    if mode == "latent" and not km.cfg.is_latent:
+    if mode == "latent" and not km.cfg.spec.latent:
         print(f"kava ask: a {km.method!r} checkpoint has no latent mode; use --mode cot or nocot", file=sys.stderr)
         return 2
 

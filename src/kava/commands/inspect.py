@@ -37,7 +37,7 @@ def run(args) -> int:
 
     km = kava.load(args.checkpoint, device="cuda" if torch.cuda.is_available() else "cpu", dtype=torch.float32)
     model, tok, cfg = km.model, km.tokenizer, km.cfg
-    if not cfg.is_latent:
+    if not cfg.spec.latent:
         print(f"kava inspect: a {cfg.method!r} checkpoint has no latents; use a run of {', '.join(LATENT_METHODS)}",
               file=sys.stderr)
         return 2

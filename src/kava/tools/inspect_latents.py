@@ -79,7 +79,7 @@ def inspect_example(model, tokenizer, cfg, question: str, cot: str, answer: str,
     The CoT is used as given (no last-step dropping): the user chose what to look at.
     key_space defaults to the config's `loss.kv_key_space`, the space the KV loss compared keys in.
     """
-    if not cfg.is_latent:
+    if not cfg.spec.latent:
         raise ValueError(f"kava inspect needs a latent method's checkpoint; this one is {cfg.method!r}")
     key_space = key_space or cfg.loss.kv_key_space
     fmt = Formatter.from_config(cfg, tokenizer, limits=False, drop_last_step=False)
