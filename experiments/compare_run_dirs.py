@@ -21,7 +21,7 @@ from pathlib import Path
 
 # git revision, wall-clock timings and measured throughput; config_hash is a hash of the whole resolved config,
 # run.output_dir (a path) included: config.yaml itself is compared (paths scrubbed)
-VOLATILE = {"git", "tokens_per_s", "wall_s", "questions_per_s", "grad_share_s", "config_hash"}
+VOLATILE = {"git", "date", "tokens_per_s", "wall_s", "questions_per_s", "grad_share_s", "config_hash"}  # date: when it ran
 RATE = re.compile(r"questions/s|steps/s|\d+m\d+s|ETA")
 
 
