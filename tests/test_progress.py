@@ -1,5 +1,6 @@
 """`kava train` output: the start summary, and a progress line every `run.log_every` steps when no progress
-bar is shown (no TTY: SLURM, nohup, a pipe; or --no-progress)."""
+bar is shown (no TTY: SLURM, nohup, a pipe; or --no-progress); `kava eval`'s progress lines, from the same
+console helpers (`kava.console`)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,9 @@ import pytest
 
 import kava
 from kava.config import load_config
-from kava.training.progress import ProgressLine, format_duration
+from kava.console import format_duration
+from kava.evaluate import EvalProgress
+from kava.training.progress import ProgressLine
 from kava.train import train
 
 from test_sweep import TINY
@@ -47,6 +50,26 @@ def test_progress_line_after_resume_counts_from_the_resumed_step(capsys):
 
 def test_disabled_progress_line_prints_nothing(capsys):
     ProgressLine(total=10, start_step=0, enabled=False).update(5, 1.0)
+    assert capsys.readouterr().out == ""
+
+
+def test_eval_progress_prints_when_due_with_the_rate_since_the_start(capsys):
+    t = iter([0.0, 1.0, 2.0, 70.0, 72.0, 80.0])  # start, then one reading per update
+    p = EvalProgress(total=40, label="gsm8k (cot)", enabled=True, clock=lambda: next(t))
+    p.update(2)  # 2 of 40: under 10% and under 60 s -> nothing
+    p.update(2)  # 4 = 10% -> due: 4 in 2 s
+    p.update(1)  # 5: 68 s since the last line -> due: 5 in 70 s
+    p.update(1)  # 6: not due
+    p.update(34)  # the end is always due: 40 in 80 s
+    assert capsys.readouterr().out.splitlines() == [
+        "[kava] eval gsm8k (cot): 4/40 questions (10%) | 2.0 questions/s | ETA 18s",
+        "[kava] eval gsm8k (cot): 5/40 questions (12%) | 0.1 questions/s | ETA 8m10s",
+        "[kava] eval gsm8k (cot): 40/40 questions (100%) | 0.5 questions/s | ETA 0s"]
+
+
+def test_disabled_eval_progress_prints_nothing(capsys):
+    p = EvalProgress(total=4, label="x", enabled=False)
+    p.update(4)
     assert capsys.readouterr().out == ""
 
 

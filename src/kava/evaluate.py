@@ -27,6 +27,7 @@ from kava.checkpoint.load import (Loaded, describe_source, load_any, load_plain,
                                  plain_identity, plain_name)
 from kava.checkpoint.rundir import RunDir, git_revision, read_state, versions
 from kava.checkpoint.state import model_identity
+from kava.console import Ticker, print_line
 from kava.data.format import Formatter
 from kava.data.pipeline import find_synthetic_dir
 from kava.data.readers import COT_STYLES, check_eval_sets, hub_eval_spec, is_data_file, load_eval_dataset
@@ -37,34 +38,32 @@ from kava.diagnostics import (check_shards, diagnose_batch, eval_chunks, format_
 from kava.model.families import check_window
 from kava.model.reasoner import LatentReasoner
 from kava.scoring import answer_matches, binomial_stderr, digit_agreement, extract
-from kava.training.progress import format_duration
 
 
 class EvalProgress:
     """Progress lines when no bar shows (no TTY: SLURM, nohup, a pipe): one every `every` of the questions
-    (10%) or `seconds` (60 s), whichever comes first, and one at the end.
+    (10%) or `seconds` (60 s), whichever comes first, and one at the end; the rate is over all questions so far.
 
         [kava] eval gsm8k (cot): 264/1319 questions (20%) | 3.1 questions/s | ETA 5m40s
     """
 
     def __init__(self, total: int, label: str, enabled: bool, every: float = 0.1, seconds: float = 60.0,
                  clock=time.perf_counter):
-        self.total, self.label, self.enabled, self.clock = total, label, enabled, clock
+        self.total, self.label, self.enabled = total, label, enabled
         self.step, self.seconds = max(1, int(total * every)), seconds
-        self.t0 = self.last_t = clock()
-        self.done = self.last_done = 0
+        self.ticker = Ticker(total, since="start", clock=clock)
+        self.done = 0
 
     def update(self, n: int) -> None:
         self.done += n
-        now = self.clock()
-        due = self.done - self.last_done >= self.step or now - self.last_t >= self.seconds or self.done >= self.total
+        now = self.ticker.clock()
+        units, seconds = self.ticker.since_last(self.done, now)
+        due = units >= self.step or seconds >= self.seconds or self.done >= self.total
         if not (self.enabled and due):
             return
-        rate = self.done / max(now - self.t0, 1e-9)
-        eta = format_duration((self.total - self.done) / rate) if rate > 0 else "?"
-        print(f"[kava] eval {self.label}: {self.done}/{self.total} questions ({100 * self.done / max(self.total, 1):.0f}%)"
-              f" | {rate:.1f} questions/s | ETA {eta}", flush=True)
-        self.last_done, self.last_t = self.done, now
+        rate, eta = self.ticker.read(self.done, now)
+        print_line(f"[kava] eval {self.label}: {self.done}/{self.total} questions "
+                   f"({100 * self.done / max(self.total, 1):.0f}%) | {rate:.1f} questions/s | ETA {eta}")
 
 
 def evaluate_records(model: LatentReasoner, tokenizer, cfg, records: list[Record], *, mode: str | None = None,

@@ -49,6 +49,7 @@ from kava.checkpoint.state import (atomic_dir_write, check_resume_state, check_t
                                    tokenizer_identity, write_checkpoint, model_identity)
 from kava.config import (Config, ConfigError, check_launcher_precision, check_world_size, load_config, parse_override,
                          save_config, use_bf16)
+from kava.console import print_line
 from kava.data.format import Formatter, Tokenized
 from kava.data.pipeline import load_train_valid, synthetic_single_tokens, train_data_label
 from kava.data.records import Record, SkipLog
@@ -60,7 +61,7 @@ from kava.training.gradshare import grad_share_due, grad_share_micro, measure
 from kava.training.graphs import GraphedStep, setup_graphs
 from kava.training.interrupt import StopRequest, TrainingInterrupted
 from kava.training.logger import MetricLogger
-from kava.training.progress import ProgressLine, plan_lines, print_line, start_summary, validation_line
+from kava.training.progress import ProgressLine, plan_lines, start_summary, validation_line
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase

@@ -7,21 +7,19 @@ every `run.log_every` optimizer steps instead:
 
     [kava] step 40/400 (10%) | loss 1.2345 | 2.50 steps/s | ETA 2m24s
 
-Each validation prints a line, bar or no bar (`validation_line`, above the bar: `print_line`):
+Each validation prints a line, bar or no bar (`validation_line`, above the bar: `kava.console.print_line`):
 
     [kava] step 400: val accuracy 0.4120 (best 0.4300 at step 200)
 """
 
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
 from kava import curriculum
 from kava.checkpoint.rundir import RunDir
+from kava.console import Ticker, print_line
 
 
 def describe_model(cfg) -> str:
@@ -62,18 +60,6 @@ def start_summary(cfg, plan, *, run_dir: Path, world: int, data_desc: str, n_rec
                                n_valid=n_valid, valid_skips=valid_skips)
 
 
-def format_duration(seconds: float) -> str:
-    """3725 -> '1h02m05s', 145 -> '2m25s', 7.4 -> '7s'."""
-    s = int(round(max(seconds, 0.0)))
-    h, rem = divmod(s, 3600)
-    m, s = divmod(rem, 60)
-    if h:
-        return f"{h}h{m:02d}m{s:02d}s"
-    if m:
-        return f"{m}m{s:02d}s"
-    return f"{s}s"
-
-
 class ProgressLine:
     """One line per logged step when no progress bar is shown: step/total, loss, steps/s, ETA.
 
@@ -82,20 +68,17 @@ class ProgressLine:
     """
 
     def __init__(self, total: int, start_step: int, enabled: bool, clock=time.perf_counter):
-        self.total, self.enabled, self.clock = total, enabled, clock
-        self.last_step, self.last_t = start_step, clock()
+        self.total, self.enabled = total, enabled
+        self.ticker = Ticker(total, start_step, since="line", clock=clock)
 
     def line(self, step: int, loss: float) -> str:
-        now = self.clock()
-        rate = (step - self.last_step) / max(now - self.last_t, 1e-9)
-        self.last_step, self.last_t = step, now
-        eta = format_duration((self.total - step) / rate) if rate > 0 else "?"
+        rate, eta = self.ticker.read(step)
         return (f"[kava] step {step}/{self.total} ({100 * step / self.total:.0f}%) | loss {loss:.4f} | "
                 f"{rate:.2f} steps/s | ETA {eta}")
 
     def update(self, step: int, loss: float) -> None:
         if self.enabled:
-            print(self.line(step, loss), flush=True)
+            print_line(self.line(step, loss))
 
 
 def validation_line(step: int, accuracy: float, best: dict) -> str:
@@ -103,9 +86,3 @@ def validation_line(step: int, accuracy: float, best: dict) -> str:
     this validation included)."""
     return (f"[kava] step {step}: val accuracy {accuracy:.4f} (best {best['val/accuracy']:.4f} at step "
             f"{best['step']})")
-
-
-def print_line(line: str) -> None:
-    """Print `line` on stdout, flushed; above tqdm's bar when one is drawn (it is not broken)."""
-    tqdm.write(line, file=sys.stdout)
-    sys.stdout.flush()
