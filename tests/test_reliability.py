@@ -702,13 +702,13 @@ def inject(monkeypatch, term: str, at_calls: set[int], value: float = float("inf
             def backward(ctx, g):
                 return torch.full(ctx.shape, value)
 
-        real_step = kt.loss_step
+        real_step = kava.objective.loss_step
 
         def step(model, *a, **k):
             total, log = real_step(model, *a, **k)
             return (total + InfGrad.apply(model.special_rows) if hit() else total), log
 
-        monkeypatch.setattr(kt, "loss_step", step)
+        monkeypatch.setattr(kava.objective, "loss_step", step)
 
 
 NONFINITE = [("ce_teacher", "inf"), ("ce_student", "-inf"), ("codi", "inf"), ("kv", "inf"), ("kv", "nan"),

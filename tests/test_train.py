@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 import kava.losses
+import kava.objective
 import kava.checkpoint.state as ks
 import kava.train as kt
 from kava.config import load_config
@@ -232,8 +233,8 @@ def test_exact_resume_after_sigkill(method, extra, tmp_path, synth_root, monkeyp
     (run_b / "checkpoints" / "step_12.tmp" / "state.json").write_text("{}")
 
     calls = []
-    real_loss_step = kt.loss_step
-    monkeypatch.setattr(kt, "loss_step", lambda *a, **k: calls.append(1) or real_loss_step(*a, **k))
+    real_loss_step = kava.objective.loss_step
+    monkeypatch.setattr(kava.objective, "loss_step", lambda *a, **k: calls.append(1) or real_loss_step(*a, **k))
     cfg_b = kt.resume_config(run_b)
     assert cfg_b == load_config("tiny_synth", common + ["run.name=B"])
     assert kt.train(cfg_b, resume=run_b, progress=False, data_root=synth_root) == run_b
@@ -788,7 +789,7 @@ def test_train_step_with_a_nonfinite_loss_or_gradient_changes_nothing(tmp_path, 
     before = [p.detach().clone() for p in params]
     opt_before = ks.optimizer_tensors(t.inner_opt)[0]
 
-    calls, real = [], kt.loss_step
+    calls, real = [], kava.objective.loss_step
     def nan_second(*a, **k):  # the second micro-batch's CE is NaN
         total, log = real(*a, **k)
         calls.append(1)
@@ -797,7 +798,7 @@ def test_train_step_with_a_nonfinite_loss_or_gradient_changes_nothing(tmp_path, 
         return total, log
 
     with monkeypatch.context() as mp:
-        mp.setattr(kt, "loss_step", nan_second)
+        mp.setattr(kava.objective, "loss_step", nan_second)
         r = kt.train_step(t, d.items, tuple(range(8)), accum=2, step=0, logger=logger)
     assert r.bad == ["loss/ce_teacher"]
     # a finite loss with an infinite gradient (overflow in backward)

@@ -7,6 +7,7 @@
                      call the same function through `teacher_kv_targets`, so all three see the same targets.
     student_terms    the student's latents and answer pass, and its terms: ce_student, codi, kv
     loss_step        all of them on one micro-batch -> (total, log)
+    Objective        the torch module around the model that DDP wraps: forward(batch) = loss_step
 
 Which stages run, and which terms enter the total, is the method's row of `kava.spec.SPECS`; methods differ
 by those switches, never by forks of this code.
@@ -22,6 +23,7 @@ import torch
 from kava import eviction, losses
 from kava.data.format import (SpecialIds, TeacherBatch, Tokenized, block_widths, build_student_batch,
                               build_teacher_batch)
+from kava.model.capture import no_host_sync
 from kava.model.reasoner import LatentReasoner, StudentOut, TeacherOut
 
 
@@ -226,3 +228,17 @@ def loss_step(model: LatentReasoner, batch: Batch, cfg, generator: torch.Generat
     out = {f"loss/{k}": v for k, v in log.items()}
     out.update(extra)
     return total, out
+
+
+class Objective(torch.nn.Module):
+    """The module DDP wraps: forward(batch) = every pass and loss term of the method (`loss_step`)."""
+
+    def __init__(self, model: LatentReasoner, cfg):
+        super().__init__()
+        self.model, self.cfg = model, cfg
+        self.generator = torch.Generator().manual_seed(cfg.run.seed)  # random eviction (a control)
+
+    def forward(self, batch):
+        # on a GPU the eager step gains from no device->host reads as well (DDP cannot be graphed)
+        with no_host_sync(enabled=(batch.teacher or batch.student).ids.is_cuda):
+            return loss_step(self.model, batch, self.cfg, self.generator)

@@ -5,7 +5,7 @@
     setup_run_dir               refuse to overwrite a run; find and check the checkpoint to resume; then
                                 `train()` locks the directory (`kava.checkpoint.rundir.RunLock`)
     setup_data                  records, tokenizer, tokenized examples, skip accounting -> `Data`
-    setup_model_and_optimizer   reasoner, AdamW, `Objective`, prepared by accelerate -> `Trainer`
+    setup_model_and_optimizer   reasoner, AdamW, `kava.objective.Objective`, prepared by accelerate -> `Trainer`
     resume_state                a checkpoint into the `Trainer` (weights, optimizer, RNGs, counters)
     save_run_files              a new run's config.yaml, meta.json, skips.json
     train_step                  one optimizer step: micro-batches (loss / accumulation), non-finite check,
@@ -55,8 +55,7 @@ from kava.data.pipeline import load_train_valid, synthetic_single_tokens, train_
 from kava.data.records import Record, SkipLog
 from kava.data.tokenizer import build_tokenizer, tokenizer_texts
 from kava.evaluate import evaluate_records
-from kava.model.capture import no_host_sync
-from kava.objective import ce_denominators, length_key, loss_step, make_batch
+from kava.objective import Objective, ce_denominators, length_key, make_batch
 from kava.training.gradshare import grad_share_due, grad_share_micro, measure
 from kava.training.graphs import GraphedStep, setup_graphs
 from kava.training.interrupt import StopRequest, TrainingInterrupted
@@ -88,20 +87,6 @@ def lr_at(step: int, total: int, base: float, warmup: int, schedule: str) -> flo
 
 
 # ------------------------------------------------------------------------------------------------ trainer
-class Objective(torch.nn.Module):
-    """The module DDP wraps: forward(batch) = every pass and loss term of the method."""
-
-    def __init__(self, model, cfg: Config):
-        super().__init__()
-        self.model, self.cfg = model, cfg
-        self.generator = torch.Generator().manual_seed(cfg.run.seed)  # random eviction (a control)
-
-    def forward(self, batch):
-        # on a GPU the eager step gains from no device->host reads as well (DDP cannot be graphed)
-        with no_host_sync(enabled=(batch.teacher or batch.student).ids.is_cuda):
-            return loss_step(self.model, batch, self.cfg, self.generator)
-
-
 @dataclass
 class Plan:
     steps_per_epoch: int
