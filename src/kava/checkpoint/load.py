@@ -214,13 +214,15 @@ def load_plain(pretrained: str, *, peft: str | None = None, gguf_file: str | Non
                device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
     """(model, tokenizer, cfg) for a plain Hugging Face causal LM (hub id, local directory, GGUF file), with a
     peft adapter on it when `peft` is given: no latents, so `mode` is cot (default) or nocot; the config is
-    method `mode` with kava's defaults (answer prompt "The answer is:", evaluation budgets)."""
+    that of kava's method of the same name (which evaluates in that mode) with kava's defaults (answer prompt
+    "The answer is:", evaluation budgets)."""
     mode = mode or "cot"
     if mode not in PLAIN_MODES:
         raise ValueError(f"--mode {mode}: a plain model (no kava training) has no latent mode; use cot or nocot")
+    method = mode  # the methods cot and nocot evaluate in the modes of their names
     if tokenizer is None and peft is not None and (Path(peft) / "tokenizer_config.json").exists():
         tokenizer = str(peft)  # an adapter saved with its tokenizer
-    cfg = config_from_dict({"method": mode, "lora": None, "model": {
+    cfg = config_from_dict({"method": method, "lora": None, "model": {
         "name_or_path": pretrained, "gguf_file": gguf_file, "tokenizer": tokenizer, "trust_remote_code": trust_remote_code}})
     tok = load_tokenizer(cfg)
     lm = load_pretrained_lm(pretrained, gguf_file, dtype=dtype, trust_remote_code=trust_remote_code)
