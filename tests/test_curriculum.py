@@ -256,7 +256,7 @@ def test_coconut_thoughts_equal_a_naive_recomputation(family):
     counts = [2, 0, 4, 3]  # per example, within one latent block of 4 (the rest masked out)
     with torch.no_grad():
         sb = build_student_batch(items, m.ids, 4, latent_counts=counts, with_cot=True)
-        s = m.student_forward(sb, 0, mode="sequential")
+        s = m.student_forward(sb, 0, student_mode="sequential")
         got = m.logits(s.label_h)
         assert s.forward_passes == 1 + 4 + 1
         row = (sb.label_idx // (sb.ids.shape[1] - sb.answer_start)).tolist()

@@ -107,7 +107,8 @@ def inline_pass(m, items, M, T, student, key_space, keep_sweeps, rounded):
     """The code `latent_pass` replaced: decode / the diagnostics (rounded), `kava inspect` / `kava ask` (not)."""
     dev = m.special_rows.device
     sb = (question_batch(m, items, M) if rounded else build_student_batch(items, m.ids, M, with_answer=False)).to(dev)
-    return sb, m.student_forward(sb, T, mode=student, key_space=key_space, keep_sweeps=keep_sweeps, with_answer=False)
+    return sb, m.student_forward(sb, T, student_mode=student, key_space=key_space, keep_sweeps=keep_sweeps,
+                                 with_answer=False)
 
 
 @pytest.mark.parametrize("student, key_space, keep_sweeps, rounded", [

@@ -30,7 +30,7 @@ from tiny import RECORDS, tiny_reasoner
 
 M, T = 4, 2
 TOL = 1e-5
-MODES = [("llama", "jacobi", T), ("llama", "jacobi", 0), ("gpt2", "jacobi", T), ("llama", "sequential", 0),
+STUDENTS = [("llama", "jacobi", T), ("llama", "jacobi", 0), ("gpt2", "jacobi", T), ("llama", "sequential", 0),
          ("qwen2", "sequential", 0)]
 
 
@@ -85,48 +85,48 @@ def test_derangement_and_replacements():
         DiagnosticsSpec(("zero",))
 
 
-@pytest.mark.parametrize("family, mode, sweeps", MODES)
+@pytest.mark.parametrize("family, student_mode, sweeps", STUDENTS)
 @pytest.mark.parametrize("kind", ["none", "zeros", "placeholder", "shuffle"])
-def test_ablated_answer_equals_full_recomputation(family, mode, sweeps, kind):
+def test_ablated_answer_equals_full_recomputation(family, student_mode, sweeps, kind):
     m, tok = tiny_reasoner(family, seed=2)
     _, sb = student_batch(m, tok)
     with torch.no_grad():
-        s = m.student_forward(sb, sweeps, mode=mode, with_answer=False)
+        s = m.student_forward(sb, sweeps, student_mode=student_mode, with_answer=False)
         ph = m.embed(torch.tensor([[m.ids.latent]]))[0, 0]
         z = ablate_latents(s.latents, kind, ph)
         fast = answer_logits(m, sb, latent_slot_cache(m, sb, s.cache, z))
         ref = full_logits(m, sb, z)
         close(fast, ref)
-        pause = mode == "jacobi" and sweeps == 0  # there every latent is the placeholder (a shuffle is a no-op)
+        pause = student_mode == "jacobi" and sweeps == 0  # there every latent is the placeholder (a shuffle is a no-op)
         if kind == "zeros" or (kind != "none" and not pause):  # the replacement really changes the answer
             assert (fast - answer_logits(m, sb, latent_slot_cache(m, sb, s.cache, s.latents))).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("family, mode, sweeps", MODES)
-def test_ablation_with_the_real_latents_changes_nothing(family, mode, sweeps):
+@pytest.mark.parametrize("family, student_mode, sweeps", STUDENTS)
+def test_ablation_with_the_real_latents_changes_nothing(family, student_mode, sweeps):
     """Rebuilding the slots' KV from the latents the answer pass saw reproduces the student's own answer."""
     m, tok = tiny_reasoner(family, seed=3)
     _, sb = student_batch(m, tok)
     with torch.no_grad():
-        student = m.student_forward(sb, sweeps, mode=mode)  # the normal path, answer included
-        s = m.student_forward(sb, sweeps, mode=mode, with_answer=False)
+        student = m.student_forward(sb, sweeps, student_mode=student_mode)  # the normal path, answer included
+        s = m.student_forward(sb, sweeps, student_mode=student_mode, with_answer=False)
         close(answer_logits(m, sb, latent_slot_cache(m, sb, s.cache, ablate_latents(s.latents, "none"))),
               student.logits)
-        if mode == "jacobi" and sweeps == 0:  # pause tokens: the latents are the placeholder itself
+        if student_mode == "jacobi" and sweeps == 0:  # pause tokens: the latents are the placeholder itself
             ph = m.embed(torch.tensor([[m.ids.latent]]))[0, 0]
             close(answer_logits(m, sb, latent_slot_cache(m, sb, s.cache, ablate_latents(s.latents, "placeholder", ph))),
                   student.logits)
 
 
 # ------------------------------------------------------------------------------------------ oracle
-@pytest.mark.parametrize("family, mode, sweeps", MODES)
-def test_oracle_splice_of_the_students_own_kv_reproduces_its_answer(family, mode, sweeps):
+@pytest.mark.parametrize("family, student_mode, sweeps", STUDENTS)
+def test_oracle_splice_of_the_students_own_kv_reproduces_its_answer(family, student_mode, sweeps):
     m, tok = tiny_reasoner(family, seed=4)
     _, sb = student_batch(m, tok)
     B = sb.ids.shape[0]
     with torch.no_grad():
-        student = m.student_forward(sb, sweeps, mode=mode)
-        s = m.student_forward(sb, sweeps, mode=mode, with_answer=False, keep_sweeps="last")
+        student = m.student_forward(sb, sweeps, student_mode=student_mode)
+        s = m.student_forward(sb, sweeps, student_mode=student_mode, with_answer=False, keep_sweeps="last")
         cache, mask = oracle_cache(m, sb, s.cache, s.latent_k[-1], s.latent_v[-1], torch.ones(B, M, dtype=torch.bool))
         assert torch.equal(mask, sb.mask)
         close(answer_logits(m, sb, cache, mask), student.logits, 1e-6)

@@ -50,9 +50,9 @@ def test_jacobi_with_T_equal_M_matches_sequential_latents(family):
     M = 4
     _, _, sb = batches(m, tok, M=M)
     with torch.no_grad():
-        jac = m.student_forward(sb, num_sweeps=M, mode="jacobi")
-        seq = m.student_forward(sb, num_sweeps=0, mode="sequential")
-        short = m.student_forward(sb, num_sweeps=1, mode="jacobi")
+        jac = m.student_forward(sb, num_sweeps=M, student_mode="jacobi")
+        seq = m.student_forward(sb, num_sweeps=0, student_mode="sequential")
+        short = m.student_forward(sb, num_sweeps=1, student_mode="jacobi")
     close(jac.latents, seq.latents, 1e-4)
     close(jac.logits, seq.logits, 1e-4)
     close(jac.latent_k[-1], seq.latent_k[-1], 1e-4)

@@ -6,7 +6,7 @@
              what remains; evaluated by free generation from the question (whatever CoT is left is written).
     coconut  continuous thoughts (Hao et al. 2024, arXiv 2412.06769): at stage s the first s CoT steps are
              replaced by s·c thoughts (each the last hidden state fed back as the next input embedding,
-             `LatentReasoner.student_forward(mode="sequential")` with the identity projection); past the last
+             `LatentReasoner.student_forward(student_mode="sequential")` with the identity projection); past the last
              stage every step is. CE on the remaining steps and the answer.
 
 `for_config` gives the method's schedule (`Icot`, `Coconut`: `apply`, `reset_due`, `progress`, `describe`;

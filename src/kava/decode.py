@@ -167,7 +167,7 @@ def latent_pass(model: LatentReasoner, items: list[Tokenized], *, num_latents: i
     else:
         sb = build_student_batch(items, model.ids, num_latents, with_answer=False)
     sb = sb.to(model.special_rows.device)
-    s = model.student_forward(sb, num_sweeps, mode=student_mode, key_space=key_space, keep_sweeps=keep_sweeps,
+    s = model.student_forward(sb, num_sweeps, student_mode=student_mode, key_space=key_space, keep_sweeps=keep_sweeps,
                               with_answer=False)
     return sb, s
 

@@ -190,11 +190,11 @@ def oracle_cache(model: LatentReasoner, sb: StudentBatch, question_cache: Dynami
 def require_latent(method: str) -> str:
     """The student mode of a latent method (`kava.spec`); a ValueError for a method whose answer reads no
     latents."""
-    mode = spec_of(method).student
-    if mode is None:
+    student_mode = spec_of(method).student
+    if student_mode is None:
         raise ValueError(f"latent diagnostics need a latent method ({', '.join(LATENT_METHODS)}); this run's method "
                          f"is {method!r}, whose answer does not read latents")
-    return mode
+    return student_mode
 
 
 @torch.no_grad()

@@ -164,8 +164,8 @@ def student_terms(model: LatentReasoner, batch: Batch, t: TeacherOut | None, cfg
     spec, lc, sb = cfg.spec, cfg.loss, batch.student
     keep = "all" if lc.kv_supervision == "all" else "last"
     with timer("student_latents"):
-        s: StudentOut = model.student_forward(sb, cfg.latent.num_sweeps, mode=spec.student, key_space=lc.kv_key_space,
-                                              keep_sweeps=keep, with_answer=False,
+        s: StudentOut = model.student_forward(sb, cfg.latent.num_sweeps, student_mode=spec.student,
+                                              key_space=lc.kv_key_space, keep_sweeps=keep, with_answer=False,
                                               question_kv=None if t is None else t.question_kv)
     with timer("student_answer"):
         model.answer_pass(sb, s)

@@ -419,15 +419,15 @@ class LatentReasoner(nn.Module):
         """Jacobi update: slot 1 <- proj(h at <bot>), slot i+1 <- proj(h at slot i). [B,d],[B,M,d] -> [B,M,d]."""
         return self.proj(torch.cat([h_bot.unsqueeze(1), h_slots[:, :-1]], 1))
 
-    def student_forward(self, sb: StudentBatch, num_sweeps: int, *, mode: str = "jacobi",
+    def student_forward(self, sb: StudentBatch, num_sweeps: int, *, student_mode: str = "jacobi",
                         key_space: str = "cache", keep_sweeps: str = "all", with_answer: bool = True,
                         question_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> StudentOut:
         """Latent student (SPEC §2): prefix pass, T Jacobi sweeps on the cached question, answer pass.
 
-        mode="jacobi": prefix over question·<bot>·M placeholders gives z⁰ (shifted, projected); sweep t runs
+        student_mode="jacobi": prefix over question·<bot>·M placeholders gives z⁰ (shifted, projected); sweep t runs
         all M latents z^{t-1} at once on top of the question's cache and yields z^t; the answer pass runs on
         the cache of the last sweep. T=0: the answer attends to the placeholders (pause tokens).
-        mode="sequential" (CODI): one latent per pass, z_{k+1} = proj(h_k), M passes after the prefix.
+        student_mode="sequential" (CODI): one latent per pass, z_{k+1} = proj(h_k), M passes after the prefix.
         keep_sweeps: "all" returns the latent KV of every sweep, "last" only the final one.
         question_kv: the question block's KV from the teacher pass (`teacher_forward(share_question=True)`):
         the prefix pass then starts at <bot> on top of it; the same results as computing it here (up to
@@ -450,7 +450,7 @@ class LatentReasoner(nn.Module):
             lk.append(k)
             lv.append(v)
 
-        if mode == "jacobi":
+        if student_mode == "jacobi":
             pre = self.run(self.embed(sb.ids[:, W:Qb + M]), sb.mask[:, :Qb + M], sb.pos[:, W:Qb + M], cache)
             passes += 1
             h = pre.last_hidden_state  # columns [W, Qb + M)
@@ -468,7 +468,7 @@ class LatentReasoner(nn.Module):
                     if t < num_sweeps - 1:
                         h = out.last_hidden_state
                         z = torch.cat([z[:, :1], self.proj(h[:, :-1])], 1)  # slot 1 stays
-        elif mode == "sequential":
+        elif student_mode == "sequential":
             pre = self.run(self.embed(sb.ids[:, W:Qb]), sb.mask[:, :Qb], sb.pos[:, W:Qb], cache)
             passes += 1
             zs = []
@@ -484,7 +484,7 @@ class LatentReasoner(nn.Module):
             z = torch.cat(zs, 1) if zs else pre.last_hidden_state[:, :0]  # [B, M, d]
             record(Qb + M)
         else:
-            raise ValueError(f"student mode {mode!r}; allowed values: jacobi, sequential")
+            raise ValueError(f"student mode {student_mode!r}; allowed values: jacobi, sequential")
 
         res = StudentOut(label_h=None, targets=None, hidden=None, head=self.logits, latent_k=lk, latent_v=lv, latents=z,
                          forward_passes=passes, cache=cache)
