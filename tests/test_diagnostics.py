@@ -25,8 +25,8 @@ from kava.diagnostics import (EMPTY_COT, NO_COT, DiagnosticsSpec, ablate_latents
                               summarize_diagnostics)
 from kava.evaluate import evaluate_records
 from kava.objective import loss_step, make_batch, teacher_kv_targets
-from kava.model.reasoner import StudentOut, rotate_keys, unrotate_keys
-from tiny import RECORDS, tiny_reasoner
+from kava.model.reasoner import StudentOut
+from tiny import RECORDS, rotate_keys, tiny_reasoner, unrotate_keys
 
 M, T = 4, 2
 TOL = 1e-5

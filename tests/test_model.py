@@ -5,8 +5,7 @@ import torch
 
 from kava.data.format import Formatter, build_student_batch, build_teacher_batch
 from kava.data.records import SkipLog
-from kava.model.reasoner import unrotate_keys, rotate_half
-from tiny import RECORDS, tiny_reasoner
+from tiny import RECORDS, rotate_half, tiny_reasoner, unrotate_keys
 
 FAMILIES = ["llama", "qwen2", "gpt2"]
 TOL = 1e-5

@@ -91,3 +91,28 @@ RECORDS = [
     Record("He buys 7 more apples and then 5 more . How many ?", ("<<7+5=12>>", "<<12*3=36>>", "<<36-6=30>>", "<<30/3=10>>", "<<10+2=12>>"), "12", "t:3"),
     Record("Tom has 1 apples .", ("<<1+1=2>>",), "123", "t:4"),
 ]
+
+
+# The plain math of Llama's half-split rotary embedding, a reference for the RoPE tests (kava itself calls each
+# layer's own RoPE: `kava.model.rope`).
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def unrotate_keys(k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Undo HF's rotary embedding: k_pre = k·cos − rotate_half(k)·sin (a rotation by −θ).
+
+    k: [B, Hkv, N, D]; cos, sin: [B, N, D] (as the model's rotary module returns them for those positions).
+    """
+    cos, sin = cos.unsqueeze(1).to(k.dtype), sin.unsqueeze(1).to(k.dtype)
+    return k * cos - rotate_half(k) * sin
+
+
+def rotate_keys(k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """HF's rotary embedding of keys: k_rot = k·cos + rotate_half(k)·sin (the inverse of `unrotate_keys`).
+
+    k: [B, Hkv, N, D]; cos, sin: [B, N, D].
+    """
+    cos, sin = cos.unsqueeze(1).to(k.dtype), sin.unsqueeze(1).to(k.dtype)
+    return k * cos + rotate_half(k) * sin

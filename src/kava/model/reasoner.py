@@ -52,29 +52,6 @@ class Projection(nn.Module):
         return self.net(h)
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def unrotate_keys(k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Undo HF's rotary embedding: k_pre = k·cos − rotate_half(k)·sin (a rotation by −θ).
-
-    k: [B, Hkv, N, D]; cos, sin: [B, N, D] (as the model's rotary module returns them for those positions).
-    """
-    cos, sin = cos.unsqueeze(1).to(k.dtype), sin.unsqueeze(1).to(k.dtype)
-    return k * cos - rotate_half(k) * sin
-
-
-def rotate_keys(k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """HF's rotary embedding of keys: k_rot = k·cos + rotate_half(k)·sin (the inverse of `unrotate_keys`).
-
-    k: [B, Hkv, N, D]; cos, sin: [B, N, D].
-    """
-    cos, sin = cos.unsqueeze(1).to(k.dtype), sin.unsqueeze(1).to(k.dtype)
-    return k * cos + rotate_half(k) * sin
-
-
 def embedding_stats(emb: nn.Module, chunk: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean row [d] and overall std (0-dim) of what the input-embedding module outputs over its vocabulary
     (its forward, so any scale it applies inside is included), fp32, in chunks of rows."""
