@@ -359,6 +359,30 @@ def test_records_from_rows_skips_and_nl():
     assert out == [Record("P?", ("s1", "s2"), "3", "x:0")]
 
 
+def test_a_records_index_is_its_entrys_place_with_the_skipped_ones_counted(tmp_path):
+    """`Record.index` in every reader: the line, element or row the record came from, each skipped one before it
+    counted (blank lines are no entries), also when the `SkipLog` already holds skips of another file."""
+    def earlier():
+        skips = SkipLog()
+        skips.skip("empty question", "another.jsonl:1")
+        return skips
+
+    rows = [{"question": "Q0?", "answer": "x #### 1"}, {"question": "Q1?", "answer": "no marker"}, "not a row",
+            {"question": "Q3?", "answer": "x #### 3"}]
+    assert [r.index for r in records_from_rows(rows, "gsm8k", "h", skips=earlier())] == [0, 3]
+    jl = tmp_path / "a.jsonl"
+    jl.write_text('{"question": "Q0?", "answer": 1}\nnot json\n\n[1]\n{"question": "", "answer": 2}\n'
+                  '{"question": "Q5?", "answer": 5}\n')
+    assert [r.index for r in read_jsonl(jl, steps_field=None, skips=earlier())] == [0, 4]
+    arr = tmp_path / "a.json"
+    arr.write_text('[{"input": "Q0?", "target": 1}, 7, {"input": "Q2?", "target": "x"}, {"input": "Q3?", "target": 3}]')
+    assert [r.index for r in read_gsm_hard(arr, skips=earlier())] == [0, 3]
+    txt = tmp_path / "a.txt"
+    txt.write_text("Q0||<<1+1=2>> #### 2\nno bars\n\nQ2||<<2+2=4>> #### 4\nQ3||<<3+3=6>> #### 6\n")
+    assert [r.index for r in read_icot(txt, skips=earlier())] == [0, 2, 3]
+    assert [r.index for r in read_icot(txt, limit=2)] == [0, 2]
+
+
 def test_read_hub_uses_schema_and_config(monkeypatch):
     datasets = pytest.importorskip("datasets")
     calls = []

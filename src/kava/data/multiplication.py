@@ -99,31 +99,20 @@ def is_mult_line(line: str) -> bool:
     return LINE_RE.fullmatch(line.strip()) is not None
 
 
-def read_multiplication(path: str | Path, lines: Iterable[tuple[int, str]], skips: SkipLog,
-                        limit: int | None = None) -> list[Record]:
-    """Records of multiplication lines (`lines`: (line number, text) pairs of `path`). Question ``"5 6 3 2 *
-    7 4 3 4"``, steps `split_cot`, answer the digit string as written (``answer_kind="digits"``). A line that is
-    not of this form, or whose answer is not A x B with 2n digits, is a counted skip."""
-    out: list[Record] = []
-    if limit == 0:
-        return out
-    start = skips.total  # Record.index: the line's place among the entries, skipped ones counted
-    for lineno, line in lines:
-        where = f"{path}:{lineno}"
-        m = LINE_RE.fullmatch(line.strip())
-        if m is None:
-            skips.skip("not a multiplication line (A * B||CoT #### C, digits least significant first)", where)
-            continue
-        qa, qb, cot, ans = m.groups()
-        n = len(qa.split())
-        if len(qb.split()) != n or len(ans.split()) != 2 * n or read_lsd(qa) * read_lsd(qb) != read_lsd(ans):
-            skips.skip("answer is not A x B with 2n digits", where)
-            continue
-        out.append(Record(question=f"{qa} * {qb}", steps=split_cot(cot), answer=ans, source=where,
-                          answer_kind="digits", index=len(out) + skips.total - start))
-        if limit is not None and len(out) >= limit:
-            break
-    return out
+def mult_record(line: str, where: str, skips: SkipLog) -> Record | None:
+    """The record of a multiplication line (`kava.data.readers` reads the file). Question ``"5 6 3 2 * 7 4 3 4"``,
+    steps `split_cot`, answer the digit string as written (``answer_kind="digits"``). A line that is not of this
+    form, or whose answer is not A x B with 2n digits, is a counted skip (None)."""
+    m = LINE_RE.fullmatch(line.strip())
+    if m is None:
+        skips.skip("not a multiplication line (A * B||CoT #### C, digits least significant first)", where)
+        return None
+    qa, qb, cot, ans = m.groups()
+    n = len(qa.split())
+    if len(qb.split()) != n or len(ans.split()) != 2 * n or read_lsd(qa) * read_lsd(qb) != read_lsd(ans):
+        skips.skip("answer is not A x B with 2n digits", where)
+        return None
+    return Record(question=f"{qa} * {qb}", steps=split_cot(cot), answer=ans, source=where, answer_kind="digits")
 
 
 def exclusion_key(questions: Iterable[str]) -> str:

@@ -300,6 +300,30 @@ def _finish(records: list[Record], where: str, skips: SkipLog, limit: int | None
     return records
 
 
+def _collect(entries: Iterable[tuple[str, Any]], parse: Callable[[Any, str], Record | None], skips: SkipLog,
+             limit: int | None, name: str) -> list[Record]:
+    """The parse loop of every reader: `parse(entry, where)` for each (where, entry) of `entries` (a line, a
+    JSON element, a row; read lazily, so `limit` stops reading), each record placed (`Record.index`); an entry
+    it does not make a record of is one counted skip. No records at all is a `DataError` naming `name`."""
+    out: list[Record] = []
+    if limit == 0:
+        return out
+    start = skips.total
+    for where, entry in entries:
+        rec = parse(entry, where)
+        if rec is not None:
+            out.append(_placed(rec, out, skips, start))
+            if limit is not None and len(out) >= limit:
+                break
+    return _finish(out, name, skips, limit)
+
+
+def _numbered(path: str | Path, lines: Iterable[tuple[int, str]]) -> Iterator[tuple[str, str]]:
+    """(``"<path>:<line>"``, text) of (line number, text) pairs."""
+    for lineno, line in lines:
+        yield f"{path}:{lineno}", line
+
+
 def _iter_lines(path: Path, skips: SkipLog) -> Iterator[tuple[int, str]]:
     """(line number, text) of each non-blank line; undecodable lines are skipped as invalid utf-8."""
     with open(path, "rb") as f:
@@ -379,18 +403,9 @@ def _read_objects(
     path: str | Path, parser: Callable[..., Record | None], skips: SkipLog | None, limit: int | None, **opts: Any
 ) -> list[Record]:
     skips = SkipLog() if skips is None else skips
-    out: list[Record] = []
-    if limit == 0:
-        _check_file(path)
-        return out
-    start = skips.total
-    for where, obj in iter_json_objects(path, skips):
-        rec = parser(obj, where, skips, **opts)
-        if rec is not None:
-            out.append(_placed(rec, out, skips, start))
-            if limit is not None and len(out) >= limit:
-                break
-    return _finish(out, str(path), skips, limit)
+    _check_file(path)
+    return _collect(iter_json_objects(path, skips), lambda obj, where: parser(obj, where, skips, **opts), skips,
+                    limit, str(path))
 
 
 def icot_separator(line: str) -> tuple[int | None, str | None]:
@@ -420,26 +435,19 @@ def read_icot(path: str | Path, skips: SkipLog | None = None, limit: int | None 
     """iCoT text format, one ``question||cot #### answer`` per line (gsm8k-aug test/valid/train)."""
     skips = SkipLog() if skips is None else skips
     p = _check_file(path)
-    out: list[Record] = []
-    if limit == 0:
-        return out
-    start = skips.total
-    for lineno, line in _iter_lines(p, skips):
-        where = f"{path}:{lineno}"
+
+    def parse(line: str, where: str) -> Record | None:
         sep, why = icot_separator(line)
         if sep is None:
             skips.skip(why, where)
-            continue
+            return None
         question, rest = line[:sep], line[sep + 2:]
         parts = _split_hashes(rest, where, skips)
         if parts is None:
-            continue
-        rec = _make_record(question, split_cot(parts[0]), parts[1], where, skips)
-        if rec is not None:
-            out.append(_placed(rec, out, skips, start))
-            if limit is not None and len(out) >= limit:
-                break
-    return _finish(out, str(path), skips, limit)
+            return None
+        return _make_record(question, split_cot(parts[0]), parts[1], where, skips)
+
+    return _collect(_numbered(path, _iter_lines(p, skips)), parse, skips, limit, str(path))
 
 
 def icot_line(rec: Record, answer: str | None = None) -> str:
@@ -562,20 +570,15 @@ def records_from_rows(
     if schema == "fields":
         opts.update(_field_opts(fields))
     parser = _ROW_PARSERS[schema]
-    out: list[Record] = []
-    if limit == 0:
-        return out
-    for i, row in enumerate(rows):
-        where = f"{where_prefix}:{i}"
+
+    def parse(row: Any, where: str) -> Record | None:
         if not isinstance(row, dict):
             skips.skip("not a json object", where)
-            continue
-        rec = parser(row, where, skips, **opts)
-        if rec is not None:
-            out.append(replace(rec, index=i))
-            if limit is not None and len(out) >= limit:
-                break
-    return _finish(out, where_prefix, skips, limit)
+            return None
+        return parser(row, where, skips, **opts)
+
+    # each row is a record or one counted skip, so a record's place is its row number
+    return _collect(((f"{where_prefix}:{i}", row) for i, row in enumerate(rows)), parse, skips, limit, where_prefix)
 
 
 def _field_opts(fields: dict | None) -> dict[str, Any]:
@@ -771,8 +774,8 @@ def load_records(
     if fmt == "icot":
         return read_icot(p, skips, limit)
     if fmt == "multiplication":
-        return _finish(multiplication.read_multiplication(p, _iter_lines(_check_file(p), skips), skips, limit),
-                       str(p), skips, limit)
+        lines = _numbered(p, _iter_lines(_check_file(p), skips))
+        return _collect(lines, lambda line, where: multiplication.mult_record(line, where, skips), skips, limit, str(p))
     if fmt == "gsm8k":
         return read_gsm8k_jsonl(p, cot_style, skips, limit)
     if fmt == "gsm_hard":
