@@ -94,7 +94,8 @@ FLOORS = {
     "kava": 0,  # __version__; `kava.load` is the lazy door to kava.api (ALLOWED_LOCAL)
     "kava.spec": 0, "kava.eviction": 0, "kava.losses": 0, "kava.cache": 0, "kava.console": 0, "kava.data.records": 0,
     "kava.model.families": 0, "kava.model.compat": 0, "kava.model.rope": 0, "kava.model.lora_dropout": 0,
-    "kava.data.readers": 1, "kava.data.synthetic": 1, "kava.data.format": 1, "kava.data.tokenizer": 1,
+    "kava.data.readers": 1, "kava.data.synthetic": 1, "kava.data.multiplication": 1, "kava.data.format": 1,
+    "kava.data.tokenizer": 1,
     "kava.model.capture": 1, "kava.model.pretrained": 1,
     "kava.config": 2, "kava.scoring": 2, "kava.model.reasoner": 2, "kava.curriculum": 2,
     "kava.objective": 3, "kava.decode": 3, "kava.data.pipeline": 3,

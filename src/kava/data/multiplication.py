@@ -24,13 +24,13 @@ published files), and without any question of the `exclude` set (the published v
 from __future__ import annotations
 
 import hashlib
-import json
 import random
 import re
 from collections.abc import Iterable
 from pathlib import Path
 
 from kava.data.records import Record, SkipLog
+from kava.data.synthetic import check_splits, write_meta, write_splits
 
 MULT_VERSION = "kava-multiplication-1"
 MULT_SPLITS = ("valid", "test", "train")  # generation order: the eval splits claim questions first
@@ -130,9 +130,7 @@ def write_multiplication(out_dir: str | Path, sizes: dict[str, int], seed: int =
     `exclude` (questions as `question` writes them): such a draw is redrawn and counted in
     ``meta["redrawn"]``. The eval splits are drawn first, so train's size does not change them.
     """
-    unknown = set(sizes) - set(MULT_SPLITS)
-    if unknown:
-        raise ValueError(f"unknown multiplication splits {sorted(unknown)}; expected some of {MULT_SPLITS}")
+    check_splits(sizes, MULT_SPLITS, "multiplication")
     if not 1 <= digits <= MAX_DIGITS:
         raise ValueError(f"digits must be in [1, {MAX_DIGITS}], got {digits}")
     lo, hi = 10 ** (digits - 1), 10**digits - 1
@@ -141,16 +139,11 @@ def write_multiplication(out_dir: str | Path, sizes: dict[str, int], seed: int =
     if sum(sizes.values()) + len(excluded) > pairs // 2:
         raise ValueError(f"{sum(sizes.values())} problems asked of {pairs} distinct {digits}x{digits} products: "
                          "at most half of them can be drawn")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     seen: set[tuple[int, int]] = set()
-    counts, redrawn = {}, {}
-    for split in MULT_SPLITS:
-        if split not in sizes:
-            continue
-        rng = random.Random(f"{MULT_VERSION}:{seed}:{digits}:{split}")
+
+    def draw(split: str, size: int, rng: random.Random) -> tuple[list[str], dict[str, int]]:
         lines, again = [], {"within_or_across_splits": 0, "excluded": 0}
-        while len(lines) < sizes[split]:
+        while len(lines) < size:
             a, b = rng.randint(lo, hi), rng.randint(lo, hi)
             if (a, b) in seen:
                 again["within_or_across_splits"] += 1
@@ -159,14 +152,14 @@ def write_multiplication(out_dir: str | Path, sizes: dict[str, int], seed: int =
             else:
                 seen.add((a, b))
                 lines.append(mult_line(a, b, digits))
-        (out / f"{split}.txt").write_text("".join(ln + "\n" for ln in lines), encoding="utf-8")
-        counts[split], redrawn[split] = len(lines), again
-    meta = {"generator": MULT_VERSION, "task": "multiplication", "seed": seed, "digits": digits, "counts": counts,
-            "redrawn": redrawn, "excluded_questions": len(excluded),
-            "exclusion_key": exclusion_key(excluded) if excluded else None,
-            "files": {s: f"{s}.txt" for s in counts}, "format": "multiplication"}
-    (out / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    return meta
+        return lines, again
+
+    counts, redrawn = write_splits(out_dir, sizes, MULT_SPLITS, f"{MULT_VERSION}:{seed}:{digits}", draw, suffix=".txt")
+    return write_meta(out_dir, {
+        "generator": MULT_VERSION, "task": "multiplication", "seed": seed, "digits": digits, "counts": counts,
+        "redrawn": redrawn, "excluded_questions": len(excluded),
+        "exclusion_key": exclusion_key(excluded) if excluded else None,
+        "files": {s: f"{s}.txt" for s in counts}, "format": "multiplication"})
 
 
 def mult_tokens() -> list[str]:

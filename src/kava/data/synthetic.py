@@ -226,6 +226,41 @@ def _draw_unique(size: int, draw, seen: set[str], error: str) -> tuple[list[str]
     return lines, within, across
 
 
+def check_splits(sizes: dict[str, int], order: Sequence[str], task: str) -> None:
+    """Refuse a split name that is not one of `order` (a ValueError naming them)."""
+    unknown = set(sizes) - set(order)
+    if unknown:
+        raise ValueError(f"unknown {task} splits {sorted(unknown)}; expected some of {tuple(order)}")
+
+
+def write_splits(out_dir: str | Path, sizes: dict[str, int], order: Sequence[str], seed_key: str, draw,
+                 suffix: str = ".jsonl") -> tuple[dict[str, int], dict[str, dict[str, int]]]:
+    """Write ``<split><suffix>``, one problem a line, for each split of `order` that `sizes` names, in that order
+    (eval splits first, so they claim their questions before train; `draw` remembers what earlier splits drew).
+
+    Each split draws from its own ``random.Random`` seeded by ``f"{seed_key}:{split}"``, so its problems do not
+    depend on the other splits' sizes except through deduplication. `draw(split, size, rng)` returns the split's
+    lines and the count of redrawn duplicates by kind. Returns (line counts, redrawn counts) by split.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    counts: dict[str, int] = {}
+    redrawn: dict[str, dict[str, int]] = {}
+    for split in order:
+        if split not in sizes:
+            continue
+        lines, redrawn[split] = draw(split, sizes[split], random.Random(f"{seed_key}:{split}"))
+        (out / f"{split}{suffix}").write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+        counts[split] = len(lines)
+    return counts, redrawn
+
+
+def write_meta(out_dir: str | Path, meta: dict) -> dict:
+    """Write ``meta.json`` (sorted keys, so the bytes depend on the content only); return `meta`."""
+    (Path(out_dir) / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return meta
+
+
 def write_synthetic(
     out_dir: str | Path,
     sizes: dict[str, int],
@@ -245,32 +280,23 @@ def write_synthetic(
     counted in ``meta["duplicates_removed"]``. hard_max_value defaults to ``10 * (max_value + 1) - 1``
     (999 for 99).
     """
-    unknown = set(sizes) - set(SPLITS)
-    if unknown:
-        raise ValueError(f"unknown synthetic splits {sorted(unknown)}; expected some of {SPLITS}")
+    check_splits(sizes, SPLITS, "synthetic")
     if not 1 <= min_steps <= max_steps:
         raise ValueError(f"need 1 <= min_steps <= max_steps, got {min_steps}, {max_steps}")
     if max_value < 4:
         raise ValueError(f"max_value must be at least 4, got {max_value}")
     hard_max_value = 10 * (max_value + 1) - 1 if hard_max_value is None else hard_max_value
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     seen: set[str] = set()
-    counts: dict[str, int] = {}
-    removed: dict[str, dict[str, int]] = {}
-    for split in SPLITS:
-        if split not in sizes:
-            continue
-        size = int(sizes[split])
+
+    def draw(split: str, size: int, rng: random.Random) -> tuple[list[str], dict[str, int]]:
         lo, hi, vmax, tset = _split_params(split, min_steps, max_steps, max_value, hard_max_value)
-        rng = random.Random(f"{GENERATOR_VERSION}:{seed}:{split}")
         lines, within, across = _draw_unique(
-            size, lambda: generate_problem(rng, rng.randint(lo, hi), vmax, tset, max_factor), seen,
+            int(size), lambda: generate_problem(rng, rng.randint(lo, hi), vmax, tset, max_factor), seen,
             f"synthetic split {split}: too many duplicates; raise max_value or max_steps")
-        (out / f"{split}.jsonl").write_text("".join(line + "\n" for line in lines), encoding="utf-8")
-        counts[split] = len(lines)
-        removed[split] = {"within_split": within, "across_splits": across}
-    meta = {
+        return lines, {"within_split": within, "across_splits": across}
+
+    counts, removed = write_splits(out_dir, sizes, SPLITS, f"{GENERATOR_VERSION}:{seed}", draw)
+    return write_meta(out_dir, {
         "generator": GENERATOR_VERSION,
         "seed": seed,
         "min_steps": min_steps,
@@ -284,9 +310,7 @@ def write_synthetic(
         "files": {s: f"{s}.jsonl" for s in counts},
         "fields": ["question", "steps_eq", "steps_nl", "answer"],
         "template_sets": {"varied": "varied", **{s: "train" for s in SPLITS if s != "varied"}},
-    }
-    (out / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    return meta
+    })
 
 
 def question_sentences(question: str) -> list[str]:
@@ -386,33 +410,24 @@ def write_pointer(
     (counted in ``meta["duplicates_removed"]``), so the splits are disjoint. k is uniform over the split's
     hop range. The hard split needs k_max+2 < N (every hop lands on a new symbol).
     """
-    unknown = set(sizes) - set(POINTER_SPLITS)
-    if unknown:
-        raise ValueError(f"unknown pointer splits {sorted(unknown)}; expected some of {POINTER_SPLITS}")
+    check_splits(sizes, POINTER_SPLITS, "pointer")
     if not 1 <= min_hops <= max_hops:
         raise ValueError(f"need 1 <= min_hops <= max_hops, got {min_hops}, {max_hops}")
     pointer_symbols(num_symbols)  # range check
     if max_hops + 2 >= num_symbols:
         raise ValueError(f"need max_hops + 2 < num_symbols (the hard split's hops stay on one cycle), "
                          f"got max_hops={max_hops}, num_symbols={num_symbols}")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     seen: set[str] = set()
-    counts: dict[str, int] = {}
-    removed: dict[str, dict[str, int]] = {}
-    for split in POINTER_SPLITS:
-        if split not in sizes:
-            continue
-        size = int(sizes[split])
+
+    def draw(split: str, size: int, rng: random.Random) -> tuple[list[str], dict[str, int]]:
         lo, hi = _pointer_hop_range(split, min_hops, max_hops)
-        rng = random.Random(f"{POINTER_VERSION}:{seed}:{split}")
         lines, within, across = _draw_unique(
-            size, lambda: generate_pointer_problem(rng, rng.randint(lo, hi), num_symbols), seen,
+            int(size), lambda: generate_pointer_problem(rng, rng.randint(lo, hi), num_symbols), seen,
             f"pointer split {split}: too many duplicates; raise num_symbols")
-        (out / f"{split}.jsonl").write_text("".join(line + "\n" for line in lines), encoding="utf-8")
-        counts[split] = len(lines)
-        removed[split] = {"within_split": within, "across_splits": across}
-    meta = {
+        return lines, {"within_split": within, "across_splits": across}
+
+    counts, removed = write_splits(out_dir, sizes, POINTER_SPLITS, f"{POINTER_VERSION}:{seed}", draw)
+    return write_meta(out_dir, {
         "generator": POINTER_VERSION,
         "task": "pointer",
         "seed": seed,
@@ -426,6 +441,4 @@ def write_pointer(
         "duplicates_removed": removed,
         "files": {s: f"{s}.jsonl" for s in counts},
         "fields": ["question", "steps_eq", "steps_nl", "answer", "hops"],
-    }
-    (out / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    return meta
+    })
