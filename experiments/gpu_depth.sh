@@ -19,7 +19,7 @@ progress() {
   nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader
 }
 if [ "$phase" = driver ]; then
-  R="python experiments/synthetic_replication.py --out $O --results $O/results --backbone-config synth_depth_backbone
+  R="python experiments/synthetic/driver.py --out $O --results $O/results --backbone-config synth_depth_backbone
      --student-config synth_depth_student --methods ${METHODS:-nocot,cot,pccot,codi,kava} --styles ${STYLES:-eq}
      --seeds ${SEEDS:-42,123,456} --eval-sets synth-test --parallel ${PAR:-15}"
   t0=$(date +%s)
