@@ -84,8 +84,8 @@ def test_study_script_finds_the_kit_from_any_directory(script, tmp_path):
 def test_wait_done_returns_at_all_done_or_when_the_time_is_up(tmp_path):
     log = tmp_path / "driver.log"
     log.write_text('{"event": "start"}\n')
-    t = time.time()
-    assert kit(f"dk_wait_done {log} 1", tmp_path, tmp_path, DK_POLL_S="0.2").returncode == 0
+    t = time.time()  # `date +%s` counts whole seconds: 2 of them are more than 1 s and at most 2 s
+    assert kit(f"dk_wait_done {log} 2", tmp_path, tmp_path, DK_POLL_S="0.2").returncode == 0
     assert 0.9 <= time.time() - t < 10
     log.write_text('{"event": "start"}\n{"event": "all done", "wall_s": 3}\n')
     t = time.time()
