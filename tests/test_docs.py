@@ -6,7 +6,8 @@ docs/method.md only points at functions and files that exist.
   row lists every allowed value; and no row documents a key that does not exist.
 - Every `kava.module:attr` (or `src/kava/x.py::attr`) reference in docs/method.md imports and resolves; a
   reference used as link text links to that module's file.
-- Every relative link in both docs points to an existing file.
+- Every relative link in both docs, the results pages and the studies' READMEs points to an existing file, and
+  every experiments/ or benchmarks/ path they (or the study scripts, presets and library) name exists.
 - The preset table in docs/config.md is the one `render_preset_table()` builds from `kava.tools.presets`.
 """
 
@@ -247,10 +248,13 @@ def github_anchors(md: Path) -> set[str]:
     return anchors
 
 
-RESULT_MDS = sorted((ROOT / "results").glob("*/README.md")) + [ROOT / "README.md", ROOT / "benchmarks" / "RESULTS.md"]
+RESULT_MDS = sorted((ROOT / "results").rglob("README.md")) + [ROOT / "README.md", ROOT / "benchmarks" / "RESULTS.md"]
+# each study's README (what it is, how to run it, where its results are) and the index of the studies
+STUDY_MDS = sorted((ROOT / "experiments").rglob("README.md")) + [ROOT / "benchmarks" / "README.md"]
 
 
-@pytest.mark.parametrize("doc", [METHOD_MD, CONFIG_MD, *RESULT_MDS], ids=lambda p: str(p.relative_to(ROOT)))
+@pytest.mark.parametrize("doc", [METHOD_MD, CONFIG_MD, *RESULT_MDS, *STUDY_MDS],
+                         ids=lambda p: str(p.relative_to(ROOT)))
 def test_relative_links_exist(doc):
     """Every relative link of the docs and of the results pages points to a file (results: the run files that
     back each number; a `runs/` folder left out by .gitignore once broke them) and to a heading that exists."""
@@ -264,6 +268,28 @@ def test_relative_links_exist(doc):
         assert path.exists(), f"{doc.name}: link {target!r} points to a missing file"
         if anchor and path.suffix == ".md":
             assert anchor in github_anchors(path), f"{doc.name}: link {target!r}: no heading with that anchor"
+
+
+# a path into the studies or the speed scripts, as the pages and scripts write it (`experiments/depth/gpu.sh`)
+STUDY_PATH_RE = re.compile(r"(?<![\w./$-])((?:experiments|benchmarks)/[\w./-]*\w)")
+NAMING_PATHS = sorted({*RESULT_MDS, *STUDY_MDS, *DOCS.glob("*.md"), *(ROOT / "experiments").rglob("*.sh"),
+                       *(ROOT / "experiments").rglob("*.py"), *(ROOT / "benchmarks").glob("*.sh"),
+                       *(ROOT / "benchmarks").glob("*.py"), *(ROOT / "src" / "kava").rglob("*.py"),
+                       *(ROOT / "src" / "kava" / "configs").glob("*.yaml")})
+
+
+@pytest.mark.parametrize("doc", NAMING_PATHS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_named_study_paths_exist(doc):
+    """Every experiments/... or benchmarks/... path that a page, a study script, a preset or the library names
+    exists: a results page cites the scripts that produced its numbers, and a script moved into its study's
+    folder must take every citation with it."""
+    missing = []
+    for i, line in enumerate(doc.read_text().splitlines(), 1):
+        for m in STUDY_PATH_RE.finditer(line):
+            written = line[:m.start()].rstrip().endswith(("--out", "--output")) or '"--out", default=' in line
+            if not written and not (ROOT / m.group(1)).exists():  # an output a command will write need not exist
+                missing.append(f"{doc.relative_to(ROOT)}:{i}: {m.group(1)}")
+    assert not missing, missing
 
 
 INTERNAL_WORDS = re.compile(r"SPEC §|\bissue \d+|the issue's|\binstrument not measured\b")

@@ -256,21 +256,22 @@ def test_train_and_eval_end_to_end(method, tmp_path):
         assert sorted(p["index"] for p in preds) == list(range(8))
 
 
-def _experiment(name: str):
+def _experiment(rel: str):
+    """experiments/<rel>.py, imported by path (e.g. "pointer/watch")."""
     import importlib.util
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "experiments" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(name, path)
+    path = Path(__file__).resolve().parents[1] / "experiments" / f"{rel}.py"
+    spec = importlib.util.spec_from_file_location(path.stem, path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
 
 
 def test_validation_stopping_rule():
-    """experiments/pointer_watch.py: plateau = the last `patience` evals add at most min_delta to the best before;
+    """experiments/pointer/watch.py: plateau = the last `patience` evals add at most min_delta to the best before;
     the watcher stops a run there only at or above the floor (a flat start near zero is not a plateau to stop at)."""
-    w = _experiment("pointer_watch")
+    w = _experiment("pointer/watch")
     assert not w.plateaued([0.1, 0.2, 0.3], patience=4)  # too few evals
     assert w.plateaued([0.1, 0.5, 0.5, 0.502, 0.49, 0.5], patience=4, min_delta=0.005)
     assert not w.plateaued([0.1, 0.5, 0.5, 0.502, 0.49, 0.51], patience=4, min_delta=0.005)

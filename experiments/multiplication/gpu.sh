@@ -26,53 +26,41 @@
 #       the run with `kava train --resume`, event "resume" in status.jsonl)
 #   then `wait` calls, and `back` again at the end of the lease while the run is unfinished.
 # Environment (tests): MULT_ROOT (/root/mult), CARRY (.carry), DEVICE_FILES (/work/.device), PYTHON, PIECE_BYTES.
+# The steps it shares with the other studies' device scripts are experiments/devicekit.sh's.
 set -uo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/../devicekit.sh"
 S=${MULT_ROOT:-/root/mult}
 C=${CARRY:-.carry}
 PY=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
 py() { PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} "$PY" "$@"; }  # the tree's kava and experiments/
-ignore_carry() {  # .carry/ must never travel as untracked files, nor be committed (a worktree has no .git/info)
-  local ex; ex=$(git rev-parse --git-path info/exclude) && mkdir -p "$(dirname "$ex")" && \
-    { grep -qx '/.carry/' "$ex" 2>/dev/null || echo '/.carry/' >> "$ex"; }
-}
 report() {
   export PYTHONPATH=$S/src
   tail -5 $S/driver.log; python3 $S/driver.py status --out $S/out
   nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv
   for f in $S/out/logs/*.log; do echo "== $f"; grep -v Warn $f | tail -2 | cut -c1-400; done 2>/dev/null
-  cp $S/driver.log $S/out/ 2>/dev/null; python3 $S/driver.py pack --out $S/out --tar $OUT/results.tgz
+  dk_pack $S pack
 }
 case "${1:-}" in
 prepare)
   data=${DATA:-../shared/data}
   rm -rf .carry/mult && mkdir -p .carry/mult/data/multiplication
-  ignore_carry
+  dk_ignore_carry
   for n in 4 5; do cp -r "$data/multiplication/${n}x${n}" .carry/mult/data/multiplication/; done
-  { git rev-parse HEAD; git status --short; } > .carry/mult/revision
+  dk_revision .carry/mult/revision
   du -sh .carry/mult ;;
 start)
-  mkdir -p $S && cp -r .carry/mult/data .carry/mult/revision $S/ && rm -rf $S/src && mkdir -p $S/src
-  cp -r src/kava $S/src/ && cp experiments/multiplication/driver.py $S/
-  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-  python3 -c "import torch, transformers; print(torch.__version__, transformers.__version__)"
-  # CUDA MPS lets the jobs' small kernels run side by side instead of time-sliced; used only if it works here
-  if command -v nvidia-cuda-mps-control >/dev/null; then
-    export CUDA_MPS_PIPE_DIRECTORY=$S/mps/pipe CUDA_MPS_LOG_DIRECTORY=$S/mps/log
-    # the daemon must not hold this call's output open (a `| tail` on the call then waits for it until the limit)
-    mkdir -p $CUDA_MPS_PIPE_DIRECTORY $CUDA_MPS_LOG_DIRECTORY && nvidia-cuda-mps-control -d >/dev/null 2>&1 </dev/null && sleep 2
-    if timeout 60 python3 -c "import torch; x = torch.randn(64, 64, device='cuda'); print(float((x @ x).sum()))"; then
-      echo "MPS: on"; else echo quit | nvidia-cuda-mps-control; unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY; echo "MPS: off"; fi
-  fi
-  cd $S && PYTHONPATH=$S/src PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True setsid nohup python3 driver.py run \
-    --data $S/data --out $S/out --jobs ${JOBS:-gate,icot} --budget ${BUDGET:-1000} ${SEEDS:+--seeds $SEEDS} ${EXTRA:-} \
-    > $S/driver.log 2>&1 < /dev/null &
+  mkdir -p $S && cp -r .carry/mult/data .carry/mult/revision $S/
+  dk_freeze_source $S experiments/multiplication/driver.py
+  dk_device_info
+  dk_mps_start $S  # one client, a matmul: the jobs start under it if it works
+  cd $S && dk_detach $S/driver.log env PYTHONPATH=$S/src PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True \
+    python3 driver.py run --data $S/data --out $S/out --jobs ${JOBS:-gate,icot} --budget ${BUDGET:-1000} \
+    ${SEEDS:+--seeds $SEEDS} ${EXTRA:-}
   cd - >/dev/null
-  end=$(( $(date +%s) + ${2:-500} ))
-  while [ $(date +%s) -lt $end ] && ! grep -q '"all done"' $S/driver.log 2>/dev/null; do sleep 10; done
+  dk_wait_done $S/driver.log ${2:-500}
   report ;;
 wait)
-  end=$(( $(date +%s) + ${2:-560} ))
-  while [ $(date +%s) -lt $end ] && ! grep -q '"all done"' $S/driver.log 2>/dev/null; do sleep 10; done
+  dk_wait_done $S/driver.log ${2:-560}
   report ;;
 back)  # device: pieces 4K..4K+3 of run $2's resume state (made once) and the manifest into $OUT
   run=${2:?usage: back RUN_NAME K}; k=${3:-0}; d=$S/ship/$run
@@ -89,7 +77,7 @@ back)  # device: pieces 4K..4K+3 of run $2's resume state (made once) and the ma
   else echo "remaining: none; here: bash experiments/multiplication/gpu.sh gather $run"; fi ;;
 gather)  # here: the pieces from /work/.device/*/ into $C/back/RUN; once complete, joined, unpacked, re-split
   run=${2:?usage: gather RUN_NAME}
-  [ "$C" = .carry ] && ignore_carry
+  [ "$C" = .carry ] && dk_ignore_carry
   py experiments/multiplication/driver.py gather --name "$run" --src ${DEVICE_FILES:-/work/.device} --into $C/back \
     --unpack $C/back/out --ship $C/ship ;;
 stash)  # device: carried piece $C/ship/RUN/pKK out of the tree, to /root/mult/stash/RUN

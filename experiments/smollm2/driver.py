@@ -1,9 +1,9 @@
 """The paper's table on a real pretrained model: SmolLM2-135M-Instruct + LoRA on GSM8k, every method x CoT style x
 seed, trained, evaluated (GSM8k, GSM8k-Hard, SVAMP) and diagnosed, many jobs sharing one GPU.
 
-    python experiments/smollm2_table.py run --data /path/to/shared/data --out /tmp/smol --parallel 9 --budget 1200
-    python experiments/smollm2_table.py collect --out /tmp/smol --tar results.tgz
-    python experiments/smollm2_table.py report --runs results/smollm2/runs --output results/smollm2
+    python experiments/smollm2/driver.py run --data /path/to/shared/data --out /tmp/smol --parallel 9 --budget 1200
+    python experiments/smollm2/driver.py collect --out /tmp/smol --tar results.tgz
+    python experiments/smollm2/driver.py report --runs results/smollm2/runs --output results/smollm2
 
 One job = `kava train --config smollm2_gsm8k_<style> --set method=M --set run.seed=S`, then
 `kava eval --datasets gsm8k --diagnostics` (latent methods: accuracy with the latents zeroed / placeholder /

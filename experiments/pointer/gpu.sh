@@ -1,20 +1,20 @@
 #!/usr/bin/env bash
 # The pointer-chasing instrument (issue 22 §2) on one GPU, in one call of at most 9 minutes wall:
-#   OUT=/path/that/comes/back bash experiments/gpu_pointer.sh
+#   OUT=/path/that/comes/back bash experiments/pointer/gpu.sh
 # Run from the repo root (PYTHONPATH=$PWD/src; torch, transformers, accelerate, tokenizers preinstalled).
 #
 # For each depth L in LAYERS (default "2 3": 2 is the issue's model; 3 is a hedge in case the 2-layer CoT does
 # not form its lookup circuit in the time, and No-CoT with 3 layers still has about one hop), concurrently in the
 # background on the one GPU:
 #   backbone-L<L>       synth_pointer_backbone with L layers: CoT from scratch; stopped by validation
-#                       (pointer_watch.py: val >= BB_STOP, or a plateau at >= 0.9) or at BB_BUDGET s
+#                       (watch.py: val >= BB_STOP, or a plateau at >= 0.9) or at BB_BUDGET s
 #   nocot-scratch-L<L>  the same model and data with method=nocot from scratch, for the full optim.max_steps or
 #                       until the time left runs out (no early stop: No-CoT gets at least the samples any latent
 #                       method gets), best/ by validation
 #   <m>-L<L>-s42        for m in STUDENTS (default nocot), once backbone-L<L> ends: synth_pointer_student from
 #                       its best/, the full optim.max_steps or until the time left runs out, best/ by validation
 # then `kava eval` of every run's best/ on synth-test and synth-hard, accuracy by k (per_depth.py, chance in every
-# table), the validation curves with a plateau flag (pointer_watch.py curves) -> summary.md.
+# table), the validation curves with a plateau flag (watch.py curves) -> summary.md.
 #
 # $OUT receives at most 4 files: env.txt, driver.log, summary.md, pointer.tgz (every log, metrics.jsonl,
 # config, eval summary/predictions and table; no checkpoints; with PACK_BACKBONE=1 also the backbones' best/).
@@ -73,7 +73,7 @@ pack() {
     echo
     echo "## Validation curves (the trainer's val/accuracy, each method in its own mode)"
     echo
-    [ ${#R[@]} -gt 0 ] && $PY experiments/pointer_watch.py curves "${R[@]}" 2>&1
+    [ ${#R[@]} -gt 0 ] && $PY experiments/pointer/watch.py curves "${R[@]}" 2>&1
     for split in test hard; do
       echo
       echo "## synth-$split by k"
@@ -110,7 +110,7 @@ train() {
   pid=$!
   trap 'kill -TERM $pid 2>/dev/null; exit 143' TERM  # timeout passes it on to kava train
   if [ -n "$wargs" ]; then
-    $PY experiments/pointer_watch.py watch "$W/$name" --pid "$pid" $wargs >> "$W/logs/$name.watch.log" 2>&1 &
+    $PY experiments/pointer/watch.py watch "$W/$name" --pid "$pid" $wargs >> "$W/logs/$name.watch.log" 2>&1 &
   else
     echo "[watch $name] none: trained to optim.max_steps or the time budget, best/ by validation" > "$W/logs/$name.watch.log"
   fi

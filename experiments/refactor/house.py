@@ -1,7 +1,7 @@
 """The shape of the house for a checkout: lines per module, the floor of each module, and the counts of
 upward imports, function-local kava imports and import circles (modules and folders).
 
-    python experiments/house.py SRC_ROOT [--modules]
+    python experiments/refactor/house.py SRC_ROOT [--modules]
 
 Floors are those of tests/test_layering.py (FLOORS); modules of the old house (before issue 20) are put on the
 floor of the module that took their place (OLD), so both checkouts are measured with one yardstick.
@@ -16,7 +16,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parents[1]
+HERE = Path(__file__).resolve().parents[2]  # the repository root
 spec = importlib.util.spec_from_file_location("layering", HERE / "tests" / "test_layering.py")
 OLD = {  # module before issue 20 -> its floor (the floor of its successor)
     "kava.methods": 3, "kava.checkpoint": 4, "kava.model.loading": 4, "kava.graphs": 4, "kava.gradshare": 4,

@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Device call: the alpha2 (KV-loss weight) ablation of the depth testbed, from the depth backbone carried in .carry/.
-#   bash experiments/gpu_alpha.sh          (carry: .carry)
+#   bash experiments/depth/gpu_alpha.sh    (carry: .carry)
 # Runs kava with loss.alpha_kv in ALPHAS x SEEDS for up to STEPS steps (killed at TRAIN_S seconds; each run's
 # validation-selected best/ is evaluated), then `kava eval --latent-ablations zeros,shuffle --kv-match` on synth-test.
 set -uo pipefail
 O=/tmp/alpha
-source experiments/depth_carry.sh
+source experiments/depth/carry.sh
 pids=()
 for a in ${ALPHAS:-5 10}; do for s in ${SEEDS:-42 123}; do
   python -m kava.cli train --config synth_depth_student --no-progress --set model.init_from=$O/backbone \

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Issue 4 acceptance on CPU: each method trains for a few hundred steps on the tiny synthetic config and its
-# training loss falls. Usage: bash experiments/cpu_methods_check.sh OUT_DIR
+# training loss falls. Usage: bash experiments/cpu_methods/check.sh OUT_DIR
 set -euo pipefail
 OUT=${1:-runs/cpu_methods}
 for m in cot nocot pccot codi kava; do

@@ -1,6 +1,6 @@
 """Small-scale replication of the paper's tables on the synthetic task, on one GPU.
 
-    python experiments/synthetic_replication.py --out runs/synth --stage all --parallel 10
+    python experiments/synthetic/driver.py --out runs/synth --stage all --parallel 10
 
 Stages (each skips runs that already finished, so it can be run in parts):
   backbone   CoT SFT from scratch on both CoT styles (src/kava/configs/synth_backbone.yaml): the "pretrained LLM"

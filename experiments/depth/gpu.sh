@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Reasoning-depth testbed on one GPU, inside one device lease (issue 11 §3).
-#   bash experiments/gpu_depth.sh start   # starts the driver under setsid, waits WAIT s, reports progress
-#   bash experiments/gpu_depth.sh wait    # waits WAIT s (keeps the lease), reports progress
-#   bash experiments/gpu_depth.sh collect # waits for the driver to finish, packs results (+ seed-42 checkpoints)
+#   bash experiments/depth/gpu.sh start   # starts the driver under setsid, waits WAIT s, reports progress
+#   bash experiments/depth/gpu.sh wait    # waits WAIT s (keeps the lease), reports progress
+#   bash experiments/depth/gpu.sh collect # waits for the driver to finish, packs results (+ seed-42 checkpoints)
 # The driver: backbone (configs/synth_depth_backbone.yaml) -> METHODS x SEEDS students on STYLES CoT
 # (configs/synth_depth_student.yaml) until TRAIN_BUDGET s -> eval of every run's validation-selected best/ on
 # synth-test -> kava report + accuracy by depth (experiments/per_depth.py).
@@ -19,7 +19,7 @@ progress() {
   nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader
 }
 if [ "$phase" = driver ]; then
-  R="python experiments/synthetic_replication.py --out $O --results $O/results --backbone-config synth_depth_backbone
+  R="python experiments/synthetic/driver.py --out $O --results $O/results --backbone-config synth_depth_backbone
      --student-config synth_depth_student --methods ${METHODS:-nocot,cot,pccot,codi,kava} --styles ${STYLES:-eq}
      --seeds ${SEEDS:-42,123,456} --eval-sets synth-test --parallel ${PAR:-15}"
   t0=$(date +%s)
@@ -39,7 +39,7 @@ if [ "$phase" = start ]; then
   mkdir -p $O
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > $OUT/gpu.txt
   python -c "import torch, transformers, peft, accelerate, sys; print(sys.version.split()[0], torch.__version__, transformers.__version__, peft.__version__, accelerate.__version__)" >> $OUT/gpu.txt
-  setsid nohup bash experiments/gpu_depth.sh driver > $O/driver.log 2>&1 < /dev/null &
+  setsid nohup bash experiments/depth/gpu.sh driver > $O/driver.log 2>&1 < /dev/null &
 fi
 if [ "$phase" = collect ]; then
   end=$(( $(date +%s) + ${WAIT:-540} ))

@@ -3,7 +3,7 @@
 set -uo pipefail
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 O=/tmp/synth
-R="python experiments/synthetic_replication.py --out $O --results $O/results"
+R="python experiments/synthetic/driver.py --out $O --results $O/results"
 STUD="--student-steps ${STEPS:-250} --student-set optim.effective_batch=${EB:-128} --student-set optim.micro_batch=${MB:-64} --student-set run.eval_every=${STEPS:-250} --student-set optim.lr=5e-4"
 if [ -d .data/backbone ]; then   # carried from an earlier call
   mkdir -p $O && cp -r .data/backbone $O/ && cat .data/backbone_parts/part* > $O/backbone/final/model/model.safetensors

@@ -1,4 +1,4 @@
-"""Compare two trees written by experiments/refactor_equivalence.sh: every file byte for byte, except for
+"""Compare two trees written by experiments/refactor/equivalence.sh: every file byte for byte, except for
 what legitimately differs between two checkouts and two runs:
 
 - the tree's own root path (each file's text with it replaced by ROOT, and SRC_ROOT for the checkout),
@@ -6,7 +6,7 @@ what legitimately differs between two checkouts and two runs:
   config hash, which covers run.output_dir),
 - in the captured stdout, lines with a wall-clock rate ("questions/s", "steps/s").
 
-    python experiments/compare_run_dirs.py A B [--allow KEY ...]
+    python experiments/refactor/compare_run_dirs.py A B [--allow KEY ...]
 
 Prints one line per differing file (and, for JSON, which keys differ) and exits 1 if any file differs.
 """

@@ -1,8 +1,8 @@
 """Validation-based stopping and the validation-curve summary of the pointer-chasing instrument (issue 22 §2).
 
-    python experiments/pointer_watch.py watch RUN_DIR --pid PID [--stop-at 0.995] [--patience 4] [--min-delta 0.005]
+    python experiments/pointer/watch.py watch RUN_DIR --pid PID [--stop-at 0.995] [--patience 4] [--min-delta 0.005]
                                               [--floor 0.9]
-    python experiments/pointer_watch.py curves RUN_DIR [RUN_DIR ...]     # markdown: val accuracy by step, plateau
+    python experiments/pointer/watch.py curves RUN_DIR [RUN_DIR ...]     # markdown: val accuracy by step, plateau
 
 `watch` polls RUN_DIR/metrics.jsonl and sends SIGTERM to PID (the `timeout ... kava train` of that run) once
 the validation accuracy has plateaued (`plateaued`) at or above --floor, or reached --stop-at (a curve flat

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Device call: the latent methods of the depth testbed trained longer, with CUDA graphs (optim.cuda_graphs),
 # from the depth backbone carried in .carry/.
-#   bash experiments/gpu_plateau.sh          (carry: .carry)
+#   bash experiments/depth/gpu_plateau.sh    (carry: .carry)
 # METHODS x SEEDS for up to STEPS steps (killed at TRAIN_S seconds); each run's validation-selected best/ is
 # evaluated on synth-test with its latents zeroed beside it.
 set -uo pipefail
 O=/tmp/plateau
-source experiments/depth_carry.sh
+source experiments/depth/carry.sh
 pids=()
 for m in ${METHODS:-kava pccot codi}; do for s in ${SEEDS:-42 123}; do
   python -m kava.cli train --config synth_depth_student --no-progress --set model.init_from=$O/backbone \

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Behaviour check for a refactor: a fixed-seed tiny run of every method, its evaluation (with the
 # latent diagnostics for latent methods), `kava inspect`, `kava ask` and `kava export`, into OUT_DIR.
-# Run it on two checkouts, then compare the two trees with experiments/compare_run_dirs.py:
+# Run it on two checkouts, then compare the two trees with experiments/refactor/compare_run_dirs.py:
 #
 #   git worktree add /tmp/base 8297f61
-#   PY=.venv/bin/python bash experiments/refactor_equivalence.sh /tmp/base  /tmp/eq/base
-#   PY=.venv/bin/python bash experiments/refactor_equivalence.sh .          /tmp/eq/new
-#   python experiments/compare_run_dirs.py /tmp/eq/base /tmp/eq/new
+#   PY=.venv/bin/python bash experiments/refactor/equivalence.sh /tmp/base  /tmp/eq/base
+#   PY=.venv/bin/python bash experiments/refactor/equivalence.sh .          /tmp/eq/new
+#   python experiments/refactor/compare_run_dirs.py /tmp/eq/base /tmp/eq/new
 #
 # SRC_ROOT is the checkout whose src/ is imported (PYTHONPATH); PY the interpreter (default python).
 set -euo pipefail
