@@ -229,6 +229,15 @@ def test_train_and_eval_end_to_end(method, tmp_path):
     assert vals and all(0.0 <= v["val/digits"] <= 1.0 for v in vals) and "val/digits" in done["best"]
 
 
+def test_the_validation_line_shows_the_digits_in_place_for_digit_answers():
+    from kava.training.progress import validation_line
+
+    best = {"val/accuracy": 0.0, "val/digits": 0.3, "step": 500}
+    assert validation_line(1000, 0.0, best, 0.3125) == \
+        "[kava] step 1000: val accuracy 0.0000, digits 0.3125 (best 0.0000 at step 500)"
+    assert validation_line(1000, 0.5, best) == "[kava] step 1000: val accuracy 0.5000 (best 0.0000 at step 500)"
+
+
 def test_equal_accuracy_is_decided_by_the_digits_in_place(tmp_path):
     """A latent student at 0% exact match keeps the validation with more digits in place, not its first one;
     a higher accuracy still wins whatever the digits, and without digits (number answers) ties keep the first."""

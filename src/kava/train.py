@@ -572,7 +572,7 @@ def train(cfg: Config, *, resume: str | Path | None = None, progress: bool = Tru
                         t.best["curriculum"] = schedule.progress(t.step - 1, longest_cot)
                     save_best(t, run_dir)
                 if main:
-                    print_line(validation_line(t.step, v, t.best))
+                    print_line(validation_line(t.step, v, t.best, val.get("val/digits")))
             saved = t.step % save_every == 0 or t.step == plan.total_steps
             if saved:
                 save_checkpoint(t, run_dir)

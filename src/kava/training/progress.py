@@ -81,8 +81,8 @@ class ProgressLine:
             print_line(self.line(step, loss))
 
 
-def validation_line(step: int, accuracy: float, best: dict) -> str:
+def validation_line(step: int, accuracy: float, best: dict, digits: float | None = None) -> str:
     """The line of a validation after optimizer step `step`; `best`: the run's best so far (`Trainer.best`,
-    this validation included)."""
-    return (f"[kava] step {step}: val accuracy {accuracy:.4f} (best {best['val/accuracy']:.4f} at step "
-            f"{best['step']})")
+    this validation included); `digits`: for digit answers, the share of digits in place (`val/digits`)."""
+    return (f"[kava] step {step}: val accuracy {accuracy:.4f}" + (f", digits {digits:.4f}" if digits is not None else "")
+            + f" (best {best['val/accuracy']:.4f} at step {best['step']})")
