@@ -10,8 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kava.data.format import (IGNORE, Formatter, add_special_tokens, build_student_batch, build_teacher_batch,
-                              special_ids)
+from kava.data.format import (IGNORE, BlockWidths, Formatter, SpecialIds, Tokenized, add_special_tokens,
+                              build_student_batch, build_teacher_batch, special_ids)
 from kava.data.records import DataError, Record, SkipLog
 from kava.data.tokenizer import build_tokenizer, tokenizer_texts
 from tiny import RECORDS, tiny_tokenizer
@@ -337,3 +337,51 @@ def test_batched_tokenization_equals_one_record_at_a_time(tok, chunk, data_dir):
         assert fmt.tokenize_all(recs, SkipLog(), need_answer=False, chunk=chunk) == [
             t for t in (fmt.tokenize(r, i, SkipLog(), need_answer=False) for i, r in enumerate(recs)) if t is not None]
     assert 0 < s1.total < len(recs) - 5  # the limits cut some, not all
+
+
+def naive_teacher_tensors(items, pad, with_cot, widths):
+    """ids, mask and targets [B, S] written one element at a time: each token at its column (blocks
+    [question | CoT | prompt · answer] with `widths`, else one after another), and at each real column the
+    next token as target when that one is labelled (CoT, prompt and answer; without CoT the answer only)."""
+    seqs = [it.question + (it.cot if with_cot else []) + it.prompt + it.answer for it in items]
+    S = max(map(len, seqs)) if widths is None else widths.q + widths.c + widths.a
+    ids = torch.full((len(items), S), pad)
+    mask = torch.zeros((len(items), S), dtype=torch.long)
+    targets = torch.full((len(items), S), IGNORE)
+    for b, (it, seq) in enumerate(zip(items, seqs)):
+        n_q, n_c = len(it.question), len(it.cot) if with_cot else 0
+        first = n_q if with_cot else n_q + len(it.prompt)
+        for k, tok in enumerate(seq):
+            col = k if widths is None else k if k < n_q else widths.q + (k - n_q) if k < n_q + n_c else \
+                widths.q + widths.c + (k - n_q - n_c)
+            ids[b, col] = tok
+            mask[b, col] = 1
+            if k + 1 < len(seq) and k + 1 >= first:
+                targets[b, col] = seq[k + 1]
+    return ids, mask, targets
+
+
+@pytest.mark.parametrize("with_cot", [True, False])
+@pytest.mark.parametrize("layout", ["plain", "widths", "static"])
+def test_teacher_batch_equals_an_element_by_element_build(with_cot, layout):
+    """The vectorised builder (numpy rows, one label write) against the naive one, on random segment lengths
+    (empty CoTs and questions of one token included), in both layouts."""
+    import random
+
+    rng = random.Random(7)
+    ids = SpecialIds(bot=1, eot=2, latent=3, pad=0, eos=4, bos=None)
+    for _ in range(25):
+        def seg(lo, hi):
+            return [rng.randrange(5, 300) for _ in range(rng.randint(lo, hi))]
+        items = [Tokenized(question=seg(1, 12), cot=seg(0, 40), prompt=seg(1, 3), answer=seg(1, 9), index=i)
+                 for i in range(rng.randint(1, 20))]
+        widths = None if layout == "plain" else BlockWidths(
+            q=max(len(i.question) for i in items) + rng.randint(0, 2), c=max(len(i.cot) for i in items) + rng.randint(0, 2),
+            a=max(len(i.prompt) + len(i.answer) for i in items) + 1 + rng.randint(0, 2), static=layout == "static")
+        tb = build_teacher_batch(items, ids, with_cot=with_cot, widths=widths)
+        want = naive_teacher_tensors(items, ids.pad, with_cot, widths)
+        for got, ref in zip((tb.ids, tb.mask, tb.targets), want):
+            assert got.dtype == torch.long and torch.equal(got, ref)
+        flat = want[2].reshape(-1)
+        n = int((flat != IGNORE).sum())
+        assert torch.equal(tb.label_tgt[:n], flat[flat != IGNORE]) and (tb.label_tgt[n:] == IGNORE).all()
