@@ -115,44 +115,14 @@ class StepExamples:
     all_cot_removed: bool = False  # iCoT: no example of the step kept a CoT token
 
 
-class Icot:
-    """iCoT's schedule over optimizer steps (`icot.*`, `run.seed`). Every method is a pure function of the step."""
+class Schedule:
+    """What a curriculum holds: its config section (named as the curriculum), the run's seed and the steps per
+    epoch. `derive` and `check` (what it needs of the rest of the config) default to nothing."""
 
-    name = "icot"
+    name = ""
 
-    def __init__(self, ic, seed: int, steps_per_epoch: int):
-        self.ic, self.seed, self.spe = ic, seed, steps_per_epoch
-
-    def scheduled(self, step: int) -> int:
-        return icot_scheduled(step, self.spe, self.ic)
-
-    def apply(self, items: list[Tokenized], step: int) -> StepExamples:
-        """Step `step`'s examples with the scheduled tokens, plus each one's offset, cut from the CoT's front."""
-        sched = self.scheduled(step)
-        cut = icot_removed(len(items), sched, self.ic.smoothing_lambda, _generator(self.seed, step))
-        out = [dataclasses.replace(it, cot=it.cot[min(k, len(it.cot)):], step_ends=()) for it, k in zip(items, cut)]
-        return StepExamples(out, None, {"curriculum/removed": float(min(sched, ALL)) if sched < ALL else -1.0},
-                            all_cot_removed=bool(items) and all(k >= len(it.cot) for it, k in zip(items, cut)))
-
-    def reset_due(self, step: int, previous: Callable[[], StepExamples] | None = None) -> bool:
-        """The scheduled removal grew at `step` (and `icot.reset_optimizer`), unless every example of the previous
-        step (`previous()`, asked only then) had lost its whole CoT: the official loop skips that reset (short
-        CoTs would otherwise reset the optimizer at every growth step long after nothing is left to remove)."""
-        grew = step > 0 and self.scheduled(step) != self.scheduled(step - 1)
-        return self.ic.reset_optimizer and grew and not (previous is not None and previous().all_cot_removed)
-
-    def progress(self, step: int, longest_cot: int | None = None) -> int:
-        """The scheduled removal, capped at `longest_cot` (the longest training CoT: from there on every example
-        has lost its whole CoT, and the schedule's growth changes nothing)."""
-        n = self.scheduled(step)
-        return n if longest_cot is None else min(n, longest_cot)
-
-    def describe(self) -> str:
-        ic = self.ic
-        every = "never" if ic.remove_all_beyond is None else f"from {ic.remove_all_beyond} tokens on"
-        return (f"icot: {ic.tokens_per_epoch} CoT tokens removed per epoch ({self.spe} steps: one token every "
-                f"{icot_steps_per_token(self.spe, ic)} steps), smoothing lambda {ic.smoothing_lambda}, whole CoT "
-                f"removed {every}; optimizer reset {'at each growth' if ic.reset_optimizer else 'never'}")
+    def __init__(self, section, seed: int, steps_per_epoch: int):
+        self.section, self.seed, self.spe = section, seed, steps_per_epoch
 
     @staticmethod
     def derive(cfg, explicit: set[str]) -> list[str]:
@@ -163,22 +133,56 @@ class Icot:
         return []
 
 
-class Coconut:
+class Icot(Schedule):
+    """iCoT's schedule over optimizer steps (`icot.*`, `run.seed`). Every method is a pure function of the step."""
+
+    name = "icot"
+
+    def scheduled(self, step: int) -> int:
+        return icot_scheduled(step, self.spe, self.section)
+
+    def apply(self, items: list[Tokenized], step: int) -> StepExamples:
+        """Step `step`'s examples with the scheduled tokens, plus each one's offset, cut from the CoT's front."""
+        sched = self.scheduled(step)
+        cut = icot_removed(len(items), sched, self.section.smoothing_lambda, _generator(self.seed, step))
+        out = [dataclasses.replace(it, cot=it.cot[min(k, len(it.cot)):], step_ends=()) for it, k in zip(items, cut)]
+        return StepExamples(out, None, {"curriculum/removed": float(min(sched, ALL)) if sched < ALL else -1.0},
+                            all_cot_removed=bool(items) and all(k >= len(it.cot) for it, k in zip(items, cut)))
+
+    def reset_due(self, step: int, previous: Callable[[], StepExamples] | None = None) -> bool:
+        """The scheduled removal grew at `step` (and `icot.reset_optimizer`), unless every example of the previous
+        step (`previous()`, asked only then) had lost its whole CoT: the official loop skips that reset (short
+        CoTs would otherwise reset the optimizer at every growth step long after nothing is left to remove)."""
+        grew = step > 0 and self.scheduled(step) != self.scheduled(step - 1)
+        return self.section.reset_optimizer and grew and not (previous is not None and previous().all_cot_removed)
+
+    def progress(self, step: int, longest_cot: int | None = None) -> int:
+        """The scheduled removal, capped at `longest_cot` (the longest training CoT: from there on every example
+        has lost its whole CoT, and the schedule's growth changes nothing)."""
+        n = self.scheduled(step)
+        return n if longest_cot is None else min(n, longest_cot)
+
+    def describe(self) -> str:
+        ic = self.section
+        every = "never" if ic.remove_all_beyond is None else f"from {ic.remove_all_beyond} tokens on"
+        return (f"icot: {ic.tokens_per_epoch} CoT tokens removed per epoch ({self.spe} steps: one token every "
+                f"{icot_steps_per_token(self.spe, ic)} steps), smoothing lambda {ic.smoothing_lambda}, whole CoT "
+                f"removed {every}; optimizer reset {'at each growth' if ic.reset_optimizer else 'never'}")
+
+
+class Coconut(Schedule):
     """Coconut's stages over optimizer steps (`coconut.*`, `run.seed`). Every method is a pure function of the
     step."""
 
     name = "coconut"
 
-    def __init__(self, cc, seed: int, steps_per_epoch: int):
-        self.cc, self.seed, self.spe = cc, seed, steps_per_epoch
-
     def stage(self, step: int) -> int:
-        return coconut_stage(step, self.spe, self.cc)
+        return coconut_stage(step, self.spe, self.section)
 
     def apply(self, items: list[Tokenized], step: int) -> StepExamples:
         """Step `step`'s examples with their first s CoT steps replaced by s·c thoughts (s: the stage, or with
         `coconut.mix_prob` a random stage in 0..n per example)."""
-        cc, stage = self.cc, self.stage(step)
+        cc, stage = self.section, self.stage(step)
         g = _generator(self.seed, step)
         u = torch.rand(len(items), generator=g, dtype=torch.float64).tolist()
         pick = torch.rand(len(items), generator=g, dtype=torch.float64).tolist()
@@ -195,7 +199,7 @@ class Coconut:
     def reset_due(self, step: int, previous: Callable[[], StepExamples] | None = None) -> bool:
         """`coconut.reset_optimizer`: at every epoch start (`reset_every: epoch`, the official run.py) or at every
         stage change up to the last (`stage`)."""
-        cc = self.cc
+        cc = self.section
         if step == 0 or not cc.reset_optimizer:
             return False
         if cc.reset_every == "epoch":
@@ -204,10 +208,10 @@ class Coconut:
 
     def progress(self, step: int, longest_cot: int | None = None) -> int:
         """The stage, capped past the last (`max_stages + 1`: every step replaced)."""
-        return min(self.stage(step), self.cc.max_stages + 1)
+        return min(self.stage(step), self.section.max_stages + 1)
 
     def describe(self) -> str:
-        cc = self.cc
+        cc = self.section
         return (f"coconut: {cc.max_stages} stages of {coconut_steps_per_stage(self.spe, cc)} steps, "
                 f"{cc.thoughts_per_step} thoughts per CoT step, then every step replaced "
                 f"({cc.max_stages * cc.thoughts_per_step} thoughts); optimizer reset "
