@@ -290,7 +290,7 @@ def max_diff(a: dict, b: dict) -> float:
 
 def metrics(run: Path) -> list[dict]:
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
-    return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in rows]
+    return [{k: v for k, v in r.items() if k not in ("tokens_per_s", "steps_per_s")} for r in rows]
 
 
 def forbid(monkeypatch, *names: str) -> None:

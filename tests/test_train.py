@@ -131,7 +131,7 @@ def test_method_trains_and_writes_a_complete_run_dir(name, tmp_path, synth_root)
         keys = {k for k in r if k.startswith("loss/")}
         assert keys == loss_keys | {"loss/total"}, keys
         assert all(math.isfinite(r[k]) for k in keys)
-        assert r["grad_norm"] > 0 and r["tokens_per_s"] > 0 and r["lr"] > 0
+        assert r["grad_norm"] > 0 and r["tokens_per_s"] > 0 and r["steps_per_s"] > 0 and r["lr"] > 0
         lc = cfg.loss
         expect = (r.get("loss/ce_teacher", 0) * (lc.ce_teacher if method in ("pccot", "codi", "kava") else 1.0)
                   + r.get("loss/ce_student", 0) * lc.ce_student + r.get("loss/codi", 0) * lc.alpha_codi
@@ -210,7 +210,7 @@ def kill_mid_run(overrides: list[str], data_root: Path, run_dir: Path, after_ste
 
 
 def strip_timing(rows: list[dict]) -> list[dict]:
-    return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in rows]
+    return [{k: v for k, v in r.items() if k not in ("tokens_per_s", "steps_per_s")} for r in rows]
 
 
 @pytest.mark.parametrize("method, extra", [

@@ -59,6 +59,14 @@ start)
   cd - >/dev/null
   dk_wait_done $S/driver.log ${2:-500}
   report ;;
+bench)  # device: one job alone, the real training loop's steps/s and GPU busy share (benchmarks/train_loop_bench.py)
+  r=method=icot,icot.tokens_per_epoch=0.198  # 8 per epoch of 808k, per step, on the benchmark's 20k examples
+  py benchmarks/train_loop_bench.py --preset mult4_scratch --steps ${STEPS:-300} --profile-steps 40 \
+    --set data.valid_source=$C/mult/data/multiplication/4x4/valid.txt --variant icot=$r \
+    --variant icot-eager=$r,optim.cuda_graphs=false \
+    --variant icot-b256=$r,optim.effective_batch=256,optim.micro_batch=256 \
+    --variant cot=method=cot --out $OUT/loop_bench.json > $OUT/bench.log 2>&1
+  grep '^{' $OUT/bench.log ;;
 wait)
   dk_wait_done $S/driver.log ${2:-560}
   report ;;
@@ -86,6 +94,6 @@ stash)  # device: carried piece $C/ship/RUN/pKK out of the tree, to /root/mult/s
 restore)  # device: the stashed pieces joined, checked and unpacked into /root/mult/out/runs/RUN
   run=${2:?usage: restore RUN_NAME}
   py experiments/multiplication/driver.py unship --pieces $S/stash/$run --out $S/out ;;
-*) echo "usage: $0 prepare | start [SECONDS] | wait [SECONDS] | back RUN K | gather RUN | stash RUN pKK | restore RUN"
+*) echo "usage: $0 prepare | bench | start [SECONDS] | wait [SECONDS] | back RUN K | gather RUN | stash RUN pKK | restore RUN"
    exit 2 ;;
 esac

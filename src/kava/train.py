@@ -409,11 +409,12 @@ def nonfinite_error(bad: list[str], step: int, run_dir: Path) -> NonFiniteLoss:
                          "set run.nan_policy=skip to skip such batches")
 
 
-def train_metrics(t: Trainer, r: StepResult, *, epoch: float, lr: float, tokens_per_s: float) -> dict:
+def train_metrics(t: Trainer, r: StepResult, *, epoch: float, lr: float, tokens_per_s: float,
+                  steps_per_s: float) -> dict:
     """A train line of `metrics.jsonl`: every term averaged over all ranks' micro-batches (as one process
     would see it), and the peak GPU memory."""
     payload = {"split": "train", "epoch": epoch, "lr": lr, "grad_norm": float(r.grad_norm),
-               "tokens_per_s": tokens_per_s}
+               "tokens_per_s": tokens_per_s, "steps_per_s": steps_per_s}
     keys = sorted(r.sums)
     vals = torch.stack([r.sums[k].to(t.acc.device) for k in keys])
     if t.acc.num_processes > 1:
@@ -519,7 +520,7 @@ def train(cfg: Config, *, resume: str | Path | None = None, progress: bool = Tru
                    or None, dynamic_ncols=True)
         ticker = ProgressLine(plan.total_steps, t.step, enabled=main and bar.disable)  # lines when no bar shows
         t.raw.train()
-        t_last, tokens = time.perf_counter(), 0
+        t_last, tokens, steps = time.perf_counter(), 0, 0  # throughput since the last train line
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         stop.arm()  # from here a signal stops at the next step boundary, with a checkpoint
@@ -543,7 +544,7 @@ def train(cfg: Config, *, resume: str | Path | None = None, progress: bool = Tru
             r = train_step(t, ex.items, tuple(range(len(ex.items))), accum=plan.accum, step=step, logger=logger,
                            latent_counts=ex.latent_counts)
             r.sums.update({k: torch.tensor(v) for k, v in ex.stats.items()})
-            tokens += r.tokens
+            tokens, steps = tokens + r.tokens, steps + 1
             if r.bad is not None:  # non-finite: nothing was updated
                 if cfg.run.nan_policy == "stop":
                     save_checkpoint(t, run_dir, rng=step_rng)  # t.step == step: the state before this step
@@ -557,11 +558,12 @@ def train(cfg: Config, *, resume: str | Path | None = None, progress: bool = Tru
             if t.step % cfg.run.log_every == 0 or t.step == plan.total_steps:
                 now = time.perf_counter()
                 payload = train_metrics(t, r, epoch=t.step / plan.steps_per_epoch, lr=lr,
-                                        tokens_per_s=tokens * world / max(now - t_last, 1e-9))
+                                        tokens_per_s=tokens * world / max(now - t_last, 1e-9),
+                                        steps_per_s=steps / max(now - t_last, 1e-9))
                 logger.log(payload, t.step)
                 bar.set_postfix(loss=f"{payload['loss/total']:.3f}")
                 ticker.update(t.step, payload["loss/total"])
-                t_last, tokens = now, 0
+                t_last, tokens, steps = now, 0, 0
             if t.step % eval_every == 0 or t.step == plan.total_steps:
                 val = validate(t, data.valid_recs)
                 v = val["val/accuracy"]
