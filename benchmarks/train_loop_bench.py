@@ -34,7 +34,7 @@ def busy_share(prof, skip: int = 10) -> tuple[float, float, int]:
     """Over the optimizer steps after the first `skip` (from the start of step skip+1's `Optimizer.step` to the
     end of the last one): (the share of that window in which at least one GPU kernel ran, the window's
     seconds per step, the steps in it). Kernel intervals are merged, so overlapping kernels count once."""
-    opt = sorted(e.time_range for e in prof.events() if e.name.startswith("Optimizer.step"))
+    opt = sorted((e.time_range for e in prof.events() if e.name.startswith("Optimizer.step")), key=lambda r: r.start)
     if len(opt) <= skip + 1:
         raise ValueError(f"only {len(opt)} optimizer steps profiled; need more than {skip + 1}")
     w0, w1 = opt[skip].start, opt[-1].end
@@ -63,6 +63,8 @@ def run_variant(name: str, sets: list[str], args, *, steps: int, profile: bool) 
         t0 = time.perf_counter()
         run_dir = train(cfg, progress=False, stop_after=steps)
         wall = time.perf_counter() - t0
+        if steps < 100:
+            raise SystemExit(f"--steps {steps}: at least 100 (train lines come every 50 steps; the first is dropped)")
         lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
         rates = [x["steps_per_s"] for x in lines if x.get("split") == "train" and "steps_per_s" in x][1:]
         toks = [x["tokens_per_s"] for x in lines if x.get("split") == "train" and "tokens_per_s" in x][1:]
@@ -83,8 +85,7 @@ def run_variant(name: str, sets: list[str], args, *, steps: int, profile: bool) 
             waits[e.key] = e.cpu_time_total / 1e6
     top = dict(sorted(waits.items(), key=lambda kv: -kv[1])[:8])
     res = {"variant": name + "+profile", "steps": steps, "wall_s": wall,
-           **(dict(zip(("gpu_busy_share", "s_per_step", "steps_in_window"), busy_share(prof)))
-              if torch.cuda.is_available() else {}),
+           **dict(zip(("gpu_busy_share", "s_per_step", "steps_in_window"), busy_share(prof))),
            "host_calls_s": top}
     table = prof.key_averages().table(sort_by="self_cuda_time_total" if torch.cuda.is_available()
                                       else "self_cpu_time_total", row_limit=25)
