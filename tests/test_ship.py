@@ -127,3 +127,18 @@ def test_run_shipped_between_leases_resumes_exactly(tmp_path, data_dir, monkeypa
     # a finished run is not trained again
     again = drive(dev2 / "out")[len(events):]
     assert [e["event"] for e in again if e["event"] in ("start", "resume", "done before")] == ["done before"]
+
+
+def test_deadline_file_moves_the_running_drivers_deadline(tmp_path):
+    """`driver.py deadline --in S` writes OUT/deadline; the run loop reads it at every poll instead of its own."""
+    import time
+
+    d = driver()
+    out = tmp_path / "out"
+    out.mkdir()
+    assert d.current_deadline(out, 123.0) == 123.0  # no file: the --budget deadline
+    before = time.time()
+    d.set_deadline(argparse.Namespace(out=str(out), seconds=300.0))
+    moved = d.current_deadline(out, 123.0)
+    assert before + 300.0 - 0.2 <= moved <= time.time() + 300.0 + 0.2
+    assert json.loads((out / "status.jsonl").read_text().splitlines()[-1])["event"] == "deadline moved"

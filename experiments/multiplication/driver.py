@@ -4,6 +4,7 @@ each run's best validation model evaluated on the published test set. Results: r
     python experiments/multiplication/driver.py run --data DATA --out OUT --budget 1000 --jobs gate,icot
     python experiments/multiplication/driver.py status --out OUT
     python experiments/multiplication/driver.py pack --out OUT --tar results.tgz
+    python experiments/multiplication/driver.py deadline --out OUT --in 300   # move the running driver's deadline
 
 One job = `kava train --config multN_scratch --set method=M ...`; at `--budget` seconds after the start every job
 still training gets SIGTERM, which makes kava save a checkpoint and stop (`kava train --resume RUN` continues it
@@ -171,6 +172,21 @@ def log(out: Path, **event) -> None:
     print(json.dumps(event), flush=True)
 
 
+def current_deadline(out: Path, deadline: float) -> float:
+    """OUT/deadline (epoch seconds, written by `driver.py deadline`) replaces the --budget deadline, so that a
+    later device call can move it once the lease's time left is known."""
+    f = out / "deadline"
+    return float(f.read_text()) if f.exists() else deadline
+
+
+def set_deadline(args) -> None:
+    """`driver.py deadline --out OUT --in S`: every job still training is stopped S seconds from now."""
+    out = Path(args.out).absolute()
+    t = time.time() + args.seconds
+    (out / "deadline").write_text(f"{t:.1f}\n")
+    log(out, event="deadline moved", at=round(t, 1), seconds_from_now=args.seconds)
+
+
 def expand(jobs: str) -> list[str]:
     names = [j for part in jobs.split(",") for j in GROUPS.get(part, [part])]
     unknown = [j for j in names if j not in JOBS]
@@ -189,6 +205,7 @@ def run(args) -> None:
     seeds = [int(x) for x in str(args.seeds).split(",")]
     pending = [(name, seed) for seed in seeds for name in expand(args.jobs)]
     start = time.time()
+    (out / "deadline").unlink(missing_ok=True)  # a deadline file from an earlier call is not this call's
     deadline = start + args.budget
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     procs: dict[tuple[str, int], subprocess.Popen] = {}
@@ -202,6 +219,7 @@ def run(args) -> None:
                   " ".join(cmd(name, data, out, seed, args.set)))
         return
     while pending or any(p.poll() is None for p in procs.values()):
+        deadline = current_deadline(out, deadline)
         for name, seed in list(pending):
             rd = RunDir(run_dir(out, name, seed))
             if rd.finished():
@@ -448,6 +466,9 @@ def main() -> None:
     r.add_argument("--stagger", type=float, default=2.0, help="seconds between job starts")
     r.add_argument("--set", action="append", default=[], help="extra --set for every job")
     r.add_argument("--dry-run", action="store_true")
+    d = sub.add_parser("deadline", help="move the running driver's deadline to --in seconds from now")
+    d.add_argument("--out", required=True)
+    d.add_argument("--in", dest="seconds", type=float, required=True)
     s = sub.add_parser("status")
     s.add_argument("--out", required=True)
     p = sub.add_parser("pack")
@@ -471,7 +492,7 @@ def main() -> None:
     ga.add_argument("--unpack", default=".carry/back/out", help="the local OUT the run is unpacked into")
     ga.add_argument("--ship", default=".carry/ship", help="carry pieces for the next lease: SHIP/NAME/pNN")
     args = ap.parse_args()
-    {"run": run, "status": status, "pack": pack, "ship": ship, "unship": unship, "gather": gather}[args.cmd](args)
+    {"run": run, "deadline": set_deadline, "status": status, "pack": pack, "ship": ship, "unship": unship, "gather": gather}[args.cmd](args)
 
 
 if __name__ == "__main__":

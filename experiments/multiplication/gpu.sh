@@ -4,6 +4,8 @@
 # Device calls, each within the warm window of the one before:
 #   call 1, carry [.carry/mult]:  JOBS=gate,icot BUDGET=1000 bash experiments/multiplication/gpu.sh start 500
 #   calls 2..:                    bash experiments/multiplication/gpu.sh wait 560
+#   (a call's reply shows the lease's time left: `gpu.sh deadline S && gpu.sh wait 560` moves the deadline to S
+#   seconds from now; the machine goes back 30 s after a call returns, so call again at once)
 # Every call packs what exists into $OUT/results.tgz (no weights): a lease that ends early still brings results.
 # The jobs run from a copy of the source in /root/mult/src, so later calls' tree copies cannot change them.
 #
@@ -67,6 +69,8 @@ bench)  # device: one job alone, the real training loop's steps/s and GPU busy s
     --variant icot-b256=$r,optim.effective_batch=256,optim.micro_batch=256 \
     --variant cot=method=cot --out $OUT/loop_bench.json > $OUT/bench.log 2>&1
   grep '^{' $OUT/bench.log ;;
+deadline)  # device: the running driver stops its jobs $2 seconds from now (instead of at its BUDGET)
+  python3 $S/driver.py deadline --out $S/out --in ${2:?usage: deadline SECONDS} ;;
 wait)
   dk_wait_done $S/driver.log ${2:-560}
   report ;;
@@ -94,6 +98,6 @@ stash)  # device: carried piece $C/ship/RUN/pKK out of the tree, to /root/mult/s
 restore)  # device: the stashed pieces joined, checked and unpacked into /root/mult/out/runs/RUN
   run=${2:?usage: restore RUN_NAME}
   py experiments/multiplication/driver.py unship --pieces $S/stash/$run --out $S/out ;;
-*) echo "usage: $0 prepare | bench | start [SECONDS] | wait [SECONDS] | back RUN K | gather RUN | stash RUN pKK | restore RUN"
+*) echo "usage: $0 prepare | bench | start [SECONDS] | deadline SECONDS | wait [SECONDS] | back RUN K | gather RUN | stash RUN pKK | restore RUN"
    exit 2 ;;
 esac
