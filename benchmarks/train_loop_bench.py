@@ -34,12 +34,15 @@ def busy_share(prof, skip: int = 10) -> tuple[float, float, int]:
     """Over the optimizer steps after the first `skip` (from the start of step skip+1's `Optimizer.step` to the
     end of the last one): (the share of that window in which at least one GPU kernel ran, the window's
     seconds per step, the steps in it). Kernel intervals are merged, so overlapping kernels count once."""
-    opt = sorted((e.time_range for e in prof.events() if e.name.startswith("Optimizer.step")), key=lambda r: r.start)
+    # the host-side record of each step (the profiler also mirrors it as a GPU annotation: not counted)
+    opt = sorted((e.time_range for e in prof.events() if e.name.startswith("Optimizer.step")
+                  and e.device_type == torch.autograd.DeviceType.CPU), key=lambda r: r.start)
     if len(opt) <= skip + 1:
         raise ValueError(f"only {len(opt)} optimizer steps profiled; need more than {skip + 1}")
     w0, w1 = opt[skip].start, opt[-1].end
     spans = sorted((max(e.time_range.start, w0), min(e.time_range.end, w1)) for e in prof.events()
-                   if e.device_type == torch.autograd.DeviceType.CUDA and e.time_range.end > w0
+                   if e.device_type == torch.autograd.DeviceType.CUDA and not e.name.startswith("Optimizer.")
+                   and e.time_range.end > w0
                    and e.time_range.start < w1)
     busy, end = 0.0, float("-inf")
     for s, e in spans:
@@ -91,7 +94,7 @@ def run_variant(name: str, sets: list[str], args, *, steps: int, profile: bool) 
                                       else "self_cpu_time_total", row_limit=25)
     (Path(args.workdir) / f"{name}.profile.txt").write_text(table)
     if args.out:
-        Path(args.out).with_name(f"{name}.profile.txt").write_text(table)
+        Path(args.out).with_name(f"{Path(args.out).stem}.{name}.profile.txt").write_text(table)
     return res
 
 

@@ -87,6 +87,10 @@ def test_padded_batches_give_the_same_losses_and_gradients(method, growth):
         assert (padded.student.q_block, padded.student.ids.shape[1]) == (w.q + 1, w.q + 1 + 3 + w.a)
         assert padded.student.ids.shape[1] > plain.student.ids.shape[1]
         assert padded.student.label_idx.numel() == len(items) * w.a
+        # every label slot, pads included, at its own position: an index backward serializes repeats
+        assert padded.student.label_idx.unique().numel() == padded.student.label_idx.numel()
+    if not coconut:
+        assert padded.teacher.label_idx.unique().numel() == padded.teacher.label_idx.numel()
     assert padded.num_tokens == plain.num_tokens  # pads are not tokens
     den = {"ce_teacher": 37.0, "ce_student": 5.0}  # step-wide denominators: padding must not change the sums
     for d in (None, den):

@@ -149,6 +149,28 @@ def test_special_rows_replace_embeddings_and_padding_columns():
         assert torch.equal(x[b, Qb + M], m.special_rows[1])  # <eot>
 
 
+def test_embed_equals_a_row_lookup_in_value_and_gradient():
+    """embed's per-token `where`s against the naive lookup of a [V + 3, d] table (the three special rows
+    appended): the same embeddings, and the same gradients for the token table and the special rows."""
+    m, tok = tiny_reasoner("llama")
+    _, _, sb = batches(m, tok)
+    ids = sb.ids
+    x = m.embed(ids)
+    g = torch.randn_like(x)
+    ga = torch.autograd.grad((x * g).sum(), [m.embed_tokens.weight, m.special_rows])
+    V = m.embed_tokens.weight.shape[0]
+    table = torch.cat([m.embed_tokens.weight, m.special_rows])
+    idx = ids.clamp(max=V - 1)
+    for j, tid in enumerate((m.ids.bot, m.ids.eot, m.ids.latent)):
+        idx = torch.where(ids == tid, V + j, idx)
+    ref = torch.nn.functional.embedding(idx, table, padding_idx=m.embed_tokens.padding_idx)  # no grad at pad
+    gb = torch.autograd.grad((ref * g).sum(), [m.embed_tokens.weight, m.special_rows])
+    assert torch.equal(x, ref)
+    for a, b in zip(ga, gb):
+        close(a, b)
+    assert ga[1].abs().sum() > 0  # the batch has special tokens, so their rows get a gradient
+
+
 @pytest.mark.parametrize("q_len,cached", [(7, 0), (1, 9), (5, 6)])
 def test_grouped_query_sdpa_equals_hf_repeat_kv_path(q_len, cached):
     """The folded-GQA attention (no KV head copies) gives HF's SDPA output and gradients, with padding masks,

@@ -61,16 +61,22 @@ start)
   cd - >/dev/null
   dk_wait_done $S/driver.log ${2:-500}
   report ;;
-bench)  # device: one job alone, the real training loop's steps/s and GPU busy share (benchmarks/train_loop_bench.py)
+bench)  # device: one job alone, the real training loop's steps/s and GPU busy share (benchmarks/train_loop_bench.py);
+  # with BASE=DIR (DIR/src/kava: an older kava, e.g. `git archive REV src/kava | tar -x -C .carry/base`, carried),
+  # the same variants with it first, in the same call: loop_bench_base.json beside loop_bench.json
   r=method=icot,icot.tokens_per_epoch=0.198  # 8 per epoch of 808k, per step, on the benchmark's 20k examples
-  py benchmarks/train_loop_bench.py --preset mult4_scratch --steps ${STEPS:-300} --profile-steps 40 \
-    --set data.valid_source=$C/mult/data/multiplication/4x4/valid.txt --variant icot=$r \
-    --variant icot-eager=$r,optim.cuda_graphs=false \
-    --variant icot-b256=$r,optim.effective_batch=256,optim.micro_batch=256 \
-    --variant cot=method=cot --out $OUT/loop_bench.json > $OUT/bench.log 2>&1
-  grep '^{' $OUT/bench.log ;;
+  args=(--preset mult4_scratch --steps ${STEPS:-300} --profile-steps 40
+        --set data.valid_source=$C/mult/data/multiplication/4x4/valid.txt --variant icot=$r --variant cot=method=cot
+        --variant kava=method=kava --variant icot-b256=$r,optim.effective_batch=256,optim.micro_batch=256)
+  if [ -n "${BASE:-}" ]; then
+    PYTHONPATH=$BASE/src "$PY" benchmarks/train_loop_bench.py "${args[@]}" --out $OUT/loop_bench_base.json \
+      > $OUT/bench_base.log 2>&1
+    grep '^{' $OUT/bench_base.log | cut -c1-400
+  fi
+  py benchmarks/train_loop_bench.py "${args[@]}" --out $OUT/loop_bench.json > $OUT/bench.log 2>&1
+  grep '^{' $OUT/bench.log | cut -c1-400 ;;
 deadline)  # device: the running driver stops its jobs $2 seconds from now (instead of at its BUDGET)
-  python3 $S/driver.py deadline --out $S/out --in ${2:?usage: deadline SECONDS} ;;
+  PYTHONPATH=$S/src python3 $S/driver.py deadline --out $S/out --in ${2:?usage: deadline SECONDS} ;;
 wait)
   dk_wait_done $S/driver.log ${2:-560}
   report ;;

@@ -336,17 +336,23 @@ class StepResult:
     bad: list[str] | None = None  # non-finite terms ("grad_norm": only the gradient); None: the step was applied
 
 
-def train_step(t: Trainer, items: list[Tokenized], batch: tuple[int, ...], *, accum: int, step: int,
-               logger: MetricLogger, latent_counts: list[int] | None = None) -> StepResult:
-    """One optimizer step on the global batch `batch` (example indices; `step` is 0-based).
-    latent_counts: per example of `items`, its thoughts (Coconut's curriculum, `kava.curriculum.Coconut.apply`).
+@dataclass
+class PreparedStep:
+    """The host half of an optimizer step: this rank's micro-batches, built on the CPU (pinned when training on
+    a GPU, so their copies do not wait for the GPU), and the step's CE denominators."""
+    micro: list  # kava.objective.Batch per micro-batch of this rank
+    ce_den: dict[str, float]
 
-    Splits it into `optim.micro_batch`-sized micro-batches (of similar lengths with `optim.group_by_length`),
-    takes this rank's share, back-propagates each one's `total / accum` (DDP syncs only on the last), then
-    clips and steps — unless the loss or the gradient is non-finite on any rank: then the gradients are
-    dropped, no weight changes, and `bad` names the terms (`run.nan_policy` is the caller's). The CE terms are sums over the whole step's label count
-    (`ce_denominators`), so the gradient does not depend on the split.
-    """
+
+def prepare_step(t: Trainer, items: list[Tokenized], batch: tuple[int, ...],
+                 latent_counts: list[int] | None = None) -> PreparedStep:
+    """Build optimizer step `batch`'s micro-batches (example indices into `items`; `latent_counts`: per example
+    of `items`, its thoughts, from Coconut's curriculum). No device work: the training loop builds step s+1's
+    while the GPU runs step s (`train_step(before_sync=...)`).
+
+    Splits the batch into `optim.micro_batch`-sized micro-batches (of similar lengths with
+    `optim.group_by_length`) and takes this rank's share. The CE terms are sums over the whole step's label
+    count (`ce_denominators`), so the gradient does not depend on the split."""
     cfg, acc, raw, world = t.cfg, t.acc, t.raw, t.acc.num_processes
     mb = cfg.optim.micro_batch
     if cfg.optim.group_by_length:  # similar lengths share a micro-batch: less padding (stable, so deterministic)
@@ -354,14 +360,38 @@ def train_step(t: Trainer, items: list[Tokenized], batch: tuple[int, ...], *, ac
     all_micro = [batch[i:i + mb] for i in range(0, len(batch), mb)]
     micro = all_micro[acc.process_index::world]
     ce_den = ce_denominators([items[j] for j in batch], cfg, len(all_micro))
+    built = []
+    for idx in micro:
+        b = make_batch([items[j] for j in idx], raw.ids, cfg,
+                       buckets=cfg.optim.graph_buckets if t.graphs is not None else None,
+                       latent_counts=None if latent_counts is None else [latent_counts[j] for j in idx])
+        if acc.device.type == "cuda":  # page-locked: the copy to the GPU is then asynchronous
+            b.teacher = None if b.teacher is None else b.teacher.pin()
+            b.student = None if b.student is None else b.student.pin()
+        built.append(b)
+    return PreparedStep(built, ce_den)
+
+
+def train_step(t: Trainer, items: list[Tokenized], batch: tuple[int, ...], *, accum: int, step: int,
+               logger: MetricLogger, latent_counts: list[int] | None = None, prepared: PreparedStep | None = None,
+               before_sync=None) -> StepResult:
+    """One optimizer step on the global batch `batch` (example indices; `step` is 0-based), built by
+    `prepare_step` unless `prepared` holds it already.
+
+    Back-propagates each micro-batch's `total / accum` (DDP syncs only on the last), then clips and steps —
+    unless the loss or the gradient is non-finite on any rank: then the gradients are dropped, no weight
+    changes, and `bad` names the terms (`run.nan_policy` is the caller's). `before_sync()`, if given, runs once
+    the step's device work is queued and before the one host sync that waits for it: host work placed there
+    overlaps the GPU.
+    """
+    cfg, acc, raw, world = t.cfg, t.acc, t.raw, t.acc.num_processes
+    p = prepared if prepared is not None else prepare_step(t, items, batch, latent_counts)
+    ce_den = p.ce_den
     if t.graphs is not None:  # a graph reads its denominators from device memory at every replay
         ce_den = {k: torch.tensor(v, dtype=torch.float32).to(acc.device) for k, v in ce_den.items()}
     sums: dict[str, torch.Tensor] = {}
     tokens = 0
-    for i, idx in enumerate(micro):
-        b = make_batch([items[j] for j in idx], raw.ids, cfg,
-                       buckets=cfg.optim.graph_buckets if t.graphs is not None else None,
-                       latent_counts=None if latent_counts is None else [latent_counts[j] for j in idx])
+    for i, b in enumerate(p.micro):
         b.ce_den = ce_den
         if b.teacher is not None:
             b.teacher = b.teacher.to(acc.device)
@@ -370,13 +400,13 @@ def train_step(t: Trainer, items: list[Tokenized], batch: tuple[int, ...], *, ac
         tokens += b.num_tokens
         log = t.graphs(b) if t.graphs is not None else None  # None: not graphed, run eagerly
         if log is None:
-            sync = acc.no_sync(t.objective) if i < len(micro) - 1 else contextlib.nullcontext()
+            sync = acc.no_sync(t.objective) if i < len(p.micro) - 1 else contextlib.nullcontext()
             with sync, acc.autocast():
                 total, log = t.objective(b)
                 acc.backward(total / accum)
         for k, v in log.items():
-            sums[k] = sums.get(k, 0.0) + v.float() / len(micro)
-        if t.main and grad_share_due(cfg, step + 1) and i == grad_share_micro(cfg, step + 1, len(micro)):
+            sums[k] = sums.get(k, 0.0) + v.float() / len(p.micro)
+        if t.main and grad_share_due(cfg, step + 1) and i == grad_share_micro(cfg, step + 1, len(p.micro)):
             # per-term gradient norms (kava.training.gradshare), rotating over the step's (length-ordered) micro-batches
             logger.log({"split": "train", **measure(raw, b, cfg, acc.device, acc.autocast())}, step + 1)
     gnorm = acc.clip_grad_norm_(raw.parameters(), cfg.optim.grad_clip) if cfg.optim.grad_clip > 0 else \
@@ -388,6 +418,8 @@ def train_step(t: Trainer, items: list[Tokenized], batch: tuple[int, ...], *, ac
     flags = torch.stack([torch.isfinite(sums[k]) for k in keys] + [torch.isfinite(torch.as_tensor(gnorm).to(dev))])
     if world > 1:  # every rank takes the same branch below and names the same terms, whichever rank failed
         flags = acc.reduce(flags.float().to(acc.device), reduction="sum") == world
+    if before_sync is not None:
+        before_sync()
     flags = flags.tolist()  # the one host sync per optimizer step
     if not all(flags):
         ok = dict(zip(keys, flags))
@@ -532,17 +564,24 @@ def train(cfg: Config, *, resume: str | Path | None = None, progress: bool = Tru
             items = [data.items[j] for j in batch_indices(cfg, plan, len(data.items), s)]
             return curriculum.StepExamples(items, None, {}) if schedule is None else schedule.apply(items, s)
 
+        def host_half(s: int) -> tuple[curriculum.StepExamples, PreparedStep]:
+            """Step s's examples and micro-batches: host work only, a pure function of s."""
+            ex = examples(s)
+            return ex, prepare_step(t, ex.items, tuple(range(len(ex.items))), ex.latent_counts)
+
+        ahead: dict[int, tuple[curriculum.StepExamples, PreparedStep]] = {}  # step s+1's, built during step s
         for step in range(t.step, end_step):
             step_rng = t.rng_now() if cfg.run.nan_policy == "stop" else None  # the last good state, if this step fails
             lr = lr_at(step, plan.total_steps, cfg.optim.lr, plan.warmup_steps, cfg.optim.schedule)
             for g in t.opt.param_groups:
                 g["lr"] = lr
             # the method's curriculum (iCoT, Coconut) rewrites this step's examples; a pure function of the step
-            ex = examples(step)
+            ex, prepared = ahead.pop(step) if step in ahead else host_half(step)
             if schedule is not None and schedule.reset_due(step, previous=lambda: examples(step - 1)):
                 t.inner_opt.state.clear()  # a fresh AdamW state at a new stage (the official recipes)
-            r = train_step(t, ex.items, tuple(range(len(ex.items))), accum=plan.accum, step=step, logger=logger,
-                           latent_counts=ex.latent_counts)
+            nxt = step + 1
+            r = train_step(t, ex.items, (), accum=plan.accum, step=step, logger=logger, prepared=prepared,
+                           before_sync=(lambda: ahead.update({nxt: host_half(nxt)})) if nxt < end_step else None)
             r.sums.update({k: torch.tensor(v) for k, v in ex.stats.items()})
             tokens, steps = tokens + r.tokens, steps + 1
             if r.bad is not None:  # non-finite: nothing was updated

@@ -278,15 +278,19 @@ def block_widths(items: list[Tokenized], growth: float | None = None, *, with_co
 
 def _labels(targets: torch.Tensor, capacity: int | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Flat positions of targets [B, S] that are not IGNORE, and those targets: ([N], [N]); with `capacity`,
-    N is padded up to it by position 0 with target IGNORE (a CE term skips them)."""
+    N is padded up to it with target IGNORE (a CE term skips them) at distinct unlabelled positions, in order
+    (position 0 once they run out): the backward of an index accumulates repeated positions one after the
+    other, and thousands of pads on one position cost milliseconds a step on a GPU."""
     flat = targets.reshape(-1)
-    idx = (flat != IGNORE).nonzero().squeeze(1)  # host tensors: the batch is built on the CPU
+    labelled = flat != IGNORE
+    idx = labelled.nonzero().squeeze(1)  # host tensors: the batch is built on the CPU
     n = max(1, idx.numel()) if capacity is None else capacity
     if idx.numel() > n:
         raise ValueError(f"{idx.numel()} labelled positions exceed the static capacity {n}")
     pad = n - idx.numel()
+    free = (~labelled).nonzero().squeeze(1)[:pad]
     tgt = torch.cat([flat[idx], torch.full((pad,), IGNORE, dtype=torch.long)])
-    idx = torch.cat([idx, torch.zeros(pad, dtype=torch.long)])
+    idx = torch.cat([idx, free, torch.zeros(pad - free.numel(), dtype=torch.long)])
     return idx, tgt
 
 
@@ -326,6 +330,10 @@ class TeacherBatch:
         return TeacherBatch(**{k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v)
                                for k, v in self.__dict__.items()})
 
+    def pin(self) -> "TeacherBatch":
+        """The same batch in page-locked host memory (its `to(cuda)` copies then run asynchronously)."""
+        return TeacherBatch(**{k: (v.pin_memory() if torch.is_tensor(v) else v) for k, v in self.__dict__.items()})
+
 
 @dataclass
 class StudentBatch:
@@ -358,6 +366,10 @@ class StudentBatch:
     def to(self, device) -> "StudentBatch":
         d = {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in self.__dict__.items()}
         return StudentBatch(**d)
+
+    def pin(self) -> "StudentBatch":
+        """The same batch in page-locked host memory (its `to(cuda)` copies then run asynchronously)."""
+        return StudentBatch(**{k: (v.pin_memory() if torch.is_tensor(v) else v) for k, v in self.__dict__.items()})
 
 
 def codi_columns(items: list[Tokenized], prompt_last: list[int], codi_position: str) -> torch.Tensor:

@@ -254,11 +254,12 @@ class LatentReasoner(nn.Module):
         """Token ids [B, S] -> embeddings [B, S, d]; special tokens come from `special_rows`."""
         V = self.embed_tokens.weight.shape[0]
         x = self.embed_tokens(ids.clamp(max=V - 1))
-        slot = torch.full_like(ids, -1)
+        rows = self.special_rows.to(x.dtype)
+        # a `where` per special token, not rows[slot]: an index's backward accumulates every position's gradient
+        # into the rows one position after the other (milliseconds a step on a GPU); a where's is a masked sum
         for j, tid in enumerate((self.ids.bot, self.ids.eot, self.ids.latent)):
-            slot = torch.where(ids == tid, j, slot)
-        rows = self.special_rows.to(x.dtype)[slot.clamp(min=0)]
-        return torch.where((slot >= 0).unsqueeze(-1), rows, x)
+            x = torch.where((ids == tid).unsqueeze(-1), rows[j], x)
+        return x
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """LM head and the model's own final processing (Granite `logits_scaling`, Cohere `logit_scale`,
