@@ -337,6 +337,8 @@ def test_an_unknown_key_suggests_the_closest_one(item, hint):
     # text that YAML would read as a mapping, a comment or an error stays text
     ("data.answer_prompt=The answer is:", "data.answer_prompt", "The answer is:"),
     ("data.answer_prompt=####", "data.answer_prompt", "####"),
+    ("data.answer_prompt=$ ####", "data.answer_prompt", "$ ####"),  # ` #` is no comment on a command line
+    ("data.answer_prompt='$ ####'", "data.answer_prompt", "$ ####"),
     ("data.answer_prompt=a: b: c", "data.answer_prompt", "a: b: c"),
     ("run.eval_every=~", "run.eval_every", None),
     ("model.from_scratch={family: gpt2}", "model.from_scratch", {"family": "gpt2"}),

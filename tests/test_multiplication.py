@@ -159,6 +159,33 @@ def test_one_token_per_digit_and_symbol(tmp_path, data_dir):
     assert answer_kind(cfg) == "digits" and answer_kind(load_config("tiny_synth")) == "number"
 
 
+def test_the_official_layout_keeps_both_separators_when_the_cot_is_removed(tmp_path, data_dir):
+    """data.question_suffix "$" with answer_prompt "$ ####" gives the official iCoT sequence question SEP CoT
+    SEP #### answer: one token each, and with every CoT token removed (iCoT's end) question SEP SEP ####
+    answer; the digits read back and score as before."""
+    from kava.curriculum import for_config
+    from kava.data.format import Formatter, add_special_tokens, build_teacher_batch
+
+    cfg = load_config("mult4_scratch", ["data.question_suffix=$", "data.answer_prompt='$ ####'", "method=icot"])
+    recs = load_records(data_dir / "multiplication" / "4x4" / "valid.txt")[:8]
+    tok = build_tokenizer(tokenizer_texts(recs, cfg.data.answer_prompt), tmp_path / "tok", vocab_size=300,
+                          single_tokens=synthetic_single_tokens(cfg))
+    ids = add_special_tokens(tok)
+    sep, hashes = (tok.convert_tokens_to_ids(tok.tokenize(x))[0] for x in (" $", " ####"))
+    plain = Formatter.from_config(load_config("mult4_scratch"), tok).tokenize_all(recs, SkipLog())
+    items = Formatter.from_config(cfg, tok).tokenize_all(recs, SkipLog())
+    for it, p in zip(items, plain):
+        assert it.question == p.question + [sep] and it.cot == p.cot and it.answer == p.answer
+        assert it.prompt == [sep, hashes] and p.prompt == [hashes]
+    gone = for_config(cfg, steps_per_epoch=1).apply(items, 10_000).items  # far past the longest CoT: all removed
+    tb = build_teacher_batch(gone, ids)
+    for b, it in enumerate(items):
+        row = tb.ids[b][tb.mask[b].bool()].tolist()
+        assert row == it.question + [sep, hashes] + it.answer  # question (its SEP) · SEP #### · answer eos
+    text = tok.decode(items[0].question + items[0].prompt + items[0].answer[:-1])
+    assert extract(text, "digits", cfg.data.answer_prompt)["strict"] == recs[0].answer
+
+
 def test_generated_splits_are_deterministic_disjoint_and_exclude(tmp_path):
     """Each split is a pure function of (seed, digits, split); no question repeats within or across splits; none
     of the excluded questions is drawn (2-digit operands: 8,100 pairs, so collisions are certain)."""

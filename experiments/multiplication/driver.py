@@ -96,8 +96,18 @@ JOBS: dict[str, tuple[str, list[str]]] = {
     # iCoT at the official rate, from scratch as the official command (no CoT-only epochs first): a token every
     # round(6312 / 8) = 789 steps at batch 128 (101k samples), validated at the end of each token, until all 46
     # (74) tokens are gone and about 4k steps after. Longer than a lease: the driver resumes it (`ship`).
-    "icot4-off": ("mult4_scratch", ["method=icot", "icot.tokens_per_epoch=8", "optim.max_steps=40000",
+    # 4x4: 40,000 in the third lease (stopped at 35,074 with 44 tokens removed, collapsed since token 30), raised
+    # to 60,000 for the next (a resume may extend max_steps): the official loop trains on long after the CoT is
+    # gone (~36.3k) and reports the best epoch after that
+    "icot4-off": ("mult4_scratch", ["method=icot", "icot.tokens_per_epoch=8", "optim.max_steps=60000",
                                     "run.eval_every=789"]),
+    # the official sequence layout, `question SEP CoT SEP #### answer` (da03/Internalize_CoT_Step_by_Step
+    # src/data.py: the separators are <eos>; here the token " $"): two positions to compute in that stay when
+    # the CoT is gone. The first suspect of icot4-off's collapse at token 30; and the 6-layer model
+    "icot4-sep": ("mult4_scratch", ["method=icot", "icot.tokens_per_epoch=8", "optim.max_steps=60000",
+                                    "run.eval_every=789", "data.question_suffix=$", "data.answer_prompt='$ ####'"]),
+    "icot4-off-6l": ("mult4_scratch", ["method=icot", "icot.tokens_per_epoch=8", "optim.max_steps=60000",
+                                       "run.eval_every=789", *DEEP]),
     "icot5-off": ("mult5_scratch", ["method=icot", "icot.tokens_per_epoch=8", "optim.max_steps=62000",
                                     "run.eval_every=789"]),
     **{f"icot{n}-fc-{tag}": (f"mult{n}_scratch", ["method=icot", f"icot.tokens_per_epoch={tpe}", "optim.max_steps=6500",
@@ -113,6 +123,7 @@ GROUPS = {"gate": ["cot4", "nocot4", "cot5", "nocot5", "cot5-6l", "nocot5-6l"], 
           "icot-next": ["icot4-b512", "icot4-b512-lr1e4", "icot4-b512-noreset", "icot5-b512-lr1e4"],
           "table5": ["cot5-base", "nocot5-8k", "pccot5", "kava5", "kava5-T5", "codi5", "coconut5"],
           "icot-off": ["icot4-off", "icot5-off"],
+          "icot-lease4": ["icot4-off", "icot5-off", "icot4-sep"],
           "icot-fc": ["cot4-base", "cot5-base"] + [name for name in JOBS if "-fc-" in name]}
 COMMON = ["optim.max_steps=20000", "run.eval_every=500", "run.save_every=500"]
 LATENT = {"pccot", "kava", "codi", "coconut"}

@@ -203,6 +203,9 @@ class DataConfig:
     cot_style: Literal[(*readers.COT_STYLES, "both")] = "equation"
     drop_last_step: bool = True
     answer_prompt: str = "The answer is:"
+    # written after every question (a space between): with answer_prompt "$ ####", "$" gives iCoT's official
+    # multiplication layout `question SEP CoT SEP #### answer`, whose two separators stay when the CoT is removed
+    question_suffix: str = ""
     max_question_tokens: int = 256
     max_cot_tokens: int = 256
     max_answer_tokens: int = 16
@@ -534,6 +537,9 @@ def parse_override(item: str) -> tuple[str, Any]:
     if isinstance(value, dict) and not text.startswith("{"):
         value = text
     if value is None and text not in ("null", "~", "Null", "NULL"):
+        value = text
+    # ... nor is ` #` inside it a comment: YAML would read `$ ####` as `$` (a command line holds no comments)
+    if any(c + "#" in text for c in " \t") and text[0] not in "'\"[{":
         value = text
     return key.strip(), value
 

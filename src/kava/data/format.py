@@ -89,10 +89,12 @@ class Formatter:
 
     def __init__(self, tokenizer, *, answer_prompt: str = "The answer is:", drop_last_step: bool = True,
                  max_question_tokens: int = 256, max_cot_tokens: int = 256, max_answer_tokens: int = 16,
-                 with_steps: bool = False, compact_digits: bool = False):
+                 with_steps: bool = False, compact_digits: bool = False, question_suffix: str = ""):
         """with_steps: also find where each CoT step ends (`Tokenized.step_ends`, for Coconut; one more
-        tokenisation per step)."""
+        tokenisation per step). question_suffix: text written after every question, before the CoT (or the
+        latents, or the answer prompt), e.g. the separator of iCoT's official layout."""
         self.tok = tokenizer
+        self.question_suffix = question_suffix.strip()
         self.with_steps = with_steps
         self.compact_digits = compact_digits
         self.ids = special_ids(tokenizer)
@@ -114,7 +116,7 @@ class Formatter:
                    drop_last_step=d.drop_last_step if drop_last_step is None else drop_last_step,
                    max_question_tokens=lim[0], max_cot_tokens=lim[1], max_answer_tokens=lim[2],
                    with_steps=limits and cfg.spec.student_cot,  # training only: Coconut's step boundaries
-                   compact_digits=d.mult_compact)
+                   compact_digits=d.mult_compact, question_suffix=d.question_suffix)
 
     def _enc(self, text: str) -> list[int]:
         return self.tok(text, add_special_tokens=False)["input_ids"] if text else []
@@ -156,6 +158,8 @@ class Formatter:
         q, steps, a = rec.question.strip(), self.cot_steps(rec.steps), rec.answer.strip()
         if self.compact_digits and rec.answer_kind == "digits":
             q, a, steps = q.replace(" ", ""), a.replace(" ", ""), [st.replace(" ", "") for st in steps]
+        if self.question_suffix:
+            q = f"{q} {self.question_suffix}"
         return q, steps, a
 
     def tokenize(self, rec: Record, index: int = 0, skips: SkipLog | None = None, *,

@@ -166,5 +166,6 @@ def mult_tokens() -> list[str]:
     """What the local tokenizer of a multiplication run keeps as single tokens: each digit and symbol with the
     space before it (``" 5"``, ``" *"``, ``" ####"``), so that every digit and symbol is one token, as GPT-2's
     tokenizer has it (`kava.data.tokenizer.build_tokenizer(single_tokens=...)`). A number's first digit after
-    the BOS has no space and is the plain digit token."""
-    return [f" {d}" for d in "0123456789"] + [" *", " +", " (", " )", " ####"]
+    the BOS has no space and is the plain digit token. `" $"` is the separator of the official layout
+    (`data.question_suffix`)."""
+    return [f" {d}" for d in "0123456789"] + [" *", " +", " (", " )", " ####", " $"]
