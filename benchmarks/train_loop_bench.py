@@ -92,9 +92,8 @@ def run_variant(name: str, sets: list[str], args, *, steps: int, profile: bool) 
            "host_calls_s": top}
     table = prof.key_averages().table(sort_by="self_cuda_time_total" if torch.cuda.is_available()
                                       else "self_cpu_time_total", row_limit=25)
-    (Path(args.workdir) / f"{name}.profile.txt").write_text(table)
-    if args.out:
-        Path(args.out).with_name(f"{Path(args.out).stem}.{name}.profile.txt").write_text(table)
+    where = Path(args.out) if args.out else Path(args.workdir) / "loop_bench.json"
+    where.with_name(f"{where.stem}.{name}.profile.txt").write_text(table)
     return res
 
 

@@ -882,7 +882,7 @@ def test_a_signal_saves_a_checkpoint_at_the_next_step_and_prints_the_resume_comm
     """Ctrl-C (SIGINT) or SLURM's SIGTERM during step 2: the step finishes, checkpoints/step_2 is written, the
     command exits 128 + signal with one line naming the checkpoint and `kava train --resume RUN`; the resume
     finishes the run with the losses of an uninterrupted one."""
-    real = kt.train_step
+    real = kt.run_step  # the loop's step (kt.train_step is prepare_step + run_step)
 
     def step(t, *a, step, **kw):
         if step == 1:
@@ -891,10 +891,10 @@ def test_a_signal_saves_a_checkpoint_at_the_next_step_and_prints_the_resume_comm
 
     sets = _sets(TINY + [f"run.output_dir={tmp_path}", "optim.max_steps=5", "run.log_every=1", "run.eval_every=50",
                          "run.save_every=50"])
-    monkeypatch.setattr(kt, "train_step", step)
+    monkeypatch.setattr(kt, "run_step", step)
     before = signal.getsignal(sig)
     assert _cli("train", "--config", "tiny_synth", "--no-progress", *sets) == 128 + sig
-    monkeypatch.setattr(kt, "train_step", real)
+    monkeypatch.setattr(kt, "run_step", real)
     run = tmp_path / "tiny_synth-s42"
     out, err = capsys.readouterr()
     assert f"{signal.Signals(sig).name} received: saving a checkpoint after this step" in out

@@ -8,11 +8,12 @@
     setup_model_and_optimizer   reasoner, AdamW, `kava.objective.Objective`, prepared by accelerate -> `Trainer`
     resume_state                a checkpoint into the `Trainer` (weights, optimizer, RNGs, counters)
     save_run_files              a new run's config.yaml, meta.json, skips.json
-    train_step                  one optimizer step: micro-batches (loss / accumulation), non-finite check,
-                                clip, step -> `StepResult`
+    prepare_step                an optimizer step's host half: its micro-batches, built on the CPU
+    run_step                    its device half: loss / accumulation, non-finite check, clip, step -> `StepResult`
+    train_step                  prepare_step then run_step
     validate, save_best, save_checkpoint, save_final
-The loop in `train()` then reads top to bottom like nanoGPT's: lr for this step -> train_step -> (non-finite:
-run.nan_policy) -> log -> validate / checkpoint. Plumbing (DDP, autocast, no-sync) is `accelerate`'s.
+The loop in `train()` then reads top to bottom like nanoGPT's: lr for this step -> run_step (which builds the
+next step's host half before its one sync) -> (non-finite: run.nan_policy) -> log -> validate / checkpoint. Plumbing (DDP, autocast, no-sync) is `accelerate`'s.
 
 The components live elsewhere: the loss (`kava.objective`), the run directory, its lock and provenance
 (`kava.checkpoint.rundir`, whose docstring lists the files), the training state (`kava.checkpoint.state`),
@@ -348,7 +349,7 @@ def prepare_step(t: Trainer, items: list[Tokenized], batch: tuple[int, ...],
                  latent_counts: list[int] | None = None) -> PreparedStep:
     """Build optimizer step `batch`'s micro-batches (example indices into `items`; `latent_counts`: per example
     of `items`, its thoughts, from Coconut's curriculum). No device work: the training loop builds step s+1's
-    while the GPU runs step s (`train_step(before_sync=...)`).
+    while the GPU runs step s (`run_step(before_sync=...)`).
 
     Splits the batch into `optim.micro_batch`-sized micro-batches (of similar lengths with
     `optim.group_by_length`) and takes this rank's share. The CE terms are sums over the whole step's label
@@ -373,10 +374,15 @@ def prepare_step(t: Trainer, items: list[Tokenized], batch: tuple[int, ...],
 
 
 def train_step(t: Trainer, items: list[Tokenized], batch: tuple[int, ...], *, accum: int, step: int,
-               logger: MetricLogger, latent_counts: list[int] | None = None, prepared: PreparedStep | None = None,
-               before_sync=None) -> StepResult:
-    """One optimizer step on the global batch `batch` (example indices; `step` is 0-based), built by
-    `prepare_step` unless `prepared` holds it already.
+               logger: MetricLogger, latent_counts: list[int] | None = None) -> StepResult:
+    """One optimizer step on the global batch `batch` (example indices; `step` is 0-based): `prepare_step`,
+    then `run_step`."""
+    return run_step(t, prepare_step(t, items, batch, latent_counts), accum=accum, step=step, logger=logger)
+
+
+def run_step(t: Trainer, p: PreparedStep, *, accum: int, step: int, logger: MetricLogger,
+             before_sync=None) -> StepResult:
+    """The device half of an optimizer step (`step` is 0-based) on the micro-batches `p` holds.
 
     Back-propagates each micro-batch's `total / accum` (DDP syncs only on the last), then clips and steps —
     unless the loss or the gradient is non-finite on any rank: then the gradients are dropped, no weight
@@ -385,7 +391,6 @@ def train_step(t: Trainer, items: list[Tokenized], batch: tuple[int, ...], *, ac
     overlaps the GPU.
     """
     cfg, acc, raw, world = t.cfg, t.acc, t.raw, t.acc.num_processes
-    p = prepared if prepared is not None else prepare_step(t, items, batch, latent_counts)
     ce_den = p.ce_den
     if t.graphs is not None:  # a graph reads its denominators from device memory at every replay
         ce_den = {k: torch.tensor(v, dtype=torch.float32).to(acc.device) for k, v in ce_den.items()}
@@ -580,8 +585,8 @@ def train(cfg: Config, *, resume: str | Path | None = None, progress: bool = Tru
             if schedule is not None and schedule.reset_due(step, previous=lambda: examples(step - 1)):
                 t.inner_opt.state.clear()  # a fresh AdamW state at a new stage (the official recipes)
             nxt = step + 1
-            r = train_step(t, ex.items, (), accum=plan.accum, step=step, logger=logger, prepared=prepared,
-                           before_sync=(lambda: ahead.update({nxt: host_half(nxt)})) if nxt < end_step else None)
+            r = run_step(t, prepared, accum=plan.accum, step=step, logger=logger,
+                         before_sync=(lambda: ahead.update({nxt: host_half(nxt)})) if nxt < end_step else None)
             r.sums.update({k: torch.tensor(v) for k, v in ex.stats.items()})
             tokens, steps = tokens + r.tokens, steps + 1
             if r.bad is not None:  # non-finite: nothing was updated

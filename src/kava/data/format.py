@@ -298,6 +298,11 @@ def _labels(targets: torch.Tensor, capacity: int | None) -> tuple[torch.Tensor, 
     return idx, tgt
 
 
+def _map_tensors(batch, fn):
+    """A batch of the same type with `fn` applied to each tensor field (the others as they are)."""
+    return type(batch)(**{k: (fn(v) if torch.is_tensor(v) else v) for k, v in batch.__dict__.items()})
+
+
 @dataclass
 class TeacherBatch:
     """Teacher (or No-CoT) batch. B examples, S columns, C = longest CoT, A = most answer query rows.
@@ -331,12 +336,11 @@ class TeacherBatch:
     q_block: int | None = None
 
     def to(self, device) -> "TeacherBatch":
-        return TeacherBatch(**{k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v)
-                               for k, v in self.__dict__.items()})
+        return _map_tensors(self, lambda v: v.to(device, non_blocking=True))
 
     def pin(self) -> "TeacherBatch":
         """The same batch in page-locked host memory (its `to(cuda)` copies then run asynchronously)."""
-        return TeacherBatch(**{k: (v.pin_memory() if torch.is_tensor(v) else v) for k, v in self.__dict__.items()})
+        return _map_tensors(self, torch.Tensor.pin_memory)
 
 
 @dataclass
@@ -368,12 +372,11 @@ class StudentBatch:
         return self.q_block + self.num_latents
 
     def to(self, device) -> "StudentBatch":
-        d = {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in self.__dict__.items()}
-        return StudentBatch(**d)
+        return _map_tensors(self, lambda v: v.to(device, non_blocking=True))
 
     def pin(self) -> "StudentBatch":
         """The same batch in page-locked host memory (its `to(cuda)` copies then run asynchronously)."""
-        return StudentBatch(**{k: (v.pin_memory() if torch.is_tensor(v) else v) for k, v in self.__dict__.items()})
+        return _map_tensors(self, torch.Tensor.pin_memory)
 
 
 def codi_columns(items: list[Tokenized], prompt_last: list[int], codi_position: str) -> torch.Tensor:
