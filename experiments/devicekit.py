@@ -19,10 +19,30 @@ import argparse
 import hashlib
 import json
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
-PIECE_BYTES = 49_500_000  # under the 64 MiB a call carries, with room for the manifest and the code
+CARRY_BYTES = 64 * 2**20  # what one device call carries: the tracked tree, untracked files and the carried paths
+SPARE_BYTES = 4_000_000  # for manifests and small carries beside a piece (.carry/mult, .carry/base: ~1.6 MB)
+
+
+def tree_bytes(repo: Path = Path(".")) -> int:
+    """Bytes of the files every call carries: tracked plus untracked-not-ignored (as `git ls-files` sees them)."""
+    out = subprocess.run(["git", "-C", str(repo), "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                         capture_output=True, check=True).stdout
+    names = [n for n in out.decode().split("\0") if n]
+    return sum((repo / n).stat().st_size for n in names if (repo / n).is_file())
+
+
+def piece_bytes_for(size: int, tree: int) -> int:
+    """Even pieces, as few as fit beside a tree of `tree` bytes in one call (the tree grows with every result
+    committed: a fixed 49.5 MB piece stopped fitting at a 19 MB tree)."""
+    room = CARRY_BYTES - tree - SPARE_BYTES
+    if room < 1_000_000:
+        raise SystemExit(f"the tracked tree ({tree} bytes) leaves no room for a piece in a {CARRY_BYTES}-byte call")
+    n = max(1, -(-size // room))
+    return -(-size // n)
 
 
 def sha256(path: Path) -> str:
@@ -33,11 +53,13 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def split(file: Path, into: Path, piece_bytes: int = PIECE_BYTES,
+def split(file: Path, into: Path, piece_bytes: int | None = None,
           exclude: Path | None = Path(".git/info/exclude")) -> dict:
-    """`file` cut into pieces of `piece_bytes`, each in its own folder `into/pNN` with the manifest; `/.carry/` is
-    added to `exclude` (the repository's ignore file) if missing."""
+    """`file` cut into pieces of `piece_bytes` (default: `piece_bytes_for` this repository's tree), each in its own
+    folder `into/pNN` with the manifest; `/.carry/` is added to `exclude` (the repository's ignore file) if missing."""
     size = file.stat().st_size
+    if piece_bytes is None:
+        piece_bytes = piece_bytes_for(size, tree_bytes())
     n = max(1, -(-size // piece_bytes))
     manifest = {"name": file.name, "size": size, "sha256": sha256(file), "pieces": []}
     if into.exists():
@@ -100,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     s = sub.add_parser("split")
     s.add_argument("file", type=Path)
     s.add_argument("--into", type=Path, required=True)
-    s.add_argument("--piece-bytes", type=int, default=PIECE_BYTES)
+    s.add_argument("--piece-bytes", type=int, default=None, help="default: even pieces that fit beside the tree")
     t = sub.add_parser("stash")
     t.add_argument("piece_dir", type=Path)
     t.add_argument("--to", type=Path, required=True)

@@ -54,6 +54,29 @@ def test_split_stash_join_round_trip(tmp_path):
         dk.join(stash, tmp_path / "again.gguf")
 
 
+def test_default_pieces_fit_beside_the_tree(tmp_path):
+    """Every piece plus the tree a call always carries stays under the call's limit, in as few even pieces as fit;
+    the tree is counted from git (tracked and untracked-not-ignored files, not ignored ones)."""
+    dk = devicekit()
+    size = 180_715_520  # a resume state of the 2-layer multiplication model
+    for tree in (0, 15_000_000, 19_337_598, 40_000_000):
+        piece = dk.piece_bytes_for(size, tree)
+        n = -(-size // piece)
+        assert tree + piece + dk.SPARE_BYTES <= dk.CARRY_BYTES
+        assert n == -(-size // (dk.CARRY_BYTES - tree - dk.SPARE_BYTES))  # no more pieces than needed
+        assert piece * (n - 1) < size <= piece * n  # even: the last piece is not a sliver
+    with pytest.raises(SystemExit, match="no room"):
+        dk.piece_bytes_for(size, dk.CARRY_BYTES)
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    (repo / ".gitignore").write_text("big/\n")
+    (repo / "a.txt").write_bytes(b"x" * 1000)
+    (repo / "big").mkdir()
+    (repo / "big" / "w.bin").write_bytes(b"y" * 50_000)
+    assert dk.tree_bytes(repo) == 1000 + len("big/\n")
+
+
 # ------------------------------------------------------------------------------------------ devicekit.sh
 def kit(script: str, cwd: Path, tmp_path: Path, **env) -> subprocess.CompletedProcess:
     """`script` run by bash with experiments/devicekit.sh sourced, as the device scripts run it (`set -uo

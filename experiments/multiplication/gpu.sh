@@ -65,9 +65,10 @@ bench)  # device: one job alone, the real training loop's steps/s and GPU busy s
   # with BASE=DIR (DIR/src/kava: an older kava, e.g. `git archive REV src/kava | tar -x -C .carry/base`, carried),
   # the same variants with it first, in the same call: loop_bench_base.json beside loop_bench.json
   r=method=icot,icot.tokens_per_epoch=0.198  # 8 per epoch of 808k, per step, on the benchmark's 20k examples
+  # BENCH_SET: one more override (a CPU check: model.from_scratch.n_embd=64); BENCH_KAVA=1: the kava variant too
   args=(--preset mult4_scratch --steps ${STEPS:-300} --profile-steps 40
-        --set data.valid_source=$C/mult/data/multiplication/4x4/valid.txt --variant icot=$r --variant kava=method=kava
-        ${BENCH_SET:+--set $BENCH_SET})  # BENCH_SET: one more override (a CPU check: model.from_scratch.n_embd=64)
+        --set data.valid_source=$C/mult/data/multiplication/4x4/valid.txt --variant icot=$r
+        ${BENCH_KAVA:+--variant kava=method=kava} ${BENCH_SET:+--set $BENCH_SET})
   if [ -n "${BASE:-}" ]; then
     PYTHONPATH=$BASE/src "$PY" benchmarks/train_loop_bench.py "${args[@]}" --out $OUT/loop_bench_base.json \
       > $OUT/bench_base.log 2>&1
