@@ -17,8 +17,8 @@
 #   here, after each back call (the files land in /work/.device/<n>/):
 #     bash experiments/multiplication/gpu.sh gather RUN
 #       (collects the pieces into .carry/back/RUN/; once all are there: joins and checks them (sha256) into
-#       .carry/back/RUN.step_N.tar, unpacks it into .carry/back/out/runs/RUN, splits it into 49.5 MB carry
-#       pieces .carry/ship/RUN/p00 ..)
+#       .carry/back/RUN.step_N.tar, unpacks it into .carry/back/out/runs/RUN, splits it into carry
+#       pieces .carry/ship/RUN/p00 .. that fit beside the tracked tree in one call)
 #   next lease, one call per piece, each within the warm window of the one before:
 #     carry [.carry/ship/RUN/pKK]:  bash experiments/multiplication/gpu.sh stash RUN pKK
 #     the last piece's call, carry [.carry/ship/RUN/pLAST, .carry/mult]:
