@@ -838,6 +838,39 @@ def test_save_checkpoint_then_resume_state_restores_everything(tmp_path):
     assert torch.equal(u.acc.unwrap_model(u.objective).generator.get_state(), after_save[1])
 
 
+def test_a_gpu_checkpoint_resumes_on_cpu_with_its_weights_and_a_line_about_the_rng(tmp_path, capsys):
+    """A checkpoint written on a GPU holds a CUDA generator state for random eviction (16 bytes; a CPU one is
+    5,056): resuming it on a CPU machine once crashed inside `Generator.set_state`. Now the weights, the
+    optimizer and the step come back, the generator keeps its run.seed seeding, and a line says so."""
+    from safetensors.torch import load_file, save_file
+
+    t, d, run_dir = stage_trainer(tmp_path, "optim.micro_batch=4", "method=kava", "eviction.method=random")
+    logger = kt.MetricLogger(run_dir, [], False, t.cfg)
+    assert kt.train_step(t, d.items, tuple(range(8)), accum=2, step=0, logger=logger).bad is None
+    t.step = 1
+    kt.save_checkpoint(t, run_dir)
+    ck = kt.latest_checkpoint(run_dir)
+    rng = load_file(str(ck / "rng.safetensors"))
+    assert rng["eviction"].numel() != 16
+    rng["eviction"] = torch.arange(16, dtype=torch.uint8)  # what torch.cuda's Philox generator's get_state() gives
+    save_file(rng, str(ck / "rng.safetensors"))
+
+    u = kt.setup_model_and_optimizer(t.cfg, d.tokenizer, t.acc)
+    seeded = u.acc.unwrap_model(u.objective).generator.get_state()
+    kt.resume_state(u, ck)
+    assert "eviction RNG state is another device type's than cpu's" in capsys.readouterr().out
+    assert u.step == 1
+    assert torch.equal(u.acc.unwrap_model(u.objective).generator.get_state(), seeded)
+    mine = dict(t.raw.named_parameters())
+    assert all(torch.equal(p, mine[n]) for n, p in u.raw.named_parameters())
+    # the same-device state still restores exactly
+    g = torch.Generator().manual_seed(7)
+    state = g.get_state()
+    g.manual_seed(8)
+    assert ks.restore_generator(g, state) and torch.equal(g.get_state(), state)
+    assert ks.restore_generator(g, None)
+
+
 def test_a_second_trainer_on_the_same_run_dir_is_refused(tmp_path, synth_root, monkeypatch):
     """Two `kava train` on one run directory (issue 20: nothing stopped the second): while one holds the run
     directory, another start or `--resume` fails at once with an error naming the holder, and the lock is

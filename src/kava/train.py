@@ -46,8 +46,8 @@ from kava.checkpoint.rundir import (RunDir, RunLock, RunLocked, git_revision, lo
                                     run_name, versions)
 from kava.checkpoint.saved import save_model
 from kava.checkpoint.state import (atomic_dir_write, check_resume_state, check_tokenizer, gather_rng,
-                                   latest_checkpoint, read_checkpoint, restore_rng, rng_of_rank, rng_tensors,
-                                   tokenizer_identity, write_checkpoint, model_identity)
+                                   latest_checkpoint, read_checkpoint, restore_generator, restore_rng, rng_of_rank,
+                                   rng_tensors, tokenizer_identity, write_checkpoint, model_identity)
 from kava.config import (Config, ConfigError, check_launcher_precision, check_world_size, load_config, parse_override,
                          save_config, use_bf16)
 from kava.console import print_line
@@ -306,9 +306,10 @@ def resume_state(t: Trainer, ck: Path) -> None:
               "run's dropout / random eviction on this process will differ from an uninterrupted run)")
         rng = rng_of_rank(saved_rng, 0)
     restore_rng(rng)
-    objective_gen = rng.get("eviction")
-    if objective_gen is not None:
-        t.acc.unwrap_model(t.objective).generator.set_state(objective_gen)
+    gen = t.acc.unwrap_model(t.objective).generator
+    if not restore_generator(gen, rng.get("eviction")):
+        print(f"[kava] {ck}: its eviction RNG state is another device type's than {gen.device.type}'s; "
+              f"keeping the generator seeded with run.seed (random eviction will differ from an uninterrupted run)")
     t.step, t.best = state["step"], state["best"]
     t.nonfinite_skipped = state.get("nonfinite_skipped", 0)
 

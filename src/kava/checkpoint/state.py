@@ -99,6 +99,18 @@ def restore_rng(t: dict[str, torch.Tensor]) -> None:
             torch.cuda.set_rng_state_all(states)
 
 
+def restore_generator(gen: torch.Generator, saved: torch.Tensor | None) -> bool:
+    """Set `gen` to `saved` (a `get_state()`); False, leaving `gen` as it is, when `saved` is another device
+    type's state (a run resumed on a CPU machine from a GPU checkpoint, or back: its sizes differ). None: nothing
+    was saved, True."""
+    if saved is None:
+        return True
+    if saved.numel() != gen.get_state().numel():
+        return False
+    gen.set_state(saved)
+    return True
+
+
 def model_identity(cfg) -> dict:
     """What a checkpoint's trainable tensors belong to: the backbone, its tokenizer and the LoRA shape."""
     m = cfg.model
