@@ -129,6 +129,34 @@ def test_run_shipped_between_leases_resumes_exactly(tmp_path, data_dir, monkeypa
     assert [e["event"] for e in again if e["event"] in ("start", "resume", "done before")] == ["done before"]
 
 
+def test_a_fork_job_branches_the_parent_run_and_trains_on(tmp_path, data_dir, monkeypatch):
+    """A FORKS job: the driver forks the parent job's run at its latest checkpoint with the job's changes (event
+    "fork"), resumes it to the end, and leaves the parent run as it was."""
+    d = driver()
+    monkeypatch.setattr(d, "POLL_S", 0.2)
+    monkeypatch.setattr(d, "eval_cmd", lambda *a: [sys.executable, "-c", ""])
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setitem(d.FORKS, "icot4-fk", ("icot4", ["optim.lr=1e-4", "icot.reset_optimizer=false"]))
+    monkeypatch.setitem(d.JOBS, "icot4-fk", (d.JOBS["icot4"][0], [*d.JOBS["icot4"][1], *d.FORKS["icot4-fk"][1]]))
+    out = tmp_path / "out"
+    parent = out / "runs" / RUN
+    kt.train(load_config(d.JOBS["icot4"][0], d.job_sets("icot4", data_dir, out, 42, TINY)), progress=False,
+             stop_after=8)
+    before = sorted(p.name for p in parent.rglob("*"))
+    d.run(argparse.Namespace(data=str(data_dir), out=str(out), jobs="icot4-fk", budget=600, seeds="42", stagger=0,
+                             set=TINY, dry_run=False))
+    events = [json.loads(ln) for ln in (out / "status.jsonl").read_text().splitlines()]
+    fork = next(e for e in events if e["event"] == "fork")
+    assert (fork["parent"], fork["step"]) == (RUN, 8)
+    assert [(e["event"], e.get("from_step")) for e in events if e["event"] in ("start", "resume")] == [("resume", 8)]
+    child = out / "runs" / "icot4-fk-s42"
+    assert json.loads((child / "DONE").read_text())["steps"] == 12
+    cfg = kt.resume_config(child)
+    assert cfg.optim.lr == 1e-4 and cfg.icot.reset_optimizer is False
+    assert json.loads((child / "meta.json").read_text())["fork"]["step"] == 8
+    assert sorted(p.name for p in parent.rglob("*")) == before and not (parent / "DONE").exists()
+
+
 def test_deadline_file_moves_the_running_drivers_deadline(tmp_path):
     """`driver.py deadline --in S` writes OUT/deadline; the run loop reads it at every poll instead of its own."""
     import time

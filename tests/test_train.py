@@ -258,6 +258,51 @@ def test_exact_resume_after_sigkill(method, extra, tmp_path, synth_root, monkeyp
     assert metrics(run_a, "val") == metrics(run_b, "val")
 
 
+def test_fork_continues_a_run_under_changed_hyperparameters(tmp_path, synth_root):
+    """`fork_run` branches a run at a checkpoint: without changes the fork ends bit for bit where the source
+    run does (weights, AdamW state, metrics); with optim.lr changed it trains from the branch point at the new
+    lr; what fixes a step's meaning (data, model, method, batch) is refused, as is a step with no checkpoint."""
+    common = TINY + [f"run.output_dir={tmp_path}", "method=cot", "model.from_scratch.attention_dropout=0.2",
+                     "optim.max_steps=12", "run.save_every=4", "optim.schedule=constant", "optim.warmup_ratio=0"]
+    run_a = kt.train(load_config("tiny_synth", common + ["run.name=A"]), progress=False, data_root=synth_root)
+    run_b = kt.train(load_config("tiny_synth", common + ["run.name=B"]), progress=False, data_root=synth_root,
+                     stop_after=8)
+    assert kt.latest_checkpoint(run_b).name == "step_8"
+
+    same = kt.fork_run(run_b, tmp_path / "C", [])
+    assert sorted(p.name for p in (same / "checkpoints").iterdir()) == ["step_8"]
+    assert json.loads((same / "meta.json").read_text())["fork"] == {"from": str(run_b.resolve()), "step": 8,
+                                                                   "changes": []}
+    assert max(r["step"] for r in metrics(same)) == 8
+    kt.train(kt.resume_config(same), resume=same, progress=False, data_root=synth_root)
+    assert max_diff(trainable(run_a, 12), trainable(same, 12)) <= 1e-6
+    oa = load_file(str(run_a / "checkpoints" / "step_12" / "optimizer.safetensors"))
+    oc = load_file(str(same / "checkpoints" / "step_12" / "optimizer.safetensors"))
+    assert max_diff(oa, oc) <= 1e-6
+    assert strip_timing(metrics(run_a)) == strip_timing(metrics(same))
+
+    lr = kt.resume_config(run_b).optim.lr / 4
+    other = kt.fork_run(run_b, tmp_path / "D", [f"optim.lr={lr}"], step=4)
+    cfg = kt.resume_config(other)
+    assert cfg.optim.lr == lr and cfg.run.name == "D"
+    kt.train(cfg, resume=other, progress=False, data_root=synth_root)
+    rows = metrics(other)
+    assert [r["step"] for r in rows] == list(range(1, 13))
+    assert strip_timing(rows[:4]) == strip_timing(metrics(run_a)[:4])  # the source's history up to the branch
+    assert all(r["lr"] == pytest.approx(lr) for r in rows[4:])
+    assert max_diff(trainable(run_a, 12), trainable(other, 12)) > 1e-4
+
+    with pytest.raises(kt.ConfigError, match="data: a fork keeps the source run's data"):
+        kt.fork_run(run_b, tmp_path / "E", ["data.synth_train_size=700"])
+    with pytest.raises(kt.ConfigError, match="optim.effective_batch"):
+        kt.fork_run(run_b, tmp_path / "E", ["optim.effective_batch=16"])
+    with pytest.raises(FileNotFoundError, match="no complete checkpoint of step 5 .have: 4, 8."):
+        kt.fork_run(run_b, tmp_path / "E", [], step=5)
+    with pytest.raises(FileExistsError, match="needs a new run directory"):
+        kt.fork_run(run_b, tmp_path / "C", [])
+    assert not (tmp_path / "E").exists()
+
+
 def test_resume_checks(tmp_path, synth_root):
     cfg = tiny_cfg(tmp_path, "method=cot", "optim.max_steps=4", "run.save_every=2", "run.name=r")
     run = kt.train(cfg, progress=False, data_root=synth_root, stop_after=2)

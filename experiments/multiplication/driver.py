@@ -23,6 +23,10 @@ goes on in the next one (on the device: experiments/multiplication/gpu.sh back /
     python experiments/multiplication/driver.py gather --name RUN    # here: /work/.device/*/ -> .carry/...
     python experiments/multiplication/driver.py unship --pieces DIR --out OUT          # or --tar T
 
+A job in FORKS starts as a fork of another job's run at its latest checkpoint (`kava.train.fork_run`: the
+weights, AdamW state and RNGs of that step, with some hyperparameters changed; event "fork") and then trains as a
+resumed run.
+
 `ship` tars what a resume needs (config.yaml, meta.json, skips.json, metrics.jsonl, the tokenizer the run
 trained, the latest checkpoints/step_N, best/meta.json, eval/; not best/ or final/ weights, nor the data, which
 is regenerated from the seed) as RUN.step_N.tar and splits it with experiments/devicekit.py. A resumed run ends
@@ -117,6 +121,16 @@ JOBS: dict[str, tuple[str, list[str]]] = {
                          ("lr1e4-noreset", ["optim.lr=1e-4", "icot.reset_optimizer=false"]),
                          ("lr3e4-noreset", ["optim.lr=3e-4", "icot.reset_optimizer=false"]))},
 }
+# forks: a job that continues another job's run from its latest checkpoint with changed hyperparameters
+# (`kava.train.fork_run`; event "fork"), then trains as a resumed run. icot5-off's checkpoint at step 23,029 (29 of
+# 74 tokens removed, validation 92.8%) is the branch point: every official-rate run so far collapsed at tokens
+# 30-31 (4x4 with and without separators, 5x5: validation 0-13% from there on). Which change carries the model
+# through: the official lr (5e-5), a third of ours, or no AdamW reset at each removal; "same" repeats the run.
+FORKS = {f"icot5-f29-{tag}": ("icot5-off", changes)
+         for tag, changes in (("same", []), ("lr1e4", ["optim.lr=1e-4"]), ("lr5e5", ["optim.lr=5e-5"]),
+                              ("noreset", ["icot.reset_optimizer=false"]),
+                              ("lr1e4-noreset", ["optim.lr=1e-4", "icot.reset_optimizer=false"]))}
+JOBS.update({name: (JOBS[parent][0], [*JOBS[parent][1], *changes]) for name, (parent, changes) in FORKS.items()})
 AFTER = {name: "cot5-base" for name in ("pccot5", "kava5", "kava5-T5", "codi5", "coconut5")} | \
     {name: f"cot{name[4]}-base" for name in JOBS if "-fc-" in name}
 GROUPS = {"gate": ["cot4", "nocot4", "cot5", "nocot5", "cot5-6l", "nocot5-6l"], "icot": ["icot4", "icot5"],
@@ -124,6 +138,7 @@ GROUPS = {"gate": ["cot4", "nocot4", "cot5", "nocot5", "cot5-6l", "nocot5-6l"], 
           "table5": ["cot5-base", "nocot5-8k", "pccot5", "kava5", "kava5-T5", "codi5", "coconut5"],
           "icot-off": ["icot4-off", "icot5-off"],
           "icot-lease4": ["icot4-off", "icot5-off", "icot4-sep"],
+          "icot5-f29": list(FORKS),
           "icot-fc": ["cot4-base", "cot5-base"] + [name for name in JOBS if "-fc-" in name]}
 COMMON = ["optim.max_steps=20000", "run.eval_every=500", "run.save_every=500"]
 LATENT = {"pccot", "kava", "codi", "coconut"}
@@ -225,8 +240,10 @@ def run(args) -> None:
     if args.dry_run:
         for name, seed in pending:
             rd = RunDir(run_dir(out, name, seed))
-            cmd = resume_cmd if rd.started() and not rd.finished() else train_cmd
+            fork = name in FORKS and not rd.started()
+            cmd = resume_cmd if fork or rd.started() and not rd.finished() else train_cmd
             print(("after " + AFTER[name] + ": " if name in AFTER else "") + ("(DONE) " if rd.finished() else "") +
+                  (f"fork of {FORKS[name][0]}-s{seed} with {FORKS[name][1]}, then: " if fork else "") +
                   " ".join(cmd(name, data, out, seed, args.set)))
         return
     while pending or any(p.poll() is None for p in procs.values()):
@@ -254,6 +271,18 @@ def run(args) -> None:
                 pending.remove((name, seed))
                 log(out, event="not started", job=name, seed=seed, why="deadline")
                 continue
+            if name in FORKS and not rd.started():
+                parent, changes = FORKS[name]
+                src = RunDir(run_dir(out, parent, seed))
+                if src.latest_checkpoint() is None:
+                    pending.remove((name, seed))
+                    log(out, event="not started", job=name, seed=seed, why=f"{src.path} has no checkpoint to fork")
+                    continue
+                from kava.train import fork_run
+
+                fork_run(src.path, rd.path, changes)
+                log(out, event="fork", job=name, seed=seed, parent=src.path.name,
+                    step=step_of(rd.latest_checkpoint()), changes=changes)
             resume = rd.started()  # config.yaml written: kava refuses to start it over, --resume continues it
             cmd = (resume_cmd if resume else train_cmd)(name, data, out, seed, args.set)
             procs[(name, seed)] = subprocess.Popen(cmd, stdout=open(out / "logs" / f"{name}-s{seed}.log",

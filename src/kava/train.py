@@ -42,8 +42,8 @@ from tqdm.auto import tqdm
 
 from kava import curriculum
 from kava.checkpoint.load import build_reasoner, load_tokenizer
-from kava.checkpoint.rundir import (RunDir, RunLock, RunLocked, git_revision, lock_holder, own_tokenizer, read_state,
-                                    run_name, versions)
+from kava.checkpoint.rundir import (STATE_FILE, RunDir, RunLock, RunLocked, git_revision, lock_holder, own_tokenizer,
+                                    read_state, run_name, step_of, versions)
 from kava.checkpoint.saved import save_model
 from kava.checkpoint.state import (atomic_dir_write, check_resume_state, check_tokenizer, gather_rng,
                                    latest_checkpoint, read_checkpoint, restore_generator, restore_rng, rng_of_rank,
@@ -697,3 +697,56 @@ def resume_config(run_dir: str | Path) -> Config:
     if not p.exists():
         raise FileNotFoundError(f"{run_dir}: no {p.name} (not a kava run directory)")
     return load_config(str(p), resolve_paths=False)
+
+
+# what a fork may not change: the model and its tokenizer, the data and the batch (which fix the steps per epoch,
+# so the curriculum's schedule and the examples of each step), and the method
+FORK_FIXED = ("method", "model", "lora", "data", "optim.effective_batch")
+
+
+def fork_run(src: str | Path, dst: str | Path, overrides: list[str], step: int | None = None) -> Path:
+    """A new run directory `dst` that continues run `src` from its checkpoint `step` (default: the latest) under
+    changed hyperparameters `overrides` (e.g. optim.lr, icot.reset_optimizer): `kava train --resume dst` then
+    trains it. The branch point, the weights, the optimizer state and every RNG are the source's, so a fork
+    without changes ends bit for bit where the source run would. Copied: config.yaml (with the overrides and
+    dst's run.name / run.output_dir), meta.json (with "fork": source, step, changes), skips.json, the tokenizer
+    the run trained, metrics.jsonl up to `step`, and that checkpoint; not best/, final/ or eval/ (the fork's
+    own come from its own validations). Keys under FORK_FIXED are refused: they change what a step means."""
+    s, d = RunDir(src), RunDir(dst)
+    if d.path.exists():
+        raise FileExistsError(f"{d.path}: exists; a fork needs a new run directory")
+    if step is None:
+        ck = s.latest_checkpoint()
+        if ck is None:
+            raise FileNotFoundError(f"{s.path}: no training checkpoint to fork from")
+    else:
+        ck = s.step(step)
+        if not (ck / STATE_FILE).exists():
+            have = ", ".join(str(step_of(p)) for p in s.step_dirs()) or "none"
+            raise FileNotFoundError(f"{s.path}: no complete checkpoint of step {step} (have: {have})")
+    at = step_of(ck)
+    old = resume_config(s.path)
+    new = load_config(str(s.config), [*overrides, f"run.name={d.path.name}", f"run.output_dir={d.path.parent}"],
+                      resolve_paths=False)
+    a, b = old.to_dict(), new.to_dict()
+    for key in FORK_FIXED:
+        sec, _, leaf = key.partition(".")
+        if (a[sec].get(leaf) if leaf else a[sec]) != (b[sec].get(leaf) if leaf else b[sec]):
+            raise ConfigError(f"{key}: a fork keeps the source run's {key} (it fixes what a step trains); "
+                              f"start a new run to change it")
+    if new.optim.max_steps <= at:
+        raise ConfigError(f"optim.max_steps={new.optim.max_steps}: the fork starts at step {at}; give more steps")
+    d.path.mkdir(parents=True)
+    d.config.write_text(new.to_yaml())  # `kava.config.save_config`
+    meta = s.read_meta()
+    meta["fork"] = {"from": str(s.path.resolve()), "step": at, "changes": list(overrides)}
+    d.meta.write_text(json.dumps(meta, indent=2))
+    if s.skips.exists():
+        shutil.copyfile(s.skips, d.skips)
+    if s.tokenizer_src.exists():
+        shutil.copytree(s.tokenizer_src, d.tokenizer_src)
+    if s.metrics.exists():
+        lines = [ln for ln in s.metrics.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= at]
+        d.metrics.write_text("".join(ln + "\n" for ln in lines))
+    shutil.copytree(ck, d.step(at))
+    return d.path
