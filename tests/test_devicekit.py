@@ -104,6 +104,29 @@ def test_study_script_finds_the_kit_from_any_directory(script, tmp_path):
     assert r.returncode == 2 and "usage:" in r.stdout and "devicekit.sh" not in r.stderr, r.stdout + r.stderr
 
 
+def test_gsm8k_script_carries_either_model_in_pieces(tmp_path):
+    """experiments/smollm2/gpu.sh `piece`: each call's carried piece of MODEL's file lands in ROOT/stash/MODEL,
+    saying what is still missing; the pieces then join into the file. An unknown MODEL is refused by name."""
+    dk = devicekit()
+    data = os.urandom(250_000)
+    f = tmp_path / "qwen2.5-coder-0.5b-instruct.gguf"
+    f.write_bytes(data)
+    carry, root = tmp_path / "carry", tmp_path / "root"
+    m = dk.split(f, carry / "qwen05", piece_bytes=100_000, exclude=None)
+    env = {**os.environ, "MODEL": "qwen05", "CARRY": str(carry), "SMOL_ROOT": str(root)}
+    said = []
+    for p in m["pieces"]:
+        r = subprocess.run(["bash", str(REPO / "experiments/smollm2/gpu.sh"), "piece", f"p{p['file'][-2:]}"],
+                           cwd=REPO, env=env, capture_output=True, text=True)
+        assert r.returncode == 0, r.stdout + r.stderr
+        said.append(r.stdout.strip().rsplit("still missing: ", 1)[1])
+    assert said[-1] == "none" and said[0].count(".gguf.") == 2
+    assert dk.join(root / "stash" / "qwen05", tmp_path / "out.gguf").read_bytes() == data
+    r = subprocess.run(["bash", str(REPO / "experiments/smollm2/gpu.sh"), "piece", "p00"], cwd=REPO,
+                       env={**env, "MODEL": "llama"}, capture_output=True, text=True)
+    assert r.returncode == 2 and "MODEL: llama; allowed values: smollm2, qwen05" in r.stdout
+
+
 def test_wait_done_returns_at_all_done_or_when_the_time_is_up(tmp_path):
     log = tmp_path / "driver.log"
     log.write_text('{"event": "start"}\n')

@@ -50,11 +50,26 @@ BASE_SETS = ["optim.micro_batch=64", "optim.max_graphs=12", "optim.graph_buckets
 METHOD_SETS = {"codi": ["latent.num_latents=6"],
                "coconut": ["latent.num_latents=6", "latent.projection=identity", "coconut.epochs_per_stage=1"],
                "icot": ["icot.tokens_per_epoch=12"]}
+# recipes (`--recipes`): named variations of the presets' recipe, each a job dimension of its own (its runs are
+# named STYLE-METHOD-RECIPE-sSEED; "base" is the presets' recipe, named STYLE-METHOD-sSEED). The teacher search of
+# the Qwen2.5-0.5B study (issue 33, experiments/qwen05): full fine-tuning vs LoRA on the 7 linears, the lr, and the
+# CoT's last step kept (dropping it removes the computation that yields the answer). Without CUDA graphs: their
+# pools took 20-42 GiB per Qwen process, so that two jobs did not fit an 80 GB card; eager, several do.
+ALL_LINEARS = "[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]"
+RECIPES = {
+    "base": [],
+    "full-lr1e5": ["lora=null", "optim.lr=1e-5", "optim.weight_decay=0", "data.drop_last_step=false",
+                   "optim.cuda_graphs=false"],
+    "full-lr2e5": ["lora=null", "optim.lr=2e-5", "optim.weight_decay=0", "data.drop_last_step=false",
+                   "optim.cuda_graphs=false"],
+    "lora7-lr2e4": [f"lora.target_modules={ALL_LINEARS}", "optim.lr=2e-4", "data.drop_last_step=false",
+                    "optim.cuda_graphs=false"],
+}
 KAVA = [sys.executable, "-m", "kava.cli"]
 
 
-def job_name(style: str, method: str, seed: int) -> str:
-    return f"{style}-{method}-s{seed}"
+def job_name(style: str, method: str, seed: int, recipe: str = "base") -> str:
+    return f"{style}-{method}-s{seed}" if recipe == "base" else f"{style}-{method}-{recipe}-s{seed}"
 
 
 def data_overrides(style: str, data: Path) -> list[str]:
@@ -63,16 +78,23 @@ def data_overrides(style: str, data: Path) -> list[str]:
     return [f"data.source={src}", f"data.valid_source={data / 'gsm8k-aug' / 'valid.txt'}"]
 
 
-def jobs(methods, styles, seeds) -> list[tuple[str, str, int]]:
-    return [(st, m, s) for s in seeds for st in styles for m in methods]
+def jobs(methods, styles, seeds, recipes=("base",)) -> list[tuple[str, str, int, str]]:
+    """(style, method, seed, recipe) in priority order: every recipe, style and method of a seed before the next."""
+    unknown = [r for r in recipes if r not in RECIPES]
+    if unknown:
+        raise SystemExit(f"unknown recipes {unknown}; known: {', '.join(RECIPES)}")
+    return [(st, m, s, r) for s in seeds for r in recipes for st in styles for m in methods]
 
 
 def commands(style: str, method: str, seed: int, data: Path, runs: Path, extra: list[str],
-             eval_limit: int | None = None) -> list[list[str]]:
-    name = job_name(style, method, seed)
+             eval_limit: int | None = None, recipe: str = "base",
+             preset: str = "smollm2_gsm8k") -> list[list[str]]:
+    """`kava train --config PRESET_STYLE` with the job's sets (later ones win: the recipe's over the method's,
+    --set's over all), then its evaluations."""
+    name = job_name(style, method, seed, recipe)
     sets = [f"method={method}", f"run.seed={seed}", f"run.name={name}", f"run.output_dir={runs}",
-            *data_overrides(style, data), *BASE_SETS, *METHOD_SETS.get(method, []), *extra]
-    train = KAVA + ["train", "--config", f"smollm2_gsm8k_{style}"] + [x for s in sets for x in ("--set", s)]
+            *data_overrides(style, data), *BASE_SETS, *METHOD_SETS.get(method, []), *RECIPES[recipe], *extra]
+    train = KAVA + ["train", "--config", f"{preset}_{style}"] + [x for s in sets for x in ("--set", s)]
     run_dir = str(runs / name)
     ev = KAVA + ["eval", "--checkpoint", run_dir, "--data-dir", str(data)] + (
         ["--limit", str(eval_limit)] if eval_limit else [])
@@ -105,8 +127,14 @@ def run(a) -> int:
     runs = out / "runs"
     (out / "logs").mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
-    pending = jobs(a.methods.split(","), a.styles.split(","), [int(s) for s in a.seeds.split(",")])
+    pending = jobs(a.methods.split(","), a.styles.split(","), [int(s) for s in a.seeds.split(",")],
+                   a.recipes.split(","))
     extra = a.set or []
+    if a.dry_run:
+        for st, m, s, rec in pending:
+            print("\n".join(" ".join(c) for c in commands(st, m, s, Path(a.data), runs, extra, a.eval_limit, rec,
+                                                            a.preset)))
+        return 0
     t0 = time.time()
     status = open(out / "status.jsonl", "a")
 
@@ -148,23 +176,23 @@ def run(a) -> int:
                       if j["stage"] == 0) if mem is not None else 0.0
         ramp = time.time() - last_start[0] >= a.ramp_s
         while pending and len(running) < a.parallel and ramp:
-            st, m, s = pending[0]
+            st, m, s, rec = pending[0]
             if mem is not None and mem[0] - growing < 1.1 * peak[m] + a.eval_mib:
                 break  # wait for room (jobs start in priority order)
             need = round(1.1 * measured[m]) if m in measured else EXPECTED_S[m] * a.epochs + EVAL_S[m]
             if a.budget and time.time() - t0 + need > a.budget:
-                note(job=job_name(st, m, s), event="not started", reason=f"budget: needs ~{need}s")
+                note(job=job_name(st, m, s, rec), event="not started", reason=f"budget: needs ~{need}s")
                 pending.pop(0)
                 continue
             pending.pop(0)
-            name = job_name(st, m, s)
+            name = job_name(st, m, s, rec)
             if (runs / name / "eval" / "svamp" / "summary.json").exists():
                 note(job=name, event="already done")
                 continue
-            cmds = commands(st, m, s, Path(a.data), runs, extra, a.eval_limit)
+            cmds = commands(st, m, s, Path(a.data), runs, extra, a.eval_limit, rec, a.preset)
             log = open(out / "logs" / f"{name}.log", "a")
             proc = subprocess.Popen(cmds[0], stdout=log, stderr=subprocess.STDOUT, env=env)
-            running.append({"name": name, "method": m, "key": (st, m, s), "cmds": cmds, "stage": 0, "proc": proc, "log": log, "t": time.time()})
+            running.append({"name": name, "method": m, "key": (st, m, s, rec), "cmds": cmds, "stage": 0, "proc": proc, "log": log, "t": time.time()})
             note(job=name, event="start", running=len(running), free_mib=None if mem is None else mem[0],
                  reserved_mib=round(growing), peak_job_mib=peak[m])
             last_start[0] = time.time()
@@ -291,8 +319,11 @@ def main() -> int:
     r.add_argument("--methods", default=",".join(METHODS))
     r.add_argument("--styles", default=",".join(STYLES))
     r.add_argument("--seeds", default=",".join(map(str, SEEDS)))
+    r.add_argument("--recipes", default="base", help=f"comma list of {', '.join(RECIPES)}")
+    r.add_argument("--preset", default="smollm2_gsm8k", help="presets PRESET_eq / PRESET_nl (their model: --set)")
     r.add_argument("--set", action="append", help="extra `kava train --set` for every job")
     r.add_argument("--eval-limit", type=int, help="first N test questions only (smoke tests)")
+    r.add_argument("--dry-run", action="store_true", help="print every job's commands, start nothing")
     r.add_argument("--eval-mib", type=float, default=6000, help="headroom (MiB) kept for running evaluations")
     r.add_argument("--ramp-s", type=float, default=10, help="seconds between two job starts on a GPU")
     c = sub.add_parser("collect")

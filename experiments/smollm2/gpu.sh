@@ -1,22 +1,34 @@
 #!/usr/bin/env bash
-# The SmolLM2 table (experiments/smollm2/driver.py) on one device machine, over several device calls of one lease.
+# The GSM8k study (experiments/smollm2/driver.py) on one device machine, over several device calls of one lease,
+# for either model: MODEL=smollm2 (SmolLM2-135M-Instruct, the default) or MODEL=qwen05 (Qwen2.5-Coder-0.5B-Instruct,
+# issue 33; here first: python experiments/qwen05/fetch.py).
 #
-# The GGUF file (98 MB) is larger than one call carries (64 MiB), so it travels in two pieces checked by sha256
-# (experiments/devicekit.py), and what a later call needs is kept outside the working tree (ignored paths a call
-# does not carry are removed between calls). The shared device steps are experiments/devicekit.sh's.
-# Here, once:
-#   bash experiments/smollm2/gpu.sh prepare        # .carry/a: piece p00 + the data; .carry/b: p01 + the gguf wheel
+# The GGUF file (SmolLM2 98 MB, Qwen 491 MB) is larger than one call carries (64 MiB with the tracked tree), so it
+# travels in N pieces checked by sha256 (experiments/devicekit.py: pieces sized to fit beside the tree), and what
+# a later call needs is kept outside the working tree (ignored paths a call does not carry are removed between
+# calls). The shared device steps are experiments/devicekit.sh's.
+# Here, once (MODEL as above):
+#   bash experiments/smollm2/gpu.sh prepare     # .carry/MODEL/p00..pNN: the pieces; .carry/gsm: data, gguf wheel
 # Then device calls, each within the 30 s warm window of the one before:
-#   call 1, carry [.carry/a]:  bash experiments/smollm2/gpu.sh part1     # p00 and the data -> /root/smol
-#   call 2, carry [.carry/b]:  bash experiments/smollm2/gpu.sh part2     # p01, join, check, convert, start the jobs
-#   calls 3..:                 bash experiments/smollm2/gpu.sh wait 560  # progress; returns at "all done" or after 560 s
-#   last call:                 bash experiments/smollm2/gpu.sh collect [S] # after up to S s more: $OUT/results.tgz (no weights)
+#   carry [.carry/gsm]:           bash experiments/smollm2/gpu.sh data        # data, wheel -> /root/smol; MPS
+#   carry [.carry/MODEL/pKK]:     MODEL=.. bash experiments/smollm2/gpu.sh piece pKK   # one call per piece
+#   then:                         MODEL=.. bash experiments/smollm2/gpu.sh start   # join, check, convert, start jobs
+#   calls after:                  bash experiments/smollm2/gpu.sh wait 560    # progress; at "all done" or after 560 s
+#   last call:                    bash experiments/smollm2/gpu.sh collect [S] # after up to S s more: $OUT/results.tgz
 # The jobs run from a copy of the source in /root/smol/src, so later calls' tree copies cannot change them.
-# PAR (parallel jobs), BUDGET (seconds), SEEDS, METHODS, STYLES and EXTRA (more --set) tune part2.
+# start: PAR (parallel jobs), BUDGET (seconds), SEEDS, METHODS, STYLES, RECIPES (driver.py RECIPES) and EXTRA
+# (more driver arguments) tune it; the model's --set (name_or_path, gguf_file) come from MODEL.
 set -uo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/../devicekit.sh"
-GGUF=SmolLM2-135M-Instruct.Q4_1.gguf
+MODEL=${MODEL:-smollm2}
+case "$MODEL" in
+smollm2) GGUF=SmolLM2-135M-Instruct.Q4_1.gguf ;;
+qwen05) GGUF=qwen2.5-coder-0.5b-instruct.gguf ;;
+*) echo "MODEL: $MODEL; allowed values: smollm2, qwen05"; exit 2 ;;
+esac
+SRC=${MODEL_DIR:-$HOME/.cache/kava/$MODEL}  # here: where fetch.py / tests/smollm2.py put the file
 S=${SMOL_ROOT:-/root/smol}
+C=${CARRY:-.carry}
 # two clients at once, each capturing and replaying a CUDA graph: what the jobs do side by side
 GRAPH_PROBE="import torch; x = torch.randn(4096, 4096, device='cuda'); g = torch.cuda.CUDAGraph()
 y = x @ x
@@ -24,38 +36,37 @@ with torch.cuda.graph(g): y = x @ x
 g.replay(); torch.cuda.synchronize(); print('mps client ok', float(y.abs().sum()) > 0)"
 case "${1:-}" in
 prepare)
-  src=${SMOLLM2_DIR:-$HOME/.cache/kava/smollm2}/$GGUF
   data=${DATA:-../shared/data}
-  rm -rf .carry/a .carry/b .carry/smol && mkdir -p .carry/a/data .carry/b
+  rm -rf $C/gsm $C/$MODEL && mkdir -p $C/gsm/data
   dk_ignore_carry
-  python3 experiments/devicekit.py split "$src" --into .carry/smol || exit 1
-  [ -d .carry/smol/p02 ] && { echo "$src: more than two pieces; each call carries one"; exit 1; }
-  mv .carry/smol/p00 .carry/a/ && mv .carry/smol/p01 .carry/b/ && rmdir .carry/smol
+  python3 experiments/devicekit.py split "$SRC/$GGUF" --into $C/$MODEL || exit 1
   for f in gsm8k/train.jsonl gsm8k/test.jsonl gsm8k-aug/train_no_aug.txt gsm8k-aug/valid.txt gsm8k-aug/test.txt \
            gsm8k-hard/gsmhardv2.jsonl svamp/SVAMP.json; do
-    mkdir -p .carry/a/data/$(dirname $f) && cp "$data/$f" .carry/a/data/$f
+    mkdir -p $C/gsm/data/$(dirname $f) && cp "$data/$f" $C/gsm/data/$f
   done
-  python3 -m pip download -q --no-deps --only-binary=:all: -d .carry/b gguf==0.19.0
-  dk_revision .carry/b/revision
-  du -sh .carry/a .carry/b ;;
-part1)
-  mkdir -p $S && python3 experiments/devicekit.py stash .carry/a/p00 --to $S/stash && cp -r .carry/a/data $S/ \
-    && ls -la $S $S/stash && du -sh $S/data
+  python3 -m pip download -q --no-deps --only-binary=:all: -d $C/gsm gguf==0.19.0
+  dk_revision $C/gsm/revision
+  du -sh $C/gsm $C/$MODEL/p*
+  echo "device calls: data, then piece K for K in $(ls $C/$MODEL | tr '\n' ' '), then start" ;;
+data)
+  mkdir -p $S && rm -rf $S/data && cp -r $C/gsm/data $C/gsm/revision $S/ && cp $C/gsm/gguf-*.whl $S/ && du -sh $S/data
   DK_MPS_TIMEOUT=90
-  if dk_mps_start $S 2 "$GRAPH_PROBE"; then touch $S/mps_ok; fi ;;  # part2 starts the jobs under it
-part2)
+  if dk_mps_start $S 2 "$GRAPH_PROBE"; then touch $S/mps_ok; fi ;;  # start runs the jobs under it
+piece)
+  python3 experiments/devicekit.py stash $C/$MODEL/${2:?usage: piece pKK} --to $S/stash/$MODEL ;;
+start)
   export PYTHONPATH=$S/site:$S/src PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
-  python3 -m pip install -q --no-index --no-deps --no-compile --target $S/site .carry/b/gguf-*.whl || exit 1
-  python3 experiments/devicekit.py stash .carry/b/p01 --to $S/stash || exit 1
-  python3 experiments/devicekit.py join --from $S/stash --out ~/.cache/kava/smollm2/$GGUF || exit 1
+  python3 -m pip install -q --no-index --no-deps --no-compile --target $S/site $S/gguf-*.whl || exit 1
+  python3 experiments/devicekit.py join --from $S/stash/$MODEL --out ~/.cache/kava/$MODEL/$GGUF || exit 1
   dk_freeze_source $S experiments/smollm2/driver.py
   dk_device_info
-  python3 -c "from kava.model.pretrained import gguf_dir; print(gguf_dir('~/.cache/kava/smollm2', '$GGUF'))" > $S/convert.log 2>&1
+  python3 -c "from kava.model.pretrained import gguf_dir; print(gguf_dir('~/.cache/kava/$MODEL', '$GGUF'))" \
+    > $S/convert.log 2>&1
   tail -1 $S/convert.log
-  cp .carry/b/revision $S/revision
   [ -f $S/mps_ok ] && dk_mps_env $S && echo "MPS: on"
   cd $S && dk_detach $S/driver.log python3 driver.py run --data $S/data --out $S/out --parallel ${PAR:-12} \
     --budget ${BUDGET:-1260} ${SEEDS:+--seeds $SEEDS} ${METHODS:+--methods $METHODS} ${STYLES:+--styles $STYLES} \
+    ${RECIPES:+--recipes $RECIPES} --set model.name_or_path=~/.cache/kava/$MODEL --set model.gguf_file=$GGUF \
     ${EXTRA:-}
   sleep 45; cat $S/driver.log; nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv
   tail -3 $S/out/logs/*.log 2>/dev/null | tail -40 ;;
@@ -72,5 +83,6 @@ collect)
   grep '"end"\|not started\|all done' $S/driver.log | tail -40
   dk_pack $S collect && ls -la $OUT ;;
 *)
-  echo "usage: $0 prepare|part1|part2|wait [seconds]|collect [seconds]"; exit 2 ;;
+  echo "usage: [MODEL=smollm2|qwen05] $0 prepare | data | piece pKK | start | wait [seconds] | collect [seconds]"
+  exit 2 ;;
 esac

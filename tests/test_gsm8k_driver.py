@@ -1,0 +1,60 @@
+"""experiments/smollm2/driver.py, the GSM8k study driver (SmolLM2, and Qwen2.5-0.5B through --preset/--set): every
+job it can start resolves to a valid kava config (a config error would otherwise cost device time), its recipes
+change what they name, and job names keep the recipe apart."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from kava.config import load_config
+
+REPO = Path(__file__).resolve().parents[1]
+QWEN = ["model.name_or_path=/root/models", "model.gguf_file=qwen2.5-coder-0.5b-instruct.gguf"]
+
+
+def driver():
+    spec = importlib.util.spec_from_file_location("gsm8k_driver", REPO / "experiments" / "smollm2" / "driver.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def train_config(d, style, method, recipe, tmp_path, extra=()):
+    cmd = d.commands(style, method, 42, Path("/data"), tmp_path / "runs", list(extra), recipe=recipe)[0]
+    i = cmd.index("--config")
+    sets = [cmd[k + 1] for k in range(len(cmd)) if cmd[k] == "--set"]
+    return cmd[i + 1], load_config(cmd[i + 1], sets, resolve_paths=False)
+
+
+@pytest.mark.parametrize("recipe", ["base", "full-lr1e5", "full-lr2e5", "lora7-lr2e4"])
+def test_every_job_resolves_to_a_valid_config(recipe, tmp_path):
+    d = driver()
+    for style in d.STYLES:
+        for method in d.METHODS:
+            preset, cfg = train_config(d, style, method, recipe, tmp_path, QWEN)
+            assert preset == f"smollm2_gsm8k_{style}" and cfg.method == method
+            assert cfg.run.name == d.job_name(style, method, 42, recipe)
+            assert cfg.model.gguf_file == "qwen2.5-coder-0.5b-instruct.gguf"  # --set wins over the preset
+            if recipe.startswith("full"):
+                assert cfg.lora is None and cfg.optim.weight_decay == 0 and not cfg.data.drop_last_step
+                assert cfg.optim.lr == {"full-lr1e5": 1e-5, "full-lr2e5": 2e-5}[recipe]
+            if recipe == "lora7-lr2e4":
+                assert len(cfg.lora.target_modules) == 7 and cfg.optim.lr == 2e-4
+            if recipe != "base":
+                assert cfg.optim.cuda_graphs is False
+            if method == "codi":  # the method's own sets stay under a recipe
+                assert cfg.latent.num_latents == 6
+
+
+def test_job_order_and_names_keep_recipes_apart():
+    d = driver()
+    js = d.jobs(["cot", "nocot"], ["nl"], [42, 123], ["full-lr1e5", "base"])
+    assert js[:4] == [("nl", "cot", 42, "full-lr1e5"), ("nl", "nocot", 42, "full-lr1e5"), ("nl", "cot", 42, "base"),
+                      ("nl", "nocot", 42, "base")]  # every recipe of seed 42 before seed 123
+    names = {d.job_name(*j[:3], j[3]) for j in js}
+    assert len(names) == len(js) and "nl-cot-s42" in names and "nl-cot-full-lr1e5-s123" in names
+    with pytest.raises(SystemExit, match="unknown recipes .'lora9'"):
+        d.jobs(["cot"], ["nl"], [42], ["lora9"])
