@@ -916,6 +916,26 @@ def test_a_gpu_checkpoint_resumes_on_cpu_with_its_weights_and_a_line_about_the_r
     assert ks.restore_generator(g, None)
 
 
+def test_fused_adamw_gives_the_multi_tensor_update_and_resumes_exactly(tmp_path, synth_root):
+    """optim.fused_adamw: torch's fused AdamW kernel; the weights after 6 steps match the default multi-tensor
+    AdamW to float rounding, and a fused run stopped at step 4 and resumed ends where an uninterrupted one does."""
+    common = TINY + [f"run.output_dir={tmp_path}", "method=cot", "optim.max_steps=6", "run.save_every=2"]
+    plain = kt.train(load_config("tiny_synth", common + ["run.name=plain"]), progress=False, data_root=synth_root)
+    cfg = load_config("tiny_synth", common + ["run.name=fused", "optim.fused_adamw=true"])
+    (tmp_path / "probe").mkdir()
+    t, _, _ = stage_trainer(tmp_path / "probe", "optim.fused_adamw=true")
+    assert t.inner_opt.defaults["fused"] is True
+    fused = kt.train(cfg, progress=False, data_root=synth_root)
+    assert max_diff(trainable(plain, 6), trainable(fused, 6)) <= 1e-5
+    cfg_b = load_config("tiny_synth", common + ["run.name=fused_b", "optim.fused_adamw=true"])
+    run_b = kt.train(cfg_b, progress=False, data_root=synth_root, stop_after=4)
+    kt.train(kt.resume_config(run_b), resume=run_b, progress=False, data_root=synth_root)
+    assert max_diff(trainable(fused, 6), trainable(run_b, 6)) == 0.0
+    oa = load_file(str(fused / "checkpoints" / "step_6" / "optimizer.safetensors"))
+    ob = load_file(str(run_b / "checkpoints" / "step_6" / "optimizer.safetensors"))
+    assert max_diff(oa, ob) == 0.0
+
+
 def test_a_second_trainer_on_the_same_run_dir_is_refused(tmp_path, synth_root, monkeypatch):
     """Two `kava train` on one run directory (issue 20: nothing stopped the second): while one holds the run
     directory, another start or `--resume` fails at once with an error naming the holder, and the lock is

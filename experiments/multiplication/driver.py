@@ -110,6 +110,11 @@ JOBS: dict[str, tuple[str, list[str]]] = {
     # the CoT is gone. The first suspect of icot4-off's collapse at token 30; and the 6-layer model
     "icot4-sep": ("mult4_scratch", ["method=icot", "icot.tokens_per_epoch=8", "optim.max_steps=60000",
                                     "run.eval_every=789", "data.question_suffix=$", "data.answer_prompt='$ ####'"]),
+    # the official command's optimizer exactly: batch 32 at lr 5e-5, so 4x the AdamW updates per removed token
+    # (round(25,250 / 8) = 3,156 steps per token; all 46 gone at ~145k steps: more than a lease, `ship` carries it)
+    "icot4-b32": ("mult4_scratch", ["method=icot", "icot.tokens_per_epoch=8", "optim.effective_batch=32",
+                                    "optim.micro_batch=32", "optim.lr=5e-5", "optim.max_steps=160000",
+                                    "run.eval_every=3156", "run.save_every=3156"]),
     "icot4-off-6l": ("mult4_scratch", ["method=icot", "icot.tokens_per_epoch=8", "optim.max_steps=60000",
                                        "run.eval_every=789", *DEEP]),
     "icot5-off": ("mult5_scratch", ["method=icot", "icot.tokens_per_epoch=8", "optim.max_steps=62000",

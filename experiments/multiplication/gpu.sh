@@ -74,7 +74,9 @@ bench)  # device: one job alone, the real training loop's steps/s and GPU busy s
       > $OUT/bench_base.log 2>&1
     grep '^{' $OUT/bench_base.log | cut -c1-400
   fi
-  py benchmarks/train_loop_bench.py "${args[@]}" --out $OUT/loop_bench.json > $OUT/bench.log 2>&1
+  # BENCH_FUSED=1: also iCoT with AdamW's fused kernel (optim.fused_adamw, which the baseline does not have)
+  py benchmarks/train_loop_bench.py "${args[@]}" ${BENCH_FUSED:+--variant icot-fused=$r,optim.fused_adamw=true} \
+    --out $OUT/loop_bench.json > $OUT/bench.log 2>&1
   grep '^{' $OUT/bench.log | cut -c1-400 ;;
 deadline)  # device: the running driver stops its jobs $2 seconds from now (instead of at its BUDGET)
   PYTHONPATH=$S/src python3 $S/driver.py deadline --out $S/out --in ${2:?usage: deadline SECONDS} ;;

@@ -277,6 +277,9 @@ class OptimConfig:
     # split each optimizer step's examples into micro-batches of similar length (question + CoT): less padding;
     # the step's CE gradient is unchanged (step-wide denominators), per-micro-batch normalisers regroup
     group_by_length: bool = True
+    # AdamW's fused kernel (torch's `fused=True`: one kernel over every parameter instead of a multi-tensor loop);
+    # the same update up to float rounding. Off until measured on a GPU (benchmarks/train_loop_bench.py)
+    fused_adamw: bool = False
 
     def check(self) -> None:
         _need(self.lr > 0, f"optim.lr: must be > 0, got {self.lr}")

@@ -283,7 +283,8 @@ def setup_model_and_optimizer(cfg: Config, tokenizer, acc: Accelerator) -> Train
             (decay if p.dim() >= 2 and n != "special_rows" else no_decay).append(p)
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.optim.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}],
-                            lr=cfg.optim.lr, betas=tuple(cfg.optim.betas))
+                            lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
+                            **({"fused": True} if cfg.optim.fused_adamw else {}))
     objective = Objective(model, cfg)
     # random eviction draws on the model's device, so its generator must live there too
     objective.generator = torch.Generator(device=acc.device).manual_seed(cfg.run.seed)
