@@ -17,7 +17,7 @@ from kava.data.pipeline import answer_kind, synthetic_single_tokens
 from kava.data.readers import detect_format, load_eval_dataset, load_records
 from kava.data.records import SkipLog
 from kava.data.tokenizer import build_tokenizer, tokenizer_texts
-from kava.scoring import answer_matches, digit_agreement, extract, extract_digits, score_predictions
+from kava.scoring import answer_matches, digit_agreement, digit_places, extract, extract_digits, score_predictions
 
 SIZES = (4, 5, 7, 9)
 
@@ -143,6 +143,25 @@ def test_digit_agreement_is_the_share_of_gold_digits_in_place(pred, gold):
     assert digit_agreement(pred, gold) == naive_digit_share(pred, gold)
     assert (digit_agreement(pred, gold) == 1.0) == answer_matches(pred, gold, "digits") or \
         len("".join((pred or "").split())) > len("".join(gold.split()))  # extra digits: exact match fails
+
+
+def test_per_place_accuracy_of_the_table_script(tmp_path):
+    """`table.py --places`: the accuracy of each answer digit over a run's predictions, against a count by hand;
+    a place a shorter gold does not have is averaged over the golds that have it."""
+    import importlib.util
+
+    assert digit_places("1 3 3", "1 2 3 4") == [True, False, True, False]
+    assert digit_places(None, "5") == [False]
+    rows = [("1 2 3", "1 2 3"), ("1 0 3", "1 2 3"), ("0 2", "1 2 3"), ("7 2 3 4", "7 2 3 4")]
+    pred = tmp_path / "run" / "eval" / "mult4-test" / "predictions.jsonl"
+    pred.parent.mkdir(parents=True)
+    pred.write_text("".join(json.dumps({"extracted": p, "gold": g, "correct": p == g, "forward_passes": 9}) + "\n"
+                            for p, g in rows))
+    table = Path(__file__).resolve().parents[1] / "experiments" / "multiplication" / "table.py"
+    spec = importlib.util.spec_from_file_location("mult_table", table)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.places(pred) == [3 / 4, 3 / 4, 3 / 4, 1 / 1]
 
 
 def test_one_token_per_digit_and_symbol(tmp_path, data_dir):

@@ -4,6 +4,7 @@ replaced. Reads each run's eval/<set>/predictions.jsonl and best/meta.json, so i
 before summary.json had `accuracy_digits`.
 
     python experiments/multiplication/table.py results/multiplication/2026-12-06b/icot-fc/runs/*
+    python experiments/multiplication/table.py --places RUN...    # accuracy % of each answer digit instead
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import argparse
 import json
 from pathlib import Path
 
-from kava.scoring import digit_agreement, extract
+from kava.scoring import digit_agreement, digit_places, extract
 
 
 def grade(pred_file: Path) -> dict:
@@ -27,10 +28,24 @@ def grade(pred_file: Path) -> dict:
     return out
 
 
+def places(pred_file: Path) -> list[float]:
+    """Accuracy of each answer digit (place 0 = the least significant) over the predictions of `pred_file`."""
+    rows = [json.loads(x) for x in pred_file.read_text().splitlines()]
+    per = [digit_places(r["extracted"], r["gold"]) for r in rows]
+    width = max(map(len, per))
+    return [sum(p[k] for p in per if k < len(p)) / sum(k < len(p) for p in per) for k in range(width)]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("runs", nargs="+", type=Path)
+    ap.add_argument("--places", action="store_true", help="the accuracy of each answer digit, least significant first")
     a = ap.parse_args()
+    if a.places:
+        for run in a.runs:
+            for pred in sorted(run.glob("eval/*/predictions.jsonl")):
+                print(f"| {run.name} ({pred.parent.name}) | " + " | ".join(f"{100 * x:.0f}" for x in places(pred)) + " |")
+        return
     print("| run | test exact % | digits in place % | latents zeroed / shuffled: digits % | passes | checkpoint step |")
     print("|---|---|---|---|---|---|")
     for run in a.runs:

@@ -158,12 +158,20 @@ def digits_match(pred: str | None, gold: str) -> bool:
     return pred is not None and "".join(pred.split()) == "".join(gold.split())
 
 
-def digit_agreement(pred: str | None, gold: str) -> float:
-    """The share of the gold digits that `pred` has at the same place (whitespace ignored; a missing digit
-    counts as wrong, extra digits are ignored). Exact match decides the accuracy; this graded score tells a
-    model that gets 9 of 10 digits right from one that gets none (multiplication's latent students)."""
+def digit_places(pred: str | None, gold: str) -> list[bool]:
+    """For each gold digit, whether `pred` has it at the same place (whitespace ignored; a missing digit is
+    wrong, extra digits are ignored). Multiplication writes the least significant digit first, so place k is
+    the product's digit k, whose computation sums k + 1 pairwise digit products."""
     g, p = "".join(gold.split()), "".join((pred or "").split())
-    return sum(a == b for a, b in zip(g, p)) / len(g) if g else 0.0
+    return [k < len(p) and p[k] == d for k, d in enumerate(g)]
+
+
+def digit_agreement(pred: str | None, gold: str) -> float:
+    """The share of the gold digits that `pred` has at the same place (`digit_places`). Exact match decides the
+    accuracy; this graded score tells a model that gets 9 of 10 digits right from one that gets none
+    (multiplication's latent students)."""
+    places = digit_places(pred, gold)
+    return sum(places) / len(places) if places else 0.0
 
 
 def extract(text: str, kind: str = "number", answer_prompt: str = ANSWER_PROMPT,
