@@ -130,11 +130,13 @@ JOBS: dict[str, tuple[str, list[str]]] = {
 # (`kava.train.fork_run`; event "fork"), then trains as a resumed run. icot5-off's checkpoint at step 23,029 (29 of
 # 74 tokens removed, validation 92.8%) is the branch point: every official-rate run so far collapsed at tokens
 # 30-31 (4x4 with and without separators, 5x5: validation 0-13% from there on). Which change carries the model
-# through: the official lr (5e-5), a third of ours, or no AdamW reset at each removal; "same" repeats the run.
+# through: the official lr (5e-5), a third of ours, no AdamW reset at each removal, or fp32 (the official command
+# trains without --bf16: fp32, where kava's presets use bf16 autocast); "same" repeats the run.
 FORKS = {f"icot5-f29-{tag}": ("icot5-off", changes)
          for tag, changes in (("same", []), ("lr1e4", ["optim.lr=1e-4"]), ("lr5e5", ["optim.lr=5e-5"]),
                               ("noreset", ["icot.reset_optimizer=false"]),
-                              ("lr1e4-noreset", ["optim.lr=1e-4", "icot.reset_optimizer=false"]))}
+                              ("lr1e4-noreset", ["optim.lr=1e-4", "icot.reset_optimizer=false"]),
+                              ("fp32", ["optim.precision=fp32"]))}
 JOBS.update({name: (JOBS[parent][0], [*JOBS[parent][1], *changes]) for name, (parent, changes) in FORKS.items()})
 AFTER = {name: "cot5-base" for name in ("pccot5", "kava5", "kava5-T5", "codi5", "coconut5")} | \
     {name: f"cot{name[4]}-base" for name in JOBS if "-fc-" in name}
