@@ -454,3 +454,13 @@ def test_allowed_values_come_from_their_owners():
               (c.DataConfig, "cot_style"): "readers.COT_STYLES", (c.DataConfig, "synth_task"): "synthetic.SYNTH_TASKS"}
     for (section, key), owner in owners.items():
         assert owner in str(section.__annotations__[key]), (key, section.__annotations__[key])
+
+
+def test_nl_annotated_cot_style_is_for_gsm8k_text_only():
+    """data.cot_style nl_annotated (GSM8k's answer lines with their <<...>> annotations) loads for a GSM8k-style
+    source and is refused, naming the key, for the synthetic generator, which has no such form."""
+    sets = ["data.cot_style=nl_annotated", "data.source=../shared/data/gsm8k/train.jsonl"]
+    cfg = load_config("smollm2_gsm8k_nl", sets, resolve_paths=False)
+    assert cfg.data.cot_style == "nl_annotated"
+    with pytest.raises(ConfigError, match="data.cot_style: 'nl_annotated' .* has no synthetic form"):
+        load_config("tiny_synth", ["data.cot_style=nl_annotated"])

@@ -29,7 +29,7 @@ def train_config(d, style, method, recipe, tmp_path, extra=()):
     return cmd[i + 1], load_config(cmd[i + 1], sets, resolve_paths=False)
 
 
-@pytest.mark.parametrize("recipe", ["base", "full-lr1e5", "full-lr2e5", "lora7-lr2e4"])
+@pytest.mark.parametrize("recipe", ["base", "full-lr1e5", "full-lr2e5", "lora7-lr2e4", "full-lr1e5-annot"])
 def test_every_job_resolves_to_a_valid_config(recipe, tmp_path):
     d = driver()
     for style in d.STYLES:
@@ -40,7 +40,10 @@ def test_every_job_resolves_to_a_valid_config(recipe, tmp_path):
             assert cfg.model.gguf_file == "qwen2.5-coder-0.5b-instruct.gguf"  # --set wins over the preset
             if recipe.startswith("full"):
                 assert cfg.lora is None and cfg.optim.weight_decay == 0 and not cfg.data.drop_last_step
-                assert cfg.optim.lr == {"full-lr1e5": 1e-5, "full-lr2e5": 2e-5}[recipe]
+                assert cfg.optim.lr == {"full-lr1e5": 1e-5, "full-lr2e5": 2e-5, "full-lr1e5-annot": 1e-5}[recipe]
+            if recipe == "full-lr1e5-annot":  # GSM8k's own answers, annotations kept, from the data root
+                assert (cfg.data.source, cfg.data.cot_style) == ("/data/gsm8k/train.jsonl", "nl_annotated")
+                assert cfg.data.exclude_valid_questions  # GSM8k train holds the 500 validation questions
             if recipe == "lora7-lr2e4":
                 assert len(cfg.lora.target_modules) == 7 and cfg.optim.lr == 2e-4
             if recipe != "base":

@@ -63,6 +63,16 @@ def test_gsm8k_first_record(data_dir):
         "Janet sells 16 - 3 - 4 = 9 duck eggs a day.",
         "She makes 9 * 2 = $18 every day at the farmer’s market.",
     )
+    raw = json.loads((data_dir / "gsm8k/test.jsonl").open(encoding="utf-8").readline())["answer"]
+    annotated = read_gsm8k_jsonl(data_dir / "gsm8k/test.jsonl", cot_style="nl_annotated", limit=1)[0]
+    assert annotated.steps == tuple(raw.rsplit("####", 1)[0].strip().split("\n"))  # the answer text as written
+    assert annotated.steps == (
+        "Janet sells 16 - 3 - 4 = <<16-3-4=9>>9 duck eggs a day.",
+        "She makes 9 * 2 = $<<9*2=18>>18 every day at the farmer’s market.",
+    )
+    assert (annotated.question, annotated.answer) == (nl.question, nl.answer)
+    with pytest.raises(DataError, match="cot_style must be one of equation, nl, nl_annotated; got 'latex'"):
+        read_gsm8k_jsonl(data_dir / "gsm8k/test.jsonl", cot_style="latex")
 
 
 def test_gsm8k_comma_answers_normalised(data_dir):

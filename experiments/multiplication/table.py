@@ -44,7 +44,8 @@ def main() -> None:
     if a.places:
         for run in a.runs:
             for pred in sorted(run.glob("eval/*/predictions.jsonl")):
-                print(f"| {run.name} ({pred.parent.name}) | " + " | ".join(f"{100 * x:.0f}" for x in places(pred)) + " |")
+                cells = " | ".join(f"{100 * x:.0f}" for x in places(pred))
+                print(f"| {run.name} ({pred.parent.name}) | {cells} |")
         return
     print("| run | test exact % | digits in place % | latents zeroed / shuffled: digits % | passes | checkpoint step |")
     print("|---|---|---|---|---|---|")

@@ -64,6 +64,12 @@ RECIPES = {
                    "optim.cuda_graphs=false"],
     "lora7-lr2e4": [f"lora.target_modules={ALL_LINEARS}", "optim.lr=2e-4", "data.drop_last_step=false",
                     "optim.cuda_graphs=false"],
+    # NL with GSM8k's <<...>> annotations kept (GSM8k's train answers as written; `{data}` is the data root; with
+    # STYLES=nl only), without the 500 questions of the validation set: the 6,973 of train_no_aug.txt
+    "full-lr1e5-annot": ["data.source={data}/gsm8k/train.jsonl", "data.format=gsm8k", "data.cot_style=nl_annotated",
+                         "data.exclude_valid_questions=true", "lora=null",
+                         "optim.lr=1e-5", "optim.weight_decay=0", "data.drop_last_step=false",
+                         "optim.cuda_graphs=false"],
 }
 KAVA = [sys.executable, "-m", "kava.cli"]
 
@@ -93,7 +99,8 @@ def commands(style: str, method: str, seed: int, data: Path, runs: Path, extra: 
     --set's over all), then its evaluations."""
     name = job_name(style, method, seed, recipe)
     sets = [f"method={method}", f"run.seed={seed}", f"run.name={name}", f"run.output_dir={runs}",
-            *data_overrides(style, data), *BASE_SETS, *METHOD_SETS.get(method, []), *RECIPES[recipe], *extra]
+            *data_overrides(style, data), *BASE_SETS, *METHOD_SETS.get(method, []),
+            *(x.replace("{data}", str(data)) for x in RECIPES[recipe]), *extra]
     train = KAVA + ["train", "--config", f"{preset}_{style}"] + [x for s in sets for x in ("--set", s)]
     run_dir = str(runs / name)
     ev = KAVA + ["eval", "--checkpoint", run_dir, "--data-dir", str(data)] + (

@@ -238,7 +238,11 @@ class DataConfig:
 
     def check(self) -> None:
         _need(self.cot_style != "both" or self.source == "synthetic",
-              "data.cot_style: 'both' is only available for data.source: synthetic; allowed values: equation, nl")
+              "data.cot_style: 'both' is only available for data.source: synthetic; allowed values: equation, nl, "
+              "nl_annotated")
+        _need(self.cot_style != "nl_annotated" or self.source != "synthetic",
+              "data.cot_style: 'nl_annotated' (GSM8k's answer text with its <<...>> annotations) has no synthetic "
+              "form; allowed values for data.source: synthetic: equation, nl, both")
         for k in ("max_question_tokens", "max_cot_tokens", "max_answer_tokens"):
             _need(getattr(self, k) >= 1, f"data.{k}: must be >= 1")
         _need(self.synth_min_steps >= 1 and self.synth_max_steps >= self.synth_min_steps,

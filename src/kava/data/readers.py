@@ -29,7 +29,9 @@ from kava.data.records import DataError, Record, SkipLog
 
 FORMATS = ("auto", "icot", "multiplication", "gsm8k", "gsm_hard", "svamp", "jsonl", "hub")
 ANSWER_PROMPT = "The answer is:"
-COT_STYLES = ("equation", "nl")  # GSM8k's calculator annotations, or its solution sentences (`data.cot_style`)
+# `data.cot_style`: GSM8k's calculator annotations, its solution sentences, or the sentences with their annotations
+# (GSM8k's answer text as written, the form the published fine-tunes train on; GSM8k-style JSONL only)
+COT_STYLES = ("equation", "nl", "nl_annotated")
 
 EQUATION_RE = re.compile(r"<<[^>]*>>")
 _NUMBER_RE = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
@@ -195,9 +197,9 @@ def _row_gsm8k(obj: dict, where: str, skips: SkipLog, cot_style: str = "equation
     sol, ans = parts
     if cot_style == "equation":
         steps = tuple(EQUATION_RE.findall(sol))
-    else:
-        lines = (EQUATION_RE.sub("", line).strip() for line in sol.split("\n"))
-        steps = tuple(line for line in lines if line)
+    else:  # one step per solution line; "nl" drops the annotations, "nl_annotated" keeps them as written
+        lines = (line if cot_style == "nl_annotated" else EQUATION_RE.sub("", line) for line in sol.split("\n"))
+        steps = tuple(line.strip() for line in lines if line.strip())
     return _make_record(obj["question"], steps, ans, where, skips)
 
 
@@ -486,7 +488,7 @@ def read_gsm8k_jsonl(
 ) -> list[Record]:
     """GSM8k JSONL. ``equation``: the ``<<expr=result>>`` annotations; ``nl``: solution lines without them."""
     if cot_style not in COT_STYLES:
-        raise DataError(f"cot_style must be 'equation' or 'nl', got {cot_style!r}")
+        raise DataError(f"cot_style must be one of {', '.join(COT_STYLES)}; got {cot_style!r}")
     return _read_objects(path, _row_gsm8k, skips, limit, cot_style=cot_style)
 
 
@@ -757,7 +759,7 @@ def load_records(
     if format not in FORMATS:
         raise DataError(f"unknown data format {format!r}; expected one of {FORMATS}")
     if cot_style not in COT_STYLES:
-        raise DataError(f"cot_style must be 'equation' or 'nl', got {cot_style!r}")
+        raise DataError(f"cot_style must be one of {', '.join(COT_STYLES)}; got {cot_style!r}")
     if skips is None:
         skips = SkipLog(strict=strict)
     elif strict:
@@ -786,6 +788,9 @@ def load_records(
     if not (fields and "steps" in fields):
         obj = _peek_object(_check_file(p)) or {}
         if "steps_eq" in obj or "steps_nl" in obj:  # the synthetic generator's files
+            if cot_style == "nl_annotated":
+                raise DataError(f"{p}: cot_style nl_annotated is GSM8k's answer text with its calculator "
+                                "annotations; this synthetic file has steps_eq / steps_nl only (use equation or nl)")
             opts["steps_field"] = "steps_eq" if cot_style == "equation" else "steps_nl"
         elif opts["steps_field"] not in obj and "cot" in obj:
             opts["steps_field"] = "cot"
