@@ -17,7 +17,8 @@
 #   last call:                    bash experiments/smollm2/gpu.sh collect [S] # after up to S s more: $OUT/results.tgz
 # The jobs run from a copy of the source in /root/smol/src, so later calls' tree copies cannot change them.
 # start: PAR (parallel jobs), BUDGET (seconds), SEEDS, METHODS, STYLES, RECIPES (driver.py RECIPES) and EXTRA
-# (more driver arguments) tune it; the model's --set (name_or_path, gguf_file) come from MODEL.
+# (more driver arguments) tune it; the model's --set (name_or_path, gguf_file) come from MODEL. Beside the
+# multiplication study on the same machine, give data and start MPS_ROOT=/root/mult: one MPS daemon for both.
 set -uo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/../devicekit.sh"
 MODEL=${MODEL:-smollm2}
@@ -28,6 +29,7 @@ qwen05) GGUF=qwen2.5-coder-0.5b-instruct.gguf ;;
 esac
 SRC=${MODEL_DIR:-$HOME/.cache/kava/$MODEL}  # here: where fetch.py / tests/smollm2.py put the file
 S=${SMOL_ROOT:-/root/smol}
+M=${MPS_ROOT:-$S}  # MPS_ROOT=/root/mult: share the MPS daemon the multiplication study started on the same GPU
 C=${CARRY:-.carry}
 # two clients at once, each capturing and replaying a CUDA graph: what the jobs do side by side
 GRAPH_PROBE="import torch; x = torch.randn(4096, 4096, device='cuda'); g = torch.cuda.CUDAGraph()
@@ -50,8 +52,12 @@ prepare)
   echo "device calls: data, then piece K for K in $(ls $C/$MODEL | tr '\n' ' '), then start" ;;
 data)
   mkdir -p $S && rm -rf $S/data && cp -r $C/gsm/data $C/gsm/revision $S/ && cp $C/gsm/gguf-*.whl $S/ && du -sh $S/data
-  DK_MPS_TIMEOUT=90
-  if dk_mps_start $S 2 "$GRAPH_PROBE"; then touch $S/mps_ok; fi ;;  # start runs the jobs under it
+  if [ "$M" != "$S" ]; then  # another study's MPS daemon already runs on this GPU: the jobs join it
+    [ -e $M/mps/pipe/control ] && touch $S/mps_ok && echo "MPS: joining $M's daemon" || echo "MPS: none at $M"
+  else
+    DK_MPS_TIMEOUT=90
+    if dk_mps_start $S 2 "$GRAPH_PROBE"; then touch $S/mps_ok; fi  # start runs the jobs under it
+  fi ;;
 piece)
   python3 experiments/devicekit.py stash $C/$MODEL/${2:?usage: piece pKK} --to $S/stash/$MODEL ;;
 start)
@@ -63,7 +69,7 @@ start)
   python3 -c "from kava.model.pretrained import gguf_dir; print(gguf_dir('~/.cache/kava/$MODEL', '$GGUF'))" \
     > $S/convert.log 2>&1
   tail -1 $S/convert.log
-  [ -f $S/mps_ok ] && dk_mps_env $S && echo "MPS: on"
+  [ -f $S/mps_ok ] && dk_mps_env $M && echo "MPS: on ($M/mps)"
   cd $S && dk_detach $S/driver.log python3 driver.py run --data $S/data --out $S/out --parallel ${PAR:-12} \
     --budget ${BUDGET:-1260} ${SEEDS:+--seeds $SEEDS} ${METHODS:+--methods $METHODS} ${STYLES:+--styles $STYLES} \
     ${RECIPES:+--recipes $RECIPES} --set model.name_or_path=~/.cache/kava/$MODEL --set model.gguf_file=$GGUF \
