@@ -330,6 +330,40 @@ def test_train_with_graphs_equals_train_without(method, tmp_path, monkeypatch):
             assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-7), k
 
 
+def test_an_eager_micro_batch_out_of_memory_gives_the_pool_back_and_redoes_the_step(tmp_path, monkeypatch, capsys):
+    """A micro-batch of a shape beyond optim.max_graphs runs eagerly beside the graphs' pool; when that runs out
+    of memory, the trainer turns graphs off (the pool given back, a line saying so) and redoes the whole step
+    eagerly: the run trains on with the losses of a run without graphs, instead of stopping on the OOM."""
+    import kava.objective
+
+    runs = {}
+    for mode in ("off", "on"):
+        cfg = load_config("tiny_synth", TRAIN + ["method=cot", f"optim.cuda_graphs={mode == 'on'}",
+                                                 "optim.max_graphs=1", f"run.output_dir={tmp_path}",
+                                                 f"run.name=oom_{mode}"])
+        if mode == "on":
+            real = kt.setup_graphs
+            monkeypatch.setattr(kt, "setup_graphs", lambda c, a, r: real(c, a, r, backend=EagerReplay()))
+            forward, raised = kava.objective.Objective.forward, []
+
+            def oom_once(self, *a, **k):  # the first eager micro-batch: what a full card does
+                if not raised:
+                    raised.append(1)
+                    raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+                return forward(self, *a, **k)
+
+            monkeypatch.setattr(kava.objective.Objective, "forward", oom_once)
+        runs[mode] = train_metrics(kt.train(cfg, progress=False, data_root=tmp_path / "synth"))
+    out = capsys.readouterr().out
+    assert raised == [1]
+    assert "CUDA graphs: out of memory in an eager micro-batch at step" in out and "OutOfMemoryError" in out
+    off, on = runs["off"], runs["on"]
+    assert len(off) == len(on) == 3 and on[-1]["graphs/disabled"] == 1
+    for a, b in zip(off, on):
+        for k in [k for k in a if k.startswith("loss/")] + ["grad_norm"]:
+            assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-7), k
+
+
 def test_cuda_graphs_on_is_refused_where_impossible():
     with pytest.raises(ConfigError, match="optim.cuda_graphs.*eviction.method: random"):
         load_config("tiny_synth", ["method=kava", "optim.cuda_graphs=true", "eviction.method=random"])

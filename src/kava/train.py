@@ -382,6 +382,30 @@ def train_step(t: Trainer, items: list[Tokenized], batch: tuple[int, ...], *, ac
     return run_step(t, prepare_step(t, items, batch, latent_counts), accum=accum, step=step, logger=logger)
 
 
+def micro_steps(t: Trainer, p: PreparedStep, ce_den, *, accum: int, step: int,
+                logger: MetricLogger) -> tuple[dict[str, torch.Tensor], int]:
+    """Forward and backward of each micro-batch of `p` (graph replays where captured, else eager), the
+    gradients accumulated into `.grad`: (the step's mean log terms, its token count)."""
+    cfg, acc, raw = t.cfg, t.acc, t.raw
+    sums: dict[str, torch.Tensor] = {}
+    tokens = 0
+    for i, b in enumerate(p.micro):
+        b.ce_den = ce_den
+        tokens += b.num_tokens
+        log = t.graphs(b) if t.graphs is not None else None  # None: not graphed, run eagerly
+        if log is None:
+            sync = acc.no_sync(t.objective) if i < len(p.micro) - 1 else contextlib.nullcontext()
+            with sync, acc.autocast():
+                total, log = t.objective(b)
+                acc.backward(total / accum)
+        for k, v in log.items():
+            sums[k] = sums.get(k, 0.0) + v.float() / len(p.micro)
+        if t.main and grad_share_due(cfg, step + 1) and i == grad_share_micro(cfg, step + 1, len(p.micro)):
+            # per-term gradient norms (kava.training.gradshare), rotating over the step's (length-ordered) micro-batches
+            logger.log({"split": "train", **measure(raw, b, cfg, acc.device, acc.autocast())}, step + 1)
+    return sums, tokens
+
+
 def run_step(t: Trainer, p: PreparedStep, *, accum: int, step: int, logger: MetricLogger,
              before_sync=None) -> StepResult:
     """The device half of an optimizer step (`step` is 0-based) on the micro-batches `p` holds.
@@ -396,26 +420,22 @@ def run_step(t: Trainer, p: PreparedStep, *, accum: int, step: int, logger: Metr
     ce_den = p.ce_den
     if t.graphs is not None:  # a graph reads its denominators from device memory at every replay
         ce_den = {k: torch.tensor(v, dtype=torch.float32).to(acc.device) for k, v in ce_den.items()}
-    sums: dict[str, torch.Tensor] = {}
-    tokens = 0
-    for i, b in enumerate(p.micro):
-        b.ce_den = ce_den
+    for b in p.micro:
         if b.teacher is not None:
             b.teacher = b.teacher.to(acc.device)
         if b.student is not None:
             b.student = b.student.to(acc.device)
-        tokens += b.num_tokens
-        log = t.graphs(b) if t.graphs is not None else None  # None: not graphed, run eagerly
-        if log is None:
-            sync = acc.no_sync(t.objective) if i < len(p.micro) - 1 else contextlib.nullcontext()
-            with sync, acc.autocast():
-                total, log = t.objective(b)
-                acc.backward(total / accum)
-        for k, v in log.items():
-            sums[k] = sums.get(k, 0.0) + v.float() / len(p.micro)
-        if t.main and grad_share_due(cfg, step + 1) and i == grad_share_micro(cfg, step + 1, len(p.micro)):
-            # per-term gradient norms (kava.training.gradshare), rotating over the step's (length-ordered) micro-batches
-            logger.log({"split": "train", **measure(raw, b, cfg, acc.device, acc.autocast())}, step + 1)
+    try:
+        sums, tokens = micro_steps(t, p, ce_den, accum=accum, step=step, logger=logger)
+    except torch.OutOfMemoryError as err:
+        if t.graphs is None or t.graphs.disabled is not None:
+            raise
+        # an eager micro-batch (a shape beyond optim.max_graphs) did not fit beside the graphs' memory pool: give
+        # the pool back and run the whole step again eagerly (its gradients so far are dropped; dropout draws
+        # differ from the first attempt's)
+        t.opt.zero_grad(set_to_none=False)
+        t.graphs.turn_off(err, f"out of memory in an eager micro-batch at step {step + 1}")
+        sums, tokens = micro_steps(t, p, p.ce_den, accum=accum, step=step, logger=logger)
     gnorm = acc.clip_grad_norm_(raw.parameters(), cfg.optim.grad_clip) if cfg.optim.grad_clip > 0 else \
         torch.sqrt(sum((p.grad.float() ** 2).sum() for p in raw.parameters() if p.grad is not None))
     # a finite loss can still have an inf/NaN gradient (overflow in backward): stepping on it would make

@@ -16,7 +16,9 @@ What makes the micro-step capturable (checked on CPU by running it on the meta d
   them with `set_to_none=False`).
 
 One graph per batch shape, up to `optim.max_graphs`; a batch of a new shape beyond that runs eagerly (counted).
-A capture that fails (out of memory, say) turns graphs off for the run under `optim.cuda_graphs: auto`.
+A capture that fails (out of memory, say) turns graphs off for the run under `optim.cuda_graphs: auto`; so does
+an eager micro-batch that runs out of memory beside the graphs' pool, after which the trainer redoes that step
+eagerly (`kava.train.run_step`): a full card costs the graphs, not the run.
 The first capture runs the step eagerly a few times on a side stream first (CUDA's warm-up rule); every capture
 restores the gradients and the RNG states as they were before it, so capturing changes neither what the
 optimizer sees nor the dropout masks of later steps.
@@ -223,10 +225,15 @@ class GraphedStep:
         return graph, static, log
 
     def _give_up(self, err: BaseException) -> None:
+        self.turn_off(err, "capture failed")
+
+    def turn_off(self, err: BaseException, what: str) -> None:
+        """Graphs off for the rest of the run: every captured graph dropped and its pool's memory given back
+        (`disabled` says why; later micro-batches run eagerly)."""
         self.disabled = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
         self.graphs.clear()
         self.backend.release()
-        print(f"[kava] CUDA graphs: capture failed ({self.disabled}); training continues without graphs "
+        print(f"[kava] CUDA graphs: {what} ({self.disabled}); training continues without graphs "
               "(set optim.cuda_graphs=false to skip the attempt)", flush=True)
 
     def __call__(self, batch: Batch) -> dict | None:
