@@ -300,7 +300,11 @@ def test_fork_continues_a_run_under_changed_hyperparameters(tmp_path, synth_root
         kt.fork_run(run_b, tmp_path / "E", [], step=5)
     with pytest.raises(FileExistsError, match="needs a new run directory"):
         kt.fork_run(run_b, tmp_path / "C", [])
+    with pytest.raises(kt.ConfigError, match="optim.max_steps=8: the fork starts at step 8"):
+        kt.fork_run(run_b, tmp_path / "E", ["optim.max_steps=8"])
     assert not (tmp_path / "E").exists()
+    by_epochs = kt.fork_run(run_b, tmp_path / "F", ["optim.max_steps=null"])  # the epochs decide the end
+    assert kt.resume_config(by_epochs).optim.max_steps is None
 
 
 def test_resume_checks(tmp_path, synth_root):

@@ -755,7 +755,7 @@ def fork_run(src: str | Path, dst: str | Path, overrides: list[str], step: int |
         if (a[sec].get(leaf) if leaf else a[sec]) != (b[sec].get(leaf) if leaf else b[sec]):
             raise ConfigError(f"{key}: a fork keeps the source run's {key} (it fixes what a step trains); "
                               f"start a new run to change it")
-    if new.optim.max_steps <= at:
+    if new.optim.max_steps is not None and new.optim.max_steps <= at:  # (None: the epochs decide)
         raise ConfigError(f"optim.max_steps={new.optim.max_steps}: the fork starts at step {at}; give more steps")
     d.path.mkdir(parents=True)
     d.config.write_text(new.to_yaml())  # `kava.config.save_config`
