@@ -136,7 +136,8 @@ FORKS = {f"icot5-f29-{tag}": ("icot5-off", changes)
          for tag, changes in (("same", []), ("lr1e4", ["optim.lr=1e-4"]), ("lr5e5", ["optim.lr=5e-5"]),
                               ("noreset", ["icot.reset_optimizer=false"]),
                               ("lr1e4-noreset", ["optim.lr=1e-4", "icot.reset_optimizer=false"]),
-                              ("fp32", ["optim.precision=fp32"]))}
+                              ("fp32", ["optim.precision=fp32"]),
+                              ("fp32-lr5e5", ["optim.precision=fp32", "optim.lr=5e-5"]))}  # both official settings
 JOBS.update({name: (JOBS[parent][0], [*JOBS[parent][1], *changes]) for name, (parent, changes) in FORKS.items()})
 AFTER = {name: "cot5-base" for name in ("pccot5", "kava5", "kava5-T5", "codi5", "coconut5")} | \
     {name: f"cot{name[4]}-base" for name in JOBS if "-fc-" in name}
