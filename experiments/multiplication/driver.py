@@ -540,7 +540,9 @@ def main() -> None:
     ga.add_argument("--unpack", default=".carry/back/out", help="the local OUT the run is unpacked into")
     ga.add_argument("--ship", default=".carry/ship", help="carry pieces for the next lease: SHIP/NAME/pNN")
     args = ap.parse_args()
-    {"run": run, "deadline": set_deadline, "status": status, "pack": pack, "ship": ship, "unship": unship, "gather": gather}[args.cmd](args)
+    verbs = {"run": run, "deadline": set_deadline, "status": status, "pack": pack, "ship": ship, "unship": unship,
+             "gather": gather}
+    verbs[args.cmd](args)
 
 
 if __name__ == "__main__":

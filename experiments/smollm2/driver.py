@@ -56,20 +56,17 @@ METHOD_SETS = {"codi": ["latent.num_latents=6"],
 # CoT's last step kept (dropping it removes the computation that yields the answer). Without CUDA graphs: their
 # pools took 20-42 GiB per Qwen process, so that two jobs did not fit an 80 GB card; eager, several do.
 ALL_LINEARS = "[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]"
+TEACHER = ["data.drop_last_step=false", "optim.cuda_graphs=false"]  # every recipe below
+FULL = ["lora=null", "optim.weight_decay=0", *TEACHER]  # full fine-tuning
 RECIPES = {
     "base": [],
-    "full-lr1e5": ["lora=null", "optim.lr=1e-5", "optim.weight_decay=0", "data.drop_last_step=false",
-                   "optim.cuda_graphs=false"],
-    "full-lr2e5": ["lora=null", "optim.lr=2e-5", "optim.weight_decay=0", "data.drop_last_step=false",
-                   "optim.cuda_graphs=false"],
-    "lora7-lr2e4": [f"lora.target_modules={ALL_LINEARS}", "optim.lr=2e-4", "data.drop_last_step=false",
-                    "optim.cuda_graphs=false"],
+    "full-lr1e5": [*FULL, "optim.lr=1e-5"],
+    "full-lr2e5": [*FULL, "optim.lr=2e-5"],
+    "lora7-lr2e4": [*TEACHER, f"lora.target_modules={ALL_LINEARS}", "optim.lr=2e-4"],
     # NL with GSM8k's <<...>> annotations kept (GSM8k's train answers as written; `{data}` is the data root; with
     # STYLES=nl only), without the 500 questions of the validation set: the 6,973 of train_no_aug.txt
-    "full-lr1e5-annot": ["data.source={data}/gsm8k/train.jsonl", "data.format=gsm8k", "data.cot_style=nl_annotated",
-                         "data.exclude_valid_questions=true", "lora=null",
-                         "optim.lr=1e-5", "optim.weight_decay=0", "data.drop_last_step=false",
-                         "optim.cuda_graphs=false"],
+    "full-lr1e5-annot": [*FULL, "optim.lr=1e-5", "data.source={data}/gsm8k/train.jsonl", "data.format=gsm8k",
+                         "data.cot_style=nl_annotated", "data.exclude_valid_questions=true"],
 }
 KAVA = [sys.executable, "-m", "kava.cli"]
 

@@ -13,7 +13,8 @@
     train_step                  prepare_step then run_step
     validate, save_best, save_checkpoint, save_final
 The loop in `train()` then reads top to bottom like nanoGPT's: lr for this step -> run_step (which builds the
-next step's host half before its one sync) -> (non-finite: run.nan_policy) -> log -> validate / checkpoint. Plumbing (DDP, autocast, no-sync) is `accelerate`'s.
+next step's host half before its one sync) -> (non-finite: run.nan_policy) -> log -> validate / checkpoint.
+Plumbing (DDP, autocast, no-sync) is `accelerate`'s.
 
 The components live elsewhere: the loss (`kava.objective`), the run directory, its lock and provenance
 (`kava.checkpoint.rundir`, whose docstring lists the files), the training state (`kava.checkpoint.state`),
@@ -752,13 +753,14 @@ def fork_run(src: str | Path, dst: str | Path, overrides: list[str], step: int |
     a, b = old.to_dict(), new.to_dict()
     for key in FORK_FIXED:
         sec, _, leaf = key.partition(".")
-        if (a[sec].get(leaf) if leaf else a[sec]) != (b[sec].get(leaf) if leaf else b[sec]):
+        pick = lambda d: d[sec].get(leaf) if leaf else d[sec]  # noqa: E731
+        if pick(a) != pick(b):
             raise ConfigError(f"{key}: a fork keeps the source run's {key} (it fixes what a step trains); "
                               f"start a new run to change it")
     if new.optim.max_steps is not None and new.optim.max_steps <= at:  # (None: the epochs decide)
         raise ConfigError(f"optim.max_steps={new.optim.max_steps}: the fork starts at step {at}; give more steps")
     d.path.mkdir(parents=True)
-    d.config.write_text(new.to_yaml())  # `kava.config.save_config`
+    save_config(new, d.config)
     meta = s.read_meta()
     meta["fork"] = {"from": str(s.path.resolve()), "step": at, "changes": list(overrides)}
     d.meta.write_text(json.dumps(meta, indent=2))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from kava.data.readers import COT_STYLES
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser("data", help="inspect a data source: counts, one formatted example, skipped records")
@@ -9,7 +11,7 @@ def add_parser(sub) -> None:
                    help="file, directory, hub id, an evaluation set name (gsm8k, svamp, ...) or 'synthetic'")
     p.add_argument("--format", default="auto")
     p.add_argument("--split", default=None)
-    p.add_argument("--cot-style", choices=["equation", "nl", "nl_annotated"], default="equation")
+    p.add_argument("--cot-style", choices=COT_STYLES, default="equation")
     p.add_argument("--data-dir", help="for evaluation set names")
     p.add_argument("--tokenizer", help="HF tokenizer (local dir or hub id) for the formatted view; "
                                        "default: a tokenizer built from the records")

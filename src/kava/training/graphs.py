@@ -224,9 +224,6 @@ class GraphedStep:
                                    "did not; their gradients cannot be accumulated by a graph")
         return graph, static, log
 
-    def _give_up(self, err: BaseException) -> None:
-        self.turn_off(err, "capture failed")
-
     def turn_off(self, err: BaseException, what: str) -> None:
         """Graphs off for the rest of the run: every captured graph dropped and its pool's memory given back
         (`disabled` says why; later micro-batches run eagerly)."""
@@ -252,7 +249,7 @@ class GraphedStep:
             except Exception as err:  # out of memory, an op that cannot be captured, ...
                 if not self.fallback:
                     raise
-                self._give_up(err)
+                self.turn_off(err, "capture failed")
                 self.eager += 1
                 return None
         graph, static, log = entry
