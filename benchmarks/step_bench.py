@@ -360,33 +360,57 @@ def profile_kava(shape, style, lengths, micro_batch, out_path):
 
 
 def bench_eval(shape, lengths, n_questions=1319, batch_size=128, cot_tokens=65, profile_path=None):
-    from kava.decode import generate
+    """Questions/s of `generate` in latent and cot mode at one batch size, for each decoder this kava has:
+    `graphs` (the static-cache step replayed as CUDA graphs, `kava.decode.DecodeGraphs`) and `static` (the same
+    step eager) in a kava with them, `dynamic` (the growing DynamicCache) in one before them (BASE=...).
+    Batch sizes below 64 time 32 batches, not 1,319 questions; `latency_s` is the mean wall time of one batch."""
+    import contextlib
+
+    import kava.decode as decode
 
     model = build(shape, LORA_PRESET, eos_never=True)
     model.eval()
     V = model.config.vocab_size
+    n_questions = n_questions if batch_size >= 64 else min(n_questions, 32 * batch_size)
     items = sample_items(n_questions, "eq", lengths, V, model.ids.eos, seed=3)
+    decoders = ("graphs", "static") if hasattr(decode, "DecodeGraphs") else ("dynamic",)
     res = {}
-    for mode, kw in (("latent", dict(max_new_tokens=4)), ("cot", dict(max_new_tokens=4, max_cot_tokens=cot_tokens))):
-        with torch.autocast(DEV, dtype=torch.bfloat16):  # warm-up (kernel selection, allocator) outside the timing
-            generate(model, items[:batch_size], mode=mode, num_latents=24, num_sweeps=3, **kw)
-        passes = 0
-        sync()
-        t0 = time.perf_counter()
-        for i in range(0, n_questions, batch_size):
-            with torch.autocast(DEV, dtype=torch.bfloat16):
-                gens = generate(model, items[i:i + batch_size], mode=mode, num_latents=24, num_sweeps=3, **kw)
-            passes += sum(g.forward_passes for g in gens)
-        sync()
-        wall = time.perf_counter() - t0
-        res[mode] = {"questions_per_s": n_questions / wall, "wall_s": wall, "forward_passes_per_q": passes / n_questions}
-        print(f"  eval {shape} {mode:6s} {n_questions / wall:8.1f} q/s  {passes / n_questions:.1f} passes/q", flush=True)
+    for decoder in decoders:
+        for mode, kw in (("latent", dict(max_new_tokens=4)),
+                         ("cot", dict(max_new_tokens=4, max_cot_tokens=cot_tokens))):
+            graphs = decode.DecodeGraphs(model) if decoder == "graphs" else None
+            if graphs is not None:
+                kw = dict(kw, graphs=graphs)
+            with torch.autocast(DEV, dtype=torch.bfloat16):  # warm-up (kernel selection, allocator, captures)
+                for i in range(0, min(n_questions, 4 * batch_size), batch_size):
+                    decode.generate(model, items[i:i + batch_size], mode=mode, num_latents=24, num_sweeps=3, **kw)
+            passes, batches = 0, 0
+            sync()
+            t0 = time.perf_counter()
+            for i in range(0, n_questions, batch_size):
+                with torch.autocast(DEV, dtype=torch.bfloat16):
+                    gens = decode.generate(model, items[i:i + batch_size], mode=mode, num_latents=24, num_sweeps=3,
+                                           **kw)
+                passes += sum(g.forward_passes for g in gens)
+                batches += 1
+            sync()
+            wall = time.perf_counter() - t0
+            key = mode if decoder == decoders[0] else f"{mode}/{decoder}"
+            res[key] = {"decoder": decoder, "questions_per_s": n_questions / wall, "wall_s": wall,
+                        "latency_s": wall / batches, "forward_passes_per_q": passes / n_questions,
+                        "peak_gib": peak_gib(),
+                        **({"graphs": graphs.off or f"{graphs.captured} captured"} if graphs is not None else {})}
+            print(f"  eval {shape} batch {batch_size} {decoder:7s} {mode:6s} {n_questions / wall:8.1f} q/s  "
+                  f"{wall / batches * 1e3:8.1f} ms/batch  {passes / n_questions:.1f} passes/q"
+                  f"{'  graphs ' + res[key]['graphs'] if graphs is not None else ''}", flush=True)
+            del graphs
+            empty_cache()
     res["latent_speedup"] = res["latent"]["questions_per_s"] / res["cot"]["questions_per_s"]
     if profile_path:  # one batch of each mode
         for mode, kw in (("latent", dict(max_new_tokens=4)), ("cot", dict(max_new_tokens=4, max_cot_tokens=cot_tokens))):
             def one():
                 with torch.autocast(DEV, dtype=torch.bfloat16):
-                    generate(model, items[:batch_size], mode=mode, num_latents=24, num_sweeps=3, **kw)
+                    decode.generate(model, items[:batch_size], mode=mode, num_latents=24, num_sweeps=3, **kw)
             profile_call(one, profile_path, label=f"eval {mode} batch {batch_size}: ")
     del model
     empty_cache()
@@ -411,6 +435,8 @@ def main():
     ap.add_argument("--peft-casts", action="store_true")
     ap.add_argument("--eval-profile", help="append profiler tables of one eval batch per mode here")
     ap.add_argument("--eval-batch-sizes", default="128", help="evaluation batch sizes, e.g. 64,128,256")
+    ap.add_argument("--eval-questions", type=int, default=1319,
+                    help="questions timed per batch size (below batch 64: at most 32 batches)")
     a = ap.parse_args()
     global COMPILE, NAIVE_CASTS
     COMPILE, NAIVE_CASTS = a.compile, a.peft_casts
@@ -435,7 +461,8 @@ def main():
                 json.dump(result, open(a.out, "w"), indent=2)
         if a.eval or a.eval_only:
             for bs in (int(x) for x in a.eval_batch_sizes.split(",")):
-                result["eval"][f"{shape}/batch{bs}"] = bench_eval(shape, lengths, batch_size=bs, profile_path=a.eval_profile)
+                result["eval"][f"{shape}/batch{bs}"] = bench_eval(shape, lengths, batch_size=bs, profile_path=a.eval_profile,
+                                                                  n_questions=a.eval_questions)
                 json.dump(result, open(a.out, "w"), indent=2)
     print(json.dumps(result, indent=1))
 

@@ -589,8 +589,9 @@ def test_diagnostics_check_the_window_over_the_gold_cot_up_front():
 
 @pytest.mark.parametrize("mode", ["latent", "cot"])
 def test_decoding_reads_the_device_once_per_step_not_once_per_example(mode, monkeypatch):
-    """Greedy decoding keeps its bookkeeping on the host: apart from one `tolist` of the step's tokens, no
-    tensor is read as a Python bool or number (one read per example and step made GPU decoding slow)."""
+    """Greedy decoding keeps its bookkeeping on the device: at most one read per decode step (has every example
+    emitted eos?) and one `tolist` of the tokens at the end, never one read per example and step (which made
+    GPU decoding slow). With CUDA graphs the stop is looked at every `DecodeGraphs.check_every` steps."""
     from kava.model.capture import no_host_sync
 
     m, tok = tiny_reasoner("llama")
@@ -600,8 +601,9 @@ def test_decoding_reads_the_device_once_per_step_not_once_per_example(mode, monk
         monkeypatch.setattr(torch.Tensor, name, lambda self, _r=real, _n=name: reads.append(_n) or _r(self))
     with no_host_sync():  # as on a GPU: HF's mask check off
         gens = generate(m, question_items(tok), tokenizer=tok, **kw(mode, "jacobi"))
+    steps = max(g.forward_passes for g in gens) - (1 + T if mode == "latent" else 0)
     assert len(gens) == len(ALL) and max(g.generated_tokens for g in gens) > 1
-    assert reads == []
+    assert set(reads) <= {"__bool__"} and 0 < len(reads) <= steps
 
 
 # ------------------------------------------------------------------------------------ kava eval on any model

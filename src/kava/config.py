@@ -317,6 +317,9 @@ class RunConfig:
     eval_max_new_tokens: int = 16
     eval_max_cot_tokens: int = 128
     eval_batch_size: int = 64
+    # evaluation replays each batch shape's decode step as a CUDA graph (kava.decode.DecodeGraphs): auto (on a
+    # GPU), true (refused without one), false (the same static-cache step, eager)
+    eval_cuda_graphs: bool | Literal["auto"] = "auto"
     nan_policy: Literal["stop", "skip"] = "stop"
     grad_share_every: int = 50  # per-term gradient norms every N optimizer steps (methods of 2+ loss terms); 0 = off
     deterministic: bool = False

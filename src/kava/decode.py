@@ -25,6 +25,7 @@ import torch
 
 from kava.data.format import BlockWidths, StudentBatch, Tokenized, build_student_batch, pad_rows, positions
 from kava.model.capture import no_host_sync
+from kava.model.families import text_config
 from kava.model.reasoner import LatentReasoner, StudentOut
 from kava.spec import MODES
 
@@ -81,35 +82,163 @@ class Generation:
     generated_tokens: int
 
 
+class DecodeStep:
+    """Greedy decoding of one batch shape on a static KV cache: fixed buffers, one step that reads and writes
+    only them, and on a GPU that step captured as a CUDA graph (`DecodeGraphs`).
+
+    Buffers: `cache` S columns per layer ([B, Hkv, S, D]); `mask` [B, S] of the columns that hold keys;
+    `tok` [B] the last emitted token, at position `pos` [B] and cache column `col` [1]; `out` [B, n] the tokens
+    emitted so far (`out[:, 0]` is the prediction of the prefill). A step runs `tok` at column `col` (one
+    forward pass), writes the next token into `out[:, col - S0 + 1]` and advances `tok`, `pos` and `col`. Every
+    shape is fixed and nothing is read on the host, so replaying the step is one graph launch; the pad columns
+    and the columns not written yet are masked, so the tokens equal the growing cache's (tests).
+    """
+
+    def __init__(self, model: LatentReasoner, like, columns: int, new_tokens: int):
+        """like: a cache of the batch this step will decode (its layers' head counts, head sizes and dtype)."""
+        from transformers.cache_utils import Cache, StaticLayer
+
+        self.model, self.S, self.n = model, columns, new_tokens
+        dev = model.special_rows.device
+        batch = like.layers[0].keys.shape[0]
+        # every layer keeps every column, as `new_cache` (sliding windows never bind: `check_window`)
+        self.cache = Cache(layers=[StaticLayer(max_cache_len=columns) for _ in like.layers])
+        for src, layer in zip(like.layers, self.cache.layers):
+            layer.lazy_initialization(src.keys[:, :, :1], src.values[:, :, :1])  # zeros of S columns
+        self.mask = torch.zeros(batch, columns, dtype=torch.long, device=dev)
+        self.tok = torch.zeros(batch, dtype=torch.long, device=dev)
+        self.pos = torch.zeros(batch, dtype=torch.long, device=dev)
+        self.col = torch.zeros(1, dtype=torch.long, device=dev)
+        self.start = torch.zeros(1, dtype=torch.long, device=dev)  # S0 - 1: out's column of `tok` is col - start
+        self.out = torch.zeros(batch, new_tokens, dtype=torch.long, device=dev)
+        self.graph = None
+
+    def load(self, cache, mask: torch.Tensor, first: torch.Tensor, next_pos: torch.Tensor) -> None:
+        """Start from `cache` (S0 columns per layer, [B, Hkv, S0, D]) with `mask` [B, S0], the first new token
+        `first` [B] and its position `next_pos` [B]."""
+        S0 = mask.shape[1]
+        for src, dst in zip(cache.layers, self.cache.layers, strict=True):
+            dst.keys[:, :, :S0].copy_(src.keys)
+            dst.values[:, :, :S0].copy_(src.values)
+            dst.cumulative_length.fill_(S0)
+        self.mask.zero_()
+        self.mask[:, :S0].copy_(mask)
+        self.tok.copy_(first)
+        self.pos.copy_(next_pos)
+        self.col.fill_(S0)
+        self.start.fill_(S0 - 1)
+        self.out[:, 0].copy_(first)
+
+    def step(self) -> None:
+        model = self.model
+        self.mask.index_fill_(1, self.col, 1)
+        h = model.run(model.embed(self.tok[:, None]), self.mask, self.pos[:, None], self.cache).last_hidden_state
+        nxt = model.logits(h[:, -1]).argmax(-1)
+        self.out.index_copy_(1, self.col - self.start, nxt[:, None])
+        self.tok.copy_(nxt)
+        self.pos.add_(1)
+        self.col.add_(1)
+
+    def capture(self, graphs: DecodeGraphs) -> None:
+        """Record `step` as a CUDA graph in `graphs`' pool: one eager run on a side stream first (CUDA's
+        warm-up rule), which changes only the buffers (`load` sets them before every use)."""
+        if graphs.pool is None:
+            graphs.pool = torch.cuda.graph_pool_handle()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            self.step()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        # the graph replays autocast's weight casts: none may come from (or go into) its cache
+        amp = torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), enabled=torch.is_autocast_enabled("cuda"),
+                             cache_enabled=False)
+        with amp, torch.cuda.graph(graph, pool=graphs.pool):
+            self.step()
+        self.graph = graph
+
+    def run(self) -> None:
+        self.graph.replay() if self.graph is not None else self.step()
+
+
+class DecodeGraphs:
+    """The `DecodeStep`s of one evaluation, captured as CUDA graphs, one per batch shape (at most `max_graphs`;
+    the least recently used is dropped), sharing one memory pool (they never run at once). Use it as a
+    context manager around the evaluation: its static caches and graphs are freed at exit. A capture that
+    fails turns graphs off for the rest of it (`off` says why) and the steps run eagerly."""
+
+    def __init__(self, model: LatentReasoner, max_graphs: int = 8, check_every: int = 8):
+        self.model, self.max_graphs, self.check_every = model, max_graphs, check_every
+        self.steps: dict[tuple, DecodeStep] = {}
+        self.pool = None  # made by the first capture
+        self.off: str | None = self.exclusion(model)
+        self.captured = 0
+
+    @staticmethod
+    def exclusion(model: LatentReasoner) -> str | None:
+        """Why this model's decode step cannot be captured, or None."""
+        tc = text_config(model.config)
+        if any(getattr(tc, k, None) for k in ("num_experts", "num_local_experts", "n_routed_experts")):
+            return f"a mixture-of-experts model ({tc.model_type}: token routing gives data-dependent shapes)"
+        return None
+
+    def get(self, like, columns: int, new_tokens: int) -> DecodeStep:
+        """The step for batches shaped like the cache `like`, `columns` wide, emitting `new_tokens`."""
+        key = (columns, new_tokens, *((*l.keys.shape[:2], l.keys.shape[3], l.values.shape[3], l.keys.dtype)
+                                      for l in like.layers))  # all but the cache's column count
+        step = self.steps.pop(key, None)
+        if step is None:
+            if len(self.steps) >= self.max_graphs:
+                self.steps.pop(next(iter(self.steps)))
+            step = DecodeStep(self.model, like, columns, new_tokens)
+            if self.off is None and not self.model.training:
+                try:
+                    step.capture(self)
+                    self.captured += 1
+                except RuntimeError as e:  # out of memory, or an op that cannot be captured
+                    self.off = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+                    step = DecodeStep(self.model, like, columns, new_tokens)
+        self.steps[key] = step  # most recently used last
+        return step
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.steps.clear()
+        return False
+
+
 def greedy(model: LatentReasoner, cache, logits: torch.Tensor, mask: torch.Tensor, next_pos: torch.Tensor,
-            max_new: int, eos: int) -> tuple[list[list[int]], torch.Tensor]:
-    """Greedy decoding from `logits` [B, V] (the prediction of the first new token) on `cache`.
+           max_new: int, eos: int, graphs: DecodeGraphs | None = None) -> tuple[list[list[int]], torch.Tensor]:
+    """Greedy decoding from `logits` [B, V] (the prediction of the first new token) on `cache`, through a
+    `DecodeStep` (static cache; from `graphs`, CUDA-graphed, when given).
 
     mask: [B, S0] attention mask of what the cache holds; next_pos: [B] position of the first new token.
     Returns (tokens per example, eos included if emitted; steps [B] = forward calls that emitted a token).
+    Decoding stops once every example has emitted eos (looked at every `graphs.check_every` steps: one
+    device read each; the tokens after an example's eos are never returned).
     """
-    B = logits.shape[0]
-    # the bookkeeping lives on the host: one device read per step (the tokens), not one per example
-    done, steps = [False] * B, [0] * B
-    out: list[list[int]] = [[] for _ in range(B)]
-    ones = torch.ones(B, 1, dtype=mask.dtype, device=mask.device)
-    for step in range(max_new):
-        tok = logits.argmax(-1)
-        for b, t in enumerate(tok.tolist()):
-            if not done[b]:
-                out[b].append(t)
-                steps[b] += 1
-                done[b] = t == eos
-        if all(done) or step == max_new - 1:
+    S = mask.shape[1] + max_new - 1  # the cache's columns and one per decode step
+    if graphs is not None:
+        step, every = graphs.get(cache, S, max_new), graphs.check_every
+    else:
+        step, every = DecodeStep(model, cache, S, max_new), 1
+    step.load(cache, mask, logits.argmax(-1), next_pos)
+    emitted = 1
+    while emitted < max_new:
+        if (emitted - 1) % every == 0 and bool((step.out[:, :emitted] == eos).any(1).all()):
             break
-        mask = torch.cat([mask, ones], 1)
-        h = model.run(model.embed(tok[:, None]), mask, (next_pos + step)[:, None], cache).last_hidden_state
-        logits = model.logits(h[:, -1])
-    return out, torch.tensor(steps)
+        step.run()
+        emitted += 1
+    out: list[list[int]] = []
+    for row in step.out[:, :emitted].tolist():  # one device read
+        out.append(row[:row.index(eos) + 1] if eos in row else row)
+    return out, torch.tensor([len(t) for t in out])
 
 
-def answer_from_cache(model: LatentReasoner, sb, cache, mask: torch.Tensor,
-                      max_new: int) -> tuple[list[list[int]], torch.Tensor]:
+def answer_from_cache(model: LatentReasoner, sb, cache, mask: torch.Tensor, max_new: int,
+                      graphs: DecodeGraphs | None = None) -> tuple[list[list[int]], torch.Tensor]:
     """Run the answer block `<eot> · prompt` of a question-only student batch on `cache` (which holds the
     question block and the M latent slots), then decode greedily (see `greedy`).
 
@@ -120,19 +249,20 @@ def answer_from_cache(model: LatentReasoner, sb, cache, mask: torch.Tensor,
     A0 = sb.answer_start
     out = model.run(model.embed(sb.ids[:, A0:]), mask, sb.pos[:, A0:], cache)
     logits = model.logits(out.last_hidden_state[:, -1])
-    return greedy(model, cache, logits, mask, sb.pos[:, -1] + 1, max_new, model.ids.eos)
+    return greedy(model, cache, logits, mask, sb.pos[:, -1] + 1, max_new, model.ids.eos, graphs)
 
 
 @torch.no_grad()
 def generate(model: LatentReasoner, items: list[Tokenized], *, mode: str, num_latents: int = 24,
              num_sweeps: int = 3, student_mode: str = "jacobi", max_new_tokens: int = 16,
-             max_cot_tokens: int = 128, tokenizer=None) -> list[Generation]:
-    """Greedy generations for a batch of question-only items (see module docstring for the modes)."""
+             max_cot_tokens: int = 128, tokenizer=None, graphs: DecodeGraphs | None = None) -> list[Generation]:
+    """Greedy generations for a batch of question-only items (see module docstring for the modes); `graphs`
+    replays the decode steps as CUDA graphs."""
     # on a GPU, HF's "is the mask all ones?" would be one more device read per decode step
     with model.autocast(), no_host_sync(enabled=model.special_rows.is_cuda):
         return _generate(model, items, mode=mode, num_latents=num_latents, num_sweeps=num_sweeps,
                          student_mode=student_mode, max_new_tokens=max_new_tokens, max_cot_tokens=max_cot_tokens,
-                         tokenizer=tokenizer)
+                         tokenizer=tokenizer, graphs=graphs)
 
 
 QUESTION_WIDTH_STEP = 16
@@ -189,18 +319,18 @@ def prefill(model: LatentReasoner, rows: list[list[int]]):
 
 
 def _generate(model, items, *, mode, num_latents, num_sweeps, student_mode, max_new_tokens, max_cot_tokens,
-              tokenizer) -> list[Generation]:
+              tokenizer, graphs) -> list[Generation]:
     ids = model.ids
     if check_mode(mode) == "latent":
         sb, s = latent_pass(model, items, num_latents=num_latents, num_sweeps=num_sweeps, student_mode=student_mode)
-        toks, steps = answer_from_cache(model, sb, s.cache, sb.mask, max_new_tokens)
+        toks, steps = answer_from_cache(model, sb, s.cache, sb.mask, max_new_tokens, graphs)
         base_passes = s.forward_passes
     else:
         rows = [input_ids(it, mode, ids) for it in items]
         cache, logits, mask, last = prefill(model, rows)
         new = budget(mode, max_new_tokens=max_new_tokens, max_cot_tokens=max_cot_tokens,
                      prompt_len=len(items[0].prompt))
-        toks, steps = greedy(model, cache, logits, mask, last + 1, new, ids.eos)
+        toks, steps = greedy(model, cache, logits, mask, last + 1, new, ids.eos, graphs)
         base_passes = 0
     res = []
     for b, t in enumerate(toks):
@@ -211,12 +341,12 @@ def _generate(model, items, *, mode, num_latents, num_sweeps, student_mode, max_
 
 
 def generate_for_config(model: LatentReasoner, tokenizer, cfg, items: list[Tokenized], *, mode: str,
-                        max_new_tokens: int | None = None) -> list[Generation]:
+                        max_new_tokens: int | None = None, graphs: DecodeGraphs | None = None) -> list[Generation]:
     """`generate` with a run's settings: M, T and the student mode of its method (`kava.spec`), and the answer
     and CoT budgets `run.eval_max_new_tokens` (or `max_new_tokens`) and `run.eval_max_cot_tokens`."""
     return generate(model, items, mode=mode, num_latents=cfg.latent.num_latents, num_sweeps=cfg.latent.num_sweeps,
                     student_mode=cfg.spec.student_mode, max_new_tokens=max_new_tokens or cfg.run.eval_max_new_tokens,
-                    max_cot_tokens=cfg.run.eval_max_cot_tokens, tokenizer=tokenizer)
+                    max_cot_tokens=cfg.run.eval_max_cot_tokens, tokenizer=tokenizer, graphs=graphs)
 
 
 def decode_texts(tokenizer, toks: list[list[int]], eos: int) -> list[str]:

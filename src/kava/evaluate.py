@@ -27,12 +27,13 @@ from kava.checkpoint.load import (Loaded, describe_source, load_any, load_plain,
                                  plain_identity, plain_name)
 from kava.checkpoint.rundir import RunDir, git_revision, read_state, versions
 from kava.checkpoint.state import model_identity
+from kava.config import ConfigError
 from kava.console import Ticker, print_line
 from kava.data.format import Formatter
 from kava.data.pipeline import find_synthetic_dir
 from kava.data.readers import COT_STYLES, check_eval_sets, hub_eval_spec, is_data_file, load_eval_dataset
 from kava.data.records import Record, SkipLog
-from kava.decode import generate_for_config, input_ids, sequence_length
+from kava.decode import DecodeGraphs, generate_for_config, input_ids, sequence_length
 from kava.diagnostics import (check_shards, diagnose_batch, eval_chunks, format_diagnostics, require_latent,
                               summarize_diagnostics)
 from kava.model.families import check_window
@@ -103,9 +104,10 @@ def evaluate_records(model: LatentReasoner, tokenizer, cfg, records: list[Record
     # no bar (no TTY): progress lines instead; with several processes, this rank's share
     ticker = EvalProgress(len(idx), f"{label} ({mode})" if label else mode, enabled=progress and bar.disable)
     model.eval()
+    graphs = decode_graphs(model, cfg.run.eval_cuda_graphs)
     for chunk in eval_chunks(idx, bs, diag.min_batch if diag is not None else 1):
         items = [fmt.tokenize(records[i], i, need_answer=False) for i in chunk]
-        gens = generate_for_config(model, tokenizer, cfg, items, mode=mode, max_new_tokens=max_new)
+        gens = generate_for_config(model, tokenizer, cfg, items, mode=mode, max_new_tokens=max_new, graphs=graphs)
         for i, it, g in zip(chunk, items, gens):
             r = records[i]
             ext = extract(g.text, r.answer_kind, cfg.data.answer_prompt)
@@ -127,7 +129,21 @@ def evaluate_records(model: LatentReasoner, tokenizer, cfg, records: list[Record
         ticker.update(len(chunk))
     bar.close()
     wall = time.perf_counter() - t0 - diag_wall
-    return rows, summarize(rows, wall, mode)
+    summary = summarize(rows, wall, mode)
+    summary["decode_graphs"] = "off" if graphs is None else (graphs.off or f"{graphs.captured} captured")
+    if graphs is not None and graphs.off:
+        print_line(f"[kava] eval: decoding without CUDA graphs ({graphs.off})")
+    del graphs  # frees the static caches and graphs before anything else runs on the card
+    return rows, summary
+
+
+def decode_graphs(model: LatentReasoner, setting: bool | str) -> DecodeGraphs | None:
+    """The CUDA graphs of an evaluation's decode steps under `run.eval_cuda_graphs`: on a GPU for auto and
+    true, else None (the same static-cache step, eager)."""
+    on_gpu = model.special_rows.is_cuda
+    if setting is True and not on_gpu:
+        raise ConfigError("run.eval_cuda_graphs: true needs the model on a CUDA device; use auto or false")
+    return DecodeGraphs(model) if on_gpu and setting in (True, "auto") else None
 
 
 def sha256(text: str) -> str:

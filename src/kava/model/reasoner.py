@@ -272,8 +272,16 @@ class LatentReasoner(nn.Module):
         if self.final_softcap is not None:
             out = torch.tanh(out / self.final_softcap) * self.final_softcap
         if self.blocked_ids:  # an exported model's head has rows for <bot>/<eot>/<latent>: never predict them
-            out[..., self.blocked_ids] = float("-inf")
+            out = out.index_fill(-1, self._blocked_index(out.device), float("-inf"))
         return out
+
+    def _blocked_index(self, device) -> torch.Tensor:
+        """`blocked_ids` as a tensor on `device`, made once (a host list copied at every call would be a
+        host-to-device copy inside each decode step: not allowed in a CUDA graph)."""
+        key = (tuple(self.blocked_ids), str(device))
+        if getattr(self, "_blocked", (None,))[0] != key:
+            self._blocked = (key, torch.tensor(self.blocked_ids, device=device))
+        return self._blocked[1]
 
     def run(self, embeds, mask, pos, cache, hidden_states: bool = False):
         """One decoder pass of a block of columns on top of `cache` (which it extends in place).

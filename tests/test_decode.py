@@ -1,0 +1,127 @@
+"""The static-cache decoder (`kava.decode.DecodeStep`, `DecodeGraphs`, `greedy`): its step has no host sync
+(it runs on the meta device, so a CUDA graph can record it), graphs are reused per batch shape and dropped
+least recently used, a capture that fails falls back to the same step run eagerly, and none of it changes a
+token (against the step run eagerly, which tests/test_families.py checks against full recomputation)."""
+
+import pytest
+import torch
+
+from kava.decode import DecodeGraphs, DecodeStep, greedy, prefill
+from kava.model.capture import no_host_sync
+from tiny import tiny_reasoner
+
+ROWS = [[5, 6, 7], [8, 9, 10, 11, 12, 13], [14, 15, 16, 17]]
+
+
+class StandIn:
+    """What `DecodeStep.capture` makes on a GPU, on a CPU: `replay` runs the recorded step."""
+
+    def __init__(self, step):
+        self.step, self.replays = step, 0
+
+    def replay(self):
+        self.replays += 1
+        self.step.step()
+
+
+@pytest.fixture
+def stand_in(monkeypatch):
+    made = []
+
+    def capture(self, graphs):
+        if getattr(graphs, "fail", False):
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        self.graph = StandIn(self)
+        made.append(self.graph)
+
+    monkeypatch.setattr(DecodeStep, "capture", capture)
+    return made
+
+
+def decode(m, rows, n, eos=-1, graphs=None):
+    with torch.no_grad():
+        cache, logits, mask, last = prefill(m, rows)
+        toks, steps = greedy(m, cache, logits, mask, last + 1, n, eos, graphs)
+    return toks, steps.tolist()
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gemma2"])
+def test_the_decode_step_has_no_host_sync(family):
+    """On the meta device any data-dependent op (`.item()`, `if tensor:`, a host list copied in) raises."""
+    m, _ = tiny_reasoner(family)
+    m.blocked_ids = [m.ids.bot, m.ids.eot]  # an exported model's head (an index on the device)
+    with torch.no_grad():
+        cache, logits, mask, last = prefill(m, ROWS)
+    m = m.to("meta")
+    for layer in cache.layers:
+        layer.keys, layer.values = layer.keys.to("meta"), layer.values.to("meta")
+    step = DecodeStep(m, cache, mask.shape[1] + 4, 5)
+    with torch.no_grad(), no_host_sync():
+        step.load(cache, mask.to("meta"), logits.argmax(-1).to("meta"), (last + 1).to("meta"))
+        step.step()
+        step.step()
+    assert step.out.device.type == "meta"
+
+
+def test_the_meta_probe_catches_a_host_read(monkeypatch):
+    """Control: the same step with one data-dependent op (the old list index of blocked ids in the head) raises
+    on the meta device: the probe above can fail."""
+    m, _ = tiny_reasoner("llama")
+    with torch.no_grad():
+        cache, logits, mask, last = prefill(m, ROWS)
+    m = m.to("meta")
+    for layer in cache.layers:
+        layer.keys, layer.values = layer.keys.to("meta"), layer.values.to("meta")
+    head = m.logits
+    monkeypatch.setattr(m, "logits", lambda h: head(h)[..., :int(h.shape[-1] + h.abs().max())])
+    step = DecodeStep(m, cache, mask.shape[1] + 2, 3)
+    with torch.no_grad(), no_host_sync(), pytest.raises((RuntimeError, NotImplementedError), match="meta"):
+        step.load(cache, mask.to("meta"), logits.argmax(-1).to("meta"), (last + 1).to("meta"))
+        step.step()
+
+
+def test_graphs_give_the_eager_tokens_reuse_one_graph_per_shape_and_drop_the_least_recent(stand_in):
+    m, _ = tiny_reasoner("llama")
+    ref = decode(m, ROWS, 6)
+    graphs = DecodeGraphs(m, max_graphs=2, check_every=1)
+    assert decode(m, ROWS, 6, graphs=graphs) == ref
+    assert decode(m, ROWS, 6, graphs=graphs)[0] == ref[0]  # same shape: replayed, not captured again
+    assert graphs.captured == 1 and len(stand_in) == 1 and stand_in[0].replays == 2 * 5
+    decode(m, ROWS, 4, graphs=graphs)  # another budget, another shape
+    decode(m, ROWS[:2], 6, graphs=graphs)  # another batch size: the first shape (least recent) is dropped
+    assert graphs.captured == 3 and len(graphs.steps) == 2
+    assert decode(m, ROWS, 6, graphs=graphs)[0] == ref[0] and graphs.captured == 4
+    with graphs:
+        pass
+    assert graphs.steps == {}
+
+
+def test_a_failed_capture_decodes_eagerly_and_says_why(stand_in):
+    m, _ = tiny_reasoner("llama")
+    ref = decode(m, ROWS, 6)
+    graphs = DecodeGraphs(m)
+    graphs.fail = True
+    assert decode(m, ROWS, 6, graphs=graphs) == ref
+    assert graphs.captured == 0 and graphs.off.startswith("RuntimeError: CUDA out of memory")
+    graphs.fail = False
+    assert decode(m, ROWS[:2], 6, graphs=graphs)[0] == ref[0][:2] and graphs.captured == 0  # off for good
+
+
+@pytest.mark.parametrize("every", [1, 3, 8])
+def test_looking_for_eos_every_few_steps_returns_the_same_tokens_and_steps(stand_in, every):
+    """Decoding stops once every row has emitted eos; looked at every `check_every` steps, the extra steps run
+    after it change nothing returned."""
+    m, _ = tiny_reasoner("llama")
+    free, _ = decode(m, ROWS, 10)
+    eos = free[0][2]  # a token row 0 emits third: some rows stop early, maybe all
+    ref = decode(m, ROWS, 10, eos=eos)
+    assert ref[0][0] == free[0][:free[0].index(eos) + 1]
+    got = decode(m, ROWS, 10, eos=eos, graphs=DecodeGraphs(m, check_every=every))
+    assert got == ref and [len(t) for t in got[0]] == got[1]
+
+
+def test_a_mixture_of_experts_model_decodes_eagerly_and_says_why(stand_in):
+    m, _ = tiny_reasoner("qwen3_moe")
+    graphs = DecodeGraphs(m)
+    assert decode(m, ROWS, 5, graphs=graphs) == decode(m, ROWS, 5)
+    assert graphs.captured == 0 and stand_in == [] and "mixture-of-experts" in graphs.off
