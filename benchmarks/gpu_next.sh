@@ -4,6 +4,7 @@
 #   bash benchmarks/gpu_next.sh baseline   (carry .carry) # c310e99's eager step vs HEAD's, same call; LoRA dropout
 #   bash benchmarks/gpu_next.sh train                     # HEAD eager (no host reads) vs graphs, eq/NL x mb 32/64
 #   bash benchmarks/gpu_next.sh eval                      # latent vs cot questions/s at batch 64 and 256
+#   BASE=.carry/base bash benchmarks/gpu_next.sh decode   # eval decoders: BASE's dynamic cache, static, graphs
 #   bash benchmarks/gpu_next.sh dropout                   # lora.fused_dropout vs peft's dropout (graphs, mb 32)
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -28,8 +29,18 @@ case "${1:-train}" in
     for f in "" "--fused-dropout"; do PYTHONPATH=$PWD/src:$PWD/benchmarks timeout 250 python benchmarks/graph_bench.py \
       --llama1b --skip-equality --micro-batches 32 --styles eq,nl --llama-methods kava --llama-modes graphs $f \
       --out $OUT/graph_bench_fused_dropout${f:+_on}.json 2>&1 | quiet | grep "^llama1b"; done ;;
+  decode)  # the decoders, same call: BASE's growing DynamicCache (BASE=DIR holds an older src/kava, e.g.
+    # `git archive d5b0e3b src/kava | tar -x -C .carry/base`, carried) beside this tree's static-cache step,
+    # eager and CUDA-graphed; latent and cot at batch 1, 64, 256 (Q questions at 64 and 256, 8 batches at 1)
+    Q=${Q:-256}
+    if [ -n "${BASE:-}" ]; then
+      PYTHONPATH=$BASE/src timeout 250 python benchmarks/step_bench.py --shapes ${SHAPE:-llama1b} --eval-only \
+        --eval-batch-sizes 1,64,256 --eval-questions $Q --out $OUT/decode_base.json 2>&1 | quiet | grep "  eval"
+    fi
+    PYTHONPATH=$PWD/src timeout 250 python benchmarks/step_bench.py --shapes ${SHAPE:-llama1b} --eval-only \
+      --eval-batch-sizes 1,64,256 --eval-questions $Q --out $OUT/decode_head.json 2>&1 | quiet | grep "  eval" ;;
   eval)  # latent vs cot questions/s at batch 64 and 256, one profiled batch per mode
-    PYTHONPATH=$PWD/src timeout 560 python benchmarks/step_bench.py --shapes llama1b --eval-only \
+    PYTHONPATH=$PWD/src timeout 560 python benchmarks/step_bench.py --shapes ${SHAPE:-llama1b} --eval-only \
       --eval-batch-sizes 64,256 --eval-profile $OUT/eval_profile.txt --out $OUT/eval_bench.json 2>&1 | quiet \
       | grep "eval\|profile" ;;
 esac

@@ -363,7 +363,7 @@ def bench_eval(shape, lengths, n_questions=1319, batch_size=128, cot_tokens=65, 
     """Questions/s of `generate` in latent and cot mode at one batch size, for each decoder this kava has:
     `graphs` (the static-cache step replayed as CUDA graphs, `kava.decode.DecodeGraphs`) and `static` (the same
     step eager) in a kava with them, `dynamic` (the growing DynamicCache) in one before them (BASE=...).
-    Batch sizes below 64 time 32 batches, not 1,319 questions; `latency_s` is the mean wall time of one batch."""
+    Batch sizes below 64 time 8 batches, not 1,319 questions; `latency_s` is the mean wall time of one batch."""
     import contextlib
 
     import kava.decode as decode
@@ -371,7 +371,7 @@ def bench_eval(shape, lengths, n_questions=1319, batch_size=128, cot_tokens=65, 
     model = build(shape, LORA_PRESET, eos_never=True)
     model.eval()
     V = model.config.vocab_size
-    n_questions = n_questions if batch_size >= 64 else min(n_questions, 32 * batch_size)
+    n_questions = n_questions if batch_size >= 64 else min(n_questions, 8 * batch_size)
     items = sample_items(n_questions, "eq", lengths, V, model.ids.eos, seed=3)
     decoders = ("graphs", "static") if hasattr(decode, "DecodeGraphs") else ("dynamic",)
     res = {}
@@ -436,7 +436,7 @@ def main():
     ap.add_argument("--eval-profile", help="append profiler tables of one eval batch per mode here")
     ap.add_argument("--eval-batch-sizes", default="128", help="evaluation batch sizes, e.g. 64,128,256")
     ap.add_argument("--eval-questions", type=int, default=1319,
-                    help="questions timed per batch size (below batch 64: at most 32 batches)")
+                    help="questions timed per batch size (below batch 64: at most 8 batches)")
     a = ap.parse_args()
     global COMPILE, NAIVE_CASTS
     COMPILE, NAIVE_CASTS = a.compile, a.peft_casts
