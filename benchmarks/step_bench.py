@@ -374,7 +374,7 @@ def bench_eval(shape, lengths, n_questions=1319, batch_size=128, cot_tokens=65, 
     n_questions = n_questions if batch_size >= 64 else min(n_questions, 8 * batch_size)
     items = sample_items(n_questions, "eq", lengths, V, model.ids.eos, seed=3)
     decoders = ("graphs", "static") if hasattr(decode, "DecodeGraphs") else ("dynamic",)
-    res = {}
+    res, tokens = {}, {}
     for decoder in decoders:
         for mode, kw in (("latent", dict(max_new_tokens=4)),
                          ("cot", dict(max_new_tokens=4, max_cot_tokens=cot_tokens))):
@@ -384,7 +384,7 @@ def bench_eval(shape, lengths, n_questions=1319, batch_size=128, cot_tokens=65, 
             with torch.autocast(DEV, dtype=torch.bfloat16):  # warm-up (kernel selection, allocator, captures)
                 for i in range(0, min(n_questions, 4 * batch_size), batch_size):
                     decode.generate(model, items[i:i + batch_size], mode=mode, num_latents=24, num_sweeps=3, **kw)
-            passes, batches = 0, 0
+            passes, batches, toks = 0, 0, []
             sync()
             t0 = time.perf_counter()
             for i in range(0, n_questions, batch_size):
@@ -392,6 +392,7 @@ def bench_eval(shape, lengths, n_questions=1319, batch_size=128, cot_tokens=65, 
                     gens = decode.generate(model, items[i:i + batch_size], mode=mode, num_latents=24, num_sweeps=3,
                                            **kw)
                 passes += sum(g.forward_passes for g in gens)
+                toks += [g.token_ids for g in gens]
                 batches += 1
             sync()
             wall = time.perf_counter() - t0
@@ -400,6 +401,12 @@ def bench_eval(shape, lengths, n_questions=1319, batch_size=128, cot_tokens=65, 
                         "latency_s": wall / batches, "forward_passes_per_q": passes / n_questions,
                         "peak_gib": peak_gib(),
                         **({"graphs": graphs.off or f"{graphs.captured} captured"} if graphs is not None else {})}
+            if key != mode:  # the same step replayed and run eagerly: the same tokens?
+                same = sum(a == b for a, b in zip(toks, tokens[mode]))
+                res[key]["same_tokens_as_" + decoders[0]] = f"{same}/{len(toks)}"
+                print(f"  eval {shape} batch {batch_size} {decoder} {mode}: {same}/{len(toks)} generations equal to "
+                      f"{decoders[0]}'s", flush=True)
+            tokens[mode] = toks
             print(f"  eval {shape} batch {batch_size} {decoder:7s} {mode:6s} {n_questions / wall:8.1f} q/s  "
                   f"{wall / batches * 1e3:8.1f} ms/batch  {passes / n_questions:.1f} passes/q"
                   f"{'  graphs ' + res[key]['graphs'] if graphs is not None else ''}", flush=True)
