@@ -5,6 +5,7 @@ before summary.json had `accuracy_digits`.
 
     python experiments/multiplication/table.py results/multiplication/2026-12-06b/icot-fc/runs/*
     python experiments/multiplication/table.py --places RUN...    # accuracy % of each answer digit instead
+    python experiments/multiplication/table.py --curve RUN...     # iCoT: validation at the end of each token
 """
 
 from __future__ import annotations
@@ -36,11 +37,30 @@ def places(pred_file: Path) -> list[float]:
     return [sum(p[k] for p in per if k < len(p)) / sum(k < len(p) for p in per) for k in range(width)]
 
 
+def curve(metrics: Path) -> list[tuple[int, int, float, float]]:
+    """iCoT's validation against CoT tokens removed: (tokens removed, step, exact, digits in place) of the last
+    validation at each removal count (the count logged by the training row at or before it)."""
+    removed, last = None, {}
+    for line in metrics.read_text().splitlines():
+        r = json.loads(line)
+        if "curriculum/removed" in r:
+            removed = int(r["curriculum/removed"])
+        elif r.get("split") == "val" and removed is not None:
+            last[removed] = (removed, r["step"], r["val/accuracy"], r.get("val/digits", float("nan")))
+    return [last[k] for k in sorted(last)]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("runs", nargs="+", type=Path)
     ap.add_argument("--places", action="store_true", help="the accuracy of each answer digit, least significant first")
+    ap.add_argument("--curve", action="store_true", help="iCoT: validation exact / digits % at the end of each token")
     a = ap.parse_args()
+    if a.curve:
+        for run in a.runs:
+            cells = ", ".join(f"{k}: {100 * e:.1f}/{100 * d:.0f}" for k, _, e, d in curve(run / "metrics.jsonl"))
+            print(f"{run.name} (tokens removed: exact/digits %): {cells}")
+        return
     if a.places:
         for run in a.runs:
             for pred in sorted(run.glob("eval/*/predictions.jsonl")):
