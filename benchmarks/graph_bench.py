@@ -32,7 +32,7 @@ import kava.train as kt  # noqa: E402
 import step_bench as sb  # noqa: E402
 from step_bench import sync  # noqa: E402
 from kava.config import load_config  # noqa: E402
-from kava.training.graphs import EagerReplay, GraphedStep, batch_key  # noqa: E402
+from kava.training.graphs import EagerReplay, GraphedStep, batch_key, graph_micro_step  # noqa: E402
 from kava.objective import length_key, loss_step  # noqa: E402
 from kava.model.capture import no_host_sync  # noqa: E402
 
@@ -42,6 +42,7 @@ SHAPE = "llama1b"
 OUT_PATH: Path | None = None
 REPEAT_EAGER = False
 LORA_DROPOUT = 0.1
+FUSED_CE = False  # --fused-ce: optim.fused_ce
 
 
 def dump(out: dict) -> None:
@@ -157,11 +158,11 @@ def bench_llama(out: dict, micro_batches=(32, 64), styles=("eq", "nl"), reps: in
         for mb in micro_batches:
             for method in methods:
                 row = {"steps": steps, "group_by_length": group, "lora_dropout": LORA_DROPOUT,
-                       "fused_dropout": sb.FUSED_DROPOUT}
+                       "fused_dropout": sb.FUSED_DROPOUT, "fused_ce": FUSED_CE}
                 try:
                     model = sb.build(SHAPE, sb.LORA_BAR, lora_dropout=LORA_DROPOUT)
                     model.train()
-                    cfg = sb.cfg_for(method)
+                    cfg = sb.cfg_for(method, **({"optim.fused_ce": True} if FUSED_CE else {}))
                     items = sb.sample_items(128 * steps, style, lengths, model.config.vocab_size, model.ids.eos, seed=1)
                     params = [p for p in model.parameters() if p.requires_grad]
                     opt = torch.optim.AdamW(params, lr=1e-5, fused=DEV == "cuda")
@@ -171,7 +172,7 @@ def bench_llama(out: dict, micro_batches=(32, 64), styles=("eq", "nl"), reps: in
                         pad = 1.25 if graphs else None
                         plan = [[sb.device_batch(m, model, cfg, pad) for m in step_micro_batches(
                             items[s * 128:(s + 1) * 128], mb, group)] for s in range(steps)]
-                        gs = GraphedStep(functools.partial(kt.graph_micro_step, model, cfg, accum, DEV), params,
+                        gs = GraphedStep(functools.partial(graph_micro_step, model, cfg, accum, DEV), params,
                                          max_graphs=32, backend=BACKEND) if graphs else None
 
                         def run():
@@ -191,7 +192,7 @@ def bench_llama(out: dict, micro_batches=(32, 64), styles=("eq", "nl"), reps: in
                         row[key] = {"s_per_opt_step": med, "samples_per_s": 128 / med, "peak_gib":
                                     torch.cuda.max_memory_allocated() / 2**30,
                                     "shapes": len({batch_key(b) for bs in plan for b in bs}), **(gs.stats() if gs else {})}
-                        print(f"llama1b {style} mb{mb} {method:5s} {key:6s} p={LORA_DROPOUT}{' fused' if sb.FUSED_DROPOUT else ''} {med:.3f} s/step (128 samples) "
+                        print(f"llama1b {style} mb{mb} {method:5s} {key:6s} p={LORA_DROPOUT}{' fused' if sb.FUSED_DROPOUT else ''}{' fused-ce' if FUSED_CE else ''} {med:.3f} s/step (128 samples) "
                               f"{128 / med:6.1f} samples/s  peak {row[key]['peak_gib']:.1f} GiB "
                               f"({row[key]['shapes']} shapes)", flush=True)
                         if gs is not None:  # free the graphs' memory pool before the next measurement
@@ -229,7 +230,7 @@ def llama_equality(out: dict, style: str = "eq", mb: int = 16):
         for name, pad, graphs in (("eager", None, False), ("eager_padded", 1.25, False), ("graphs", 1.25, True)):
             b = sb.device_batch(items, model, cfg, pad)
             model.zero_grad(set_to_none=not graphs)
-            fn = functools.partial(kt.graph_micro_step, model, cfg, 1, DEV)
+            fn = functools.partial(graph_micro_step, model, cfg, 1, DEV)
             if graphs:
                 gs = GraphedStep(fn, params, backend=BACKEND)
                 log = gs(b)
@@ -281,13 +282,15 @@ def main():
     ap.add_argument("--no-group", action="store_true", help="micro-batches in sampling order (no length grouping)")
     ap.add_argument("--lora-dropout", type=float, default=0.1)
     ap.add_argument("--fused-dropout", action="store_true", help="lora.fused_dropout (kava.model.lora_dropout)")
+    ap.add_argument("--fused-ce", action="store_true", help="optim.fused_ce (kava.losses.fused_head_cross_entropy)")
     ap.add_argument("--skip-equality", action="store_true", help="skip the LLaMA-shape eager-vs-graph check")
     ap.add_argument("--repeat-eager", action="store_true", help="synthetic: run the eager reference twice")
     ap.add_argument("--out", default="benchmarks/results/graph_bench.json")
     args = ap.parse_args()
-    global OUT_PATH, REPEAT_EAGER, LORA_DROPOUT
+    global OUT_PATH, REPEAT_EAGER, LORA_DROPOUT, FUSED_CE
     OUT_PATH, REPEAT_EAGER, LORA_DROPOUT = Path(args.out), args.repeat_eager, args.lora_dropout
     sb.FUSED_DROPOUT = args.fused_dropout
+    FUSED_CE = args.fused_ce
     if DEV == "cpu":
         cpu_smoke_setup()
     out = {"device": torch.cuda.get_device_name() if DEV == "cuda" else "cpu", "torch": torch.__version__}

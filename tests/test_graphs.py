@@ -538,3 +538,37 @@ def test_sharing_and_grouping_compute_far_fewer_columns_on_gsm8k_lengths():
             old += sum(columns(step[i:i + 32], False, buckets) for i in range(0, 128, 32))
             new += sum(columns(grouped[i:i + 32], True, buckets) for i in range(0, 128, 32))
         assert old / new >= 1.5, (buckets, old / new)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("head", ["trainable", "frozen"])
+def test_fused_ce_gives_the_losses_and_gradients_of_the_checkpointed_ce(method, head):
+    """`optim.fused_ce` (the CE's gradients formed in the forward pass) against the checkpointed CE: the same
+    loss terms and gradients, with the step-wide denominators and without, for a trained head (full
+    fine-tuning, tied to the embedding here) and a frozen one (which gets no gradient either way)."""
+    cfg, model, items = setup(method)
+    fused = load_config("tiny_synth", SMALL + [f"method={method}", *METHOD_EXTRA.get(method, []),
+                                               "optim.fused_ce=true"])
+    if head == "frozen":
+        model.head.weight.requires_grad_(False)
+    model.eval()  # no dropout draws: the two steps see the same model
+    batch = make_batch(items, model.ids, cfg, buckets=1.25)
+    for den in (None, {"ce_teacher": 37.0, "ce_student": 5.0}):
+        log_a, g_a = run_step(model, batch, cfg, den)
+        log_b, g_b = run_step(model, batch, fused, den)
+        close(log_a, log_b)
+        close(g_a, g_b)
+        assert ("lm.model.embed_tokens.weight" in g_b) == (head == "trainable")  # (tied: frozen with the head)
+        assert g_b and all(v.abs().max() > 0 for k, v in g_b.items() if "proj" in k)
+
+
+@pytest.mark.parametrize("method", ["kava", "cot"])
+def test_the_fused_ce_step_has_no_host_sync(method, meta_autocast):
+    cfg, model, items = setup(method, "optim.fused_ce=true")
+    batch = make_batch(items, model.ids, cfg, buckets=1.25)
+    batch.ce_den = {"ce_teacher": 37.0, "ce_student": 5.0}
+    model, batch = on_meta(model, batch)
+    with no_host_sync():
+        total, log = loss_step(model, batch, cfg)
+        total.backward()
+    assert total.device.type == "meta" and model.head.weight.grad.device.type == "meta"

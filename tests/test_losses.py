@@ -323,3 +323,46 @@ def test_training_losses_keep_no_vocabulary_sized_tensor_for_backward():
         t = m.teacher_forward(batch.teacher, need_kv=False, need_importance=False)
         torch.nn.functional.cross_entropy(t.logits.float(), t.targets, ignore_index=-100)
     assert [s for s in shapes if len(s) == 2 and s[1] == V and s[0] > 1]
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 100])
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+@pytest.mark.parametrize("trainable", [True, False])
+def test_fused_head_cross_entropy_equals_the_plain_cross_entropy(chunk, reduction, trainable):
+    """The CE with its gradients formed in the forward pass == F.cross_entropy on the full logits: value and
+    gradients to h and to the head's weight (when it trains), scaled by the upstream gradient; a frozen
+    head gets none."""
+    from kava.losses import fused_head_cross_entropy
+
+    g = torch.Generator().manual_seed(0)
+    head = torch.nn.Linear(8, 11, bias=False)
+    head.weight.requires_grad_(trainable)
+    softcapped = lambda x: 3.0 * torch.tanh(head(x) / 3.0)  # noqa: E731  (a head with final processing)
+    h = torch.randn(7, 8, generator=g, requires_grad=True)
+    labels = torch.tensor([1, -100, 4, 10, -100, 0, 3])
+    params = [head.weight] if trainable else []
+    got = fused_head_cross_entropy(h, labels, softcapped, params, reduction=reduction, chunk_rows=chunk)
+    wanted = [h] + params
+    grads = torch.autograd.grad(2.5 * got, wanted)
+    ref = torch.nn.functional.cross_entropy(softcapped(h).double(), labels, ignore_index=-100, reduction=reduction)
+    refs = torch.autograd.grad(2.5 * ref, wanted)
+    torch.testing.assert_close(got.double(), ref, rtol=1e-6, atol=1e-6)
+    for a, b in zip(grads, refs, strict=True):
+        torch.testing.assert_close(a, b.float(), rtol=1e-5, atol=1e-6)
+    assert head.weight.grad is None  # autograd.grad above: nothing accumulated behind the caller's back
+    none = fused_head_cross_entropy(h, torch.full((7,), -100), softcapped, params, reduction="mean", chunk_rows=chunk)
+    assert none.item() == 0.0
+
+
+def test_fused_head_cross_entropy_keeps_no_logits_for_backward():
+    """What the fused CE keeps for backward is the gradient: [N, d] and the head's weight size, never [N, V]."""
+    from kava.losses import fused_head_cross_entropy
+
+    N, d, V = 64, 16, 1000
+    head = torch.nn.Linear(d, V, bias=False)
+    h = torch.randn(N, d, requires_grad=True)
+    labels = torch.randint(0, V, (N,))
+    loss = fused_head_cross_entropy(h, labels, head, [head.weight], chunk_rows=16)
+    assert sorted(tuple(t.shape) for t in loss.grad_fn.saved_tensors) == sorted([(N, d), (V, d)])
+    loss.backward()
+    assert h.grad.shape == (N, d) and head.weight.grad.shape == (V, d)

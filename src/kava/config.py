@@ -284,6 +284,9 @@ class OptimConfig:
     # AdamW's fused kernel (torch's `fused=True`: one kernel over every parameter instead of a multi-tensor loop);
     # the same update up to float rounding. Off until measured on a GPU (benchmarks/train_loop_bench.py)
     fused_adamw: bool = False
+    # the CE's gradients formed in the forward pass (kava.losses.fused_head_cross_entropy): one head matmul fewer
+    # per labelled row than the checkpointed CE; a trainable head keeps a gradient of its size. Off until measured
+    fused_ce: bool = False
 
     def check(self) -> None:
         _need(self.lr > 0, f"optim.lr: must be > 0, got {self.lr}")

@@ -259,6 +259,60 @@ def head_cross_entropy(h: torch.Tensor, labels: torch.Tensor, head, *, reduction
     return total
 
 
+class _FusedHeadCE(torch.autograd.Function):
+    """The summed CE of `head(h)` whose gradients are formed in the forward pass, chunk by chunk: each chunk's
+    logits exist only while its loss and their gradient (to `h` and to the head's trainable `params`) are
+    computed; backward scales the saved gradients by the upstream one."""
+
+    @staticmethod
+    def forward(ctx, h, labels, head, chunk_rows, ignore_index, *params):
+        grad_h = torch.zeros_like(h)
+        grad_p = [torch.zeros_like(p) for p in params]
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        for i in range(0, h.shape[0], chunk_rows):
+            with torch.enable_grad():
+                hc = h[i:i + chunk_rows].detach().requires_grad_(True)
+                loss = F.cross_entropy(head(hc).float(), labels[i:i + chunk_rows], ignore_index=ignore_index,
+                                       reduction="sum")
+                grads = torch.autograd.grad(loss, [hc, *params], allow_unused=True)
+            total = total + loss.detach()
+            grad_h[i:i + chunk_rows] = grads[0]
+            for acc, g in zip(grad_p, grads[1:]):
+                if g is not None:
+                    acc.add_(g)
+        ctx.save_for_backward(grad_h, *grad_p)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, *grad_p = ctx.saved_tensors
+        return (grad_h * grad_out.to(grad_h.dtype), None, None, None, None,
+                *(g * grad_out.to(g.dtype) for g in grad_p))
+
+
+def fused_head_cross_entropy(h: torch.Tensor, labels: torch.Tensor, head, params=(), *, reduction: str = "sum",
+                             chunk_rows: int = 1024, ignore_index: int = -100) -> torch.Tensor:
+    """`head_cross_entropy` with each chunk's gradient formed in the forward pass (`optim.fused_ce`).
+
+    Args as `head_cross_entropy`; params: the head's parameters that train (a frozen head: none). Every
+    other parameter the head reaches gets no gradient from this loss.
+
+    The checkpointed CE runs the head's matmul on every labelled row three times (forward, recomputation,
+    gradient to h; four with a trainable head); here twice (three). What is kept for backward is the gradient
+    itself: ``[N, d]`` for h and one tensor the size of each trainable parameter (a trainable head's weight:
+    V x d more memory, where the checkpointed CE keeps nothing). Same value and gradients up to the order of
+    the fp32 sums (tests). The head must be deterministic (no dropout), as for `head_cross_entropy`.
+    """
+    if h.dim() != 2 or labels.shape != h.shape[:1]:
+        raise ValueError(f"h must be [N,d] and labels [N]; got {tuple(h.shape)} and {tuple(labels.shape)}")
+    if reduction not in ("sum", "mean"):
+        raise ValueError(f"reduction: {reduction!r}; allowed values: sum, mean")
+    total = _FusedHeadCE.apply(h, labels, head, chunk_rows, ignore_index, *params)
+    if reduction == "mean":
+        total = total / (labels != ignore_index).sum().clamp_min(1).to(total.dtype)
+    return total
+
+
 def combine_losses(
     terms: Mapping[str, torch.Tensor], weights: Mapping[str, float]
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -16,6 +16,7 @@ by those switches, never by forks of this code.
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -143,13 +144,22 @@ def teacher_kv_targets(model: LatentReasoner, tb: TeacherBatch, cfg, num_slots: 
     return t, kv_targets(t, tb, cfg.eviction, num_slots, generator)
 
 
-def ce(out, den: dict | None, term: str) -> torch.Tensor:
+def head_params(model: LatentReasoner, cfg) -> list | None:
+    """The LM head's trainable parameters (none when it is frozen) under `optim.fused_ce`, else None."""
+    return [p for p in model.head.parameters() if p.requires_grad] if cfg.optim.fused_ce else None
+
+
+def ce(out, den: dict | None, term: str, fused: list | None = None) -> torch.Tensor:
     """Token-mean CE of this micro-batch (`out`: a Teacher/StudentOut), or its sum over the step-wide
     denominator (`ce_denominators`; a float or a 0-dim tensor, which a captured CUDA graph reads anew at
-    every replay). The [N, V] logits are never kept for backward (`losses.head_cross_entropy`)."""
+    every replay). The [N, V] logits are never kept for backward: the head is recomputed in backward
+    (`losses.head_cross_entropy`), or with `fused` (`head_params`) the gradients are formed in the forward
+    pass (`losses.fused_head_cross_entropy`)."""
+    fn = losses.head_cross_entropy if fused is None else functools.partial(losses.fused_head_cross_entropy,
+                                                                             params=fused)
     if den is None:
-        return losses.head_cross_entropy(out.label_h, out.targets, out.head, reduction="mean")
-    return losses.head_cross_entropy(out.label_h, out.targets, out.head) / den[term]
+        return fn(out.label_h, out.targets, out.head, reduction="mean")
+    return fn(out.label_h, out.targets, out.head) / den[term]
 
 
 def student_terms(model: LatentReasoner, batch: Batch, t: TeacherOut | None, cfg,
@@ -171,7 +181,7 @@ def student_terms(model: LatentReasoner, batch: Batch, t: TeacherOut | None, cfg
         model.answer_pass(sb, s)
     terms, weights, extra = {}, {}, {}
     with timer("losses"):
-        terms["ce_student"] = ce(s, batch.ce_den, "ce_student")
+        terms["ce_student"] = ce(s, batch.ce_den, "ce_student", head_params(model, cfg))
     weights["ce_student"] = lc.ce_student
     if spec.codi:
         with timer("losses"), _fp32(sb.ids):
@@ -215,7 +225,7 @@ def loss_step(model: LatentReasoner, batch: Batch, cfg, generator: torch.Generat
         with timer("teacher"):
             t = teacher_pass(model, tb, cfg, need_kv=spec.kv, share_question=share)
         # outside `_fp32`: the LM head runs under the step's autocast (bf16 on GPU); the CE itself is fp32
-        terms["ce_teacher"] = ce(t, batch.ce_den, "ce_teacher")
+        terms["ce_teacher"] = ce(t, batch.ce_den, "ce_teacher", head_params(model, cfg))
         weights["ce_teacher"] = cfg.loss.ce_teacher if spec.latent else 1.0
     extra: dict[str, torch.Tensor] = {}
     if spec.latent:
