@@ -675,8 +675,8 @@ def inject(monkeypatch, term: str, at_calls: set[int], value: float = float("inf
     if term in ("ce_teacher", "ce_student"):
         real_ce = kava.objective.ce
 
-        def ce(out, den, name):
-            loss = real_ce(out, den, name)
+        def ce(out, den, name, *rest):
+            loss = real_ce(out, den, name, *rest)
             return loss + value if name == term and hit() else loss
 
         monkeypatch.setattr(kava.objective, "ce", ce)
