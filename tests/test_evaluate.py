@@ -952,3 +952,20 @@ def test_lm_eval_flags_that_mean_kava_flags_are_taken(synth_run, tmp_path, monke
     rows = [(tmp_path / d / f"synth-test-limit{k}" / "predictions.jsonl").read_text().splitlines() for d in ("lm", "kava")]
     assert [json.loads(r)["generated"] for r in rows[0]] == [json.loads(r)["generated"] for r in rows[1]]
     capsys.readouterr()
+
+
+def test_a_generation_budget_past_learned_positions_is_a_clear_error_before_any_pass():
+    """GPT-2's position table ends at n_positions: a budget that would decode past it is refused up front,
+    naming the keys, instead of an index error deep inside a decode step; a budget that fits runs."""
+    from kava.config import ConfigError
+
+    m, tok = tiny_reasoner("gpt2")
+    assert m.max_positions == m.config.n_positions and tiny_reasoner("llama")[0].max_positions is None
+    cfg = config_from_dict({"method": "cot", "model": {"name_or_path": "tiny"},
+                            "run": {"eval_max_new_tokens": 4, "eval_max_cot_tokens": m.max_positions}})
+    with pytest.raises(ConfigError, match="run.eval_max_cot_tokens"):
+        evaluate_records(m, tok, cfg, ALL, batch_size=2)
+    cfg = config_from_dict({"method": "cot", "model": {"name_or_path": "tiny"},
+                            "run": {"eval_max_new_tokens": 4, "eval_max_cot_tokens": 8}})
+    rows, _ = evaluate_records(m, tok, cfg, ALL, batch_size=2)
+    assert len(rows) == len(ALL)

@@ -86,15 +86,20 @@ def evaluate_records(model: LatentReasoner, tokenizer, cfg, records: list[Record
     idx = list(range(rank, len(records), world))
     bs = batch_size or cfg.run.eval_batch_size
     max_new = max_new_tokens or cfg.run.eval_max_new_tokens
-    if model.sliding_window is not None and records:
+    if (model.sliding_window is not None or model.max_positions is not None) and records:
         # decided on every rank from all records, before any pass: a refusal from inside one rank's shard
         # would leave the other ranks waiting in the gather
         longest = max(len(fmt.question_ids(r.question)) for r in records)
         need = sequence_length(mode, longest, num_latents=cfg.latent.num_latents, prompt_len=len(fmt.prompt_ids),
                                max_new_tokens=max_new, max_cot_tokens=cfg.run.eval_max_cot_tokens)
-        check_window(model.sliding_window, need,
-                     what=f"the longest question of this evaluation ({mode} mode, with its generation budget)")
-        if diag is not None and (diag.oracle or diag.kv_match):  # the teacher pass over the gold CoT too
+        what = f"the longest question of this evaluation ({mode} mode, with its generation budget)"
+        if model.max_positions is not None and need > model.max_positions:
+            raise ConfigError(f"{what} spans {need} positions but the model has {model.max_positions} "
+                              f"(n_positions); lower run.eval_max_cot_tokens ({cfg.run.eval_max_cot_tokens}) or "
+                              f"run.eval_max_new_tokens ({max_new}), or train with more positions")
+        check_window(model.sliding_window, need, what=what)
+        # the teacher pass over the gold CoT too
+        if diag is not None and model.sliding_window is not None and (diag.oracle or diag.kv_match):
             teacher = max(len(t.question) + len(t.cot) + len(t.prompt) + len(t.answer)
                           for t in (fmt.tokenize(r, i) for i, r in enumerate(records)))
             check_window(model.sliding_window, teacher, what="the longest gold CoT sequence of these diagnostics")

@@ -164,6 +164,13 @@ class LatentReasoner(nn.Module):
         return sliding_window(self.config)
 
     @property
+    def max_positions(self) -> int | None:
+        """How many positions a model with learned absolute position embeddings has (GPT-2's `n_positions`: a
+        later position indexes past its table); None for rotary models, which take any."""
+        c = text_config(self.config)
+        return int(c.n_positions) if c.model_type == "gpt2" else None
+
+    @property
     def rotary(self):
         """The decoder's rotary-embedding module; None for absolute-position models (GPT-2)."""
         return self.ropes.rotary
