@@ -25,7 +25,7 @@ import torch
 
 from kava.data.format import BlockWidths, StudentBatch, Tokenized, build_student_batch, pad_rows, positions
 from kava.model.capture import no_host_sync
-from kava.model.families import text_config
+from kava.model.families import mixture_of_experts
 from kava.model.reasoner import LatentReasoner, StudentOut
 from kava.spec import MODES
 
@@ -98,7 +98,7 @@ class DecodeStep:
         """like: a cache of the batch this step will decode (its layers' head counts, head sizes and dtype)."""
         from transformers.cache_utils import Cache, StaticLayer
 
-        self.model, self.S, self.n = model, columns, new_tokens
+        self.model = model
         dev = model.special_rows.device
         batch = like.layers[0].keys.shape[0]
         # every layer keeps every column, as `new_cache` (sliding windows never bind: `check_window`)
@@ -163,24 +163,16 @@ class DecodeStep:
 
 class DecodeGraphs:
     """The `DecodeStep`s of one evaluation, captured as CUDA graphs, one per batch shape (at most `max_graphs`;
-    the least recently used is dropped), sharing one memory pool (they never run at once). Use it as a
-    context manager around the evaluation: its static caches and graphs are freed at exit. A capture that
-    fails turns graphs off for the rest of it (`off` says why) and the steps run eagerly."""
+    the least recently used is dropped), sharing one memory pool (they never run at once). Its static caches
+    and graphs are freed with it (`kava.evaluate` keeps one per evaluation), or at the end of a `with` block.
+    A capture that fails turns graphs off for the rest of it (`off` says why) and the steps run eagerly."""
 
     def __init__(self, model: LatentReasoner, max_graphs: int = 8, check_every: int = 8):
         self.model, self.max_graphs, self.check_every = model, max_graphs, check_every
         self.steps: dict[tuple, DecodeStep] = {}
         self.pool = None  # made by the first capture
-        self.off: str | None = self.exclusion(model)
+        self.off: str | None = mixture_of_experts(model.config)  # why the steps run eagerly, or None
         self.captured = 0
-
-    @staticmethod
-    def exclusion(model: LatentReasoner) -> str | None:
-        """Why this model's decode step cannot be captured, or None."""
-        tc = text_config(model.config)
-        if any(getattr(tc, k, None) for k in ("num_experts", "num_local_experts", "n_routed_experts")):
-            return f"a mixture-of-experts model ({tc.model_type}: token routing gives data-dependent shapes)"
-        return None
 
     def get(self, like, columns: int, new_tokens: int) -> DecodeStep:
         """The step for batches shaped like the cache `like`, `columns` wide, emitting `new_tokens`."""

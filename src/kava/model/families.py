@@ -46,6 +46,15 @@ def sliding_window(config) -> int | None:
     return int(w)
 
 
+def mixture_of_experts(config) -> str | None:
+    """Why the model's passes cannot be captured as CUDA graphs if it routes tokens to experts (data-dependent
+    shapes), or None for a dense model. Training's and decoding's graphs both ask this."""
+    tc = text_config(config)
+    if any(getattr(tc, k, None) for k in ("num_experts", "num_local_experts", "n_routed_experts")):
+        return f"a mixture-of-experts model ({tc.model_type}: token routing gives data-dependent shapes)"
+    return None
+
+
 class SlidingWindowTooShort(ValueError):
     """A sequence longer than the model's sliding window: kava refuses it (see docs/families.md)."""
 

@@ -35,7 +35,7 @@ import torch
 
 from kava.config import ConfigError, check_world_size, graph_exclusion, use_bf16
 from kava.model.capture import no_host_sync
-from kava.model.families import text_config
+from kava.model.families import mixture_of_experts, text_config
 from kava.objective import Batch, loss_step
 
 
@@ -281,8 +281,8 @@ def graph_micro_step(model, cfg, accum: int, amp_device: str | None, batch) -> d
 def model_graph_exclusion(model) -> str | None:
     """Why this loaded model's passes cannot be captured (`graph_exclusion` covers what the config says)."""
     tc = text_config(model.config)
-    if any(getattr(tc, k, None) for k in ("num_experts", "num_local_experts", "n_routed_experts")):
-        return f"a mixture-of-experts model ({tc.model_type}: token routing gives data-dependent shapes)"
+    if (why := mixture_of_experts(model.config)) is not None:
+        return why
     if model.sliding_window is not None:
         return (f"a sliding-window model ({tc.model_type}, window {model.sliding_window}: the padding to static "
                 "shapes could take a batch past the window)")
