@@ -5,6 +5,7 @@
 #   bash benchmarks/gpu_next.sh train                     # HEAD eager (no host reads) vs graphs, eq/NL x mb 32/64
 #   bash benchmarks/gpu_next.sh eval                      # latent vs cot questions/s at batch 64 and 256
 #   BASE=.carry/base bash benchmarks/gpu_next.sh decode   # eval decoders: BASE's dynamic cache, static, graphs
+#   BASE=.carry/base2 bash benchmarks/gpu_next.sh versus  # BASE's training step vs this tree's (graphs, kava, mb 32)
 #   bash benchmarks/gpu_next.sh ce                        # optim.fused_ce vs the checkpointed CE (graphs, mb 32)
 #   bash benchmarks/gpu_next.sh dropout                   # lora.fused_dropout vs peft's dropout (graphs, mb 32)
 set -uo pipefail
@@ -40,6 +41,12 @@ case "${1:-train}" in
     fi
     PYTHONPATH=$PWD/src timeout 250 python benchmarks/step_bench.py --shapes ${SHAPE:-llama1b} --eval-only \
       --eval-batch-sizes 1,64,256 --eval-questions $Q --out $OUT/decode_head.json 2>&1 | quiet | grep "  eval" ;;
+  versus)  # BASE=DIR's src/kava (an older tree, carried: `git archive REV src/kava | tar -x -C DIR`) against this
+    # tree's, same call, same harness: graphs, kava, STYLES (default eq) at micro-batch 32
+    for v in "$BASE" "$PWD"; do echo "src: $v ($(cat $v/REVISION 2>/dev/null || git rev-parse --short HEAD))"
+      PYTHONPATH=$v/src:$PWD/benchmarks timeout 150 python benchmarks/graph_bench.py --llama1b --skip-equality \
+        --micro-batches 32 --styles ${STYLES:-eq} --llama-methods kava --llama-modes graphs \
+        --out $OUT/graph_bench_versus_$(basename $v).json 2>&1 | quiet | grep "^llama1b"; done ;;
   ce)  # optim.fused_ce against the checkpointed CE, same call: graphs, kava, eq and NL at micro-batch 32
     for f in "" "--fused-ce"; do PYTHONPATH=$PWD/src:$PWD/benchmarks timeout 250 python benchmarks/graph_bench.py \
       --llama1b --skip-equality --micro-batches 32 --styles eq,nl --llama-methods kava --llama-modes graphs $f \

@@ -205,3 +205,22 @@ def test_grouped_query_sdpa_equals_hf_repeat_kv_path(q_len, cached):
     wrong = torch.nn.functional.scaled_dot_product_attention(q, k.repeat(1, H // Hkv, 1, 1), v.repeat(1, H // Hkv, 1, 1),
                                                              attn_mask=mask, scale=0.3).transpose(1, 2)
     assert not torch.allclose(wrong, ref)
+
+
+@pytest.mark.parametrize("student_mode,T", [("jacobi", 2), ("sequential", 0)])
+def test_latents_enter_in_the_token_embedding_dtype(student_mode, T):
+    """A bf16 backbone under autocast with an fp32 projection output (CUDA autocast runs the projection's
+    LayerNorm in fp32): the latents are fed back in bf16, so the latent columns' keys and the whole cache stay
+    bf16 (fp32 latents ran the latent columns in fp32 and promoted the cache, which broke the static decoder)."""
+    m, tok = tiny_reasoner("llama")
+    m.to(torch.bfloat16)
+    m.special_rows.data = m.special_rows.data.float()  # the fp32 master copies, as a bf16 LoRA run keeps them
+    m.proj.float()
+    m.proj.register_forward_hook(lambda mod, inp, out: out.float())
+    _, _, sb = batches(m, tok)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        s = m.student_forward(sb, T, student_mode=student_mode, with_answer=False)
+        assert m.proj(m.special_rows[:1]).dtype == torch.float32  # the hook is in force
+    assert s.latents.dtype == torch.bfloat16
+    assert {t.dtype for t in s.latent_k + s.latent_v} == {torch.bfloat16}
+    assert {t.dtype for layer in s.cache.layers for t in (layer.keys, layer.values)} == {torch.bfloat16}

@@ -410,7 +410,13 @@ class LatentReasoner(nn.Module):
     # ---------------------------------------------------------------------------------- student
     def _shift_project(self, h_bot: torch.Tensor, h_slots: torch.Tensor) -> torch.Tensor:
         """Jacobi update: slot 1 <- proj(h at <bot>), slot i+1 <- proj(h at slot i). [B,d],[B,M,d] -> [B,M,d]."""
-        return self.proj(torch.cat([h_bot.unsqueeze(1), h_slots[:, :-1]], 1))
+        return self.project(torch.cat([h_bot.unsqueeze(1), h_slots[:, :-1]], 1))
+
+    def project(self, h: torch.Tensor) -> torch.Tensor:
+        """proj(h) [..., d] -> the next latents' input embeddings, in the dtype of the token embeddings. Under
+        CUDA autocast the projection's LayerNorm returns fp32: fed back as is, the latent columns would run their
+        residual stream and attention in fp32, and their fp32 keys would promote the whole cache (`torch.cat`)."""
+        return self.proj(h).to(self.embed_tokens.weight.dtype)
 
     def student_forward(self, sb: StudentBatch, num_sweeps: int, *, student_mode: str = "jacobi",
                         key_space: str = "cache", keep_sweeps: str = "all", with_answer: bool = True,
@@ -460,20 +466,20 @@ class LatentReasoner(nn.Module):
                         record(Qb + M)
                     if t < num_sweeps - 1:
                         h = out.last_hidden_state
-                        z = torch.cat([z[:, :1], self.proj(h[:, :-1])], 1)  # slot 1 stays
+                        z = torch.cat([z[:, :1], self.project(h[:, :-1])], 1)  # slot 1 stays
         elif student_mode == "sequential":
             pre = self.run(self.embed(sb.ids[:, W:Qb]), sb.mask[:, :Qb], sb.pos[:, W:Qb], cache)
             passes += 1
             zs = []
             if M:  # M = 0: Coconut's stage 0, a CoT between <bot> and <eot>
-                z_k = self.proj(pre.last_hidden_state[:, -1]).unsqueeze(1)  # [B, 1, d] at <bot>
+                z_k = self.project(pre.last_hidden_state[:, -1]).unsqueeze(1)  # [B, 1, d] at <bot>
             for k in range(M):
                 zs.append(z_k)
                 # a row whose slot k is masked out (`StudentBatch` with latent_counts) computes a thought
                 # that no later column sees
                 out = self.run(z_k, sb.mask[:, :Qb + k + 1], lat_pos[:, k:k + 1], cache)
                 passes += 1
-                z_k = self.proj(out.last_hidden_state)
+                z_k = self.project(out.last_hidden_state)
             z = torch.cat(zs, 1) if zs else pre.last_hidden_state[:, :0]  # [B, M, d]
             record(Qb + M)
         else:
@@ -522,7 +528,7 @@ class LatentReasoner(nn.Module):
                 lv.append(v)
                 if t < num_sweeps - 1:
                     h = out.last_hidden_state
-                    z = torch.cat([z[:, :1], self.proj(h[:, Qb:P - 1])], 1)
+                    z = torch.cat([z[:, :1], self.project(h[:, Qb:P - 1])], 1)
         else:
             k, v = self.cache_kv(cache, Qb, P)
             lk.append(self.unrotate(k, sb.pos[:, Qb:P]) if key_space == "pre_rope" else k)
