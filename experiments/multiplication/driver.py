@@ -115,6 +115,11 @@ JOBS: dict[str, tuple[str, list[str]]] = {
     "icot4-b32": ("mult4_scratch", ["method=icot", "icot.tokens_per_epoch=8", "optim.effective_batch=32",
                                     "optim.micro_batch=32", "optim.lr=5e-5", "optim.max_steps=160000",
                                     "run.eval_every=3156", "run.save_every=3156"]),
+    # the same batch at larger lrs: 5e-5 is the official lr for a pretrained GPT-2 (ours start from scratch)
+    **{f"icot4-b32-{tag}": ("mult4_scratch", ["method=icot", "icot.tokens_per_epoch=8", "optim.effective_batch=32",
+                                             "optim.micro_batch=32", f"optim.lr={lr}", "optim.max_steps=160000",
+                                             "run.eval_every=3156", "run.save_every=3156"])
+       for tag, lr in (("lr1e4", "1e-4"), ("lr3e4", "3e-4"))},
     "icot4-off-6l": ("mult4_scratch", ["method=icot", "icot.tokens_per_epoch=8", "optim.max_steps=60000",
                                        "run.eval_every=789", *DEEP]),
     "icot5-off": ("mult5_scratch", ["method=icot", "icot.tokens_per_epoch=8", "optim.max_steps=62000",
@@ -147,6 +152,9 @@ GROUPS = {"gate": ["cot4", "nocot4", "cot5", "nocot5", "cot5-6l", "nocot5-6l"], 
           "icot-off": ["icot4-off", "icot5-off"],
           "icot-lease4": ["icot4-off", "icot5-off", "icot4-sep"],
           "icot5-f29": list(FORKS),
+          # the forks at token 29 all collapsed at token 30 (2026-12-07): the remaining difference from the
+          # official recipe is the batch (32: 4x the AdamW updates per removed token)
+          "icot4-b32": ["icot4-b32", "icot4-b32-lr1e4", "icot4-b32-lr3e4"],
           "icot-fc": ["cot4-base", "cot5-base"] + [name for name in JOBS if "-fc-" in name]}
 COMMON = ["optim.max_steps=20000", "run.eval_every=500", "run.save_every=500"]
 LATENT = {"pccot", "kava", "codi", "coconut"}
