@@ -364,3 +364,81 @@ def test_coconut_on_another_method_s_preset_derives_m_and_the_projection_and_say
 def test_config_errors_name_the_key(override, msg, tmp_path):
     with pytest.raises(ConfigError, match=msg.replace("[", r"\[").replace("]", r"\]")):
         cfg_of(tmp_path, *override)
+
+
+# ------------------------------------------------------------------------------------------------ keep_position
+@pytest.mark.parametrize("static", [False, True])
+def test_icot_keep_position_keeps_each_kept_token_at_its_place(tmp_path, static):
+    """With `icot.keep_position` every token that survives the removal sits at the position it had in the full
+    CoT sequence (the reference: the batch of the same items before any removal), the question's included;
+    without it, everything after the removed tokens moves left by their number."""
+    from kava.data.format import BlockWidths, build_teacher_batch
+
+    tok, f, items = tokenized(with_steps=False)
+    ids = special_ids(tok)
+    widths = BlockWidths(q=48, c=96, a=16, static=True) if static else None
+    full = build_teacher_batch(items, ids, widths=widths)
+    ic = cfg_of(tmp_path, "method=icot", "icot.smoothing_lambda=1.0").icot
+
+    def kept_positions(batch):  # per example: position of each real token, in sequence order
+        return [batch.pos[b][batch.mask[b].bool()].tolist() for b in range(len(items))]
+
+    ref = kept_positions(full)
+    for keep in (True, False):
+        ic.keep_position = keep
+        sched = curriculum.Icot(ic, seed=0, steps_per_epoch=1)  # tokens_per_epoch 8: 8 per step
+        ex = sched.apply(items, 1)
+        cut = [len(a.cot) - len(b.cot) for a, b in zip(items, ex.items)]
+        assert any(0 < c < len(a.cot) for c, a in zip(cut, items))  # some CoT partly removed (not vacuous)
+        got = kept_positions(build_teacher_batch(ex.items, ids, widths=widths))
+        for b, it in enumerate(items):
+            n_q = len(it.question)
+            want = ref[b][:n_q] + ref[b][n_q + cut[b]:] if keep else list(range(len(ref[b]) - cut[b]))
+            assert got[b] == want, (keep, b, cut[b])
+            assert ex.items[b].pos_skip == (cut[b] if keep else 0)
+
+
+def test_keep_position_needs_one_cot_length(tmp_path):
+    cfg = cfg_of(tmp_path, "method=icot", "icot.keep_position=true")
+    _, _, items = tokenized(with_steps=False)
+    assert len({len(it.cot) for it in items}) > 1
+    with pytest.raises(ConfigError, match="icot.keep_position: needs every training CoT to have one length"):
+        kt.check_keep_position(cfg, items)
+    same = [it for it in items if len(it.cot) == len(items[0].cot)]
+    kt.check_keep_position(cfg, same)  # one length: fine
+    kt.check_keep_position(cfg_of(tmp_path, "method=cot", "icot.keep_position=true"), items)  # not iCoT: unused
+
+
+def test_icot_keep_position_end_to_end(tmp_path):
+    """iCoT with `icot.keep_position` on 2x2 multiplication (every CoT 8 tokens): best/ and final/ record where
+    evaluation places the generated tokens (the tokens removed at their step), `kava eval` and the Python API
+    evaluate there (the same generations as `generate(position_skip=...)`), a training checkpoint is refused
+    (its step's removal is not stored with it), and so is an export (plain generation cannot skip positions)."""
+    import kava
+    from kava.checkpoint.export import export_model
+    from kava.decode import generate_for_config
+    from kava.evaluate import evaluate_run
+
+    cfg = cfg_of(tmp_path, "method=icot", "icot.keep_position=true", "data.synth_task=multiplication",
+                 "data.synth_digits=2", "data.answer_prompt=####", "data.drop_last_step=false",
+                 "icot.tokens_per_epoch=75", "icot.smoothing_lambda=null", "optim.max_steps=6", "run.eval_every=3",
+                 "run.save_every=3")
+    run = kt.train(cfg, progress=False, data_root=tmp_path / "data")
+    best = json.loads((run / "best" / "meta.json").read_text())
+    final = json.loads((run / "final" / "meta.json").read_text())
+    # 600 / 8 = 75 steps per epoch, 75 tokens per epoch: step s (0-based) trains with s tokens removed
+    assert best["step"] == 6 and best["position_skip"] == 5 and final["position_skip"] == 5
+    test = next((tmp_path / "data").glob("mult2_*")) / "test.txt"
+    summary = next(iter(evaluate_run(run, [str(test)], progress=False, output=tmp_path / "eval").values()))
+    assert summary["position_skip"] == 5 and summary["mode"] == "cot"
+    km = kava.load(run, device="cpu")
+    recs = [Record("3 4 * 5 6", (), "5 0 4 2", "t:1")]
+    rows, s = km.evaluate(recs)
+    assert s["position_skip"] == 5
+    ref = generate_for_config(km.model, km.tokenizer, km.cfg, km.tokenize([recs[0].question]), mode="cot",
+                              position_skip=5)
+    assert rows[0]["generated"] == ref[0].text == km.generate(recs[0].question)[0].text
+    with pytest.raises(ConfigError, match="evaluate the run's best/ or final/"):
+        evaluate_run(run / "checkpoints" / "step_3", [str(test)], progress=False, output=tmp_path / "eval3")
+    with pytest.raises(ConfigError, match="plain generation cannot reproduce"):
+        export_model(run, tmp_path / "hf")

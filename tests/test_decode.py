@@ -125,3 +125,33 @@ def test_a_mixture_of_experts_model_decodes_eagerly_and_says_why(stand_in):
     graphs = DecodeGraphs(m)
     assert decode(m, ROWS, 5, graphs=graphs) == decode(m, ROWS, 5)
     assert graphs.captured == 0 and stand_in == [] and "mixture-of-experts" in graphs.off
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_cot_generation_with_a_position_skip_equals_full_recomputation_at_those_positions(family):
+    """iCoT's keep_position at evaluation (`generate(position_skip=s)`): the generated tokens run at positions
+    q+s, q+s+1, .. (each row's q; read off the decoder's calls), and each is the argmax of a cache-free
+    recomputation of question + tokens at positions 0..q-1, q+s, q+s+1, .."""
+    from kava.data.format import Tokenized
+    from kava.decode import generate
+
+    m, _ = tiny_reasoner(family)
+    items = [Tokenized(question=row, cot=[], prompt=[30], answer=[], index=i) for i, row in enumerate(ROWS)]
+    skip, seen = 7, []
+    hook = m.decoder.register_forward_pre_hook(lambda mod, args, kw: seen.append(kw["position_ids"].clone()),
+                                               with_kwargs=True)
+    got = generate(m, items, mode="cot", max_new_tokens=3, max_cot_tokens=5, position_skip=skip)
+    hook.remove()
+    steps = [p[:, 0].tolist() for p in seen[1:]]  # after the prefill: one [B, 1] call per decode step
+    assert steps == [[len(row) + skip + j for row in ROWS] for j in range(len(steps))] and steps
+    with torch.no_grad():
+        for row, g in zip(ROWS, got):
+            toks = list(g.token_ids)
+            x = torch.tensor([row + toks])
+            pos = torch.tensor([list(range(len(row))) + [len(row) + skip + j for j in range(len(toks))]])
+            h = m.run(m.embed(x), torch.ones_like(x), pos, m.new_cache()).last_hidden_state[0]
+            ref = m.logits(h)[len(row) - 1:-1]  # the prediction of each generated token
+            chosen = ref.gather(1, torch.tensor(toks)[:, None])[:, 0]
+            assert (ref.max(1).values - chosen).max().item() <= 1e-4, (family, toks, ref.argmax(1).tolist())
+    with pytest.raises(ValueError, match="position_skip is for cot mode"):
+        generate(m, items, mode="nocot", position_skip=skip, max_new_tokens=3)

@@ -23,7 +23,7 @@ from kava.data.format import Formatter
 from kava.data.pipeline import answer_kind
 from kava.data.records import Record
 from kava.decode import generate_for_config
-from kava.evaluate import evaluate_records
+from kava.evaluate import evaluate_records, saved_position_skip
 from kava.scoring import extract
 from kava.spec import MODES
 
@@ -90,7 +90,7 @@ class KavaModel:
         for start in range(0, len(questions), bs):
             chunk = questions[start:start + bs]
             gens = generate_for_config(self.model, self.tokenizer, cfg, self.tokenize(chunk), mode=mode,
-                                       max_new_tokens=max_new_tokens)
+                                       max_new_tokens=max_new_tokens, position_skip=saved_position_skip(self, mode))
             for q, g in zip(chunk, gens):
                 out.append(Answer(q, g.text, extract(g.text, kind, cfg.data.answer_prompt)["strict"],
                                   g.forward_passes, list(g.token_ids)))
@@ -98,6 +98,7 @@ class KavaModel:
 
     def evaluate(self, records, **kw):
         """`kava.evaluate.evaluate_records` on this model: (rows, summary)."""
+        kw.setdefault("position_skip", saved_position_skip(self, kw.get("mode") or self.default_mode))
         return evaluate_records(self.model, self.tokenizer, self.cfg, records, **kw)
 
 

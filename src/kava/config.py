@@ -141,6 +141,9 @@ class IcotConfig:
     smoothing_lambda: float | None = 4.0  # each example removes P(o) ∝ exp(-λ·o) extra tokens; null or inf: none
     remove_all_beyond: int | None = 39  # once the schedule reaches this many tokens, remove the whole CoT
     reset_optimizer: bool = True  # a fresh AdamW state whenever the scheduled removal grows
+    # the kept CoT tokens, the prompt and the answer keep their original position ids (the official
+    # --keep_position); evaluation places the generated tokens after the removed ones. Needs one CoT length
+    keep_position: bool = False
 
     def check(self) -> None:
         _need(self.tokens_per_epoch > 0, f"icot.tokens_per_epoch: must be > 0, got {self.tokens_per_epoch}")

@@ -142,10 +142,13 @@ class Icot(Schedule):
         return icot_scheduled(step, self.spe, self.section)
 
     def apply(self, items: list[Tokenized], step: int) -> StepExamples:
-        """Step `step`'s examples with the scheduled tokens, plus each one's offset, cut from the CoT's front."""
+        """Step `step`'s examples with the scheduled tokens, plus each one's offset, cut from the CoT's front
+        (with `icot.keep_position`, what is left keeps its positions: `Tokenized.pos_skip`)."""
         sched = self.scheduled(step)
         cut = icot_removed(len(items), sched, self.section.smoothing_lambda, _generator(self.seed, step))
-        out = [dataclasses.replace(it, cot=it.cot[min(k, len(it.cot)):], step_ends=()) for it, k in zip(items, cut)]
+        keep = self.section.keep_position
+        out = [dataclasses.replace(it, cot=it.cot[min(k, len(it.cot)):], step_ends=(),
+                                   pos_skip=min(k, len(it.cot)) if keep else 0) for it, k in zip(items, cut)]
         return StepExamples(out, None, {"curriculum/removed": float(min(sched, ALL)) if sched < ALL else -1.0},
                             all_cot_removed=bool(items) and all(k >= len(it.cot) for it, k in zip(items, cut)))
 

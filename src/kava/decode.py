@@ -247,14 +247,18 @@ def answer_from_cache(model: LatentReasoner, sb, cache, mask: torch.Tensor, max_
 @torch.no_grad()
 def generate(model: LatentReasoner, items: list[Tokenized], *, mode: str, num_latents: int = 24,
              num_sweeps: int = 3, student_mode: str = "jacobi", max_new_tokens: int = 16,
-             max_cot_tokens: int = 128, tokenizer=None, graphs: DecodeGraphs | None = None) -> list[Generation]:
+             max_cot_tokens: int = 128, tokenizer=None, graphs: DecodeGraphs | None = None,
+             position_skip: int = 0) -> list[Generation]:
     """Greedy generations for a batch of question-only items (see module docstring for the modes); `graphs`
-    replays the decode steps as CUDA graphs."""
+    replays the decode steps as CUDA graphs. position_skip (cot mode): the generated tokens start that many
+    positions after the question (iCoT with `icot.keep_position`: the positions of the removed CoT tokens)."""
+    if position_skip and check_mode(mode) != "cot":
+        raise ValueError(f"position_skip is for cot mode (iCoT's keep_position); got mode {mode!r}")
     # on a GPU, HF's "is the mask all ones?" would be one more device read per decode step
     with model.autocast(), no_host_sync(enabled=model.special_rows.is_cuda):
         return _generate(model, items, mode=mode, num_latents=num_latents, num_sweeps=num_sweeps,
                          student_mode=student_mode, max_new_tokens=max_new_tokens, max_cot_tokens=max_cot_tokens,
-                         tokenizer=tokenizer, graphs=graphs)
+                         tokenizer=tokenizer, graphs=graphs, position_skip=position_skip)
 
 
 QUESTION_WIDTH_STEP = 16
@@ -311,7 +315,7 @@ def prefill(model: LatentReasoner, rows: list[list[int]]):
 
 
 def _generate(model, items, *, mode, num_latents, num_sweeps, student_mode, max_new_tokens, max_cot_tokens,
-              tokenizer, graphs) -> list[Generation]:
+              tokenizer, graphs, position_skip) -> list[Generation]:
     ids = model.ids
     if check_mode(mode) == "latent":
         sb, s = latent_pass(model, items, num_latents=num_latents, num_sweeps=num_sweeps, student_mode=student_mode)
@@ -322,7 +326,7 @@ def _generate(model, items, *, mode, num_latents, num_sweeps, student_mode, max_
         cache, logits, mask, last = prefill(model, rows)
         new = budget(mode, max_new_tokens=max_new_tokens, max_cot_tokens=max_cot_tokens,
                      prompt_len=len(items[0].prompt))
-        toks, steps = greedy(model, cache, logits, mask, last + 1, new, ids.eos, graphs)
+        toks, steps = greedy(model, cache, logits, mask, last + 1 + position_skip, new, ids.eos, graphs)
         base_passes = 0
     res = []
     for b, t in enumerate(toks):
@@ -333,12 +337,14 @@ def _generate(model, items, *, mode, num_latents, num_sweeps, student_mode, max_
 
 
 def generate_for_config(model: LatentReasoner, tokenizer, cfg, items: list[Tokenized], *, mode: str,
-                        max_new_tokens: int | None = None, graphs: DecodeGraphs | None = None) -> list[Generation]:
+                        max_new_tokens: int | None = None, graphs: DecodeGraphs | None = None,
+                        position_skip: int = 0) -> list[Generation]:
     """`generate` with a run's settings: M, T and the student mode of its method (`kava.spec`), and the answer
     and CoT budgets `run.eval_max_new_tokens` (or `max_new_tokens`) and `run.eval_max_cot_tokens`."""
     return generate(model, items, mode=mode, num_latents=cfg.latent.num_latents, num_sweeps=cfg.latent.num_sweeps,
                     student_mode=cfg.spec.student_mode, max_new_tokens=max_new_tokens or cfg.run.eval_max_new_tokens,
-                    max_cot_tokens=cfg.run.eval_max_cot_tokens, tokenizer=tokenizer, graphs=graphs)
+                    max_cot_tokens=cfg.run.eval_max_cot_tokens, tokenizer=tokenizer, graphs=graphs,
+                    position_skip=position_skip)
 
 
 def decode_texts(tokenizer, toks: list[list[int]], eos: int) -> list[str]:

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from kava.checkpoint.load import (Loaded, describe_source, load_any, load_plain, model_checkpoint,
                                  plain_identity, plain_name)
 from kava.checkpoint.rundir import RunDir, git_revision, read_state, versions
+from kava.checkpoint.saved import META_FILE
 from kava.checkpoint.state import model_identity
 from kava.config import ConfigError
 from kava.console import Ticker, print_line
@@ -69,8 +70,12 @@ class EvalProgress:
 
 def evaluate_records(model: LatentReasoner, tokenizer, cfg, records: list[Record], *, mode: str | None = None,
                      batch_size: int | None = None, max_new_tokens: int | None = None, rank: int = 0,
-                     world: int = 1, progress: bool = False, diagnostics=None, label: str = "") -> tuple[list[dict], dict]:
+                     world: int = 1, progress: bool = False, diagnostics=None, label: str = "",
+                     position_skip: int = 0) -> tuple[list[dict], dict]:
     """Generate and score `records` (this rank's shard: indices rank, rank+world, ...).
+
+    position_skip: positions left empty between the question and what cot mode generates (iCoT with
+    `icot.keep_position`: the CoT tokens removed at the model's step, `eval_position_skip`).
 
     diagnostics: a `kava.diagnostics.DiagnosticsSpec` (latent ablations, oracle check, KV match; latent
     methods only): its per-example fields join the rows and its numbers the summary.
@@ -91,7 +96,7 @@ def evaluate_records(model: LatentReasoner, tokenizer, cfg, records: list[Record
         # would leave the other ranks waiting in the gather
         longest = max(len(fmt.question_ids(r.question)) for r in records)
         need = sequence_length(mode, longest, num_latents=cfg.latent.num_latents, prompt_len=len(fmt.prompt_ids),
-                               max_new_tokens=max_new, max_cot_tokens=cfg.run.eval_max_cot_tokens)
+                               max_new_tokens=max_new, max_cot_tokens=cfg.run.eval_max_cot_tokens) + position_skip
         what = f"the longest question of this evaluation ({mode} mode, with its generation budget)"
         if model.max_positions is not None and need > model.max_positions:
             raise ConfigError(f"{what} spans {need} positions but the model has {model.max_positions} "
@@ -112,7 +117,8 @@ def evaluate_records(model: LatentReasoner, tokenizer, cfg, records: list[Record
     graphs = decode_graphs(model, cfg.run.eval_cuda_graphs)
     for chunk in eval_chunks(idx, bs, diag.min_batch if diag is not None else 1):
         items = [fmt.tokenize(records[i], i, need_answer=False) for i in chunk]
-        gens = generate_for_config(model, tokenizer, cfg, items, mode=mode, max_new_tokens=max_new, graphs=graphs)
+        gens = generate_for_config(model, tokenizer, cfg, items, mode=mode, max_new_tokens=max_new, graphs=graphs,
+                                   position_skip=position_skip)
         for i, it, g in zip(chunk, items, gens):
             r = records[i]
             ext = extract(g.text, r.answer_kind, cfg.data.answer_prompt)
@@ -136,10 +142,26 @@ def evaluate_records(model: LatentReasoner, tokenizer, cfg, records: list[Record
     wall = time.perf_counter() - t0 - diag_wall
     summary = summarize(rows, wall, mode)
     summary["decode_graphs"] = "off" if graphs is None else (graphs.off or f"{graphs.captured} captured")
+    if position_skip:
+        summary["position_skip"] = position_skip
     if graphs is not None and graphs.off:
         print_line(f"[kava] eval: decoding without CUDA graphs ({graphs.off})")
     del graphs  # frees the static caches and graphs before anything else runs on the card
     return rows, summary
+
+
+def saved_position_skip(km, mode: str) -> int:
+    """km: a `Loaded` or `kava.api.KavaModel`. The positions cot-mode evaluation leaves empty after the question for a model trained with
+    `icot.keep_position`: what its best/ or final/ meta.json records (`kava.train.eval_position_skip` at its
+    step; none recorded: 0). 0 for every other model and mode; a training checkpoint of such a run is refused
+    (its step's removal is not recorded with it)."""
+    if km.cfg is None or km.cfg.method != "icot" or not km.cfg.icot.keep_position or mode != "cot":
+        return 0
+    meta = Path(km.source) / META_FILE
+    if km.kind != "run" or not meta.exists():
+        raise ConfigError(f"{km.source}: trained with icot.keep_position; evaluate the run's best/ or final/, whose "
+                          "meta.json records where the generated tokens start")
+    return int(json.loads(meta.read_text()).get("position_skip", 0))
 
 
 def decode_graphs(model: LatentReasoner, setting: bool | str) -> DecodeGraphs | None:
@@ -295,6 +317,7 @@ def evaluate_run(checkpoint: str | Path | None, datasets: list[str], *, data_dir
     cfg = km.cfg
     step = read_state(km.source)["step"] if km.kind == "step" else None
     which, model_step = model_checkpoint(km.source, km.kind)  # summary.json: `kava report` checks it is current
+    skip = saved_position_skip(km, mode or cfg.spec.eval_mode)
     if state.is_main_process:
         print(f"[kava] eval: {describe_source(km.source, km.kind, km.model_args)}", flush=True)
     out_root = Path(output) if output else default_eval_root(km, mode or cfg.spec.eval_mode)
@@ -326,7 +349,7 @@ def evaluate_run(checkpoint: str | Path | None, datasets: list[str], *, data_dir
         rows, s = evaluate_records(km.model, km.tokenizer, cfg, records, mode=mode, batch_size=batch_size,
                                    max_new_tokens=max_new_tokens, rank=state.process_index,
                                    world=state.num_processes, progress=progress and state.is_main_process,
-                                   diagnostics=diagnostics, label=label)
+                                   diagnostics=diagnostics, label=label, position_skip=skip)
         rows = gather_object(rows)
         walls = gather_object([s["wall_s"]])
         if state.is_main_process:
@@ -347,6 +370,8 @@ def evaluate_run(checkpoint: str | Path | None, datasets: list[str], *, data_dir
                             **provenance()})
             if step is not None:
                 summary["checkpoint_step"] = step
+            if "position_skip" in s:  # iCoT's keep_position
+                summary["position_skip"] = s["position_skip"]
             if len(records) < available:
                 summary["limit"] = n
                 if isinstance(limit, float):

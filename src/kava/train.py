@@ -487,12 +487,34 @@ def train_metrics(t: Trainer, r: StepResult, *, epoch: float, lr: float, tokens_
     return payload
 
 
-def validate(t: Trainer, valid_recs: list[Record]) -> dict[str, float]:
+def check_keep_position(cfg: Config, items: list[Tokenized]) -> None:
+    """`icot.keep_position` needs every training CoT to have one length (multiplication's do): evaluation
+    places the generated tokens after the removed ones, and how many a test question's CoT would have lost is
+    the schedule's removal capped at that length."""
+    if cfg.method != "icot" or not cfg.icot.keep_position:
+        return
+    lengths = sorted({len(it.cot) for it in items})
+    if len(lengths) > 1:
+        raise ConfigError(f"icot.keep_position: needs every training CoT to have one length (evaluation cannot know "
+                          f"a test question's); these have {len(lengths)} lengths, {lengths[0]} to {lengths[-1]} "
+                          "tokens; set icot.keep_position=false")
+
+
+def eval_position_skip(schedule, step: int, longest_cot: int) -> int:
+    """The positions cot-mode evaluation leaves empty after the question for a model trained to optimizer step
+    `step` (0-based): under `icot.keep_position`, the CoT tokens iCoT removes there (no smoothing offset), at
+    most the CoT's length (`check_keep_position`); else 0."""
+    if not isinstance(schedule, curriculum.Icot) or not schedule.section.keep_position:
+        return 0
+    return schedule.progress(step, longest_cot)
+
+
+def validate(t: Trainer, valid_recs: list[Record], position_skip: int = 0) -> dict[str, float]:
     """Greedy accuracy on the validation records (`val/accuracy`), each rank decoding its share, and for digit
     answers the share of digits in place (`val/digits`, `kava.scoring.digit_agreement`); leaves the model in
-    train mode."""
+    train mode. position_skip: `eval_position_skip`."""
     rows, _ = evaluate_records(t.raw, t.tokenizer, t.cfg, valid_recs, rank=t.acc.process_index,
-                               world=t.acc.num_processes)
+                               world=t.acc.num_processes, position_skip=position_skip)
     rows = gather_object(rows)
     out = {"val/accuracy": sum(r["correct"] for r in rows) / max(1, len(rows))}
     if rows and all("digits" in r for r in rows):
@@ -528,15 +550,18 @@ def save_checkpoint(t: Trainer, run_dir: Path, rng: dict[str, torch.Tensor] | No
 
 def save_best(t: Trainer, run_dir: Path) -> None:
     """`best/`: the loadable model of `t.best` (the caller updates it, on the main process)."""
-    atomic_dir_write(RunDir(run_dir).best, lambda d: save_model(t.raw, t.tokenizer, d, meta={
-        "step": t.best["step"], "val/accuracy": t.best["val/accuracy"]}, cfg=t.cfg))
+    meta = {"step": t.best["step"], "val/accuracy": t.best["val/accuracy"]}
+    if "position_skip" in t.best:  # iCoT's keep_position: where evaluation places the generated tokens
+        meta["position_skip"] = t.best["position_skip"]
+    atomic_dir_write(RunDir(run_dir).best, lambda d: save_model(t.raw, t.tokenizer, d, meta=meta, cfg=t.cfg))
 
 
-def save_final(t: Trainer, run_dir: Path, total_steps: int, skips: SkipLog) -> None:
-    """`final/` (the loadable model) and `DONE` (main process)."""
+def save_final(t: Trainer, run_dir: Path, total_steps: int, skips: SkipLog, position_skip: int = 0) -> None:
+    """`final/` (the loadable model) and `DONE` (main process). position_skip: `eval_position_skip` at the last
+    step (recorded when nonzero)."""
     rd = RunDir(run_dir)
-    atomic_dir_write(rd.final, lambda d: save_model(t.raw, t.tokenizer, d, meta={
-        "step": total_steps, "best": t.best}, cfg=t.cfg))
+    meta = {"step": total_steps, "best": t.best, **({"position_skip": position_skip} if position_skip else {})}
+    atomic_dir_write(rd.final, lambda d: save_model(t.raw, t.tokenizer, d, meta=meta, cfg=t.cfg))
     rd.done.write_text(json.dumps({"steps": total_steps, "best": t.best, "nonfinite_skipped": t.nonfinite_skipped,
                                    "skipped_records": skips.total}))
 
@@ -555,6 +580,7 @@ def train(cfg: Config, *, resume: str | Path | None = None, progress: bool = Tru
     with RunLock(run_dir, enabled=main), StopRequest() as stop:  # a second `kava train` here fails at once
         try:
             data = setup_data(cfg, run_dir, acc, data_root=data_root, resume_ck=resume_ck)
+            check_keep_position(cfg, data.items)
             plan = make_plan(cfg, len(data.items), world)
             if main:
                 print_start_summary(cfg, plan, run_dir, data, world, resume_ck)
@@ -632,13 +658,16 @@ def train(cfg: Config, *, resume: str | Path | None = None, progress: bool = Tru
                 ticker.update(t.step, payload["loss/total"])
                 t_last, tokens, steps = now, 0, 0
             if t.step % eval_every == 0 or t.step == plan.total_steps:
-                val = validate(t, data.valid_recs)
+                skip = eval_position_skip(schedule, t.step - 1, longest_cot)
+                val = validate(t, data.valid_recs, skip)
                 v = val["val/accuracy"]
                 logger.log({"split": "val", **val}, t.step)
                 if main and is_better(schedule, t.best, v, t.step - 1, longest_cot, val.get("val/digits")):
                     t.best = {**val, "step": t.step}
                     if schedule is not None:
                         t.best["curriculum"] = schedule.progress(t.step - 1, longest_cot)
+                    if skip:
+                        t.best["position_skip"] = skip
                     save_best(t, run_dir)
                 if main:
                     print_line(validation_line(t.step, v, t.best, val.get("val/digits")))
@@ -653,7 +682,8 @@ def train(cfg: Config, *, resume: str | Path | None = None, progress: bool = Tru
                 raise TrainingInterrupted(signum, run_dir, t.step, plan.total_steps)
         bar.close()
         if end_step == plan.total_steps and main:
-            save_final(t, run_dir, plan.total_steps, data.skips)
+            save_final(t, run_dir, plan.total_steps, data.skips,
+                       eval_position_skip(schedule, plan.total_steps - 1, longest_cot))
         if main and data.skips.total:  # again at the end: the first report has long scrolled away
             print(f"[kava] training data: {data.skips.summary()}; where: {RunDir(run_dir).skips}")
         logger.close()

@@ -82,6 +82,9 @@ class Tokenized:
     # End (exclusive, in `cot` tokens) of each CoT step: `cot[:step_ends[j]]` is the first j + 1 steps. Coconut
     # (`kava.curriculum`) replaces whole steps; () when the steps are unknown (then the CoT is one step).
     step_ends: tuple[int, ...] = ()
+    # Position ids skipped between the question and the CoT's first token: iCoT with `icot.keep_position` (the
+    # removed tokens' positions stay empty, so what is left keeps its original positions). 0 otherwise.
+    pos_skip: int = 0
 
 
 class Formatter:
@@ -402,9 +405,10 @@ def build_teacher_batch(items: list[Tokenized], ids: SpecialIds, *, with_cot: bo
     prompt · answer] of these widths, each right-padded (the question block is the student's, see
     `TeacherBatch.q_block`); static widths also fix the label / query-row capacities, so that the batch's
     shape depends on `widths` only. Pads inside a sequence are masked and skipped by the positions: both
-    layouts give the same losses.
+    layouts give the same losses. An item's `pos_skip` is added to the positions from its first CoT token on.
     """
     seqs, first_lab, cot_k, p_last, q_k, a_start, col_of = [], [], [], [], [], [], []
+    skips = []  # (row, its columns after the question, Tokenized.pos_skip) of each item that skips positions
     for it in items:  # k: index in the sequence of real tokens; col_of[k]: its column
         cot = it.cot if with_cot else []
         seq = it.question + cot + it.prompt + it.answer
@@ -415,6 +419,8 @@ def build_teacher_batch(items: list[Tokenized], ids: SpecialIds, *, with_cot: bo
             list(range(n_q)) + [widths.q + j for j in range(n_c)] + [widths.q + widths.c + j for j in range(n_p + n_a)]
         seqs.append(seq)
         col_of.append(cols)
+        if it.pos_skip:
+            skips.append((len(seqs) - 1, cols[n_q:], it.pos_skip))
         cot_k.append(range(n_q, n_q + n_c))
         p_last.append(cols[n_q + n_c + n_p - 1])
         a_start.append(cols[n_q + n_c + n_p])
@@ -460,7 +466,10 @@ def build_teacher_batch(items: list[Tokenized], ids: SpecialIds, *, with_cot: bo
     query_valid = pad_rows([[1] * len(q) for q in q_cols], A, 0).bool()
     query_idx = pad_rows(q_cols, A, 0)
     label_idx, label_tgt = _labels(targets, capacity)
-    return TeacherBatch(t_ids, mask, positions(mask), targets, cot_idx, cot_valid, torch.tensor(p_last),
+    pos = positions(mask)
+    for b, cols, skip in skips:
+        pos[b, list(cols)] += skip
+    return TeacherBatch(t_ids, mask, pos, targets, cot_idx, cot_valid, torch.tensor(p_last),
                         codi_columns(items, p_last, codi_position), query_idx, query_valid, torch.tensor(a_start),
                         label_idx, label_tgt, None if widths is None else widths.q)
 
