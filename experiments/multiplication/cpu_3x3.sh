@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# 3x3 multiplication on a CPU (2 cores, ~25 minutes): a 2-layer, 4-head, width-128 GPT-2 from scratch; No-CoT,
+# 3x3 multiplication on a CPU (2 cores, ~25 minutes for the first five runs, ~50 for all): a 2-layer, 4-head, width-128 GPT-2 from scratch; No-CoT,
 # CoT, then iCoT from the CoT model at iCoT's rate (8 CoT tokens removed per epoch of 60,000 problems). Not the
 # published benchmark (4x4 and 5x5 on a GPU: results/multiplication/README.md), a small instance of it.
 #   bash experiments/multiplication/cpu_3x3.sh OUT      # runs in OUT/runs, then each best/ on the generated test split
@@ -19,5 +19,11 @@ $K train "${COMMON[@]}" --set method=icot --set optim.max_steps=4000 --set icot.
   --set model.init_from=$OUT/runs/cot3 --set run.name=icot3fc
 $K train "${COMMON[@]}" --set method=icot --set optim.max_steps=4000 --set icot.tokens_per_epoch=8 --set optim.lr=1e-4 \
   --set model.init_from=$OUT/runs/cot3 --set run.name=icot3fc-lr1e4
+# added later the same day: iCoT from the CoT model with the removed tokens' positions kept empty
+# (icot.keep_position), and iCoT from scratch at 2 tokens per epoch (one per 469 steps, 3.4x the official rate per
+# problem: the official rate would take ~38k steps here)
+$K train "${COMMON[@]}" --set method=icot --set optim.max_steps=4000 --set icot.tokens_per_epoch=8 \
+  --set icot.keep_position=true --set model.init_from=$OUT/runs/cot3 --set run.name=icot3fc-keep
+$K train "${COMMON[@]}" --set method=icot --set optim.max_steps=14000 --set icot.tokens_per_epoch=2 --set run.name=icot3s-r2
 TEST=$(ls -d $OUT/runs/_data/mult3_*)/test.txt
-for r in nocot3 cot3 icot3fc icot3fc-lr1e4; do $K eval --checkpoint $OUT/runs/$r --datasets $TEST; done
+for r in nocot3 cot3 icot3fc icot3fc-lr1e4 icot3fc-keep icot3s-r2; do $K eval --checkpoint $OUT/runs/$r --datasets $TEST; done

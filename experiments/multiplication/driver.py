@@ -120,6 +120,17 @@ JOBS: dict[str, tuple[str, list[str]]] = {
                                              "optim.micro_batch=32", f"optim.lr={lr}", "optim.max_steps=160000",
                                              "run.eval_every=3156", "run.save_every=3156"])
        for tag, lr in (("lr1e4", "1e-4"), ("lr3e4", "3e-4"))},
+    # the papers' regime: a pretrained model fully fine-tuned (SmolLM2-135M-Instruct, `mult4_smollm2`: batch 32,
+    # lr 5e-5, the official optimizer). Its GGUF file joins the lease by `gpu.sh smollm2` (after the SmolLM2
+    # study's `data` and `piece` calls). CoT and No-CoT first (the gate in this regime), iCoT at the official rate
+    # (3,156 steps per token, ~145k steps: several leases, `ship`) and at 4x it (789 steps per token, all 46 gone
+    # at ~36k steps)
+    "cot4-sm": ("mult4_smollm2", ["method=cot", "optim.max_steps=8000", "run.eval_every=500"]),
+    "nocot4-sm": ("mult4_smollm2", ["method=nocot", "optim.max_steps=8000", "run.eval_every=500"]),
+    "icot4-sm": ("mult4_smollm2", ["method=icot", "icot.tokens_per_epoch=8", "optim.max_steps=160000",
+                                   "run.eval_every=3156", "run.save_every=3156"]),
+    "icot4-sm-r32": ("mult4_smollm2", ["method=icot", "icot.tokens_per_epoch=32", "optim.max_steps=40000",
+                                       "run.eval_every=789", "run.save_every=789"]),
     "icot4-off-6l": ("mult4_scratch", ["method=icot", "icot.tokens_per_epoch=8", "optim.max_steps=60000",
                                        "run.eval_every=789", *DEEP]),
     "icot5-off": ("mult5_scratch", ["method=icot", "icot.tokens_per_epoch=8", "optim.max_steps=62000",
@@ -155,6 +166,7 @@ GROUPS = {"gate": ["cot4", "nocot4", "cot5", "nocot5", "cot5-6l", "nocot5-6l"], 
           # the forks at token 29 all collapsed at token 30 (2026-12-07): the remaining difference from the
           # official recipe is the batch (32: 4x the AdamW updates per removed token)
           "icot4-b32": ["icot4-b32", "icot4-b32-lr1e4", "icot4-b32-lr3e4"],
+          "sm4": ["cot4-sm", "nocot4-sm", "icot4-sm", "icot4-sm-r32"],
           "icot-fc": ["cot4-base", "cot5-base"] + [name for name in JOBS if "-fc-" in name]}
 COMMON = ["optim.max_steps=20000", "run.eval_every=500", "run.save_every=500"]
 LATENT = {"pccot", "kava", "codi", "coconut"}

