@@ -155,3 +155,15 @@ def test_cot_generation_with_a_position_skip_equals_full_recomputation_at_those_
             assert (ref.max(1).values - chosen).max().item() <= 1e-4, (family, toks, ref.argmax(1).tolist())
     with pytest.raises(ValueError, match="position_skip is for cot mode"):
         generate(m, items, mode="nocot", position_skip=skip, max_new_tokens=3)
+
+
+def test_a_position_skip_takes_its_tokens_off_the_cot_budget():
+    """With position_skip s the generation writes at most max_cot_tokens - s CoT tokens: it then ends where it
+    would without the skip (so a model whose positions just fit stays within them)."""
+    from kava.data.format import Tokenized
+    from kava.decode import generate
+
+    m, _ = tiny_reasoner("llama")
+    items = [Tokenized(question=ROWS[0], cot=[], prompt=[30], answer=[], index=0)]
+    kw = dict(mode="cot", max_new_tokens=3, max_cot_tokens=6)  # no eos in a tiny model: every budget is spent
+    assert [len(generate(m, items, position_skip=s, **kw)[0].token_ids) for s in (0, 4, 9)] == [10, 6, 4]

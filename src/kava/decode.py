@@ -251,7 +251,8 @@ def generate(model: LatentReasoner, items: list[Tokenized], *, mode: str, num_la
              position_skip: int = 0) -> list[Generation]:
     """Greedy generations for a batch of question-only items (see module docstring for the modes); `graphs`
     replays the decode steps as CUDA graphs. position_skip (cot mode): the generated tokens start that many
-    positions after the question (iCoT with `icot.keep_position`: the positions of the removed CoT tokens)."""
+    positions after the question (iCoT with `icot.keep_position`: the positions of the removed CoT tokens), and
+    the CoT budget shrinks by as many tokens, so that a generation spans the positions it would without them."""
     if position_skip and check_mode(mode) != "cot":
         raise ValueError(f"position_skip is for cot mode (iCoT's keep_position); got mode {mode!r}")
     # on a GPU, HF's "is the mask all ones?" would be one more device read per decode step
@@ -324,7 +325,7 @@ def _generate(model, items, *, mode, num_latents, num_sweeps, student_mode, max_
     else:
         rows = [input_ids(it, mode, ids) for it in items]
         cache, logits, mask, last = prefill(model, rows)
-        new = budget(mode, max_new_tokens=max_new_tokens, max_cot_tokens=max_cot_tokens,
+        new = budget(mode, max_new_tokens=max_new_tokens, max_cot_tokens=max(0, max_cot_tokens - position_skip),
                      prompt_len=len(items[0].prompt))
         toks, steps = greedy(model, cache, logits, mask, last + 1 + position_skip, new, ids.eos, graphs)
         base_passes = 0

@@ -95,8 +95,9 @@ def evaluate_records(model: LatentReasoner, tokenizer, cfg, records: list[Record
         # decided on every rank from all records, before any pass: a refusal from inside one rank's shard
         # would leave the other ranks waiting in the gather
         longest = max(len(fmt.question_ids(r.question)) for r in records)
+        cot_budget = max(0, cfg.run.eval_max_cot_tokens - position_skip)  # the removed tokens are not written
         need = sequence_length(mode, longest, num_latents=cfg.latent.num_latents, prompt_len=len(fmt.prompt_ids),
-                               max_new_tokens=max_new, max_cot_tokens=cfg.run.eval_max_cot_tokens) + position_skip
+                               max_new_tokens=max_new, max_cot_tokens=cot_budget) + position_skip
         what = f"the longest question of this evaluation ({mode} mode, with its generation budget)"
         if model.max_positions is not None and need > model.max_positions:
             raise ConfigError(f"{what} spans {need} positions but the model has {model.max_positions} "
@@ -151,10 +152,10 @@ def evaluate_records(model: LatentReasoner, tokenizer, cfg, records: list[Record
 
 
 def saved_position_skip(km, mode: str) -> int:
-    """km: a `Loaded` or `kava.api.KavaModel`. The positions cot-mode evaluation leaves empty after the question for a model trained with
-    `icot.keep_position`: what its best/ or final/ meta.json records (`kava.train.eval_position_skip` at its
-    step; none recorded: 0). 0 for every other model and mode; a training checkpoint of such a run is refused
-    (its step's removal is not recorded with it)."""
+    """The positions cot-mode evaluation leaves empty after the question for `km` (a `Loaded` or a
+    `kava.api.KavaModel`) trained with `icot.keep_position`: what its best/ or final/ meta.json records
+    (`kava.train.eval_position_skip` at its step; none recorded: 0). 0 for every other model and mode; a
+    training checkpoint of such a run is refused (its step's removal is not recorded with it)."""
     if km.cfg is None or km.cfg.method != "icot" or not km.cfg.icot.keep_position or mode != "cot":
         return 0
     meta = Path(km.source) / META_FILE
