@@ -258,6 +258,12 @@ def schedule_class(cfg):
     return None if cfg.spec.curriculum is None else SCHEDULES[cfg.spec.curriculum]
 
 
+def keeps_positions(cfg) -> bool:
+    """The method's curriculum is iCoT with `icot.keep_position`: what is left of each CoT keeps its positions,
+    so evaluation generates after the removed tokens (`Tokenized.pos_skip`, `kava.train:eval_position_skip`)."""
+    return schedule_class(cfg) is Icot and cfg.icot.keep_position
+
+
 def for_config(cfg, steps_per_epoch: int) -> Icot | Coconut | None:
     """The method's curriculum as a schedule over optimizer steps, or None."""
     cls = schedule_class(cfg)

@@ -30,6 +30,7 @@ from kava.checkpoint.saved import META_FILE
 from kava.checkpoint.state import model_identity
 from kava.config import ConfigError
 from kava.console import Ticker, print_line
+from kava.curriculum import keeps_positions
 from kava.data.format import Formatter
 from kava.data.pipeline import find_synthetic_dir
 from kava.data.readers import COT_STYLES, check_eval_sets, hub_eval_spec, is_data_file, load_eval_dataset
@@ -156,7 +157,7 @@ def saved_position_skip(km, mode: str) -> int:
     `kava.api.KavaModel`) trained with `icot.keep_position`: what its best/ or final/ meta.json records
     (`kava.train.eval_position_skip` at its step; none recorded: 0). 0 for every other model and mode; a
     training checkpoint of such a run is refused (its step's removal is not recorded with it)."""
-    if km.cfg is None or km.cfg.method != "icot" or not km.cfg.icot.keep_position or mode != "cot":
+    if km.cfg is None or not keeps_positions(km.cfg) or mode != "cot":
         return 0
     meta = Path(km.source) / META_FILE
     if km.kind != "run" or not meta.exists():

@@ -491,7 +491,7 @@ def check_keep_position(cfg: Config, items: list[Tokenized]) -> None:
     """`icot.keep_position` needs every training CoT to have one length (multiplication's do): evaluation
     places the generated tokens after the removed ones, and how many a test question's CoT would have lost is
     the schedule's removal capped at that length."""
-    if cfg.method != "icot" or not cfg.icot.keep_position:
+    if not curriculum.keeps_positions(cfg):
         return
     lengths = sorted({len(it.cot) for it in items})
     if len(lengths) > 1:

@@ -29,6 +29,7 @@ from kava.checkpoint.rundir import run_dir_of
 from kava.checkpoint.saved import (BASE_FILE, EXTRA_FILE, META_FILE, CheckpointError, find_checkpoint, load_lm,
                                    run_config, saved_tokenizer_ids)
 from kava.config import ConfigError
+from kava.curriculum import keeps_positions
 from kava.data.format import Formatter
 from kava.decode import budget
 from kava.model import capture
@@ -83,7 +84,7 @@ def export_model(run_or_ckpt: str | Path, output: str | Path, *, dtype: torch.dt
         dtype = DTYPES[dtype]
     ck = find_checkpoint(run_or_ckpt)
     cfg = run_config(ck)
-    if cfg.method == "icot" and cfg.icot.keep_position:
+    if keeps_positions(cfg):
         # a plain `generate` counts positions on from the question; this model's CoT and answer sit further on
         raise ConfigError(f"{ck}: trained with icot.keep_position, which plain generation cannot reproduce; "
                           "evaluate it with kava eval (it skips the positions its meta.json records)")
