@@ -43,7 +43,8 @@ case "${1:-train}" in
       --eval-batch-sizes 1,64,256 --eval-questions $Q --out $OUT/decode_head.json 2>&1 | quiet | grep "  eval" ;;
   versus)  # BASE=DIR's src/kava (an older tree, carried: `git archive REV src/kava | tar -x -C DIR`) against this
     # tree's, same call, same harness: graphs, kava, STYLES (default eq) at micro-batch 32
-    for v in "$BASE" "$PWD"; do echo "src: $v ($(cat $v/REVISION 2>/dev/null || git rev-parse --short HEAD))"
+    # (the device's copy of the tree carries no current git metadata: the tree's revision is the caller's to note)
+    for v in "$BASE" "$PWD"; do echo "src: $v ($(cat $v/REVISION 2>/dev/null || echo 'this tree'))"
       PYTHONPATH=$v/src:$PWD/benchmarks timeout 150 python benchmarks/graph_bench.py --llama1b --skip-equality \
         --micro-batches 32 --styles ${STYLES:-eq} --llama-methods kava --llama-modes graphs \
         --out $OUT/graph_bench_versus_$(basename $v).json 2>&1 | quiet | grep "^llama1b"; done ;;
