@@ -37,10 +37,13 @@ def check_mode(mode: str) -> str:
     return mode
 
 
-def budget(mode: str, *, max_new_tokens: int, max_cot_tokens: int = 0, prompt_len: int = 0) -> int:
+def budget(mode: str, *, max_new_tokens: int, max_cot_tokens: int = 0, prompt_len: int = 0,
+           position_skip: int = 0) -> int:
     """The most tokens `mode` generates after its input: the answer's `max_new_tokens` (eos included); in cot
-    mode also the CoT (`max_cot_tokens`) and the answer prompt (`prompt_len` tokens) it writes before the answer."""
-    return max_new_tokens + (max_cot_tokens + prompt_len if check_mode(mode) == "cot" else 0)
+    mode also the CoT (`max_cot_tokens`, less the `position_skip` tokens iCoT's keep_position removed: they are
+    not written) and the answer prompt (`prompt_len` tokens) it writes before the answer."""
+    cot = max(0, max_cot_tokens - position_skip) + prompt_len
+    return max_new_tokens + (cot if check_mode(mode) == "cot" else 0)
 
 
 def input_columns(mode: str, *, num_latents: int = 0, prompt_len: int = 0) -> int:
@@ -50,11 +53,13 @@ def input_columns(mode: str, *, num_latents: int = 0, prompt_len: int = 0) -> in
 
 
 def sequence_length(mode: str, question_len: int, *, num_latents: int, prompt_len: int, max_new_tokens: int,
-                    max_cot_tokens: int) -> int:
-    """The longest sequence `mode` decodes for a question of `question_len` tokens: the question, the mode's
-    input columns (`input_columns`) and what it generates (`budget`)."""
-    return question_len + input_columns(mode, num_latents=num_latents, prompt_len=prompt_len) + budget(
-        mode, max_new_tokens=max_new_tokens, max_cot_tokens=max_cot_tokens, prompt_len=prompt_len)
+                    max_cot_tokens: int, position_skip: int = 0) -> int:
+    """The most positions `mode` spans for a question of `question_len` tokens: the question, the mode's input
+    columns (`input_columns`), the positions it skips (`position_skip`, cot mode) and what it generates
+    (`budget`)."""
+    return question_len + input_columns(mode, num_latents=num_latents, prompt_len=prompt_len) + position_skip + \
+        budget(mode, max_new_tokens=max_new_tokens, max_cot_tokens=max_cot_tokens, prompt_len=prompt_len,
+               position_skip=position_skip)
 
 
 def input_ids(item: Tokenized, mode: str, ids, num_latents: int = 0) -> list[int]:
@@ -325,8 +330,8 @@ def _generate(model, items, *, mode, num_latents, num_sweeps, student_mode, max_
     else:
         rows = [input_ids(it, mode, ids) for it in items]
         cache, logits, mask, last = prefill(model, rows)
-        new = budget(mode, max_new_tokens=max_new_tokens, max_cot_tokens=max(0, max_cot_tokens - position_skip),
-                     prompt_len=len(items[0].prompt))
+        new = budget(mode, max_new_tokens=max_new_tokens, max_cot_tokens=max_cot_tokens,
+                     prompt_len=len(items[0].prompt), position_skip=position_skip)
         toks, steps = greedy(model, cache, logits, mask, last + 1 + position_skip, new, ids.eos, graphs)
         base_passes = 0
     res = []

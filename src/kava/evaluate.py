@@ -96,9 +96,9 @@ def evaluate_records(model: LatentReasoner, tokenizer, cfg, records: list[Record
         # decided on every rank from all records, before any pass: a refusal from inside one rank's shard
         # would leave the other ranks waiting in the gather
         longest = max(len(fmt.question_ids(r.question)) for r in records)
-        cot_budget = max(0, cfg.run.eval_max_cot_tokens - position_skip)  # the removed tokens are not written
         need = sequence_length(mode, longest, num_latents=cfg.latent.num_latents, prompt_len=len(fmt.prompt_ids),
-                               max_new_tokens=max_new, max_cot_tokens=cot_budget) + position_skip
+                               max_new_tokens=max_new, max_cot_tokens=cfg.run.eval_max_cot_tokens,
+                               position_skip=position_skip)
         what = f"the longest question of this evaluation ({mode} mode, with its generation budget)"
         if model.max_positions is not None and need > model.max_positions:
             raise ConfigError(f"{what} spans {need} positions but the model has {model.max_positions} "

@@ -551,8 +551,8 @@ def save_checkpoint(t: Trainer, run_dir: Path, rng: dict[str, torch.Tensor] | No
 def save_best(t: Trainer, run_dir: Path) -> None:
     """`best/`: the loadable model of `t.best` (the caller updates it, on the main process)."""
     meta = {"step": t.best["step"], "val/accuracy": t.best["val/accuracy"]}
-    if "position_skip" in t.best:  # iCoT's keep_position: where evaluation places the generated tokens
-        meta["position_skip"] = t.best["position_skip"]
+    if curriculum.keeps_positions(t.cfg):  # where evaluation places the generated tokens: the removal at that step
+        meta["position_skip"] = t.best.get("curriculum", 0)
     atomic_dir_write(RunDir(run_dir).best, lambda d: save_model(t.raw, t.tokenizer, d, meta=meta, cfg=t.cfg))
 
 
@@ -658,16 +658,13 @@ def train(cfg: Config, *, resume: str | Path | None = None, progress: bool = Tru
                 ticker.update(t.step, payload["loss/total"])
                 t_last, tokens, steps = now, 0, 0
             if t.step % eval_every == 0 or t.step == plan.total_steps:
-                skip = eval_position_skip(schedule, t.step - 1, longest_cot)
-                val = validate(t, data.valid_recs, skip)
+                val = validate(t, data.valid_recs, eval_position_skip(schedule, t.step - 1, longest_cot))
                 v = val["val/accuracy"]
                 logger.log({"split": "val", **val}, t.step)
                 if main and is_better(schedule, t.best, v, t.step - 1, longest_cot, val.get("val/digits")):
                     t.best = {**val, "step": t.step}
                     if schedule is not None:
                         t.best["curriculum"] = schedule.progress(t.step - 1, longest_cot)
-                    if skip:
-                        t.best["position_skip"] = skip
                     save_best(t, run_dir)
                 if main:
                     print_line(validation_line(t.step, v, t.best, val.get("val/digits")))
