@@ -135,6 +135,18 @@ JOBS: dict[str, tuple[str, list[str]]] = {
                                        "run.eval_every=789", *DEEP]),
     "icot5-off": ("mult5_scratch", ["method=icot", "icot.tokens_per_epoch=8", "optim.max_steps=62000",
                                     "run.eval_every=789"]),
+    # `icot.keep_position` (the official `--keep_position`): the kept CoT tokens, the answer prompt and the answer
+    # keep their positions when tokens before them are removed. Every official-rate run from scratch collapsed at
+    # token 30-31, and so did seven forks at token 29 (lr, resets, fp32); a collapsed model writes its remaining
+    # CoT from the wrong place. With learnt absolute positions each removal shifts every later token one position,
+    # so the model must re-learn where each step is 46 (74) times; with the positions kept it never has to. At
+    # the official rate (a token every 789 steps) and at twice it (394: all 46 gone at ~18k steps, in one lease)
+    "icot4-keep": ("mult4_scratch", ["method=icot", "icot.tokens_per_epoch=8", "optim.max_steps=60000",
+                                     "run.eval_every=789", "icot.keep_position=true"]),
+    "icot4-keep-r16": ("mult4_scratch", ["method=icot", "icot.tokens_per_epoch=16", "optim.max_steps=32000",
+                                         "run.eval_every=394", "icot.keep_position=true"]),
+    "icot5-keep": ("mult5_scratch", ["method=icot", "icot.tokens_per_epoch=8", "optim.max_steps=62000",
+                                     "run.eval_every=789", "icot.keep_position=true"]),
     **{f"icot{n}-fc-{tag}": (f"mult{n}_scratch", ["method=icot", f"icot.tokens_per_epoch={tpe}", "optim.max_steps=6500",
                                                    *sets])
        for n, tpe in ((4, 58), (5, 103))
@@ -167,6 +179,7 @@ GROUPS = {"gate": ["cot4", "nocot4", "cot5", "nocot5", "cot5-6l", "nocot5-6l"], 
           # official recipe is the batch (32: 4x the AdamW updates per removed token)
           "icot4-b32": ["icot4-b32", "icot4-b32-lr1e4", "icot4-b32-lr3e4"],
           "sm4": ["cot4-sm", "nocot4-sm", "icot4-sm", "icot4-sm-r32"],
+          "keep": ["icot4-keep-r16", "icot4-keep"],
           "icot-fc": ["cot4-base", "cot5-base"] + [name for name in JOBS if "-fc-" in name]}
 COMMON = ["optim.max_steps=20000", "run.eval_every=500", "run.save_every=500"]
 LATENT = {"pccot", "kava", "codi", "coconut"}
