@@ -179,7 +179,7 @@ GROUPS = {"gate": ["cot4", "nocot4", "cot5", "nocot5", "cot5-6l", "nocot5-6l"], 
           # official recipe is the batch (32: 4x the AdamW updates per removed token)
           "icot4-b32": ["icot4-b32", "icot4-b32-lr1e4", "icot4-b32-lr3e4"],
           "sm4": ["cot4-sm", "nocot4-sm", "icot4-sm", "icot4-sm-r32"],
-          "keep": ["icot4-keep-r16", "icot4-keep"],
+          "keep": ["icot4-keep-r16", "icot4-keep", "icot5-keep"],
           "icot-fc": ["cot4-base", "cot5-base"] + [name for name in JOBS if "-fc-" in name]}
 COMMON = ["optim.max_steps=20000", "run.eval_every=500", "run.save_every=500"]
 LATENT = {"pccot", "kava", "codi", "coconut"}
