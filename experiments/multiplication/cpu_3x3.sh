@@ -27,3 +27,13 @@ $K train "${COMMON[@]}" --set method=icot --set optim.max_steps=4000 --set icot.
 $K train "${COMMON[@]}" --set method=icot --set optim.max_steps=14000 --set icot.tokens_per_epoch=2 --set run.name=icot3s-r2
 TEST=$(ls -d $OUT/runs/_data/mult3_*)/test.txt
 for r in nocot3 cot3 icot3fc icot3fc-lr1e4 icot3fc-keep icot3s-r2; do $K eval --checkpoint $OUT/runs/$r --datasets $TEST; done
+# 2026-12-07, third session: iCoT from scratch at about twice the official rate per problem (4 tokens per epoch of
+# 200,000 problems: one per 781 steps of 64, 50k problems; all 24 gone at ~18.7k steps), with and without the
+# removed tokens' positions kept: the CPU twin of the GPU runs icot4-keep-r16 / icot4-off
+# (results/multiplication/README.md). ~65 minutes, the two side by side with one thread each (OMP_NUM_THREADS=1)
+R=(--set data.synth_train_size=200000 --set method=icot --set icot.tokens_per_epoch=4 --set optim.max_steps=21000
+  --set run.eval_every=781)
+$K train "${COMMON[@]}" "${R[@]}" --set run.name=icot3s-r4
+$K train "${COMMON[@]}" "${R[@]}" --set icot.keep_position=true --set run.name=icot3s-r4-keep
+TEST=$(ls -d $OUT/runs/_data/mult3_s0_n200000_*)/test.txt
+for r in icot3s-r4 icot3s-r4-keep; do $K eval --checkpoint $OUT/runs/$r --datasets $TEST; done
