@@ -11,6 +11,10 @@ piece folder and moving it out of the tree, then one call joins and checks it:
 `split` writes `manifest.json` (name, size, sha256, pieces) into every piece folder, so that any call can tell
 what is still missing; `join` refuses a missing or damaged piece and checks the whole file's sha256.
 (`.carry/` must be in `.git/info/exclude`: `split` adds it.)
+
+Also a study driver's deadline (`read_deadline`, `write_deadline`): a driver started in one call stops its jobs
+still training at OUT/deadline, which a later call moves once the lease's time left is known. The drivers import
+this file from beside themselves (their frozen device copy: `dk_freeze_source`) or from experiments/.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import json
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 CARRY_BYTES = 64 * 2**20  # what one device call carries: the tracked tree, untracked files and the carried paths
@@ -114,6 +119,27 @@ def join(stash_dir: Path, out: Path) -> Path:
         raise SystemExit(f"{tmp}: the joined file does not match the manifest's size and sha256")
     tmp.rename(out)
     return out
+
+
+DEADLINE_FILE = "deadline"  # in a driver's OUT: epoch seconds
+
+
+def read_deadline(out: Path, default: float | None) -> float | None:
+    """OUT/deadline (epoch seconds, written by `write_deadline`) if it exists, else `default` (the driver's own)."""
+    f = Path(out) / DEADLINE_FILE
+    return float(f.read_text()) if f.exists() else default
+
+
+def write_deadline(out: Path, seconds: float) -> float:
+    """Set the running driver's deadline `seconds` from now (a driver's `deadline` verb); returns it."""
+    t = time.time() + seconds
+    (Path(out) / DEADLINE_FILE).write_text(f"{t:.1f}\n")
+    return t
+
+
+def clear_deadline(out: Path) -> None:
+    """At a driver's start: a deadline file from an earlier call is not this call's."""
+    (Path(out) / DEADLINE_FILE).unlink(missing_ok=True)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,7 +4,7 @@
 #   source "$(dirname "${BASH_SOURCE[0]}")/../devicekit.sh"
 # Here (the repository root):   dk_ignore_carry, dk_revision FILE
 # On the device (ROOT: the study's folder outside the tree, e.g. /root/mult; it survives between calls):
-#   dk_freeze_source ROOT DRIVER   the tree's src/kava and the driver, copied to ROOT/src and ROOT/driver.py
+#   dk_freeze_source ROOT DRIVER   the tree's src/kava, the driver and devicekit.py, copied to ROOT/src, ROOT/driver.py, ROOT/
 #   dk_device_info                 the GPU, its memory and driver; torch, transformers, peft, accelerate
 #   dk_mps_start ROOT [N] [PROBE]  the CUDA MPS daemon, kept only if N concurrent PROBE clients succeed
 #   dk_mps_env ROOT                the MPS pipe and log folders of ROOT, for a later call's jobs
@@ -27,7 +27,8 @@ dk_revision() {
 
 # the jobs run from this copy, so that a later call's tree copy cannot change them
 dk_freeze_source() {
-  rm -rf "$1/src" && mkdir -p "$1/src" && cp -r src/kava "$1/src/" && cp "$2" "$1/driver.py"
+  rm -rf "$1/src" && mkdir -p "$1/src" && cp -r src/kava "$1/src/" && cp "$2" "$1/driver.py" && \
+    cp experiments/devicekit.py "$1/"
 }
 
 dk_device_info() {

@@ -61,3 +61,57 @@ def test_job_order_and_names_keep_recipes_apart():
     assert len(names) == len(js) and "nl-cot-s42" in names and "nl-cot-full-lr1e5-s123" in names
     with pytest.raises(SystemExit, match="unknown recipes .'lora9'"):
         d.jobs(["cot"], ["nl"], [42], ["lora9"])
+
+
+FAKE_JOB = """
+import pathlib, signal, sys, time
+mode, run = sys.argv[1], pathlib.Path(sys.argv[2])
+if mode.startswith("eval"):  # an evaluation: leaves a mark
+    run.mkdir(parents=True, exist_ok=True)
+    (run / mode).write_text("x")
+    sys.exit(0)
+def stop(*_):  # as kava train at SIGTERM: exits 143; a run that validated an epoch has best/
+    if mode == "train-validated":
+        (run / "best").mkdir(parents=True, exist_ok=True)
+    sys.exit(143)
+signal.signal(signal.SIGTERM, stop)
+run.parent.mkdir(parents=True, exist_ok=True)
+(run.parent / (run.name + ".ready")).write_text("x")
+time.sleep(60)
+"""
+
+
+def test_deadline_stops_training_and_evaluates_best(tmp_path, monkeypatch):
+    """At --deadline every job still training gets SIGTERM; one that validated an epoch (best/) goes on to its
+    evaluations, one that did not ends there (not retried), and no job starts after the deadline."""
+    import argparse
+    import json
+    import sys
+
+    d = driver()
+    script = tmp_path / "fake_job.py"
+    script.write_text(FAKE_JOB)
+
+    def commands(style, method, seed, data, runs, extra, eval_limit=None, recipe="base", preset=""):
+        run = runs / d.job_name(style, method, seed, recipe)
+        train = "train-validated" if method == "nocot" else "train"
+        return [[sys.executable, str(script), m, str(run)] for m in (train, "eval-gsm8k", "eval-rest")]
+
+    monkeypatch.setattr(d, "commands", commands)
+    monkeypatch.setattr(d, "gpu_memory", lambda: None)
+    out = tmp_path / "out"
+    a = argparse.Namespace(out=str(out), data=str(tmp_path), methods="nocot,cot,kava", styles="nl", seeds="42",
+                           recipes="base", set=None, dry_run=False, eval_limit=None, preset="smollm2_gsm8k",
+                           parallel=2, budget=0, epochs=4, eval_mib=0, ramp_s=0, deadline=4.0)
+    assert d.run(a) == 0
+    runs = out / "runs"
+    assert (runs / "nl-nocot-s42.ready").exists() and (runs / "nl-cot-s42.ready").exists()  # both trained a while
+    assert (runs / "nl-nocot-s42" / "eval-gsm8k").exists() and (runs / "nl-nocot-s42" / "eval-rest").exists()
+    assert not (runs / "nl-cot-s42").exists()  # stopped before best/: no evaluation
+    ev = [json.loads(x) for x in (out / "status.jsonl").read_text().splitlines()]
+    assert {e["job"] for e in ev if e.get("event") == "deadline"} == {"nl-nocot-s42", "nl-cot-s42"}
+    assert [(e["job"], e["rc"]) for e in ev if e.get("event") == "stopped"] == [("nl-nocot-s42", 143)]
+    assert [(e["job"], e["stage"], e["rc"]) for e in ev if e.get("event") == "end"] == [
+        ("nl-cot-s42", 0, 143), ("nl-nocot-s42", 2, 0)]
+    assert [(e["job"], e["reason"]) for e in ev if e.get("event") == "not started"] == [("nl-kava-s42", "deadline")]
+    assert not any(e.get("event") == "requeued" for e in ev)

@@ -164,9 +164,9 @@ def test_deadline_file_moves_the_running_drivers_deadline(tmp_path):
     d = driver()
     out = tmp_path / "out"
     out.mkdir()
-    assert d.current_deadline(out, 123.0) == 123.0  # no file: the --budget deadline
+    assert d.devicekit.read_deadline(out, 123.0) == 123.0  # no file: the --budget deadline
     before = time.time()
     d.set_deadline(argparse.Namespace(out=str(out), seconds=300.0))
-    moved = d.current_deadline(out, 123.0)
+    moved = d.devicekit.read_deadline(out, 123.0)
     assert before + 300.0 - 0.2 <= moved <= time.time() + 300.0 + 0.2
     assert json.loads((out / "status.jsonl").read_text().splitlines()[-1])["event"] == "deadline moved"

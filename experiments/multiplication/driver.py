@@ -38,7 +38,6 @@ evaluated it).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import shutil
@@ -50,6 +49,10 @@ import time
 from pathlib import Path
 
 from kava.checkpoint.rundir import BEST_DIR, META_FILE, STEP_PREFIX, RunDir, lock_holder, step_of
+
+# experiments/devicekit.py (pieces, the deadline file): beside this file in the frozen device copy, else one folder up
+sys.path.insert(0, str(next(d for d in Path(__file__).resolve().parents[:2] if (d / "devicekit.py").exists())))
+import devicekit  # noqa: E402
 
 KAVA = [sys.executable, "-m", "kava.cli"]
 DEEP = ["model.from_scratch.n_layer=6"]
@@ -239,18 +242,11 @@ def log(out: Path, **event) -> None:
     print(json.dumps(event), flush=True)
 
 
-def current_deadline(out: Path, deadline: float) -> float:
-    """OUT/deadline (epoch seconds, written by `driver.py deadline`) replaces the --budget deadline, so that a
-    later device call can move it once the lease's time left is known."""
-    f = out / "deadline"
-    return float(f.read_text()) if f.exists() else deadline
-
-
 def set_deadline(args) -> None:
-    """`driver.py deadline --out OUT --in S`: every job still training is stopped S seconds from now."""
+    """`driver.py deadline --out OUT --in S`: every job still training is stopped S seconds from now (OUT/deadline
+    replaces the --budget deadline: a later device call moves it once the lease's time left is known)."""
     out = Path(args.out).absolute()
-    t = time.time() + args.seconds
-    (out / "deadline").write_text(f"{t:.1f}\n")
+    t = devicekit.write_deadline(out, args.seconds)
     log(out, event="deadline moved", at=round(t, 1), seconds_from_now=args.seconds)
 
 
@@ -272,7 +268,7 @@ def run(args) -> None:
     seeds = [int(x) for x in str(args.seeds).split(",")]
     pending = [(name, seed) for seed in seeds for name in expand(args.jobs)]
     start = time.time()
-    (out / "deadline").unlink(missing_ok=True)  # a deadline file from an earlier call is not this call's
+    devicekit.clear_deadline(out)
     deadline = start + args.budget
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     procs: dict[tuple[str, int], subprocess.Popen] = {}
@@ -288,7 +284,7 @@ def run(args) -> None:
                   " ".join(cmd(name, data, out, seed, args.set)))
         return
     while pending or any(p.poll() is None for p in procs.values()):
-        deadline = current_deadline(out, deadline)
+        deadline = devicekit.read_deadline(out, deadline)
         for name, seed in list(pending):
             rd = RunDir(run_dir(out, name, seed))
             if rd.finished():
@@ -405,15 +401,6 @@ def pack(args) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ leases
-def devicekit():
-    """experiments/devicekit.py (split, stash, join), next to this file's folder."""
-    path = Path(__file__).resolve().parents[1] / "devicekit.py"
-    spec = importlib.util.spec_from_file_location("devicekit", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def ship_members(rd: RunDir) -> tuple[Path, list[Path]]:
     """(the latest checkpoint, what a resume of run `rd` needs): config.yaml, meta.json, skips.json,
     metrics.jsonl, DONE, wandb.json, the run's own tokenizer, the latest `checkpoints/step_N` (weights, AdamW,
@@ -431,7 +418,6 @@ def ship(args) -> None:
     """One tar of what `kava train --resume` needs from OUT/runs/NAME (`ship_members`), named
     NAME.step_N.tar, split by devicekit into DIR/pNN (one piece and the manifest each). Made once: pieces of the
     same checkpoint already in DIR are kept."""
-    dk = devicekit()
     rd = RunDir(Path(args.out) / "runs" / args.name)
     if not rd.started():
         raise SystemExit(f"{rd.path}: not a run directory (no {rd.config.name})")
@@ -455,7 +441,7 @@ def ship(args) -> None:
         with tarfile.open(tmp / tar_name, "w") as tar:
             for path in members:
                 tar.add(path, arcname=str(path.relative_to(rd.path.parent)))
-        m = dk.split(tmp / tar_name, into, args.piece_bytes, exclude=None)
+        m = devicekit.split(tmp / tar_name, into, args.piece_bytes, exclude=None)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print(f"{tar_name}: {m['size']} bytes, sha256 {m['sha256']}, {len(m['pieces'])} pieces in {into}/p00 ..; "
@@ -471,7 +457,7 @@ def unship(args) -> None:
     if args.pieces:
         pieces = Path(args.pieces)
         name = json.loads((pieces / "manifest.json").read_text())["name"]
-        tar_path = devicekit().join(pieces, pieces.parent / name)
+        tar_path = devicekit.join(pieces, pieces.parent / name)
     with tarfile.open(tar_path) as tar:
         tops = {n.split("/", 1)[0] for n in tar.getnames()}
         if len(tops) != 1:
@@ -500,7 +486,6 @@ def gather(args) -> None:
     the highest N) collected from the device calls' folders (SRC/*/) into INTO/NAME/; once every piece is there
     (devicekit join checks each and the whole by sha256), unpacked into UNPACK/runs/NAME (`unship`) and split
     into carry pieces SHIP/NAME/pNN for the next lease (devicekit's default size)."""
-    dk = devicekit()
     found = []
     for mpath in Path(args.src).glob("*/manifest.json"):
         m = json.loads(mpath.read_text())
@@ -523,14 +508,14 @@ def gather(args) -> None:
         src = next((f for f in Path(args.src).glob(f"*/{p['file']}") if f.stat().st_size == p["size"]), None)
         if src is not None:
             shutil.copyfile(src, have)
-    gone = dk.missing(into)
+    gone = devicekit.missing(into)
     if gone:
         k = len(m["pieces"]) - len(gone)
         print(f"{m['name']}: {k} of {len(m['pieces'])} pieces in {into}; missing {', '.join(gone)}")
         raise SystemExit(3)
     unship(argparse.Namespace(out=args.unpack, tar=None, pieces=str(into), replace=True))
     tar_path = into.parent / m["name"]
-    s = dk.split(tar_path, Path(args.ship) / args.name)
+    s = devicekit.split(tar_path, Path(args.ship) / args.name)
     print(f"for the next lease: {len(s['pieces'])} carry pieces {Path(args.ship) / args.name}/p00 .. "
           f"p{len(s['pieces']) - 1:02d} of {tar_path}")
 

@@ -16,6 +16,9 @@ Jobs start in priority order (seed 42 of every method and style first, then 123,
 time; with `--budget S`, a job whose expected duration would end after S seconds is not started, so the seeds
 that finish are complete cells. The expected duration is 1.1x the longest finished job of that method, or a
 planning guess (`EXPECTED_S` x epochs + `EVAL_S`) before one has finished. `status.jsonl` in `--out` records every job.
+With `--deadline S` (or `driver.py deadline --out OUT --in S` from a later device call, which moves it), every job
+still training at the deadline is stopped (SIGTERM: kava saves a checkpoint) and its `best/`, the best validated
+epoch so far, is evaluated as a finished job's is; no job starts after it.
 """
 
 from __future__ import annotations
@@ -23,11 +26,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import tarfile
 import time
 from pathlib import Path
+
+# experiments/devicekit.py (the deadline file): beside this file in the frozen device copy, else one folder up
+sys.path.insert(0, str(next(d for d in Path(__file__).resolve().parents[:2] if (d / "devicekit.py").exists())))
+import devicekit  # noqa: E402
 
 METHODS = ["nocot", "cot", "kava", "pccot", "codi", "icot", "coconut"]
 LATENT = {"pccot", "codi", "kava", "coconut"}
@@ -140,6 +148,7 @@ def run(a) -> int:
                                                             a.preset)))
         return 0
     t0 = time.time()
+    devicekit.clear_deadline(out)
     status = open(out / "status.jsonl", "a")
 
     def note(**kw):
@@ -153,14 +162,22 @@ def run(a) -> int:
     last_start = [0.0]
     retried: set[str] = set()
     while pending or running:
+        deadline = devicekit.read_deadline(out, t0 + a.deadline if a.deadline else None)
+        late = deadline is not None and time.time() > deadline
         for j in list(running):  # advance every running job through its commands
             rc = j["proc"].poll()
             if rc is None:
+                if late and j["stage"] == 0 and not j["stopped"]:
+                    j["proc"].send_signal(signal.SIGTERM)  # kava saves a checkpoint at the step boundary, exits 143
+                    j["stopped"] = True
+                    note(job=j["name"], event="deadline")
                 continue
-            if rc != 0 or j["stage"] + 1 == len(j["cmds"]):
+            # a job stopped at the deadline goes on to its evaluations if it validated an epoch (best/)
+            ok = rc == 0 or (j["stage"] == 0 and j["stopped"] and (runs / j["name"] / "best").is_dir())
+            if not ok or j["stage"] + 1 == len(j["cmds"]):
                 took = time.time() - j["t"]
                 note(job=j["name"], event="end", stage=j["stage"], rc=rc, seconds=round(took, 1))
-                if rc != 0 and j["stage"] == 0 and j["name"] not in retried:  # e.g. out of memory: once more, last
+                if not ok and j["stage"] == 0 and not j["stopped"] and j["name"] not in retried:  # e.g. OOM: once more
                     retried.add(j["name"])
                     pending.append(j["key"])
                     note(job=j["name"], event="requeued")
@@ -168,6 +185,8 @@ def run(a) -> int:
                     measured[j["method"]] = max(measured.get(j["method"], 0.0), took)
                 running.remove(j)
                 continue
+            if rc != 0:
+                note(job=j["name"], event="stopped", rc=rc, seconds=round(time.time() - j["t"], 1))
             j["stage"] += 1
             j["proc"] = subprocess.Popen(j["cmds"][j["stage"]], stdout=j["log"], stderr=subprocess.STDOUT, env=env)
         mem = gpu_memory()
@@ -179,6 +198,10 @@ def run(a) -> int:
         growing = sum(max(0.0, peak[j["method"]] - mem[1].get(j["proc"].pid, 0.0)) for j in running
                       if j["stage"] == 0) if mem is not None else 0.0
         ramp = time.time() - last_start[0] >= a.ramp_s
+        if late and pending:
+            for st, m, s, rec in pending:
+                note(job=job_name(st, m, s, rec), event="not started", reason="deadline")
+            pending.clear()
         while pending and len(running) < a.parallel and ramp:
             st, m, s, rec = pending[0]
             if mem is not None and mem[0] - growing < 1.1 * peak[m] + a.eval_mib:
@@ -196,7 +219,8 @@ def run(a) -> int:
             cmds = commands(st, m, s, Path(a.data), runs, extra, a.eval_limit, rec, a.preset)
             log = open(out / "logs" / f"{name}.log", "a")
             proc = subprocess.Popen(cmds[0], stdout=log, stderr=subprocess.STDOUT, env=env)
-            running.append({"name": name, "method": m, "key": (st, m, s, rec), "cmds": cmds, "stage": 0, "proc": proc, "log": log, "t": time.time()})
+            running.append({"name": name, "method": m, "key": (st, m, s, rec), "cmds": cmds, "stage": 0, "proc": proc,
+                            "log": log, "t": time.time(), "stopped": False})
             note(job=name, event="start", running=len(running), free_mib=None if mem is None else mem[0],
                  reserved_mib=round(growing), peak_job_mib=peak[m])
             last_start[0] = time.time()
@@ -204,6 +228,16 @@ def run(a) -> int:
                 break  # one start per check: the next one sees this job's memory
         time.sleep(2)
     note(event="all done", seconds=round(time.time() - t0, 1))
+    return 0
+
+
+def set_deadline(a) -> int:
+    """`driver.py deadline --out OUT --in S`: the running driver stops every job still training S seconds from
+    now (OUT/deadline replaces its --deadline)."""
+    t = devicekit.write_deadline(Path(a.out), a.seconds)
+    with open(Path(a.out) / "status.jsonl", "a") as f:
+        f.write(json.dumps({"event": "deadline moved", "at": round(t, 1), "seconds_from_now": a.seconds}) + "\n")
+    print(f"deadline in {a.seconds:.0f} s")
     return 0
 
 
@@ -319,6 +353,8 @@ def main() -> int:
     r.add_argument("--out", required=True)
     r.add_argument("--parallel", type=int, default=9)
     r.add_argument("--budget", type=float, default=0, help="seconds; 0 = no limit")
+    r.add_argument("--deadline", type=float, default=0,
+                   help="seconds from the start at which jobs still training stop and their best/ is evaluated; 0 = none")
     r.add_argument("--epochs", type=float, default=4, help="the jobs' optim.epochs (for --budget only)")
     r.add_argument("--methods", default=",".join(METHODS))
     r.add_argument("--styles", default=",".join(STYLES))
@@ -330,6 +366,9 @@ def main() -> int:
     r.add_argument("--dry-run", action="store_true", help="print every job's commands, start nothing")
     r.add_argument("--eval-mib", type=float, default=6000, help="headroom (MiB) kept for running evaluations")
     r.add_argument("--ramp-s", type=float, default=10, help="seconds between two job starts on a GPU")
+    d = sub.add_parser("deadline", help="move the running driver's deadline to --in seconds from now")
+    d.add_argument("--out", required=True)
+    d.add_argument("--in", dest="seconds", type=float, required=True)
     c = sub.add_parser("collect")
     c.add_argument("--out", required=True)
     c.add_argument("--tar", required=True)
@@ -337,7 +376,7 @@ def main() -> int:
     p.add_argument("--runs", required=True)
     p.add_argument("--output", required=True)
     a = ap.parse_args()
-    return {"run": run, "collect": collect, "report": report}[a.cmd](a)
+    return {"run": run, "deadline": set_deadline, "collect": collect, "report": report}[a.cmd](a)
 
 
 if __name__ == "__main__":

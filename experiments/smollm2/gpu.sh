@@ -14,9 +14,12 @@
 #   carry [.carry/MODEL/pKK]:     MODEL=.. bash experiments/smollm2/gpu.sh piece pKK   # one call per piece
 #   then:                         MODEL=.. bash experiments/smollm2/gpu.sh start   # join, check, convert, start jobs
 #   calls after:                  bash experiments/smollm2/gpu.sh wait 560    # progress; at "all done" or after 560 s
+#   when the lease's end is near:   bash experiments/smollm2/gpu.sh deadline S # jobs still training stop in S s,
+#                                                                              # and their best/ is evaluated
 #   last call:                    bash experiments/smollm2/gpu.sh collect [S] # after up to S s more: $OUT/results.tgz
 # The jobs run from a copy of the source in /root/smol/src, so later calls' tree copies cannot change them.
-# start: PAR (parallel jobs), BUDGET (seconds), SEEDS, METHODS, STYLES, RECIPES (driver.py RECIPES) and EXTRA
+# start: PAR (parallel jobs), BUDGET (seconds: no job starts that would end later), DEADLINE (seconds: jobs still
+# training then stop, their best/ evaluated), SEEDS, METHODS, STYLES, RECIPES (driver.py RECIPES) and EXTRA
 # (more driver arguments) tune it; the model's --set (name_or_path, gguf_file) come from MODEL. Beside the
 # multiplication study on the same machine, give data and start MPS_ROOT=/root/mult: one MPS daemon for both.
 set -uo pipefail
@@ -71,11 +74,13 @@ start)
   tail -1 $S/convert.log
   [ -f $S/mps_ok ] && dk_mps_env $M && echo "MPS: on ($M/mps)"
   cd $S && dk_detach $S/driver.log python3 driver.py run --data $S/data --out $S/out --parallel ${PAR:-12} \
-    --budget ${BUDGET:-1260} ${SEEDS:+--seeds $SEEDS} ${METHODS:+--methods $METHODS} ${STYLES:+--styles $STYLES} \
+    --budget ${BUDGET:-1260} ${DEADLINE:+--deadline $DEADLINE} ${SEEDS:+--seeds $SEEDS} ${METHODS:+--methods $METHODS} ${STYLES:+--styles $STYLES} \
     ${RECIPES:+--recipes $RECIPES} --set model.name_or_path=~/.cache/kava/$MODEL --set model.gguf_file=$GGUF \
     ${EXTRA:-}
   sleep 45; cat $S/driver.log; nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv
   tail -3 $S/out/logs/*.log 2>/dev/null | tail -40 ;;
+deadline)  # device: the running driver stops its jobs still training $2 seconds from now; their best/ is evaluated
+  PYTHONPATH=$S/src python3 $S/driver.py deadline --out $S/out --in ${2:?usage: deadline SECONDS} ;;
 wait)
   dk_wait_done $S/driver.log ${2:-560}
   grep -c '"start"' $S/driver.log; grep '"end"\|not started' $S/driver.log | tail -40
@@ -89,6 +94,6 @@ collect)
   grep '"end"\|not started\|all done' $S/driver.log | tail -40
   dk_pack $S collect && ls -la $OUT ;;
 *)
-  echo "usage: [MODEL=smollm2|qwen05] $0 prepare | data | piece pKK | start | wait [seconds] | collect [seconds]"
+  echo "usage: [MODEL=smollm2|qwen05] $0 prepare | data | piece pKK | start | deadline SECONDS | wait [seconds] | collect [seconds]"
   exit 2 ;;
 esac
