@@ -37,3 +37,7 @@ $K train "${COMMON[@]}" "${R[@]}" --set run.name=icot3s-r4
 $K train "${COMMON[@]}" "${R[@]}" --set icot.keep_position=true --set run.name=icot3s-r4-keep
 TEST=$(ls -d $OUT/runs/_data/mult3_s0_n200000_*)/test.txt
 for r in icot3s-r4 icot3s-r4-keep; do $K eval --checkpoint $OUT/runs/$r --datasets $TEST; done
+# then, alone (~25 minutes): iCoT from the CoT model (cot3, 99.8%) at the same rate, with kept positions
+$K train "${COMMON[@]}" "${R[@]}" --set icot.keep_position=true --set model.init_from=$OUT/runs/cot3 \
+  --set run.name=icot3fc-r4-keep
+$K eval --checkpoint $OUT/runs/icot3fc-r4-keep --datasets $TEST
