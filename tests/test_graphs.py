@@ -21,7 +21,7 @@ import kava.train as kt
 from kava.config import ConfigError, load_config
 from kava.data.format import Formatter
 from kava.data.records import SkipLog
-from kava.data.format import block_widths, bucket_width, build_student_batch, build_teacher_batch
+from kava.data.format import block_widths, bucket_width, build_student_batch, build_teacher_batch, label_totals
 from kava.training.graphs import EagerReplay, GraphedStep, batch_key, model_graph_exclusion
 from kava.objective import Batch, length_key, loss_step, make_batch
 from kava.model.capture import no_host_sync
@@ -562,3 +562,69 @@ def test_fused_ce_gives_the_losses_and_gradients_of_the_checkpointed_ce(method, 
         assert ("lm.model.embed_tokens.weight" in g_b) == (head == "trainable")  # (tied: frozen with the head)
         assert g_b and all(v.abs().max() > 0 for k, v in g_b.items() if "proj" in k)
 
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_label_buckets_give_the_same_losses_and_gradients_on_fewer_rows(method):
+    """`optim.graph_label_buckets`: the label capacities are the labelled totals bucketed up the series, not the
+    block areas. Every real label is kept once, the pads sit at distinct positions, and the losses and gradients
+    equal the unpadded batch's."""
+    cfg, model, items = setup(method, "optim.graph_label_buckets=1.5")
+    area = make_batch(items, model.ids, setup(method)[0], buckets=1.25)
+    plain = make_batch(items, model.ids, cfg)
+    bucketed = make_batch(items, model.ids, cfg, buckets=1.25)
+    coconut = method == "coconut"
+    t_real, s_real = label_totals(items, with_cot=method not in ("nocot", "coconut"), cot_in_answer=coconut)
+    for part, ref, real in (("teacher", area.teacher, t_real), ("student", area.student, s_real)):
+        b = getattr(bucketed, part)
+        if b is None:
+            continue
+        n = b.label_idx.numel()
+        assert n == bucket_width(real, 1.5) and real <= n < ref.label_idx.numel(), (part, n, real)
+        assert int((b.label_tgt != -100).sum()) == real  # every label, once
+        assert b.label_idx.unique().numel() == n
+        assert b.ids.shape == ref.ids.shape  # the block widths are those of the area layout
+    assert batch_key(bucketed) != batch_key(area)
+    den = {"ce_teacher": 37.0, "ce_student": 5.0}
+    for d in (None, den):
+        log_a, g_a = run_step(model, plain, cfg, d)
+        log_b, g_b = run_step(model, bucketed, cfg, d)
+        close(log_a, log_b)
+        close(g_a, g_b)
+
+
+def test_label_buckets_cut_the_lm_head_rows_on_gsm8k_lengths():
+    """On GSM8k's lengths (eq and NL CoT, length-grouped micro-batches of 32 and 64, kava), bucketing the labelled
+    totals (growth 1.5) runs the LM head on at most 1.35x the real label rows, where the block areas run it on
+    over 1.7x (the teacher's alone; the student's answer block is mostly pads). The price: more shapes, up to
+    twice as many (27 against 18 at eq, micro-batch 32, over these 160 micro-batches), so more captures and, past
+    optim.max_graphs, eager micro-batches: what the GPU measurement has to weigh."""
+    import random
+    from pathlib import Path
+
+    from kava.data.format import SpecialIds, Tokenized
+
+    lengths = json.loads((Path(__file__).parents[1] / "benchmarks" / "gsm8k_lengths.json").read_text())
+    ids = SpecialIds(bot=1000, eot=1001, latent=1002, pad=0, eos=999, bos=None)
+    for style in ("eq", "nl"):
+        items = [Tokenized([5] * q, [6] * c, [7] * 5, [8, 9, 999], i) for i, (q, c) in
+                 enumerate(zip(lengths["question"], lengths["cot_" + style]))]
+        for mb in (32, 64):
+            rows, keys, teacher = {}, {}, {}
+            for on in (False, True):
+                rng = random.Random(0)  # the same micro-batches for both
+                cfg = load_config("tiny_synth", ["method=kava", f"optim.graph_label_buckets={1.5 if on else 'null'}"])
+                r = real = t_rows = t_real = 0
+                ks = set()
+                for _ in range(40):
+                    grouped = sorted(rng.sample(items, 128), key=length_key)
+                    for i in range(0, 128, mb):
+                        b = make_batch(grouped[i:i + mb], ids, cfg, buckets=1.25)
+                        r += b.teacher.label_idx.numel() + b.student.label_idx.numel()
+                        real += int((b.teacher.label_tgt != -100).sum() + (b.student.label_tgt != -100).sum())
+                        t_rows += b.teacher.label_idx.numel()
+                        t_real += int((b.teacher.label_tgt != -100).sum())
+                        ks.add(batch_key(b))
+                rows[on], keys[on], teacher[on] = r / real, len(ks), t_rows / t_real
+            assert rows[True] <= 1.35 and teacher[False] > 1.7, (style, mb, rows, teacher)
+            assert keys[False] < keys[True] <= 2 * keys[False], (style, mb, keys)

@@ -281,6 +281,10 @@ class OptimConfig:
     cuda_graphs: bool | Literal["auto"] = "auto"
     graph_buckets: float = 1.25  # with CUDA graphs, block widths are padded up a geometric series of this growth
     max_graphs: int = 32  # captured shapes at most; a batch of a further shape runs eagerly
+    # with graphs, the LM head and the CE run on the batch's labelled total padded up a geometric series of this
+    # growth, not on the block area (B x (CoT + answer) widths, every pad a row): fewer rows, more shapes. null:
+    # the area. Off until measured on a GPU (benchmarks/gpu_next.sh labels)
+    graph_label_buckets: float | None = None
     # split each optimizer step's examples into micro-batches of similar length (question + CoT): less padding;
     # the step's CE gradient is unchanged (step-wide denominators), per-micro-batch normalisers regroup
     group_by_length: bool = True
@@ -306,6 +310,8 @@ class OptimConfig:
         _need(self.graph_buckets > 1.0, f"optim.graph_buckets: must be > 1 (the growth of the width series), got "
                                         f"{self.graph_buckets}")
         _need(self.max_graphs >= 1, f"optim.max_graphs: must be >= 1, got {self.max_graphs}")
+        _need(self.graph_label_buckets is None or self.graph_label_buckets > 1.0,
+              f"optim.graph_label_buckets: null or > 1 (the growth of the label series), got {self.graph_label_buckets}")
 
 
 @dataclass

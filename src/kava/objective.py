@@ -71,8 +71,8 @@ def make_batch(items: list[Tokenized], model_ids, cfg, buckets: float | None = N
     as wide as the largest; default `latent.num_latents` for every example."""
     spec = cfg.spec
     blocks = buckets is not None or spec.latent
-    widths = block_widths(items, buckets, with_cot=spec.teacher_cot and spec.teacher,
-                          cot_in_answer=spec.student_cot) if blocks else None
+    widths = block_widths(items, buckets, with_cot=spec.teacher_cot and spec.teacher, cot_in_answer=spec.student_cot,
+                          label_growth=cfg.optim.graph_label_buckets) if blocks else None
     tb = build_teacher_batch(items, model_ids, with_cot=spec.teacher_cot, query_mode=cfg.eviction.importance_queries,
                              tail_window=cfg.eviction.cot_tail_window, codi_position=cfg.loss.codi_position,
                              widths=widths) if spec.teacher else None

@@ -253,12 +253,17 @@ class BlockWidths:
     c: the teacher's CoT block (0 without CoT); a: the answer block (<eot> · prompt · answer for the student;
     the teacher's prompt · answer fits it).
     static: the label and query-row capacities follow from the widths, so a batch's shape is fixed by these
-    three numbers (CUDA graphs, `kava.training.graphs`); False: as many as the batch has."""
+    three numbers (CUDA graphs, `kava.training.graphs`); False: as many as the batch has.
+    t_labels, s_labels: with `static`, the teacher's and the student's label capacities (`label_idx`: the rows
+    the LM head and the CE run on), when bucketed on their own (`optim.graph_label_buckets`); 0: the block
+    area, B·(c + a) and B·a, which counts every pad of a short CoT or answer as a row."""
 
     q: int
     c: int
     a: int
     static: bool = True
+    t_labels: int = 0
+    s_labels: int = 0
 
 
 def bucket_width(n: int, growth: float, start: int = 8) -> int:
@@ -270,17 +275,31 @@ def bucket_width(n: int, growth: float, start: int = 8) -> int:
     return w
 
 
+def label_totals(items: list[Tokenized], *, with_cot: bool = True, cot_in_answer: bool = False) -> tuple[int, int]:
+    """Labelled tokens of the teacher batch (`build_teacher_batch(with_cot=...)`: CoT, prompt and answer, or the
+    answer alone) and of the student batch (answer, plus CoT and prompt with `cot_in_answer`) over `items`."""
+    t = sum(len(it.cot) + len(it.prompt) + len(it.answer) if with_cot else len(it.answer) for it in items)
+    s = sum((len(it.cot) + len(it.prompt)) * cot_in_answer + len(it.answer) for it in items)
+    return t, s
+
+
 def block_widths(items: list[Tokenized], growth: float | None = None, *, with_cot: bool = True,
-                 cot_in_answer: bool = False) -> BlockWidths:
+                 cot_in_answer: bool = False, label_growth: float | None = None) -> BlockWidths:
     """The block widths of `items` (see `BlockWidths`): the longest of each block, or with `growth` (CUDA
     graphs) bucketed up the geometric series of `bucket_width`, and static. cot_in_answer: the student's
-    answer block also holds the CoT (Coconut's remaining steps, `build_student_batch(with_cot=True)`)."""
+    answer block also holds the CoT (Coconut's remaining steps, `build_student_batch(with_cot=True)`).
+    label_growth (with `growth`): the label capacities are the labelled totals bucketed up the series of this
+    growth, not the block areas (fewer LM-head rows; two more numbers in the batch's shape)."""
     q = max(len(it.question) for it in items)
     c = max(len(it.cot) for it in items) if with_cot else 0
     a = max(1 + len(it.cot) * cot_in_answer + len(it.prompt) + len(it.answer) for it in items)
     if growth is None:
         return BlockWidths(q, c, a, static=False)
-    return BlockWidths(bucket_width(q, growth), bucket_width(c, growth) if with_cot else 0, bucket_width(a, growth))
+    t_lab, s_lab = (bucket_width(max(n, 1), label_growth) for n in label_totals(items, with_cot=with_cot,
+                                                                                cot_in_answer=cot_in_answer)) \
+        if label_growth is not None else (0, 0)
+    return BlockWidths(bucket_width(q, growth), bucket_width(c, growth) if with_cot else 0, bucket_width(a, growth),
+                       t_labels=t_lab, s_labels=s_lab)
 
 
 def _labels(targets: torch.Tensor, capacity: int | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -439,7 +458,7 @@ def build_teacher_batch(items: list[Tokenized], ids: SpecialIds, *, with_cot: bo
     else:
         C = max(1, widths.c)
         A = widths.a if query_mode == "answer" else tail_window
-        capacity = B * ((widths.c if with_cot else 0) + widths.a)
+        capacity = widths.t_labels or B * ((widths.c if with_cot else 0) + widths.a)
     if widths is not None:
         for it in items:  # the student's answer block holds <eot> too
             if len(it.question) > widths.q or len(it.prompt) + len(it.answer) >= widths.a or \
@@ -481,8 +500,8 @@ def build_student_batch(items: list[Tokenized], ids: SpecialIds, num_latents: in
     """Student batch with <bot> and M latent placeholder slots in common columns (see `StudentBatch`).
 
     `with_answer=False` builds only `question · <bot> · slots · <eot> · prompt` for inference.
-    widths: the block widths Wq = widths.q, Ab = widths.a, and with static widths the label capacity B·Ab
-    (see `build_teacher_batch`); default: the longest question and answer block.
+    widths: the block widths Wq = widths.q, Ab = widths.a, and with static widths the label capacity B·Ab, or
+    `widths.s_labels` (see `build_teacher_batch`); default: the longest question and answer block.
     latent_counts: how many of the M slots each example uses (Coconut's curriculum; default all M). Its other
     slots are masked out, and the position ids count real columns only, so its answer block follows its own
     latents exactly as in a sequence without the unused slots.
@@ -527,6 +546,7 @@ def build_student_batch(items: list[Tokenized], ids: SpecialIds, num_latents: in
             tvals += it.answer
     targets[torch.tensor(rows, dtype=torch.long), torch.tensor(tcols, dtype=torch.long)] = \
         torch.tensor(tvals, dtype=torch.long)
-    label_idx, label_tgt = _labels(targets[:, Qb + M:], B * Ab if widths is not None and widths.static else None)
+    capacity = (widths.s_labels or B * Ab) if widths is not None and widths.static else None
+    label_idx, label_tgt = _labels(targets[:, Qb + M:], capacity)
     return StudentBatch(s_ids, mask, positions(mask), targets, torch.tensor(p_last),
                         codi_columns(items, p_last, codi_position), Qb, M, label_idx, label_tgt)
