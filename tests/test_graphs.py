@@ -365,6 +365,43 @@ def test_an_eager_micro_batch_out_of_memory_gives_the_pool_back_and_redoes_the_s
             assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-7), k
 
 
+def test_a_validation_out_of_memory_beside_the_pool_turns_graphs_off_and_validates_again(tmp_path, monkeypatch,
+                                                                                          capsys):
+    """Decoding a validation beside the training graphs' pool that runs out of memory: the graphs are turned off
+    (the pool given back, a line saying so), the validation runs again, and the run goes on with the losses and
+    the validations of a run without graphs."""
+    runs, vals = {}, {}
+    for mode in ("off", "on"):
+        cfg = load_config("tiny_synth", TRAIN + ["method=cot", f"optim.cuda_graphs={mode == 'on'}",
+                                                 "run.eval_every=2", f"run.output_dir={tmp_path}",
+                                                 f"run.name=valoom_{mode}"])
+        if mode == "on":
+            real = kt.setup_graphs
+            monkeypatch.setattr(kt, "setup_graphs", lambda c, a, r: real(c, a, r, backend=EagerReplay()))
+            evaluate, raised = kt.evaluate_records, []
+
+            def oom_once(*a, **k):  # the first validation: decoding does not fit beside the pool
+                if not raised:
+                    raised.append(1)
+                    raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 4.00 GiB")
+                return evaluate(*a, **k)
+
+            monkeypatch.setattr(kt, "evaluate_records", oom_once)
+        run_dir = kt.train(cfg, progress=False, data_root=tmp_path / "synth")
+        rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+        runs[mode] = train_metrics(run_dir)
+        vals[mode] = [r["val/accuracy"] for r in rows if "val/accuracy" in r]
+    out = capsys.readouterr().out
+    assert raised == [1]
+    assert "CUDA graphs: out of memory in the validation after step 2" in out and "OutOfMemoryError" in out
+    off, on = runs["off"], runs["on"]
+    assert len(off) == len(on) == 3 and on[-1]["graphs/disabled"] == 1 and on[0]["graphs/replays"] >= 1
+    assert vals["on"] == vals["off"] and len(vals["on"]) >= 1
+    for a, b in zip(off, on):
+        for k in [k for k in a if k.startswith("loss/")] + ["grad_norm"]:
+            assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-7), k
+
+
 def test_cuda_graphs_on_is_refused_where_impossible():
     with pytest.raises(ConfigError, match="optim.cuda_graphs.*eviction.method: random"):
         load_config("tiny_synth", ["method=kava", "optim.cuda_graphs=true", "eviction.method=random"])

@@ -512,9 +512,20 @@ def eval_position_skip(schedule, step: int, longest_cot: int) -> int:
 def validate(t: Trainer, valid_recs: list[Record], position_skip: int = 0) -> dict[str, float]:
     """Greedy accuracy on the validation records (`val/accuracy`), each rank decoding its share, and for digit
     answers the share of digits in place (`val/digits`, `kava.scoring.digit_agreement`); leaves the model in
-    train mode. position_skip: `eval_position_skip`."""
-    rows, _ = evaluate_records(t.raw, t.tokenizer, t.cfg, valid_recs, rank=t.acc.process_index,
-                               world=t.acc.num_processes, position_skip=position_skip)
+    train mode. position_skip: `eval_position_skip`. Decoding that runs out of memory beside the training graphs'
+    pool turns the graphs off (the pool given back, a line saying so) and validates again: a full card costs the
+    graphs, not the run."""
+    def run():
+        return evaluate_records(t.raw, t.tokenizer, t.cfg, valid_recs, rank=t.acc.process_index,
+                                world=t.acc.num_processes, position_skip=position_skip)[0]
+
+    try:
+        rows = run()
+    except torch.OutOfMemoryError as err:
+        if t.graphs is None or t.graphs.disabled is not None:
+            raise
+        t.graphs.turn_off(err, f"out of memory in the validation after step {t.step}")
+        rows = run()
     rows = gather_object(rows)
     out = {"val/accuracy": sum(r["correct"] for r in rows) / max(1, len(rows))}
     if rows and all("digits" in r for r in rows):

@@ -18,7 +18,8 @@ What makes the micro-step capturable (checked on CPU by running it on the meta d
 One graph per batch shape, up to `optim.max_graphs`; a batch of a new shape beyond that runs eagerly (counted).
 A capture that fails (out of memory, say) turns graphs off for the run under `optim.cuda_graphs: auto`; so does
 an eager micro-batch that runs out of memory beside the graphs' pool, after which the trainer redoes that step
-eagerly (`kava.train.run_step`): a full card costs the graphs, not the run.
+eagerly (`kava.train.run_step`), and a validation whose decoding runs out of memory beside it, which then runs
+again (`kava.train.validate`): a full card costs the graphs, not the run.
 The first capture runs the step eagerly a few times on a side stream first (CUDA's warm-up rule); every capture
 restores the gradients and the RNG states as they were before it, so capturing changes neither what the
 optimizer sees nor the dropout masks of later steps.
