@@ -7,6 +7,7 @@
 #   BASE=.carry/base bash benchmarks/gpu_next.sh decode   # eval decoders: BASE's dynamic cache, static, graphs
 #   BASE=.carry/base2 bash benchmarks/gpu_next.sh versus  # BASE's training step vs this tree's (graphs, kava, mb 32)
 #   bash benchmarks/gpu_next.sh labels                    # optim.graph_label_buckets vs block-area label rows (graphs)
+#   bash benchmarks/gpu_next.sh pool                      # largest shape captured first vs plan order (graph pool)
 #   bash benchmarks/gpu_next.sh ce                        # optim.fused_ce vs the checkpointed CE (graphs, mb 32)
 #   bash benchmarks/gpu_next.sh dropout                   # lora.fused_dropout vs peft's dropout (graphs, mb 32)
 set -uo pipefail
@@ -55,9 +56,14 @@ case "${1:-train}" in
       --out $OUT/graph_bench_ce${f:+_fused}.json 2>&1 | quiet | grep "^llama1b"; done ;;
   labels)  # optim.graph_label_buckets against the block-area label capacity, same call: graphs, kava, eq and NL at
     # micro-batches 32 and 64 (the shapes, peak memory and samples/s of each)
-    for f in "" "--label-buckets"; do PYTHONPATH=$PWD/src:$PWD/benchmarks timeout 280 python benchmarks/graph_bench.py \
+    for f in "" "--label-buckets 1.5"; do PYTHONPATH=$PWD/src:$PWD/benchmarks timeout 280 python benchmarks/graph_bench.py \
       --llama1b --skip-equality --micro-batches 32,64 --styles eq,nl --llama-methods kava --llama-modes graphs $f \
       --out $OUT/graph_bench_labels${f:+_bucketed}.json 2>&1 | quiet | grep "^llama1b"; done ;;
+  pool)  # the graphs' pool with the largest shape captured first (GraphedStep.precapture) against capture in plan
+    # order, same call: graphs, kava, eq and NL at micro-batches 32 and 64 (peak memory, shapes, samples/s)
+    for f in "" "--largest-first"; do PYTHONPATH=$PWD/src:$PWD/benchmarks timeout 280 python benchmarks/graph_bench.py \
+      --llama1b --skip-equality --micro-batches 32,64 --styles eq,nl --llama-methods kava --llama-modes graphs $f \
+      --out $OUT/graph_bench_pool${f:+_largest_first}.json 2>&1 | quiet | grep "^llama1b"; done ;;
   eval)  # latent vs cot questions/s at batch 64 and 256, one profiled batch per mode
     PYTHONPATH=$PWD/src timeout 560 python benchmarks/step_bench.py --shapes ${SHAPE:-llama1b} --eval-only \
       --eval-batch-sizes 64,256 --eval-profile $OUT/eval_profile.txt --out $OUT/eval_bench.json 2>&1 | quiet \

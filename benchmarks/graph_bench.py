@@ -43,7 +43,8 @@ OUT_PATH: Path | None = None
 REPEAT_EAGER = False
 LORA_DROPOUT = 0.1
 FUSED_CE = False  # --fused-ce: optim.fused_ce
-LABEL_BUCKETS = False  # --label-buckets: optim.graph_label_buckets
+LABEL_BUCKETS = None  # --label-buckets G: optim.graph_label_buckets
+LARGEST_FIRST = False  # --largest-first: the largest shape captured first (GraphedStep.precapture, as kava train does)
 
 
 def dump(out: dict) -> None:
@@ -159,12 +160,13 @@ def bench_llama(out: dict, micro_batches=(32, 64), styles=("eq", "nl"), reps: in
         for mb in micro_batches:
             for method in methods:
                 row = {"steps": steps, "group_by_length": group, "lora_dropout": LORA_DROPOUT,
-                       "fused_dropout": sb.FUSED_DROPOUT, "fused_ce": FUSED_CE, "graph_label_buckets": LABEL_BUCKETS}
+                       "fused_dropout": sb.FUSED_DROPOUT, "fused_ce": FUSED_CE, "graph_label_buckets": LABEL_BUCKETS,
+                       "largest_first": LARGEST_FIRST}
                 try:
                     model = sb.build(SHAPE, sb.LORA_BAR, lora_dropout=LORA_DROPOUT)
                     model.train()
                     cfg = sb.cfg_for(method, **({"optim.fused_ce": True} if FUSED_CE else {}),
-                                     **({"optim.graph_label_buckets": True} if LABEL_BUCKETS else {}))
+                                     **({"optim.graph_label_buckets": LABEL_BUCKETS} if LABEL_BUCKETS else {}))
                     items = sb.sample_items(128 * steps, style, lengths, model.config.vocab_size, model.ids.eos, seed=1)
                     params = [p for p in model.parameters() if p.requires_grad]
                     opt = torch.optim.AdamW(params, lr=1e-5, fused=DEV == "cuda")
@@ -176,6 +178,8 @@ def bench_llama(out: dict, micro_batches=(32, 64), styles=("eq", "nl"), reps: in
                             items[s * 128:(s + 1) * 128], mb, group)] for s in range(steps)]
                         gs = GraphedStep(functools.partial(graph_micro_step, model, cfg, accum, DEV), params,
                                          max_graphs=32, backend=BACKEND) if graphs else None
+                        if gs is not None and LARGEST_FIRST:
+                            gs.precapture([b for bs in plan for b in bs])
 
                         def run():
                             for batches in plan:
@@ -193,9 +197,10 @@ def bench_llama(out: dict, micro_batches=(32, 64), styles=("eq", "nl"), reps: in
                         med = statistics.median(times) / steps
                         row[key] = {"s_per_opt_step": med, "samples_per_s": 128 / med, "peak_gib":
                                     torch.cuda.max_memory_allocated() / 2**30,
+                                    "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30,
                                     "shapes": len({batch_key(b) for bs in plan for b in bs}), **(gs.stats() if gs else {})}
-                        print(f"llama1b {style} mb{mb} {method:5s} {key:6s} p={LORA_DROPOUT}{' fused' if sb.FUSED_DROPOUT else ''}{' fused-ce' if FUSED_CE else ''}{' label-buckets' if LABEL_BUCKETS else ''} {med:.3f} s/step (128 samples) "
-                              f"{128 / med:6.1f} samples/s  peak {row[key]['peak_gib']:.1f} GiB "
+                        print(f"llama1b {style} mb{mb} {method:5s} {key:6s} p={LORA_DROPOUT}{' fused' if sb.FUSED_DROPOUT else ''}{' fused-ce' if FUSED_CE else ''}{f' label-buckets {LABEL_BUCKETS}' if LABEL_BUCKETS else ''}{' largest-first' if LARGEST_FIRST else ''} {med:.3f} s/step (128 samples) "
+                              f"{128 / med:6.1f} samples/s  peak {row[key]['peak_gib']:.1f} GiB (reserved {row[key]['peak_reserved_gib']:.1f}) "
                               f"({row[key]['shapes']} shapes)", flush=True)
                         if gs is not None:  # free the graphs' memory pool before the next measurement
                             gs.graphs.clear()
@@ -265,6 +270,7 @@ def cpu_smoke_setup():
     kt.setup_graphs = lambda c, a, r, backend=None: real(c, a, r, backend=BACKEND)
     torch.cuda.reset_peak_memory_stats = lambda: None
     torch.cuda.max_memory_allocated = lambda: 0
+    torch.cuda.max_memory_reserved = lambda: 0
     torch.cuda.empty_cache = lambda: None
 
 
@@ -285,15 +291,17 @@ def main():
     ap.add_argument("--lora-dropout", type=float, default=0.1)
     ap.add_argument("--fused-dropout", action="store_true", help="lora.fused_dropout (kava.model.lora_dropout)")
     ap.add_argument("--fused-ce", action="store_true", help="optim.fused_ce (kava.losses.fused_head_cross_entropy)")
-    ap.add_argument("--label-buckets", action="store_true", help="optim.graph_label_buckets (kava.data.format.block_widths)")
+    ap.add_argument("--label-buckets", type=float, default=None, metavar="G",
+                    help="optim.graph_label_buckets=G (kava.data.format.block_widths)")
+    ap.add_argument("--largest-first", action="store_true", help="capture the largest shape first (GraphedStep.precapture)")
     ap.add_argument("--skip-equality", action="store_true", help="skip the LLaMA-shape eager-vs-graph check")
     ap.add_argument("--repeat-eager", action="store_true", help="synthetic: run the eager reference twice")
     ap.add_argument("--out", default="benchmarks/results/graph_bench.json")
     args = ap.parse_args()
-    global OUT_PATH, REPEAT_EAGER, LORA_DROPOUT, FUSED_CE, LABEL_BUCKETS
+    global OUT_PATH, REPEAT_EAGER, LORA_DROPOUT, FUSED_CE, LABEL_BUCKETS, LARGEST_FIRST
     OUT_PATH, REPEAT_EAGER, LORA_DROPOUT = Path(args.out), args.repeat_eager, args.lora_dropout
     sb.FUSED_DROPOUT = args.fused_dropout
-    FUSED_CE, LABEL_BUCKETS = args.fused_ce, args.label_buckets
+    FUSED_CE, LABEL_BUCKETS, LARGEST_FIRST = args.fused_ce, args.label_buckets, args.largest_first
     if DEV == "cpu":
         cpu_smoke_setup()
     out = {"device": torch.cuda.get_device_name() if DEV == "cuda" else "cpu", "torch": torch.__version__}

@@ -22,7 +22,7 @@ from kava.config import ConfigError, load_config
 from kava.data.format import Formatter
 from kava.data.records import SkipLog
 from kava.data.format import block_widths, bucket_width, build_student_batch, build_teacher_batch, label_totals
-from kava.training.graphs import EagerReplay, GraphedStep, batch_key, model_graph_exclusion
+from kava.training.graphs import EagerReplay, GraphedStep, batch_key, batch_volume, model_graph_exclusion
 from kava.objective import Batch, length_key, loss_step, make_batch
 from kava.model.capture import no_host_sync
 from kava.checkpoint.load import build_reasoner
@@ -400,6 +400,70 @@ def test_a_validation_out_of_memory_beside_the_pool_turns_graphs_off_and_validat
     for a, b in zip(off, on):
         for k in [k for k in a if k.startswith("loss/")] + ["grad_norm"]:
             assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-7), k
+
+
+def test_precapture_takes_the_largest_shape_and_changes_nothing():
+    """`GraphedStep.precapture` captures the largest of the given batches (`batch_volume`) and nothing else: the
+    gradients and the RNG are as before, that shape later replays without a new capture, a second call adds
+    nothing, and the steps then accumulate what eager steps do."""
+    cfg, model, items = setup("kava")
+    small = make_batch(items[:2], model.ids, cfg, buckets=1.25)
+    big = make_batch(items, model.ids, cfg, buckets=1.25)
+    assert batch_volume(big) > batch_volume(small) and batch_key(big) != batch_key(small)
+    den = {k: torch.tensor(v) for k, v in {"ce_teacher": 50.0, "ce_student": 6.0}.items()}
+    small.ce_den = big.ce_den = den
+
+    def fn(b):
+        total, log = loss_step(model, b, cfg)
+        total.backward()
+        return log
+
+    model.zero_grad(set_to_none=True)
+    for b in (small, big):
+        fn(b)
+    ref = grads_of(model)
+
+    model.zero_grad(set_to_none=True)
+    step = GraphedStep(fn, list(model.parameters()), backend=EagerReplay())
+    rng = torch.get_rng_state()
+    assert step.precapture([small, big]) is big
+    assert torch.equal(torch.get_rng_state(), rng) and all(p.grad is None or not p.grad.any()
+                                                           for p in model.parameters())
+    assert list(step.graphs) == [batch_key(big)] and step.precapture([small, big]) is None
+    step(small)
+    step(big)
+    close(grads_of(model), ref)
+    assert step.stats() == {"graphs/captured": 2, "graphs/replays": 2, "graphs/eager": 0, "graphs/disabled": 0}
+
+
+def test_training_captures_the_largest_shape_of_the_first_steps_first(tmp_path, monkeypatch):
+    """`kava train` with graphs captures, before its first step, the largest micro-batch shape of its first
+    steps; the run still equals one without graphs (`test_train_with_graphs_equals_train_without`)."""
+    real, order = kt.setup_graphs, []
+    monkeypatch.setattr(kt, "setup_graphs", lambda c, a, r: real(c, a, r, backend=EagerReplay()))
+    capture = GraphedStep._capture
+
+    def spy(self, batch):
+        order.append(batch)
+        return capture(self, batch)
+
+    monkeypatch.setattr(GraphedStep, "_capture", spy)
+    seen = []
+    build = kt.make_batch
+
+    def record(*a, **k):
+        b = build(*a, **k)
+        seen.append(b)
+        return b
+
+    monkeypatch.setattr(kt, "make_batch", record)
+    cfg = load_config("tiny_synth", TRAIN + ["method=kava", "optim.cuda_graphs=true", "optim.max_steps=6",
+                                             f"run.output_dir={tmp_path}", "run.name=precapture"])
+    kt.train(cfg, progress=False, data_root=tmp_path / "synth")
+    volumes = {batch_key(b): batch_volume(b) for b in seen}
+    assert len(volumes) >= 2  # several shapes, so the order means something
+    assert batch_volume(order[0]) == max(volumes.values())
+    assert len({batch_key(b) for b in order}) == len(order)  # each shape captured once
 
 
 def test_cuda_graphs_on_is_refused_where_impossible():

@@ -57,9 +57,9 @@ from kava.data.pipeline import load_train_valid, synthetic_single_tokens, train_
 from kava.data.records import Record, SkipLog
 from kava.data.tokenizer import build_tokenizer, tokenizer_texts
 from kava.evaluate import evaluate_records
-from kava.objective import Objective, ce_denominators, length_key, make_batch
+from kava.objective import Batch, Objective, ce_denominators, length_key, make_batch
 from kava.training.gradshare import grad_share_due, grad_share_micro, measure
-from kava.training.graphs import GraphedStep, setup_graphs
+from kava.training.graphs import GraphedStep, batch_volume, setup_graphs
 from kava.training.interrupt import StopRequest, TrainingInterrupted
 from kava.training.logger import MetricLogger
 from kava.training.progress import ProgressLine, plan_lines, start_summary, validation_line
@@ -376,6 +376,23 @@ def prepare_step(t: Trainer, items: list[Tokenized], batch: tuple[int, ...],
     return PreparedStep(built, ce_den)
 
 
+GRAPH_LOOKAHEAD = 32  # optimizer steps whose micro-batches `precapture_largest` looks at
+
+
+def precapture_largest(t: Trainer, steps: list[PreparedStep]) -> None:
+    """Capture the largest micro-batch shape of `steps` before training (`GraphedStep.precapture`): the graphs
+    share one pool, and the smaller shapes captured later fit in the memory the largest one freed. The same
+    training follows (a capture leaves the gradients and the RNG as they were)."""
+    micro = [(b, p.ce_den) for p in steps for b in p.micro]
+    if not micro:
+        return
+    b, den = max(micro, key=lambda m: batch_volume(m[0]))
+    dev = Batch(None if b.teacher is None else b.teacher.to(t.acc.device),
+                None if b.student is None else b.student.to(t.acc.device), b.num_tokens,
+                {k: torch.tensor(v, dtype=torch.float32).to(t.acc.device) for k, v in den.items()})
+    t.graphs.precapture([dev])
+
+
 def train_step(t: Trainer, items: list[Tokenized], batch: tuple[int, ...], *, accum: int, step: int,
                logger: MetricLogger, latent_counts: list[int] | None = None) -> StepResult:
     """One optimizer step on the global batch `batch` (example indices; `step` is 0-based): `prepare_step`,
@@ -634,6 +651,8 @@ def train(cfg: Config, *, resume: str | Path | None = None, progress: bool = Tru
             ex = examples(s)
             return ex, prepare_step(t, ex.items, tuple(range(len(ex.items))), ex.latent_counts)
 
+        if t.graphs is not None:  # the largest shape of the first steps first: the others then fit in its memory
+            precapture_largest(t, [host_half(s)[1] for s in range(t.step, min(end_step, t.step + GRAPH_LOOKAHEAD))])
         ahead: dict[int, tuple[curriculum.StepExamples, PreparedStep]] = {}  # step s+1's, built during step s
         for step in range(t.step, end_step):
             step_rng = t.rng_now() if cfg.run.nan_policy == "stop" else None  # the last good state, if this step fails

@@ -16,6 +16,8 @@ What makes the micro-step capturable (checked on CPU by running it on the meta d
   them with `set_to_none=False`).
 
 One graph per batch shape, up to `optim.max_graphs`; a batch of a new shape beyond that runs eagerly (counted).
+The largest shape of the first steps is captured before training (`GraphedStep.precapture`), so that the
+smaller ones fit in its memory.
 A capture that fails (out of memory, say) turns graphs off for the run under `optim.cuda_graphs: auto`; so does
 an eager micro-batch that runs out of memory beside the graphs' pool, after which the trainer redoes that step
 eagerly (`kava.train.run_step`), and a validation whose decoding runs out of memory beside it, which then runs
@@ -52,6 +54,12 @@ def batch_key(batch: Batch) -> tuple:
             key.append((f.name, tuple(v.shape), v.dtype) if torch.is_tensor(v) else (f.name, v))
     key.append(tuple(sorted(batch.ce_den)) if batch.ce_den is not None else None)
     return tuple(key)
+
+
+def batch_volume(batch: Batch) -> int:
+    """What a micro-batch's activation memory grows with: the columns its passes compute (teacher and student,
+    pads included) plus the rows its LM head runs on (`label_idx`)."""
+    return sum(part.ids.numel() + part.label_idx.numel() for part in (batch.teacher, batch.student) if part is not None)
 
 
 def _tensors(batch: Batch):
@@ -224,6 +232,28 @@ class GraphedStep:
                 raise RuntimeError(f"this batch shape reaches {len(new)} parameter(s) that the first captured shape "
                                    "did not; their gradients cannot be accumulated by a graph")
         return graph, static, log
+
+    def precapture(self, batches: list[Batch]) -> Batch | None:
+        """Capture, before training, the largest shape of `batches` (`batch_volume`; the micro-batches of the
+        first steps): every graph allocates from one pool, and a capture carves its blocks from what the earlier
+        ones freed, so the largest first lets the smaller shapes fit in its memory instead of each adding its
+        own. Nothing else changes: a capture leaves the gradients and the RNG as they were. Returns the batch
+        captured (None: nothing to capture, or graphs off)."""
+        if self.disabled is not None or not batches:
+            return None
+        big = max(batches, key=batch_volume)
+        key = batch_key(big)
+        if key in self.graphs or len(self.graphs) >= self.max_graphs:
+            return None
+        self._check_grads()
+        try:
+            self.graphs[key] = self._capture(big)
+        except Exception as err:
+            if not self.fallback:
+                raise
+            self.turn_off(err, "capture failed")
+            return None
+        return big
 
     def turn_off(self, err: BaseException, what: str) -> None:
         """Graphs off for the rest of the run: every captured graph dropped and its pool's memory given back
