@@ -14,14 +14,14 @@ ROWS = [[5, 6, 7], [8, 9, 10, 11, 12, 13], [14, 15, 16, 17]]
 
 
 class StandIn:
-    """What `DecodeStep.capture` makes on a GPU, on a CPU: `replay` runs the recorded step."""
+    """What `DecodeStep.capture` makes on a GPU, on a CPU: `replay` runs the recorded body."""
 
-    def __init__(self, step):
-        self.step, self.replays = step, 0
+    def __init__(self, body):
+        self.body, self.replays = body, 0
 
     def replay(self):
         self.replays += 1
-        self.step.step()
+        self.body()
 
 
 @pytest.fixture
@@ -31,8 +31,9 @@ def stand_in(monkeypatch):
     def capture(self, graphs):
         if getattr(graphs, "fail", False):
             raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        self.graph = StandIn(self)
-        made.append(self.graph)
+        for attr, body in self.bodies():  # the decode step, and a LatentStep's latent pass too
+            setattr(self, attr, StandIn(body))
+            made.append(getattr(self, attr))
 
     monkeypatch.setattr(DecodeStep, "capture", capture)
     return made
@@ -167,3 +168,52 @@ def test_a_position_skip_takes_its_tokens_off_the_cot_budget():
     items = [Tokenized(question=ROWS[0], cot=[], prompt=[30], answer=[], index=0)]
     kw = dict(mode="cot", max_new_tokens=3, max_cot_tokens=6)  # no eos in a tiny model: every budget is spent
     assert [len(generate(m, items, position_skip=s, **kw)[0].token_ids) for s in (0, 4, 9)] == [10, 6, 4]
+
+
+def latent_items(tok, n=None):
+    from kava.data.format import Formatter
+    from tiny import RECORDS
+
+    return [Formatter(tok).tokenize(r, i, need_answer=False) for i, r in enumerate(RECORDS[:n])]
+
+
+@pytest.mark.parametrize("student, T", [("jacobi", 2), ("sequential", 2)])
+def test_the_latent_step_has_no_host_sync(student, T):
+    """The whole latent pass on the static cache (`LatentStep.latent`: prefix, sweeps or sequential latents,
+    answer block) runs on the meta device, where any data-dependent op raises: a CUDA graph can record it."""
+    from kava.decode import LatentStep, question_batch
+
+    m, tok = tiny_reasoner("llama")
+    sb = question_batch(m, latent_items(tok), 3)
+    m = m.to("meta")
+    sb = sb.to("meta")
+    step = LatentStep(m, sb, T, student, 4)
+    with torch.no_grad(), no_host_sync():
+        step.load_latent(sb)
+        step.latent()
+        step.step()
+    assert step.out.device.type == "meta"
+
+
+def test_latent_graphs_replay_the_latent_pass_and_the_decode_step_per_shape(stand_in):
+    """With graphs, latent mode captures its latent pass and its decode step once per batch shape, replays both
+    (the first token from the latent pass, the rest from decode steps), and gives the eager generations; the
+    step of a shape already seen is reused with the new batch's data."""
+    from kava.decode import DecodeGraphs, generate
+
+    m, tok = tiny_reasoner("llama")
+    items = latent_items(tok)
+    kw = dict(mode="latent", num_latents=3, num_sweeps=2, max_new_tokens=4)
+    with torch.no_grad():
+        ref = generate(m, items, **kw)
+        graphs = DecodeGraphs(m, check_every=1)
+        assert [g.token_ids for g in generate(m, items, graphs=graphs, **kw)] == [g.token_ids for g in ref]
+        assert graphs.captured == 1 and len(stand_in) == 2  # the latent pass and the decode step
+        latent, dec = stand_in
+        assert latent.replays == 1 and dec.replays == 3
+        other = items[::-1]  # the same shape (question width, batch), other data: replayed, not captured again
+        ref2 = generate(m, other, **kw)
+        assert [g.token_ids for g in generate(m, other, graphs=graphs, **kw)] == [g.token_ids for g in ref2]
+        assert graphs.captured == 1 and latent.replays == 2
+        generate(m, items[:2], graphs=graphs, **kw)  # another batch size: another shape
+        assert graphs.captured == 2

@@ -280,3 +280,31 @@ def test_static_cache_decoding_equals_full_recomputation(name):
             ref = full[len(row) - 1:-1]  # the prediction of each emitted token
             chosen = ref.gather(1, torch.tensor(toks)[:, None])[:, 0]
             assert (ref.max(1).values - chosen).max().item() <= 1e-4, (name, toks, ref.argmax(1).tolist())
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_static_latent_decoding_equals_the_growing_cache(name, monkeypatch):
+    """Latent mode on the static cache (`kava.decode.LatentStep`: the prefix, the sweeps or the sequential
+    latents, the answer block and the decode steps, all of which CUDA graphs replay on a GPU), run eagerly here,
+    gives the generations and forward-pass counts of the growing cache (`latent_pass` + `answer_from_cache`), for
+    Jacobi sweeps (T = 2 and T = 0) and CoDI's sequential latents, on questions of different lengths."""
+    from kava.decode import DecodeGraphs, DecodeStep, generate
+
+    from tiny import RECORDS
+    from kava.data.format import Formatter
+
+    m, tok = model(name)
+    monkeypatch.setattr(DecodeStep, "capture", lambda self, graphs: None)  # no GPU: the steps run eagerly
+    items = [Formatter(tok).tokenize(r, i, need_answer=False) for i, r in enumerate(RECORDS)]
+    for student, T in (("jacobi", 2), ("jacobi", 0), ("sequential", 2)):
+        kw = dict(mode="latent", num_latents=3, num_sweeps=T, student_mode=student, max_new_tokens=5)
+        with torch.no_grad():
+            ref = generate(m, items, **kw)
+            graphs = DecodeGraphs(m, check_every=1)
+            got = generate(m, items, graphs=graphs, **kw)
+        # a mixture of experts decodes eagerly on the growing cache (`DecodeGraphs.off`): data-dependent routing
+        kind = "DecodeStep" if graphs.off is not None else "LatentStep"
+        assert [type(s).__name__ for s in graphs.steps.values()] == [kind], (name, student)
+        assert (graphs.off is not None) == ("moe" in name)
+        assert [g.token_ids for g in got] == [g.token_ids for g in ref], (name, student, T)
+        assert [g.forward_passes for g in got] == [g.forward_passes for g in ref]

@@ -19,13 +19,15 @@ Evaluation (`kava.evaluate`), the diagnostics (`kava.diagnostics`), `kava ask` a
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from kava.data.format import BlockWidths, StudentBatch, Tokenized, build_student_batch, pad_rows, positions
 from kava.model.capture import no_host_sync
-from kava.model.families import mixture_of_experts
+from kava.model.families import mixture_of_experts, text_config
 from kava.model.reasoner import LatentReasoner, StudentOut
 from kava.spec import MODES
 
@@ -99,16 +101,19 @@ class DecodeStep:
     and the columns not written yet are masked, so the tokens equal the growing cache's (tests).
     """
 
-    def __init__(self, model: LatentReasoner, like, columns: int, new_tokens: int):
-        """like: a cache of the batch this step will decode (its layers' head counts, head sizes and dtype)."""
+    def __init__(self, model: LatentReasoner, like, columns: int, new_tokens: int, batch: int | None = None):
+        """like: a cache of the batch this step will decode (its layers' head counts, head sizes and dtype); or
+        None with `batch`: the layers then take their shapes from the first pass that writes them
+        (`LatentStep`)."""
         from transformers.cache_utils import Cache, StaticLayer
 
         self.model = model
         dev = model.special_rows.device
-        batch = like.layers[0].keys.shape[0]
+        layers = len(like.layers) if like is not None else text_config(model.config).num_hidden_layers
+        batch = like.layers[0].keys.shape[0] if like is not None else batch
         # every layer keeps every column, as `new_cache` (sliding windows never bind: `check_window`)
-        self.cache = Cache(layers=[StaticLayer(max_cache_len=columns) for _ in like.layers])
-        for src, layer in zip(like.layers, self.cache.layers):
+        self.cache = Cache(layers=[StaticLayer(max_cache_len=columns) for _ in range(layers)])
+        for src, layer in zip(like.layers if like is not None else [], self.cache.layers):
             layer.lazy_initialization(src.keys[:, :, :1], src.values[:, :, :1])  # zeros of S columns
         self.mask = torch.zeros(batch, columns, dtype=torch.long, device=dev)
         self.tok = torch.zeros(batch, dtype=torch.long, device=dev)
@@ -144,31 +149,78 @@ class DecodeStep:
         self.pos.add_(1)
         self.col.add_(1)
 
+    def bodies(self) -> list[tuple[str, Callable[[], None]]]:
+        """(attribute, function) of each graph `capture` records: here the decode step."""
+        return [("graph", self.step)]
+
     def capture(self, graphs: DecodeGraphs) -> None:
-        """Record `step` as a CUDA graph in `graphs`' pool: one eager run on a side stream first (CUDA's
-        warm-up rule), which changes only the buffers (`load` sets them before every use)."""
+        """Record each of `bodies` as a CUDA graph in `graphs`' pool: one eager run on a side stream first
+        (CUDA's warm-up rule), which changes only the buffers (`load` sets them before every use)."""
         if graphs.pool is None:
             graphs.pool = torch.cuda.graph_pool_handle()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            self.step()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        # the graph replays autocast's weight casts: none may come from (or go into) its cache
-        amp = torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), enabled=torch.is_autocast_enabled("cuda"),
-                             cache_enabled=False)
-        with amp, torch.cuda.graph(graph, pool=graphs.pool):
-            self.step()
-        self.graph = graph
+        for attr, body in self.bodies():
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                body()
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            # the graph replays autocast's weight casts: none may come from (or go into) its cache
+            amp = torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"),
+                                 enabled=torch.is_autocast_enabled("cuda"), cache_enabled=False)
+            with amp, torch.cuda.graph(graph, pool=graphs.pool):
+                body()
+            setattr(self, attr, graph)
 
     def run(self) -> None:
         self.graph.replay() if self.graph is not None else self.step()
 
 
+class LatentStep(DecodeStep):
+    """Latent mode on the static cache: the whole question pass (prefix, T sweeps or M sequential latents:
+    `LatentReasoner.student_forward(cache=...)`, the same code as training's) and the answer block `<eot>` ·
+    prompt, which emits the first token, as one more step (`latent`, CUDA-graphed beside the decode step by
+    `DecodeGraphs.get_latent`); then the decode steps of `DecodeStep`. Its buffers: `sb`, the question-only
+    student batch (`question_batch`) whose `mask` is the step's [B, S] mask (the answer block's columns set, the
+    rest filled in by the decode steps). The tokens equal the growing cache's (tests)."""
+
+    def __init__(self, model: LatentReasoner, sb: StudentBatch, num_sweeps: int, student_mode: str, new_tokens: int):
+        n = sb.ids.shape[1]
+        super().__init__(model, None, n + new_tokens - 1, new_tokens, batch=sb.ids.shape[0])
+        self.num_sweeps, self.student_mode = num_sweeps, student_mode
+        self.sb = dataclasses.replace(sb, ids=sb.ids.clone(), pos=sb.pos.clone(), mask=self.mask)
+        self.latent_graph = None
+
+    def load_latent(self, sb: StudentBatch) -> None:
+        """Start from the question-only batch `sb` (the shape this step was made for)."""
+        n = sb.ids.shape[1]
+        self.sb.ids.copy_(sb.ids)
+        self.sb.pos.copy_(sb.pos)
+        self.mask.zero_()
+        self.mask[:, :n].copy_(sb.mask)
+        self.col.fill_(n)
+        self.start.fill_(n - 1)
+
+    def latent(self) -> None:
+        model, sb = self.model, self.sb
+        model.student_forward(sb, self.num_sweeps, student_mode=self.student_mode, keep_sweeps="none",
+                              with_answer=False, cache=self.cache)
+        first = answer_logits(model, sb, self.cache, sb.mask).argmax(-1)
+        self.tok.copy_(first)
+        self.pos.copy_(sb.pos[:, -1] + 1)
+        self.out[:, 0].copy_(first)
+
+    def bodies(self) -> list[tuple[str, Callable[[], None]]]:
+        return [("latent_graph", self.latent), *super().bodies()]
+
+    def run_latent(self) -> None:
+        self.latent_graph.replay() if self.latent_graph is not None else self.latent()
+
+
 class DecodeGraphs:
-    """The `DecodeStep`s of one evaluation, captured as CUDA graphs, one per batch shape (at most `max_graphs`;
-    the least recently used is dropped), sharing one memory pool (they never run at once). Its static caches
+    """The `DecodeStep`s (and latent mode's `LatentStep`s) of one evaluation, captured as CUDA graphs, one per
+    batch shape (at most `max_graphs`; the least recently used is dropped), sharing one memory pool (they never
+    run at once). Its static caches
     and graphs are freed with it (`kava.evaluate` keeps one per evaluation), or at the end of a `with` block.
     A capture that fails turns graphs off for the rest of it (`off` says why) and the steps run eagerly."""
 
@@ -198,6 +250,27 @@ class DecodeGraphs:
         self.steps[key] = step  # most recently used last
         return step
 
+    def get_latent(self, sb: StudentBatch, num_sweeps: int, student_mode: str, new_tokens: int) -> LatentStep:
+        """The `LatentStep` for question-only student batches shaped like `sb`, loaded with `sb` (its capture
+        runs on this batch's data)."""
+        key = ("latent", *sb.ids.shape, sb.q_block, sb.num_latents, num_sweeps, student_mode, new_tokens)
+        step = self.steps.pop(key, None)
+        if step is None:
+            if len(self.steps) >= self.max_graphs:
+                self.steps.pop(next(iter(self.steps)))
+            step = LatentStep(self.model, sb, num_sweeps, student_mode, new_tokens)
+            step.load_latent(sb)
+            if self.off is None and not self.model.training:
+                try:
+                    step.capture(self)
+                    self.captured += 1
+                except RuntimeError as e:  # out of memory, or an op that cannot be captured
+                    self.off = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+                    step = LatentStep(self.model, sb, num_sweeps, student_mode, new_tokens)
+        self.steps[key] = step  # most recently used last
+        step.load_latent(sb)
+        return step
+
     def __enter__(self):
         return self
 
@@ -222,6 +295,12 @@ def greedy(model: LatentReasoner, cache, logits: torch.Tensor, mask: torch.Tenso
     else:
         step, every = DecodeStep(model, cache, S, max_new), 1
     step.load(cache, mask, logits.argmax(-1), next_pos)
+    return decode_rest(step, max_new, eos, every)
+
+
+def decode_rest(step: DecodeStep, max_new: int, eos: int, every: int) -> tuple[list[list[int]], torch.Tensor]:
+    """The decode steps of `greedy` on a loaded `step` whose `out[:, 0]` holds the first token: (tokens per
+    example, eos included if emitted; steps [B]). Looks for eos every `every` steps (one device read each)."""
     emitted = 1
     while emitted < max_new:
         if (emitted - 1) % every == 0 and bool((step.out[:, :emitted] == eos).any(1).all()):
@@ -243,10 +322,16 @@ def answer_from_cache(model: LatentReasoner, sb, cache, mask: torch.Tensor, max_
     switched off, as the oracle check does). The answer block is never padded (`<eot>` and the prompt are
     the same ids for every example), so its last column predicts the first answer token.
     """
+    logits = answer_logits(model, sb, cache, mask)
+    return greedy(model, cache, logits, mask, sb.pos[:, -1] + 1, max_new, model.ids.eos, graphs)
+
+
+def answer_logits(model: LatentReasoner, sb, cache, mask: torch.Tensor) -> torch.Tensor:
+    """The answer block `<eot>` · prompt of a question-only student batch on `cache` (the question block and the
+    latents): the logits [B, V] of its last column, which predict the first answer token."""
     A0 = sb.answer_start
     out = model.run(model.embed(sb.ids[:, A0:]), mask, sb.pos[:, A0:], cache)
-    logits = model.logits(out.last_hidden_state[:, -1])
-    return greedy(model, cache, logits, mask, sb.pos[:, -1] + 1, max_new, model.ids.eos, graphs)
+    return model.logits(out.last_hidden_state[:, -1])
 
 
 @torch.no_grad()
@@ -323,7 +408,14 @@ def prefill(model: LatentReasoner, rows: list[list[int]]):
 def _generate(model, items, *, mode, num_latents, num_sweeps, student_mode, max_new_tokens, max_cot_tokens,
               tokenizer, graphs, position_skip) -> list[Generation]:
     ids = model.ids
-    if check_mode(mode) == "latent":
+    if check_mode(mode) == "latent" and graphs is not None and graphs.off is None:
+        # the whole latent pass on the static cache (`LatentStep`): on a GPU one graph before the decode steps
+        sb = question_batch(model, items, num_latents).to(model.special_rows.device)
+        step = graphs.get_latent(sb, num_sweeps, student_mode, max_new_tokens)
+        step.run_latent()
+        toks, steps = decode_rest(step, max_new_tokens, ids.eos, graphs.check_every)
+        base_passes = passes("latent", student_mode=student_mode, num_latents=num_latents, num_sweeps=num_sweeps)
+    elif check_mode(mode) == "latent":
         sb, s = latent_pass(model, items, num_latents=num_latents, num_sweeps=num_sweeps, student_mode=student_mode)
         toks, steps = answer_from_cache(model, sb, s.cache, sb.mask, max_new_tokens, graphs)
         base_passes = s.forward_passes

@@ -69,10 +69,23 @@ def embedding_stats(emb: nn.Module, chunk: int = 8192) -> tuple[torch.Tensor, to
 
 
 def truncate_cache(cache: DynamicCache, length: int) -> None:
-    """Keep the first `length` columns (negative `crop` means "remove n" in every transformers 5.x)."""
+    """Keep the first `length` columns (negative `crop` means "remove n" in every transformers 5.x). A static
+    cache (`kava.decode.DecodeStep`) only moves its write position back to `length`, on the device: no host read,
+    so a CUDA graph can record it; its later columns are overwritten by the next pass."""
+    if is_static(cache):
+        for layer in cache.layers:
+            layer.cumulative_length.fill_(length)
+        return
     extra = cache.get_seq_length() - length
     if extra > 0:
         cache.crop(-extra)
+
+
+def is_static(cache) -> bool:
+    """A cache of fixed-size layers that `update` writes at a device-side position (`StaticLayer`)."""
+    from transformers.cache_utils import StaticLayer
+
+    return bool(cache.layers) and isinstance(cache.layers[0], StaticLayer)
 
 
 class _Labelled:
@@ -420,29 +433,42 @@ class LatentReasoner(nn.Module):
 
     def student_forward(self, sb: StudentBatch, num_sweeps: int, *, student_mode: str = "jacobi",
                         key_space: str = "cache", keep_sweeps: str = "all", with_answer: bool = True,
-                        question_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> StudentOut:
+                        question_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+                        cache=None) -> StudentOut:
         """Latent student (SPEC §2): prefix pass, T Jacobi sweeps on the cached question, answer pass.
 
         student_mode="jacobi": prefix over question·<bot>·M placeholders gives z⁰ (shifted, projected); sweep t runs
         all M latents z^{t-1} at once on top of the question's cache and yields z^t; the answer pass runs on
         the cache of the last sweep. T=0: the answer attends to the placeholders (pause tokens).
         student_mode="sequential" (CODI): one latent per pass, z_{k+1} = proj(h_k), M passes after the prefix.
-        keep_sweeps: "all" returns the latent KV of every sweep, "last" only the final one.
+        keep_sweeps: "all" returns the latent KV of every sweep, "last" only the final one, "none" none.
         question_kv: the question block's KV from the teacher pass (`teacher_forward(share_question=True)`):
         the prefix pass then starts at <bot> on top of it; the same results as computing it here (up to
         dropout draws).
+        cache: a static cache to run on instead of a new one (`kava.decode.DecodeStep`, whose CUDA graph records
+        this pass): written from column 0, and `sb.mask` then spans all of its columns, every pass gets it
+        whole, and causal masking hides the columns after each pass (no host read anywhere).
         """
         M, Qb = sb.num_latents, sb.q_block
         W = 0 if question_kv is None else Qb - 1  # columns [0, W) already in the cache; <bot> is column Qb - 1
         if question_kv is not None and question_kv[0][0].shape[2] != W:
             raise ValueError(f"question_kv covers {question_kv[0][0].shape[2]} columns; this batch's question "
                              f"block has {W}")
-        cache = self.new_cache() if question_kv is None else self.cache_from(question_kv)
+        if cache is not None and (question_kv is not None or not is_static(cache)):
+            raise ValueError("student_forward(cache=...) takes a static cache, without question_kv")
+        if cache is None:
+            cache = self.new_cache() if question_kv is None else self.cache_from(question_kv)
+            upto = lambda n: sb.mask[:, :n]  # noqa: E731  (the columns the cache holds after the pass)
+        else:
+            truncate_cache(cache, 0)
+            upto = lambda n: sb.mask  # noqa: E731
         lat_pos = sb.pos[:, Qb:Qb + M]
         lk, lv = [], []
         passes = 0
 
         def record(z_cols_end: int):
+            if keep_sweeps == "none":
+                return
             k, v = self.cache_kv(cache, Qb, z_cols_end)
             if key_space == "pre_rope":
                 k = self.unrotate(k, lat_pos[:, : z_cols_end - Qb])
@@ -450,7 +476,7 @@ class LatentReasoner(nn.Module):
             lv.append(v)
 
         if student_mode == "jacobi":
-            pre = self.run(self.embed(sb.ids[:, W:Qb + M]), sb.mask[:, :Qb + M], sb.pos[:, W:Qb + M], cache)
+            pre = self.run(self.embed(sb.ids[:, W:Qb + M]), upto(Qb + M), sb.pos[:, W:Qb + M], cache)
             passes += 1
             h = pre.last_hidden_state  # columns [W, Qb + M)
             if num_sweeps == 0:
@@ -460,7 +486,7 @@ class LatentReasoner(nn.Module):
                 z = self._shift_project(h[:, Qb - 1 - W], h[:, Qb - W:])
                 for t in range(num_sweeps):
                     truncate_cache(cache, Qb)
-                    out = self.run(z, sb.mask[:, :Qb + M], lat_pos, cache)
+                    out = self.run(z, upto(Qb + M), lat_pos, cache)
                     passes += 1
                     if keep_sweeps == "all" or t == num_sweeps - 1:
                         record(Qb + M)
@@ -468,7 +494,7 @@ class LatentReasoner(nn.Module):
                         h = out.last_hidden_state
                         z = torch.cat([z[:, :1], self.project(h[:, :-1])], 1)  # slot 1 stays
         elif student_mode == "sequential":
-            pre = self.run(self.embed(sb.ids[:, W:Qb]), sb.mask[:, :Qb], sb.pos[:, W:Qb], cache)
+            pre = self.run(self.embed(sb.ids[:, W:Qb]), upto(Qb), sb.pos[:, W:Qb], cache)
             passes += 1
             zs = []
             if M:  # M = 0: Coconut's stage 0, a CoT between <bot> and <eot>
@@ -477,7 +503,7 @@ class LatentReasoner(nn.Module):
                 zs.append(z_k)
                 # a row whose slot k is masked out (`StudentBatch` with latent_counts) computes a thought
                 # that no later column sees
-                out = self.run(z_k, sb.mask[:, :Qb + k + 1], lat_pos[:, k:k + 1], cache)
+                out = self.run(z_k, upto(Qb + k + 1), lat_pos[:, k:k + 1], cache)
                 passes += 1
                 z_k = self.project(out.last_hidden_state)
             z = torch.cat(zs, 1) if zs else pre.last_hidden_state[:, :0]  # [B, M, d]
