@@ -150,6 +150,14 @@ JOBS: dict[str, tuple[str, list[str]]] = {
                                          "run.eval_every=394", "icot.keep_position=true"]),
     "icot5-keep": ("mult5_scratch", ["method=icot", "icot.tokens_per_epoch=8", "optim.max_steps=62000",
                                      "run.eval_every=789", "icot.keep_position=true"]),
+    # icot4-keep-r16 collapsed at token 30 like every run before it (2026-12-07): at twice the official rate the
+    # collapse comes at step ~11.8k, so variants of it answer "what gets past token 30?" within one lease, from
+    # scratch (the shipped checkpoints of icot4-keep / icot5-keep were lost with that session's machine): 6 layers,
+    # and the lr a third of ours from step 0 (the forks at token 29 changed it only after 23k steps at 3e-4)
+    "icot4-keep-r16-6l": ("mult4_scratch", ["method=icot", "icot.tokens_per_epoch=16", "optim.max_steps=32000",
+                                            "run.eval_every=394", "icot.keep_position=true", *DEEP]),
+    "icot4-keep-r16-lr1e4": ("mult4_scratch", ["method=icot", "icot.tokens_per_epoch=16", "optim.max_steps=32000",
+                                               "run.eval_every=394", "icot.keep_position=true", "optim.lr=1e-4"]),
     **{f"icot{n}-fc-{tag}": (f"mult{n}_scratch", ["method=icot", f"icot.tokens_per_epoch={tpe}", "optim.max_steps=6500",
                                                    *sets])
        for n, tpe in ((4, 58), (5, 103))
@@ -183,6 +191,9 @@ GROUPS = {"gate": ["cot4", "nocot4", "cot5", "nocot5", "cot5-6l", "nocot5-6l"], 
           "icot4-b32": ["icot4-b32", "icot4-b32-lr1e4", "icot4-b32-lr3e4"],
           "sm4": ["cot4-sm", "nocot4-sm", "icot4-sm", "icot4-sm-r32"],
           "keep": ["icot4-keep-r16", "icot4-keep", "icot5-keep"],
+          # from scratch, one lease: the official rate with kept positions to token 30 (~23.7k steps), and the
+          # twice-the-rate run with 6 layers or lr 1e-4 (token 30 at ~11.8k)
+          "past30": ["icot4-keep", "icot4-keep-r16-6l", "icot4-keep-r16-lr1e4"],
           "icot-fc": ["cot4-base", "cot5-base"] + [name for name in JOBS if "-fc-" in name]}
 COMMON = ["optim.max_steps=20000", "run.eval_every=500", "run.save_every=500"]
 LATENT = {"pccot", "kava", "codi", "coconut"}
