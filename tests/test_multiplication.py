@@ -273,6 +273,23 @@ def test_train_and_eval_end_to_end(method, tmp_path):
     vals = [json.loads(x) for x in (rd / "metrics.jsonl").read_text().splitlines()]
     vals = [v for v in vals if v.get("split") == "val"]
     assert vals and all(0.0 <= v["val/digits"] <= 1.0 for v in vals) and "val/digits" in done["best"]
+    # each answer place's accuracy, in the summary and at every validation: the naive count of the predictions
+    by_place = [sum(r["extracted"] is not None and len("".join(r["extracted"].split())) > k and
+                    "".join(r["extracted"].split())[k] == r["gold"].split()[k] for r in rows) / len(rows)
+                for k in range(4)]
+    assert s["accuracy_by_place"] == pytest.approx(by_place)
+    assert sum(s["accuracy_by_place"]) / 4 == pytest.approx(s["accuracy_digits"])  # all golds have 4 digits
+    assert all(sorted(k for k in v if k.startswith("val/place")) == [f"val/place{k}" for k in range(4)] for v in vals)
+    assert all(sum(v[f"val/place{k}"] for k in range(4)) / 4 == pytest.approx(v["val/digits"]) for v in vals)
+
+
+def test_place_accuracy_averages_each_place_over_the_answers_that_have_it():
+    from kava.scoring import digit_places, place_accuracy
+
+    places = [digit_places("1 2 3", "1 2 4"), digit_places("9 2", "1 2 3 4"), digit_places(None, "5 6")]
+    assert places == [[True, True, False], [False, True, False, False], [False, False]]
+    assert place_accuracy(places) == pytest.approx([1 / 3, 2 / 3, 0.0, 0.0])
+    assert place_accuracy([]) == []
 
 
 def test_the_validation_line_shows_the_digits_in_place_for_digit_answers():

@@ -40,7 +40,7 @@ from kava.diagnostics import (check_shards, diagnose_batch, eval_chunks, format_
                               summarize_diagnostics)
 from kava.model.families import check_window
 from kava.model.reasoner import LatentReasoner
-from kava.scoring import answer_matches, binomial_stderr, digit_agreement, extract
+from kava.scoring import answer_matches, binomial_stderr, digit_agreement, digit_places, extract, place_accuracy
 
 
 class EvalProgress:
@@ -131,7 +131,8 @@ def evaluate_records(model: LatentReasoner, tokenizer, cfg, records: list[Record
                          "correct": answer_matches(ext["strict"], r.answer, r.answer_kind),
                          "correct_flexible": answer_matches(ext["flexible"], r.answer, r.answer_kind),
                          "forward_passes": g.forward_passes, "generated_tokens": g.generated_tokens,
-                         **({"digits": digit_agreement(ext["strict"], r.answer)} if r.answer_kind == "digits" else {})})
+                         **({"digits": digit_agreement(ext["strict"], r.answer),
+                             "places": digit_places(ext["strict"], r.answer)} if r.answer_kind == "digits" else {})})
         if diag is not None:  # its time is not part of the throughput (wall_s, questions_per_s)
             t_d = time.perf_counter()
             for row, extra in zip(rows[-len(chunk):], diagnose_batch(model, tokenizer, cfg, records, chunk, fmt,
@@ -217,6 +218,9 @@ def summarize(rows: list[dict], wall: float, mode: str) -> dict:
         "accuracy_flexible_stderr": binomial_stderr(flex, n),
         # digit answers: the mean share of gold digits in place (`kava.scoring.digit_agreement`)
         **({"accuracy_digits": sum(r["digits"] for r in rows) / n} if n and all("digits" in r for r in rows) else {}),
+        # and the accuracy of each answer place, least significant first (`kava.scoring.place_accuracy`)
+        **({"accuracy_by_place": place_accuracy([r["places"] for r in rows])}
+           if n and all("places" in r for r in rows) else {}),
         "mean_forward_passes": sum(r["forward_passes"] for r in rows) / max(n, 1),
         "mean_generated_tokens": sum(r["generated_tokens"] for r in rows) / max(n, 1),
         "wall_s": wall,

@@ -174,6 +174,17 @@ def digit_agreement(pred: str | None, gold: str) -> float:
     return sum(places) / len(places) if places else 0.0
 
 
+def place_accuracy(places: list[list[bool]]) -> list[float]:
+    """The accuracy of each answer place over examples (`digit_places` of each; place k averaged over the
+    examples whose gold answer has it): which digits a model gets, least significant first."""
+    width = max((len(p) for p in places), default=0)
+    out = []
+    for k in range(width):
+        have = [p[k] for p in places if len(p) > k]
+        out.append(sum(have) / len(have))
+    return out
+
+
 def extract(text: str, kind: str = "number", answer_prompt: str = ANSWER_PROMPT,
             require_prompt: bool = False) -> dict[str, str | None]:
     """`extract_answer` (numbers) or `extract_digits` (digit strings), by the record's answer kind."""

@@ -58,6 +58,7 @@ from kava.data.records import Record, SkipLog
 from kava.data.tokenizer import build_tokenizer, tokenizer_texts
 from kava.evaluate import evaluate_records
 from kava.objective import Batch, Objective, ce_denominators, length_key, make_batch
+from kava.scoring import place_accuracy
 from kava.training.gradshare import grad_share_due, grad_share_micro, measure
 from kava.training.graphs import GraphedStep, batch_volume, setup_graphs
 from kava.training.interrupt import StopRequest, TrainingInterrupted
@@ -547,6 +548,8 @@ def validate(t: Trainer, valid_recs: list[Record], position_skip: int = 0) -> di
     out = {"val/accuracy": sum(r["correct"] for r in rows) / max(1, len(rows))}
     if rows and all("digits" in r for r in rows):
         out["val/digits"] = sum(r["digits"] for r in rows) / len(rows)
+        # each answer place's accuracy: which digits a curriculum keeps or loses as it goes (multiplication)
+        out.update({f"val/place{k}": a for k, a in enumerate(place_accuracy([r["places"] for r in rows]))})
     t.raw.train()
     return out
 
