@@ -969,3 +969,50 @@ def test_a_generation_budget_past_learned_positions_is_a_clear_error_before_any_
                             "run": {"eval_max_new_tokens": 4, "eval_max_cot_tokens": 8}})
     rows, _ = evaluate_records(m, tok, cfg, ALL, batch_size=2)
     assert len(rows) == len(ALL)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("skip", [0, 2])
+def test_teacher_forced_accuracy_equals_one_sequence_at_a_time(family, skip):
+    """`teacher_forced_accuracy` (the training layout, batched and padded, the head in row chunks) counts what a
+    naive reference counts: each sequence alone, unpadded, the argmax at every position against the next gold
+    token, split into CoT tokens and prompt + answer tokens; with iCoT's kept positions (`pos_skip`), the
+    positions from the first CoT token on shifted by it."""
+    import dataclasses
+
+    from kava.data.format import positions
+    from kava.evaluate import teacher_forced_accuracy
+
+    m, tok = tiny_reasoner(family)
+    items = [Formatter(tok).tokenize(r, i) for i, r in enumerate(RECORDS)]
+    items = [dataclasses.replace(it, cot=it.cot[min(skip, len(it.cot)):], pos_skip=min(skip, len(it.cot)))
+             for it in items]
+
+    def forward(it, seq):  # the logits of `seq` alone, unpadded, at its positions
+        x = torch.tensor([seq])
+        ones = torch.ones_like(x)
+        pos = positions(ones)
+        pos[:, len(it.question):] += it.pos_skip
+        return m.logits(m.run(m.embed(x), ones, pos, m.new_cache()).last_hidden_state[0])
+
+    with torch.no_grad():  # gold tokens the model mostly predicts: its own greedy tokens, every third one changed
+        for n, it in enumerate(items):
+            seq = list(it.question)
+            for j in range(len(it.cot) + len(it.prompt) + len(it.answer)):
+                nxt = int(forward(it, seq)[-1].argmax())
+                seq.append((nxt + 1) % len(tok) if j % 3 == 2 else nxt)
+            c, p = len(it.question) + len(it.cot), len(it.question) + len(it.cot) + len(it.prompt)
+            items[n] = dataclasses.replace(it, cot=seq[len(it.question):c], prompt=seq[c:p], answer=seq[p:])
+    right, total = {"cot": 0, "answer": 0}, {"cot": 0, "answer": 0}
+    with torch.no_grad():
+        got = teacher_forced_accuracy(m, items, batch_size=3)
+        for it in items:
+            seq = it.question + it.cot + it.prompt + it.answer
+            pred = forward(it, seq)[len(it.question) - 1:-1].argmax(-1).tolist()
+            for j, (p, g) in enumerate(zip(pred, seq[len(it.question):])):
+                k = "cot" if j < len(it.cot) else "answer"
+                right[k] += p == g
+                total[k] += 1
+    assert got == pytest.approx({k: right[k] / total[k] for k in right})
+    for k in right:  # neither all right nor all wrong: the counts say something
+        assert 0 < right[k] < total[k], (k, right, total)

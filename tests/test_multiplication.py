@@ -281,6 +281,8 @@ def test_train_and_eval_end_to_end(method, tmp_path):
     assert sum(s["accuracy_by_place"]) / 4 == pytest.approx(s["accuracy_digits"])  # all golds have 4 digits
     assert all(sorted(k for k in v if k.startswith("val/place")) == [f"val/place{k}" for k in range(4)] for v in vals)
     assert all(sum(v[f"val/place{k}"] for k in range(4)) / 4 == pytest.approx(v["val/digits"]) for v in vals)
+    # the teacher-forced accuracy of what is left of the gold CoT and of the answer, at every validation
+    assert all(0.0 <= v["val/tf_answer"] <= 1.0 and 0.0 <= v.get("val/tf_cot", 0.0) <= 1.0 for v in vals)
 
 
 def test_place_accuracy_averages_each_place_over_the_answers_that_have_it():

@@ -146,11 +146,16 @@ class Icot(Schedule):
         (with `icot.keep_position`, what is left keeps its positions: `Tokenized.pos_skip`)."""
         sched = self.scheduled(step)
         cut = icot_removed(len(items), sched, self.section.smoothing_lambda, _generator(self.seed, step))
-        keep = self.section.keep_position
-        out = [dataclasses.replace(it, cot=it.cot[min(k, len(it.cot)):], step_ends=(),
-                                   pos_skip=min(k, len(it.cot)) if keep else 0) for it, k in zip(items, cut)]
+        out = self.remove(items, cut)
         return StepExamples(out, None, {"curriculum/removed": float(min(sched, ALL)) if sched < ALL else -1.0},
                             all_cot_removed=bool(items) and all(k >= len(it.cot) for it, k in zip(items, cut)))
+
+    def remove(self, items: list[Tokenized], counts: list[int]) -> list[Tokenized]:
+        """`items` with the first `counts[i]` tokens of item i's CoT removed (at most all of it); with
+        `icot.keep_position` what is left keeps its positions (`Tokenized.pos_skip`)."""
+        keep = self.section.keep_position
+        return [dataclasses.replace(it, cot=it.cot[min(k, len(it.cot)):], step_ends=(),
+                                    pos_skip=min(k, len(it.cot)) if keep else 0) for it, k in zip(items, counts)]
 
     def reset_due(self, step: int, previous: Callable[[], StepExamples] | None = None) -> bool:
         """The scheduled removal grew at `step` (and `icot.reset_optimizer`), unless every example of the previous

@@ -31,7 +31,7 @@ from kava.checkpoint.state import model_identity
 from kava.config import ConfigError
 from kava.console import Ticker, print_line
 from kava.curriculum import keeps_positions
-from kava.data.format import Formatter
+from kava.data.format import Formatter, Tokenized, build_teacher_batch
 from kava.data.pipeline import find_synthetic_dir
 from kava.data.readers import COT_STYLES, check_eval_sets, hub_eval_spec, is_data_file, load_eval_dataset
 from kava.data.records import Record, SkipLog
@@ -151,6 +151,34 @@ def evaluate_records(model: LatentReasoner, tokenizer, cfg, records: list[Record
         print_line(f"[kava] eval: decoding without CUDA graphs ({graphs.off})")
     del graphs  # frees the static caches and graphs before anything else runs on the card
     return rows, summary
+
+
+def teacher_forced_accuracy(model: LatentReasoner, items: list[Tokenized], batch_size: int = 64) -> dict[str, float]:
+    """Next-token accuracy of `items` under teacher forcing, laid out as training lays out a CoT sequence
+    (question · CoT · prompt · answer, `build_teacher_batch`): `cot`, the share of the CoT tokens whose argmax is
+    the gold token given the gold tokens before it, and `answer`, the same for the prompt and answer tokens (eos
+    included). Beside free generation's accuracy it tells a model that no longer predicts the tokens from one
+    that predicts them but goes astray once its own tokens feed it (iCoT's removal applied to `items`: what is
+    left). Run under `torch.no_grad()` in eval mode."""
+    dev = model.special_rows.device
+    right, total = {"cot": 0, "answer": 0}, {"cot": 0, "answer": 0}
+    with model.autocast():
+        for i in range(0, len(items), batch_size):
+            chunk = items[i:i + batch_size]
+            out = model.teacher_forward(build_teacher_batch(chunk, model.ids, with_cot=True).to(dev), need_kv=False,
+                                        need_importance=False)
+            h = out.label_h  # [N, d]; the head in row chunks: [N, V] logits at once can be GBs (GSM8k, V 128k)
+            pred = torch.cat([model.logits(h[j:j + 4096]).argmax(-1) for j in range(0, h.shape[0], 4096)])
+            ok = (pred == out.targets).tolist()
+            # the labels run row by row: each item's CoT tokens, then its prompt and answer
+            part = [j < len(it.cot) for it in chunk for j in range(len(it.cot) + len(it.prompt) + len(it.answer))]
+            if len(part) != len(ok):
+                raise RuntimeError(f"{len(ok)} labels for {len(part)} CoT, prompt and answer tokens")
+            for is_cot, good in zip(part, ok):
+                k = "cot" if is_cot else "answer"
+                right[k] += good
+                total[k] += 1
+    return {k: right[k] / total[k] for k in right if total[k]}
 
 
 def saved_position_skip(km, mode: str) -> int:

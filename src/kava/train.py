@@ -56,7 +56,7 @@ from kava.data.format import Formatter, Tokenized
 from kava.data.pipeline import load_train_valid, synthetic_single_tokens, train_data_label
 from kava.data.records import Record, SkipLog
 from kava.data.tokenizer import build_tokenizer, tokenizer_texts
-from kava.evaluate import evaluate_records
+from kava.evaluate import evaluate_records, teacher_forced_accuracy
 from kava.objective import Batch, Objective, ce_denominators, length_key, make_batch
 from kava.scoring import place_accuracy
 from kava.training.gradshare import grad_share_due, grad_share_micro, measure
@@ -527,12 +527,16 @@ def eval_position_skip(schedule, step: int, longest_cot: int) -> int:
     return schedule.progress(step, longest_cot)
 
 
-def validate(t: Trainer, valid_recs: list[Record], position_skip: int = 0) -> dict[str, float]:
+def validate(t: Trainer, valid_recs: list[Record], position_skip: int = 0,
+             removed: tuple[curriculum.Icot | None, int] | None = None) -> dict[str, float]:
     """Greedy accuracy on the validation records (`val/accuracy`), each rank decoding its share, and for digit
     answers the share of digits in place (`val/digits`, `kava.scoring.digit_agreement`); leaves the model in
-    train mode. position_skip: `eval_position_skip`. Decoding that runs out of memory beside the training graphs'
-    pool turns the graphs off (the pool given back, a line saying so) and validates again: a full card costs the
-    graphs, not the run."""
+    train mode. position_skip: `eval_position_skip`. removed: for a method evaluated by writing its CoT (cot,
+    icot), (iCoT's schedule or None, the CoT tokens it removes now): then also the teacher-forced accuracy of
+    what is left of the gold CoT and of the answer (`val/tf_cot`, `val/tf_answer`,
+    `kava.evaluate.teacher_forced_accuracy`), on the main process. Decoding that runs out of memory beside the
+    training graphs' pool turns the graphs off (the pool given back, a line saying so) and validates again: a
+    full card costs the graphs, not the run."""
     def run():
         return evaluate_records(t.raw, t.tokenizer, t.cfg, valid_recs, rank=t.acc.process_index,
                                 world=t.acc.num_processes, position_skip=position_skip)[0]
@@ -546,6 +550,15 @@ def validate(t: Trainer, valid_recs: list[Record], position_skip: int = 0) -> di
         rows = run()
     rows = gather_object(rows)
     out = {"val/accuracy": sum(r["correct"] for r in rows) / max(1, len(rows))}
+    if removed is not None and t.main and valid_recs:
+        schedule, n = removed
+        fmt = Formatter.from_config(t.cfg, t.tokenizer, limits=False)
+        items = [it for i, r in enumerate(valid_recs) if (it := fmt.tokenize(r, i)) is not None]
+        items = schedule.remove(items, [n] * len(items)) if schedule is not None else items
+        t.raw.eval()
+        with torch.no_grad():
+            tf = teacher_forced_accuracy(t.raw, items)
+        out.update({f"val/tf_{k}": v for k, v in tf.items()})
     if rows and all("digits" in r for r in rows):
         out["val/digits"] = sum(r["digits"] for r in rows) / len(rows)
         # each answer place's accuracy: which digits a curriculum keeps or loses as it goes (multiplication)
@@ -691,7 +704,9 @@ def train(cfg: Config, *, resume: str | Path | None = None, progress: bool = Tru
                 ticker.update(t.step, payload["loss/total"])
                 t_last, tokens, steps = now, 0, 0
             if t.step % eval_every == 0 or t.step == plan.total_steps:
-                val = validate(t, data.valid_recs, eval_position_skip(schedule, t.step - 1, longest_cot))
+                removed = None if cfg.spec.eval_mode != "cot" else \
+                    (schedule, schedule.progress(t.step - 1, longest_cot)) if schedule is not None else (None, 0)
+                val = validate(t, data.valid_recs, eval_position_skip(schedule, t.step - 1, longest_cot), removed)
                 v = val["val/accuracy"]
                 logger.log({"split": "val", **val}, t.step)
                 if main and is_better(schedule, t.best, v, t.step - 1, longest_cot, val.get("val/digits")):
