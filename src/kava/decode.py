@@ -235,40 +235,38 @@ class DecodeGraphs:
         """The step for batches shaped like the cache `like`, `columns` wide, emitting `new_tokens`."""
         key = (columns, new_tokens, *((*l.keys.shape[:2], l.keys.shape[3], l.values.shape[3], l.keys.dtype)
                                       for l in like.layers))  # all but the cache's column count
-        step = self.steps.pop(key, None)
-        if step is None:
-            if len(self.steps) >= self.max_graphs:
-                self.steps.pop(next(iter(self.steps)))
-            step = DecodeStep(self.model, like, columns, new_tokens)
-            if self.off is None and not self.model.training:
-                try:
-                    step.capture(self)
-                    self.captured += 1
-                except RuntimeError as e:  # out of memory, or an op that cannot be captured
-                    self.off = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
-                    step = DecodeStep(self.model, like, columns, new_tokens)
-        self.steps[key] = step  # most recently used last
-        return step
+        return self._step(key, lambda: DecodeStep(self.model, like, columns, new_tokens))
 
     def get_latent(self, sb: StudentBatch, num_sweeps: int, student_mode: str, new_tokens: int) -> LatentStep:
         """The `LatentStep` for question-only student batches shaped like `sb`, loaded with `sb` (its capture
         runs on this batch's data)."""
         key = ("latent", *sb.ids.shape, sb.q_block, sb.num_latents, num_sweeps, student_mode, new_tokens)
+
+        def make():
+            step = LatentStep(self.model, sb, num_sweeps, student_mode, new_tokens)
+            step.load_latent(sb)
+            return step
+
+        step = self._step(key, make)
+        step.load_latent(sb)
+        return step
+
+    def _step(self, key: tuple, make: Callable[[], DecodeStep]) -> DecodeStep:
+        """The step of `key`, made by `make` and captured the first time (a failed capture turns graphs off and
+        the step runs eagerly); the least recently used one dropped beyond `max_graphs`."""
         step = self.steps.pop(key, None)
         if step is None:
             if len(self.steps) >= self.max_graphs:
                 self.steps.pop(next(iter(self.steps)))
-            step = LatentStep(self.model, sb, num_sweeps, student_mode, new_tokens)
-            step.load_latent(sb)
+            step = make()
             if self.off is None and not self.model.training:
                 try:
                     step.capture(self)
                     self.captured += 1
                 except RuntimeError as e:  # out of memory, or an op that cannot be captured
                     self.off = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
-                    step = LatentStep(self.model, sb, num_sweeps, student_mode, new_tokens)
+                    step = make()
         self.steps[key] = step  # most recently used last
-        step.load_latent(sb)
         return step
 
     def __enter__(self):
