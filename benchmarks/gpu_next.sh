@@ -8,6 +8,7 @@
 #   BASE=.carry/base2 bash benchmarks/gpu_next.sh versus  # BASE's training step vs this tree's (graphs, kava, mb 32)
 #   bash benchmarks/gpu_next.sh labels                    # optim.graph_label_buckets vs block-area label rows (graphs)
 #   bash benchmarks/gpu_next.sh pool                      # largest shape captured first vs plan order (graph pool)
+#   bash benchmarks/gpu_next.sh qwen                      # kava at the Qwen-0.5B shape, mb 64: label rows, fused CE
 #   bash benchmarks/gpu_next.sh ce                        # optim.fused_ce vs the checkpointed CE (graphs, mb 32)
 #   bash benchmarks/gpu_next.sh dropout                   # lora.fused_dropout vs peft's dropout (graphs, mb 32)
 set -uo pipefail
@@ -64,6 +65,12 @@ case "${1:-train}" in
     for f in "" "--largest-first"; do PYTHONPATH=$PWD/src:$PWD/benchmarks timeout 280 python benchmarks/graph_bench.py \
       --llama1b --skip-equality --micro-batches 32,64 --styles eq,nl --llama-methods kava --llama-modes graphs $f \
       --out $OUT/graph_bench_pool${f:+_largest_first}.json 2>&1 | quiet | grep "^llama1b"; done ;;
+  qwen)  # kava at the Qwen2.5-0.5B shape (vocabulary 151,936), micro-batch 64, graphs: the block-area label rows
+    # against optim.graph_label_buckets 1.5, optim.fused_ce and both, eq and NL (issue 30: fits in 40 GiB?)
+    for f in "" "--label-buckets 1.5" "--fused-ce" "--label-buckets 1.5 --fused-ce"; do
+      PYTHONPATH=$PWD/src:$PWD/benchmarks timeout 135 python benchmarks/graph_bench.py --llama1b --shape qwen05b \
+        --skip-equality --micro-batches 64 --styles eq,nl --llama-methods kava --llama-modes graphs --largest-first $f \
+        --out $OUT/graph_bench_qwen$(echo $f | tr -d ' .-').json 2>&1 | quiet | grep "^qwen05b"; done ;;
   eval)  # latent vs cot questions/s at batch 64 and 256, one profiled batch per mode
     PYTHONPATH=$PWD/src timeout 560 python benchmarks/step_bench.py --shapes ${SHAPE:-llama1b} --eval-only \
       --eval-batch-sizes 64,256 --eval-profile $OUT/eval_profile.txt --out $OUT/eval_bench.json 2>&1 | quiet \

@@ -199,7 +199,7 @@ def bench_llama(out: dict, micro_batches=(32, 64), styles=("eq", "nl"), reps: in
                                     torch.cuda.max_memory_allocated() / 2**30,
                                     "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30,
                                     "shapes": len({batch_key(b) for bs in plan for b in bs}), **(gs.stats() if gs else {})}
-                        print(f"llama1b {style} mb{mb} {method:5s} {key:6s} p={LORA_DROPOUT}{' fused' if sb.FUSED_DROPOUT else ''}{' fused-ce' if FUSED_CE else ''}{f' label-buckets {LABEL_BUCKETS}' if LABEL_BUCKETS else ''}{' largest-first' if LARGEST_FIRST else ''} {med:.3f} s/step (128 samples) "
+                        print(f"{SHAPE} {style} mb{mb} {method:5s} {key:6s} p={LORA_DROPOUT}{' fused' if sb.FUSED_DROPOUT else ''}{' fused-ce' if FUSED_CE else ''}{f' label-buckets {LABEL_BUCKETS}' if LABEL_BUCKETS else ''}{' largest-first' if LARGEST_FIRST else ''} {med:.3f} s/step (128 samples) "
                               f"{128 / med:6.1f} samples/s  peak {row[key]['peak_gib']:.1f} GiB (reserved {row[key]['peak_reserved_gib']:.1f}) "
                               f"({row[key]['shapes']} shapes)", flush=True)
                         if gs is not None:  # free the graphs' memory pool before the next measurement
@@ -293,15 +293,18 @@ def main():
     ap.add_argument("--fused-ce", action="store_true", help="optim.fused_ce (kava.losses.fused_head_cross_entropy)")
     ap.add_argument("--label-buckets", type=float, default=None, metavar="G",
                     help="optim.graph_label_buckets=G (kava.data.format.block_widths)")
+    ap.add_argument("--shape", default=None, help="the --llama1b run's model shape (step_bench.SHAPES: llama1b, "
+                    "qwen05b, llama3b); default llama1b")
     ap.add_argument("--largest-first", action="store_true", help="capture the largest shape first (GraphedStep.precapture)")
     ap.add_argument("--skip-equality", action="store_true", help="skip the LLaMA-shape eager-vs-graph check")
     ap.add_argument("--repeat-eager", action="store_true", help="synthetic: run the eager reference twice")
     ap.add_argument("--out", default="benchmarks/results/graph_bench.json")
     args = ap.parse_args()
-    global OUT_PATH, REPEAT_EAGER, LORA_DROPOUT, FUSED_CE, LABEL_BUCKETS, LARGEST_FIRST
+    global OUT_PATH, REPEAT_EAGER, LORA_DROPOUT, FUSED_CE, LABEL_BUCKETS, LARGEST_FIRST, SHAPE
     OUT_PATH, REPEAT_EAGER, LORA_DROPOUT = Path(args.out), args.repeat_eager, args.lora_dropout
     sb.FUSED_DROPOUT = args.fused_dropout
     FUSED_CE, LABEL_BUCKETS, LARGEST_FIRST = args.fused_ce, args.label_buckets, args.largest_first
+    SHAPE = args.shape or SHAPE
     if DEV == "cpu":
         cpu_smoke_setup()
     out = {"device": torch.cuda.get_device_name() if DEV == "cuda" else "cpu", "torch": torch.__version__}
