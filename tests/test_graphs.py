@@ -365,11 +365,13 @@ def test_an_eager_micro_batch_out_of_memory_gives_the_pool_back_and_redoes_the_s
             assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-7), k
 
 
-def test_a_validation_out_of_memory_beside_the_pool_turns_graphs_off_and_validates_again(tmp_path, monkeypatch,
-                                                                                          capsys):
-    """Decoding a validation beside the training graphs' pool that runs out of memory: the graphs are turned off
-    (the pool given back, a line saying so), the validation runs again, and the run goes on with the losses and
-    the validations of a run without graphs."""
+@pytest.mark.parametrize("fails", [1, 2])
+def test_a_validation_out_of_memory_beside_the_pool_decodes_eagerly_then_turns_graphs_off(fails, tmp_path,
+                                                                                          monkeypatch, capsys):
+    """Decoding a validation beside the training graphs' pool that runs out of memory: it is decoded again without
+    the decoding's graphs (a line says so), and if that runs out of memory too, the training graphs are turned
+    off (the pool given back, a line saying so) and it is decoded once more. Either way the run goes on with the
+    losses and the validations of a run without graphs."""
     runs, vals = {}, {}
     for mode in ("off", "on"):
         cfg = load_config("tiny_synth", TRAIN + ["method=cot", f"optim.cuda_graphs={mode == 'on'}",
@@ -380,22 +382,25 @@ def test_a_validation_out_of_memory_beside_the_pool_turns_graphs_off_and_validat
             monkeypatch.setattr(kt, "setup_graphs", lambda c, a, r: real(c, a, r, backend=EagerReplay()))
             evaluate, raised = kt.evaluate_records, []
 
-            def oom_once(*a, **k):  # the first validation: decoding does not fit beside the pool
-                if not raised:
-                    raised.append(1)
+            def oom(model, tok, c, *a, **k):  # the first validation does not fit beside the pool, `fails` times
+                if len(raised) < fails:
+                    raised.append(c.run.eval_cuda_graphs)
                     raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 4.00 GiB")
-                return evaluate(*a, **k)
+                return evaluate(model, tok, c, *a, **k)
 
-            monkeypatch.setattr(kt, "evaluate_records", oom_once)
+            monkeypatch.setattr(kt, "evaluate_records", oom)
         run_dir = kt.train(cfg, progress=False, data_root=tmp_path / "synth")
         rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
         runs[mode] = train_metrics(run_dir)
         vals[mode] = [r["val/accuracy"] for r in rows if "val/accuracy" in r]
     out = capsys.readouterr().out
-    assert raised == [1]
-    assert "CUDA graphs: out of memory in the validation after step 2" in out and "OutOfMemoryError" in out
+    assert raised == ["auto", False][:fails]  # the second attempt decodes without graphs
+    assert "validation after step 2: out of memory beside the training graphs" in out
+    turned_off = "CUDA graphs: out of memory in the validation after step 2" in out
+    assert turned_off == (fails == 2)
     off, on = runs["off"], runs["on"]
-    assert len(off) == len(on) == 3 and on[-1]["graphs/disabled"] == 1 and on[0]["graphs/replays"] >= 1
+    assert len(off) == len(on) == 3 and on[-1]["graphs/disabled"] == (fails == 2)
+    assert on[-1]["graphs/replays"] >= (3 if fails == 1 else 1)
     assert vals["on"] == vals["off"] and len(vals["on"]) >= 1
     for a, b in zip(off, on):
         for k in [k for k in a if k.startswith("loss/")] + ["grad_norm"]:

@@ -26,6 +26,7 @@ saved models (`kava.checkpoint.saved`), the metric logger (`kava.training.logger
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import math
@@ -536,18 +537,28 @@ def validate(t: Trainer, valid_recs: list[Record], position_skip: int = 0,
     what is left of the gold CoT and of the answer (`val/tf_cot`, `val/tf_answer`,
     `kava.evaluate.teacher_forced_accuracy`), on the main process. Decoding that runs out of memory beside the
     training graphs' pool turns the graphs off (the pool given back, a line saying so) and validates again: a
-    full card costs the graphs, not the run."""
-    def run():
-        return evaluate_records(t.raw, t.tokenizer, t.cfg, valid_recs, rank=t.acc.process_index,
+    full card costs the graphs, not the run: first the decoding's own graphs (this validation decodes eagerly),
+    then, if that runs out of memory too, the training graphs (the pool given back, a line saying so)."""
+    def run(cfg):
+        return evaluate_records(t.raw, t.tokenizer, cfg, valid_recs, rank=t.acc.process_index,
                                 world=t.acc.num_processes, position_skip=position_skip)[0]
 
     try:
-        rows = run()
+        rows = run(t.cfg)
     except torch.OutOfMemoryError as err:
         if t.graphs is None or t.graphs.disabled is not None:
             raise
-        t.graphs.turn_off(err, f"out of memory in the validation after step {t.step}")
-        rows = run()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        eager = dataclasses.replace(t.cfg, run=dataclasses.replace(t.cfg.run, eval_cuda_graphs=False))
+        if t.main:
+            print_line(f"[kava] validation after step {t.step}: out of memory beside the training graphs "
+                       f"({type(err).__name__}); decoding it again without graphs")
+        try:
+            rows = run(eager)
+        except torch.OutOfMemoryError as err2:
+            t.graphs.turn_off(err2, f"out of memory in the validation after step {t.step}")
+            rows = run(eager)
     rows = gather_object(rows)
     out = {"val/accuracy": sum(r["correct"] for r in rows) / max(1, len(rows))}
     if removed is not None and t.main and valid_recs:

@@ -20,8 +20,8 @@ The largest shape of the first steps is captured before training (`GraphedStep.p
 smaller ones fit in its memory.
 A capture that fails (out of memory, say) turns graphs off for the run under `optim.cuda_graphs: auto`; so does
 an eager micro-batch that runs out of memory beside the graphs' pool, after which the trainer redoes that step
-eagerly (`kava.train.run_step`), and a validation whose decoding runs out of memory beside it, which then runs
-again (`kava.train.validate`): a full card costs the graphs, not the run.
+eagerly (`kava.train.run_step`), and a validation whose decoding runs out of memory beside it even without the
+decoding's own graphs, which then runs again (`kava.train.validate`): a full card costs the graphs, not the run.
 The first capture runs the step eagerly a few times on a side stream first (CUDA's warm-up rule); every capture
 restores the gradients and the RNG states as they were before it, so capturing changes neither what the
 optimizer sees nor the dropout masks of later steps.
