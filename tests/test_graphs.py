@@ -287,6 +287,12 @@ TRAIN = ["model.from_scratch.hidden_size=32", "model.from_scratch.intermediate_s
          "optim.max_steps=3", "run.eval_every=100", "run.grad_share_every=2"]
 
 
+def stand_in_graphs(monkeypatch):
+    """`kava train`'s graphs through the stand-in backend (no GPU here: it replays by re-running on the buffers)."""
+    real = kt.setup_graphs
+    monkeypatch.setattr(kt, "setup_graphs", lambda c, a, r: real(c, a, r, backend=EagerReplay()))
+
+
 def train_metrics(run_dir):
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
     return [r for r in rows if r.get("split") == "train" and "loss/total" in r]
@@ -309,9 +315,8 @@ def test_train_with_graphs_equals_train_without(method, tmp_path, monkeypatch):
         cfg = load_config("tiny_synth", TRAIN + [f"method={method}", f"optim.cuda_graphs={mode == 'on'}",
                                                  f"run.output_dir={tmp_path}", f"run.name=graphs_{mode}",
                                                  *CURRICULUM.get(method, [])])
-        if mode == "on":  # no GPU here: the stand-in backend replays by re-running on the static buffers
-            real = kt.setup_graphs
-            monkeypatch.setattr(kt, "setup_graphs", lambda c, a, r: real(c, a, r, backend=EagerReplay()))
+        if mode == "on":
+            stand_in_graphs(monkeypatch)
         run_dir = kt.train(cfg, progress=False, data_root=tmp_path / "synth")
         assert json.loads((run_dir / "meta.json").read_text())["cuda_graphs"] is (mode == "on")
         runs[mode] = train_metrics(run_dir)
@@ -343,8 +348,7 @@ def test_an_eager_micro_batch_out_of_memory_gives_the_pool_back_and_redoes_the_s
                                                  "optim.max_graphs=1", f"run.output_dir={tmp_path}",
                                                  f"run.name=oom_{mode}"])
         if mode == "on":
-            real = kt.setup_graphs
-            monkeypatch.setattr(kt, "setup_graphs", lambda c, a, r: real(c, a, r, backend=EagerReplay()))
+            stand_in_graphs(monkeypatch)
             forward, raised = kava.objective.Objective.forward, []
 
             def oom_once(self, *a, **k):  # the first eager micro-batch: what a full card does
@@ -378,8 +382,7 @@ def test_a_validation_out_of_memory_beside_the_pool_decodes_eagerly_then_turns_g
                                                  "run.eval_every=2", f"run.output_dir={tmp_path}",
                                                  f"run.name=valoom_{mode}"])
         if mode == "on":
-            real = kt.setup_graphs
-            monkeypatch.setattr(kt, "setup_graphs", lambda c, a, r: real(c, a, r, backend=EagerReplay()))
+            stand_in_graphs(monkeypatch)
             evaluate, raised = kt.evaluate_records, []
 
             def oom(model, tok, c, *a, **k):  # the first validation does not fit beside the pool, `fails` times
@@ -444,8 +447,8 @@ def test_precapture_takes_the_largest_shape_and_changes_nothing():
 def test_training_captures_the_largest_shape_of_the_first_steps_first(tmp_path, monkeypatch):
     """`kava train` with graphs captures, before its first step, the largest micro-batch shape of its first
     steps; the run still equals one without graphs (`test_train_with_graphs_equals_train_without`)."""
-    real, order = kt.setup_graphs, []
-    monkeypatch.setattr(kt, "setup_graphs", lambda c, a, r: real(c, a, r, backend=EagerReplay()))
+    order = []
+    stand_in_graphs(monkeypatch)
     capture = GraphedStep._capture
 
     def spy(self, batch):
