@@ -41,3 +41,15 @@ for r in icot3s-r4 icot3s-r4-keep; do $K eval --checkpoint $OUT/runs/$r --datase
 $K train "${COMMON[@]}" "${R[@]}" --set icot.keep_position=true --set model.init_from=$OUT/runs/cot3 \
   --set run.name=icot3fc-r4-keep
 $K eval --checkpoint $OUT/runs/icot3fc-r4-keep --datasets $TEST
+# 2026-12-07, fourth session, revisions 283a1bc and 78fa88a (OUT=/work/cpu4; cot3 trained straight to 5,000 steps,
+# `kava train ... --set method=cot --set optim.max_steps=5000 --set run.name=cot3`: the same weights as before, by
+# its logged gradient norms). Two runs side by side with one thread each (~70 minutes): the one above again, with
+# this revision's validation (teacher-forced accuracy `val/tf_*`, each answer place `val/placeK`), and the same at
+# batch 16 (a token every 3,125 steps: 4x the optimizer updates per removed token at the same samples)
+export OMP_NUM_THREADS=1
+$K train "${COMMON[@]}" "${R[@]}" --set icot.keep_position=true --set model.init_from=$OUT/runs/cot3 \
+  --set run.name=icot3fc-r4-keep-tf
+$K train "${COMMON[@]}" --set data.synth_train_size=200000 --set method=icot --set icot.tokens_per_epoch=4 \
+  --set optim.max_steps=84000 --set run.eval_every=3125 --set optim.effective_batch=16 --set optim.micro_batch=16 \
+  --set icot.keep_position=true --set model.init_from=$OUT/runs/cot3 --set run.name=icot3fc-r4-keep-b16
+for r in icot3fc-r4-keep-tf icot3fc-r4-keep-b16; do $K eval --checkpoint $OUT/runs/$r --datasets $TEST; done
