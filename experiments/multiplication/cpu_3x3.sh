@@ -53,3 +53,7 @@ $K train "${COMMON[@]}" --set data.synth_train_size=200000 --set method=icot --s
   --set optim.max_steps=84000 --set run.eval_every=3125 --set optim.effective_batch=16 --set optim.micro_batch=16 \
   --set icot.keep_position=true --set model.init_from=$OUT/runs/cot3 --set run.name=icot3fc-r4-keep-b16
 for r in icot3fc-r4-keep-tf icot3fc-r4-keep-b16; do $K eval --checkpoint $OUT/runs/$r --datasets $TEST; done
+# then seed 43 with two threads (revision 7d11031, ~35 minutes alone): how often does it internalise?
+OMP_NUM_THREADS=2 $K train "${COMMON[@]}" "${R[@]}" --set icot.keep_position=true --set model.init_from=$OUT/runs/cot3 \
+  --set run.seed=43 --set run.name=icot3fc-r4-keep-s43t2
+$K eval --checkpoint $OUT/runs/icot3fc-r4-keep-s43t2 --datasets $TEST
