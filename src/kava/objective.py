@@ -23,7 +23,7 @@ import torch
 
 from kava import eviction, losses
 from kava.data.format import (SpecialIds, TeacherBatch, Tokenized, block_widths, build_student_batch,
-                              build_teacher_batch)
+                              build_teacher_batch, label_totals)
 from kava.model.capture import no_host_sync
 from kava.model.reasoner import LatentReasoner, StudentOut, TeacherOut
 
@@ -46,13 +46,9 @@ def length_key(item: Tokenized) -> int:
 def label_counts(items: list[Tokenized], cfg) -> dict[str, int]:
     """Labelled tokens of each CE term over `items` (the layout of `kava.data.format`)."""
     spec = cfg.spec
-    out = {}
-    if spec.teacher:
-        out["ce_teacher"] = sum((len(i.cot) + len(i.prompt) if spec.teacher_cot else 0) + len(i.answer) for i in items)
-    if spec.latent:  # Coconut's answer block also holds (and learns) the CoT steps not yet replaced
-        out["ce_student"] = sum((len(i.cot) + len(i.prompt) if spec.student_cot else 0) + len(i.answer)
-                                for i in items)
-    return out
+    # Coconut's answer block also holds (and learns) the CoT steps not yet replaced (`student_cot`)
+    teacher, student = label_totals(items, with_cot=spec.teacher_cot, cot_in_answer=spec.student_cot)
+    return {**({"ce_teacher": teacher} if spec.teacher else {}), **({"ce_student": student} if spec.latent else {})}
 
 
 def ce_denominators(step_items: list[Tokenized], cfg, num_micro: int) -> dict[str, float]:

@@ -529,13 +529,13 @@ def eval_position_skip(schedule, step: int, longest_cot: int) -> int:
 
 
 def validate(t: Trainer, valid_recs: list[Record], position_skip: int = 0,
-             removed: tuple[curriculum.Icot | None, int] | None = None) -> dict[str, float]:
+             tf_items: list[Tokenized] | None = None) -> dict[str, float]:
     """Greedy accuracy on the validation records (`val/accuracy`), each rank decoding its share, and for digit
     answers the share of digits in place (`val/digits`, `kava.scoring.digit_agreement`); leaves the model in
-    train mode. position_skip: `eval_position_skip`. removed: for a method evaluated by writing its CoT (cot,
-    icot), (iCoT's schedule or None, the CoT tokens it removes now): then also the teacher-forced accuracy of
-    what is left of the gold CoT and of the answer (`val/tf_cot`, `val/tf_answer`,
-    `kava.evaluate.teacher_forced_accuracy`), on the main process. Decoding that runs out of memory beside the
+    train mode. position_skip: `eval_position_skip`. tf_items: for a method evaluated by writing its CoT (cot,
+    icot), the validation records tokenized as it trains on them now (iCoT's removal applied: `valid_tf_items`):
+    then also the teacher-forced accuracy of what is left of the gold CoT and of the answer (`val/tf_cot`,
+    `val/tf_answer`, `kava.evaluate.teacher_forced_accuracy`), on the main process. Decoding that runs out of memory beside the
     training graphs' pool turns the graphs off (the pool given back, a line saying so) and validates again: a
     full card costs the graphs, not the run: first the decoding's own graphs (this validation decodes eagerly),
     then, if that runs out of memory too, the training graphs (the pool given back, a line saying so)."""
@@ -561,14 +561,10 @@ def validate(t: Trainer, valid_recs: list[Record], position_skip: int = 0,
             rows = run(eager)
     rows = gather_object(rows)
     out = {"val/accuracy": sum(r["correct"] for r in rows) / max(1, len(rows))}
-    if removed is not None and t.main and valid_recs:
-        schedule, n = removed
-        fmt = Formatter.from_config(t.cfg, t.tokenizer, limits=False)
-        items = [it for i, r in enumerate(valid_recs) if (it := fmt.tokenize(r, i)) is not None]
-        items = schedule.remove(items, [n] * len(items)) if schedule is not None else items
+    if tf_items and t.main:
         t.raw.eval()
         with torch.no_grad():
-            tf = teacher_forced_accuracy(t.raw, items)
+            tf = teacher_forced_accuracy(t.raw, tf_items)
         out.update({f"val/tf_{k}": v for k, v in tf.items()})
     if rows and all("digits" in r for r in rows):
         out["val/digits"] = sum(r["digits"] for r in rows) / len(rows)
@@ -576,6 +572,14 @@ def validate(t: Trainer, valid_recs: list[Record], position_skip: int = 0,
         out.update({f"val/place{k}": a for k, a in enumerate(place_accuracy([r["places"] for r in rows]))})
     t.raw.train()
     return out
+
+
+def valid_tf_items(items: list[Tokenized] | None, schedule, step: int, longest_cot: int) -> list[Tokenized] | None:
+    """The tokenized validation records as optimizer step `step` (0-based) trains on them: iCoT's scheduled
+    removal (no smoothing offset) applied to their CoT; `validate`'s tf_items. None stays None."""
+    if items is None or schedule is None:
+        return items
+    return schedule.remove(items, [schedule.progress(step, longest_cot)] * len(items))
 
 
 def is_better(schedule, best: dict, accuracy: float, step: int, longest_cot: int | None = None,
@@ -655,6 +659,11 @@ def train(cfg: Config, *, resume: str | Path | None = None, progress: bool = Tru
 
         eval_every = cfg.run.eval_every or plan.steps_per_epoch
         longest_cot = max((len(it.cot) for it in data.items), default=0)  # iCoT's progress stops growing there
+        # the validation records with their CoT, once, for the teacher-forced accuracy of CoT-writing methods
+        valid_items = None
+        if cfg.spec.eval_mode == "cot" and main:
+            fmt = Formatter.from_config(cfg, data.tokenizer, limits=False)
+            valid_items = [it for i, r in enumerate(data.valid_recs) if (it := fmt.tokenize(r, i)) is not None]
         save_every = cfg.run.save_every or eval_every
         end_step = plan.total_steps if stop_after is None else min(plan.total_steps, stop_after)
         bar = tqdm(total=plan.total_steps, initial=t.step, desc=f"train {cfg.method}", disable=not main or not progress
@@ -715,9 +724,8 @@ def train(cfg: Config, *, resume: str | Path | None = None, progress: bool = Tru
                 ticker.update(t.step, payload["loss/total"])
                 t_last, tokens, steps = now, 0, 0
             if t.step % eval_every == 0 or t.step == plan.total_steps:
-                removed = None if cfg.spec.eval_mode != "cot" else \
-                    (schedule, schedule.progress(t.step - 1, longest_cot)) if schedule is not None else (None, 0)
-                val = validate(t, data.valid_recs, eval_position_skip(schedule, t.step - 1, longest_cot), removed)
+                val = validate(t, data.valid_recs, eval_position_skip(schedule, t.step - 1, longest_cot),
+                               valid_tf_items(valid_items, schedule, t.step - 1, longest_cot))
                 v = val["val/accuracy"]
                 logger.log({"split": "val", **val}, t.step)
                 if main and is_better(schedule, t.best, v, t.step - 1, longest_cot, val.get("val/digits")):

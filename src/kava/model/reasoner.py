@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 from transformers import DynamicCache
+from transformers.cache_utils import StaticLayer
 
 from kava.data.format import SpecialIds, StudentBatch, TeacherBatch
 from kava.model import capture
@@ -83,8 +84,6 @@ def truncate_cache(cache: DynamicCache, length: int) -> None:
 
 def is_static(cache) -> bool:
     """A cache of fixed-size layers that `update` writes at a device-side position (`StaticLayer`)."""
-    from transformers.cache_utils import StaticLayer
-
     return bool(cache.layers) and isinstance(cache.layers[0], StaticLayer)
 
 
