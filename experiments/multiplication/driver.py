@@ -158,6 +158,12 @@ JOBS: dict[str, tuple[str, list[str]]] = {
                                             "run.eval_every=394", "icot.keep_position=true", *DEEP]),
     "icot4-keep-r16-lr1e4": ("mult4_scratch", ["method=icot", "icot.tokens_per_epoch=16", "optim.max_steps=32000",
                                                "run.eval_every=394", "icot.keep_position=true", "optim.lr=1e-4"]),
+    # the control no GPU run has had: CUDA graphs off. On 4x4 the collapse at token 30 came with a new captured shape
+    # (the 5th, at step 23,700 / 11,850: graphs/captured in metrics.jsonl), but the 5x5 forks collapsed at token 30
+    # on a shape captured at token 29, so graphs are not the likely trigger; an eager run past token 30 settles it
+    "icot4-keep-r16-eager": ("mult4_scratch", ["method=icot", "icot.tokens_per_epoch=16", "optim.max_steps=32000",
+                                               "run.eval_every=394", "icot.keep_position=true",
+                                               "optim.cuda_graphs=false"]),
     **{f"icot{n}-fc-{tag}": (f"mult{n}_scratch", ["method=icot", f"icot.tokens_per_epoch={tpe}", "optim.max_steps=6500",
                                                    *sets])
        for n, tpe in ((4, 58), (5, 103))
@@ -194,6 +200,8 @@ GROUPS = {"gate": ["cot4", "nocot4", "cot5", "nocot5", "cot5-6l", "nocot5-6l"], 
           # from scratch, one lease: the official rate with kept positions to token 30 (~23.7k steps), and the
           # twice-the-rate run with 6 layers or lr 1e-4 (token 30 at ~11.8k)
           "past30": ["icot4-keep", "icot4-keep-r16-6l", "icot4-keep-r16-lr1e4"],
+          # a short lease (~10 minutes of jobs): the twice-the-rate variants only, and the eager control
+          "past30-short": ["icot4-keep-r16-6l", "icot4-keep-r16-lr1e4", "icot4-keep-r16-eager"],
           "icot-fc": ["cot4-base", "cot5-base"] + [name for name in JOBS if "-fc-" in name]}
 COMMON = ["optim.max_steps=20000", "run.eval_every=500", "run.save_every=500"]
 LATENT = {"pccot", "kava", "codi", "coconut"}
