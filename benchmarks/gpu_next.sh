@@ -67,7 +67,9 @@ case "${1:-train}" in
       --out $OUT/graph_bench_pool${f:+_largest_first}.json 2>&1 | quiet | grep "^llama1b"; done ;;
   qwen)  # kava at the Qwen2.5-0.5B shape (vocabulary 151,936), micro-batch 64, graphs: the block-area label rows
     # against optim.graph_label_buckets 1.5, optim.fused_ce and both, eq and NL (issue 30: fits in 40 GiB?)
-    for f in "" "--label-buckets 1.5" "--fused-ce" "--label-buckets 1.5 --fused-ce"; do
+    # QWEN_SETS: the variants as a comma list (a short lease: QWEN_SETS=",--label-buckets 1.5 --fused-ce")
+    IFS=',' read -ra sets <<< "${QWEN_SETS-,--label-buckets 1.5,--fused-ce,--label-buckets 1.5 --fused-ce}"
+    for f in "${sets[@]}"; do
       PYTHONPATH=$PWD/src:$PWD/benchmarks timeout 135 python benchmarks/graph_bench.py --llama1b --shape qwen05b \
         --skip-equality --micro-batches 64 --styles eq,nl --llama-methods kava --llama-modes graphs --largest-first $f \
         --out $OUT/graph_bench_qwen$(echo $f | tr -d ' .-').json 2>&1 | quiet | grep "^qwen05b"; done ;;
