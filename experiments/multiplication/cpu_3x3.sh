@@ -57,3 +57,17 @@ for r in icot3fc-r4-keep-tf icot3fc-r4-keep-b16; do $K eval --checkpoint $OUT/ru
 OMP_NUM_THREADS=2 $K train "${COMMON[@]}" "${R[@]}" --set icot.keep_position=true --set model.init_from=$OUT/runs/cot3 \
   --set run.seed=43 --set run.name=icot3fc-r4-keep-s43t2
 $K eval --checkpoint $OUT/runs/icot3fc-r4-keep-s43t2 --datasets $TEST
+# 2026-12-07, fifth session (OUT=/work/cpu4): seed 44 with one thread (revision bf7b742, ~60 minutes), then the no-CoT
+# tail: seed 43's and seed 44's runs resumed to 45,000 steps (~25 minutes each, one thread), each from a copy of its
+# run directory (the first run stays as it ended); then on to 90,000
+OMP_NUM_THREADS=1 $K train "${COMMON[@]}" "${R[@]}" --set icot.keep_position=true --set model.init_from=$OUT/runs/cot3 \
+  --set run.seed=44 --set run.name=icot3fc-r4-keep-s44t1
+$K eval --checkpoint $OUT/runs/icot3fc-r4-keep-s44t1 --datasets $TEST
+for r in icot3fc-r4-keep-s43t2 icot3fc-r4-keep-s44t1; do
+  cp -r $OUT/runs/$r $OUT/runs/$r-tail && rm -rf $OUT/runs/$r-tail/DONE $OUT/runs/$r-tail/eval
+  OMP_NUM_THREADS=1 $K train --resume $OUT/runs/$r-tail --set optim.max_steps=45000 --no-progress
+  $K eval --checkpoint $OUT/runs/$r-tail --datasets $TEST
+  cp -r $OUT/runs/$r-tail $OUT/runs/$r-tail2 && rm -rf $OUT/runs/$r-tail2/DONE $OUT/runs/$r-tail2/eval
+  OMP_NUM_THREADS=1 $K train --resume $OUT/runs/$r-tail2 --set optim.max_steps=90000 --no-progress
+  $K eval --checkpoint $OUT/runs/$r-tail2 --datasets $TEST
+done
