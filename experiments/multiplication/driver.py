@@ -198,8 +198,8 @@ GROUPS = {"gate": ["cot4", "nocot4", "cot5", "nocot5", "cot5-6l", "nocot5-6l"], 
           "sm4": ["cot4-sm", "nocot4-sm", "icot4-sm", "icot4-sm-r32"],
           "keep": ["icot4-keep-r16", "icot4-keep", "icot5-keep"],
           # from scratch, one lease: the official rate with kept positions to token 30 (~23.7k steps), and the
-          # twice-the-rate run with 6 layers or lr 1e-4 (token 30 at ~11.8k)
-          "past30": ["icot4-keep", "icot4-keep-r16-6l", "icot4-keep-r16-lr1e4"],
+          # twice-the-rate run with 6 layers, lr 1e-4 or CUDA graphs off (token 30 at ~11.8k)
+          "past30": ["icot4-keep", "icot4-keep-r16-6l", "icot4-keep-r16-lr1e4", "icot4-keep-r16-eager"],
           # a short lease (~10 minutes of jobs): the twice-the-rate variants only, and the eager control
           "past30-short": ["icot4-keep-r16-6l", "icot4-keep-r16-lr1e4", "icot4-keep-r16-eager"],
           "icot-fc": ["cot4-base", "cot5-base"] + [name for name in JOBS if "-fc-" in name]}
