@@ -535,10 +535,10 @@ def validate(t: Trainer, valid_recs: list[Record], position_skip: int = 0,
     train mode. position_skip: `eval_position_skip`. tf_items: for a method evaluated by writing its CoT (cot,
     icot), the validation records tokenized as it trains on them now (iCoT's removal applied: `valid_tf_items`):
     then also the teacher-forced accuracy of what is left of the gold CoT and of the answer (`val/tf_cot`,
-    `val/tf_answer`, `kava.evaluate.teacher_forced_accuracy`), on the main process. Decoding that runs out of memory beside the
-    training graphs' pool turns the graphs off (the pool given back, a line saying so) and validates again: a
-    full card costs the graphs, not the run: first the decoding's own graphs (this validation decodes eagerly),
-    then, if that runs out of memory too, the training graphs (the pool given back, a line saying so)."""
+    `val/tf_answer`, `kava.evaluate.teacher_forced_accuracy`), on the main process.
+    Decoding that runs out of memory beside the training graphs' pool validates again, so that a full card costs
+    graphs, not the run: first without the decoding's own graphs (this validation decodes eagerly), then, if that
+    runs out of memory too, with the training graphs turned off (their pool given back, a line saying so)."""
     def run(cfg):
         return evaluate_records(t.raw, t.tokenizer, cfg, valid_recs, rank=t.acc.process_index,
                                 world=t.acc.num_processes, position_skip=position_skip)[0]
