@@ -102,7 +102,7 @@ def test_deadline_stops_training_and_evaluates_best(tmp_path, monkeypatch):
     out = tmp_path / "out"
     a = argparse.Namespace(out=str(out), data=str(tmp_path), methods="nocot,cot,kava", styles="nl", seeds="42",
                            recipes="base", set=None, dry_run=False, eval_limit=None, preset="smollm2_gsm8k",
-                           parallel=2, budget=0, epochs=4, eval_mib=0, ramp_s=0, deadline=4.0)
+                           parallel=2, budget=0, epochs=4, eval_mib=0, ramp_s=0, deadline=4.0, job_mib=None)
     assert d.run(a) == 0
     runs = out / "runs"
     assert (runs / "nl-nocot-s42.ready").exists() and (runs / "nl-cot-s42.ready").exists()  # both trained a while
@@ -115,3 +115,37 @@ def test_deadline_stops_training_and_evaluates_best(tmp_path, monkeypatch):
         ("nl-cot-s42", 0, 143), ("nl-nocot-s42", 2, 0)]
     assert [(e["job"], e["reason"]) for e in ev if e.get("event") == "not started"] == [("nl-kava-s42", "deadline")]
     assert not any(e.get("event") == "requeued" for e in ev)
+
+
+def test_a_begun_run_resumes_and_a_finished_or_new_one_starts(tmp_path):
+    """A job started again (requeued after an out-of-memory exit, or a driver started a second time) continues its
+    run with `kava train --resume` instead of failing on the unfinished run; a new or finished run starts from
+    the preset."""
+    d = driver()
+    runs = tmp_path / "runs"
+
+    def train(seed):
+        return d.commands("nl", "cot", seed, Path("/data"), runs, [], recipe="full-lr1e5")[0]
+
+    new = train(42)
+    assert new[new.index("--config") + 1] == "smollm2_gsm8k_nl" and "--resume" not in new
+    begun = runs / d.job_name("nl", "cot", 42, "full-lr1e5")
+    begun.mkdir(parents=True)
+    (begun / "config.yaml").write_text("method: cot\n")
+    again = train(42)
+    assert again[again.index("--resume") + 1] == str(begun) and "--config" not in again
+    assert again[again.index("--resume") + 2:] == new[new.index("--config") + 2:]  # the same sets
+    (begun / "DONE").write_text("")
+    assert "--config" in train(42)
+    assert "--config" in train(43)  # another seed's run is its own
+
+
+def test_memory_guesses_per_model_and_method():
+    d = driver()
+    assert d.job_mib(None) == d.JOB_MIB == d.job_mib("smollm2")
+    q = d.job_mib("qwen,cot=60000")
+    assert q["cot"] == 60000 and q["nocot"] == d.QWEN_JOB_MIB["nocot"] > d.JOB_MIB["nocot"]
+    assert d.job_mib("kava=15000")["kava"] == 15000 and d.job_mib("kava=15000")["cot"] == d.JOB_MIB["cot"]
+    for bad in ("cot", "cott=1", "cot=lots", "llama"):
+        with pytest.raises(SystemExit, match="--job-mib"):
+            d.job_mib(bad)

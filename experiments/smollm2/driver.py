@@ -48,6 +48,11 @@ EVAL_S = {"nocot": 40, "cot": 150, "kava": 100, "pccot": 100, "codi": 100, "icot
 # kava grow to 38 GiB (CUDA-graph pools of 13-16 GiB) long after start-up, so admission is per method
 JOB_MIB = {"nocot": 14000, "cot": 18000, "kava": 40000, "pccot": 36000, "codi": 24000, "icot": 18000,
            "coconut": 24000}
+# Qwen2.5-0.5B (vocabulary 151,936) at micro-batch 64, eager: an NL CoT job fully fine-tuned peaked at 54 GB in
+# nvidia-smi (50.6 GiB in torch) on 2026-12-07, three times the SmolLM2 guess, and the jobs admitted beside it on
+# that guess ran out of memory (`gpu.sh` passes these with MODEL=qwen05; `--job-mib` overrides any)
+QWEN_JOB_MIB = {"nocot": 24000, "cot": 56000, "kava": 70000, "pccot": 70000, "codi": 60000, "icot": 56000,
+                "coconut": 60000}
 # every job: micro-batch 64 of the preset's effective 128 (GPU-sized), fewer captured shapes (memory), 4 epochs
 BASE_SETS = ["optim.micro_batch=64", "optim.max_graphs=12", "optim.graph_buckets=1.4", "optim.epochs=4"]
 # per method: CODI's own latent count (its paper: 6 continuous thoughts); 24 sequential passes ran at 0.05-0.28
@@ -106,13 +111,33 @@ def commands(style: str, method: str, seed: int, data: Path, runs: Path, extra: 
     sets = [f"method={method}", f"run.seed={seed}", f"run.name={name}", f"run.output_dir={runs}",
             *data_overrides(style, data), *BASE_SETS, *METHOD_SETS.get(method, []),
             *(x.replace("{data}", str(data)) for x in RECIPES[recipe]), *extra]
-    train = KAVA + ["train", "--config", f"{preset}_{style}"] + [x for s in sets for x in ("--set", s)]
     run_dir = str(runs / name)
+    # a run begun before (a job requeued after it failed, a driver started again) continues from its last
+    # checkpoint, or from step 0 if it saved none: `kava train` refuses to start over an unfinished run
+    begun = (runs / name / "config.yaml").exists() and not (runs / name / "DONE").exists()
+    start = ["--resume", run_dir] if begun else ["--config", f"{preset}_{style}"]
+    train = KAVA + ["train", *start] + [x for s in sets for x in ("--set", s)]
     ev = KAVA + ["eval", "--checkpoint", run_dir, "--data-dir", str(data)] + (
         ["--limit", str(eval_limit)] if eval_limit else [])
     gsm = ev + ["--datasets", "gsm8k"] + (["--diagnostics"] if method in LATENT else [])
     rest = ev + ["--datasets", "gsm8k-hard,svamp"]
     return [train, gsm, rest]
+
+
+def job_mib(spec: str | None) -> dict[str, float]:
+    """The memory guesses before a method's first job is measured: `JOB_MIB`, then each part of `spec` in order:
+    a model's (`smollm2`: `JOB_MIB`, `qwen`: `QWEN_JOB_MIB`) or `METHOD=MIB` (e.g. `qwen,cot=60000`)."""
+    out = dict(JOB_MIB)
+    for part in filter(None, (spec or "").split(",")):
+        method, sep, mib = part.partition("=")
+        if part in ("smollm2", "qwen"):
+            out.update(JOB_MIB if part == "smollm2" else QWEN_JOB_MIB)
+        elif sep and method in JOB_MIB and mib.replace(".", "", 1).isdigit():
+            out[method] = float(mib)
+        else:
+            raise SystemExit(f"--job-mib: {part!r} is neither smollm2, qwen nor METHOD=MIB "
+                             f"(methods: {', '.join(JOB_MIB)})")
+    return out
 
 
 def gpu_memory() -> tuple[float, dict[int, float]] | None:
@@ -158,7 +183,7 @@ def run(a) -> int:
 
     running: list[dict] = []
     measured: dict[str, float] = {}  # method -> the longest finished job's seconds
-    peak = dict(JOB_MIB)  # method -> the largest training process of it seen (MiB); before any, a guess
+    peak = job_mib(a.job_mib)  # method -> the largest training process of it seen (MiB); before any, a guess
     last_start = [0.0]
     retried: set[str] = set()
     while pending or running:
@@ -364,6 +389,8 @@ def main() -> int:
     r.add_argument("--set", action="append", help="extra `kava train --set` for every job")
     r.add_argument("--eval-limit", type=int, help="first N test questions only (smoke tests)")
     r.add_argument("--dry-run", action="store_true", help="print every job's commands, start nothing")
+    r.add_argument("--job-mib", help="memory guesses (MiB) before a method's first job is measured: smollm2 "
+                   "(the default), qwen, then METHOD=MIB,... (e.g. qwen,cot=60000)")
     r.add_argument("--eval-mib", type=float, default=6000, help="headroom (MiB) kept for running evaluations")
     r.add_argument("--ramp-s", type=float, default=10, help="seconds between two job starts on a GPU")
     d = sub.add_parser("deadline", help="move the running driver's deadline to --in seconds from now")

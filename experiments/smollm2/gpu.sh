@@ -26,8 +26,8 @@ set -uo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/../devicekit.sh"
 MODEL=${MODEL:-smollm2}
 case "$MODEL" in
-smollm2) GGUF=SmolLM2-135M-Instruct.Q4_1.gguf ;;
-qwen05) GGUF=qwen2.5-coder-0.5b-instruct.gguf ;;
+smollm2) GGUF=SmolLM2-135M-Instruct.Q4_1.gguf; MIB=smollm2 ;;
+qwen05) GGUF=qwen2.5-coder-0.5b-instruct.gguf; MIB=qwen ;;  # the driver's memory guesses per job (QWEN_JOB_MIB)
 *) echo "MODEL: $MODEL; allowed values: smollm2, qwen05"; exit 2 ;;
 esac
 SRC=${MODEL_DIR:-$HOME/.cache/kava/$MODEL}  # here: where fetch.py / tests/smollm2.py put the file
@@ -75,7 +75,8 @@ start)
   [ -f $S/mps_ok ] && dk_mps_env $M && echo "MPS: on ($M/mps)"
   cd $S && dk_detach $S/driver.log python3 driver.py run --data $S/data --out $S/out --parallel ${PAR:-12} \
     --budget ${BUDGET:-1260} ${DEADLINE:+--deadline $DEADLINE} ${SEEDS:+--seeds $SEEDS} ${METHODS:+--methods $METHODS} ${STYLES:+--styles $STYLES} \
-    ${RECIPES:+--recipes $RECIPES} --set model.name_or_path=~/.cache/kava/$MODEL --set model.gguf_file=$GGUF \
+    ${RECIPES:+--recipes $RECIPES} --job-mib ${JOB_MIB:-$MIB} \
+    --set model.name_or_path=~/.cache/kava/$MODEL --set model.gguf_file=$GGUF \
     ${EXTRA:-}
   sleep 45; cat $S/driver.log; nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv
   tail -3 $S/out/logs/*.log 2>/dev/null | tail -40 ;;
