@@ -48,10 +48,11 @@ EVAL_S = {"nocot": 40, "cot": 150, "kava": 100, "pccot": 100, "codi": 100, "icot
 # kava grow to 38 GiB (CUDA-graph pools of 13-16 GiB) long after start-up, so admission is per method
 JOB_MIB = {"nocot": 14000, "cot": 18000, "kava": 40000, "pccot": 36000, "codi": 24000, "icot": 18000,
            "coconut": 24000}
-# Qwen2.5-0.5B (vocabulary 151,936) at micro-batch 64, eager: an NL CoT job fully fine-tuned peaked at 54 GB in
-# nvidia-smi (50.6 GiB in torch) on 2026-12-07, three times the SmolLM2 guess, and the jobs admitted beside it on
-# that guess ran out of memory (`gpu.sh` passes these with MODEL=qwen05; `--job-mib` overrides any)
-QWEN_JOB_MIB = {"nocot": 24000, "cot": 56000, "kava": 70000, "pccot": 70000, "codi": 60000, "icot": 56000,
+# Qwen2.5-0.5B (vocabulary 151,936) at micro-batch 64, eager, fully fine-tuned, on 2026-12-07: an NL CoT job peaked
+# at 54 GB in nvidia-smi (50.6 GiB in torch), three times the SmolLM2 guess, and the jobs admitted beside it on that
+# guess ran out of memory; No-CoT at 31.0 GiB in torch (`gpu.sh` passes these with MODEL=qwen05; `--job-mib`
+# overrides any). The latent methods' are guesses above CoT's (two passes)
+QWEN_JOB_MIB = {"nocot": 34000, "cot": 56000, "kava": 70000, "pccot": 70000, "codi": 60000, "icot": 56000,
                 "coconut": 60000}
 # every job: micro-batch 64 of the preset's effective 128 (GPU-sized), fewer captured shapes (memory), 4 epochs
 BASE_SETS = ["optim.micro_batch=64", "optim.max_graphs=12", "optim.graph_buckets=1.4", "optim.epochs=4"]
