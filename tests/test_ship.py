@@ -170,3 +170,38 @@ def test_deadline_file_moves_the_running_drivers_deadline(tmp_path):
     moved = d.devicekit.read_deadline(out, 123.0)
     assert before + 300.0 - 0.2 <= moved <= time.time() + 300.0 + 0.2
     assert json.loads((out / "status.jsonl").read_text().splitlines()[-1])["event"] == "deadline moved"
+
+
+JOB_EXITING = """import pathlib, sys
+run = pathlib.Path(sys.argv[1])
+run.mkdir(parents=True, exist_ok=True)
+(run / "config.yaml").write_text("method: icot\\n")  # begun: kava would refuse to start it over
+with open(run.parent.parent / "calls.txt", "a") as f:
+    f.write(f"{run.name}:{sys.argv[2]}\\n")
+sys.exit(int(sys.argv[3]))
+"""
+
+
+def test_a_run_that_fails_goes_on_once_from_its_last_checkpoint(tmp_path, monkeypatch):
+    """A job whose `kava train` exits 1 (a non-finite gradient, out of memory) is resumed once (event "retry");
+    a second failure ends it, and another exit code (2: a usage or config error) is not retried."""
+    d = driver()
+    monkeypatch.setattr(d, "POLL_S", 0.05)
+    script = tmp_path / "job.py"
+    script.write_text(JOB_EXITING)
+    codes = {"icot4": {"train": 1, "resume": 0}, "icot5": {"train": 1, "resume": 1}, "cot4": {"train": 2}}
+
+    def cmd(kind):
+        return lambda name, data, out, seed, extra: [sys.executable, str(script), str(d.run_dir(out, name, seed)),
+                                                     kind, str(codes[name][kind])]
+
+    monkeypatch.setattr(d, "train_cmd", cmd("train"))
+    monkeypatch.setattr(d, "resume_cmd", cmd("resume"))
+    out = tmp_path / "out"
+    d.run(argparse.Namespace(data=str(tmp_path), out=str(out), jobs="icot4,icot5,cot4", budget=600, seeds="42",
+                             stagger=0, set=[], dry_run=False))
+    events = [json.loads(ln) for ln in (out / "status.jsonl").read_text().splitlines()]
+    assert sorted((e["job"], e["from_step"]) for e in events if e["event"] == "retry") == [("icot4", 0), ("icot5", 0)]
+    assert {e["job"]: e["rc"] for e in events if e["event"] == "end"} == {"icot4": 0, "icot5": 1, "cot4": 2}
+    assert sorted((out / "calls.txt").read_text().split()) == [
+        "cot4-s42:train", "icot4-s42:resume", "icot4-s42:train", "icot5-s42:resume", "icot5-s42:train"]

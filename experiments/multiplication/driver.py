@@ -302,8 +302,19 @@ def run(args) -> None:
                   (f"fork of {FORKS[name][0]}-s{seed} with {FORKS[name][1]}, then: " if fork else "") +
                   " ".join(cmd(name, data, out, seed, args.set)))
         return
+    retried: set[tuple[str, int]] = set()
     while pending or any(p.poll() is None for p in procs.values()):
         deadline = devicekit.read_deadline(out, deadline)
+        for key, p in procs.items():
+            # kava exits 1 on a non-finite gradient (its last good state saved) or out of memory: once per run, it
+            # goes on from its last checkpoint (2026-12-07: a run stopped so while other jobs on the card ran out
+            # of memory, and the card stood half idle for the rest of the lease); a second failure ends it
+            if p.poll() == 1 and key not in stopped and key not in retried and key not in pending \
+                    and time.time() < deadline:
+                retried.add(key)
+                pending.append(key)
+                ck = RunDir(run_dir(out, *key)).latest_checkpoint()
+                log(out, event="retry", job=key[0], seed=key[1], rc=1, from_step=step_of(ck) if ck else 0)
         for name, seed in list(pending):
             rd = RunDir(run_dir(out, name, seed))
             if rd.finished():
@@ -316,8 +327,8 @@ def run(args) -> None:
                 dep_proc = procs.get((dep, seed))
                 if (run_dir(out, dep, seed) / "DONE").exists():
                     pass  # ready: the CoT model it starts from is final
-                elif dep_proc is not None and dep_proc.poll() is not None or (dep, seed) not in procs and \
-                        (dep, seed) not in pending:
+                elif (dep, seed) not in pending and (dep_proc is not None and dep_proc.poll() is not None
+                                                     or (dep, seed) not in procs):
                     pending.remove((name, seed))  # its CoT model failed, was stopped or is not part of this run
                     log(out, event="not started", job=name, seed=seed, why=f"{dep}-s{seed} did not finish")
                     continue
