@@ -71,3 +71,19 @@ for r in icot3fc-r4-keep-s43t2 icot3fc-r4-keep-s44t1; do
   OMP_NUM_THREADS=1 $K train --resume $OUT/runs/$r-tail2 --set optim.max_steps=90000 --no-progress
   $K eval --checkpoint $OUT/runs/$r-tail2 --datasets $TEST
 done
+# 2026-12-07, sixth session (OUT=/work/cpu4, revision 9c87228, one thread each, two at a time): is the gap real at a
+# larger No-CoT budget, and does a latent student learn the product? No-CoT from scratch for 30,000 steps of the
+# 200,000 problems (~40 minutes); No-CoT, KaVa (M 4, T 3, alpha_kv 5) and PCCoT from the CoT model (cot3) for 12,000
+# steps each (~15, ~65 and ~65 minutes)
+R2=(--set data.synth_train_size=200000 --set run.eval_every=1000)
+export OMP_NUM_THREADS=1
+$K train "${COMMON[@]}" "${R2[@]}" --set method=nocot --set optim.max_steps=30000 --set run.name=nocot3-long
+$K train "${COMMON[@]}" "${R2[@]}" --set method=nocot --set optim.max_steps=12000 --set model.init_from=$OUT/runs/cot3 \
+  --set run.name=nocot3fc
+$K train "${COMMON[@]}" "${R2[@]}" --set method=kava --set loss.alpha_kv=5 --set optim.max_steps=12000 \
+  --set model.init_from=$OUT/runs/cot3 --set run.name=kava3
+$K train "${COMMON[@]}" "${R2[@]}" --set method=pccot --set optim.max_steps=12000 --set model.init_from=$OUT/runs/cot3 \
+  --set run.name=pccot3
+TEST=$(ls -d $OUT/runs/_data/mult3_s0_n200000_*)/test.txt
+for r in nocot3-long nocot3fc; do $K eval --checkpoint $OUT/runs/$r --datasets $TEST; done
+for r in kava3 pccot3; do $K eval --checkpoint $OUT/runs/$r --datasets $TEST --diagnostics; done

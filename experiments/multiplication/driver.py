@@ -164,6 +164,13 @@ JOBS: dict[str, tuple[str, list[str]]] = {
     "icot4-keep-r16-eager": ("mult4_scratch", ["method=icot", "icot.tokens_per_epoch=16", "optim.max_steps=32000",
                                                "run.eval_every=394", "icot.keep_position=true",
                                                "optim.cuda_graphs=false"]),
+    # the long tail on 4x4 (2026-12-07, sixth session): on the 3x3 CPU twin a run at 32.6% when its CoT was gone
+    # reached 96.2% after 22 more epochs with no CoT; the 4x4 tails so far were 2.2-3.7 epochs (1 -> 8%, 0.8 ->
+    # 4.2%). icot4-keep-r16's removal ends at ~18.1k steps (~5 minutes alone on an H100 at ~70 steps/s), then up to
+    # 62k steps (~10 epochs of 808k) with no CoT, in one lease; validated every 2 tokens
+    "icot4-keep-r16-tail": ("mult4_scratch", ["method=icot", "icot.tokens_per_epoch=16", "optim.max_steps=80000",
+                                              "run.eval_every=788", "run.save_every=1576",
+                                              "icot.keep_position=true"]),
     **{f"icot{n}-fc-{tag}": (f"mult{n}_scratch", ["method=icot", f"icot.tokens_per_epoch={tpe}", "optim.max_steps=6500",
                                                    *sets])
        for n, tpe in ((4, 58), (5, 103))
