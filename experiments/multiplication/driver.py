@@ -16,8 +16,9 @@ same steps); stopping and checkpoint choice use validation only.
 
 A job whose run directory holds an unfinished run continues it (`kava train --resume RUN` with the job's --set
 list: kava refuses any value that differs from the run's config.yaml, except a larger optim.max_steps, which
-extends it; event "resume" with from_step); a finished one (DONE) is only evaluated. So a run longer than a lease
-goes on in the next one (on the device: experiments/multiplication/gpu.sh back / stash / restore):
+extends it; event "resume" with from_step); a finished one (DONE) is only evaluated. A run whose `kava train` exits
+1 (a non-finite gradient, out of memory) continues so once before the deadline (event "retry"). So a run longer
+than a lease goes on in the next one (on the device: experiments/multiplication/gpu.sh back / stash / restore):
 
     python experiments/multiplication/driver.py ship --out OUT --name RUN --into DIR   # DIR/pNN, 16,000,000 B
     python experiments/multiplication/driver.py gather --name RUN    # here: /work/.device/*/ -> .carry/...
