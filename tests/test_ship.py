@@ -186,7 +186,7 @@ def test_a_run_that_fails_goes_on_once_from_its_last_checkpoint(tmp_path, monkey
     """A job whose `kava train` exits 1 (a non-finite gradient, out of memory) is resumed once (event "retry");
     a second failure ends it, and another exit code (2: a usage or config error) is not retried."""
     d = driver()
-    monkeypatch.setattr(d, "POLL_S", 0.05)
+    monkeypatch.setattr(d, "POLL_S", 1.0)  # every job has ended by the next look: the retry must still happen
     script = tmp_path / "job.py"
     script.write_text(JOB_EXITING)
     codes = {"icot4": {"train": 1, "resume": 0}, "icot5": {"train": 1, "resume": 1}, "cot4": {"train": 2}}

@@ -311,7 +311,7 @@ def run(args) -> None:
                   " ".join(cmd(name, data, out, seed, args.set)))
         return
     retried: set[tuple[str, int]] = set()
-    while pending or any(p.poll() is None for p in procs.values()):
+    while True:
         deadline = devicekit.read_deadline(out, deadline)
         for key, p in procs.items():
             # kava exits 1 on a non-finite gradient (its last good state saved) or out of memory: once per run, it
@@ -323,6 +323,8 @@ def run(args) -> None:
                 pending.append(key)
                 ck = RunDir(run_dir(out, *key)).latest_checkpoint()
                 log(out, event="retry", job=key[0], seed=key[1], rc=1, from_step=step_of(ck) if ck else 0)
+        if not pending and all(p.poll() is not None for p in procs.values()):
+            break  # (after the retries: a run that failed since the last look may go on)
         for name, seed in list(pending):
             rd = RunDir(run_dir(out, name, seed))
             if rd.finished():
