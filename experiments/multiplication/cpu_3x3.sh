@@ -83,7 +83,7 @@ $K train "${COMMON[@]}" "${R2[@]}" --set method=nocot --set optim.max_steps=1200
 $K train "${COMMON[@]}" "${R2[@]}" --set method=kava --set loss.alpha_kv=5 --set optim.max_steps=12000 \
   --set model.init_from=$OUT/runs/cot3 --set run.name=kava3
 $K train "${COMMON[@]}" "${R2[@]}" --set method=pccot --set optim.max_steps=12000 --set model.init_from=$OUT/runs/cot3 \
-  --set run.name=pccot3
+  --set run.name=pccot3   # (stopped by SIGTERM at step 10,027: the session's end; `kava train --resume` continues it)
 TEST=$(ls -d $OUT/runs/_data/mult3_s0_n200000_*)/test.txt
 for r in nocot3-long nocot3fc; do $K eval --checkpoint $OUT/runs/$r --datasets $TEST; done
 for r in kava3 pccot3; do $K eval --checkpoint $OUT/runs/$r --datasets $TEST --diagnostics; done
