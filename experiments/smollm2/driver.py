@@ -115,7 +115,10 @@ def commands(style: str, method: str, seed: int, data: Path, runs: Path, extra: 
     run_dir = str(runs / name)
     # a run begun before (a job requeued after it failed, a driver started again) continues from its last
     # checkpoint, or from step 0 if it saved none: `kava train` refuses to start over an unfinished run
-    begun = (runs / name / "config.yaml").exists() and not (runs / name / "DONE").exists()
+    from kava.checkpoint.rundir import RunDir
+
+    rd = RunDir(runs / name)
+    begun = rd.started() and not rd.finished()
     start = ["--resume", run_dir] if begun else ["--config", f"{preset}_{style}"]
     train = KAVA + ["train", *start] + [x for s in sets for x in ("--set", s)]
     ev = KAVA + ["eval", "--checkpoint", run_dir, "--data-dir", str(data)] + (
