@@ -193,15 +193,19 @@ def bench_llama(out: dict, micro_batches=(32, 64), styles=("eq", "nl"), reps: in
                                 opt.zero_grad(set_to_none=gs is None)
 
                         torch.cuda.reset_peak_memory_stats()
+                        # cudaMalloc retries (the allocator freed its cache and synchronised to find room): a step
+                        # near the card's memory pays for them, which a peak alone does not show
+                        retries0 = torch.cuda.memory_stats().get("num_alloc_retries", 0)
                         times = sb.time_steps(run, reps, warmup=1)  # the warm-up pass captures every shape
                         med = statistics.median(times) / steps
                         row[key] = {"s_per_opt_step": med, "samples_per_s": 128 / med, "peak_gib":
                                     torch.cuda.max_memory_allocated() / 2**30,
                                     "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30,
+                                    "alloc_retries": torch.cuda.memory_stats().get("num_alloc_retries", 0) - retries0,
                                     "shapes": len({batch_key(b) for bs in plan for b in bs}), **(gs.stats() if gs else {})}
                         print(f"{SHAPE} {style} mb{mb} {method:5s} {key:6s} p={LORA_DROPOUT}{' fused' if sb.FUSED_DROPOUT else ''}{' fused-ce' if FUSED_CE else ''}{f' label-buckets {LABEL_BUCKETS}' if LABEL_BUCKETS else ''}{' largest-first' if LARGEST_FIRST else ''} {med:.3f} s/step (128 samples) "
                               f"{128 / med:6.1f} samples/s  peak {row[key]['peak_gib']:.1f} GiB (reserved {row[key]['peak_reserved_gib']:.1f}) "
-                              f"({row[key]['shapes']} shapes)", flush=True)
+                              f"({row[key]['shapes']} shapes, {row[key]['alloc_retries']} alloc retries)", flush=True)
                         if gs is not None:  # free the graphs' memory pool before the next measurement
                             gs.graphs.clear()
                         del gs, run, plan
@@ -271,6 +275,7 @@ def cpu_smoke_setup():
     torch.cuda.reset_peak_memory_stats = lambda: None
     torch.cuda.max_memory_allocated = lambda: 0
     torch.cuda.max_memory_reserved = lambda: 0
+    torch.cuda.memory_stats = lambda: {}
     torch.cuda.empty_cache = lambda: None
 
 
