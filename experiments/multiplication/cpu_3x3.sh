@@ -87,3 +87,14 @@ $K train "${COMMON[@]}" "${R2[@]}" --set method=pccot --set optim.max_steps=1200
 TEST=$(ls -d $OUT/runs/_data/mult3_s0_n200000_*)/test.txt
 for r in nocot3-long nocot3fc; do $K eval --checkpoint $OUT/runs/$r --datasets $TEST; done
 for r in kava3 pccot3; do $K eval --checkpoint $OUT/runs/$r --datasets $TEST --diagnostics; done
+# 2026-12-07, seventh session (OUT=/work/cpu4, revision 63161a2, one thread each): pccot3 resumed to its 12,000
+# steps (~12 minutes); beside it a 4-layer CoT model (5,000 steps, ~30 minutes) and iCoT from it, seed 43 (the seed
+# at which the 2-layer configuration gave 5.6%): does depth make the internalisation reliable?
+$K train --resume $OUT/runs/pccot3 --no-progress
+$K eval --checkpoint $OUT/runs/pccot3 --datasets $TEST --diagnostics
+$K train "${COMMON[@]}" --set model.from_scratch.n_layer=4 --set method=cot --set optim.max_steps=5000 --set run.name=cot3-4l
+$K eval --checkpoint $OUT/runs/cot3-4l --datasets $TEST
+# (the iCoT run with two threads, ~85 minutes: with one it ran at 2.8 steps/s, two hours)
+OMP_NUM_THREADS=2 $K train "${COMMON[@]}" "${R[@]}" --set model.from_scratch.n_layer=4 --set icot.keep_position=true \
+  --set model.init_from=$OUT/runs/cot3-4l --set run.seed=43 --set run.name=icot3fc-r4-keep-4l-s43 --set run.save_every=2000
+$K eval --checkpoint $OUT/runs/icot3fc-r4-keep-4l-s43 --datasets $TEST
