@@ -98,3 +98,7 @@ $K eval --checkpoint $OUT/runs/cot3-4l --datasets $TEST
 OMP_NUM_THREADS=2 $K train "${COMMON[@]}" "${R[@]}" --set model.from_scratch.n_layer=4 --set icot.keep_position=true \
   --set model.init_from=$OUT/runs/cot3-4l --set run.seed=43 --set run.name=icot3fc-r4-keep-4l-s43 --set run.save_every=2000
 $K eval --checkpoint $OUT/runs/icot3fc-r4-keep-4l-s43 --datasets $TEST
+# then the no-CoT tail of the 4-layer run, from a copy of its run directory (two threads, ~45 minutes)
+cp -r $OUT/runs/icot3fc-r4-keep-4l-s43 $OUT/runs/icot3fc-r4-keep-4l-s43-tail
+OMP_NUM_THREADS=2 $K train --resume $OUT/runs/icot3fc-r4-keep-4l-s43-tail --set optim.max_steps=45000 --no-progress
+$K eval --checkpoint $OUT/runs/icot3fc-r4-keep-4l-s43-tail --datasets $TEST
